@@ -1,0 +1,1 @@
+"""The `moekit` command line: thin Typer commands over the library."""

@@ -1,0 +1,74 @@
+"""Shared CLI pieces: the console, error rendering, option aliases, table export."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+STATE = {"debug": False}
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id (org/name).")]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch, tag or commit.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into one red line and exit code 2 (traceback only with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from moekit.errors import MoekitError
+
+        try:
+            return func(*args, **kwargs)
+        except MoekitError as err:
+            if STATE["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]: no output was left behind")
+            sys.exit(130)
+        except Exception as err:  # noqa: BLE001 - last resort: one line, details with --debug
+            if STATE["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {type(err).__name__}: {err} "
+                              "(run with --debug for the traceback)", soft_wrap=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_model_path(model: str, revision: str | None = None) -> Path:
+    from moekit.io.source import resolve_source
+
+    return resolve_source(model, revision)
+
+
+def export_table(frame: Any, path: Path) -> None:
+    """Write a pandas DataFrame as CSV, Parquet or JSON, chosen by the file extension."""
+    from moekit.errors import InvalidArgumentError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    elif suffix == ".json":
+        frame.to_json(path, orient="records", indent=2)
+    else:
+        raise InvalidArgumentError(f"cannot write a table as '{suffix or path.name}'",
+                                   "use a .csv, .parquet or .json file name")

@@ -1,0 +1,1 @@
+"""Library operations behind the CLI commands."""

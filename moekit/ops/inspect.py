@@ -1,0 +1,97 @@
+"""`moekit inspect`: what a checkpoint is, from its config and safetensors headers alone."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from moekit.families.layout import ModelLayout, describe
+from moekit.families.registry import first_value
+from moekit.io.reader import Checkpoint
+
+
+@dataclass
+class InspectReport:
+    """Facts about a checkpoint. Parameter counts are numel sums over the stored tensors;
+    active = total minus, in each MoE layer, the routed-expert parameters a token does not use
+    (routed x (1 - k/E))."""
+
+    path: str
+    family: str
+    model_type: str
+    architecture: str
+    is_moe: bool
+    num_layers: int
+    moe_layers: list[int]
+    experts_per_layer: list[int]
+    top_k: int | None
+    shared_experts: int
+    expert_width: int | None
+    expert_layout: str
+    router_scoring: str
+    dtypes: dict[str, int]
+    bytes_on_disk: int
+    num_shards: int
+    total_params: int
+    active_params: int
+    routed_expert_params: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inspect_checkpoint(folder: Path) -> InspectReport:
+    """Build an InspectReport for a checkpoint folder without reading any weight."""
+    checkpoint = Checkpoint(folder)
+    layout = describe(checkpoint)
+    total = sum(info.numel for info in checkpoint.tensors.values())
+    dtypes = Counter()
+    for info in checkpoint.tensors.values():
+        dtypes[info.dtype] += info.numel
+    routed, inactive = 0, 0.0
+    for position, layer in enumerate(layout.moe_layers):
+        layer_routed = sum(checkpoint.tensors[k].numel for k in layer.routed_keys)
+        routed += layer_routed
+        inactive += layer_routed * (1 - layout.top_k(position) / layer.num_experts)
+    config = layout.config
+    base = dict(path=str(folder), family=layout.resolved.family.name,
+                model_type=str(config.get("model_type", "")),
+                architecture=", ".join(checkpoint.config.get("architectures") or []),
+                num_layers=layout.num_layers, dtypes=dict(dtypes),
+                bytes_on_disk=checkpoint.total_bytes, num_shards=len(checkpoint.shards),
+                total_params=total, active_params=total - round(inactive),
+                routed_expert_params=routed)
+    if not layout.is_moe:
+        return InspectReport(**base, is_moe=False, moe_layers=[], experts_per_layer=[],
+                             top_k=None, shared_experts=0, expert_width=None, expert_layout="-",
+                             router_scoring="-")
+    return InspectReport(**base, is_moe=True, **_moe_facts(checkpoint, layout))
+
+
+def _moe_facts(checkpoint: Checkpoint, layout: ModelLayout) -> dict[str, Any]:
+    family, config = layout.family, layout.config
+    shared = first_value(config, family.keys.num_shared)
+    if shared is None:
+        shared = 1 if any(layer.shared_keys for layer in layout.moe_layers) else 0
+    width = first_value(config, family.keys.expert_width)
+    return dict(
+        moe_layers=[layer.index for layer in layout.moe_layers],
+        experts_per_layer=[layer.num_experts for layer in layout.moe_layers],
+        top_k=layout.top_k(), shared_experts=int(shared),
+        expert_width=int(width) if isinstance(width, int) else None,
+        expert_layout="fused" if family.experts.fused else "per-expert",
+        router_scoring=_scoring(layout))
+
+
+def _scoring(layout: ModelLayout) -> str:
+    router, config = layout.family.router, layout.config
+    text = router.describe()
+    if router.renorm == "config":
+        text = text.replace("renorm if config", "renorm" if config.get("norm_topk_prob")
+                            else "no renorm")
+    scale = first_value(config, layout.family.keys.scaling_factor)
+    if router.scaled and scale is not None:
+        text = text.replace("x scale", f"x {scale}")
+    return text
