@@ -13,7 +13,7 @@ from moekit.cli.inspect_cmd import inspect
 
 app = typer.Typer(name="moekit", no_args_is_help=True, add_completion=False,
                   rich_markup_mode="rich",
-                  help="See how Mixture-of-Experts checkpoints use their experts, and reshape them.")
+                  help="See how MoE checkpoints use their experts, and reshape them.")
 
 
 def _version(value: bool) -> None:

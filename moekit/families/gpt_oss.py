@@ -1,4 +1,4 @@
-"""gpt-oss: router with bias, top-k on logits then softmax; fused, transposed, interleaved experts."""
+"""gpt-oss: biased router, top-k on logits then softmax; fused transposed interleaved experts."""
 
 from moekit.families.spec import ConfigKeys, ExpertLayout, MoeFamily, RouterSpec
 

@@ -93,7 +93,8 @@ def describe(checkpoint: Checkpoint) -> ModelLayout:
 
 
 def _moe_layers(checkpoint: Checkpoint, family: MoeFamily) -> list[MoeLayer]:
-    pattern = re.compile(rf"^(?P<stack>(?:.*\.)?layers)\.(?P<i>\d+)\.{re.escape(family.router.weight)}$")
+    router = re.escape(family.router.weight)
+    pattern = re.compile(rf"^(?P<stack>(?:.*\.)?layers)\.(?P<i>\d+)\.{router}$")
     by_prefix: dict[str, list[str]] = {}
     for key in checkpoint.keys():
         match = re.match(r"^((?:.*\.)?layers\.\d+\.)", key)
@@ -144,7 +145,7 @@ def _per_expert(checkpoint: Checkpoint, base: str, keys: list[str],
             groups.setdefault(int(head), []).append(key)
     if sorted(groups) != list(range(num_experts)):
         raise CheckpointError(f"'{base[:-1]}' holds experts {sorted(groups)[:8]}... but its "
-                              f"router has {num_experts} rows: expert ids must be 0..{num_experts - 1}")
+                              f"router has {num_experts} rows: ids must be 0..{num_experts - 1}")
     suffixes = {tuple(sorted(k[len(base) + len(str(j)):] for k in groups[j])) for j in groups}
     if len(suffixes) != 1:
         raise CheckpointError(f"experts of '{base[:-1]}' do not all have the same tensors")

@@ -20,7 +20,7 @@ QWEN2_MOE = MoeFamily(
     name="qwen2_moe", model_types=("qwen2_moe",), architectures=("Qwen2MoeForCausalLM",),
     keys=_KEYS, router=_router("config"), experts=QWEN_EXPERTS, shared_prefixes=_SHARED,
     dense_source=("qwen2",),
-    notes="shared expert with a sigmoid gate; MoE layers follow mlp_only_layers/decoder_sparse_step",
+    notes="shared expert with a sigmoid gate; MoE layers: mlp_only_layers, decoder_sparse_step",
 )
 QWEN3_MOE = MoeFamily(
     name="qwen3_moe", model_types=("qwen3_moe",), architectures=("Qwen3MoeForCausalLM",),

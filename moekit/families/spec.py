@@ -75,7 +75,7 @@ class ExpertLayout:
     Fused (`fused=True`): every key under one of `prefixes` stacks experts on axis 0;
     `projections` maps roles (gate_up, down) to tensor names relative to the layer.
     `transposed`: fused weights are [E, in, out] instead of [E, out, in].
-    `interleaved`: gate and up alternate along the last axis (gpt-oss) instead of being concatenated.
+    `interleaved`: gate and up alternate on the last axis (gpt-oss) instead of being concatenated.
     """
 
     fused: bool

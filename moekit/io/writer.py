@@ -88,10 +88,10 @@ def write_checkpoint(folder: Path, tensors: Iterable[OutTensor], *,
     shards = plan_shards(tensors, max_shard_bytes)
     paths = [Path(folder) / name for name in shard_names(len(shards))]
     meta = {"format": "pt", **(metadata or {})}
-    for path, shard in zip(paths, shards):
+    for path, shard in zip(paths, shards, strict=True):
         _write_shard(path, shard, meta, on_tensor)
     if len(paths) > 1:
-        weight_map = {t.name: p.name for p, shard in zip(paths, shards) for t in shard}
+        weight_map = {t.name: p.name for p, shard in zip(paths, shards, strict=True) for t in shard}
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
                  "weight_map": dict(sorted(weight_map.items()))}
         (Path(folder) / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
