@@ -1,0 +1,1 @@
+"""Calibration data: files -> named domains -> token windows."""
