@@ -30,7 +30,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
     cache: dict[tuple, Path] = {}
 
     def build(model_type: str, seed: int = 0, **overrides) -> Path:
-        key = (model_type, seed, tuple(sorted(overrides.items())))
+        key = (model_type, seed, repr(sorted(overrides.items())))
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
             cache[key] = save_tiny(model_type, folder, seed=seed, **overrides)

@@ -22,7 +22,8 @@ class MoeLayer:
     router_keys: sliced along axis 0 when experts are removed (router weight, router bias).
     selection_bias: sliced along its last axis (`e_score_correction_bias`, [E] or [1, E]).
     expert_keys[j]: expert j's tensors (per-expert layouts); empty for fused layouts.
-    fused_keys: tensors stacking all experts on axis 0 (fused layouts).
+    fused_keys: tensors stacking all experts on axis 0 (fused layouts; also a per-expert family
+        found stored fused, e.g. `mlp.experts.gate_up_proj [E, 2I, H]`: check which is non-empty).
     """
 
     index: int
@@ -121,17 +122,27 @@ def _layer(checkpoint: Checkpoint, family: MoeFamily, index: int, prefix: str,
     layout = family.experts
     expert_keys: tuple[tuple[str, ...], ...] = ()
     fused: tuple[str, ...] = ()
-    if layout.fused:
-        fused = tuple(k for k in keys if any(k.startswith(prefix + p) for p in layout.prefixes))
+    base = prefix + layout.prefixes[0].rstrip(".") + "."
+    if layout.fused or _stacked(base, keys):
+        # A per-expert family may also be stored fused in transformers' in-memory layout
+        # (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`), as Qwen3.5-MoE is.
+        starts = layout.prefixes if layout.fused else (layout.prefixes[0] + ".",)
+        fused = tuple(k for k in keys if any(k.startswith(prefix + p) for p in starts))
         for key in fused:
             if checkpoint.tensors[key].shape[:1] != (num_experts,):
                 raise CheckpointError(f"fused expert tensor '{key}' has shape "
                                       f"{list(checkpoint.tensors[key].shape)}, expected "
                                       f"{num_experts} experts on axis 0")
     else:
-        expert_keys = _per_expert(checkpoint, prefix + layout.prefixes[0] + ".", keys, num_experts)
+        expert_keys = _per_expert(checkpoint, base, keys, num_experts)
     shared = tuple(k for k in keys if any(k.startswith(prefix + p) for p in family.shared_prefixes))
     return MoeLayer(index, prefix, num_experts, router_keys, selection, expert_keys, fused, shared)
+
+
+def _stacked(base: str, keys: list[str]) -> bool:
+    """True when every key under `base` is a stacked tensor (`gate_up_proj`), none per-expert."""
+    heads = {key[len(base):].split(".", 1)[0] for key in keys if key.startswith(base)}
+    return bool(heads) and not any(head.isdigit() for head in heads)
 
 
 def _per_expert(checkpoint: Checkpoint, base: str, keys: list[str],

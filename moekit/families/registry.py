@@ -54,18 +54,20 @@ def by_name(name: str) -> Family:
 def resolve(config: dict[str, Any]) -> Resolved:
     """Match a config.json dict (or its text sub-config) to a family record.
 
-    Matching uses `model_type` first, then `architectures`. Raises UnsupportedModelError naming
-    every family tried and why it was rejected.
+    Matching uses `model_type` first, then `architectures`. When config.json nests a text
+    sub-config (`text_config`, as Llama-4, Qwen3.5-MoE and Gemma-3 do), the family reads that
+    sub-config even if it was recognised by the top-level model_type. Raises
+    UnsupportedModelError naming every family tried and why it was rejected.
     """
     candidates: list[tuple[dict[str, Any], tuple[str, ...]]] = [(config, ())]
     for key in TEXT_CONFIG_KEYS:
         if isinstance(config.get(key), dict):
             candidates.append((config[key], (key,)))
-    for sub, path in candidates:
+    for sub, path in reversed(candidates):
         model_type = sub.get("model_type")
         for family in ALL_FAMILIES:
             if model_type in family.model_types:
-                return Resolved(family, sub, path)
+                return Resolved(family, *(candidates[-1] if not path else (sub, path)))
     architectures = list(config.get("architectures") or [])
     for family in ALL_FAMILIES:
         if any(a in family.architectures for a in architectures):

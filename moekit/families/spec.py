@@ -37,6 +37,10 @@ class RouterSpec:
         logits only (gpt-oss, granite, llama4); False when all experts are scored first.
     renorm: whether the k chosen weights are divided by their sum (`config` reads `renorm` keys).
     grouped: DeepSeek-style group-limited top-k (`n_group`, `topk_group`).
+    logits_index: position of the raw router logits [T, E] in the router module's output.
+    input_scaled: the router returns dense [T, E] scores that scale the experts' *input* and every
+        expert runs on every token (Llama-4); top-k ids/weights are then read from the router
+        output instead of the experts' arguments.
     """
 
     weight: str
@@ -50,6 +54,8 @@ class RouterSpec:
     grouped: bool = False
     scaled: bool = False
     note: str = ""
+    logits_index: int = 0
+    input_scaled: bool = False
 
     def describe(self) -> str:
         """A one-line human summary, e.g. `softmax -> top-k -> renorm`."""

@@ -127,6 +127,10 @@ class Checkpoint:
             weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{INDEX_NAME} is not a valid index ({err})") from err
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{INDEX_NAME} is not a valid index (weight_map must map "
+                                  "tensor names to shard file names)")
         shards = []
         for name in sorted(set(weight_map.values())):
             path = self.folder / name

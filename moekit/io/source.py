@@ -35,12 +35,14 @@ def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    where = f"{repo_id} (revision {revision})" if revision else repo_id
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except LocalEntryNotFoundError as err:
         raise ModelSourceError(
-            f"{repo_id} is neither a local folder nor in the Hub cache, and the Hub cannot be "
-            "reached", "check the path, or connect and unset HF_HUB_OFFLINE") from err
+            f"{where} is neither a local folder nor in the Hub cache, and the Hub cannot be "
+            "reached", "check the path and --revision, or connect and unset HF_HUB_OFFLINE"
+        ) from err
     except HfHubHTTPError as err:
         raise ModelSourceError(f"cannot fetch {repo_id} from the Hub: {err}",
                                "check the repo id, --revision, and HF_TOKEN for gated repos"

@@ -35,6 +35,7 @@ class OutTensor:
     shape: tuple[int, ...]
     copy_of: TensorInfo | None = None
     produce: Callable[[], torch.Tensor] | None = None
+    pieces: tuple[TensorInfo, ...] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -44,6 +45,19 @@ class OutTensor:
     def copy(info: TensorInfo, name: str | None = None) -> OutTensor:
         """Pass `info` through unchanged (optionally under a new name)."""
         return OutTensor(name or info.name, info.dtype, info.shape, copy_of=info)
+
+    @staticmethod
+    def gather(name: str, dtype: str, shape: tuple[int, ...],
+               pieces: tuple[TensorInfo, ...]) -> OutTensor:
+        """The concatenation of byte ranges (e.g. kept rows of a fused tensor), copied like
+        `copy` without becoming a torch tensor."""
+        pieces = tuple(pieces)
+        tensor = OutTensor(name, dtype, tuple(shape), pieces=pieces)
+        held = sum(p.nbytes for p in pieces)
+        if held != tensor.nbytes:
+            raise ValueError(f"'{name}': pieces hold {held} bytes but {dtype}{list(shape)} "
+                             f"needs {tensor.nbytes}")
+        return tensor
 
     @staticmethod
     def computed(name: str, dtype: str, shape: tuple[int, ...],
@@ -116,6 +130,9 @@ def _write_shard(path: Path, shard: list[OutTensor], metadata: dict[str, str],
         for tensor in ordered:
             if tensor.copy_of is not None:
                 _copy_range(fd, tensor.copy_of)
+            elif tensor.pieces is not None:
+                for piece in tensor.pieces:
+                    _copy_range(fd, piece)
             else:
                 _write_tensor(fd, tensor)
             if on_tensor:

@@ -72,22 +72,30 @@ def inspect_checkpoint(folder: Path) -> InspectReport:
 
 def _moe_facts(checkpoint: Checkpoint, layout: ModelLayout) -> dict[str, Any]:
     family, config = layout.family, layout.config
-    shared = first_value(config, family.keys.num_shared)
+    shared = _first(first_value(config, family.keys.num_shared))
     if shared is None:
         shared = 1 if any(layer.shared_keys for layer in layout.moe_layers) else 0
-    width = first_value(config, family.keys.expert_width)
+    width = _first(first_value(config, family.keys.expert_width))
     return dict(
         moe_layers=[layer.index for layer in layout.moe_layers],
         experts_per_layer=[layer.num_experts for layer in layout.moe_layers],
         top_k=layout.top_k(), shared_experts=int(shared),
         expert_width=int(width) if isinstance(width, int) else None,
-        expert_layout="fused" if family.experts.fused else "per-expert",
+        expert_layout="fused" if any(layer.fused_keys for layer in layout.moe_layers)
+        else "per-expert",
         router_scoring=_scoring(layout))
+
+
+def _first(value: Any) -> Any:
+    """A per-layer config list (Hunyuan `num_shared_expert`, `moe_intermediate_size`): its first."""
+    return (value[0] if value else None) if isinstance(value, list) else value
 
 
 def _scoring(layout: ModelLayout) -> str:
     router, config = layout.family.router, layout.config
     text = router.describe()
+    if router.grouped and config.get("topk_method") == "greedy":  # DeepSeek-V2 without groups
+        text = text.replace("grouped top-k", "top-k")
     if router.renorm == "config":
         text = text.replace("renorm if config", "renorm" if config.get("norm_topk_prob")
                             else "no renorm")
