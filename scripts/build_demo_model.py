@@ -65,7 +65,7 @@ def build_model(vocab_size: int) -> MixtralForCausalLM:
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_local_experts=8,
         num_experts_per_tok=2, max_position_embeddings=512, tie_word_embeddings=False,
         router_aux_loss_coef=0.01, output_router_logits=True, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0, dtype="float32",
+        pad_token_id=0, attention_dropout=0.1, dtype="float32",
     )
     return MixtralForCausalLM(config)
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(vocab).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M params, vocab {vocab}")
-    opt = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=PEAK_LR, betas=(0.9, 0.95), weight_decay=0.5)
     gen = torch.Generator().manual_seed(args.seed)
     step, start, last_log, seen = 0, time.monotonic(), time.monotonic(), []
     while True:
@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         if time.monotonic() - last_log >= 10:
             ce, aux = (sum(x) / len(seen) for x in zip(*seen, strict=True))
             elapsed = time.monotonic() - start
-            print(f"step {step:5d}  {elapsed:5.1f}s  lr {lr_at(step, progress):.2e}"
-                  f"  train ce {ce:.3f}  aux {aux:.3f}", flush=True)
+            val_ce = sum(evaluate(model, v[: 8 * SEQ].view(8, SEQ))[0] for v in val.values())
+            print(f"step {step:5d}  {elapsed:5.1f}s  lr {lr_at(step, progress):.2e}  train ce "
+                  f"{ce:.3f}  val ce {val_ce / len(val):.3f}  aux {aux:.3f}", flush=True)
             last_log, seen = time.monotonic(), []
     print(f"trained {step} steps in {time.monotonic() - start:.1f}s")
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     print("top-1 expert usage on held-out text (% of tokens per domain)")
     for layer in range(model.config.num_hidden_layers):
         table = torch.stack([usage[d][layer] for d in DOMAINS])
-        print(f"layer {layer}  " + " ".join(f"  e{e}" for e in range(n_exp))
+        print(f"layer {layer:<5d}" + " ".join(f"{f'e{e}':>4s}" for e in range(n_exp))
               + f"   MI {mutual_info(table):.2f} bits")
         for d, row in zip(DOMAINS, table, strict=True):
             print(f"  {d:9s}" + " ".join(f"{v:4.0f}" for v in 100 * row / row.sum()))
@@ -201,8 +202,10 @@ def main(argv: list[str] | None = None) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         prepare_out(args.out, args.overwrite)
-        if args.out.exists():
-            shutil.rmtree(args.out) if args.out.is_dir() else args.out.unlink()
+        if args.out.is_dir():
+            shutil.rmtree(args.out)
+        elif args.out.exists():
+            args.out.unlink()
         tmp.rename(args.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

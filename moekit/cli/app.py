@@ -9,7 +9,12 @@ import typer
 
 from moekit import __version__
 from moekit.cli.common import STATE
+from moekit.cli.eval_cmd import eval_model
 from moekit.cli.inspect_cmd import inspect
+from moekit.cli.profile_cmd import profile
+from moekit.cli.prune_cmd import prune
+from moekit.cli.stats_cmd import stats_app
+from moekit.cli.upcycle_cmd import upcycle
 
 app = typer.Typer(name="moekit", no_args_is_help=True, add_completion=False,
                   rich_markup_mode="rich",
@@ -33,6 +38,11 @@ def main_options(
 
 
 app.command("inspect")(inspect)
+app.command("profile")(profile)
+app.add_typer(stats_app, name="stats")
+app.command("prune")(prune)
+app.command("eval")(eval_model)
+app.command("upcycle")(upcycle)
 
 
 def main() -> None:

@@ -1,0 +1,135 @@
+"""Quality of pruning criteria on a small MoE with trained routing (shared fixture).
+
+Profiles `mixtral-e16k2` (16 experts, top-2, 4 layers) with `moekit profile` on the first half
+of each of the five fixture texts (`--data-range 0:0.5`), prunes 25 % and 50 % of the experts of
+every layer with each criterion (frequency, weight, ean, reap, reap-sum) and with random
+selection (3 seeds), and evaluates the mean next-token loss (nats) per domain on the second
+half (`0.5:1`, never seen by the profile). Prints a markdown table and checks that every
+criterion beats random and that the best one at 25 % stays within 0.02 nats of the unpruned
+model.
+
+Usage: .venv/bin/python benchmarks/bench_prune_quality.py [--max-tokens 16384] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+DOMAINS = ("en_bible", "en_docs", "code_py", "de", "fr")
+CRITERIA = ("frequency", "weight", "ean", "reap", "reap-sum")
+SEEDS = (0, 1, 2)
+RATIOS = (0.25, 0.5)
+
+
+def profile(model: Path, texts: Path, out: Path, max_tokens: int) -> None:
+    """`moekit profile` on the first half of every text (the calibration split)."""
+    data = [arg for d in DOMAINS for arg in ("--data", f"{d}={texts / f'{d}.txt'}")]
+    cmd = [sys.executable, "-c", "from moekit.cli.app import main; main()", "profile",
+           str(model), *data, "--data-range", "0:0.5", "--seq-len", "256", "--max-tokens",
+           str(max_tokens), "--out", str(out), "--no-plots"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def losses(model: Path, texts: Path, max_tokens: int) -> dict[str, float]:
+    """Mean loss per domain on the second half of every text (the evaluation split)."""
+    from moekit.calib.data import DataSource
+    from moekit.ops.evaluate import evaluate
+
+    sources = [DataSource(d, texts / f"{d}.txt") for d in DOMAINS]
+    result = evaluate(model, sources, seq_len=256, max_tokens=max_tokens, batch_size=8,
+                      fraction=(0.5, 1.0), device="cpu")
+    return {row.name: row.loss for row in result.domains}
+
+
+def prune(model: Path, stats: Path, out: Path, criterion: str, ratio: float, seed: int) -> None:
+    from moekit.families.layout import describe
+    from moekit.io.fingerprint import model_fingerprint
+    from moekit.io.reader import Checkpoint
+    from moekit.ops.prune import prune_checkpoint
+    from moekit.ops.prune_select import build_plan
+    from moekit.ops.prune_stats import check_stats, load_stats
+
+    checkpoint = Checkpoint(model)
+    layout = describe(checkpoint)
+    fingerprint = model_fingerprint(checkpoint, layout)
+    data = load_stats(stats)
+    check_stats(data, layout, fingerprint)
+    plan = build_plan(layout, fingerprint, criterion=criterion, ratio=ratio, stats=data,
+                      seed=seed)
+    prune_checkpoint(model, plan, out, overwrite=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fixtures", type=Path, default=FIXTURES)
+    parser.add_argument("--max-tokens", type=int, default=16384,
+                        help="tokens per domain for evaluation")
+    parser.add_argument("--profile-tokens", type=int, default=100_000,
+                        help="tokens per domain for the profile")
+    parser.add_argument("--keep", type=Path, help="keep the profile and pruned models here")
+    args = parser.parse_args()
+    model, texts = args.fixtures / "models" / "mixtral-e16k2", args.fixtures / "text"
+    if not model.exists():
+        sys.exit(f"fixture {model} not found (pass --fixtures)")
+    work = args.keep or Path(tempfile.mkdtemp(prefix="moekit-bench-quality-"))
+    try:
+        run(model, texts, work, args.max_tokens, args.profile_tokens)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(model: Path, texts: Path, work: Path, max_tokens: int, profile_tokens: int) -> None:
+    start = time.perf_counter()
+    stats = work / "profile"
+    if not (stats / "metadata.json").exists():
+        profile(model, texts, stats, profile_tokens)
+    print(f"profiled in {time.perf_counter() - start:.0f} s", flush=True)
+    rows: dict[tuple[str, str], dict[str, float]] = {("0", "unpruned"): losses(model, texts,
+                                                                               max_tokens)}
+    for ratio in RATIOS:
+        for criterion, seed in [(c, 0) for c in CRITERIA] + [("random", s) for s in SEEDS]:
+            out = work / f"{criterion}-{seed}-{ratio}"
+            prune(model, stats, out, criterion, ratio, seed)
+            name = criterion if criterion != "random" else f"random (seed {seed})"
+            rows[(f"{ratio:.0%}", name)] = losses(out, texts, max_tokens)
+            mean = statistics.mean(rows[(f"{ratio:.0%}", name)].values())
+            print(f"{ratio:.0%} {name}: mean {mean:.4f} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+    report(rows, max_tokens, profile_tokens)
+
+
+def report(rows: dict[tuple[str, str], dict[str, float]], max_tokens: int,
+           profile_tokens: int) -> None:
+    print(f"\n## Pruning mixtral-e16k2 (16 experts, top-2): eval loss (nats), second half of each "
+          f"text, <= {max_tokens} tokens per domain; profile on the first half (<= "
+          f"{profile_tokens} tokens per domain)\n")
+    print("| removed | criterion | " + " | ".join(DOMAINS) + " | mean |")
+    print("|---" * (len(DOMAINS) + 3) + "|")
+    means = {key: statistics.mean(values.values()) for key, values in rows.items()}
+    for key, values in rows.items():
+        cells = [f"{values[d]:.4f}" for d in DOMAINS] + [f"**{means[key]:.4f}**"]
+        print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    base = means[("0", "unpruned")]
+    print()
+    for ratio in (f"{r:.0%}" for r in RATIOS):
+        random_mean = statistics.mean(means[(ratio, f"random (seed {s})")] for s in SEEDS)
+        best = min(CRITERIA, key=lambda c: means[(ratio, c)])
+        worst = max(CRITERIA, key=lambda c: means[(ratio, c)])
+        print(f"- {ratio}: random mean {random_mean:.4f}; best {best} {means[(ratio, best)]:.4f} "
+              f"(+{means[(ratio, best)] - base:.4f} vs unpruned {base:.4f}); worst criterion "
+              f"{worst} {means[(ratio, worst)]:.4f}, {random_mean - means[(ratio, worst)]:.4f} "
+              "below random")
+
+
+if __name__ == "__main__":
+    main()

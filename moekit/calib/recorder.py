@@ -1,0 +1,163 @@
+"""On-device accumulators of routing statistics, one per MoE layer and calibration domain.
+
+Everything is summed in int64 / float64 tensors on the layer's own device; nothing is read back
+until `finish()`, so recording adds no host-device synchronisation to the forward pass.
+
+Per layer l, domain d and expert e (T tokens, slots (t, s) with id[t, s] = e, weight w[t, s],
+expert output f_e(x_t), unweighted):
+
+    tokens[d, e]     = #{(t, s): id[t, s] = e}                 routed slots
+    weight_sum[d, e] = sum w[t, s]                              routing weight as applied
+    ean_sum[d, e]    = sum ||f_e(x_t)||_2                       expert activation norm (EAN)
+    reap_sum[d, e]   = sum w[t, s] * ||f_e(x_t)||_2             REAP numerator
+    max_norm[d, e]   = max ||f_e(x_t)||_2
+    coact[d, i, j]   = #{t: i and j both among token t's k experts}   (diagonal = tokens)
+    entropy_sum[d]   = sum_t H(p_t),  p_t the router's full distribution over E experts
+    top1_repeats[d]  = #{consecutive token pairs of a window with the same top-1 expert}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+Scoring = str  # "softmax" | "sigmoid"
+
+
+@dataclass
+class LayerRaw:
+    """Host copies of one layer's sums; arrays are [D, E] (coact [D, E, E]) or [D]."""
+
+    layer: int
+    num_experts: int
+    tokens: np.ndarray
+    weight_sum: np.ndarray
+    ean_sum: np.ndarray
+    reap_sum: np.ndarray
+    max_norm: np.ndarray
+    coact: np.ndarray
+    positions: np.ndarray
+    entropy_sum: np.ndarray
+    top1_pairs: np.ndarray
+    top1_repeats: np.ndarray
+    trace: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+class LayerAccumulator:
+    """The running sums of one MoE layer (see the module docstring for the formulas)."""
+
+    def __init__(self, layer: int, num_experts: int, num_domains: int, device: Any,
+                 trace: bool = False):
+        import torch
+
+        self.layer, self.num_experts, self.trace = layer, num_experts, trace
+        shape = (num_domains, num_experts)
+        i64 = dict(dtype=torch.int64, device=device)
+        f64 = dict(dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(shape, **i64)
+        self.weight_sum = torch.zeros(shape, **f64)
+        self.ean_sum = torch.zeros(shape, **f64)
+        self.reap_sum = torch.zeros(shape, **f64)
+        self.max_norm = torch.zeros(shape, **f64)
+        self.coact = torch.zeros((num_domains, num_experts * num_experts), **i64)
+        self.entropy_sum = torch.zeros(num_domains, **f64)
+        self.top1_repeats = torch.zeros(num_domains, **i64)
+        self.positions = [0] * num_domains
+        self.top1_pairs = [0] * num_domains
+        self.trace_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
+            [] for _ in range(num_domains)]
+
+    def add_routing(self, domain: int, shape: tuple[int, int], ids: torch.Tensor,
+                    weights: torch.Tensor, norms: torch.Tensor,
+                    contributions: torch.Tensor | None = None) -> None:
+        """Add one batch. ids, weights, norms: [T, k]; `contributions` [T, k] replaces
+        weight x norm in the REAP sum when the model applies the weight elsewhere (Llama-4)."""
+        import torch
+
+        d, num_experts = domain, self.num_experts
+        flat = ids.reshape(-1)
+        w64 = weights.reshape(-1).to(torch.float64)
+        n64 = norms.reshape(-1).to(torch.float64)
+        reap = w64 * n64 if contributions is None else contributions.reshape(-1).to(torch.float64)
+        ones = torch.ones_like(flat)
+        self.tokens[d].index_add_(0, flat, ones)
+        self.weight_sum[d].index_add_(0, flat, w64)
+        self.ean_sum[d].index_add_(0, flat, n64)
+        self.reap_sum[d].index_add_(0, flat, reap)
+        self.max_norm[d].scatter_reduce_(0, flat, n64, reduce="amax")
+        pairs = (ids.unsqueeze(2) * num_experts + ids.unsqueeze(1)).reshape(-1)
+        self.coact[d].index_add_(0, pairs, torch.ones_like(pairs))
+        num_tokens = ids.shape[0]
+        self.positions[d] += num_tokens
+        batch, seq = shape
+        if batch * seq == num_tokens and seq > 1:
+            top1 = ids.gather(1, weights.argmax(dim=1, keepdim=True)).view(batch, seq)
+            self.top1_repeats[d:d + 1].add_((top1[:, 1:] == top1[:, :-1]).sum())
+            self.top1_pairs[d] += batch * (seq - 1)
+        if self.trace:
+            small = torch.int16 if num_experts < 2 ** 15 else torch.int32
+            self.trace_parts[d].append((ids.detach().to(small), weights.detach().float()))
+
+    def add_entropy(self, domain: int, logits: torch.Tensor, scoring: Scoring) -> None:
+        """Add sum_t H(p_t) for router logits [T, E]; p = softmax(z), or for sigmoid routers the
+        normalised scores sigmoid(z) / sum sigmoid(z). Natural log (nats)."""
+        import torch
+
+        z = logits.detach().reshape(-1, logits.shape[-1]).float()
+        if scoring == "sigmoid":
+            logp = torch.nn.functional.logsigmoid(z)
+            logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+        else:
+            logp = torch.log_softmax(z, dim=-1)
+        entropy = -(logp.exp() * logp).sum(dim=-1)
+        self.entropy_sum[domain:domain + 1].add_(entropy.sum().to(torch.float64))
+
+    def finish(self) -> LayerRaw:
+        """Copy the sums to the host (the one synchronisation point)."""
+        import numpy as np
+        import torch
+
+        num_domains, num_experts = self.tokens.shape
+        trace = {}
+        for d, parts in enumerate(self.trace_parts):
+            if parts:
+                trace[d] = (torch.cat([p[0] for p in parts]).cpu().numpy(),
+                            torch.cat([p[1] for p in parts]).cpu().numpy())
+        return LayerRaw(
+            layer=self.layer, num_experts=num_experts,
+            tokens=self.tokens.cpu().numpy(), weight_sum=self.weight_sum.cpu().numpy(),
+            ean_sum=self.ean_sum.cpu().numpy(), reap_sum=self.reap_sum.cpu().numpy(),
+            max_norm=self.max_norm.cpu().numpy(),
+            coact=self.coact.cpu().numpy().reshape(num_domains, num_experts, num_experts),
+            positions=np.asarray(self.positions, dtype=np.int64),
+            entropy_sum=self.entropy_sum.cpu().numpy(),
+            top1_pairs=np.asarray(self.top1_pairs, dtype=np.int64),
+            top1_repeats=self.top1_repeats.cpu().numpy(), trace=trace)
+
+
+class Recorder:
+    """Holds one LayerAccumulator per MoE layer and the position of the current batch
+    (which domain, and its [B, S] shape, for the within-window temporal statistics)."""
+
+    def __init__(self, num_domains: int, trace: bool = False):
+        self.num_domains = num_domains
+        self.trace = trace
+        self.layers: dict[int, LayerAccumulator] = {}
+        self.domain = 0
+        self.shape: tuple[int, int] = (0, 0)
+
+    def add_layer(self, layer: int, num_experts: int, device: Any) -> LayerAccumulator:
+        acc = LayerAccumulator(layer, num_experts, self.num_domains, device, self.trace)
+        self.layers[layer] = acc
+        return acc
+
+    def set_batch(self, domain: int, shape: tuple[int, int]) -> None:
+        """Declare the domain index and [B, S] shape of the next forward pass."""
+        self.domain, self.shape = domain, (int(shape[0]), int(shape[1]))
+
+    def finish(self) -> list[LayerRaw]:
+        return [self.layers[i].finish() for i in sorted(self.layers)]

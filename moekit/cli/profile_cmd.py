@@ -1,0 +1,144 @@
+"""`moekit profile MODEL --data NAME=PATH ... --out DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from moekit.cli.common import (
+    ModelArg,
+    OutOpt,
+    OverwriteOpt,
+    RevisionOpt,
+    console,
+    err_console,
+    export_table,
+    handle_errors,
+    load_model_path,
+)
+
+DataOpt = Annotated[list[str] | None, typer.Option(
+    "--data", "-d", help="NAME=PATH of a text/JSONL/JSON/Parquet file or folder, one domain "
+    "each; repeat for several. Default: the texts in sample_data/.")]
+RangeOpt = Annotated[str | None, typer.Option(
+    "--data-range", help="START:END fraction of each source, e.g. 0:0.5 (first half).")]
+PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots",
+                                        help="Write PNG plots and report.md.")]
+PlotLayerOpt = Annotated[int | None, typer.Option(
+    "--plot-layer", help="Layer for the co-activation plot (default: the most uneven).")]
+ExportOpt = Annotated[Path | None, typer.Option(
+    "--export-table", help="Also write the per-layer table as .csv/.parquet/.json.")]
+ColdestOpt = Annotated[Path | None, typer.Option(
+    "--export-coldest", help="Also write the coldest-experts table as .csv/.parquet/.json.")]
+
+
+@handle_errors
+def profile(
+    model: ModelArg,
+    out: OutOpt,
+    data: DataOpt = None,
+    text_field: Annotated[str, typer.Option(
+        "--text-field", help="Field holding the text in JSON/JSONL/Parquet.")] = "text",
+    data_range: RangeOpt = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", help="At most this many tokens per data source.")] = 100_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16.")] = "auto",
+    trace: Annotated[bool, typer.Option(
+        "--trace", help="Also write every token's top-k ids and weights (trace.safetensors).")
+    ] = False,
+    merge_with: Annotated[Path | None, typer.Option(
+        "--merge-with", help="Add this run to an existing profile of the same model.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        "--tokenizer", help="Tokenizer folder or repo when the model has none.")] = None,
+    revision: RevisionOpt = None,
+    overwrite: OverwriteOpt = False,
+    plots: PlotsOpt = True,
+    plot_layer: PlotLayerOpt = None,
+    export: ExportOpt = None,
+    export_coldest: ColdestOpt = None,
+) -> None:
+    """Record how the routers use their experts on calibration text, per domain.
+
+    Writes into --out: expert_stats.csv/.parquet (tokens, weight_sum, ean_sum, reap_sum, max_norm)
+    per layer, expert and domain; layer_stats.csv; coactivation.npz; metadata.json; PNG plots
+    and report.md.
+
+    Prints a per-layer summary and the coldest experts.
+
+    Example: moekit profile ./Mixtral --data code=code.jsonl --data prose=books/ --out prof
+    """
+    from moekit.calib.data import DataSource, parse_fraction
+    from moekit.io.output import check_output
+    from moekit.ops.profile import profile_model, write_output
+
+    fraction = parse_fraction(data_range)
+    path = load_model_path(model, revision)
+    check_output(out, overwrite, (path,))
+    sources = [DataSource.parse(v) for v in data] if data else None
+    with TokenProgress() as progress:
+        result = profile_model(model, sources, tokenizer=tokenizer, text_field=text_field,
+                               fraction=fraction, seq_len=seq_len, max_tokens=max_tokens,
+                               batch_size=batch_size, device=device, dtype=dtype, trace=trace,
+                               merge_with=merge_with, revision=revision, progress=progress)
+    names = write_output(result, out, overwrite=overwrite, inputs=(path,), plots=plots,
+                         plot_layer=plot_layer)
+    show_profile(result, export, export_coldest)
+    console.print(f"wrote {out}: {', '.join(names)}")
+
+
+def show_profile(profile: Any, export: Path | None, export_coldest: Path | None) -> None:
+    """Print the per-layer table, the coldest experts and the findings; export on request."""
+    from moekit.stats.metrics import coldest, summary_table
+    from moekit.stats.report import coldest_rich_table, findings, layer_rich_table
+
+    console.print(layer_rich_table(profile))
+    console.print(coldest_rich_table(profile))
+    for line in findings(profile):
+        console.print(f"- {line}")
+    if export is not None:
+        export_table(summary_table(profile), export)
+    if export_coldest is not None:
+        export_table(coldest(profile), export_coldest)
+
+
+class TokenProgress:
+    """A rich progress bar with tokens/s, fed by profile_model's progress callback (stderr)."""
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[progress.description]{task.description}"), BarColumn(),
+            MofNCompleteColumn(), TextColumn("tokens"),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=err_console, transient=True)
+        self.task = self.progress.add_task("profiling", total=None, rate="")
+
+    def __enter__(self) -> TokenProgress:
+        self.progress.start()
+        return self
+
+    def __call__(self, event: str, tokens: int, domain: str) -> None:
+        if event == "start":
+            self.progress.update(self.task, total=tokens)
+            return
+        self.progress.update(self.task, advance=tokens, description=f"profiling {domain}")
+        speed = self.progress.tasks[0].speed
+        if speed:
+            self.progress.update(self.task, rate=f"{speed:,.0f} tok/s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()

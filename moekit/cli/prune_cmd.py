@@ -1,0 +1,295 @@
+"""`moekit prune MODEL --stats DIR --ratio R --criterion C --out OUT`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from moekit.cli.common import (
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    RevisionOpt,
+    console,
+    err_console,
+    export_table,
+    handle_errors,
+    load_model_path,
+)
+
+CRITERION_HELP = ("reap (default; mean gate x ||output|| over routed tokens), reap-sum, "
+                  "frequency (tokens), weight (gate-weight sum), ean (output-norm sum), random.")
+
+
+@handle_errors
+def prune(
+    model: ModelArg,
+    stats: Annotated[Path | None, typer.Option(
+        "--stats", help="Folder from `moekit profile` (expert_stats.csv + metadata.json).")] = None,
+    ratio: Annotated[float | None, typer.Option(
+        "--ratio", "-r", help="Share of routed experts removed in every MoE layer, in [0, 1).")
+    ] = None,
+    criterion: Annotated[str | None, typer.Option("--criterion", "-c", help=CRITERION_HELP)
+                         ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
+    overwrite: OverwriteOpt = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan and its cost; write nothing but --plan-out.")] = False,
+    plan_out: Annotated[Path | None, typer.Option("--plan-out", help="Write the plan JSON.")
+                        ] = None,
+    plan_in: Annotated[Path | None, typer.Option(
+        "--plan", help="Apply a plan JSON (from --plan-out) instead of choosing.")] = None,
+    keep: Annotated[Path | None, typer.Option(
+        "--keep", help='Experts to keep per layer: JSON {"LAYER": \\[ids]} or "LAYER: ids" lines.')
+    ] = None,
+    drop: Annotated[Path | None, typer.Option("--drop", help="Experts to drop, same format.")
+                    ] = None,
+    protect: Annotated[list[str] | None, typer.Option(
+        "--protect", help="Never drop these: LAYER:EXPERT[,...] (LAYER may be *).")] = None,
+    min_experts: Annotated[int | None, typer.Option(
+        "--min-experts", help="Refuse plans keeping fewer experts per layer.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of --criterion random.")] = 0,
+    domain: Annotated[str, typer.Option("--domain", help="Which domain's statistics to use.")
+                      ] = "all",
+    ignore_fingerprint: Annotated[bool, typer.Option(
+        "--ignore-fingerprint", help="Accept stats/plan whose model hash differs.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5GB, 500MB.")
+                              ] = "5GB",
+    report: Annotated[Path | None, typer.Option(
+        "--report", help="Also write the budget table as .csv/.parquet/.json.")] = None,
+    eval_data: Annotated[list[str] | None, typer.Option(
+        "--eval-data", help="NAME=PATH: evaluate the result against the source (repeat).")
+    ] = None,
+    eval_range: Annotated[str | None, typer.Option("--eval-range", help="START:END of eval data.")
+                          ] = None,
+    eval_max_tokens: Annotated[int, typer.Option("--eval-max-tokens")] = 16384,
+    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len")] = 512,
+    device: Annotated[str, typer.Option("--device", help="Device for --eval-data.")] = "auto",
+    revision: RevisionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove the least important routed experts of every MoE layer, straight on the files.
+
+    Reads only headers, router weights and statistics to decide, then copies the kept bytes.
+    The same number of experts is removed in every MoE layer.
+
+    Example: moekit prune ./Mixtral --stats prof/ --ratio 0.25 --criterion reap --out ./pruned
+
+    Example: moekit prune ./Mixtral --stats prof/ --ratio 0.5 --dry-run --plan-out plan.json
+
+    Example: moekit prune ./Mixtral --plan plan.json --out ./pruned --eval-data code=val.py
+    """
+    from moekit.io.output import check_output
+
+    source = load_model_path(model, revision)
+    shard_bytes = parse_size(max_shard_size)
+    if not dry_run:
+        if out is None:
+            from moekit.errors import InvalidArgumentError
+
+            raise InvalidArgumentError("--out is required (or use --dry-run)")
+        check_output(out, overwrite, (source,))
+    options = dict(stats=stats, ratio=ratio, criterion=criterion, plan_in=plan_in, keep=keep,
+                   drop=drop, protect=protect or [], min_experts=min_experts, seed=seed,
+                   domain=domain, ignore_fingerprint=ignore_fingerprint)
+    plan, stats_data = choose_plan(source, **options)
+    eval_sources = _eval_sources(eval_data, eval_range)
+    budget = _show_plan(plan, stats_data, report, quiet=as_json)
+    if plan_out is not None:
+        plan.save(plan_out)
+        err_console.print(f"plan written to {plan_out}")
+    if dry_run:
+        if as_json:
+            print(json.dumps({"plan": plan.to_dict(), "budget": budget}, indent=2))
+        return
+    assert out is not None
+    eval_opts = dict(sources=eval_sources[0], fraction=eval_sources[1], seq_len=eval_seq_len,
+                     max_tokens=eval_max_tokens, device=device)
+    result = _run(source, model, plan, out, overwrite, shard_bytes, ignore_fingerprint,
+                  stats, budget, eval_opts)
+    _summary(result, as_json)
+
+
+def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criterion: str | None,
+                plan_in: Path | None, keep: Path | None, drop: Path | None, protect: list[str],
+                min_experts: int | None, seed: int, domain: str,
+                ignore_fingerprint: bool) -> tuple[Any, Any]:
+    """Load/validate everything and decide: (PrunePlan, ExpertStats or None). Reads headers,
+    router weights (fingerprint) and statistics only."""
+    from moekit.errors import InvalidArgumentError
+    from moekit.families.layout import describe
+    from moekit.io.fingerprint import model_fingerprint
+    from moekit.io.reader import Checkpoint
+    from moekit.ops.plan import PrunePlan, validate_plan
+    from moekit.ops.prune_select import build_plan, parse_protect, read_expert_lists
+    from moekit.ops.prune_stats import check_stats, load_stats
+
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise InvalidArgumentError(f"--ratio {ratio} is outside [0, 1)",
+                                   "give the share of routed experts to remove, e.g. 0.25")
+    checkpoint = Checkpoint(source)
+    layout = describe(checkpoint)
+    if not layout.is_moe:
+        raise InvalidArgumentError(f"{source} is a dense model ({layout.family.name}): "
+                                   "nothing to prune")
+    fingerprint = model_fingerprint(checkpoint, layout)
+    stats_data = load_stats(stats, domain) if stats is not None else None
+    if stats_data is not None:
+        check_stats(stats_data, layout, fingerprint, ignore_fingerprint)
+    if plan_in is not None:
+        if any(x is not None for x in (ratio, criterion, keep, drop)) or protect:
+            raise InvalidArgumentError("--plan is given with selection options",
+                                       "a plan already fixes the experts; drop --ratio/"
+                                       "--criterion/--keep/--drop/--protect")
+        plan = validate_plan(PrunePlan.load(plan_in), layout, fingerprint, ignore_fingerprint)
+        return plan, stats_data
+    if criterion is not None and (keep is not None or drop is not None):
+        raise InvalidArgumentError("--criterion is given with --keep/--drop",
+                                   "explicit lists replace the criterion: give one of them")
+    plan = build_plan(
+        layout, fingerprint, criterion=criterion or "reap", ratio=ratio, stats=stats_data,
+        keep=read_expert_lists(keep, layout, "--keep") if keep is not None else None,
+        drop=read_expert_lists(drop, layout, "--drop") if drop is not None else None,
+        protect=parse_protect(protect, layout), min_experts=min_experts, seed=seed)
+    return plan, stats_data
+
+
+def parse_size(text: str) -> int:
+    """`5GB` -> 5e9 bytes (also KB/MB/TB, KiB/MiB/GiB/TiB, or a plain number of bytes)."""
+    from moekit.errors import InvalidArgumentError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise InvalidArgumentError(f"--max-shard-size '{text}' is not a size", "e.g. 5GB, 500MB")
+    unit = (match[2] or "B").upper().rstrip("B") or "B"
+    powers = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+    size = int(float(match[1]) * powers[unit])
+    if size <= 0:
+        raise InvalidArgumentError(f"--max-shard-size '{text}' must be positive")
+    return size
+
+
+def _eval_sources(values: list[str] | None, data_range: str | None) -> tuple[list, tuple]:
+    """Parse --eval-data early so a typo fails before any work."""
+    from moekit.calib.data import DataSource, parse_fraction
+    from moekit.errors import DataError
+
+    sources = [DataSource.parse(v) for v in values or []]
+    for source in sources:
+        if not source.path.exists():
+            raise DataError(f"--eval-data file {source.path} does not exist")
+    return sources, parse_fraction(data_range)
+
+
+def _show_plan(plan: Any, stats: Any, report: Path | None, quiet: bool) -> list[dict[str, Any]]:
+    from moekit.ops.plan import budget_rows
+
+    budget = budget_rows(plan, stats)
+    if report is not None:
+        import pandas as pd
+
+        export_table(pd.DataFrame(budget), report)
+    if not quiet:
+        console.print(budget_table(plan, budget))
+    for warning in plan.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
+    return budget
+
+
+def budget_table(plan: Any, budget: list[dict[str, Any]]):  # noqa: ANN201 - rich Table
+    """The plan per layer and what it costs on the calibration data."""
+    from rich.table import Table
+
+    title = (f"prune plan: {plan.criterion}, {plan.num_dropped} of {plan.num_experts} experts "
+             f"removed per layer ({plan.num_kept} kept, top-k {plan.top_k})")
+    table = Table(title=title, title_justify="left")
+    for name in ("layer", "kept", "removed ids", "traffic removed", "weight removed",
+                 "saliency removed"):
+        table.add_column(name, justify="left" if name == "removed ids" else "right")
+    for row in budget:
+        shares = [_pct(row[k]) for k in ("traffic_removed", "weight_removed", "saliency_removed")]
+        table.add_row(str(row["layer"]), str(row["kept"]), row["removed_ids"] or "-", *shares)
+    return table
+
+
+def _pct(value: float) -> str:
+    return "-" if value != value else f"{value:.1%}"  # NaN: no statistics
+
+
+def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_bytes: int,
+         ignore_fingerprint: bool, stats: Path | None, budget: list[dict[str, Any]],
+         eval_opts: dict[str, Any]) -> Any:
+    from moekit.cli.eval_cmd import token_progress
+    from moekit.ops.prune import prune_checkpoint
+    from moekit.ops.prune_report import write_prune_records
+
+    def finish(folder: Path, result: Any) -> None:
+        evaluation = None
+        if eval_opts["sources"]:
+            from moekit.ops.evaluate import evaluate
+
+            with token_progress("evaluating pruned vs source") as on_tokens:
+                evaluation = evaluate(folder, eval_opts["sources"], source,
+                                      seq_len=eval_opts["seq_len"],
+                                      max_tokens=eval_opts["max_tokens"],
+                                      device=eval_opts["device"], fraction=eval_opts["fraction"],
+                                      on_tokens=on_tokens).to_dict()
+            evaluation["model"] = str(out)
+            result.extra["evaluation"] = evaluation
+        write_prune_records(folder, model, plan, config_keys=result.config_keys,
+                            warnings=result.warnings, stats_folder=str(stats) if stats else None,
+                            budget=budget, evaluation=evaluation, source_folder=source)
+
+    with _byte_progress() as on_bytes:
+        return prune_checkpoint(source, plan, out, overwrite=overwrite,
+                                max_shard_bytes=shard_bytes,
+                                ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes,
+                                finish=finish)
+
+
+class _byte_progress:  # noqa: N801 - used like a function in `with`
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.progress = Progress("writing", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                 TimeRemainingColumn(), console=err_console, transient=True)
+        self.task = self.progress.add_task("write", total=None)
+
+    def __enter__(self):  # noqa: ANN204
+        self.progress.start()
+        return lambda advance, total: self.progress.update(self.task, advance=advance,
+                                                           total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+
+def _summary(result: Any, as_json: bool) -> None:
+    from moekit.cli.eval_cmd import eval_table
+
+    evaluation = result.extra.get("evaluation")
+    if as_json:
+        print(json.dumps({"out": str(result.out), "bytes_written": result.bytes_written,
+                          "tensors": result.actions, "config_keys": result.config_keys,
+                          "warnings": result.warnings, "plan": result.plan.to_dict(),
+                          "evaluation": evaluation}, indent=2))
+        return
+    for warning in result.warnings[len(result.plan.warnings):]:
+        err_console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
+    actions = ", ".join(f"{n} {a}" for a, n in result.actions.items())
+    console.print(f"[bold green]wrote[/] {result.out}: {result.tensors_written} tensors, "
+                  f"{result.bytes_written / 1e9:.2f} GB ({actions}); config: "
+                  f"{', '.join(result.config_keys)}")
+    if evaluation:
+        console.print(eval_table(evaluation))

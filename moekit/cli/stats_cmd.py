@@ -1,0 +1,60 @@
+"""`moekit stats merge A B ... --out C` and `moekit stats show DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moekit.cli.common import OutOpt, OverwriteOpt, console, handle_errors
+from moekit.cli.profile_cmd import ColdestOpt, ExportOpt, PlotLayerOpt, PlotsOpt, show_profile
+
+stats_app = typer.Typer(name="stats", no_args_is_help=True,
+                        help="Work with saved routing profiles (moekit profile --out).")
+
+ProfilesArg = Annotated[list[Path], typer.Argument(help="Profile folders of the same model.")]
+
+
+@stats_app.command("merge")
+@handle_errors
+def merge(
+    profiles: ProfilesArg,
+    out: OutOpt,
+    overwrite: OverwriteOpt = False,
+    plots: PlotsOpt = True,
+    plot_layer: PlotLayerOpt = None,
+    export: ExportOpt = None,
+    export_coldest: ColdestOpt = None,
+) -> None:
+    """Add profiles of the same model (e.g. datasets profiled separately or on several
+    machines): counts and sums add exactly, max_norm takes the max, same-named domains add up.
+
+    Example: moekit stats merge prof-code prof-chat --out prof-all
+    """
+    from moekit.io.output import check_output
+    from moekit.ops.profile import write_output
+    from moekit.stats.profile_io import load_profile, merge_profiles
+
+    check_output(out, overwrite, tuple(profiles))
+    merged = merge_profiles([load_profile(p) for p in profiles])
+    names = write_output(merged, out, overwrite=overwrite, inputs=tuple(profiles), plots=plots,
+                         plot_layer=plot_layer)
+    show_profile(merged, export, export_coldest)
+    console.print(f"wrote {out}: {', '.join(names)}")
+
+
+@stats_app.command("show")
+@handle_errors
+def show(
+    profile: Annotated[Path, typer.Argument(help="A profile folder.")],
+    export: ExportOpt = None,
+    export_coldest: ColdestOpt = None,
+) -> None:
+    """Print a saved profile's per-layer table, coldest experts and findings.
+
+    Example: moekit stats show prof --export-table layers.csv
+    """
+    from moekit.stats.profile_io import load_profile
+
+    show_profile(load_profile(profile), export, export_coldest)

@@ -1,0 +1,168 @@
+"""`moekit upcycle DENSE --arch TARGET --experts E --top-k K --method M --out OUT`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moekit.cli.common import (
+    JsonOpt,
+    ModelArg,
+    OutOpt,
+    OverwriteOpt,
+    RevisionOpt,
+    console,
+    handle_errors,
+    load_model_path,
+)
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `5GB`, `500MB`, `1.5GiB`, `2000000` (decimal units; `iB` binary)."""
+    from moekit.errors import InvalidArgumentError
+
+    match = SIZE.match(text)
+    if not match:
+        raise InvalidArgumentError(f"--max-shard-size '{text}' is not a size",
+                                   "use e.g. 5GB, 500MB or a number of bytes")
+    number, unit, suffix = match.groups()
+    base = 1024 if suffix.lower().startswith("i") else 1000
+    power = " KMGT".index(unit.upper() or " ")
+    size = int(float(number) * base**power)
+    if size <= 0:
+        raise InvalidArgumentError(f"--max-shard-size must be positive, got '{text}'")
+    return size
+
+
+@handle_errors
+def upcycle(
+    model: ModelArg,
+    out: OutOpt,
+    experts: Annotated[int, typer.Option("--experts", "-e", help="Routed experts per layer.")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token.")] = 2,
+    arch: Annotated[str | None, typer.Option(
+        "--arch", help="Target family: mixtral (llama, mistral), qwen2_moe (qwen2), qwen3_moe "
+                       "(qwen3). Default: the only one for the source.")] = None,
+    method: Annotated[str, typer.Option(
+        "--method", "-m", help="copy | split (fine-grained) | drop (Drop-Upcycling).")] = "copy",
+    router: Annotated[str, typer.Option(
+        "--router", help="Router init: random | zero | data (k-means of calibration "
+                         "hidden states).")] = "random",
+    router_std: Annotated[float, typer.Option("--router-std",
+                                              help="Std of the random router.")] = 0.02,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice.")] = 0,
+    split_order: Annotated[str, typer.Option(
+        "--split-order", help="split: contiguous | random | cluster (needs --data).")
+    ] = "contiguous",
+    drop_ratio: Annotated[float, typer.Option(
+        "--drop-ratio", help="drop: fraction of each expert's neurons re-initialised.")] = 0.5,
+    shared_expert: Annotated[bool, typer.Option(
+        "--shared-expert", help="qwen2_moe: add a shared expert (the dense FFN for copy/drop)."
+    )] = False,
+    shared_neurons: Annotated[int | None, typer.Option(
+        "--shared-neurons", help="split: neurons given to the shared expert.")] = None,
+    data: Annotated[list[str] | None, typer.Option(
+        "--data", help="Calibration text (repeatable; name=path allowed).")] = None,
+    data_range: Annotated[str | None, typer.Option(
+        "--data-range", help="Part of each source to use, e.g. 0:0.5.")] = None,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", help="Calibration tokens per data source.")] = 2048,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration window.")] = 256,
+    norm_topk_prob: Annotated[bool, typer.Option(
+        "--norm-topk-prob/--no-norm-topk-prob", help="qwen targets: renormalise top-k weights."
+    )] = True,
+    aux_loss_coef: Annotated[float, typer.Option(
+        "--aux-loss-coef", help="router_aux_loss_coef written into the config.")] = 0.001,
+    max_shard_size: Annotated[str, typer.Option(
+        "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan "
+                                                            "without writing.")] = False,
+    overwrite: OverwriteOpt = False,
+    revision: RevisionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn a dense checkpoint into an MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE).
+
+    copy keeps the model's function exactly (renormalised top-k); split keeps it with
+    --router zero --top-k E; drop re-initialises part of every expert on purpose.
+
+    Example: moekit upcycle ./Llama-dense --arch mixtral -e 8 -k 2 --method copy -o ./moe
+    """
+    from moekit.ops.upcycle import UpcycleOptions, output_tensors, plan_upcycle
+
+    options = UpcycleOptions(
+        experts=experts, top_k=top_k, method=method, arch=arch, router=router,
+        router_std=router_std, seed=seed, split_order=split_order, drop_ratio=drop_ratio,
+        shared_expert=shared_expert, shared_neurons=shared_neurons, data=tuple(data or ()),
+        data_range=data_range, max_tokens=max_tokens, seq_len=seq_len,
+        norm_topk_prob=norm_topk_prob, aux_loss_coef=aux_loss_coef,
+        max_shard_bytes=parse_size(max_shard_size))
+    source = load_model_path(model, revision)
+    if dry_run:
+        from moekit.ops.upcycle import Prepared, summarize
+        from moekit.ops.upcycle_config import validate_config
+
+        plan = plan_upcycle(source, options)
+        validate_config(plan.config, plan.family, plan.shape)
+        report = summarize(plan, Prepared(), output_tensors(plan, Prepared(), set(), None), out)
+        _show(report, as_json, title="plan (nothing written)")
+        return
+    report = _run(source, out, options, overwrite, model, quiet=as_json)
+    _show(report, as_json, title=f"wrote {out}")
+
+
+def _run(source: Path, out: Path, options, overwrite: bool, name: str,  # noqa: ANN001
+         quiet: bool):  # noqa: ANN202 - UpcycleReport
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from moekit.ops.upcycle import upcycle as run_upcycle
+
+    progress = Progress("[progress.description]{task.description}", BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                        disable=quiet)
+    task = progress.add_task("writing tensors", total=None, start=False)
+    started = []
+
+    def start(count: int) -> None:  # after validation and calibration: errors stay one line
+        progress.update(task, total=count)
+        progress.start_task(task)
+        progress.start()
+        started.append(True)
+
+    try:
+        return run_upcycle(source, out, options, overwrite=overwrite, source_name=name,
+                           on_start=start, on_tensor=lambda t: progress.advance(task))
+    finally:
+        if started:
+            progress.stop()
+
+
+def _show(report, as_json: bool, title: str) -> None:  # noqa: ANN001
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [("target", f"{report.family} ({report.architecture})"),
+            ("method / router", f"{report.method} / {report.router}"),
+            ("experts / top-k", f"{report.experts} / {report.top_k}"),
+            ("expert width", str(report.expert_width)),
+            ("shared expert width", str(report.shared_width)),
+            ("total params", f"{report.total_params:,}"),
+            ("active params / token", f"{report.active_params:,}"),
+            ("output size", f"{report.output_bytes / 1e9:.3f} GB"),
+            ("equal to dense at init", report.function_preserving)]
+    if report.calibration_tokens:
+        rows.append(("calibration tokens", f"{report.calibration_tokens:,}"))
+    for field, value in rows:
+        table.add_row(field, value)
+    console.print(table)

@@ -1,0 +1,184 @@
+"""`moekit profile`: run calibration text through a MoE checkpoint and record its routing.
+
+profile_model validates everything cheap first (family, data, tokenizer, the profile to merge
+with), then loads the model, attaches the recording hooks (moekit.calib.hooks), runs every
+domain's windows in batches, and returns a Profile (moekit.stats.profile_io).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moekit import __version__
+from moekit.calib.data import DataSource, Domain, batches, default_sources, load_domains
+from moekit.errors import InvalidArgumentError, StatsError, UnsupportedModelError
+from moekit.families.layout import ModelLayout, describe
+from moekit.io.fingerprint import model_fingerprint
+from moekit.io.reader import Checkpoint
+from moekit.io.source import resolve_source
+from moekit.stats.profile_io import ALL, Profile, load_profile, merge_profiles, profile_from_raw
+
+if TYPE_CHECKING:
+    from moekit.calib.recorder import Recorder
+
+Progress = Callable[[str, int, str], None]  # (event "start" | "batch", tokens, domain name)
+
+
+def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
+                  tokenizer: str | None = None, text_field: str = "text",
+                  fraction: tuple[float, float] = (0.0, 1.0), seq_len: int = 512,
+                  max_tokens: int = 100_000, batch_size: int = 8, device: str = "auto",
+                  dtype: str = "auto", trace: bool = False, merge_with: Path | None = None,
+                  revision: str | None = None, progress: Progress | None = None) -> Profile:
+    """Profile `model` on `sources` (default: sample_data/), one domain per source.
+
+    max_tokens applies per source. With `merge_with`, the result is that profile plus this run
+    (same model fingerprint required, checked before any forward pass).
+    """
+    if batch_size < 1:
+        raise InvalidArgumentError(f"--batch-size must be at least 1, got {batch_size}")
+    path = resolve_source(model, revision)
+    checkpoint = Checkpoint(path)
+    layout = describe(checkpoint)
+    if not layout.is_moe:
+        raise UnsupportedModelError(f"{model} is a dense {layout.resolved.family.name} model: "
+                                    "it has no router to profile", "pass a MoE checkpoint")
+    fingerprint = model_fingerprint(checkpoint, layout)
+    previous = _previous(merge_with, fingerprint) if merge_with else None
+    sources = sources or default_sources()
+    if any(s.name == ALL for s in sources):
+        raise InvalidArgumentError(f"a data source is named '{ALL}', which is reserved for totals",
+                                   "name it differently: --data NAME=PATH")
+    from moekit.ops.modeling import load_model, load_tokenizer
+
+    tok = load_tokenizer(path, tokenizer)
+    domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
+                           text_field=text_field, fraction=fraction)
+    loaded = load_model(path, device, dtype)
+    recorder, input_ids = _record(loaded, layout, domains, batch_size, trace, progress)
+    meta = _metadata(model, fingerprint, layout, domains, loaded, seq_len=seq_len,
+                     batch_size=batch_size, max_tokens=max_tokens, fraction=fraction,
+                     text_field=text_field, trace=trace)
+    profile = profile_from_raw(raw := recorder.finish(), [d.name for d in domains], meta)
+    if trace:
+        profile.trace = _trace_arrays(raw, domains, input_ids)
+    if previous is not None:
+        merged = merge_profiles([profile, previous])
+        merged.trace, merged.metadata["trace"] = profile.trace, trace
+        return merged
+    return profile
+
+
+def _previous(folder: Path, fingerprint: str) -> Profile:
+    previous = load_profile(folder)
+    if previous.fingerprint != fingerprint:
+        raise StatsError(
+            f"--merge-with {folder} profiles another model (fingerprint {previous.fingerprint}, "
+            f"model {previous.metadata.get('model')}; this model is {fingerprint})",
+            "merge only profiles of the same checkpoint")
+    return previous
+
+
+def _record(model: Any, layout: ModelLayout, domains: list[Domain], batch_size: int,
+            trace: bool, progress: Progress | None) -> tuple[Recorder, list[list[Any]]]:
+    """Run every window once with the hooks attached; returns the recorder and, with `trace`,
+    the input ids of each domain in the order they ran."""
+    import torch
+
+    from moekit.calib.hooks import RoutingHooks
+    from moekit.calib.recorder import Recorder
+
+    recorder = Recorder(len(domains), trace=trace)
+    device = next(model.parameters()).device
+    input_ids: list[list[Any]] = [[] for _ in domains]
+    if progress:
+        progress("start", sum(d.num_tokens for d in domains), "")
+    with RoutingHooks(model, layout.family, recorder), torch.inference_mode():
+        for index, domain in enumerate(domains):
+            for batch in batches(domain, batch_size):
+                recorder.set_batch(index, tuple(batch.shape))
+                forward(model, batch.to(device))
+                if trace:
+                    input_ids[index].append(batch.reshape(-1).to(torch.int32))
+                if progress:
+                    progress("batch", batch.numel(), domain.name)
+    return recorder, input_ids
+
+
+def forward(model: Any, input_ids: Any) -> Any:
+    """One forward pass as profiling runs it: no KV cache, logits for the last position only
+    (the routing of every position is computed either way)."""
+    return model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+
+
+def _trace_arrays(raw: list[Any], domains: list[Domain],
+                  input_ids: list[list[Any]]) -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {}
+    for index, domain in enumerate(domains):
+        out[f"{domain.name}/input_ids"] = torch.cat(input_ids[index]).numpy()
+        for layer in raw:
+            ids, weights = layer.trace[index]
+            out[f"{domain.name}/layer_{layer.layer}/ids"] = ids
+            out[f"{domain.name}/layer_{layer.layer}/weights"] = weights
+    return out
+
+
+def _metadata(model: str | Path, fingerprint: str, layout: ModelLayout, domains: list[Domain],
+              loaded: Any, **settings: Any) -> dict[str, Any]:
+    family = layout.family
+    experts = [layer.num_experts for layer in layout.moe_layers]
+    top_k = [layout.top_k(i) for i in range(len(layout.moe_layers))]
+    dtype = str(next(loaded.parameters()).dtype).removeprefix("torch.")
+    start, end = settings.pop("fraction")
+    return {
+        "moekit_version": __version__, "format_version": 1, "model": str(model),
+        "model_fingerprint": fingerprint, "family": family.name,
+        "model_type": str(layout.config.get("model_type", "")), "num_layers": layout.num_layers,
+        "moe_layers": [layer.index for layer in layout.moe_layers],
+        "num_experts": experts[0] if len(set(experts)) == 1 else experts,
+        "top_k": top_k[0] if len(set(top_k)) == 1 else top_k,
+        "routing": family.router.describe(), "reap_semantics": _reap_semantics(family),
+        "device": str(next(loaded.parameters()).device), "dtype": dtype,
+        "data_range": f"{start:g}:{end:g}", **settings,
+        "domains": {d.name: {"tokens": d.num_tokens, "sha256": d.sha256, "files": d.files,
+                             "windows": len(d.windows)} for d in domains},
+        "command": shlex.join(["moekit", *sys.argv[1:]]),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _reap_semantics(family: Any) -> str:
+    if family.router.input_scaled:
+        return ("the router score s scales the expert input: weight = s, ean = ||f_e(x)||, "
+                "reap = ||f_e(s*x)|| (norm of the contribution actually added)")
+    return "weight = applied top-k weight g, ean = ||f_e(x)||, reap = g * ||f_e(x)||"
+
+
+def write_output(profile: Profile, out: Path, *, overwrite: bool = False,
+                 inputs: tuple[Path, ...] = (), plots: bool = True,
+                 plot_layer: int | None = None) -> list[str]:
+    """Write the profile folder (staged: it appears whole or not at all): statistics, metadata,
+    optional trace, and with `plots` the PNGs and report.md. Returns the file names."""
+    from moekit.io.output import staged_output
+    from moekit.stats.profile_io import save_profile
+
+    if plot_layer is not None and plot_layer not in profile.moe_layers:
+        raise InvalidArgumentError(f"--plot-layer {plot_layer} is not a MoE layer",
+                                   f"choose one of {profile.moe_layers}")
+    with staged_output(out, overwrite, inputs) as folder:
+        names = save_profile(profile, folder)
+        if plots:
+            from moekit.stats.plots import write_plots
+            from moekit.stats.report import write_report
+
+            files = write_plots(profile, folder, plot_layer)
+            write_report(profile, folder, files)
+            names += [*files.values(), "report.md"]
+    return names

@@ -1,0 +1,197 @@
+"""Expert pruning surgery on the safetensors files: streamed, tensor by tensor, no model built.
+
+For every MoE layer of the plan:
+- per-expert tensors of kept experts are byte copies under renumbered names
+  (`...experts.{kept[i]}.w1.weight` -> `...experts.{i}.w1.weight`); dropped ones are not read;
+- fused tensors ([E, ...], incl. biases and MXFP4 `_blocks`/`_scales`), the router weight/bias
+  rows (axis 0) and the selection bias (`e_score_correction_bias`, last axis of [E] or [1, E])
+  keep the rows `kept`, in order, gathered as byte ranges (no torch work either);
+- shared experts and every other tensor are copied unchanged.
+Every input tensor must end up written, transformed or dropped; this is checked before writing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moekit.errors import CheckpointError
+from moekit.families.layout import ModelLayout, MoeLayer, describe
+from moekit.io.config import set_existing, sub_config, write_config
+from moekit.io.fingerprint import model_fingerprint
+from moekit.io.output import copy_aux_files, staged_output
+from moekit.io.reader import Checkpoint, TensorInfo
+from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor, write_checkpoint
+from moekit.ops.plan import PrunePlan, validate_plan
+
+
+@dataclass
+class PruneResult:
+    """What `prune_checkpoint` wrote. `actions` counts input tensors per disposition."""
+
+    out: Path
+    plan: PrunePlan
+    bytes_written: int
+    tensors_written: int
+    actions: dict[str, int]
+    config_keys: list[str]
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout,
+                 plan: PrunePlan) -> tuple[list[OutTensor], dict[str, str]]:
+    """Output tensors (in source byte order) and, for every input key, what happened to it:
+    `copied`, `renamed`, `sliced` or `dropped`. Raises if any input key is left unaccounted."""
+    actions: dict[str, str] = {}
+    outputs: dict[str, OutTensor] = {}
+    for layer in layout.moe_layers:
+        kept = plan.layer(layer.index).kept
+        if len(kept) == layer.num_experts:
+            continue  # nothing removed: every tensor passes through unchanged
+        for key, out in _layer_tensors(checkpoint, layout, layer, kept):
+            _account(actions, key, "dropped" if out is None else (
+                "renamed" if out.copy_of is not None else "sliced"))
+            if out is not None:
+                outputs[key] = out
+    for key, info in checkpoint.tensors.items():
+        if key not in actions:
+            actions[key] = "copied"
+            outputs[key] = OutTensor.copy(info)
+    _check_accounted(checkpoint, actions, outputs)
+    order = sorted(checkpoint.tensors.values(), key=lambda i: (str(i.shard), i.start))
+    return [outputs[i.name] for i in order if i.name in outputs], actions
+
+
+def _layer_tensors(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
+                   kept: list[int]) -> list[tuple[str, OutTensor | None]]:
+    tensors = checkpoint.tensors
+    result: list[tuple[str, OutTensor | None]] = []
+    new_id = {old: new for new, old in enumerate(kept)}
+    if layer.expert_keys:
+        base = layer.prefix + layout.family.experts.prefixes[0].rstrip(".") + "."
+        for old, keys in enumerate(layer.expert_keys):
+            for key in keys:
+                head = f"{base}{old}."
+                if not key.startswith(head):
+                    raise CheckpointError(f"expert tensor '{key}' does not start with '{head}'")
+                renamed = f"{base}{new_id[old]}.{key[len(head):]}" if old in new_id else None
+                result.append((key, OutTensor.copy(tensors[key], renamed) if renamed else None))
+    for key in (*layer.router_keys, *layer.fused_keys):
+        result.append((key, take_rows(tensors[key], kept, axis=0)))
+    if layer.selection_bias:
+        info = tensors[layer.selection_bias]
+        result.append((layer.selection_bias, take_rows(info, kept, axis=len(info.shape) - 1)))
+    return result
+
+
+def take_rows(info: TensorInfo, rows: list[int], axis: int = 0) -> OutTensor:
+    """`info` restricted to indices `rows` along `axis`, as byte ranges of the source file.
+
+    Valid when every axis before `axis` has size 1 (axis 0 of any tensor, the last axis of
+    [E] or [1, E]); adjacent rows are merged into one range."""
+    if math.prod(info.shape[:axis]) != 1:
+        raise CheckpointError(f"cannot slice '{info.name}' {list(info.shape)} on axis {axis} "
+                              "as byte ranges", "only leading-axis slices are supported")
+    row_bytes = info.nbytes // info.shape[axis] if info.shape[axis] else 0
+    pieces: list[TensorInfo] = []
+    for row in rows:
+        if not 0 <= row < info.shape[axis]:
+            raise CheckpointError(f"row {row} is outside '{info.name}' {list(info.shape)}")
+        start = info.start + row * row_bytes
+        if pieces and pieces[-1].end == start:
+            last = pieces.pop()
+            pieces.append(TensorInfo(info.name, info.dtype, (), info.shard, last.start,
+                                     start + row_bytes))
+        else:
+            pieces.append(TensorInfo(info.name, info.dtype, (), info.shard, start,
+                                     start + row_bytes))
+    shape = (*info.shape[:axis], len(rows), *info.shape[axis + 1:])
+    return OutTensor.gather(info.name, info.dtype, shape, tuple(pieces))
+
+
+def _account(actions: dict[str, str], key: str, action: str) -> None:
+    if key in actions:
+        raise CheckpointError(f"tensor '{key}' is handled twice by the surgery (internal error)")
+    actions[key] = action
+
+
+def _check_accounted(checkpoint: Checkpoint, actions: dict[str, str],
+                     outputs: dict[str, OutTensor]) -> None:
+    missing = [k for k in checkpoint.tensors if k not in actions]
+    extra = [k for k in actions if k not in checkpoint.tensors]
+    names = [t.name for t in outputs.values()]
+    if missing or extra or len(set(names)) != len(names):
+        raise CheckpointError(f"surgery left tensors unaccounted (missing {missing[:3]}, unknown "
+                              f"{extra[:3]}, duplicate output names: "
+                              f"{len(names) - len(set(names))}); nothing was written")
+
+
+def patch_config(config: dict[str, Any], layout: ModelLayout,
+                 plan: PrunePlan) -> tuple[dict[str, Any], list[str], list[str]]:
+    """A copy of config.json with every expert-count alias (and grouped-routing keys when the
+    plan changes them) rewritten, keeping key names and value types. Returns (config, keys
+    changed, warnings about other per-expert values left as they were)."""
+    patched = copy.deepcopy(config)
+    sub = sub_config(patched, layout.resolved.config_path)
+    path = ".".join(layout.resolved.config_path)
+    prefix = f"{path}." if path else ""
+    keys = layout.family.keys
+    changed = set_existing(sub, keys.num_experts, plan.num_kept)
+    if not changed:
+        raise CheckpointError(f"config.json has none of {keys.num_experts}; cannot record the "
+                              "new expert count")
+    aliases = {"n_group": keys.n_group, "topk_group": keys.topk_group}
+    for name, value in plan.config_changes.items():
+        changed += set_existing(sub, aliases.get(name, (name,)), value)
+    warnings = []
+    for key, value in sub.items():
+        if key in changed or key in keys.num_experts:
+            continue
+        if isinstance(value, list) and len(value) == plan.num_experts and plan.num_dropped:
+            warnings.append(f"config key '{prefix}{key}' is a list of {plan.num_experts} values "
+                            "(one per expert?); left unchanged, check it")
+        elif (isinstance(value, int) and not isinstance(value, bool) and value == plan.num_experts
+              and "expert" in key and plan.num_dropped):
+            warnings.append(f"config key '{prefix}{key}' = {value} equals the old expert count; "
+                            "left unchanged, check it")
+    return patched, [prefix + k for k in changed], warnings
+
+
+def prune_checkpoint(source: Path, plan: PrunePlan, out: Path, *, overwrite: bool = False,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, ignore_fingerprint: bool = False,
+                     on_bytes: Callable[[int, int], None] | None = None,
+                     finish: Callable[[Path, PruneResult], None] | None = None) -> PruneResult:
+    """Write the pruned checkpoint of `source` into `out` (staged: whole or nothing).
+
+    `on_bytes(written, total)` is called once with written=0 and after every tensor (progress).
+    `finish(staging_folder, result)` runs after the weights, config and tokenizer are written
+    and before the folder is renamed into place (evaluation, provenance, model card)."""
+    checkpoint = Checkpoint(source)
+    layout = describe(checkpoint)
+    if not layout.is_moe:
+        raise CheckpointError(f"{source} is a dense model ({layout.family.name}): nothing to prune")
+    plan = validate_plan(plan, layout, model_fingerprint(checkpoint, layout), ignore_fingerprint)
+    tensors, actions = plan_tensors(checkpoint, layout, plan)
+    config, config_keys, warnings = patch_config(checkpoint.config, layout, plan)
+    metadata: dict[str, str] = {}
+    for shard in checkpoint.shards:
+        metadata.update(shard.metadata)
+    counts = {a: sum(1 for v in actions.values() if v == a) for a in sorted(set(actions.values()))}
+    result = PruneResult(Path(out), plan, sum(t.nbytes for t in tensors), len(tensors), counts,
+                         config_keys, [*plan.warnings, *warnings])
+    total = result.bytes_written
+    if on_bytes:
+        on_bytes(0, total)
+    with staged_output(Path(out), overwrite, inputs=(Path(source),)) as staging:
+        write_checkpoint(staging, tensors, max_shard_bytes=max_shard_bytes, metadata=metadata,
+                         on_tensor=(lambda t: on_bytes(t.nbytes, total)) if on_bytes else None)
+        write_config(config, staging)
+        copy_aux_files(Path(source), staging)
+        if finish is not None:
+            finish(staging, result)
+    return result

@@ -1,0 +1,74 @@
+"""Calibration for `upcycle --router data` and `--split-order cluster`: the input of every
+dense FFN (the post-attention-norm hidden states) on calibration text, captured in one pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moekit.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class FfnInputs:
+    """`inputs[layer]` is [T, H] float32: what the dense FFN of `layer` saw on T tokens."""
+
+    inputs: dict[int, torch.Tensor]
+    tokens: int
+    sources: list[dict[str, object]]
+
+
+def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_len: int,
+                       data_range: str | None = None, batch_size: int = 8) -> FfnInputs:
+    """Run the dense model (transformers, CPU, its own dtype) once over the calibration text
+    and record each layer's FFN input with a forward pre-hook on `model.layers[i].mlp`.
+
+    `max_tokens` is per data source (as `moekit.calib.data.load_domains` counts). Memory: the
+    dense model plus T x H x 4 bytes per layer.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moekit.calib.data import DataSource, batches, load_domains, parse_fraction
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot load the dense model's tokenizer from {folder}: {err}",
+                        "the checkpoint needs tokenizer files for --router data / cluster"
+                        ) from err
+    sources = [DataSource.parse(value) for value in data]
+    domains = load_domains(sources, tokenizer, seq_len=seq_len, max_tokens=max_tokens,
+                           fraction=parse_fraction(data_range))
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
+    handles = [layer.mlp.register_forward_pre_hook(_recorder(captured[i]))
+               for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            for domain in domains:
+                for batch in batches(domain, batch_size):
+                    decoder(input_ids=batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    inputs = {i: torch.cat(parts) for i, parts in captured.items()}
+    tokens = sum(d.num_tokens for d in domains)
+    record = [{"name": d.name, "sha256": d.sha256, "files": d.files, "tokens": d.num_tokens}
+              for d in domains]
+    return FfnInputs(inputs, tokens, record)
+
+
+def _recorder(store: list[torch.Tensor]):  # noqa: ANN202 - a torch hook
+    def hook(module, args):  # noqa: ANN001, ANN202, ARG001
+        hidden = args[0]
+        store.append(hidden.reshape(-1, hidden.shape[-1]).float().clone())
+
+    return hook
+

@@ -1,0 +1,1 @@
+"""Routing statistics: tables, metrics, plots and reports."""

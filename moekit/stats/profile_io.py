@@ -1,0 +1,246 @@
+"""Routing statistics as data: build, save, load and merge a profile folder.
+
+A profile folder holds (the format `moekit prune` reads; see docs/profile.md):
+
+- `expert_stats.parquet` / `.csv`: one row per (layer, expert, domain) with the sums
+  `tokens, weight_sum, ean_sum, reap_sum` and `max_norm`; domain `all` = every domain.
+- `layer_stats.csv`: one row per (layer, domain): the mergeable sums `tokens, entropy_sum,
+  top1_pairs, top1_repeats` and derived metrics (entropy, MaxVio, CV, ...), see stats.metrics.
+- `coactivation.npz`: `{domain}/{layer}` -> [E, E] int64 co-activation counts.
+- `metadata.json`: model, fingerprint, family, layers, experts, top-k, domains, provenance.
+- `trace.safetensors` (optional): per-token top-k ids and weights of the run that wrote it.
+
+All sums are counts or float64 sums, so two profiles of the same model add up exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moekit.errors import StatsError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from moekit.calib.recorder import LayerRaw
+
+ALL = "all"
+FORMAT_VERSION = 1
+EXPERT_COLUMNS = ["layer", "expert", "domain", "tokens", "weight_sum", "ean_sum", "reap_sum",
+                  "max_norm"]
+SUM_COLUMNS = ["tokens", "weight_sum", "ean_sum", "reap_sum"]
+LAYER_RAW_COLUMNS = ["layer", "domain", "tokens", "entropy_sum", "top1_pairs", "top1_repeats"]
+EXPERT_FILE, EXPERT_CSV = "expert_stats.parquet", "expert_stats.csv"
+LAYER_FILE, COACT_FILE = "layer_stats.csv", "coactivation.npz"
+META_FILE, TRACE_FILE = "metadata.json", "trace.safetensors"
+
+
+@dataclass
+class Profile:
+    """A loaded or freshly recorded profile. `coactivation["{domain}/{layer}"]` is [E, E]."""
+
+    metadata: dict[str, Any]
+    expert_stats: pd.DataFrame
+    layer_stats: pd.DataFrame
+    coactivation: dict[str, np.ndarray]
+    trace: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain names in recording order, without `all`."""
+        return list(self.metadata.get("domains", {}))
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [int(i) for i in self.metadata["moe_layers"]]
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.metadata.get("model_fingerprint", ""))
+
+    def coact(self, layer: int, domain: str = ALL) -> np.ndarray:
+        return self.coactivation[f"{domain}/{layer}"]
+
+    def experts(self, layer: int, domain: str = ALL) -> pd.DataFrame:
+        """The expert_stats rows of one layer and domain, sorted by expert id."""
+        frame = self.expert_stats
+        rows = frame[(frame["layer"] == layer) & (frame["domain"] == domain)]
+        return rows.sort_values("expert").reset_index(drop=True)
+
+
+def profile_from_raw(raw: list[LayerRaw], domains: list[str],
+                     metadata: dict[str, Any]) -> Profile:
+    """Assemble a Profile from the recorder's host sums; adds the `all` rows (sums over domains,
+    max for max_norm)."""
+    import numpy as np
+    import pandas as pd
+
+    expert_rows, layer_rows, coact = [], [], {}
+    for layer in raw:
+        per_domain = [(name, d) for d, name in enumerate(domains)] + [(ALL, None)]
+        for name, d in per_domain:
+            pick = (lambda a, d=d: a[d]) if d is not None else (lambda a: a.sum(axis=0))
+            max_norm = layer.max_norm[d] if d is not None else layer.max_norm.max(axis=0)
+            expert_rows.append(pd.DataFrame({
+                "layer": layer.layer, "expert": np.arange(layer.num_experts), "domain": name,
+                "tokens": pick(layer.tokens), "weight_sum": pick(layer.weight_sum),
+                "ean_sum": pick(layer.ean_sum), "reap_sum": pick(layer.reap_sum),
+                "max_norm": max_norm}))
+            layer_rows.append({"layer": layer.layer, "domain": name,
+                               "tokens": int(pick(layer.positions)),
+                               "entropy_sum": float(pick(layer.entropy_sum)),
+                               "top1_pairs": int(pick(layer.top1_pairs)),
+                               "top1_repeats": int(pick(layer.top1_repeats))})
+            coact[f"{name}/{layer.layer}"] = pick(layer.coact).astype(np.int64)
+    experts = _typed(pd.concat(expert_rows, ignore_index=True))
+    return _finish(metadata, experts, pd.DataFrame(layer_rows, columns=LAYER_RAW_COLUMNS), coact)
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame[EXPERT_COLUMNS].copy()
+    for column in ("layer", "expert", "tokens"):
+        frame[column] = frame[column].astype("int64")
+    for column in ("weight_sum", "ean_sum", "reap_sum", "max_norm"):
+        frame[column] = frame[column].astype("float64")
+    frame["domain"] = frame["domain"].astype(str)
+    return frame
+
+
+def _finish(metadata: dict[str, Any], experts: pd.DataFrame, layer_raw: pd.DataFrame,
+            coact: dict[str, np.ndarray], trace: dict[str, np.ndarray] | None = None) -> Profile:
+    from moekit.stats.metrics import layer_table
+
+    order = {name: i for i, name in enumerate([*metadata.get("domains", {}), ALL])}
+    experts = experts.assign(_d=experts["domain"].map(order)).sort_values(
+        ["layer", "_d", "expert"]).drop(columns="_d").reset_index(drop=True)
+    return Profile(metadata, experts, layer_table(experts, layer_raw, order), coact, trace)
+
+
+def save_profile(profile: Profile, folder: Path) -> list[str]:
+    """Write the profile's files into `folder` (normally a staged output). Returns the names."""
+    import numpy as np
+
+    folder = Path(folder)
+    profile.expert_stats.to_parquet(folder / EXPERT_FILE, index=False)
+    profile.expert_stats.to_csv(folder / EXPERT_CSV, index=False)
+    profile.layer_stats.to_csv(folder / LAYER_FILE, index=False)
+    np.savez_compressed(folder / COACT_FILE, **profile.coactivation)
+    names = [EXPERT_FILE, EXPERT_CSV, LAYER_FILE, COACT_FILE, META_FILE]
+    if profile.trace:
+        _save_trace(profile.trace, folder / TRACE_FILE, profile.metadata)
+        names.append(TRACE_FILE)
+    (folder / META_FILE).write_text(json.dumps(profile.metadata, indent=2) + "\n")
+    return names
+
+
+def _save_trace(trace: dict[str, np.ndarray], path: Path, metadata: dict[str, Any]) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {key: torch.from_numpy(value).contiguous() for key, value in trace.items()}
+    save_file(tensors, str(path), metadata={"moekit_format": "trace-v1", "model_fingerprint":
+                                            str(metadata.get("model_fingerprint", ""))})
+
+
+def load_trace(folder: Path) -> dict[str, np.ndarray]:
+    """`{domain}/input_ids` [N] int32, `{domain}/layer_{i}/ids` [N, k], `.../weights` [N, k]."""
+    from safetensors.numpy import load_file
+
+    path = Path(folder) / TRACE_FILE
+    if not path.exists():
+        raise StatsError(f"{folder} has no {TRACE_FILE}", "re-run moekit profile with --trace")
+    return load_file(str(path))
+
+
+def load_profile(folder: Path) -> Profile:
+    """Read a profile folder written by `moekit profile` or `moekit stats merge`."""
+    import numpy as np
+    import pandas as pd
+
+    folder = Path(folder)
+    if not (folder / META_FILE).exists():
+        raise StatsError(f"{folder} is not a moekit profile (no {META_FILE})",
+                         "pass a folder written by moekit profile --out")
+    try:
+        metadata = json.loads((folder / META_FILE).read_text())
+        experts = (pd.read_parquet(folder / EXPERT_FILE) if (folder / EXPERT_FILE).exists()
+                   else pd.read_csv(folder / EXPERT_CSV))
+        layers = pd.read_csv(folder / LAYER_FILE)
+        with np.load(folder / COACT_FILE) as npz:
+            coact = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as err:
+        raise StatsError(f"cannot read the profile in {folder}: {err}".splitlines()[0],
+                         "re-run moekit profile") from err
+    missing = [c for c in EXPERT_COLUMNS if c not in experts.columns]
+    missing += [c for c in LAYER_RAW_COLUMNS if c not in layers.columns]
+    if missing or "model_fingerprint" not in metadata:
+        raise StatsError(f"{folder}: profile files lack {missing or ['model_fingerprint']}",
+                         "re-run moekit profile with this moekit version")
+    layers["domain"] = layers["domain"].astype(str)
+    return _finish(metadata, _typed(experts), layers[LAYER_RAW_COLUMNS], coact)
+
+
+def merge_profiles(profiles: list[Profile]) -> Profile:
+    """Add profiles of the same model: counts and sums add, max_norm takes the max, domains with
+    the same name add up. Metadata is the first profile's, with merged domains."""
+    import pandas as pd
+
+    if not profiles:
+        raise StatsError("nothing to merge", "pass at least one profile folder")
+    first = profiles[0]
+    for other in profiles[1:]:
+        _check_compatible(first, other)
+    experts = pd.concat([p.expert_stats for p in profiles], ignore_index=True)
+    agg = {c: "sum" for c in SUM_COLUMNS} | {"max_norm": "max"}
+    experts = experts.groupby(["layer", "expert", "domain"], as_index=False, sort=False).agg(agg)
+    layers = pd.concat([p.layer_stats[LAYER_RAW_COLUMNS] for p in profiles], ignore_index=True)
+    layers = layers.groupby(["layer", "domain"], as_index=False, sort=False).sum()
+    coact: dict[str, np.ndarray] = {}
+    for profile in profiles:
+        for key, value in profile.coactivation.items():
+            coact[key] = coact[key] + value if key in coact else value.copy()
+    return _finish(_merged_metadata(profiles), _typed(experts), layers, coact)
+
+
+def _check_compatible(a: Profile, b: Profile) -> None:
+    if a.fingerprint != b.fingerprint:
+        raise StatsError(
+            f"profiles belong to different models: fingerprint {a.fingerprint} "
+            f"({a.metadata.get('model')}) vs {b.fingerprint} ({b.metadata.get('model')})",
+            "merge only profiles of the same checkpoint")
+    if a.moe_layers != b.moe_layers or a.metadata.get("num_experts") != b.metadata.get(
+            "num_experts"):
+        raise StatsError("profiles disagree on MoE layers or expert counts",
+                         "merge only profiles of the same checkpoint")
+
+
+def _merged_metadata(profiles: list[Profile]) -> dict[str, Any]:
+    meta = {k: v for k, v in profiles[0].metadata.items() if k not in ("trace", "merged_from")}
+    domains: dict[str, dict[str, Any]] = {}
+    for profile in profiles:
+        for name, info in profile.metadata.get("domains", {}).items():
+            if name not in domains:
+                domains[name] = {**info, "files": list(info.get("files", []))}
+                continue
+            known = domains[name]
+            known["tokens"] = int(known["tokens"]) + int(info["tokens"])
+            joined = f"{known['sha256']}+{info['sha256']}".encode()
+            known["sha256"] = hashlib.sha256(joined).hexdigest()[:16]
+            known["files"] += [f for f in info.get("files", []) if f not in known["files"]]
+    meta["domains"] = domains
+    meta["trace"] = False
+    meta["merged_from"] = [_summary(p.metadata) for p in profiles]
+    return meta
+
+
+def _summary(metadata: dict[str, Any]) -> dict[str, Any]:
+    if "merged_from" in metadata:
+        return {"merged_from": metadata["merged_from"]}
+    keys = ("model", "created", "seq_len", "data_range", "moekit_version")
+    return {k: metadata.get(k) for k in keys} | {
+        "domains": {n: i.get("tokens") for n, i in metadata.get("domains", {}).items()}}

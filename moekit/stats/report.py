@@ -1,0 +1,148 @@
+"""Human-readable views of a profile: rich tables for the terminal and report.md."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moekit.stats.metrics import COLD_RATIO, coldest, specialisation, summary_table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from moekit.stats.profile_io import Profile
+
+UNDERSAMPLED = 20  # expected slots per expert below this: "dead" may just mean "unseen"
+
+
+def layer_rich_table(profile: Profile) -> Any:
+    """Per-layer summary: tokens, dead/cold experts, max and min relative load, CV, entropy."""
+    from rich import box
+    from rich.table import Table
+
+    frame = summary_table(profile)
+    experts = "/".join(str(e) for e in sorted(set(frame["num_experts"])))
+    table = Table(title=f"Routing per MoE layer, all domains ({experts} experts; load = L/(S/E), "
+                        f"cold < {COLD_RATIO:g}x)", title_justify="left", box=box.SIMPLE_HEAD)
+    rows = [[str(row["layer"]), f"{row['tokens']:,}", _red(row["dead_experts"]),
+             str(row["cold_experts"]), f"{row['max_load']:.2f}x", f"{row['min_load']:.2f}x",
+             f"{row['cv']:.2f}", f"{row['entropy_norm']:.2f}", str(row["coverage90"]),
+             f"{row['top1_reuse']:.2f}"] for row in frame.to_dict("records")]
+    headers = ("layer", "tokens", "dead", "cold", "max\nload", "min\nload", "CV", "entropy",
+               "N@90%", "top-1\nreuse")
+    _fill(table, headers, rows)
+    return table
+
+
+def _fill(table: Any, headers: tuple[str, ...], rows: list[list[str]]) -> None:
+    """Add right-aligned columns wide enough never to be truncated, then the rows."""
+    from rich.text import Text
+
+    for i, header in enumerate(headers):
+        cells = [len(Text.from_markup(row[i]).plain) for row in rows]
+        width = max([*cells, *(len(part) for part in header.split("\n"))])
+        table.add_column(header, justify="right", no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(*row)
+
+
+def _red(value: int) -> str:
+    return f"[red]{value}[/]" if value else "0"
+
+
+def coldest_rich_table(profile: Profile, count: int = 10) -> Any:
+    from rich.table import Table
+
+    from rich import box
+
+    frame = coldest(profile, count)
+    table = Table(title=f"The {len(frame)} coldest experts, all domains (EAN, REAP: means per "
+                        "routed token)", title_justify="left", box=box.SIMPLE_HEAD)
+    rows = [[str(row["layer"]), str(row["expert"]), f"{row['tokens']:,}",
+             f"{row['share']:.4f}", f"{row['relative_load']:.3f}x", _num(row["weight_mean"]),
+             _num(row["ean_mean"]), _num(row["reap"])] for row in frame.to_dict("records")]
+    _fill(table, ("layer", "expert", "tokens", "share", "load", "mean\nweight", "EAN", "REAP"),
+          rows)
+    return table
+
+
+def _num(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else (
+        f"{value:.4g}")
+
+
+def findings(profile: Profile) -> list[str]:
+    """A few sentences that summarise the profile (used by report.md and the terminal)."""
+    layers = summary_table(profile)
+    lines = []
+    dead, cold = int(layers["dead_experts"].sum()), int(layers["cold_experts"].sum())
+    total = int(layers["num_experts"].sum())
+    lines.append(f"{len(layers)} MoE layers, {total} routed experts in all: {dead} dead "
+                 f"(no token), {cold} cold (under {COLD_RATIO:g}x their fair share).")
+    worst = layers.sort_values("maxvio", ascending=False).iloc[0]
+    lines.append(f"Most uneven layer: {int(worst['layer'])} (busiest expert {worst['max_load']:.2f}x"
+                 f" its fair share, CV {worst['cv']:.2f}); 90% of routed slots go to "
+                 f"{layers['coverage90'].min()}-{layers['coverage90'].max()} experts per layer.")
+    lines.append(f"Router entropy is {layers['entropy_norm'].mean():.2f} of its maximum on average"
+                 f"; consecutive tokens keep their top-1 expert {layers['top1_reuse'].mean():.0%}"
+                 f" of the time (uniform random routing: "
+                 f"{1 / layers['num_experts'].iloc[0]:.0%}).")
+    spec = specialisation(profile)
+    for domain in profile.domains:
+        rows = spec[spec["domain"] == domain]
+        if len(rows):
+            top = rows.sort_values("relative", ascending=False).iloc[0]
+            lines.append(f"`{domain}` most prefers expert {int(top['expert'])} of layer "
+                         f"{int(top['layer'])} ({top['relative']:.1f}x the uniform share).")
+    low = profile.layer_stats.query("domain != 'all'")["expected_per_expert"]
+    if len(low) and low.min() < UNDERSAMPLED:
+        lines.append(f"Warning: some domains give only {low.min():.0f} expected slots per expert;"
+                     " a dead expert there may just be undersampled.")
+    return lines
+
+
+def markdown_table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
+    """A GitHub-flavoured Markdown table (no tabulate dependency)."""
+    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---:" for _ in frame.columns) + "|"
+    body = []
+    for row in frame.itertuples(index=False):
+        cells = [("-" if math.isnan(v) else floats.format(v)) if isinstance(v, float)
+                 else str(v) for v in row]
+        body.append("| " + " | ".join(cells) + " |")
+    return "\n".join([head, rule, *body])
+
+
+def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
+    """report.md: provenance, findings, tables and the plots."""
+    meta = profile.metadata
+    domains = meta.get("domains", {})
+    parts = [f"# Routing profile: {Path(str(meta.get('model'))).name}", "",
+             f"- model: `{meta.get('model')}` (fingerprint `{meta.get('model_fingerprint')}`, "
+             f"family {meta.get('family')}, routing: {meta.get('routing', '?')})",
+             f"- MoE layers: {meta.get('moe_layers')}; experts: {meta.get('num_experts')}; "
+             f"top-k: {meta.get('top_k')}",
+             f"- data: " + ", ".join(f"`{n}` {int(i['tokens']):,} tokens" for n, i in
+                                     domains.items()) +
+             f" (windows of {meta.get('seq_len')} tokens, range {meta.get('data_range', '0:1')})",
+             f"- moekit {meta.get('moekit_version')}, {meta.get('created')}", "",
+             "## Findings", "", *[f"- {line}" for line in findings(profile)], ""]
+    for kind, title in (("usage", "Expert usage"), ("specialisation", "Domain specialisation"),
+                        ("load_curves", "Sorted load per layer"),
+                        ("coactivation", "Co-activation")):
+        if kind in plots:
+            parts += [f"## {title}", "", f"![{title}]({plots[kind]})", ""]
+    table = summary_table(profile)
+    parts += ["## Per-layer statistics (all domains)", "", markdown_table(table), "",
+              "## Coldest experts", "", markdown_table(coldest(profile)), "",
+              "## Notes", "",
+              "- Loads are relative to the fair share S/E (S = tokens x k routed slots): 1 means "
+              "uniform. MaxVio = max load - 1; CV = std/mean of the loads; entropy = mean router "
+              "entropy / ln E; N@90% = fewest experts holding 90% of the slots.",
+              f"- REAP semantics here: {meta.get('reap_semantics', '')}.",
+              "- Usage is observational: a rarely used expert is not necessarily unimportant.",
+              "- Formulas and file formats: docs/profile.md in the moekit repository.", ""]
+    path = Path(folder) / "report.md"
+    path.write_text("\n".join(parts))
+    return path
