@@ -186,6 +186,7 @@ def test_bad_inputs_give_one_line_errors(tiny_checkpoint, texts, tmp_path):
         (["--data", f"j={texts['jsonl']}"], ["no field 'text'", "--text-field"]),
         (["--data", f"a={texts['osdoc']}", "--max-tokens", "0"], ["--max-tokens"]),
         (["--data", f"all={texts['osdoc']}"], ["reserved"]),
+        (["--data", f"a={texts['osdoc']}", "--dtype", "int8"], ["--dtype"]),
     ]
     for args, needles in cases:
         assert_one_line_error(run("profile", model, "--out", out, *args, "--device", "cpu"),
@@ -196,6 +197,8 @@ def test_bad_inputs_give_one_line_errors(tiny_checkpoint, texts, tmp_path):
     assert ok.exit_code == 0, ok.output
     assert_one_line_error(run("profile", model, "--out", out, "--data", f"a={texts['osdoc']}",
                               *FAST), "exists", "--overwrite")
+    assert_one_line_error(run("profile", tiny_checkpoint("llama"), "--out", tmp_path / "d",
+                              "--data", f"a={texts['osdoc']}", *FAST), "dense", "no router")
 
 
 def test_model_without_tokenizer_asks_for_one(tiny_checkpoint, texts, tmp_path):

@@ -19,7 +19,7 @@ def test_fixture_domains_specialise(tmp_path):
     model = fixture_path("models", "mixtral-e16k2")
     texts = fixture_path("text")
     sources = [DataSource(name, texts / f"{name}.txt") for name in DOMAINS]
-    profile = profile_model(model, sources, seq_len=256, max_tokens=2048, batch_size=8,
+    profile = profile_model(model, sources, seq_len=256, max_tokens=1024, batch_size=4,
                             device="cpu", dtype="float32", fraction=(0.0, 0.5))
     spec = specialisation(profile)
     last = profile.moe_layers[-1]

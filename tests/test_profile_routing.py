@@ -36,7 +36,8 @@ def _topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids[:, :k], tie
 
 
-def _groups(scores: torch.Tensor, cfg, k_in_group: int, per: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _groups(scores: torch.Tensor, cfg, k_in_group: int,
+            per: str) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek group-limited selection mask [T, E] and a tie flag on the group boundary."""
     t, e = scores.shape
     grouped = scores.view(t, cfg.n_group, e // cfg.n_group)

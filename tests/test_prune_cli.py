@@ -243,3 +243,19 @@ def _assert_refused(result, message: str, out: Path) -> None:
     assert len(lines) == 1 and text.startswith("error:") and message in text, result.output
     assert not out.exists()
     assert not any(p.name.startswith(f".{out.name}.moekit") for p in out.parent.iterdir())
+
+
+def test_random_needs_no_stats_and_records_strict_json(mixtral, tmp_path):
+    for name in ("a", "b"):
+        result = _run(mixtral, "--criterion", "random", "--seed", 3, "--ratio", 0.25, "--out",
+                      tmp_path / name)
+        assert result.exit_code == 0, result.output
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"non-JSON constant {constant} in the provenance file")
+
+    a, b = (json.loads((tmp_path / n / "moekit_provenance.json").read_text(),
+                       parse_constant=strict) for n in ("a", "b"))
+    assert a["seed"] == 3 and a["criterion"] == "random" and a["stats"]["sha256"] is None
+    assert [p["kept"] for p in a["layers"]] == [p["kept"] for p in b["layers"]]
+    assert a["budget"][0]["traffic_removed"] is None

@@ -31,7 +31,7 @@ from moekit.errors import UnsupportedModelError
 if TYPE_CHECKING:
     import torch
 
-    from moekit.families.spec import MoeFamily
+    from moekit.families.spec import ExpertLayout, MoeFamily
 
 TRACE_IMPLEMENTATION = "moekit_trace"
 
@@ -125,7 +125,11 @@ class RoutingHooks:
         self._traced: list[Any] = []
 
     def __enter__(self) -> RoutingHooks:
-        self.attach()
+        try:
+            self.attach()
+        except BaseException:
+            self.detach()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -140,7 +144,7 @@ class RoutingHooks:
         for mods in self.modules:
             device = _device_of(mods.experts)
             acc = self.recorder.add_layer(mods.layer, mods.num_experts, device)
-            handler = _LayerHandler(self.recorder, acc, spec.scoring, spec.logits_index)
+            handler = _LayerHandler(self.recorder, acc, self.family)
             self._handles.append(mods.router.register_forward_hook(handler.on_router))
             if decorated:
                 if not hasattr(mods.experts, "has_gate"):
@@ -180,9 +184,9 @@ def _device_of(module: Any) -> Any:
 class _LayerHandler:
     """The callbacks of one MoE layer, closing over its accumulator."""
 
-    def __init__(self, recorder: Recorder, acc: Any, scoring: str, logits_index: int):
-        self.recorder, self.acc = recorder, acc
-        self.scoring, self.logits_index = scoring, logits_index
+    def __init__(self, recorder: Recorder, acc: Any, family: MoeFamily):
+        self.recorder, self.acc, self.layout = recorder, acc, family.experts
+        self.scoring, self.logits_index = family.router.scoring, family.router.logits_index
         self.scaled_router = False
         self.pending: tuple[Any, Any, Any] | None = None
 
@@ -216,26 +220,31 @@ class _LayerHandler:
         contrib = output.reshape(-1, output.shape[-1])[rows.reshape(-1)]
         contrib_norms = torch.linalg.vector_norm(contrib, dim=-1, dtype=torch.float32)
         unscaled = _fused_expert_outputs(module, hidden.repeat_interleave(k, dim=0),
-                                         ids.reshape(-1, 1))
+                                         ids.reshape(-1, 1), self.layout)
         norms = torch.linalg.vector_norm(unscaled, dim=-1, dtype=torch.float32)
         self.acc.add_routing(self.recorder.domain, self.recorder.shape, ids, weights,
                              norms.view(num_tokens, k), contrib_norms.view(num_tokens, k))
 
 
-def _fused_expert_outputs(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """f_e(x) for rows [N, H] and ids [N, 1] from fused transposed weights `gate_up_proj
-    [E, H, 2I]` (gate then up) and `down_proj [E, I, H]`: act(x W_g) * (x W_u) W_d, computed by
-    transformers' grouped_mm experts kernel (only the routed rows, not all E x T)."""
+def _fused_expert_outputs(experts: Any, rows: torch.Tensor, ids: torch.Tensor,
+                          layout: ExpertLayout) -> torch.Tensor:
+    """f_e(x) for rows [N, H] and ids [N, 1] from the fused `gate_up_proj` and `down_proj`
+    (Llama-4: transposed [E, H, 2I] / [E, I, H], gate then up): act(x W_g) * (x W_u) W_d,
+    computed by transformers' grouped_mm experts kernel (only the routed rows, not all E x T).
+    `layout` (the family's ExpertLayout) says transposed or not, concatenated or interleaved."""
     import torch
     from transformers.integrations.moe import grouped_mm_experts_forward
 
     def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
+        if layout.interleaved:
+            gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
         return up * experts.act_fn(gate)
 
     shim = SimpleNamespace(
         gate_up_proj=experts.gate_up_proj, down_proj=experts.down_proj, has_gate=True,
-        has_bias=False, is_transposed=True, has_post_expert_norm=False,
+        has_bias=False, is_transposed=layout.transposed, has_post_expert_norm=False,
         _is_expert_parallel=False, num_experts=experts.gate_up_proj.shape[0],
         _apply_gate=apply_gate, act_fn=experts.act_fn)
     ones = torch.ones(ids.shape, dtype=rows.dtype, device=rows.device)

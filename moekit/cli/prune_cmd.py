@@ -104,7 +104,9 @@ def prune(
         err_console.print(f"plan written to {plan_out}")
     if dry_run:
         if as_json:
-            print(json.dumps({"plan": plan.to_dict(), "budget": budget}, indent=2))
+            from moekit.ops.prune_report import no_nan
+
+            print(json.dumps({"plan": plan.to_dict(), "budget": no_nan(budget)}, indent=2))
         return
     assert out is not None
     eval_opts = dict(sources=eval_sources[0], fraction=eval_sources[1], seq_len=eval_seq_len,

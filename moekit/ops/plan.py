@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from moekit.ops.prune_stats import ExpertStats
 
 PLAN_VERSION = 1
+GROUPING = "grouped routing"
 
 
 @dataclass
@@ -176,7 +177,7 @@ def grouping_changes(layout: ModelLayout, layers: list[LayerPlan]) -> tuple[dict
     why = (f"{n_drop} is not a multiple of n_group={groups}" if n_drop % groups else
            "the kept experts are not spread equally over the groups, or too few remain per group")
     return {"n_group": 1, "topk_group": 1}, [
-        f"grouped routing (n_group={groups}, topk_group={topk_group}) cannot stay valid after "
+        f"{GROUPING} (n_group={groups}, topk_group={topk_group}) cannot stay valid after "
         f"removing {n_drop} of {layers[0].num_experts} experts per layer ({why}); the pruned "
         "config sets n_group=1, topk_group=1: plain top-k over all remaining experts"]
 
@@ -210,7 +211,8 @@ def validate_plan(plan: PrunePlan, layout: ModelLayout, fingerprint: str,
         raise InvalidArgumentError(
             f"plan was made for model {plan.model_fingerprint}, not this checkpoint "
             f"({fingerprint})", "pass --ignore-fingerprint to apply it anyway")
-    plan.config_changes, plan.warnings = grouping_changes(layout, plan.layers)
+    plan.config_changes, grouping = grouping_changes(layout, plan.layers)
+    plan.warnings = [w for w in plan.warnings if not w.startswith(GROUPING)] + grouping
     return plan
 
 

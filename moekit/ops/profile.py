@@ -40,8 +40,13 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
     max_tokens applies per source. With `merge_with`, the result is that profile plus this run
     (same model fingerprint required, checked before any forward pass).
     """
+    from moekit.ops.modeling import DTYPES, load_model, load_tokenizer, pick_device
+
     if batch_size < 1:
         raise InvalidArgumentError(f"--batch-size must be at least 1, got {batch_size}")
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    pick_device(device)
     path = resolve_source(model, revision)
     checkpoint = Checkpoint(path)
     layout = describe(checkpoint)
@@ -54,8 +59,6 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
     if any(s.name == ALL for s in sources):
         raise InvalidArgumentError(f"a data source is named '{ALL}', which is reserved for totals",
                                    "name it differently: --data NAME=PATH")
-    from moekit.ops.modeling import load_model, load_tokenizer
-
     tok = load_tokenizer(path, tokenizer)
     domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
                            text_field=text_field, fraction=fraction)

@@ -29,8 +29,16 @@ def prune_provenance(source: str, plan: PrunePlan, *, config_keys: list[str],
         experts_per_layer={"before": plan.num_experts, "after": plan.num_kept},
         top_k=plan.top_k, protected={str(k): v for k, v in plan.protected.items()},
         min_experts=plan.min_experts, config_keys_changed=config_keys,
-        config_changes=plan.config_changes, warnings=warnings, budget=budget,
+        config_changes=plan.config_changes, warnings=warnings, budget=no_nan(budget),
         evaluation=evaluation, layers=layers)
+
+
+def no_nan(rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """NaN (no statistics) as null, so the record stays strict JSON."""
+    if rows is None:
+        return None
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+            for row in rows]
 
 
 def write_prune_records(folder: Path, source: str, plan: PrunePlan, *, config_keys: list[str],

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
     import torch
 
 
+FLOAT32_LIMIT = 4 * 10**9
+
+
 @dataclass
 class FfnInputs:
     """`inputs[layer]` is [T, H] float32: what the dense FFN of `layer` saw on T tokens."""
@@ -24,7 +27,7 @@ class FfnInputs:
 
 def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_len: int,
                        data_range: str | None = None, batch_size: int = 8) -> FfnInputs:
-    """Run the dense model (transformers, CPU, its own dtype) once over the calibration text
+    """Run the dense model (transformers, CPU) once over the calibration text
     and record each layer's FFN input with a forward pre-hook on `model.layers[i].mlp`.
 
     `max_tokens` is per data source (as `moekit.calib.data.load_domains` counts). Memory: the
@@ -44,7 +47,7 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     sources = [DataSource.parse(value) for value in data]
     domains = load_domains(sources, tokenizer, seq_len=seq_len, max_tokens=max_tokens,
                            fraction=parse_fraction(data_range))
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_calibration_dtype(folder)).eval()
     decoder = model.get_decoder()
     layers = decoder.layers
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
@@ -63,6 +66,19 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     record = [{"name": d.name, "sha256": d.sha256, "files": d.files, "tokens": d.num_tokens}
               for d in domains]
     return FfnInputs(inputs, tokens, record)
+
+
+def _calibration_dtype(folder: Path) -> torch.dtype | str:
+    """float32 when the model's float32 copy stays under FLOAT32_LIMIT bytes (faster on CPU
+    for small models, whose time goes to element-wise ops, and exact), else its own dtype."""
+    import torch
+
+    from moekit.io.dtypes import ITEM_SIZE
+    from moekit.io.reader import Checkpoint
+
+    tensors = Checkpoint(folder).tensors.values()
+    float32_bytes = sum(t.nbytes * 4 // ITEM_SIZE[t.dtype] for t in tensors)
+    return torch.float32 if float32_bytes <= FLOAT32_LIMIT else "auto"
 
 
 def _recorder(store: list[torch.Tensor]):  # noqa: ANN202 - a torch hook

@@ -52,9 +52,8 @@ def _red(value: int) -> str:
 
 
 def coldest_rich_table(profile: Profile, count: int = 10) -> Any:
-    from rich.table import Table
-
     from rich import box
+    from rich.table import Table
 
     frame = coldest(profile, count)
     table = Table(title=f"The {len(frame)} coldest experts, all domains (EAN, REAP: means per "
@@ -81,8 +80,9 @@ def findings(profile: Profile) -> list[str]:
     lines.append(f"{len(layers)} MoE layers, {total} routed experts in all: {dead} dead "
                  f"(no token), {cold} cold (under {COLD_RATIO:g}x their fair share).")
     worst = layers.sort_values("maxvio", ascending=False).iloc[0]
-    lines.append(f"Most uneven layer: {int(worst['layer'])} (busiest expert {worst['max_load']:.2f}x"
-                 f" its fair share, CV {worst['cv']:.2f}); 90% of routed slots go to "
+    lines.append(f"Most uneven layer: {int(worst['layer'])} (busiest expert "
+                 f"{worst['max_load']:.2f}x its fair share, CV {worst['cv']:.2f}); 90% of "
+                 "routed slots go to "
                  f"{layers['coverage90'].min()}-{layers['coverage90'].max()} experts per layer.")
     lines.append(f"Router entropy is {layers['entropy_norm'].mean():.2f} of its maximum on average"
                  f"; consecutive tokens keep their top-1 expert {layers['top1_reuse'].mean():.0%}"
@@ -123,7 +123,7 @@ def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
              f"family {meta.get('family')}, routing: {meta.get('routing', '?')})",
              f"- MoE layers: {meta.get('moe_layers')}; experts: {meta.get('num_experts')}; "
              f"top-k: {meta.get('top_k')}",
-             f"- data: " + ", ".join(f"`{n}` {int(i['tokens']):,} tokens" for n, i in
+             "- data: " + ", ".join(f"`{n}` {int(i['tokens']):,} tokens" for n, i in
                                      domains.items()) +
              f" (windows of {meta.get('seq_len')} tokens, range {meta.get('data_range', '0:1')})",
              f"- moekit {meta.get('moekit_version')}, {meta.get('created')}", "",
