@@ -104,17 +104,23 @@ def evict(folder: Path) -> None:
 
 
 def measure(command: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    error = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise RuntimeError(f"{command[0]} failed ({proc.returncode}): {error[-2000:]}")
-    return wall, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+    """(wall seconds, peak RSS in GB) of one child process. Peak RSS comes from GNU time
+    (`%M`, measured by a tiny parent, so nothing of this process is counted) when available,
+    else from os.wait4's rusage."""
+    gnu_time = Path("/usr/bin/time")
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        prefix = [str(gnu_time), "-f", "%M", "-o", report.name] if gnu_time.exists() else []
+        start = time.perf_counter()
+        proc = subprocess.Popen(prefix + command, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        error = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        if code != 0:
+            raise RuntimeError(f"{command[0]} failed ({code}): {error[-2000:]}")
+        kib = int(report.read().split()[-1]) if prefix else usage.ru_maxrss
+    return wall, kib * 1024 / 1e9
 
 
 def folder_bytes(folder: Path) -> int:
@@ -143,7 +149,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--venv", type=Path, default=VENV)
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build:
+        print(build_dense(args.build, args.layers))
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-upcycle-", dir=args.workdir))
     free = shutil.disk_usage(work).free
     need = 9e9 if args.skip_mergekit else 11e9  # dense 0.9 + output 4.3 (x2 in flight) + slack
@@ -151,7 +161,11 @@ def main() -> None:
         sys.exit(f"only {free / 1e9:.1f} GB free under {work}; need about {need / 1e9:.0f} GB")
     try:
         dense = work / "dense"
-        params = build_dense(dense, args.layers)
+        # In a child, so this process stays small (a forked child starts with its RSS).
+        built = subprocess.run([sys.executable, __file__, "--build", str(dense),
+                                "--layers", str(args.layers)], check=True,
+                               capture_output=True, text=True)
+        params = int(built.stdout.split()[-1])
         os.sync()
         print(f"dense Llama: {params / 1e9:.3f} B params, "
               f"{folder_bytes(dense) / 1e9:.2f} GB in {dense}", flush=True)

@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{ce:.3f}  val ce {val_ce / len(val):.3f}  aux {aux:.3f}", flush=True)
             last_log, seen = time.monotonic(), []
     print(f"trained {step} steps in {time.monotonic() - start:.1f}s")
+    if step < 300:
+        print("warning: few steps (busy CPU?); routing may not have specialised. "
+              "Raise --seconds or pass --steps 600.")
 
     eval_gen = torch.Generator().manual_seed(args.seed + 1)
     usage: dict[str, torch.Tensor] = {}
