@@ -97,3 +97,20 @@ def test_config_patch_keeps_types_and_reports_per_expert_values(tiny_checkpoint)
     assert any("expert_bias_list" in w for w in warnings)
     assert any("num_experts_total" in w for w in warnings)
     assert patched["num_experts_per_tok"] == 2
+
+
+def test_take_rows_is_a_byte_range_view(tiny_checkpoint):
+    from moekit.io.writer import OutTensor
+    from moekit.ops.prune import take_rows
+
+    checkpoint = Checkpoint(tiny_checkpoint("deepseek_v3"))
+    info = checkpoint.tensors["model.layers.1.mlp.gate.weight"]  # [8, 64] float32
+    out = take_rows(info, [0, 1, 2, 5, 7])
+    assert out.shape == (5, 64) and len(out.pieces) == 3  # 0-2 merged, 5, 7
+    assert [p.nbytes for p in out.pieces] == [3 * 256, 256, 256]
+    with pytest.raises(CheckpointError, match="only leading-axis"):
+        take_rows(info, [0, 1], axis=1)
+    with pytest.raises(CheckpointError, match="outside"):
+        take_rows(info, [8])
+    with pytest.raises(ValueError, match="pieces hold"):
+        OutTensor.gather("x", "F32", (2, 64), out.pieces[:1])

@@ -26,6 +26,7 @@ from moekit.ops.upcycle_experts import (
     DenseFfn,
     Recipe,
     expert_producer,
+    read_tensor,
     shared_producer,
     split_groups,
 )
@@ -149,8 +150,8 @@ def _prepare_layer(plan: UpcyclePlan, prepared: Prepared, layer: int) -> None:
     acts = None
     if inputs is not None and (opts.method == "split"):
         keys = plan.ffn_keys[layer]
-        acts = router.neuron_activations(inputs, plan.checkpoint.read(keys["gate"]),
-                                         plan.checkpoint.read(keys["up"]))
+        gate, up = (read_tensor(plan.checkpoint.tensors[keys[r]]) for r in ("gate", "up"))
+        acts = router.neuron_activations(inputs, gate, up)
     if prepared.groups is not None and prepared.shared is not None:
         if opts.split_order == "cluster":
             assert acts is not None

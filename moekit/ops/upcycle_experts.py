@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from moekit.io.reader import Checkpoint
+from moekit.io.reader import Checkpoint, TensorInfo
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +84,7 @@ class DenseFfn:
         self._enter(layer)
         if role not in self._cache:
             name = self.keys[layer][role]
-            self._cache[role] = self.checkpoint.read(name)
+            self._cache[role] = read_tensor(self.checkpoint.tensors[name])
             self.consumed.add(name)
         return self._cache[role]
 
@@ -94,6 +94,27 @@ class DenseFfn:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+
+def read_tensor(info: TensorInfo) -> torch.Tensor:
+    """One tensor read with plain file I/O into private memory (no mmap: mapped pages of the
+    whole source would stay resident and count towards RSS)."""
+    import torch
+
+    from moekit.io.dtypes import to_torch
+
+    buffer = bytearray(info.nbytes)
+    with open(info.shard, "rb", buffering=0) as handle:
+        handle.seek(info.start)
+        view, done = memoryview(buffer), 0
+        while done < info.nbytes:
+            count = handle.readinto(view[done:])
+            if not count:
+                raise OSError(f"{info.shard.name} ended while reading '{info.name}'")
+            done += count
+    if not info.nbytes:
+        return torch.empty(info.shape, dtype=to_torch(info.dtype))
+    return torch.frombuffer(buffer, dtype=to_torch(info.dtype)).reshape(info.shape)
 
 
 def scaled(weight: torch.Tensor, scale: float) -> torch.Tensor:
