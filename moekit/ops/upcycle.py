@@ -99,7 +99,7 @@ def upcycle(source: Path, out: Path, options: UpcycleOptions, *, overwrite: bool
             on_tensor(tensor)
 
     with staged_output(Path(out), overwrite, (source,)) as staging:
-        scratch = Scratch(staging / SCRATCH)
+        scratch, validation = Scratch(staging / SCRATCH), None
         try:
             tensors = output_tensors(plan, prepared, consumed, scratch)
             scratch.flush()
@@ -108,6 +108,11 @@ def upcycle(source: Path, out: Path, options: UpcycleOptions, *, overwrite: bool
                 on_start(len(tensors))
             write_checkpoint(staging, tensors, max_shard_bytes=options.max_shard_bytes,
                              on_tensor=written)
+        except BaseException:
+            if validation is not None:
+                validation.kill()
+                validation.wait()
+            raise
         finally:
             scratch.close()
         finish_validation(validation)
