@@ -21,6 +21,20 @@ RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch,
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DataOpt = Annotated[list[str] | None, typer.Option(
+    "--data", "-d", help="NAME=PATH of a text/JSONL/JSON/Parquet file or folder, one dataset "
+    "each; repeat for several. Default: the texts in sample_data/.")]
+RangeOpt = Annotated[str | None, typer.Option(
+    "--data-range", help="START:END fraction of each dataset, e.g. 0:0.5 (first half).")]
+TextFieldOpt = Annotated[str, typer.Option(
+    "--text-field", help="Field holding the text in JSON/JSONL/Parquet.")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
+DtypeOpt = Annotated[str, typer.Option(
+    "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16.")]
+TokenizerOpt = Annotated[str | None, typer.Option(
+    "--tokenizer", help="Tokenizer folder or repo when the model has none.")]
 
 
 def handle_errors(func: F) -> F:

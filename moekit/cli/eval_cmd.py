@@ -9,20 +9,22 @@ from typing import Annotated, Any
 import typer
 
 from moekit.cli.common import (
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     ModelArg,
+    RangeOpt,
     RevisionOpt,
+    SeqLenOpt,
+    TextFieldOpt,
+    TokenizerOpt,
     console,
     export_table,
     handle_errors,
     load_model_path,
 )
-
-DataOpt = Annotated[list[str] | None, typer.Option(
-    "--data", "-d", help="NAME=PATH of a text/JSONL/JSON/Parquet file or folder; repeat for "
-    "several datasets. Default: the texts in sample_data/.")]
-RangeOpt = Annotated[str | None, typer.Option(
-    "--data-range", help="START:END fraction of each dataset, e.g. 0.5:1 (second half).")]
 
 
 @handle_errors
@@ -33,17 +35,14 @@ def eval_model(
     ref: Annotated[str | None, typer.Option(
         "--ref", help="Reference checkpoint (e.g. the unpruned source): adds KL(ref||model) "
         "and top-1 agreement on the same windows.")] = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
+    seq_len: SeqLenOpt = 512,
     max_tokens: Annotated[int, typer.Option("--max-tokens",
                                             help="At most this many tokens per dataset.")] = 32768,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward.")] = 4,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    dtype: Annotated[str, typer.Option(
-        "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16.")] = "auto",
-    tokenizer: Annotated[str | None, typer.Option(
-        "--tokenizer", help="Tokenizer folder or repo when the model has none.")] = None,
-    text_field: Annotated[str, typer.Option(
-        "--text-field", help="Field holding the text in JSON/JSONL/Parquet.")] = "text",
+    batch_size: BatchSizeOpt = 4,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    tokenizer: TokenizerOpt = None,
+    text_field: TextFieldOpt = "text",
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
     export: Annotated[Path | None, typer.Option(

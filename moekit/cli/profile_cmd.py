@@ -8,10 +8,18 @@ from typing import Annotated, Any
 import typer
 
 from moekit.cli.common import (
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
     ModelArg,
     OutOpt,
     OverwriteOpt,
+    RangeOpt,
     RevisionOpt,
+    SeqLenOpt,
+    TextFieldOpt,
+    TokenizerOpt,
     console,
     err_console,
     export_table,
@@ -19,11 +27,6 @@ from moekit.cli.common import (
     load_model_path,
 )
 
-DataOpt = Annotated[list[str] | None, typer.Option(
-    "--data", "-d", help="NAME=PATH of a text/JSONL/JSON/Parquet file or folder, one domain "
-    "each; repeat for several. Default: the texts in sample_data/.")]
-RangeOpt = Annotated[str | None, typer.Option(
-    "--data-range", help="START:END fraction of each source, e.g. 0:0.5 (first half).")]
 PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots",
                                         help="Write PNG plots and report.md.")]
 PlotLayerOpt = Annotated[int | None, typer.Option(
@@ -39,23 +42,20 @@ def profile(
     model: ModelArg,
     out: OutOpt,
     data: DataOpt = None,
-    text_field: Annotated[str, typer.Option(
-        "--text-field", help="Field holding the text in JSON/JSONL/Parquet.")] = "text",
+    text_field: TextFieldOpt = "text",
     data_range: RangeOpt = None,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
+    seq_len: SeqLenOpt = 512,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", help="At most this many tokens per data source.")] = 100_000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward.")] = 8,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    dtype: Annotated[str, typer.Option(
-        "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16.")] = "auto",
+    batch_size: BatchSizeOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     trace: Annotated[bool, typer.Option(
         "--trace", help="Also write every token's top-k ids and weights (trace.safetensors).")
     ] = False,
     merge_with: Annotated[Path | None, typer.Option(
         "--merge-with", help="Add this run to an existing profile of the same model.")] = None,
-    tokenizer: Annotated[str | None, typer.Option(
-        "--tokenizer", help="Tokenizer folder or repo when the model has none.")] = None,
+    tokenizer: TokenizerOpt = None,
     revision: RevisionOpt = None,
     overwrite: OverwriteOpt = False,
     plots: PlotsOpt = True,
