@@ -55,8 +55,8 @@ def prune(model: Path, stats: Path, out: Path, criterion: str, ratio: float, see
     from moekit.io.fingerprint import model_fingerprint
     from moekit.io.reader import Checkpoint
     from moekit.ops.prune import prune_checkpoint
-    from moekit.ops.prune_select import build_plan
-    from moekit.ops.prune_stats import check_stats, load_stats
+    from moekit.ops.prune.select import build_plan
+    from moekit.ops.prune.stats import check_stats, load_stats
 
     checkpoint = Checkpoint(model)
     layout = describe(checkpoint)

@@ -85,7 +85,7 @@ def write_stats_for(model: Path, stats: Path) -> None:
     from moekit.families.layout import describe
     from moekit.io.fingerprint import model_fingerprint
     from moekit.io.reader import Checkpoint
-    from moekit.ops.prune_stats import write_stats
+    from moekit.ops.prune.stats import write_stats
 
     checkpoint = Checkpoint(model)
     layout = describe(checkpoint)

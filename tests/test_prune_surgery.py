@@ -15,8 +15,8 @@ from moekit.families.layout import describe
 from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
 from moekit.ops.plan import LayerPlan, PrunePlan
-from moekit.ops.prune import _check_accounted, patch_config, plan_tensors, prune_checkpoint
-from moekit.ops.prune_select import build_plan
+from moekit.ops.prune.select import build_plan
+from moekit.ops.prune.surgery import _check_accounted, patch_config, plan_tensors, prune_checkpoint
 
 E = 8
 
@@ -101,7 +101,7 @@ def test_config_patch_keeps_types_and_reports_per_expert_values(tiny_checkpoint)
 
 def test_take_rows_is_a_byte_range_view(tiny_checkpoint):
     from moekit.io.writer import OutTensor
-    from moekit.ops.prune import take_rows
+    from moekit.ops.prune.surgery import take_rows
 
     checkpoint = Checkpoint(tiny_checkpoint("deepseek_v3"))
     info = checkpoint.tensors["model.layers.1.mlp.gate.weight"]  # [8, 64] float32

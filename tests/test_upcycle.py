@@ -266,7 +266,7 @@ def test_shards_provenance_card_and_aux_files(tiny_checkpoint, tmp_path):
 
 
 def test_unaccounted_input_fails_and_writes_nothing(tiny_checkpoint, tmp_path, monkeypatch):
-    from moekit.ops import upcycle as module
+    from moekit.ops.upcycle import run as module
 
     real = module.output_tensors
     monkeypatch.setattr(module, "output_tensors",
@@ -329,7 +329,7 @@ def test_attention_biases_refused_for_mixtral(tiny_checkpoint, tmp_path):
 def test_target_extra_keys_exist_in_transformers():
     from transformers import AutoConfig
 
-    from moekit.ops.upcycle_config import TARGETS
+    from moekit.ops.upcycle.config import TARGETS
 
     for name, target in TARGETS.items():
         known = AutoConfig.for_model(name).to_dict()
@@ -340,7 +340,7 @@ def test_target_extra_keys_exist_in_transformers():
 def test_config_validation_in_a_child_process(tiny_checkpoint):
     from moekit.errors import InvalidArgumentError
     from moekit.ops.upcycle import UpcycleOptions, plan_upcycle
-    from moekit.ops.upcycle_config import finish_validation, start_validation
+    from moekit.ops.upcycle.config import finish_validation, start_validation
 
     plan = plan_upcycle(tiny_checkpoint("llama"), UpcycleOptions(experts=4, top_k=2))
     finish_validation(start_validation(plan.config, plan.family, plan.shape, in_process=False))

@@ -104,7 +104,7 @@ def prune(
         err_console.print(f"plan written to {plan_out}")
     if dry_run:
         if as_json:
-            from moekit.ops.prune_report import no_nan
+            from moekit.ops.prune.report import no_nan
 
             print(json.dumps({"plan": plan.to_dict(), "budget": no_nan(budget)}, indent=2))
         return
@@ -127,8 +127,8 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     from moekit.io.fingerprint import model_fingerprint
     from moekit.io.reader import Checkpoint
     from moekit.ops.plan import PrunePlan, validate_plan
-    from moekit.ops.prune_select import build_plan, parse_protect, read_expert_lists
-    from moekit.ops.prune_stats import check_stats, load_stats
+    from moekit.ops.prune.select import build_plan, parse_protect, read_expert_lists
+    from moekit.ops.prune.stats import check_stats, load_stats
 
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise InvalidArgumentError(f"--ratio {ratio} is outside [0, 1)",
@@ -228,7 +228,7 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
          eval_opts: dict[str, Any]) -> Any:
     from moekit.cli.eval_cmd import token_progress
     from moekit.ops.prune import prune_checkpoint
-    from moekit.ops.prune_report import write_prune_records
+    from moekit.ops.prune.report import write_prune_records
 
     def finish(folder: Path, result: Any) -> None:
         evaluation = None

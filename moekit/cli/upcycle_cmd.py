@@ -106,7 +106,7 @@ def upcycle(
     source = load_model_path(model, revision)
     if dry_run:
         from moekit.ops.upcycle import Prepared, summarize
-        from moekit.ops.upcycle_config import validate_config
+        from moekit.ops.upcycle.config import validate_config
 
         plan = plan_upcycle(source, options)
         validate_config(plan.config, plan.family, plan.shape)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moekit.ops.upcycle_experts import generator, seed_of
+from moekit.ops.upcycle.experts import generator, seed_of
 
 if TYPE_CHECKING:
     import numpy as np

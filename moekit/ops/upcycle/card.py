@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moekit.ops.upcycle import Prepared, UpcycleReport
-    from moekit.ops.upcycle_plan import UpcyclePlan
+    from moekit.ops.upcycle.plan import UpcyclePlan
+    from moekit.ops.upcycle.types import Prepared, UpcycleReport
 
 TRAINING_HINTS = """\
 ## Before use

@@ -147,7 +147,7 @@ def start_validation(config: dict[str, Any], family: MoeFamily, shape: MoeShape,
         validate_config(config, family, shape)
         return None
     job = {"config": config, "family": family.name, "shape": asdict(shape)}
-    proc = subprocess.Popen([sys.executable, "-m", "moekit.ops.upcycle_config"],
+    proc = subprocess.Popen([sys.executable, "-m", "moekit.ops.upcycle.config"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert proc.stdin is not None

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from moekit.errors import CheckpointError
 from moekit.io.card import provenance, write_model_card, write_provenance
 from moekit.io.config import write_config
 from moekit.io.output import check_output, copy_aux_files, staged_output
 from moekit.io.writer import OutTensor, write_checkpoint
-from moekit.ops.upcycle_bytes import Scratch, encode
-from moekit.ops.upcycle_config import finish_validation, start_validation
-from moekit.ops.upcycle_experts import (
+from moekit.ops.upcycle.bytes import Scratch, encode
+from moekit.ops.upcycle.config import finish_validation, start_validation
+from moekit.ops.upcycle.experts import (
     ROLES,
     DenseFfn,
     Recipe,
@@ -30,51 +29,16 @@ from moekit.ops.upcycle_experts import (
     shared_producer,
     split_groups,
 )
-from moekit.ops.upcycle_plan import UpcycleOptions, UpcyclePlan, plan_upcycle
+from moekit.ops.upcycle.plan import UpcycleOptions, UpcyclePlan, plan_upcycle
+from moekit.ops.upcycle.types import Prepared, UpcycleReport
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
-    from moekit.ops.upcycle_calib import FfnInputs
 
 NEURON_MAP = "moekit_upcycle_neurons.json"
 SCRATCH = ".moekit-upcycle-scratch.bin"
 __all__ = ["UpcycleOptions", "UpcycleReport", "plan_upcycle", "upcycle", "output_tensors"]
-
-
-@dataclass
-class UpcycleReport:
-    """What was written. Parameter counts: total = sum of numel; active = total minus the
-    (E - k) routed experts a token skips in every layer."""
-
-    out: str
-    family: str
-    architecture: str
-    method: str
-    experts: int
-    top_k: int
-    expert_width: int
-    shared_width: int
-    router: str
-    total_params: int
-    active_params: int
-    output_bytes: int
-    function_preserving: str
-    calibration_tokens: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class Prepared:
-    """Per-layer results computed before writing: neuron groups, shared neurons, routers."""
-
-    groups: dict[int, torch.Tensor] | None = None
-    shared: dict[int, torch.Tensor] | None = None
-    routers: dict[int, torch.Tensor] | None = None
-    calibration: FfnInputs | None = None
 
 
 def upcycle(source: Path, out: Path, options: UpcycleOptions, *, overwrite: bool = False,
@@ -132,7 +96,7 @@ def prepare(plan: UpcyclePlan) -> Prepared:
     needs_data = opts.router == "data" or (opts.method == "split" and
                                            opts.split_order == "cluster")
     if needs_data:
-        from moekit.ops.upcycle_calib import capture_ffn_inputs
+        from moekit.ops.upcycle.calib import capture_ffn_inputs
 
         prepared.calibration = capture_ffn_inputs(
             plan.checkpoint.folder, list(opts.data), max_tokens=opts.max_tokens,
@@ -147,7 +111,7 @@ def prepare(plan: UpcyclePlan) -> Prepared:
 
 
 def _prepare_layer(plan: UpcyclePlan, prepared: Prepared, layer: int) -> None:
-    from moekit.ops import upcycle_router as router
+    from moekit.ops.upcycle import router
 
     opts = plan.options
     shared = plan.shared_width or 0
@@ -266,7 +230,7 @@ def _router_values(plan: UpcyclePlan, prepared: Prepared, layer: int) -> np.ndar
     """[E, H] float32 router weights of `layer`."""
     import numpy as np
 
-    from moekit.ops.upcycle_router import random_router
+    from moekit.ops.upcycle.router import random_router
 
     opts = plan.options
     if opts.router == "data":
@@ -302,7 +266,7 @@ def _write_metadata(folder: Path, plan: UpcyclePlan, prepared: Prepared,
                     report: UpcycleReport, source: Path, source_name: str) -> None:
     """config.json (the dict built from the dense config), aux files, neuron map,
     provenance and model card."""
-    from moekit.ops.upcycle_card import card_body, provenance_details
+    from moekit.ops.upcycle.card import card_body, provenance_details
 
     write_config(plan.config, folder)
     copy_aux_files(source, folder)

@@ -8,7 +8,7 @@ from typing import Any
 
 from moekit.io.card import provenance, write_model_card, write_provenance
 from moekit.ops.plan import PrunePlan
-from moekit.ops.prune_select import CRITERIA
+from moekit.ops.prune.select import CRITERIA
 
 
 def prune_provenance(source: str, plan: PrunePlan, *, config_keys: list[str],

@@ -13,8 +13,8 @@ from moekit.families.registry import MOE_FAMILIES, resolve
 from moekit.families.spec import DenseFamily, MoeFamily
 from moekit.io.reader import Checkpoint
 from moekit.io.writer import DEFAULT_SHARD_BYTES
-from moekit.ops.upcycle_config import TARGETS, MoeShape, build_config, resolve_target
-from moekit.ops.upcycle_experts import ROLES
+from moekit.ops.upcycle.config import TARGETS, MoeShape, build_config, resolve_target
+from moekit.ops.upcycle.experts import ROLES
 
 METHODS = ("copy", "split", "drop")
 ROUTERS = ("random", "zero", "data")

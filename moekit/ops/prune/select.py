@@ -28,7 +28,7 @@ from moekit.ops.plan import (
 
 if TYPE_CHECKING:
     from moekit.families.layout import ModelLayout
-    from moekit.ops.prune_stats import ExpertStats
+    from moekit.ops.prune.stats import ExpertStats
 
 CRITERIA: dict[str, str] = {
     "reap": "REAP saliency: reap_sum / tokens, the mean over routed tokens of gate weight x "
