@@ -41,3 +41,7 @@ class DataError(MoekitError):
 
 class StatsError(MoekitError):
     """Routing statistics are missing, malformed, or belong to another model."""
+
+
+class UnsafeCheckpointError(MoekitError):
+    """Loading the checkpoint would run code it ships, and the user did not allow it."""

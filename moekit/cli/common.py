@@ -35,6 +35,9 @@ DtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16.")]
 TokenizerOpt = Annotated[str | None, typer.Option(
     "--tokenizer", help="Tokenizer folder or repo when the model has none.")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow running Python code shipped inside the checkpoint "
+    "(auto_map). Off by default: moekit refuses such checkpoints in one line.")]
 
 
 def handle_errors(func: F) -> F:

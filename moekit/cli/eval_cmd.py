@@ -20,6 +20,7 @@ from moekit.cli.common import (
     SeqLenOpt,
     TextFieldOpt,
     TokenizerOpt,
+    TrustRemoteCodeOpt,
     console,
     export_table,
     handle_errors,
@@ -42,6 +43,7 @@ def eval_model(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     tokenizer: TokenizerOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     text_field: TextFieldOpt = "text",
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
@@ -62,7 +64,8 @@ def eval_model(
     with token_progress("evaluating") as on_tokens:
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,
                           batch_size=batch_size, device=device, dtype=dtype, fraction=fraction,
-                          tokenizer=tokenizer, text_field=text_field, on_tokens=on_tokens)
+                          tokenizer=tokenizer, text_field=text_field, on_tokens=on_tokens,
+                       trust_remote_code=trust_remote_code)
     if export is not None:
         import pandas as pd
 
