@@ -55,12 +55,15 @@ def eval_model(
     Example: moekit eval ./pruned --data code=code.txt --data-range 0.5:1 --ref ./original
     """
     from moekit.calib.data import DataSource, default_sources, parse_fraction
+    from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.evaluate import evaluate
 
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     ref_path = load_model_path(ref, revision) if ref else None
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
+    check_outputs((path, ref_path, *(s.path for s in sources)),
+                  files={"--export": (export, TABLE_SUFFIXES)})
     with token_progress("evaluating") as on_tokens:
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,
                           batch_size=batch_size, device=device, dtype=dtype, fraction=fraction,

@@ -76,13 +76,15 @@ def profile(
     Example: moekit profile ./Mixtral --data code=code.jsonl --data prose=books/ --out prof
     """
     from moekit.calib.data import DataSource, parse_fraction
-    from moekit.io.output import check_output
+    from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.profile import profile_model, write_output
 
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
-    check_output(out, overwrite, (path,))
     sources = [DataSource.parse(v) for v in data] if data else None
+    check_outputs((path, merge_with, *(s.path for s in sources or [])), out, overwrite,
+                  {"--export-table": (export, TABLE_SUFFIXES),
+                   "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     with TokenProgress() as progress:
         result = profile_model(model, sources, tokenizer=tokenizer, text_field=text_field,
                                fraction=fraction, seq_len=seq_len, max_tokens=max_tokens,

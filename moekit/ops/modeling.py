@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moekit.errors import DataError, InvalidArgumentError
+from moekit.errors import DataError, InvalidArgumentError, transformers_load_errors
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -48,8 +48,9 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto",
     from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
-                                                 trust_remote_code=trust_remote_code)
+    with transformers_load_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
     return model.to(pick_device(device)).eval()
 
 

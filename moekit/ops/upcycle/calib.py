@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moekit.errors import DataError
+from moekit.errors import DataError, transformers_load_errors
 
 if TYPE_CHECKING:
     import torch
@@ -53,8 +53,9 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     sources = [DataSource.parse(value) for value in data]
     domains = load_domains(sources, tokenizer, seq_len=seq_len, max_tokens=max_tokens,
                            fraction=parse_fraction(data_range))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_calibration_dtype(folder),
-                                                 trust_remote_code=trust_remote_code).eval()
+    with transformers_load_errors(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_calibration_dtype(folder),
+                                                     trust_remote_code=trust_remote_code).eval()
     decoder = model.get_decoder()
     layers = decoder.layers
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
