@@ -72,7 +72,7 @@ def test_text_pieces_rebuild_the_file_and_split_ranges_exactly(tmp_path):
     ('{"text": "fine"}\n{"text": "also fine"}\n{"text": broken}\n', ["bad.jsonl line 3",
                                                                        "not valid JSON"]),
     ('{"text": "fine"}\n{"text": null}\n', ["bad.jsonl line 2", "'text' is null"]),
-    ('{"text": 5}\n', ["bad.jsonl line 1", "'text' is a int"]),
+    ('{"text": 5}\n', ["bad.jsonl line 1", "'text' is an int"]),
     ('{"content": "x"}\n', ["bad.jsonl line 1", "no field 'text'", "content"]),
 ])
 def test_bad_jsonl_names_file_and_line(content, needles, tmp_path):

@@ -183,7 +183,8 @@ def text_of(record: Any, text_field: str, path: Path, where: str) -> str:
                         "pass --text-field NAME")
     value = record[text_field]
     if not isinstance(value, str):
-        kind = "null" if value is None else f"a {type(value).__name__}"
+        name = type(value).__name__
+        kind = "null" if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
         raise DataError(f"{path.name} {where}: field '{text_field}' is {kind}, not text",
                         "remove that record or pass --text-field NAME")
     return value

@@ -139,10 +139,14 @@ def staged_output(out: Path, overwrite: bool = False,
     place (replacing it only with `overwrite`), on error or signal it is removed, so no run
     ever leaves a half-written output that looks valid."""
     out = check_output(out, overwrite, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with stop_signals_raise():
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-partial-{os.getpid()}-",
-                                        dir=out.parent))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-partial-{os.getpid()}-",
+                                            dir=out.parent))
+        except OSError as err:
+            raise InvalidArgumentError(f"cannot create the output folder in {out.parent}: "
+                                       f"{err.strerror}", "choose a writable location") from err
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; an output is a normal folder
         try:
             yield staging
