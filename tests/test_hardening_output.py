@@ -70,15 +70,22 @@ def test_signal_mid_write_cleans_up_with_one_line(sig, tiny_checkpoint, tmp_path
 
 
 def test_staged_output_turns_sigterm_into_cleanup(tmp_path):
+    def not_handled(signum, frame):
+        raise AssertionError("SIGTERM reached the previous handler: staged_output ignored it")
+
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt) as caught:
-        with staged_output(out) as staging:
-            (staging / "part").write_bytes(b"x" * 1000)
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler interrupts this
-    assert caught.value.signum == signal.SIGTERM
-    assert not out.exists() and hidden(tmp_path) == []
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+    previous = signal.signal(signal.SIGTERM, not_handled)  # never let the test runner die
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            with staged_output(out) as staging:
+                (staging / "part").write_bytes(b"x" * 1000)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler interrupts this
+        assert caught.value.signum == signal.SIGTERM
+        assert not out.exists() and hidden(tmp_path) == []
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---- 3: two runs into one --out -----------------------------------------------------------
