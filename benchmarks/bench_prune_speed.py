@@ -214,6 +214,7 @@ def _prepare(case: str, job: str, out: Path, dst: Path, prune_cmd: list[str]) ->
     """`fresh`: no previous output. `overwrite`: a previous output (or cp target) in place."""
     shutil.rmtree(out, ignore_errors=True)
     dst.unlink(missing_ok=True)
+    subprocess.run(["sync"], check=False)
     if case == "overwrite":
         if job == "cp":
             shutil.copyfile(out.parent / "kept.bin", dst)
@@ -223,10 +224,12 @@ def _prepare(case: str, job: str, out: Path, dst: Path, prune_cmd: list[str]) ->
 
 
 def _wait_old_gone(out: Path) -> None:
+    """Untimed: wait for the detached deletion of a replaced output, then flush everything."""
     for _ in range(600):
         if not list(out.parent.glob(f".{out.name}.moekit-*")):
-            return
+            break
         time.sleep(0.1)
+    subprocess.run(["sync"], check=False)
 
 
 def _warm_up(prune_cmd: list[str], out: Path) -> int:

@@ -151,11 +151,13 @@ def staged_output(out: Path, overwrite: bool = False,
         try:
             yield staging
             fsync_tree(staging)
-            _place(staging, out, overwrite)
+            retired = _place(staging, out, overwrite)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    fsync_dir(out.parent)
+    fsync_dir(out.parent)  # the rename is durable before any old data is freed
+    if retired is not None:
+        remove_in_background(retired)
 
 
 def _umask() -> int:
@@ -164,9 +166,9 @@ def _umask() -> int:
     return mask
 
 
-def _place(staging: Path, out: Path, overwrite: bool) -> None:
+def _place(staging: Path, out: Path, overwrite: bool) -> Path | None:
     """Rename `staging` to `out`. Without `overwrite` never replace anything that appeared
-    meanwhile; with it, move the old folder aside and delete it in the background."""
+    meanwhile; with it, move the old folder aside and return where it went (to delete)."""
     if not overwrite:
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # an empty folder may be replaced; a non-empty one never
@@ -174,19 +176,20 @@ def _place(staging: Path, out: Path, overwrite: bool) -> None:
             raise OutputExistsError(f"output folder {out} was created by another process while"
                                     " this run was writing; nothing was replaced",
                                     "choose another --out or pass --overwrite")
-        return
+        return None
+    retired = out.parent / f".{out.name}.moekit-old-{os.getpid()}"
     for _ in range(5):
-        retired = out.parent / f".{out.name}.moekit-old-{os.getpid()}"
         try:
             out.rename(retired)
         except FileNotFoundError:
-            retired = None
+            pass
+        except OSError as err:  # an old folder of ours from an earlier round is in the way
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            remove_in_background(retired.rename(retired.with_name(retired.name + "-")))
+            continue
         if rename_noreplace(staging, out):
-            if retired is not None:
-                remove_in_background(retired)
-            return
-        if retired is not None:
-            remove_in_background(retired)
+            return retired if retired.exists() else None
     raise OutputExistsError(f"output folder {out} keeps being recreated by another process",
                             "let the other run finish, then try again")
 
