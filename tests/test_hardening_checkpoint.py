@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_cli_basics import sharded_copy
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
 from moekit.io.reader import INDEX_NAME
-from moekit.io.writer import OutTensor, write_checkpoint
 
 RUNNER = CliRunner()
 W1 = "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight"
@@ -145,7 +145,7 @@ def test_router_width_must_match_hidden_size(tiny_checkpoint, tmp_path):
                                    "..", "config.json"])
 def test_index_shard_names_outside_the_folder_are_refused(shard, tiny_checkpoint, tmp_path):
     """Defect 8: refused before anything is opened, and no byte of the named file is shown."""
-    src = Checkpoint_sharded(tiny_checkpoint("mixtral"), tmp_path / "bad")
+    src = sharded_copy(tiny_checkpoint("mixtral"), tmp_path / "bad")
     outside = tmp_path / "outside.safetensors"
     outside.write_bytes(b"SECRET-BYTES" * 10)
     index = json.loads((src / INDEX_NAME).read_text())
@@ -155,15 +155,3 @@ def test_index_shard_names_outside_the_folder_are_refused(shard, tiny_checkpoint
     result = RUNNER.invoke(app, ["inspect", str(src)])
     assert_refused(result, ["not a .safetensors file in the checkpoint folder"], tmp_path / "o")
     assert "SECRET" not in result.output and "root:" not in result.output
-
-
-def Checkpoint_sharded(src: Path, dst: Path) -> Path:  # noqa: N802 - reads like a constructor
-    """A copy of `src` split into several shards with an index."""
-    from moekit.io.reader import Checkpoint
-
-    dst.mkdir()
-    source = Checkpoint(src)
-    write_checkpoint(dst, [OutTensor.copy(i) for i in source.tensors.values()],
-                     max_shard_bytes=40_000)
-    shutil.copyfile(src / "config.json", dst / "config.json")
-    return dst
