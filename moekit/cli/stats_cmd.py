@@ -56,6 +56,9 @@ def show(
 
     Example: moekit stats show prof --export-table layers.csv
     """
+    from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.stats.profile_io import load_profile
 
+    check_outputs((profile,), files={"--export-table": (export, TABLE_SUFFIXES),
+                                     "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     show_profile(load_profile(profile), export, export_coldest)
