@@ -82,7 +82,7 @@ def profile(
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     sources = [DataSource.parse(v) for v in data] if data else None
-    check_outputs((path, merge_with, *(s.path for s in sources or [])), out, overwrite,
+    check_outputs((path, *(s.path for s in sources or [])), out, overwrite,
                   {"--export-table": (export, TABLE_SUFFIXES),
                    "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     with TokenProgress() as progress:
