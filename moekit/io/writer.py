@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 CHUNK = 1 << 20
-KERNEL_CHUNK = int(os.environ.get("MOEKIT_COPY_CHUNK", 1 << 30))
+KERNEL_CHUNK = 1 << 30  # bytes per copy_file_range call (the kernel copies in pages)
 # Set MOEKIT_COPY=loop to copy through user space (benchmarks compare both).
 COPY_FILE_RANGE = hasattr(os, "copy_file_range") and os.environ.get("MOEKIT_COPY") != "loop"
 DEFAULT_SHARD_BYTES = 5 * 10**9
