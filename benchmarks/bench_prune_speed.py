@@ -1,17 +1,24 @@
-"""Speed and memory of `moekit prune` against `cp` on a synthetic multi-GB checkpoint.
+"""Speed and memory of `moekit prune` against `cp`, timed as whole processes, fsync on both sides.
 
 Builds a Mixtral-shaped checkpoint of random bf16 data (per-expert w1/w2/w3, router, attention,
 embeddings) with moekit's streaming writer, then times, interleaved and in random order:
-  prune: `moekit prune SRC --stats S --ratio 0.5 --out OUT` in a child process, plus fsync of
-         every output file;
-  cp:    `cp KEPT DST` of a random file exactly as large as the pruned output, plus fsync;
-with the page cache state of all inputs (source shards and the cp source) set explicitly before
-each run (cold: fsync then posix_fadvise(DONTNEED); warm: read through). Reports wall times,
-throughput ratio (bytes/s of prune over bytes/s of cp; >= 0.85 is the goal) and the prune
-child's peak RSS (VmHWM of the child, read by itself at exit). The first prune run is a
-discarded warm-up. Big files are deleted at the end.
+  prune:      `moekit prune SRC --stats S --ratio 0.5 --out OUT` (moekit fsyncs every file and
+              folder before its rename, so the process ends with the output durable);
+  prune-loop: the same with MOEKIT_COPY=loop (user-space 1 MiB read/write instead of
+              os.copy_file_range), to compare the two copy paths;
+  cp:         `sh -c 'cp KEPT DST && sync DST'`, KEPT a random file exactly as large as the
+              pruned output (`sync FILE` fsyncs it);
+each in two cases: `fresh` (OUT and DST absent) and `overwrite` (a previous output is in place:
+prune runs with --overwrite, cp overwrites DST). Every job is one child process timed the way
+`/usr/bin/time` does: wall clock from spawn to exit, user and system CPU from wait4(). The page
+cache state of all inputs (source shards and the cp source) is set explicitly before each run
+(cold: fsync then posix_fadvise(DONTNEED); warm: read through). A replaced output is deleted by
+moekit in a detached process; the benchmark waits for it to be gone (untimed) before the next
+run so that runs never overlap. Reports medians and the throughput ratio (bytes/s of prune over
+bytes/s of cp; >= 0.85 is the goal) and the prune child's peak RSS (its own VmHWM at exit).
+The first prune run is a discarded warm-up. Big files are deleted at the end.
 
-Usage: .venv/bin/python benchmarks/bench_prune_speed.py [--gb 6] [--reps 3] [--dir /tmp]
+Usage: .venv/bin/python benchmarks/bench_prune_speed.py [--gb 3.4] [--reps 3] [--dir /tmp]
 """
 
 from __future__ import annotations
@@ -26,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -138,35 +144,39 @@ sys.exit(code)
 """
 
 
-def timed_child(cmd: list[str], outputs: Callable[[], list[Path]]) -> tuple[float, int]:
-    """Wall seconds of `cmd` plus fsync of the files `outputs()` returns, and the peak RSS the
-    child reported (0 if it did not)."""
+def timed_child(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run `cmd` as one child process and measure it like /usr/bin/time: wall seconds from
+    spawn to exit, user and system CPU seconds (wait4), and the peak RSS it reported."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-    err = proc.stderr.decode()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {err[-2000:]}")
-    for path in outputs():
-        _fsync(path)
-    seconds = time.perf_counter() - start
+        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}): {err[-2000:]}")
     peak = [int(x.split()[1]) for x in err.splitlines() if x.startswith("PEAK_RSS_KB")]
-    return seconds, (peak[0] * 1024 if peak else 0)
+    return {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime,
+            "rss": peak[0] * 1024 if peak else 0}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gb", type=float, default=6.0, help="checkpoint size to build")
+    parser.add_argument("--gb", type=float, default=3.4, help="checkpoint size to build")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--cache", default="cold,warm", help="cache states to run")
+    parser.add_argument("--jobs", default="prune,prune-loop,cp", help="jobs to compare")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moekit-bench-prune-", dir=args.dir))
     try:
-        run(work, args.gb, args.reps)
+        run(work, args.gb, args.reps, args.cache.split(","), args.jobs.split(","))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(work: Path, gb: float, reps: int) -> None:
+def run(work: Path, gb: float, reps: int, states: list[str], jobs: list[str]) -> None:
     model, stats, out = work / "model", work / "stats", work / "out"
     t0 = time.perf_counter()
     layers = build_checkpoint(model, gb)
@@ -175,42 +185,59 @@ def run(work: Path, gb: float, reps: int) -> None:
     source_bytes = sum(p.stat().st_size for p in shards)
     print(f"built {source_bytes / 1e9:.2f} GB ({layers} layers x 8 experts) in "
           f"{time.perf_counter() - t0:.1f} s; load average {os.getloadavg()[0]:.1f}")
-    moekit = [sys.executable, "-c", MOEKIT]
-    prune_cmd = [*moekit, "prune", str(model), "--stats", str(stats), "--ratio", "0.5",
-                 "--criterion", "reap", "--out", str(out), "--overwrite"]
+    prune_cmd = [sys.executable, "-c", MOEKIT, "prune", str(model), "--stats", str(stats),
+                 "--ratio", "0.5", "--criterion", "reap", "--out", str(out)]
     kept_bytes = _warm_up(prune_cmd, out)
-    kept = work / "kept.bin"
+    kept, dst = work / "kept.bin", work / "cp-dst.bin"
     _random_file(kept, kept_bytes)
-    dst = work / "cp-dst.bin"
-    results: dict[tuple[str, str], list[float]] = {}
-    peaks: list[int] = []
+    commands = {"prune": (prune_cmd, None), "prune-loop": (prune_cmd, {"MOEKIT_COPY": "loop"}),
+                "cp": (["sh", "-c", f"cp '{kept}' '{dst}' && sync '{dst}'"], None)}
+    results: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     for rep in range(reps):
-        for state in ("cold", "warm"):
-            for job in random.sample(["prune", "cp"], 2):
-                shutil.rmtree(out, ignore_errors=True)
-                dst.unlink(missing_ok=True)
-                set_cache([*shards, kept], state)  # same page-cache footprint for both jobs
-                if job == "prune":
-                    seconds, peak = timed_child(prune_cmd, lambda: _files(out))
-                    peaks.append(peak)
-                else:
-                    seconds, _ = timed_child(["cp", str(kept), str(dst)], lambda: [dst])
-                results.setdefault((job, state), []).append(seconds)
-                print(f"rep {rep} {state:4} {job:5} {seconds:6.2f} s "
-                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
-    _report(results, kept_bytes, source_bytes, peaks, reps)
+        for state in states:
+            for case in ("fresh", "overwrite"):
+                for job in random.sample(jobs, len(jobs)):
+                    cmd, env = commands[job]
+                    _prepare(case, job, out, dst, prune_cmd)
+                    set_cache([*shards, kept], state)  # same page-cache footprint for all jobs
+                    extra = ["--overwrite"] if case == "overwrite" and job != "cp" else []
+                    measured = timed_child([*cmd, *extra], env)
+                    results.setdefault((job, state, case), []).append(measured)
+                    print(f"rep {rep} {state:4} {case:9} {job:10} {measured['wall']:6.2f} s "
+                          f"(user {measured['user']:.2f}, sys {measured['sys']:.2f}; load "
+                          f"{os.getloadavg()[0]:.1f})", flush=True)
+                    _wait_old_gone(out)
+    _report(results, kept_bytes, source_bytes, reps, states, jobs)
+
+
+def _prepare(case: str, job: str, out: Path, dst: Path, prune_cmd: list[str]) -> None:
+    """`fresh`: no previous output. `overwrite`: a previous output (or cp target) in place."""
+    shutil.rmtree(out, ignore_errors=True)
+    dst.unlink(missing_ok=True)
+    subprocess.run(["sync"], check=False)
+    if case == "overwrite":
+        if job == "cp":
+            shutil.copyfile(out.parent / "kept.bin", dst)
+        else:
+            timed_child(prune_cmd)
+        subprocess.run(["sync"], check=False)
+
+
+def _wait_old_gone(out: Path) -> None:
+    """Untimed: wait for the detached deletion of a replaced output, then flush everything."""
+    for _ in range(600):
+        if not list(out.parent.glob(f".{out.name}.moekit-*")):
+            break
+        time.sleep(0.1)
+    subprocess.run(["sync"], check=False)
 
 
 def _warm_up(prune_cmd: list[str], out: Path) -> int:
-    seconds, peak = timed_child(prune_cmd, lambda: _files(out))
+    measured = timed_child(prune_cmd)
     kept = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print(f"warm-up prune (discarded): {seconds:.2f} s, peak RSS {peak / 2**20:.0f} MiB, "
-          f"output {kept / 1e9:.2f} GB")
+    print(f"warm-up prune (discarded): {measured['wall']:.2f} s, peak RSS "
+          f"{measured['rss'] / 2**20:.0f} MiB, output {kept / 1e9:.2f} GB")
     return kept
-
-
-def _files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file()] + [folder]
 
 
 def _random_file(path: Path, size: int) -> None:
@@ -218,25 +245,33 @@ def _random_file(path: Path, size: int) -> None:
     with open(path, "wb") as handle:
         left = size
         while left:
-            chunk = min(left, 1 << 24)
+            chunk = min(left, 1 << 20)
             handle.write(rng.bytes(chunk))
             left -= chunk
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _report(results: dict, kept: int, source: int, peaks: list[int], reps: int) -> None:
-    print(f"\n## prune (ratio 0.5) vs cp, {reps} interleaved reps, medians, fsync included\n")
-    print("| cache | prune s | cp s | prune GB/s | cp GB/s | throughput ratio |")
-    print("|---|---|---|---|---|---|")
-    for state in ("cold", "warm"):
-        p = statistics.median(results[("prune", state)])
-        c = statistics.median(results[("cp", state)])
-        print(f"| {state} | {p:.2f} | {c:.2f} | {kept / p / 1e9:.2f} | {kept / c / 1e9:.2f} | "
-              f"**{c / p:.2f}x** |")
+def _report(results: dict, kept: int, source: int, reps: int, states: list[str],
+            jobs: list[str]) -> None:
+    print(f"\n## prune (ratio 0.5) vs cp: whole processes, fsync on both sides, {reps} "
+          "interleaved reps, medians\n")
+    print("| cache | case | job | wall s | user s | sys s | GB/s | throughput vs cp |")
+    print("|---|---|---|---|---|---|---|---|")
+    for state in states:
+        for case in ("fresh", "overwrite"):
+            cp = statistics.median(r["wall"] for r in results[("cp", state, case)])
+            for job in jobs:
+                rows = results[(job, state, case)]
+                wall = statistics.median(r["wall"] for r in rows)
+                user = statistics.median(r["user"] for r in rows)
+                sys_ = statistics.median(r["sys"] for r in rows)
+                ratio = "1.00x" if job == "cp" else f"**{cp / wall:.2f}x**"
+                print(f"| {state} | {case} | {job} | {wall:.2f} | {user:.2f} | {sys_:.2f} | "
+                      f"{kept / wall / 1e9:.2f} | {ratio} |")
+    peaks = [r["rss"] for key, rows in results.items() if key[0] != "cp" for r in rows]
     print(f"\nbytes written {kept / 1e9:.2f} GB of a {source / 1e9:.2f} GB checkpoint; "
-          f"prune peak RSS {max(peaks) / 2**20:.0f} MiB ({max(peaks) / source:.1%} of the "
-          "checkpoint)")
+          f"prune peak RSS {max(peaks) / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

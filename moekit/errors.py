@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class MoekitError(Exception):
     """Base error; `str(err)` is a one-line message meant for the user."""
@@ -41,3 +44,31 @@ class DataError(MoekitError):
 
 class StatsError(MoekitError):
     """Routing statistics are missing, malformed, or belong to another model."""
+
+
+class UnsafeCheckpointError(MoekitError):
+    """Loading the checkpoint would run code it ships, and the user did not allow it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: handled like Ctrl-C (cleanup, one line, exit 128 + signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def transformers_load_errors(path: object) -> Iterator[None]:
+    """Turn transformers' "weights do not fit the model" errors (which point at a load report
+    moekit keeps quiet) into one CheckpointError that stands on its own."""
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if not any(s in text for s in ("above report", "size mismatch", "loading state_dict")):
+            raise
+        raise CheckpointError(
+            f"transformers cannot load {path}: its tensors do not fit the model its config.json "
+            "describes (shapes or names differ)",
+            "compare config.json with the tensors (moekit inspect), or re-download") from err

@@ -5,19 +5,17 @@ fixed-length windows. Windows are never padded, so padding never counts."""
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.documents import SUPPORTED, documents, source_files
 from moekit.errors import DataError, InvalidArgumentError
 
 if TYPE_CHECKING:
     import torch
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
-SUPPORTED = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet")
 SAMPLE_DATA = Path(__file__).resolve().parents[2] / "sample_data"
 
 
@@ -76,69 +74,6 @@ def parse_fraction(value: str | None) -> tuple[float, float]:
     return start, end
 
 
-def read_documents(source: DataSource, text_field: str = "text",
-                   fraction: tuple[float, float] = (0.0, 1.0)) -> tuple[list[str], list[Path]]:
-    """The documents of a source (a folder reads every supported file in it, sorted)."""
-    path = source.path
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist", "check the --data path")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED
-                   ) if path.is_dir() else [path]
-    if not files:
-        raise DataError(f"folder {path} holds no {', '.join(SUPPORTED)} files")
-    documents: list[str] = []
-    for file in files:
-        documents += _read_file(file, text_field)
-    documents = [d for d in documents if d.strip()]
-    if not documents:
-        raise DataError(f"data source {path} is empty", "give a file with some text in it")
-    return _slice(documents, fraction), files
-
-
-def _read_file(path: Path, text_field: str) -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix not in SUPPORTED:
-        raise DataError(f"cannot read {path.name}: unsupported file type '{suffix}'",
-                        f"use one of {', '.join(SUPPORTED)}")
-    if suffix == ".parquet":
-        import pandas as pd
-
-        frame = pd.read_parquet(path)
-        if text_field not in frame.columns:
-            raise DataError(f"{path.name} has no column '{text_field}' (columns: "
-                            f"{', '.join(map(str, frame.columns))})", "pass --text-field NAME")
-        return [str(x) for x in frame[text_field].dropna()]
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if suffix == ".jsonl":
-        return [_field(json.loads(line), text_field, path, n)
-                for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if suffix == ".json":
-        records = json.loads(text)
-        records = records if isinstance(records, list) else [records]
-        return [_field(r, text_field, path, n) for n, r in enumerate(records, 1)]
-    return [text]
-
-
-def _field(record: Any, text_field: str, path: Path, line: int) -> str:
-    if isinstance(record, str):
-        return record
-    if not isinstance(record, dict) or text_field not in record:
-        keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-        raise DataError(f"{path.name} record {line} has no field '{text_field}' (has: {keys})",
-                        "pass --text-field NAME")
-    return str(record[text_field])
-
-
-def _slice(documents: list[str], fraction: tuple[float, float]) -> list[str]:
-    start, end = fraction
-    if (start, end) == (0.0, 1.0):
-        return documents
-    if len(documents) == 1:
-        text = documents[0]
-        return [text[int(start * len(text)):int(end * len(text))]]
-    return documents[int(start * len(documents)):int(end * len(documents))]
-
-
 def load_domains(sources: list[DataSource], tokenizer: Any, *, seq_len: int, max_tokens: int,
                  text_field: str = "text", fraction: tuple[float, float] = (0.0, 1.0)
                  ) -> list[Domain]:
@@ -157,19 +92,27 @@ def load_domains(sources: list[DataSource], tokenizer: Any, *, seq_len: int, max
 
 def _domain(source: DataSource, tokenizer: Any, seq_len: int, max_tokens: int, text_field: str,
             fraction: tuple[float, float]) -> Domain:
+    """Read and tokenise piece by piece until `max_tokens`; the sha256 covers the text read."""
     import torch
 
-    documents, files = read_documents(source, text_field, fraction)
+    files = source_files(source.path)
     digest = hashlib.sha256()
     ids: list[int] = []
     eos = tokenizer.eos_token_id
-    for doc in documents:
-        digest.update(doc.encode())
-        ids += tokenizer(doc, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            ids.append(eos)
+    read_any = False
+    for document in documents(files, text_field, fraction):
+        read_any = True
+        for piece in document:
+            digest.update(piece.encode())
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+            if len(ids) >= max_tokens:
+                break
         if len(ids) >= max_tokens:
             break
+        if eos is not None:
+            ids.append(eos)
+    if not read_any:
+        raise DataError(f"data source {source.path} is empty", "give a file with some text in it")
     ids = ids[:max_tokens]
     if len(ids) < 2:
         raise DataError(f"data source {source.path} gives fewer than 2 tokens")

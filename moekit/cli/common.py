@@ -35,6 +35,9 @@ DtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16.")]
 TokenizerOpt = Annotated[str | None, typer.Option(
     "--tokenizer", help="Tokenizer folder or repo when the model has none.")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow running Python code shipped inside the checkpoint "
+    "(auto_map). Off by default: moekit refuses such checkpoints in one line.")]
 
 
 def handle_errors(func: F) -> F:
@@ -43,17 +46,21 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from moekit.errors import MoekitError
+        from moekit.io.output import stop_signals_raise
 
         try:
-            return func(*args, **kwargs)
+            with stop_signals_raise():
+                return func(*args, **kwargs)
         except MoekitError as err:
             if STATE["debug"]:
                 raise
             err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]: no output was left behind")
-            sys.exit(130)
+        except KeyboardInterrupt as err:  # Ctrl-C, and SIGTERM/SIGHUP as moekit.errors.Terminated
+            signum = getattr(err, "signum", 2)
+            name = {1: "SIGHUP", 2: "Ctrl-C", 15: "SIGTERM"}.get(signum, f"signal {signum}")
+            err_console.print(f"[bold red]interrupted[/] ({name}): no output was left behind")
+            sys.exit(128 + signum)
         except Exception as err:  # noqa: BLE001 - last resort: one line, details with --debug
             if STATE["debug"]:
                 raise
@@ -76,7 +83,7 @@ def export_table(frame: Any, path: Path) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
+    suffix = path.suffix.lower()  # checked before the work by moekit.io.output.check_outputs
     if suffix == ".csv":
         frame.to_csv(path, index=False)
     elif suffix == ".parquet":

@@ -20,6 +20,7 @@ from moekit.cli.common import (
     SeqLenOpt,
     TextFieldOpt,
     TokenizerOpt,
+    TrustRemoteCodeOpt,
     console,
     export_table,
     handle_errors,
@@ -42,6 +43,7 @@ def eval_model(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     tokenizer: TokenizerOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     text_field: TextFieldOpt = "text",
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
@@ -53,16 +55,20 @@ def eval_model(
     Example: moekit eval ./pruned --data code=code.txt --data-range 0.5:1 --ref ./original
     """
     from moekit.calib.data import DataSource, default_sources, parse_fraction
+    from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.evaluate import evaluate
 
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     ref_path = load_model_path(ref, revision) if ref else None
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
+    check_outputs((path, ref_path, *(s.path for s in sources)),
+                  files={"--export": (export, TABLE_SUFFIXES)})
     with token_progress("evaluating") as on_tokens:
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,
                           batch_size=batch_size, device=device, dtype=dtype, fraction=fraction,
-                          tokenizer=tokenizer, text_field=text_field, on_tokens=on_tokens)
+                          tokenizer=tokenizer, text_field=text_field, on_tokens=on_tokens,
+                       trust_remote_code=trust_remote_code)
     if export is not None:
         import pandas as pd
 

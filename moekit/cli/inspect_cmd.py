@@ -30,9 +30,12 @@ def inspect(model: ModelArg, revision: RevisionOpt = None, as_json: JsonOpt = Fa
 
     Example: moekit inspect ./Mixtral-8x7B --json
     """
+    from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.inspect import inspect_checkpoint
 
-    report = inspect_checkpoint(load_model_path(model, revision))
+    path = load_model_path(model, revision)
+    check_outputs((path,), files={"--export": (export, TABLE_SUFFIXES)})
+    report = inspect_checkpoint(path)
     if export is not None:
         import pandas as pd
 

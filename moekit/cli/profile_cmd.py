@@ -20,6 +20,7 @@ from moekit.cli.common import (
     SeqLenOpt,
     TextFieldOpt,
     TokenizerOpt,
+    TrustRemoteCodeOpt,
     console,
     err_console,
     export_table,
@@ -56,6 +57,7 @@ def profile(
     merge_with: Annotated[Path | None, typer.Option(
         "--merge-with", help="Add this run to an existing profile of the same model.")] = None,
     tokenizer: TokenizerOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     revision: RevisionOpt = None,
     overwrite: OverwriteOpt = False,
     plots: PlotsOpt = True,
@@ -74,18 +76,21 @@ def profile(
     Example: moekit profile ./Mixtral --data code=code.jsonl --data prose=books/ --out prof
     """
     from moekit.calib.data import DataSource, parse_fraction
-    from moekit.io.output import check_output
+    from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.profile import profile_model, write_output
 
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
-    check_output(out, overwrite, (path,))
     sources = [DataSource.parse(v) for v in data] if data else None
+    check_outputs((path, *(s.path for s in sources or [])), out, overwrite,
+                  {"--export-table": (export, TABLE_SUFFIXES),
+                   "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     with TokenProgress() as progress:
         result = profile_model(model, sources, tokenizer=tokenizer, text_field=text_field,
                                fraction=fraction, seq_len=seq_len, max_tokens=max_tokens,
                                batch_size=batch_size, device=device, dtype=dtype, trace=trace,
-                               merge_with=merge_with, revision=revision, progress=progress)
+                               merge_with=merge_with, revision=revision, progress=progress,
+                       trust_remote_code=trust_remote_code)
     names = write_output(result, out, overwrite=overwrite, inputs=(path,), plots=plots,
                          plot_layer=plot_layer)
     show_profile(result, export, export_coldest)

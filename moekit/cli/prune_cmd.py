@@ -83,16 +83,16 @@ def prune(
 
     Example: moekit prune ./Mixtral --plan plan.json --out ./pruned --eval-data code=val.py
     """
-    from moekit.io.output import check_output
+    from moekit.io.output import TABLE_SUFFIXES, check_outputs
 
     source = load_model_path(model, revision)
     shard_bytes = parse_size(max_shard_size)
-    if not dry_run:
-        if out is None:
-            from moekit.errors import InvalidArgumentError
+    if not dry_run and out is None:
+        from moekit.errors import InvalidArgumentError
 
-            raise InvalidArgumentError("--out is required (or use --dry-run)")
-        check_output(out, overwrite, (source,))
+        raise InvalidArgumentError("--out is required (or use --dry-run)")
+    check_outputs((source, stats, plan_in, keep, drop), None if dry_run else out, overwrite,
+                  {"--plan-out": (plan_out, (".json",)), "--report": (report, TABLE_SUFFIXES)})
     options = dict(stats=stats, ratio=ratio, criterion=criterion, plan_in=plan_in, keep=keep,
                    drop=drop, protect=protect or [], min_experts=min_experts, seed=seed,
                    domain=domain, ignore_fingerprint=ignore_fingerprint)

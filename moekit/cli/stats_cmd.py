@@ -32,11 +32,12 @@ def merge(
 
     Example: moekit stats merge prof-code prof-chat --out prof-all
     """
-    from moekit.io.output import check_output
+    from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.profile import write_output
     from moekit.stats.profile_io import load_profile, merge_profiles
 
-    check_output(out, overwrite, tuple(profiles))
+    check_outputs(profiles, out, overwrite, {"--export-table": (export, TABLE_SUFFIXES),
+                                             "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     merged = merge_profiles([load_profile(p) for p in profiles])
     names = write_output(merged, out, overwrite=overwrite, inputs=tuple(profiles), plots=plots,
                          plot_layer=plot_layer)
@@ -55,6 +56,9 @@ def show(
 
     Example: moekit stats show prof --export-table layers.csv
     """
+    from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.stats.profile_io import load_profile
 
+    check_outputs((profile,), files={"--export-table": (export, TABLE_SUFFIXES),
+                                     "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     show_profile(load_profile(profile), export, export_coldest)

@@ -15,6 +15,7 @@ from moekit.cli.common import (
     OutOpt,
     OverwriteOpt,
     RevisionOpt,
+    TrustRemoteCodeOpt,
     console,
     handle_errors,
     load_model_path,
@@ -86,6 +87,7 @@ def upcycle(
     overwrite: OverwriteOpt = False,
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Turn a dense checkpoint into an MoE checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
@@ -102,7 +104,7 @@ def upcycle(
         shared_expert=shared_expert, shared_neurons=shared_neurons, data=tuple(data or ()),
         data_range=data_range, max_tokens=max_tokens, seq_len=seq_len,
         norm_topk_prob=norm_topk_prob, aux_loss_coef=aux_loss_coef,
-        max_shard_bytes=parse_size(max_shard_size))
+        max_shard_bytes=parse_size(max_shard_size), trust_remote_code=trust_remote_code)
     source = load_model_path(model, revision)
     if dry_run:
         from moekit.ops.upcycle import Prepared, summarize

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import CheckpointError
+from moekit.families.checks import check_layout
 from moekit.families.registry import Resolved, first_value, resolve
 from moekit.families.spec import MoeFamily
 
@@ -90,7 +91,9 @@ def describe(checkpoint: Checkpoint) -> ModelLayout:
             f"config says {resolved.family.name} but no tensor matches its router "
             f"'*.layers.N.{resolved.family.router.weight}'",
             "the checkpoint layout is not the Hub one; is it quantised or renamed?")
-    return ModelLayout(resolved, max(num_layers, layers[-1].index + 1), layers)
+    layout = ModelLayout(resolved, max(num_layers, layers[-1].index + 1), layers)
+    check_layout(layout, checkpoint)
+    return layout
 
 
 def _moe_layers(checkpoint: Checkpoint, family: MoeFamily) -> list[MoeLayer]:

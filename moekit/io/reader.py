@@ -4,94 +4,17 @@ shard headers, and every tensor's byte range against its file, before any weight
 from __future__ import annotations
 
 import json
-import math
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import CheckpointError, ModelSourceError
-from moekit.io.dtypes import ITEM_SIZE
+from moekit.io.header import ShardHeader, TensorInfo, read_header
 
 if TYPE_CHECKING:
     import torch
 
 INDEX_NAME = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lies: its shard and absolute byte range [start, end)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    shard: Path
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class ShardHeader:
-    path: Path
-    tensors: dict[str, TensorInfo]
-    metadata: dict[str, str]
-
-
-def read_header(path: Path) -> ShardHeader:
-    """Parse one safetensors header (no tensor data is read) and check every byte range."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path.name}: file is truncated ({size} bytes, no header)",
-                                      "re-download or re-save this shard")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise CheckpointError(
-                    f"{path.name}: header length {header_len} exceeds the file ({size} bytes): "
-                    "truncated or not a safetensors file", "re-download or re-save this shard")
-            raw = handle.read(header_len)
-    except OSError as err:
-        raise CheckpointError(f"cannot read {path}: {err.strerror}") from err
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path.name}: corrupt safetensors header ({err})",
-                              "re-download or re-save this shard") from err
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: corrupt safetensors header (not a JSON object)")
-    base = 8 + header_len
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = {name: _tensor_info(path, name, entry, base, size) for name, entry in header.items()}
-    return ShardHeader(path, tensors, metadata)
-
-
-def _tensor_info(path: Path, name: str, entry: Any, base: int, size: int) -> TensorInfo:
-    try:
-        dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
-        start, end = (int(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path.name}: corrupt header entry for tensor '{name}'") from err
-    if base + end > size:
-        raise CheckpointError(
-            f"{path.name}: tensor '{name}' ends at byte {base + end} but the file has {size} "
-            "bytes: the file is truncated", "re-download or re-save this shard")
-    expected = math.prod(shape) * ITEM_SIZE[dtype] if dtype in ITEM_SIZE else end - start
-    if end - start != expected or start > end:
-        raise CheckpointError(f"{path.name}: tensor '{name}' has {end - start} bytes but "
-                              f"{dtype}{list(shape)} needs {expected}")
-    return TensorInfo(name, dtype, shape, path, base + start, base + end)
+__all__ = ["INDEX_NAME", "Checkpoint", "ShardHeader", "TensorInfo", "load_config", "read_header"]
 
 
 class Checkpoint:
@@ -123,18 +46,11 @@ class Checkpoint:
         return shards
 
     def _load_indexed(self, index_path: Path) -> list[ShardHeader]:
-        try:
-            weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{INDEX_NAME} is not a valid index ({err})") from err
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{INDEX_NAME} is not a valid index (weight_map must map "
-                                  "tensor names to shard file names)")
+        weight_map = read_index(index_path)
         shards = []
         for name in sorted(set(weight_map.values())):
             path = self.folder / name
-            if not path.exists():
+            if not path.is_file():
                 count = sum(1 for v in weight_map.values() if v == name)
                 raise CheckpointError(f"{INDEX_NAME} names shard '{name}' ({count} tensors), "
                                       "which is missing", "download the missing shard")
@@ -182,6 +98,29 @@ class Checkpoint:
         return torch.cat(parts, dim=axis) if parts else view[(*lead, slice(0, 0))]
 
 
+def read_index(path: Path) -> dict[str, str]:
+    """The weight_map of an index file, checked: tensor names to plain `*.safetensors` file
+    names in the same folder (a path, `..` or an absolute name is refused before any open)."""
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError, OSError) as err:
+        reason = "not JSON" if isinstance(err, (ValueError, RecursionError)) else (
+            "no weight_map" if isinstance(err, (KeyError, TypeError)) else err.strerror)
+        raise CheckpointError(f"{INDEX_NAME} is not a valid index ({reason})",
+                              "re-download the index or delete it if there is one shard") from err
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{INDEX_NAME} is not a valid index (weight_map must map "
+                              "tensor names to shard file names)")
+    for name in set(weight_map.values()):
+        if (name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+                or not name.endswith(".safetensors")):
+            raise CheckpointError(f"{INDEX_NAME} names shard {name[:100]!r}, which is not a "
+                                  ".safetensors file in the checkpoint folder",
+                                  "shards must be plain file names beside the index")
+    return weight_map
+
+
 def load_config(folder: Path) -> dict[str, Any]:
     """config.json of a checkpoint folder, with a clear error when absent or malformed."""
     path = Path(folder) / "config.json"
@@ -192,9 +131,11 @@ def load_config(folder: Path) -> dict[str, Any]:
         raise ModelSourceError(f"{folder} has no config.json",
                                "pass the folder that holds config.json and *.safetensors")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelSourceError(f"{path} is not valid JSON ({err})") from err
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # also UnicodeDecodeError
+        where = f" at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise ModelSourceError(f"{path} is not valid JSON{where}",
+                               "fix or re-download config.json") from err
     if not isinstance(config, dict):
         raise ModelSourceError(f"{path} is not a JSON object")
     return config

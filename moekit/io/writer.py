@@ -4,17 +4,22 @@ Tensors are planned first (name, dtype, shape, where the bytes come from), assig
 at most `max_shard_bytes`, and then written one at a time in 1 MiB `write()` calls: pass-through
 tensors are copied as byte ranges of their source file without becoming torch tensors, computed
 tensors are produced by a callable only when their turn comes. Peak memory is one tensor.
+
+Byte ranges are copied in the kernel with `os.copy_file_range` (no user-space copy, as `cp`
+does), falling back to a 1 MiB `readinto`/`write` loop where the file system refuses it.
+Every shard is fsynced before it is closed, so "wrote" means the bytes are on disk.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from moekit.io.dtypes import ITEM_SIZE, from_torch
 from moekit.io.reader import INDEX_NAME, TensorInfo
@@ -23,6 +28,9 @@ if TYPE_CHECKING:
     import torch
 
 CHUNK = 1 << 20
+KERNEL_CHUNK = 1 << 30  # bytes per copy_file_range call (the kernel copies in pages)
+# Set MOEKIT_COPY=loop to copy through user space (benchmarks compare both).
+COPY_FILE_RANGE = hasattr(os, "copy_file_range") and os.environ.get("MOEKIT_COPY") != "loop"
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
@@ -137,6 +145,7 @@ def _write_shard(path: Path, shard: list[OutTensor], metadata: dict[str, str],
                 _write_tensor(fd, tensor)
             if on_tensor:
                 on_tensor(tensor)
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -150,17 +159,46 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 def _copy_range(fd: int, info: TensorInfo) -> None:
-    buffer = bytearray(min(CHUNK, max(info.nbytes, 1)))
-    view = memoryview(buffer)
+    """Append bytes [start, end) of `info.shard` to `fd`."""
     with open(info.shard, "rb", buffering=0) as source:
-        source.seek(info.start)
-        remaining = info.nbytes
-        while remaining:
-            count = source.readinto(view[:min(CHUNK, remaining)])
-            if not count:
-                raise OSError(f"{info.shard.name} ended while copying '{info.name}'")
-            _write_all(fd, view[:count])
-            remaining -= count
+        done = _kernel_copy(source.fileno(), fd, info.start, info.nbytes) if COPY_FILE_RANGE \
+            else 0
+        if done < info.nbytes:
+            _loop_copy(source, fd, info, info.start + done, info.nbytes - done)
+
+
+def _kernel_copy(src: int, dst: int, start: int, count: int) -> int:
+    """Copy with os.copy_file_range in CHUNK-sized calls; returns the bytes copied (fewer
+    when the kernel or file system cannot, so that the caller falls back to the loop)."""
+    global COPY_FILE_RANGE
+    done = 0
+    while done < count:
+        try:
+            step = os.copy_file_range(src, dst, min(KERNEL_CHUNK, count - done), start + done)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                                 errno.EBADF, errno.EPERM):
+                raise
+            if done == 0:  # not supported here: use the loop from now on
+                COPY_FILE_RANGE = False
+            return done
+        if step == 0:
+            return done
+        done += step
+    return done
+
+
+def _loop_copy(source: BinaryIO, fd: int, info: TensorInfo, start: int, count: int) -> None:
+    buffer = bytearray(min(CHUNK, max(count, 1)))
+    view = memoryview(buffer)
+    source.seek(start)
+    remaining = count
+    while remaining:
+        read = source.readinto(view[:min(CHUNK, remaining)])
+        if not read:
+            raise OSError(f"{info.shard.name} ended while copying '{info.name}'")
+        _write_all(fd, view[:read])
+        remaining -= read
 
 
 def _write_tensor(fd: int, tensor: OutTensor) -> None:

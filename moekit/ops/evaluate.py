@@ -68,15 +68,23 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
              device: str = "auto", dtype: str = "auto",
              fraction: tuple[float, float] = (0.0, 1.0), tokenizer: str | None = None,
              text_field: str = "text", keep_both: bool | None = None,
-             on_tokens: Callable[[int, int], None] | None = None) -> EvalResult:
+             on_tokens: Callable[[int, int], None] | None = None,
+             trust_remote_code: bool = False) -> EvalResult:
     """Evaluate `model_path` on each source (and against `ref` when given).
 
     `on_tokens(advance, total)` reports progress in input tokens.
     `keep_both`: hold model and reference in memory together (None: when both fit in half of
     the free memory); otherwise the reference runs first and its log-probabilities are spilled
-    to a temporary folder (float32, tokens x vocab x 4 bytes) and read back batch by batch."""
+    to a temporary folder (float32, tokens x vocab x 4 bytes) and read back batch by batch.
+    Code shipped in a checkpoint runs only with `trust_remote_code`."""
+    from moekit.io.remote_code import check_remote_code
+
+    for folder in (model_path, ref, tokenizer):
+        if folder is not None:
+            check_remote_code(folder, trust_remote_code)
     tok = load_tokenizer(Path(ref if ref is not None and tokenizer is None
-                              and not _has_tokenizer(model_path) else model_path), tokenizer)
+                              and not _has_tokenizer(model_path) else model_path), tokenizer,
+                         trust_remote_code)
     domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
                            text_field=text_field, fraction=fraction)
     sums = {d.name: _Sums() for d in domains}
@@ -89,18 +97,19 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
             on_tokens(int(batch.numel()), total_tokens)
 
     if ref is None:
-        model = load_model(Path(model_path), device, dtype)
+        model = load_model(Path(model_path), device, dtype, trust_remote_code)
         for name, batch in _batches(domains, batch_size):
             _add(sums[name], _logprobs(model, batch), batch, None)
             progress(batch)
     elif keep_both if keep_both is not None else _fits_both(model_path, ref, device, dtype):
-        model, reference = load_model(Path(model_path), device, dtype), load_model(Path(ref),
-                                                                                   device, dtype)
+        model = load_model(Path(model_path), device, dtype, trust_remote_code)
+        reference = load_model(Path(ref), device, dtype, trust_remote_code)
         for name, batch in _batches(domains, batch_size):
             _add(sums[name], _logprobs(model, batch), batch, _logprobs(reference, batch))
             progress(batch)
     else:
-        _spilled(model_path, ref, domains, sums, batch_size, device, dtype, progress)
+        _spilled(model_path, ref, domains, sums, batch_size, device, dtype, progress,
+                 trust_remote_code)
     results = [sums[d.name].result(d.name, ref is not None) for d in domains]
     total = _Sums(sum(s.loss for s in sums.values()), sum(s.kl for s in sums.values()),
                   sum(s.agree for s in sums.values()), sum(s.tokens for s in sums.values()))
@@ -113,18 +122,18 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
 
 def _spilled(model_path: Path, ref: Path, domains: list[Domain], sums: dict[str, _Sums],
              batch_size: int, device: str, dtype: str,
-             progress: Callable[[torch.Tensor], None]) -> None:
+             progress: Callable[[torch.Tensor], None], trust: bool = False) -> None:
     import gc
 
     import torch
 
     with tempfile.TemporaryDirectory(prefix="moekit-eval-") as tmp:
-        reference = load_model(Path(ref), device, dtype)
+        reference = load_model(Path(ref), device, dtype, trust)
         for i, (_, batch) in enumerate(_batches(domains, batch_size)):
             torch.save(_logprobs(reference, batch).cpu(), Path(tmp) / f"{i}.pt")
         del reference
         gc.collect()
-        model = load_model(Path(model_path), device, dtype)
+        model = load_model(Path(model_path), device, dtype, trust)
         for i, (name, batch) in enumerate(_batches(domains, batch_size)):
             ref_logp = torch.load(Path(tmp) / f"{i}.pt")
             _add(sums[name], _logprobs(model, batch), batch, ref_logp)

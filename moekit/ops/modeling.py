@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moekit.errors import DataError, InvalidArgumentError
+from moekit.errors import DataError, InvalidArgumentError, transformers_load_errors
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -33,22 +33,33 @@ def pick_device(device: str) -> Any:
     return torch.device(device)
 
 
-def load_model(path: Path, device: str = "auto", dtype: str = "auto") -> Any:
-    """An eval-mode AutoModelForCausalLM on `device`; `auto` dtype keeps the checkpoint's."""
+def load_model(path: Path, device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False) -> Any:
+    """An eval-mode AutoModelForCausalLM on `device`; `auto` dtype keeps the checkpoint's.
+    Code shipped in the checkpoint runs only with `trust_remote_code` (moekit.io.remote_code)."""
     import torch
+
+    from moekit.io.remote_code import check_remote_code
 
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    check_remote_code(path, trust_remote_code)
     quiet_transformers()
     from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    with transformers_load_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
     return model.to(pick_device(device)).eval()
 
 
-def load_tokenizer(model_path: Path, tokenizer: str | None = None) -> Any:
+def load_tokenizer(model_path: Path, tokenizer: str | None = None,
+                   trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, or `tokenizer` (folder or Hub id) when given."""
+    from moekit.io.remote_code import check_remote_code
+
+    check_remote_code(tokenizer or model_path, trust_remote_code)
     quiet_transformers()
     from transformers import AutoTokenizer
 
@@ -60,7 +71,7 @@ def load_tokenizer(model_path: Path, tokenizer: str | None = None) -> Any:
         raise DataError(f"{model_path} has no tokenizer files",
                         "pass --tokenizer FOLDER_OR_REPO with the model's tokenizer")
     try:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot load a tokenizer from {source}: {err}".splitlines()[0],
                         "pass --tokenizer FOLDER_OR_REPO") from err

@@ -20,6 +20,7 @@ from moekit.errors import InvalidArgumentError, StatsError, UnsupportedModelErro
 from moekit.families.layout import ModelLayout, describe
 from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
+from moekit.io.remote_code import check_remote_code
 from moekit.io.source import resolve_source
 from moekit.stats.profile_io import ALL, Profile, load_profile, merge_profiles, profile_from_raw
 
@@ -34,11 +35,13 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
                   fraction: tuple[float, float] = (0.0, 1.0), seq_len: int = 512,
                   max_tokens: int = 100_000, batch_size: int = 8, device: str = "auto",
                   dtype: str = "auto", trace: bool = False, merge_with: Path | None = None,
-                  revision: str | None = None, progress: Progress | None = None) -> Profile:
+                  revision: str | None = None, progress: Progress | None = None,
+                  trust_remote_code: bool = False) -> Profile:
     """Profile `model` on `sources` (default: sample_data/), one domain per source.
 
     max_tokens applies per source. With `merge_with`, the result is that profile plus this run
-    (same model fingerprint required, checked before any forward pass).
+    (same model fingerprint required, checked before any forward pass). Code shipped in the
+    checkpoint runs only with `trust_remote_code`.
     """
     from moekit.ops.modeling import DTYPES, load_model, load_tokenizer, pick_device
 
@@ -48,6 +51,7 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
         raise InvalidArgumentError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     pick_device(device)
     path = resolve_source(model, revision)
+    check_remote_code(path, trust_remote_code)
     checkpoint = Checkpoint(path)
     layout = describe(checkpoint)
     if not layout.is_moe:
@@ -59,10 +63,10 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
     if any(s.name == ALL for s in sources):
         raise InvalidArgumentError(f"a data source is named '{ALL}', which is reserved for totals",
                                    "name it differently: --data NAME=PATH")
-    tok = load_tokenizer(path, tokenizer)
+    tok = load_tokenizer(path, tokenizer, trust_remote_code)
     domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
                            text_field=text_field, fraction=fraction)
-    loaded = load_model(path, device, dtype)
+    loaded = load_model(path, device, dtype, trust_remote_code)
     recorder, input_ids = _record(loaded, layout, domains, batch_size, trace, progress)
     meta = _metadata(model, fingerprint, layout, domains, loaded, seq_len=seq_len,
                      batch_size=batch_size, max_tokens=max_tokens, fraction=fraction,

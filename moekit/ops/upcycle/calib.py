@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moekit.errors import DataError
+from moekit.errors import DataError, transformers_load_errors
 
 if TYPE_CHECKING:
     import torch
@@ -26,20 +26,26 @@ class FfnInputs:
 
 
 def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_len: int,
-                       data_range: str | None = None, batch_size: int = 8) -> FfnInputs:
+                       data_range: str | None = None, batch_size: int = 8,
+                       trust_remote_code: bool = False) -> FfnInputs:
     """Run the dense model (transformers, CPU) once over the calibration text
     and record each layer's FFN input with a forward pre-hook on `model.layers[i].mlp`.
 
     `max_tokens` is per data source (as `moekit.calib.data.load_domains` counts). Memory: the
-    dense model plus T x H x 4 bytes per layer.
+    dense model plus T x H x 4 bytes per layer. Code shipped in the checkpoint runs only with
+    `trust_remote_code`.
     """
     import torch
+
+    from moekit.io.remote_code import check_remote_code
+
+    check_remote_code(folder, trust_remote_code)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moekit.calib.data import DataSource, batches, load_domains, parse_fraction
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot load the dense model's tokenizer from {folder}: {err}",
                         "the checkpoint needs tokenizer files for --router data / cluster"
@@ -47,7 +53,9 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     sources = [DataSource.parse(value) for value in data]
     domains = load_domains(sources, tokenizer, seq_len=seq_len, max_tokens=max_tokens,
                            fraction=parse_fraction(data_range))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_calibration_dtype(folder)).eval()
+    with transformers_load_errors(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_calibration_dtype(folder),
+                                                     trust_remote_code=trust_remote_code).eval()
     decoder = model.get_decoder()
     layers = decoder.layers
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}

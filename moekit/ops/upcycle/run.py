@@ -100,7 +100,8 @@ def prepare(plan: UpcyclePlan) -> Prepared:
 
         prepared.calibration = capture_ffn_inputs(
             plan.checkpoint.folder, list(opts.data), max_tokens=opts.max_tokens,
-            seq_len=opts.seq_len, data_range=opts.data_range)
+            seq_len=opts.seq_len, data_range=opts.data_range,
+            trust_remote_code=opts.trust_remote_code)
     if opts.method == "split":
         prepared.groups, prepared.shared = {}, {}
     if opts.router == "data":
