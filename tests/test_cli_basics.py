@@ -256,3 +256,17 @@ def test_export_with_unknown_suffix_is_one_line(tiny_checkpoint, tmp_path):
     assert result.exit_code != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and ".xlsx" in lines[0] and ".csv" in lines[0]
+
+
+def test_error_text_with_rich_markup_is_printed_verbatim():
+    """A message holding `[/...]` (gloo errors do) must not break the one-line error."""
+    code = ("from moekit.cli.common import handle_errors\n"
+            "from moekit.errors import MoekitError\n"
+            "@handle_errors\n"
+            "def boom():\n"
+            "    raise MoekitError('[/pytorch/gloo/pair.cc:553] Connection closed [bold]x')\n"
+            "boom()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "[/pytorch/gloo/pair.cc:553] Connection closed [bold]x" in done.stderr
+    assert "Traceback" not in done.stderr

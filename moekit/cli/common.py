@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -54,7 +55,7 @@ def handle_errors(func: F) -> F:
         except MoekitError as err:
             if STATE["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt as err:  # Ctrl-C, and SIGTERM/SIGHUP as moekit.errors.Terminated
             signum = getattr(err, "signum", 2)
@@ -64,7 +65,8 @@ def handle_errors(func: F) -> F:
         except Exception as err:  # noqa: BLE001 - last resort: one line, details with --debug
             if STATE["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {type(err).__name__}: {err} "
+            first = (str(err).strip().splitlines() or [""])[0]
+            err_console.print(f"[bold red]error:[/] {type(err).__name__}: {escape(first)} "
                               "(run with --debug for the traceback)", soft_wrap=True)
             sys.exit(1)
 
