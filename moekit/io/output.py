@@ -31,7 +31,7 @@ AUX_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json
              "generation_config.json", "chat_template.json", "chat_template.jinja",
              "preprocessor_config.json", "processor_config.json", "LICENSE", "LICENSE.txt",
              "LICENSE.md", "NOTICE", "NOTICE.txt", "USE_POLICY.md")
-AUX_SUFFIXES = (".tiktoken", ".jinja")
+AUX_SUFFIXES = (".tiktoken", ".jinja", ".model")  # tokenizer data, never code
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
                      if s is not None)
 
