@@ -41,3 +41,7 @@ class DataError(MoekitError):
 
 class StatsError(MoekitError):
     """Routing statistics are missing, malformed, or belong to another model."""
+
+
+class DistributedError(MoekitError):
+    """A rank of a torchrun run failed, or the ranks could not be set up or reached."""

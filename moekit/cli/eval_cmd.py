@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,9 +26,11 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
 )
+from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
 
 @handle_errors
+@distributed_command
 def eval_model(
     model: ModelArg,
     data: DataOpt = None,
@@ -59,10 +62,12 @@ def eval_model(
     path = load_model_path(model, revision)
     ref_path = load_model_path(ref, revision) if ref else None
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
-    with token_progress("evaluating") as on_tokens:
+    with token_progress("evaluating") if is_writer() else nullcontext() as on_tokens:
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,
                           batch_size=batch_size, device=device, dtype=dtype, fraction=fraction,
                           tokenizer=tokenizer, text_field=text_field, on_tokens=on_tokens)
+    if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
+        return
     if export is not None:
         import pandas as pd
 

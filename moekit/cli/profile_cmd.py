@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +27,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
 )
+from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
 PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots",
                                         help="Write PNG plots and report.md.")]
@@ -38,6 +40,7 @@ ColdestOpt = Annotated[Path | None, typer.Option(
 
 
 @handle_errors
+@distributed_command
 def profile(
     model: ModelArg,
     out: OutOpt,
@@ -81,11 +84,13 @@ def profile(
     path = load_model_path(model, revision)
     check_output(out, overwrite, (path,))
     sources = [DataSource.parse(v) for v in data] if data else None
-    with TokenProgress() as progress:
+    with TokenProgress() if is_writer() else nullcontext() as progress:
         result = profile_model(model, sources, tokenizer=tokenizer, text_field=text_field,
                                fraction=fraction, seq_len=seq_len, max_tokens=max_tokens,
                                batch_size=batch_size, device=device, dtype=dtype, trace=trace,
                                merge_with=merge_with, revision=revision, progress=progress)
+    if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
+        return
     names = write_output(result, out, overwrite=overwrite, inputs=(path,), plots=plots,
                          plot_layer=plot_layer)
     show_profile(result, export, export_coldest)
