@@ -1,6 +1,7 @@
 """A torchrun entry script for tests: the moekit CLI, with one function made to raise on one
 rank after some calls. Environment: FAIL_RANK (int), FAIL_TARGET ("module:Qualified.name"),
-FAIL_AFTER (calls that succeed first, default 1)."""
+FAIL_AFTER (calls that succeed first, default 1), FAIL_MODE ("raise", default, or "exit": the
+process dies at once, as if killed)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def inject() -> None:
     def failing(*args, **kwargs):
         calls[0] += 1
         if calls[0] > after:
+            if os.environ.get("FAIL_MODE") == "exit":
+                os._exit(9)
             raise RuntimeError(f"injected failure on call {calls[0]}")
         return original(*args, **kwargs)
 
