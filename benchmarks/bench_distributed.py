@@ -70,7 +70,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="moekit-bench-dist-"))
     try:
         model, data = model_and_data(tmp)
-        runs = {f"1 rank x 1 thread": (1, 1), f"1 rank x {cores} threads": (1, cores),
+        runs = {"1 rank x 1 thread": (1, 1), f"1 rank x {cores} threads": (1, cores),
                 "2 ranks x 1 thread": (2, 1)}
         times: dict[str, list[float]] = {name: [] for name in runs}
         for rep in range(args.reps):
