@@ -126,10 +126,12 @@ def init_from_env() -> DistContext:
 
 
 def shutdown() -> None:
-    """Leave the process group (every rank, no barrier) and return to single-process mode."""
+    """Leave the process group (every rank, no barrier) and return to single-process mode.
+    After a broken collective the group is left to process exit: destroying it then can block
+    (NCCL) while a peer is gone or still inside a collective."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _STATE["broken"]:
         dist.destroy_process_group()
     _STATE["context"] = DistContext()
 
