@@ -51,14 +51,22 @@ def command(ranks: int, model: Path, data: list[str], out: Path, tokens: int) ->
     return [*launcher, *args, *sum((["--data", d] for d in data), [])]
 
 
-def timed(cmd: list[str], threads: int) -> float:
+def timed(cmd: list[str], threads: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all child processes) of one run."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
+    cpu0, start = _children_cpu(), time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-2000:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu() - cpu0
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -73,17 +81,23 @@ def main() -> None:
         runs = {"1 rank x 1 thread": (1, 1), f"1 rank x {cores} threads": (1, cores),
                 "2 ranks x 1 thread": (2, 1)}
         times: dict[str, list[float]] = {name: [] for name in runs}
+        cpu: dict[str, list[float]] = {name: [] for name in runs}
         for rep in range(args.reps):
             for name, (ranks, threads) in runs.items():
                 cmd = command(ranks, model, data, tmp / "out", args.tokens)
-                times[name].append(timed(cmd, threads))
-                print(f"rep {rep + 1} {name}: {times[name][-1]:.1f} s", flush=True)
+                wall, used = timed(cmd, threads)
+                times[name].append(wall)
+                cpu[name].append(used)
+                print(f"rep {rep + 1} {name}: {wall:.1f} s wall, {used:.1f} s CPU", flush=True)
         print(f"\nmodel {model.name}, {len(data)} sources x {args.tokens} tokens, "
               f"{cores} cores, {args.reps} interleaved reps (median)")
         base = statistics.median(times["1 rank x 1 thread"])
+        print("| run | wall (median) | speed-up vs 1 rank x 1 thread | CPU s, all processes |")
+        print("|---|---|---|---|")
         for name, values in times.items():
             median = statistics.median(values)
-            print(f"| {name} | {median:.1f} s | {base / median:.2f}x |")
+            print(f"| {name} | {median:.1f} s | {base / median:.2f}x | "
+                  f"{statistics.median(cpu[name]):.1f} |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
