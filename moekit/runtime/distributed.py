@@ -25,21 +25,26 @@ Integration points (what a command or the layer-streaming engine calls):
     dist_context()             DistContext of this process (rank 0 of 1 outside torchrun)
     rank_device(device)        --device as this rank uses it (auto/cuda -> cuda:LOCAL_RANK)
     shard_for_rank(items)      this rank's contiguous share of a list of batches
-    reduce_layer(acc)          combine one LayerAccumulator (call at each layer boundary)
-    reduce_recorder(recorder)  combine every layer of a Recorder
+    reduce_layer(acc)          combine one LayerAccumulator, once (at its layer boundary when
+                               streaming: ranks stay in step, a failure stops all within a layer)
+    reduce_recorder(recorder)  combine every layer of a Recorder not combined yet
     reduce_eval_sums(sums)     combine eval's per-dataset loss/kl/agree/tokens sums
     ready_to_write()           collective commit point: raises if any rank failed, then True on
-                               rank 0 only (write the staged output, print, draw progress)
-    is_writer()                True on rank 0 (no communication)
+                               rank 0 only (write the staged output, print results)
+    is_writer()                True on rank 0, no communication (draw the progress bar)
+
+With layer streaming, the caller hands `shard_for_rank(batches)` to the engine, which calls
+`reduce_layer` after the last batch of each layer; `reduce_recorder` then finds nothing left.
 
 Failure protocol: each collective step starts with `agree()`, an all_gather of every rank's
 status (None, or "ErrorType: message"). A rank that raises outside a collective step joins the
 next agreement with its error (in `distributed_command`); every rank then raises
 DistributedError naming the first failing rank and its error. Rank 0 prints it (exit 2), the
 others exit 1 silently, and since agreement precedes the write, nothing is written. A rank that
-dies inside a collective (killed, or an error between two collectives) makes its peers'
-collectives fail within a second; they report that instead. A rank that hangs blocks the others
-for MOEKIT_DIST_TIMEOUT seconds (default 3600). No barrier runs in a `finally:`.
+dies without reporting (killed, or an error between two collectives) is seen by torchrun, which
+stops the others (SIGTERM); a peer already inside a collective may first report the lost rank.
+A rank that hangs blocks the others for MOEKIT_DIST_TIMEOUT seconds (default 3600). No barrier
+runs in a `finally:`.
 """
 
 from __future__ import annotations
@@ -226,8 +231,10 @@ def _all_reduce_flat(tensors: list[torch.Tensor], op: Any) -> None:
 
 
 def reduce_layer(acc: LayerAccumulator) -> None:
-    """Combine one layer's accumulator across ranks, in place (see the module docstring)."""
-    if not dist_context().enabled:
+    """Combine one layer's accumulator across ranks, in place (see the module docstring).
+    Once only: a later call on the same accumulator (e.g. reduce_recorder after per-layer
+    reductions by the streaming engine) does nothing, on every rank alike."""
+    if not dist_context().enabled or getattr(acc, "reduced_across_ranks", False):
         return
     import torch
     import torch.distributed as dist
@@ -242,6 +249,7 @@ def reduce_layer(acc: LayerAccumulator) -> None:
         acc.positions, acc.top1_pairs = (row.tolist() for row in counts.cpu())
         if acc.trace:
             _gather_trace(acc)
+    acc.reduced_across_ranks = True
 
 
 def _gather_trace(acc: LayerAccumulator) -> None:
