@@ -22,6 +22,7 @@ Integration points (what a command or the layer-streaming engine calls):
 
     distributed_command(func)  CLI decorator: init from the torchrun environment, the failure
                                protocol below, destroy_process_group on every rank
+                               (library code under torchrun: init_from_env() ... shutdown())
     dist_context()             DistContext of this process (rank 0 of 1 outside torchrun)
     rank_device(device)        --device as this rank uses it (auto/cuda -> cuda:LOCAL_RANK)
     shard_for_rank(items)      this rank's contiguous share of a list of batches
