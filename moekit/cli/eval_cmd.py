@@ -54,6 +54,8 @@ def eval_model(
     """Perplexity and mean token loss (nats) per dataset; with --ref, KL and top-1 agreement.
 
     Example: moekit eval ./pruned --data code=code.txt --data-range 0.5:1 --ref ./original
+
+    Data-parallel: torchrun --nproc-per-node N -m moekit eval ... (docs/scale-distributed.md).
     """
     from moekit.calib.data import DataSource, default_sources, parse_fraction
     from moekit.ops.evaluate import evaluate

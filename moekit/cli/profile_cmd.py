@@ -75,6 +75,8 @@ def profile(
     Prints a per-layer summary and the coldest experts.
 
     Example: moekit profile ./Mixtral --data code=code.jsonl --data prose=books/ --out prof
+
+    Data-parallel: torchrun --nproc-per-node N -m moekit profile ... (docs/scale-distributed.md).
     """
     from moekit.calib.data import DataSource, parse_fraction
     from moekit.io.output import check_output
