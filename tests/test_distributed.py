@@ -182,12 +182,14 @@ def test_rank_zero_failing_in_eval_names_rank_zero(tiny_checkpoint, texts, tmp_p
 def test_a_killed_rank_stops_all_and_nothing_is_written(tiny_checkpoint, texts,
                                                         tmp_path) -> None:
     """Rank 1 dies without reporting (os._exit, as under the OOM killer): torchrun stops rank
-    0, names rank 1 as the root cause, and no output appears."""
+    0 (or rank 0's next collective fails first), and no output appears."""
     entry, env = _failing("moekit.calib.recorder:Recorder.set_batch", rank=1, after=2)
     out = tmp_path / "prof"
     run = torchrun("profile", tiny_checkpoint("qwen3_moe"), "--out", out, *data_args(texts),
                    *FAST, "--no-plots", entry=entry, env={**env, "FAIL_MODE": "exit"})
     assert run.returncode != 0
-    root_cause = run.stderr.split("Root Cause")[-1]
-    assert "rank      : 1" in root_cause and "exitcode  : 9" in root_cause, failure(run)
+    assert "exitcode  : 9" in run.stderr, failure(run)  # torchrun's summary lists rank 1
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert all("lost the other ranks" in line for line in errors), failure(run)
+    assert "MarkupError" not in run.stderr  # if rank 0 reports the lost peer, in one line
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -311,6 +312,9 @@ def distributed_command(func: F) -> F:
             return result
         except Exception as err:
             _fail(ctx, err)
+        except BaseException:  # Ctrl-C, SIGTERM from torchrun: leave without a collective
+            _STATE["broken"] = True
+            raise
         finally:
             shutdown()
 
@@ -344,5 +348,7 @@ def _record_error_file(err: Exception) -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
+    """The first line of `err`, without gloo's `[/path/pair.cc:553] ` source-location prefix
+    (noise for users, and rich would read `[/...]` as a closing markup tag)."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(err).strip())
     return text.splitlines()[0] if text else type(err).__name__
