@@ -72,3 +72,7 @@ def transformers_load_errors(path: object) -> Iterator[None]:
             f"transformers cannot load {path}: its tensors do not fit the model its config.json "
             "describes (shapes or names differ)",
             "compare config.json with the tensors (moekit inspect), or re-download") from err
+
+
+class DistributedError(MoekitError):
+    """A rank of a torchrun run failed, or the ranks could not be set up or reached."""

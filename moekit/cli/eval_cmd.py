@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,9 +27,11 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
 )
+from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
 
 @handle_errors
+@distributed_command
 def eval_model(
     model: ModelArg,
     data: DataOpt = None,
@@ -53,6 +56,8 @@ def eval_model(
     """Perplexity and mean token loss (nats) per dataset; with --ref, KL and top-1 agreement.
 
     Example: moekit eval ./pruned --data code=code.txt --data-range 0.5:1 --ref ./original
+
+    Data-parallel: torchrun --nproc-per-node N -m moekit eval ... (docs/scale-distributed.md).
     """
     from moekit.calib.data import DataSource, default_sources, parse_fraction
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
@@ -64,11 +69,13 @@ def eval_model(
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
     check_outputs((path, ref_path, *(s.path for s in sources)),
                   files={"--export": (export, TABLE_SUFFIXES)})
-    with token_progress("evaluating") as on_tokens:
+    with token_progress("evaluating") if is_writer() else nullcontext() as on_tokens:
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,
                           batch_size=batch_size, device=device, dtype=dtype, fraction=fraction,
                           tokenizer=tokenizer, text_field=text_field, on_tokens=on_tokens,
-                       trust_remote_code=trust_remote_code)
+                          trust_remote_code=trust_remote_code)
+    if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
+        return
     if export is not None:
         import pandas as pd
 

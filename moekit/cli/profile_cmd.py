@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
 )
+from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
 PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots",
                                         help="Write PNG plots and report.md.")]
@@ -39,6 +41,7 @@ ColdestOpt = Annotated[Path | None, typer.Option(
 
 
 @handle_errors
+@distributed_command
 def profile(
     model: ModelArg,
     out: OutOpt,
@@ -74,6 +77,8 @@ def profile(
     Prints a per-layer summary and the coldest experts.
 
     Example: moekit profile ./Mixtral --data code=code.jsonl --data prose=books/ --out prof
+
+    Data-parallel: torchrun --nproc-per-node N -m moekit profile ... (docs/scale-distributed.md).
     """
     from moekit.calib.data import DataSource, parse_fraction
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
@@ -85,12 +90,14 @@ def profile(
     check_outputs((path, *(s.path for s in sources or [])), out, overwrite,
                   {"--export-table": (export, TABLE_SUFFIXES),
                    "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
-    with TokenProgress() as progress:
+    with TokenProgress() if is_writer() else nullcontext() as progress:
         result = profile_model(model, sources, tokenizer=tokenizer, text_field=text_field,
                                fraction=fraction, seq_len=seq_len, max_tokens=max_tokens,
                                batch_size=batch_size, device=device, dtype=dtype, trace=trace,
                                merge_with=merge_with, revision=revision, progress=progress,
-                       trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code)
+    if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
+        return
     names = write_output(result, out, overwrite=overwrite, inputs=(path,), plots=plots,
                          plot_layer=plot_layer)
     show_profile(result, export, export_coldest)

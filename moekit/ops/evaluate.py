@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from moekit.calib.data import DataSource, Domain, batches, load_domains
 from moekit.ops.modeling import load_model, load_tokenizer
+from moekit.runtime.distributed import rank_device, reduce_eval_sums, shard_for_rank
 
 if TYPE_CHECKING:
     import torch
@@ -82,13 +83,14 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
     for folder in (model_path, ref, tokenizer):
         if folder is not None:
             check_remote_code(folder, trust_remote_code)
+    device = rank_device(device)
     tok = load_tokenizer(Path(ref if ref is not None and tokenizer is None
                               and not _has_tokenizer(model_path) else model_path), tokenizer,
                          trust_remote_code)
     domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
                            text_field=text_field, fraction=fraction)
     sums = {d.name: _Sums() for d in domains}
-    total_tokens = sum(d.num_tokens for d in domains)
+    total_tokens = sum(int(batch.numel()) for _, batch in _batches(domains, batch_size))
     if on_tokens is not None:
         on_tokens(0, total_tokens)
 
@@ -110,6 +112,7 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
     else:
         _spilled(model_path, ref, domains, sums, batch_size, device, dtype, progress,
                  trust_remote_code)
+    reduce_eval_sums(sums)
     results = [sums[d.name].result(d.name, ref is not None) for d in domains]
     total = _Sums(sum(s.loss for s in sums.values()), sum(s.kl for s in sums.values()),
                   sum(s.agree for s in sums.values()), sum(s.tokens for s in sums.values()))
@@ -141,9 +144,9 @@ def _spilled(model_path: Path, ref: Path, domains: list[Domain], sums: dict[str,
 
 
 def _batches(domains: list[Domain], batch_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-    for domain in domains:
-        for batch in batches(domain, batch_size):
-            yield domain.name, batch
+    """This rank's share of the (dataset name, batch) pairs (all of them outside torchrun)."""
+    yield from shard_for_rank([(domain.name, batch) for domain in domains
+                               for batch in batches(domain, batch_size)])
 
 
 def _logprobs(model: Any, batch: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,12 @@ from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
 from moekit.io.remote_code import check_remote_code
 from moekit.io.source import resolve_source
+from moekit.runtime.distributed import (
+    dist_context,
+    rank_device,
+    reduce_recorder,
+    shard_for_rank,
+)
 from moekit.stats.profile_io import ALL, Profile, load_profile, merge_profiles, profile_from_raw
 
 if TYPE_CHECKING:
@@ -49,6 +55,7 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
         raise InvalidArgumentError(f"--batch-size must be at least 1, got {batch_size}")
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    device = rank_device(device)
     pick_device(device)
     path = resolve_source(model, revision)
     check_remote_code(path, trust_remote_code)
@@ -68,11 +75,12 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
                            text_field=text_field, fraction=fraction)
     loaded = load_model(path, device, dtype, trust_remote_code)
     recorder, input_ids = _record(loaded, layout, domains, batch_size, trace, progress)
+    reduce_recorder(recorder)
     meta = _metadata(model, fingerprint, layout, domains, loaded, seq_len=seq_len,
                      batch_size=batch_size, max_tokens=max_tokens, fraction=fraction,
-                     text_field=text_field, trace=trace)
+                     text_field=text_field, trace=trace, ranks=dist_context().world_size)
     profile = profile_from_raw(raw := recorder.finish(), [d.name for d in domains], meta)
-    if trace:
+    if trace and dist_context().is_writer:
         profile.trace = _trace_arrays(raw, domains, input_ids)
     if previous is not None:
         merged = merge_profiles([profile, previous])
@@ -102,18 +110,20 @@ def _record(model: Any, layout: ModelLayout, domains: list[Domain], batch_size: 
 
     recorder = Recorder(len(domains), trace=trace)
     device = next(model.parameters()).device
+    work = [(index, batch) for index, domain in enumerate(domains)
+            for batch in batches(domain, batch_size)]
+    mine = shard_for_rank(work)  # this rank's share (all of it outside torchrun)
     input_ids: list[list[Any]] = [[] for _ in domains]
+    for index, batch in work if trace else ():
+        input_ids[index].append(batch.reshape(-1).to(torch.int32))
     if progress:
-        progress("start", sum(d.num_tokens for d in domains), "")
+        progress("start", sum(int(batch.numel()) for _, batch in mine), "")
     with RoutingHooks(model, layout.family, recorder), torch.inference_mode():
-        for index, domain in enumerate(domains):
-            for batch in batches(domain, batch_size):
-                recorder.set_batch(index, tuple(batch.shape))
-                forward(model, batch.to(device))
-                if trace:
-                    input_ids[index].append(batch.reshape(-1).to(torch.int32))
-                if progress:
-                    progress("batch", batch.numel(), domain.name)
+        for index, batch in mine:
+            recorder.set_batch(index, tuple(batch.shape))
+            forward(model, batch.to(device))
+            if progress:
+                progress("batch", batch.numel(), domains[index].name)
     return recorder, input_ids
 
 
