@@ -66,8 +66,10 @@ def prune(
     ] = None,
     eval_range: Annotated[str | None, typer.Option("--eval-range", help="START:END of eval data.")
                           ] = None,
-    eval_max_tokens: Annotated[int, typer.Option("--eval-max-tokens")] = 16384,
-    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len")] = 512,
+    eval_max_tokens: Annotated[int, typer.Option(
+        "--eval-max-tokens", help="At most this many --eval-data tokens per dataset.")] = 16384,
+    eval_seq_len: Annotated[int, typer.Option(
+        "--eval-seq-len", help="Tokens per --eval-data window.")] = 512,
     device: Annotated[str, typer.Option("--device", help="Device for --eval-data.")] = "auto",
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
@@ -136,7 +138,7 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
     if not layout.is_moe:
-        raise InvalidArgumentError(f"{source} is a dense model ({layout.family.name}): "
+        raise InvalidArgumentError(f"{source} is a dense model ({layout.resolved.family.name}): "
                                    "nothing to prune")
     fingerprint = model_fingerprint(checkpoint, layout)
     stats_data = load_stats(stats, domain) if stats is not None else None
