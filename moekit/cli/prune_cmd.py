@@ -194,6 +194,7 @@ def _show_plan(plan: Any, stats: Any, report: Path | None, quiet: bool) -> list[
     from moekit.ops.plan import budget_rows
 
     budget = budget_rows(plan, stats)
+    plan.record_budget(budget)
     if report is not None:
         import pandas as pd
 
