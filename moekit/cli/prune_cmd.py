@@ -142,14 +142,15 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
                                    "nothing to prune")
     fingerprint = model_fingerprint(checkpoint, layout)
     stats_data = load_stats(stats, domain) if stats is not None else None
-    if stats_data is not None:
-        check_stats(stats_data, layout, fingerprint, ignore_fingerprint)
+    notes = (check_stats(stats_data, layout, fingerprint, ignore_fingerprint)
+             if stats_data is not None else [])
     if plan_in is not None:
         if any(x is not None for x in (ratio, criterion, keep, drop)) or protect:
             raise InvalidArgumentError("--plan is given with selection options",
                                        "a plan already fixes the experts; drop --ratio/"
                                        "--criterion/--keep/--drop/--protect")
         plan = validate_plan(PrunePlan.load(plan_in), layout, fingerprint, ignore_fingerprint)
+        plan.warnings += notes
         return plan, stats_data
     if criterion is not None and (keep is not None or drop is not None):
         raise InvalidArgumentError("--criterion is given with --keep/--drop",
@@ -159,6 +160,7 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
         keep=read_expert_lists(keep, layout, "--keep") if keep is not None else None,
         drop=read_expert_lists(drop, layout, "--drop") if drop is not None else None,
         protect=parse_protect(protect, layout), min_experts=min_experts, seed=seed)
+    plan.warnings += notes
     return plan, stats_data
 
 

@@ -224,6 +224,10 @@ def validate_plan(plan: PrunePlan, layout: ModelLayout, fingerprint: str,
             f"({fingerprint})", "pass --ignore-fingerprint to apply it anyway")
     plan.config_changes, grouping = grouping_changes(layout, plan.layers)
     plan.warnings = [w for w in plan.warnings if not w.startswith(GROUPING)] + grouping
+    if plan.model_fingerprint != fingerprint:  # let through by ignore_fingerprint: say so
+        note = (f"plan was made for model {plan.model_fingerprint}, not this checkpoint "
+                f"({fingerprint}): applied anyway (--ignore-fingerprint)")
+        plan.warnings += [note] if note not in plan.warnings else []
     return plan
 
 
