@@ -34,6 +34,10 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     dense model plus T x H x 4 bytes per layer.
     """
     import torch
+
+    from moekit.ops.modeling import quiet_transformers
+
+    quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moekit.calib.data import DataSource, batches, load_domains, parse_fraction
