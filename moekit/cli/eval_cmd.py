@@ -128,14 +128,16 @@ class token_progress:  # noqa: N801 - used like a function in `with`
         self.progress = Progress("[progress.description]{task.description}", BarColumn(),
                                  MofNCompleteColumn(), "tokens", TimeElapsedColumn(),
                                  console=err_console, transient=True)
-        self.task = self.progress.add_task(label, total=None)
+        self.label = label
+        self.task = self.progress.add_task(f"{label} (loading model and data)", total=None)
 
     def __enter__(self):  # noqa: ANN204
         self.progress.start()
         return self.update
 
     def update(self, advance: int, total: int) -> None:
-        self.progress.update(self.task, advance=advance, total=total)
+        label = self.label if advance else None  # tokens flow: loading is over
+        self.progress.update(self.task, advance=advance, total=total, description=label)
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()

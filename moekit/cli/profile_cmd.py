@@ -125,7 +125,7 @@ class TokenProgress:
             MofNCompleteColumn(), TextColumn("tokens"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=err_console, transient=True)
-        self.task = self.progress.add_task("profiling", total=None, rate="")
+        self.task = self.progress.add_task("loading model and data", total=None, rate="")
 
     def __enter__(self) -> TokenProgress:
         self.progress.start()
@@ -133,7 +133,7 @@ class TokenProgress:
 
     def __call__(self, event: str, tokens: int, domain: str) -> None:
         if event == "start":
-            self.progress.update(self.task, total=tokens)
+            self.progress.update(self.task, total=tokens, description="profiling")
             return
         self.progress.update(self.task, advance=tokens, description=f"profiling {domain}")
         speed = self.progress.tasks[0].speed
