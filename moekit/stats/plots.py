@@ -163,6 +163,17 @@ def _short(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
 
 
+def coactivation_values(counts: np.ndarray) -> np.ndarray:
+    """P(j | i) = N(i, j) / N(i) [E, E] float, NaN on the diagonal and in the rows of experts
+    with N(i) < MIN_COACT_TOKENS (a ratio over a handful of tokens is noise: 1 of 1 = 1.0)."""
+    import numpy as np
+
+    values = conditional_coactivation(counts)
+    np.fill_diagonal(values, np.nan)
+    values[np.diag(counts) < MIN_COACT_TOKENS, :] = np.nan
+    return values
+
+
 def coactivation_plot(profile: Profile, path: Path, layer: int) -> None:
     """E x E heatmap of P(j chosen | i chosen) = N(i, j) / N(i) for one layer (all domains)."""
     import matplotlib.pyplot as plt
@@ -170,10 +181,8 @@ def coactivation_plot(profile: Profile, path: Path, layer: int) -> None:
 
     counts = profile.coact(layer)
     num_experts = counts.shape[0]
-    values = conditional_coactivation(counts)
-    np.fill_diagonal(values, np.nan)
+    values = coactivation_values(counts)
     seen = np.diag(counts)
-    values[seen < MIN_COACT_TOKENS, :] = np.nan  # a ratio over a handful of tokens is noise
     top_k = profile.layer_stats.query("domain == 'all' and layer == @layer")["top_k"].iloc[0]
     base = (top_k - 1) / (num_experts - 1) if num_experts > 1 else 0.0
     size = max(5.0, 0.38 * num_experts + 2.5)
