@@ -6,6 +6,7 @@ for a fixed number of seeded steps on a fixed number of CPU threads, and saves b
 Hugging Face folder. The same seed and step count give the same weights on every run. Example:
 
     .venv/bin/python scripts/build_demo_model.py --out demo_out/model --steps 600
+    .venv/bin/python scripts/build_demo_model.py --dense --out demo_out/dense  # for upcycle
 
 The test suite imports `train_tokenizer`, `load_domains` and `train_lm` from here to build its
 small trained models (tests/tiny_models.py).
@@ -37,6 +38,8 @@ from transformers import (  # noqa: E402
     MixtralForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -77,6 +80,16 @@ def encode(tokenizer: PreTrainedTokenizerFast, text: str) -> torch.Tensor:
     """Token ids of `text`, shape (n,), without special tokens."""
     return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"],
                         dtype=torch.long)
+
+
+def build_dense(vocab_size: int) -> Qwen3ForCausalLM:
+    """A ~1.5M-parameter dense Qwen3 (4 layers, FFN width 512) to try `moekit upcycle` on."""
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        attention_dropout=0.1, dtype="float32")
+    return Qwen3ForCausalLM(config)
 
 
 def build_model(vocab_size: int) -> MixtralForCausalLM:
@@ -221,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=THREADS,
                     help=f"CPU threads (default {THREADS}; the weights depend on it)")
     ap.add_argument("--data", type=Path, default=DATA_DIR, help="folder with the domain .txt files")
+    ap.add_argument("--dense", action="store_true",
+                    help="a dense Qwen3 instead (a source for `moekit upcycle`)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
     prepare_out(args.out, args.overwrite)
@@ -238,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{d:9s} train {len(train[d]):6d} tok  val {len(val[d]):5d} tok  unigram "
               f"xent {unigram_xent(train[d], val[d], vocab):.3f}")
 
-    model = build_model(vocab)
+    model = build_dense(vocab) if args.dense else build_model(vocab)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M params, vocab {vocab}, {args.steps} steps, seed "
           f"{args.seed}, {args.threads} threads")
@@ -253,7 +268,8 @@ def main(argv: list[str] | None = None) -> None:
             seen.clear()
 
     train_lm(model, train, args.steps, seed=args.seed, log=log)
-    report(model, train, val, args.seed)
+    if not args.dense:
+        report(model, train, val, args.seed)
     save(model, tokenizer, args.out, args.overwrite)
     print(f"saved {args.out} ({time.monotonic() - t0:.1f}s total)")
 
