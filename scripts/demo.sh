@@ -32,5 +32,5 @@ $M eval "$OUT/pruned" --ref "$OUT/model" "${DATA[@]}" --data-range 0.9:1 --seq-l
 
 echo "== 6. report"
 $M inspect "$OUT/pruned"
-echo "Report with plots: $OUT/profile/report.md (PNG files beside it)"
+echo "Report with plots: $OUT/profile/report.md (PNG files beside it), or one file: $OUT/profile/report.html"
 echo "Pruned checkpoint: $OUT/pruned (model card README.md, moekit_provenance.json)"
