@@ -28,7 +28,7 @@ from moekit.cli.common import (
 )
 
 PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots",
-                                        help="Write PNG plots and report.md.")]
+                                        help="Write PNG plots, report.md and report.html.")]
 PlotLayerOpt = Annotated[int | None, typer.Option(
     "--plot-layer", help="Layer for the co-activation plot (default: the most uneven).")]
 ExportOpt = Annotated[Path | None, typer.Option(
@@ -66,8 +66,8 @@ def profile(
     """Record how the routers use their experts on calibration text, per domain.
 
     Writes into --out: expert_stats.csv/.parquet (tokens, weight_sum, ean_sum, reap_sum, max_norm)
-    per layer, expert and domain; layer_stats.csv; coactivation.npz; metadata.json; PNG plots
-    and report.md.
+    per layer, expert and domain; layer_stats.csv; coactivation.npz; metadata.json; PNG plots,
+    report.md and report.html (the plots embedded).
 
     Prints a per-layer summary and the coldest experts.
 
