@@ -61,7 +61,7 @@ def write_prune_records(folder: Path, source: str, plan: PrunePlan, *, config_ke
         body += "\n## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"
     if evaluation:
         body += "\n" + eval_markdown(evaluation)
-    write_model_card(folder, base_model=name, title=f"{Path(name).name} (pruned, "
+    write_model_card(folder, base_model=source, title=f"{Path(name).name} (pruned, "
                      f"{plan.num_kept} experts per layer)", summary=summary,
                      tags=["pruned", "moe", plan.family], body=body,
                      source_card=(source_folder / "README.md") if source_folder else None)
