@@ -158,7 +158,9 @@ def test_plan_file_shows_its_cost_without_stats(tiny_checkpoint, tmp_path):
     out = tmp_path / "pruned"
     applied = run("prune", model, "--plan", plan, "--out", out)
     assert applied.exit_code == 0, applied.output
-    assert " - | - |" not in (out / "README.md").read_text().split("## What was removed")[1]
+    card = (out / "README.md").read_text()
+    assert " - | - |" not in card.split("## What was removed")[1]
+    assert "base_model:" not in card and f"local checkpoint `{model}`" in card  # not a Hub id
 
 
 def test_ignore_fingerprint_warns_and_is_recorded(tiny_checkpoint, tmp_path):
