@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The moekit tour on a small MoE trained here from sample_data/ (about two minutes on 2 cores):
+# The moekit tour on a small MoE trained here from sample_data/ (under three minutes on 2 cores):
 # build -> inspect -> profile -> prune -> eval -> report. Everything lands in demo_out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/env.sh
-export HF_HUB_OFFLINE=1 USE_HUB_KERNELS=0 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 USE_HUB_KERNELS=0 TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY=PASSIVE
 M=.venv/bin/moekit
 OUT=demo_out
 DATA=(--data bible=sample_data/en_bible.txt --data code=sample_data/code_py.txt
       --data docs=sample_data/en_docs.txt)
 
 if [ ! -f "$OUT/model/config.json" ]; then
-  echo "== 1. training a small Mixtral (8 experts, top-2) on sample_data/ (~90 s)"
-  .venv/bin/python scripts/build_demo_model.py --out "$OUT/model" --seconds "${DEMO_SECONDS:-90}"
+  echo "== 1. training a small Mixtral (8 experts, top-2) on sample_data/ (600 seeded steps, ~1 min)"
+  .venv/bin/python scripts/build_demo_model.py --out "$OUT/model" --steps "${DEMO_STEPS:-600}"
 fi
 
 echo "== 2. inspect: what is this checkpoint?"
@@ -32,5 +32,5 @@ $M eval "$OUT/pruned" --ref "$OUT/model" "${DATA[@]}" --data-range 0.9:1 --seq-l
 
 echo "== 6. report"
 $M inspect "$OUT/pruned"
-echo "Report with plots: $OUT/profile/report.md (PNG files beside it)"
+echo "Report with plots: $OUT/profile/report.md (PNG files beside it), or one file: $OUT/profile/report.html"
 echo "Pruned checkpoint: $OUT/pruned (model card README.md, moekit_provenance.json)"

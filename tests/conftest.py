@@ -13,13 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("USE_HUB_KERNELS", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads on a busy CI machine
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import TINY_DENSE, TINY_MOE, save_tiny  # noqa: E402
+from tiny_models import SAMPLE_DATA, TINY_DENSE, TINY_MOE, save_tiny, save_trained  # noqa: E402
 
 MOE_TYPES = list(TINY_MOE)
 DENSE_TYPES = list(TINY_DENSE)
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +39,21 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
     return build
 
 
-def fixture_path(*parts: str) -> Path:
-    """A path under ../shared/fixtures; tests using it skip when it is absent."""
-    path = FIXTURES.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared fixture {path} not available")
-    return path
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`trained_checkpoint("moe" | "dense")` -> folder of a small model trained on sample_data/
+    (tests/tiny_models.py TRAINED; a few CPU seconds, once per session). Read-only."""
+    cache: dict[str, Path] = {}
+
+    def build(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = save_trained(kind, tmp_path_factory.mktemp(f"trained-{kind}"))
+        return cache[kind]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def sample_texts() -> dict[str, Path]:
+    """{domain: path} of the three sample_data/ texts the trained models learnt from."""
+    return {path.stem: path for path in sorted(SAMPLE_DATA.glob("*.txt"))}

@@ -13,7 +13,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from conftest import DENSE_TYPES, MOE_TYPES, fixture_path
+from conftest import DENSE_TYPES, MOE_TYPES
 from tiny_models import TINY_MOE, build_model, read_config
 from typer.testing import CliRunner
 
@@ -196,19 +196,19 @@ def test_per_expert_family_stored_fused(tmp_path):
     check_against_model(report, tmp_path, model)
 
 
-def test_shared_fixture_mixtral_e16k2():
-    folder = fixture_path("models", "mixtral-e16k2")
+def test_trained_mixtral_counts(trained_checkpoint):
+    folder = trained_checkpoint("moe")
     report = inspect_json(folder)
     assert report["family"] == "mixtral"
-    assert report["moe_layers"] == [0, 1, 2, 3]
-    assert report["experts_per_layer"] == [16] * 4 and report["top_k"] == 2
+    assert report["moe_layers"] == [0, 1]
+    assert report["experts_per_layer"] == [8] * 2 and report["top_k"] == 2
     total = file_numel(folder)
     assert report["total_params"] == total
-    # 4 layers x 16 experts x 3 matrices of hidden x intermediate; a token uses 2 of 16.
+    # 2 layers x 8 experts x 3 matrices of hidden x intermediate; a token uses 2 of 8.
     config = read_config(folder)
-    routed = 4 * 16 * 3 * config["hidden_size"] * config["intermediate_size"]
+    routed = 2 * 8 * 3 * config["hidden_size"] * config["intermediate_size"]
     assert report["routed_expert_params"] == routed
-    assert report["active_params"] == total - round(routed * (1 - 2 / 16))
+    assert report["active_params"] == total - round(routed * (1 - 2 / 8))
 
 
 def write_sparse_checkpoint(folder: Path, hidden: int = 4096, inter: int = 14336,

@@ -138,3 +138,63 @@ def _docstring_corpus() -> list[str]:
 
 def read_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
+
+
+# --- small models with really trained routing -------------------------------------------------
+
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample_data"
+TRAINED_VOCAB, TRAINED_SEQ, TRAINED_STEPS, TRAINED_LR = 512, 64, 200, 1e-2
+TRAINED: dict[str, tuple[str, dict]] = {
+    # 2 layers x 8 experts (top-2) of width 64: the routers specialise by domain in 200 steps.
+    "moe": ("mixtral", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_local_experts=8, num_experts_per_tok=2,
+                            router_aux_loss_coef=0.01)),
+    # Width 128: narrower ones give hidden states too alike for a data-driven upcycle router.
+    "dense": ("qwen3", dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=32)),
+}
+
+
+def save_trained(kind: str, out: Path, seed: int = 0) -> Path:
+    """Train the TRAINED[kind] model on the three sample_data/ domains (first 90% of each) for
+    TRAINED_STEPS seeded steps on one thread (a few CPU seconds) and save it with its tokenizer.
+
+    Uses the demo's training loop (scripts/build_demo_model.py), at a smaller size."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    demo = _demo_module()
+    splits = demo.load_domains(SAMPLE_DATA)
+    tok = demo.train_tokenizer([train for train, _ in splits.values()], TRAINED_VOCAB, 256)
+    streams = {d: demo.encode(tok, train) for d, (train, _) in splits.items()}
+    model_type, params = TRAINED[kind]
+    config = AutoConfig.for_model(model_type, vocab_size=len(tok), max_position_embeddings=256,
+                                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                                  pad_token_id=0, **params)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        demo.train_lm(model, streams, TRAINED_STEPS, seed=seed, seq=TRAINED_SEQ,
+                      peak_lr=TRAINED_LR)
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _demo_module():
+    """scripts/build_demo_model.py, imported by path (scripts/ is not a package)."""
+    import importlib.util
+    import sys
+
+    if "build_demo_model" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_model.py"
+        spec = importlib.util.spec_from_file_location("build_demo_model", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["build_demo_model"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["build_demo_model"]

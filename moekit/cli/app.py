@@ -10,14 +10,14 @@ import typer
 from moekit import __version__
 from moekit.cli.common import STATE
 from moekit.cli.eval_cmd import eval_model
+from moekit.cli.help import MoekitGroup
 from moekit.cli.inspect_cmd import inspect
 from moekit.cli.profile_cmd import profile
 from moekit.cli.prune_cmd import prune
 from moekit.cli.stats_cmd import stats_app
 from moekit.cli.upcycle_cmd import upcycle
 
-app = typer.Typer(name="moekit", no_args_is_help=True, add_completion=False,
-                  rich_markup_mode="rich",
+app = typer.Typer(name="moekit", no_args_is_help=True, add_completion=False, cls=MoekitGroup,
                   help="See how MoE checkpoints use their experts, and reshape them.")
 
 
@@ -29,7 +29,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show tracebacks on errors (also accepted after the command).")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:

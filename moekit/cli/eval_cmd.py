@@ -92,21 +92,42 @@ def eval_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def eval_table(result: dict[str, Any]):  # noqa: ANN201 - rich Table
+    """Loss and perplexity per dataset; with a reference also the reference's own loss and
+    perplexity, the change (model ppl / ref ppl - 1), KL(ref||model) and top-1 agreement."""
+    from rich import box
     from rich.table import Table
 
     has_ref = result.get("ref") is not None
-    title = f"{result['model']}" + (f" vs {result['ref']}" if has_ref else "")
-    table = Table(title=title, title_justify="left")
-    for name in ["data", "tokens", "loss (nats)", "perplexity"] + (
-            ["KL(ref||model)", "top-1 agree"] if has_ref else []):
-        table.add_column(name, justify="left" if name == "data" else "right")
+    title = f"{result['model']}" + (f" vs reference {result['ref']}" if has_ref else "")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+                  caption="loss in nats per token; KL = KL(ref||model); Δ ppl = ppl / ref ppl - 1"
+                  if has_ref else None, caption_justify="left")
+    for name in ["data", "tokens", "loss", "ppl"] + (
+            ["ref loss", "ref ppl", "Δ ppl", "KL", "top-1"] if has_ref else []):
+        table.add_column(name, justify="left" if name == "data" else "right", no_wrap=True)
     rows = eval_rows(result)
     for i, row in enumerate(rows):
-        cells = [row["name"], f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.3f}"]
+        cells = [row["name"], f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.2f}"]
         if has_ref:
-            cells += [f"{row['kl']:.4f}", f"{row['top1']:.2%}"]
+            cells += [_num(row.get("ref_loss"), ".4f"), _num(row.get("ref_ppl"), ".2f"),
+                      _change(row["ppl"], row.get("ref_ppl")),
+                      f"{nonnegative(row['kl']):.4f}", f"{row['top1']:.1%}"]
         table.add_row(*cells, style="bold" if i == len(rows) - 1 else None)
     return table
+
+
+def nonnegative(value: float) -> float:
+    """KL is >= 0; float round-off can give -1e-9, printed as `-0.0000`: show 0 instead."""
+    return max(value, 0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _change(value: float, ref: float | None) -> str:
+    """Relative change of `value` against `ref`, e.g. `+12.3%` (`-` without a reference)."""
+    return "-" if not ref else f"{value / ref - 1:+.1%}"
 
 
 class token_progress:  # noqa: N801 - used like a function in `with`
@@ -120,14 +141,16 @@ class token_progress:  # noqa: N801 - used like a function in `with`
         self.progress = Progress("[progress.description]{task.description}", BarColumn(),
                                  MofNCompleteColumn(), "tokens", TimeElapsedColumn(),
                                  console=err_console, transient=True)
-        self.task = self.progress.add_task(label, total=None)
+        self.label = label
+        self.task = self.progress.add_task(f"{label} (loading model and data)", total=None)
 
     def __enter__(self):  # noqa: ANN204
         self.progress.start()
         return self.update
 
     def update(self, advance: int, total: int) -> None:
-        self.progress.update(self.task, advance=advance, total=total)
+        label = self.label if advance else None  # tokens flow: loading is over
+        self.progress.update(self.task, advance=advance, total=total, description=label)
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()

@@ -31,7 +31,7 @@ from moekit.cli.common import (
 from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
 PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots",
-                                        help="Write PNG plots and report.md.")]
+                                        help="Write PNG plots, report.md and report.html.")]
 PlotLayerOpt = Annotated[int | None, typer.Option(
     "--plot-layer", help="Layer for the co-activation plot (default: the most uneven).")]
 ExportOpt = Annotated[Path | None, typer.Option(
@@ -71,8 +71,8 @@ def profile(
     """Record how the routers use their experts on calibration text, per domain.
 
     Writes into --out: expert_stats.csv/.parquet (tokens, weight_sum, ean_sum, reap_sum, max_norm)
-    per layer, expert and domain; layer_stats.csv; coactivation.npz; metadata.json; PNG plots
-    and report.md.
+    per layer, expert and domain; layer_stats.csv; coactivation.npz; metadata.json; PNG plots,
+    report.md and report.html (the plots embedded).
 
     Prints a per-layer summary and the coldest experts.
 
@@ -137,7 +137,7 @@ class TokenProgress:
             MofNCompleteColumn(), TextColumn("tokens"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=err_console, transient=True)
-        self.task = self.progress.add_task("profiling", total=None, rate="")
+        self.task = self.progress.add_task("loading model and data", total=None, rate="")
 
     def __enter__(self) -> TokenProgress:
         self.progress.start()
@@ -145,7 +145,7 @@ class TokenProgress:
 
     def __call__(self, event: str, tokens: int, domain: str) -> None:
         if event == "start":
-            self.progress.update(self.task, total=tokens)
+            self.progress.update(self.task, total=tokens, description="profiling")
             return
         self.progress.update(self.task, advance=tokens, description=f"profiling {domain}")
         speed = self.progress.tasks[0].speed

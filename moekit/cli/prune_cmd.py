@@ -66,8 +66,10 @@ def prune(
     ] = None,
     eval_range: Annotated[str | None, typer.Option("--eval-range", help="START:END of eval data.")
                           ] = None,
-    eval_max_tokens: Annotated[int, typer.Option("--eval-max-tokens")] = 16384,
-    eval_seq_len: Annotated[int, typer.Option("--eval-seq-len")] = 512,
+    eval_max_tokens: Annotated[int, typer.Option(
+        "--eval-max-tokens", help="At most this many --eval-data tokens per dataset.")] = 16384,
+    eval_seq_len: Annotated[int, typer.Option(
+        "--eval-seq-len", help="Tokens per --eval-data window.")] = 512,
     device: Annotated[str, typer.Option("--device", help="Device for --eval-data.")] = "auto",
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
@@ -136,18 +138,19 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
     if not layout.is_moe:
-        raise InvalidArgumentError(f"{source} is a dense model ({layout.family.name}): "
+        raise InvalidArgumentError(f"{source} is a dense model ({layout.resolved.family.name}): "
                                    "nothing to prune")
     fingerprint = model_fingerprint(checkpoint, layout)
     stats_data = load_stats(stats, domain) if stats is not None else None
-    if stats_data is not None:
-        check_stats(stats_data, layout, fingerprint, ignore_fingerprint)
+    notes = (check_stats(stats_data, layout, fingerprint, ignore_fingerprint)
+             if stats_data is not None else [])
     if plan_in is not None:
         if any(x is not None for x in (ratio, criterion, keep, drop)) or protect:
             raise InvalidArgumentError("--plan is given with selection options",
                                        "a plan already fixes the experts; drop --ratio/"
                                        "--criterion/--keep/--drop/--protect")
         plan = validate_plan(PrunePlan.load(plan_in), layout, fingerprint, ignore_fingerprint)
+        plan.warnings += notes
         return plan, stats_data
     if criterion is not None and (keep is not None or drop is not None):
         raise InvalidArgumentError("--criterion is given with --keep/--drop",
@@ -157,6 +160,7 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
         keep=read_expert_lists(keep, layout, "--keep") if keep is not None else None,
         drop=read_expert_lists(drop, layout, "--drop") if drop is not None else None,
         protect=parse_protect(protect, layout), min_experts=min_experts, seed=seed)
+    plan.warnings += notes
     return plan, stats_data
 
 
@@ -192,6 +196,7 @@ def _show_plan(plan: Any, stats: Any, report: Path | None, quiet: bool) -> list[
     from moekit.ops.plan import budget_rows
 
     budget = budget_rows(plan, stats)
+    plan.record_budget(budget)
     if report is not None:
         import pandas as pd
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moekit.cli.common import OutOpt, OverwriteOpt, console, handle_errors
+from moekit.cli.common import OutOpt, OverwriteOpt, console, err_console, handle_errors
 from moekit.cli.profile_cmd import ColdestOpt, ExportOpt, PlotLayerOpt, PlotsOpt, show_profile
 
 stats_app = typer.Typer(name="stats", no_args_is_help=True,
@@ -26,6 +26,9 @@ def merge(
     plot_layer: PlotLayerOpt = None,
     export: ExportOpt = None,
     export_coldest: ColdestOpt = None,
+    allow_duplicates: Annotated[bool, typer.Option(
+        "--allow-duplicates", help="Merge even when inputs hold the same data (its counts then "
+        "add twice); refused by default.")] = False,
 ) -> None:
     """Add profiles of the same model (e.g. datasets profiled separately or on several
     machines): counts and sums add exactly, max_norm takes the max, same-named domains add up.
@@ -38,7 +41,10 @@ def merge(
 
     check_outputs(profiles, out, overwrite, {"--export-table": (export, TABLE_SUFFIXES),
                                              "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
-    merged = merge_profiles([load_profile(p) for p in profiles])
+    merged = merge_profiles([load_profile(p) for p in profiles], allow_duplicates)
+    for line in merged.metadata.get("duplicates", []):
+        err_console.print(f"[bold yellow]warning:[/] {line}: counted twice (--allow-duplicates)",
+                          soft_wrap=True)
     names = write_output(merged, out, overwrite=overwrite, inputs=tuple(profiles), plots=plots,
                          plot_layer=plot_layer)
     show_profile(merged, export, export_coldest)

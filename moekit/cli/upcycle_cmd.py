@@ -12,7 +12,6 @@ import typer
 from moekit.cli.common import (
     JsonOpt,
     ModelArg,
-    OutOpt,
     OverwriteOpt,
     RevisionOpt,
     TrustRemoteCodeOpt,
@@ -44,8 +43,9 @@ def parse_size(text: str) -> int:
 @handle_errors
 def upcycle(
     model: ModelArg,
-    out: OutOpt,
     experts: Annotated[int, typer.Option("--experts", "-e", help="Routed experts per layer.")],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Output folder (required unless --dry-run).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Experts per token.")] = 2,
     arch: Annotated[str | None, typer.Option(
         "--arch", help="Target family: mixtral (llama, mistral), qwen2_moe (qwen2), qwen3_moe "
@@ -105,6 +105,10 @@ def upcycle(
         data_range=data_range, max_tokens=max_tokens, seq_len=seq_len,
         norm_topk_prob=norm_topk_prob, aux_loss_coef=aux_loss_coef,
         max_shard_bytes=parse_size(max_shard_size), trust_remote_code=trust_remote_code)
+    if out is None and not dry_run:
+        from moekit.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--out is required", "give an output folder, or --dry-run")
     source = load_model_path(model, revision)
     if dry_run:
         from moekit.ops.upcycle import Prepared, summarize

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -34,21 +35,31 @@ def write_provenance(folder: Path, record: dict[str, Any]) -> Path:
 
 def write_model_card(folder: Path, *, base_model: str, title: str, summary: str,
                      tags: list[str], body: str = "", source_card: Path | None = None) -> Path:
-    """README.md with YAML front matter (`base_model`, `tags`, `library_name`). The source's own
-    licence line is kept when its card has one."""
+    """README.md with YAML front matter (`base_model` when the source is a Hub id, `tags`,
+    `library_name`). The source's own licence line is kept when its card has one."""
     license_line = _license_of(source_card)
-    front = ["---", f"base_model: {json.dumps(base_model)}", "library_name: transformers"]
+    hub_id = base_model if _is_hub_id(base_model) else None
+    front = ["---"] + ([f"base_model: {json.dumps(hub_id)}"] if hub_id else [])
+    front.append("library_name: transformers")
     if license_line:
         front.append(license_line)
     front.append("tags:")
     front += [f"- {tag}" for tag in ["moekit", *tags]]
     front.append("---")
+    if hub_id is None:  # the Hub's base_model must be a repo id: name the local folder instead
+        summary += f"\n\nSource: the local checkpoint `{base_model}`."
     text = "\n".join(front) + f"\n\n# {title}\n\n{summary}\n\n{body}".rstrip() + "\n\n"
     text += (f"Made with [moekit](https://github.com/moekit/moekit) {__version__}; the exact "
              f"operation is recorded in `{PROVENANCE_NAME}`.\n")
     path = Path(folder) / "README.md"
     path.write_text(text)
     return path
+
+
+def _is_hub_id(name: str) -> bool:
+    """`org/name` that is not an existing local path (Hub ids have exactly one slash)."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+            and not Path(name).exists())
 
 
 def _license_of(card: Path | None) -> str | None:

@@ -5,7 +5,8 @@ distributions and top-1 agreement, on the very same token windows.
 Per window of S tokens, the S-1 next-token predictions count:
 loss = -1/N sum log p_model(x_t+1 | x_<=t), ppl = exp(loss),
 KL = 1/N sum_t sum_v p_ref(v) (log p_ref(v) - log p_model(v)),
-top-1 = 1/N sum_t [argmax p_ref = argmax p_model]. "overall" weights datasets by tokens.
+top-1 = 1/N sum_t [argmax p_ref = argmax p_model], and the reference's own loss/ppl on the same
+predictions. "overall" weights datasets by tokens.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class DomainEval:
     ppl: float
     kl: float | None = None
     top1: float | None = None
+    ref_loss: float | None = None
+    ref_ppl: float | None = None
 
 
 @dataclass
@@ -56,12 +59,15 @@ class _Sums:
     kl: float = 0.0
     agree: float = 0.0
     tokens: int = 0
+    ref_loss: float = 0.0
 
     def result(self, name: str, with_ref: bool) -> DomainEval:
         n = max(self.tokens, 1)
-        loss = self.loss / n
-        return DomainEval(name, self.tokens, loss, math.exp(min(loss, 700.0)),
-                          self.kl / n if with_ref else None, self.agree / n if with_ref else None)
+        loss, ref_loss = self.loss / n, self.ref_loss / n
+        if not with_ref:
+            return DomainEval(name, self.tokens, loss, math.exp(min(loss, 700.0)))
+        return DomainEval(name, self.tokens, loss, math.exp(min(loss, 700.0)), self.kl / n,
+                          self.agree / n, ref_loss, math.exp(min(ref_loss, 700.0)))
 
 
 def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = None, *,
@@ -115,7 +121,8 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
     reduce_eval_sums(sums)
     results = [sums[d.name].result(d.name, ref is not None) for d in domains]
     total = _Sums(sum(s.loss for s in sums.values()), sum(s.kl for s in sums.values()),
-                  sum(s.agree for s in sums.values()), sum(s.tokens for s in sums.values()))
+                  sum(s.agree for s in sums.values()), sum(s.tokens for s in sums.values()),
+                  sum(s.ref_loss for s in sums.values()))
     settings = {"seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
                 "device": device, "dtype": dtype, "data_range": list(fraction),
                 "data": {d.name: {"sha256": d.sha256, "files": d.files} for d in domains}}
@@ -166,6 +173,7 @@ def _add(sums: _Sums, logp: torch.Tensor, batch: torch.Tensor,
     if ref_logp is not None:
         sums.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
         sums.agree += float((ref_logp.argmax(-1) == logp.argmax(-1)).sum())
+        sums.ref_loss += float(-ref_logp.gather(-1, target).sum())
 
 
 def _has_tokenizer(path: Path) -> bool:

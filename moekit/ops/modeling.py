@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,11 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def quiet_transformers() -> None:
-    """No progress bars, no load reports, no Hub kernels."""
+    """No progress bars, no load reports, no Hub kernels, no warnings that are no news to a
+    moekit user (long texts are cut into windows by moekit; zero-width experts are valid)."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("USE_HUB_KERNELS", "0")
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

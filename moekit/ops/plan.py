@@ -21,19 +21,23 @@ if TYPE_CHECKING:
     from moekit.ops.prune.stats import ExpertStats
 
 PLAN_VERSION = 1
+SHARE_COLUMNS = ("traffic_removed", "weight_removed")
 GROUPING = "grouped routing"
 
 
 @dataclass
 class LayerPlan:
     """One MoE layer (decoder layer index `layer`): kept and dropped original expert ids and the
-    criterion value of every expert (None for explicit plans)."""
+    criterion value of every expert (None for explicit plans). `removed_shares`: the share of
+    calibration traffic/weight the dropped experts had when the plan was made (budget_rows keys),
+    so a saved plan shows its cost without the statistics."""
 
     layer: int
     num_experts: int
     kept: list[int]
     dropped: list[int]
     scores: list[float] | None = None
+    removed_shares: dict[str, float] = field(default_factory=dict)
 
     @property
     def old_to_new(self) -> dict[int, int]:
@@ -86,7 +90,8 @@ class PrunePlan:
                 raise KeyError("moekit_plan")
             layers = [LayerPlan(int(p["layer"]), int(p["num_experts"]),
                                 [int(x) for x in p["kept"]], [int(x) for x in p["dropped"]],
-                                p.get("scores")) for p in data["layers"]]
+                                p.get("scores"), dict(p.get("removed_shares") or {}))
+                      for p in data["layers"]]
             return PrunePlan(
                 criterion=str(data["criterion"]), ratio=float(data["ratio"]),
                 family=str(data["family"]), top_k=int(data["top_k"]),
@@ -100,6 +105,12 @@ class PrunePlan:
             raise InvalidArgumentError(f"{source} is not a moekit prune plan (bad or missing "
                                        f"field {err})", "write one with --dry-run --plan-out"
                                        ) from err
+
+    def record_budget(self, budget: list[dict[str, Any]]) -> None:
+        """Keep the traffic/weight shares of `budget_rows` in the layers (for --plan-out)."""
+        for p, row in zip(self.layers, budget, strict=True):
+            p.removed_shares.update({k: float(row[k]) for k in SHARE_COLUMNS
+                                     if row[k] == row[k]})  # NaN: no statistics
 
     def save(self, path: Path) -> Path:
         path = Path(path)
@@ -213,6 +224,10 @@ def validate_plan(plan: PrunePlan, layout: ModelLayout, fingerprint: str,
             f"({fingerprint})", "pass --ignore-fingerprint to apply it anyway")
     plan.config_changes, grouping = grouping_changes(layout, plan.layers)
     plan.warnings = [w for w in plan.warnings if not w.startswith(GROUPING)] + grouping
+    if plan.model_fingerprint != fingerprint:  # let through by ignore_fingerprint: say so
+        note = (f"plan was made for model {plan.model_fingerprint}, not this checkpoint "
+                f"({fingerprint}): applied anyway (--ignore-fingerprint)")
+        plan.warnings += [note] if note not in plan.warnings else []
     return plan
 
 
@@ -248,7 +263,8 @@ def budget_rows(plan: PrunePlan, stats: ExpertStats | None) -> list[dict[str, An
             saliency = [r / t if t > 0 else 0.0 for r, t in zip(reap, tokens, strict=True)]
         for name, column in (("traffic_removed", "tokens"), ("weight_removed", "weight_sum")):
             values = stats.column(p.layer, column) if stats and p.layer in stats.values else None
-            row[name] = _share(values, p.dropped)
+            row[name] = _share(values, p.dropped) if values is not None else \
+                p.removed_shares.get(name, math.nan)
         row["saliency_removed"] = _share(saliency, p.dropped)
         rows.append(row)
     return rows

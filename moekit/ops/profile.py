@@ -197,5 +197,5 @@ def write_output(profile: Profile, out: Path, *, overwrite: bool = False,
 
             files = write_plots(profile, folder, plot_layer)
             write_report(profile, folder, files)
-            names += [*files.values(), "report.md"]
+            names += [*files.values(), "report.md", "report.html"]
     return names

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 DPI = 110
 MAX_PANELS = 4
 ANNOTATE_MAX_EXPERTS = 16
+MIN_COACT_TOKENS = 30  # co-activation rows of experts with fewer routed tokens are masked
 
 
 def write_plots(profile: Profile, folder: Path, plot_layer: int | None = None) -> dict[str, str]:
@@ -162,6 +163,17 @@ def _short(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
 
 
+def coactivation_values(counts: np.ndarray) -> np.ndarray:
+    """P(j | i) = N(i, j) / N(i) [E, E] float, NaN on the diagonal and in the rows of experts
+    with N(i) < MIN_COACT_TOKENS (a ratio over a handful of tokens is noise: 1 of 1 = 1.0)."""
+    import numpy as np
+
+    values = conditional_coactivation(counts)
+    np.fill_diagonal(values, np.nan)
+    values[np.diag(counts) < MIN_COACT_TOKENS, :] = np.nan
+    return values
+
+
 def coactivation_plot(profile: Profile, path: Path, layer: int) -> None:
     """E x E heatmap of P(j chosen | i chosen) = N(i, j) / N(i) for one layer (all domains)."""
     import matplotlib.pyplot as plt
@@ -169,8 +181,8 @@ def coactivation_plot(profile: Profile, path: Path, layer: int) -> None:
 
     counts = profile.coact(layer)
     num_experts = counts.shape[0]
-    values = conditional_coactivation(counts)
-    np.fill_diagonal(values, np.nan)
+    values = coactivation_values(counts)
+    seen = np.diag(counts)
     top_k = profile.layer_stats.query("domain == 'all' and layer == @layer")["top_k"].iloc[0]
     base = (top_k - 1) / (num_experts - 1) if num_experts > 1 else 0.0
     size = max(5.0, 0.38 * num_experts + 2.5)
@@ -185,11 +197,14 @@ def coactivation_plot(profile: Profile, path: Path, layer: int) -> None:
                             ha="center", va="center", fontsize=6,
                             color="white" if values[i, j] > 0.6 * np.nanmax(values) else "black")
     _expert_ticks(ax, num_experts)
-    ax.set_yticks(range(0, num_experts, max(1, num_experts // 32)))
+    rows = range(0, num_experts, max(1, num_experts // 32))
+    ax.set_yticks(rows)
+    ax.set_yticklabels([f"{i} (N={_short(int(seen[i]))})" for i in rows], fontsize=7)
     ax.set_xlabel("expert j")
-    ax.set_ylabel("expert i")
+    ax.set_ylabel("expert i (N(i) = tokens routed to i)")
     ax.set_title(f"Co-activation, layer {layer}: {_title(profile)}\n"
-                 f"P(j also chosen | i chosen); uniform random routing: {base:.3f}", fontsize=10)
+                 f"P(j also chosen | i chosen); uniform random routing: {base:.3f}; grey rows: "
+                 f"N(i) < {MIN_COACT_TOKENS}", fontsize=10)
     bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
     bar.set_label("N(i, j) / N(i)")
     fig.tight_layout()

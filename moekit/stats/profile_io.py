@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
+import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,9 +188,11 @@ def load_profile(folder: Path) -> Profile:
     return _finish(metadata, _typed(experts), layers[LAYER_RAW_COLUMNS], coact)
 
 
-def merge_profiles(profiles: list[Profile]) -> Profile:
+def merge_profiles(profiles: list[Profile], allow_duplicates: bool = False) -> Profile:
     """Add profiles of the same model: counts and sums add, max_norm takes the max, domains with
-    the same name add up. Metadata is the first profile's, with merged domains."""
+    the same name add up. Metadata is the first profile's, with merged domains, this command
+    line and time. The same data twice (equal domain sha256, see `duplicate_data`) would count
+    double: refused unless `allow_duplicates` (then listed in metadata `duplicates`)."""
     import pandas as pd
 
     if not profiles:
@@ -195,6 +200,10 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     first = profiles[0]
     for other in profiles[1:]:
         _check_compatible(first, other)
+    duplicates = duplicate_data(profiles)
+    if duplicates and not allow_duplicates:
+        raise StatsError(f"{duplicates[0]}: merging would count its tokens twice",
+                         "merge profiles of different data, or pass --allow-duplicates")
     experts = pd.concat([p.expert_stats for p in profiles], ignore_index=True)
     agg = {c: "sum" for c in SUM_COLUMNS} | {"max_norm": "max"}
     experts = experts.groupby(["layer", "expert", "domain"], as_index=False, sort=False).agg(agg)
@@ -204,7 +213,25 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     for profile in profiles:
         for key, value in profile.coactivation.items():
             coact[key] = coact[key] + value if key in coact else value.copy()
-    return _finish(_merged_metadata(profiles), _typed(experts), layers, coact)
+    meta = _merged_metadata(profiles) | ({"duplicates": duplicates} if duplicates else {})
+    return _finish(meta, _typed(experts), layers, coact)
+
+
+def duplicate_data(profiles: list[Profile]) -> list[str]:
+    """One line per domain whose data (sha256 of the text used) already occurs in an earlier
+    input: merging such profiles counts the same tokens twice."""
+    seen: dict[str, tuple[int, str]] = {}
+    found = []
+    for i, profile in enumerate(profiles, start=1):
+        for name, info in profile.metadata.get("domains", {}).items():
+            sha = info.get("sha256")
+            if sha and sha in seen:
+                j, other = seen[sha]
+                found.append(f"domain '{name}' of input {i} is the same data as '{other}' of "
+                             f"input {j} (sha256 {sha})")
+            elif sha:
+                seen[sha] = (i, name)
+    return found
 
 
 def _check_compatible(a: Profile, b: Profile) -> None:
@@ -235,12 +262,14 @@ def _merged_metadata(profiles: list[Profile]) -> dict[str, Any]:
     meta["domains"] = domains
     meta["trace"] = False
     meta["merged_from"] = [_summary(p.metadata) for p in profiles]
+    meta["command"] = shlex.join(["moekit", *sys.argv[1:]])
+    meta["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return meta
 
 
 def _summary(metadata: dict[str, Any]) -> dict[str, Any]:
     if "merged_from" in metadata:
         return {"merged_from": metadata["merged_from"]}
-    keys = ("model", "created", "seq_len", "data_range", "moekit_version")
+    keys = ("model", "command", "created", "seq_len", "data_range", "moekit_version")
     return {k: metadata.get(k) for k in keys} | {
         "domains": {n: i.get("tokens") for n, i in metadata.get("domains", {}).items()}}

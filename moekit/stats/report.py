@@ -1,4 +1,4 @@
-"""Human-readable views of a profile: rich tables for the terminal and report.md."""
+"""Human-readable views of a profile: rich tables for the terminal, report.md and report.html."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moekit.stats.html import write_html
 from moekit.stats.metrics import COLD_RATIO, coldest, specialisation, summary_table
 
 if TYPE_CHECKING:
@@ -115,7 +116,8 @@ def markdown_table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
 
 
 def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
-    """report.md: provenance, findings, tables and the plots."""
+    """report.md: provenance, findings, tables and the plots; and report.html, the same page
+    with the plots embedded (one file to open in a browser)."""
     meta = profile.metadata
     domains = meta.get("domains", {})
     parts = [f"# Routing profile: {Path(str(meta.get('model'))).name}", "",
@@ -145,4 +147,5 @@ def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
               "- Formulas and file formats: docs/profile.md in the moekit repository.", ""]
     path = Path(folder) / "report.md"
     path.write_text("\n".join(parts))
+    write_html(path, f"Routing profile: {Path(str(meta.get('model'))).name}")
     return path

@@ -61,7 +61,7 @@ def write_prune_records(folder: Path, source: str, plan: PrunePlan, *, config_ke
         body += "\n## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"
     if evaluation:
         body += "\n" + eval_markdown(evaluation)
-    write_model_card(folder, base_model=name, title=f"{Path(name).name} (pruned, "
+    write_model_card(folder, base_model=source, title=f"{Path(name).name} (pruned, "
                      f"{plan.num_kept} experts per layer)", summary=summary,
                      tags=["pruned", "moe", plan.family], body=body,
                      source_card=(source_folder / "README.md") if source_folder else None)
@@ -88,13 +88,15 @@ def _budget_markdown(budget: list[dict[str, Any]] | None, plan: PrunePlan) -> st
 def eval_markdown(evaluation: dict[str, Any]) -> str:
     """A markdown table of an EvalResult dict (per domain and overall)."""
     has_ref = evaluation.get("ref") is not None
-    head = "| data | tokens | loss (nats) | perplexity |" + (" KL(ref‖model) | top-1 agree |"
-                                                             if has_ref else "")
-    lines = ["## Evaluation", "", head, "|---" * (6 if has_ref else 4) + "|"]
+    head = "| data | tokens | loss (nats) | perplexity |" + (
+        " source perplexity | KL(ref‖model) | top-1 agree |" if has_ref else "")
+    lines = ["## Evaluation", "", head, "|---" * (7 if has_ref else 4) + "|"]
     for row in [*evaluation["domains"], evaluation["overall"]]:
         cells = [row["name"], f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.3f}"]
         if has_ref:
-            cells += [f"{row['kl']:.4f}", f"{row['top1']:.2%}"]
+            ref_ppl = row.get("ref_ppl")
+            cells += ["-" if ref_ppl is None else f"{ref_ppl:.3f}",
+                      f"{max(row['kl'], 0.0) + 0.0:.4f}", f"{row['top1']:.2%}"]
         lines.append("| " + " | ".join(cells) + " |")
     if has_ref:
         lines.append("")

@@ -142,9 +142,10 @@ def _number(value: Any) -> float:
 
 
 def check_stats(stats: ExpertStats, layout: ModelLayout, fingerprint: str,
-                ignore_fingerprint: bool = False) -> None:
+                ignore_fingerprint: bool = False) -> list[str]:
     """Fail unless the statistics describe this model: same family, MoE layers, experts, top-k
-    and (unless `ignore_fingerprint`) the same model fingerprint."""
+    and (unless `ignore_fingerprint`) the same model fingerprint. Returns warnings: a
+    fingerprint mismatch let through by `ignore_fingerprint`."""
     family = stats.metadata.get("family")
     if family and family != layout.family.name:
         raise StatsError(f"stats are for a {family} model but this checkpoint is "
@@ -169,6 +170,10 @@ def check_stats(stats: ExpertStats, layout: ModelLayout, fingerprint: str,
         raise StatsError(f"stats were taken on model {recorded}, not on this checkpoint "
                          f"({fingerprint})", "profile this model, or pass --ignore-fingerprint "
                          "if only its router weights changed on purpose")
+    if recorded and recorded != fingerprint:
+        return [f"stats were taken on model {recorded}, not on this checkpoint ({fingerprint}): "
+                "used anyway (--ignore-fingerprint)"]
+    return []
 
 
 def write_stats(folder: Path, rows: list[dict[str, Any]], metadata: dict[str, Any]) -> Path:

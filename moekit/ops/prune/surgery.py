@@ -174,7 +174,8 @@ def prune_checkpoint(source: Path, plan: PrunePlan, out: Path, *, overwrite: boo
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
     if not layout.is_moe:
-        raise CheckpointError(f"{source} is a dense model ({layout.family.name}): nothing to prune")
+        raise CheckpointError(f"{source} is a dense model ({layout.resolved.family.name}): "
+                              "nothing to prune")
     plan = validate_plan(plan, layout, model_fingerprint(checkpoint, layout), ignore_fingerprint)
     tensors, actions = plan_tensors(checkpoint, layout, plan)
     config, config_keys, warnings = patch_config(checkpoint.config, layout, plan)

@@ -38,8 +38,10 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     import torch
 
     from moekit.io.remote_code import check_remote_code
+    from moekit.ops.modeling import quiet_transformers
 
     check_remote_code(folder, trust_remote_code)
+    quiet_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moekit.calib.data import DataSource, batches, load_domains, parse_fraction
