@@ -45,6 +45,7 @@ class LayerRaw:
     top1_pairs: np.ndarray
     top1_repeats: np.ndarray
     trace: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    window_tokens: list[np.ndarray] = field(default_factory=list)  # per domain [W_d, E] int32
 
 
 class LayerAccumulator:

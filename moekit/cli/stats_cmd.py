@@ -68,3 +68,28 @@ def show(
     check_outputs((profile,), files={"--export-table": (export, TABLE_SUFFIXES),
                                      "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     show_profile(load_profile(profile), export, export_coldest)
+
+
+@stats_app.command("export")
+@handle_errors
+def export(
+    profile: Annotated[Path, typer.Argument(help="A profile folder.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Serving engine: vllm (safetensors "
+                                     "global_expert_load_window) or sglang (.json/.pt "
+                                     "logical_count).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file.")],
+    domain: Annotated[str, typer.Option("--domain", help="Domain whose loads to write.")] = "all",
+) -> None:
+    """Write measured per-layer expert loads for an expert-parallel load balancer
+    (see docs/profile.md, "Export for serving").
+
+    Example: moekit stats export prof --format sglang --out loads.json
+    """
+    from moekit.io.output import check_outputs
+    from moekit.stats.profile_io import load_profile
+    from moekit.stats.serving import FORMATS, export_loads
+
+    suffixes = FORMATS.get(fmt, (".safetensors", ".json", ".pt"))
+    check_outputs((profile,), files={"--out": (out, suffixes)})
+    path = export_loads(load_profile(profile), fmt, out, domain)
+    console.print(f"wrote {path} ({fmt} expert loads, domain {domain})")
