@@ -14,6 +14,12 @@ expert output f_e(x_t), unweighted):
     coact[d, i, j]   = #{t: i and j both among token t's k experts}   (diagonal = tokens)
     entropy_sum[d]   = sum_t H(p_t),  p_t the router's full distribution over E experts
     top1_repeats[d]  = #{consecutive token pairs of a window with the same top-1 expert}
+
+Per calibration window (one row of a [B, S] batch; the whole batch when the hook sees no
+[B, S] shape), kept apart for bootstrap intervals (moekit.stats.uncertainty), W_d windows:
+
+    window_tokens[d] [W_d, E] int32    routed slots of each expert in each window
+    window_reap[d]   [W_d, E] float32  REAP numerator of each expert in each window
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class LayerRaw:
     top1_repeats: np.ndarray
     trace: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     window_tokens: list[np.ndarray] = field(default_factory=list)  # per domain [W_d, E] int32
+    window_reap: list[np.ndarray] = field(default_factory=list)  # per domain [W_d, E] float32
 
 
 class LayerAccumulator:
@@ -70,6 +77,8 @@ class LayerAccumulator:
         self.positions = [0] * num_domains
         self.top1_pairs = [0] * num_domains
         self.trace_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
+            [] for _ in range(num_domains)]
+        self.window_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
             [] for _ in range(num_domains)]
 
     def add_routing(self, domain: int, shape: tuple[int, int], ids: torch.Tensor,
@@ -99,9 +108,26 @@ class LayerAccumulator:
             top1 = ids.gather(1, weights.argmax(dim=1, keepdim=True)).view(batch, seq)
             self.top1_repeats[d:d + 1].add_((top1[:, 1:] == top1[:, :-1]).sum())
             self.top1_pairs[d] += batch * (seq - 1)
+        self._add_windows(d, shape, ids, reap)
         if self.trace:
             small = torch.int16 if num_experts < 2 ** 15 else torch.int32
             self.trace_parts[d].append((ids.detach().to(small), weights.detach().float()))
+
+    def _add_windows(self, domain: int, shape: tuple[int, int], ids: torch.Tensor,
+                     reap: torch.Tensor) -> None:
+        """Per-window slot counts and REAP sums of one batch, [rows, E] each (no sync)."""
+        import torch
+
+        num_tokens, num_experts = ids.shape[0], self.num_experts
+        rows = shape[0] if shape[0] > 0 and shape[0] * shape[1] == num_tokens else 1
+        row = torch.arange(num_tokens, device=ids.device) // max(num_tokens // rows, 1)
+        slot = (row.unsqueeze(1) * num_experts + ids).reshape(-1)
+        counts = torch.zeros(rows * num_experts, dtype=torch.int32, device=ids.device)
+        counts.index_add_(0, slot, torch.ones_like(slot, dtype=torch.int32))
+        sums = torch.zeros(rows * num_experts, dtype=torch.float32, device=ids.device)
+        sums.index_add_(0, slot, reap.to(torch.float32))
+        self.window_parts[domain].append((counts.view(rows, num_experts),
+                                          sums.view(rows, num_experts)))
 
     def add_entropy(self, domain: int, logits: torch.Tensor, scoring: Scoring) -> None:
         """Add sum_t H(p_t) for router logits [T, E]; p = softmax(z), or for sigmoid routers the
@@ -128,6 +154,9 @@ class LayerAccumulator:
             if parts:
                 trace[d] = (torch.cat([p[0] for p in parts]).cpu().numpy(),
                             torch.cat([p[1] for p in parts]).cpu().numpy())
+        windows = [[torch.cat([p[i] for p in parts]).cpu().numpy() if parts else
+                     np.zeros((0, num_experts), dtype=np.int32 if i == 0 else np.float32)
+                     for parts in self.window_parts] for i in (0, 1)]
         return LayerRaw(
             layer=self.layer, num_experts=num_experts,
             tokens=self.tokens.cpu().numpy(), weight_sum=self.weight_sum.cpu().numpy(),
@@ -137,7 +166,8 @@ class LayerAccumulator:
             positions=np.asarray(self.positions, dtype=np.int64),
             entropy_sum=self.entropy_sum.cpu().numpy(),
             top1_pairs=np.asarray(self.top1_pairs, dtype=np.int64),
-            top1_repeats=self.top1_repeats.cpu().numpy(), trace=trace)
+            top1_repeats=self.top1_repeats.cpu().numpy(), trace=trace,
+            window_tokens=windows[0], window_reap=windows[1])
 
 
 class Recorder:

@@ -11,7 +11,7 @@ Every rank tokenises the same data into the same batches, then keeps its contigu
     tokens, weight_sum, ean_sum, reap_sum, coact, entropy_sum,
     top1_repeats, positions, top1_pairs           all_reduce SUM
     max_norm                                      all_reduce MAX
-    trace parts                                   gathered to rank 0, concatenated in rank order
+    trace parts, per-window parts                 gathered to rank 0, concatenated in rank order
     eval loss, kl, agree, tokens (per dataset)    all_reduce SUM
 
 Shares are contiguous, so concatenating per-rank traces in rank order gives the single-process
@@ -250,24 +250,25 @@ def reduce_layer(acc: LayerAccumulator) -> None:
         dist.all_reduce(acc.max_norm, op=dist.ReduceOp.MAX)
         acc.positions, acc.top1_pairs = (row.tolist() for row in counts.cpu())
         if acc.trace:
-            _gather_trace(acc)
+            acc.trace_parts = _gather_parts(acc.trace_parts)
+        acc.window_parts = _gather_parts(acc.window_parts)
     acc.reduced_across_ranks = True
 
 
-def _gather_trace(acc: LayerAccumulator) -> None:
-    """Rank 0 receives every rank's trace parts and keeps them in rank order; the other ranks
-    drop theirs (they write nothing)."""
+def _gather_parts(parts: list[list[tuple[Any, Any]]]) -> list[list[tuple[Any, Any]]]:
+    """Per-domain lists of tensor pairs (trace parts, per-window sums): rank 0 receives every
+    rank's, in rank order (= the single-process order, shares being contiguous); the other
+    ranks drop theirs (they write nothing)."""
     import torch.distributed as dist
 
     ctx = dist_context()
-    local = [[(ids.cpu(), w.cpu()) for ids, w in parts] for parts in acc.trace_parts]
+    local = [[(a.cpu(), b.cpu()) for a, b in domain] for domain in parts]
     gathered: list[Any] | None = [None] * ctx.world_size if ctx.is_writer else None
     dist.gather_object(local, gathered, dst=0)
     if gathered is None:
-        acc.trace_parts = [[] for _ in acc.trace_parts]
-        return
-    acc.trace_parts = [[part for rank_parts in gathered for part in rank_parts[d]]
-                       for d in range(len(acc.trace_parts))]
+        return [[] for _ in parts]
+    return [[part for rank_parts in gathered for part in rank_parts[d]]
+            for d in range(len(parts))]
 
 
 def reduce_recorder(recorder: Recorder) -> None:

@@ -8,6 +8,9 @@ A profile folder holds (the format `moekit prune` reads; see docs/profile.md):
   top1_pairs, top1_repeats` and derived metrics (entropy, MaxVio, CV, ...), see stats.metrics.
 - `coactivation.npz`: `{domain}/{layer}` -> [E, E] int64 co-activation counts.
 - `metadata.json`: model, fingerprint, family, layers, experts, top-k, domains, provenance.
+- `windows.npz` (optional): `{domain}/{layer}/tokens` [W, E] int32 and `.../reap_sum` [W, E]
+  float32 per calibration window, for bootstrap intervals (stats.uncertainty); merge
+  concatenates windows.
 - `trace.safetensors` (optional): per-token top-k ids and weights of the run that wrote it.
 
 All sums are counts or float64 sums, so two profiles of the same model add up exactly.
@@ -41,6 +44,7 @@ LAYER_RAW_COLUMNS = ["layer", "domain", "tokens", "entropy_sum", "top1_pairs", "
 EXPERT_FILE, EXPERT_CSV = "expert_stats.parquet", "expert_stats.csv"
 LAYER_FILE, COACT_FILE = "layer_stats.csv", "coactivation.npz"
 META_FILE, TRACE_FILE = "metadata.json", "trace.safetensors"
+WINDOW_FILE = "windows.npz"
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Profile:
     layer_stats: pd.DataFrame
     coactivation: dict[str, np.ndarray]
     trace: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    windows: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def domains(self) -> list[str]:
@@ -101,7 +106,13 @@ def profile_from_raw(raw: list[LayerRaw], domains: list[str],
                                "top1_repeats": int(pick(layer.top1_repeats))})
             coact[f"{name}/{layer.layer}"] = pick(layer.coact).astype(np.int64)
     experts = _typed(pd.concat(expert_rows, ignore_index=True))
-    return _finish(metadata, experts, pd.DataFrame(layer_rows, columns=LAYER_RAW_COLUMNS), coact)
+    windows = {f"{name}/{layer.layer}/{key}": arrays[d]
+               for layer in raw if layer.window_tokens
+               for key, arrays in (("tokens", layer.window_tokens),
+                                   ("reap_sum", layer.window_reap))
+               for d, name in enumerate(domains)}
+    return _finish(metadata, experts, pd.DataFrame(layer_rows, columns=LAYER_RAW_COLUMNS), coact,
+                   windows=windows or None)
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
@@ -115,13 +126,15 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _finish(metadata: dict[str, Any], experts: pd.DataFrame, layer_raw: pd.DataFrame,
-            coact: dict[str, np.ndarray], trace: dict[str, np.ndarray] | None = None) -> Profile:
+            coact: dict[str, np.ndarray], trace: dict[str, np.ndarray] | None = None,
+            windows: dict[str, np.ndarray] | None = None) -> Profile:
     from moekit.stats.metrics import layer_table
 
     order = {name: i for i, name in enumerate([*metadata.get("domains", {}), ALL])}
     experts = experts.assign(_d=experts["domain"].map(order)).sort_values(
         ["layer", "_d", "expert"]).drop(columns="_d").reset_index(drop=True)
-    return Profile(metadata, experts, layer_table(experts, layer_raw, order), coact, trace)
+    return Profile(metadata, experts, layer_table(experts, layer_raw, order), coact, trace,
+                   windows)
 
 
 def save_profile(profile: Profile, folder: Path) -> list[str]:
@@ -134,6 +147,9 @@ def save_profile(profile: Profile, folder: Path) -> list[str]:
     profile.layer_stats.to_csv(folder / LAYER_FILE, index=False)
     np.savez_compressed(folder / COACT_FILE, **profile.coactivation)
     names = [EXPERT_FILE, EXPERT_CSV, LAYER_FILE, COACT_FILE, META_FILE]
+    if profile.windows:
+        np.savez_compressed(folder / WINDOW_FILE, **profile.windows)
+        names.append(WINDOW_FILE)
     if profile.trace:
         _save_trace(profile.trace, folder / TRACE_FILE, profile.metadata)
         names.append(TRACE_FILE)
@@ -176,6 +192,10 @@ def load_profile(folder: Path) -> Profile:
         layers = pd.read_csv(folder / LAYER_FILE)
         with np.load(folder / COACT_FILE) as npz:
             coact = {key: npz[key] for key in npz.files}
+        windows = None
+        if (folder / WINDOW_FILE).exists():
+            with np.load(folder / WINDOW_FILE) as npz:
+                windows = {key: npz[key] for key in npz.files}
     except (OSError, ValueError) as err:
         raise StatsError(f"cannot read the profile in {folder}: {err}".splitlines()[0],
                          "re-run moekit profile") from err
@@ -185,7 +205,8 @@ def load_profile(folder: Path) -> Profile:
         raise StatsError(f"{folder}: profile files lack {missing or ['model_fingerprint']}",
                          "re-run moekit profile with this moekit version")
     layers["domain"] = layers["domain"].astype(str)
-    return _finish(metadata, _typed(experts), layers[LAYER_RAW_COLUMNS], coact)
+    return _finish(metadata, _typed(experts), layers[LAYER_RAW_COLUMNS], coact,
+                   windows=windows)
 
 
 def merge_profiles(profiles: list[Profile], allow_duplicates: bool = False) -> Profile:
@@ -214,7 +235,18 @@ def merge_profiles(profiles: list[Profile], allow_duplicates: bool = False) -> P
         for key, value in profile.coactivation.items():
             coact[key] = coact[key] + value if key in coact else value.copy()
     meta = _merged_metadata(profiles) | ({"duplicates": duplicates} if duplicates else {})
-    return _finish(meta, _typed(experts), layers, coact)
+    return _finish(meta, _typed(experts), layers, coact, windows=_merged_windows(profiles))
+
+
+def _merged_windows(profiles: list[Profile]) -> dict[str, np.ndarray] | None:
+    """Windows of all inputs, concatenated in input order per key; None unless every input
+    has them (a bootstrap over part of the data would misstate the uncertainty)."""
+    import numpy as np
+
+    if not all(p.windows for p in profiles):
+        return None
+    keys = dict.fromkeys(k for p in profiles for k in p.windows)
+    return {k: np.concatenate([p.windows[k] for p in profiles if k in p.windows]) for k in keys}
 
 
 def duplicate_data(profiles: list[Profile]) -> list[str]:
