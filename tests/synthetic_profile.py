@@ -10,7 +10,8 @@ from moekit.stats.profile_io import Profile, profile_from_raw
 
 def random_ids(rng: np.random.Generator, rates: np.ndarray, tokens: int, k: int) -> np.ndarray:
     """[tokens, k] distinct expert ids per token, drawn without replacement with weights rates."""
-    keys = rng.random((tokens, rates.size)) ** (1.0 / rates)  # Efraimidis-Spirakis sampling
+    with np.errstate(divide="ignore"):  # rate 0 -> key 0: never drawn
+        keys = rng.random((tokens, rates.size)) ** (1.0 / rates)  # Efraimidis-Spirakis
     return np.argsort(-keys, axis=1)[:, :k]
 
 

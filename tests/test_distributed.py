@@ -106,6 +106,13 @@ def test_two_ranks_profile_like_one_process(tiny_checkpoint, texts, tmp_path) ->
     np.testing.assert_allclose(lb.entropy_sum, la.entropy_sum, rtol=1e-5)
     ca, cb = (np.load(d / "coactivation.npz") for d in (one, two))
     assert sorted(ca) == sorted(cb) and all((ca[k] == cb[k]).all() for k in ca)
+    wa, wb = (np.load(d / "windows.npz") for d in (one, two))  # gathered in rank order
+    assert sorted(wa) == sorted(wb) and len(wa) > 0
+    for key in wa:
+        if key.endswith("/tokens"):
+            assert wa[key].dtype == np.int32 and (wa[key] == wb[key]).all(), key
+        else:
+            np.testing.assert_allclose(wb[key], wa[key], rtol=1e-4, atol=1e-5)
     ta, tb = (load_file(str(d / "trace.safetensors")) for d in (one, two))
     assert sorted(ta) == sorted(tb)
     for key in ta:  # rank-order concatenation restores the single-process token order

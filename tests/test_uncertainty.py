@@ -118,3 +118,25 @@ def test_recorder_windows_match_the_trace(tiny_checkpoint, tmp_path):
         np.testing.assert_array_equal(got, expect)
         assert np.allclose(profile.windows[f"a/{layer}/reap_sum"].sum(axis=0),
                            profile.experts(layer, "a")["reap_sum"], rtol=1e-4)
+
+
+def test_cli_uncertainty_and_report_section(tmp_path):
+    rates = np.r_[0.0, np.linspace(1.0, 2.0, E - 1)]
+    profile, _ = synthetic_profile([rates, TRUE], K, 1280, window=N)
+    folder = tmp_path / "p"
+    folder.mkdir()
+    save_profile(profile, folder)
+    out = tmp_path / "ci.csv"
+    result = CliRunner().invoke(app, ["stats", "uncertainty", str(folder), "--ratio", "0.5",
+                                      "--seed", "3", "--export-table", str(out)])
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    expected, _ = profile_uncertainty(load_profile(folder), ratio=0.5, seed=3)
+    np.testing.assert_allclose(table["share_hi"], expected["share_hi"])
+    assert table.loc[0, "dead"] and table["drop_freq"].between(0, 1).all()
+    bad = CliRunner().invoke(app, ["stats", "uncertainty", str(folder), "--criterion", "zz"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    from moekit.stats.report import findings
+    assert "1 dead (no token; the 95% bound allows it)" in findings(profile)[0]

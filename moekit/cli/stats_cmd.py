@@ -93,3 +93,39 @@ def export(
     check_outputs((profile,), files={"--out": (out, suffixes)})
     path = export_loads(load_profile(profile), fmt, out, domain)
     console.print(f"wrote {path} ({fmt} expert loads, domain {domain})")
+
+
+@stats_app.command("uncertainty")
+@handle_errors
+def uncertainty(
+    profile: Annotated[Path, typer.Argument(help="A profile folder (with windows.npz).")],
+    ratio: Annotated[float, typer.Option("--ratio", help="Share of each layer's experts a "
+                                         "prune would drop.")] = 0.25,
+    criterion: Annotated[str, typer.Option("--criterion", help="frequency or reap.")
+                         ] = "frequency",
+    domain: Annotated[str, typer.Option("--domain", help="Domain to resample.")] = "all",
+    replicates: Annotated[int, typer.Option("--replicates", min=100,
+                                            help="Bootstrap replicates.")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (results repeat).")] = 0,
+    export: Annotated[Path | None, typer.Option("--export-table", help="Write the per-expert "
+                                                "intervals (.csv/.parquet/.json).")] = None,
+) -> None:
+    """Bootstrap 95% intervals over calibration windows: per-expert usage share and criterion,
+    how often each expert would be dropped, unstable decisions, tokens needed to settle them.
+
+    Example: moekit stats uncertainty prof --ratio 0.5 --criterion reap --export-table ci.csv
+    """
+    from moekit.cli.common import export_table
+    from moekit.io.output import TABLE_SUFFIXES, check_outputs
+    from moekit.stats.profile_io import load_profile
+    from moekit.stats.report import markdown_table
+    from moekit.stats.uncertainty import profile_uncertainty
+
+    check_outputs((profile,), files={"--export-table": (export, TABLE_SUFFIXES)})
+    experts, layers = profile_uncertainty(load_profile(profile), ratio=ratio,
+                                          criterion=criterion, domain=domain,
+                                          replicates=replicates, seed=seed)
+    console.print(markdown_table(layers), soft_wrap=True)
+    if export is not None:
+        export_table(experts, export)
+        console.print(f"wrote {export}")

@@ -78,8 +78,15 @@ def findings(profile: Profile) -> list[str]:
     lines = []
     dead, cold = int(layers["dead_experts"].sum()), int(layers["cold_experts"].sum())
     total = int(layers["num_experts"].sum())
-    lines.append(f"{len(layers)} MoE layers, {total} routed experts in all: {dead} dead "
-                 f"(no token), {cold} cold (under {COLD_RATIO:g}x their fair share).")
+    dead_text = f"{dead} dead (no token)"
+    if profile.windows and dead:
+        from moekit.stats.uncertainty import dead_counts
+
+        sure, unseen = dead_counts(profile)
+        dead_text = (f"{sure} dead (no token; the 95% bound allows it), {unseen} unseen (no "
+                     "token, but too few tokens to call them dead)")
+    lines.append(f"{len(layers)} MoE layers, {total} routed experts in all: {dead_text}, "
+                 f"{cold} cold (under {COLD_RATIO:g}x their fair share).")
     worst = layers.sort_values("maxvio", ascending=False).iloc[0]
     lines.append(f"Most uneven layer: {int(worst['layer'])} (busiest expert "
                  f"{worst['max_load']:.2f}x its fair share, CV {worst['cv']:.2f}); 90% of "
@@ -138,6 +145,7 @@ def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
     table = summary_table(profile)
     parts += ["## Per-layer statistics (all domains)", "", markdown_table(table), "",
               "## Coldest experts", "", markdown_table(coldest(profile)), "",
+              *_uncertainty_section(profile),
               "## Notes", "",
               "- Loads are relative to the fair share S/E (S = tokens x k routed slots): 1 means "
               "uniform. MaxVio = max load - 1; CV = std/mean of the loads; entropy = mean router "
@@ -149,3 +157,9 @@ def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
     path.write_text("\n".join(parts))
     write_html(path, f"Routing profile: {Path(str(meta.get('model'))).name}")
     return path
+
+
+def _uncertainty_section(profile: Profile) -> list[str]:
+    from moekit.stats.uncertainty import report_section
+
+    return report_section(profile)

@@ -191,3 +191,53 @@ def profile_uncertainty(profile: Profile, *, ratio: float = 0.25, criterion: str
                        "growth": growth, "more_slots": (growth - 1.0) * routed})
     frame = pd.concat(experts, ignore_index=True)
     return frame[["layer", *[c for c in frame.columns if c != "layer"]]], pd.DataFrame(layers)
+
+
+def dead_counts(profile: Profile, level: float = 0.95) -> tuple[int, int]:
+    """(dead, unseen) experts over all layers, domain `all`: zero slots with / without an
+    upper bound under DEAD_FRACTION of the fair share (Clopper-Pearson; no resampling needed,
+    as the bootstrap upper limit of a zero count is 0)."""
+    dead = unseen = 0
+    for layer in profile.moe_layers:
+        counts = profile.experts(layer)["tokens"].to_numpy()
+        if (counts == 0).any():
+            ok = zero_count_upper(int(counts.sum()), level) < DEAD_FRACTION / counts.size
+            dead, unseen = dead + int((counts == 0).sum()) * ok, unseen + int(
+                (counts == 0).sum()) * (not ok)
+    return dead, unseen
+
+
+def report_section(profile: Profile, ratio: float = 0.25, criterion: str = "frequency",
+                   shown: int = 15) -> list[str]:
+    """Markdown lines for report.md: per-layer stability of pruning `ratio` of the experts by
+    `criterion`, and the least stable experts. Empty when the profile has no windows."""
+    from moekit.stats.report import markdown_table
+
+    if not profile.windows:
+        return []
+    experts, layers = profile_uncertainty(profile, ratio=ratio, criterion=criterion)
+    top_k = dict(zip(profile.moe_layers, profile.metadata.get("top_k", [1] * len(layers)),
+                     strict=False))
+    layers["more_tokens"] = [("-" if g <= 1.0 else "inf" if g == float("inf") else
+                              f"{(g - 1.0) * s / top_k.get(layer, 1):,.0f}")
+                             for layer, g, s in zip(layers["layer"], layers["growth"],
+                                                    layers["slots"], strict=True)]
+    shaky = experts[experts["unstable"]].assign(
+        margin=lambda f: (f["drop_freq"] - 0.5).abs()).sort_values("margin").head(shown)
+    lines = ["## How sure are we (bootstrap over calibration windows)", "",
+             f"Pruning {ratio:.0%} of each layer's experts by `{criterion}`: an expert is "
+             f"*unstable* when resampling the windows flips its keep/drop decision more than "
+             f"{UNSTABLE:.0%} of the time. `more_tokens` estimates the extra calibration tokens "
+             "after which every decision of the layer would be stable (interval width ~ "
+             "1/sqrt(tokens)). `dead` = no token and a 95% upper bound under "
+             f"{DEAD_FRACTION:.0%} of the fair share; `unseen` = no token, sample too small to "
+             "call it dead.", "",
+             markdown_table(layers[["layer", "windows", "unstable", "dead", "unseen",
+                                    "more_tokens"]]), ""]
+    if len(shaky):
+        cols = ["layer", "expert", "share", "share_lo", "share_hi", "drop_freq"]
+        lines += ["Least stable decisions (share of routed slots, 95% interval, how often "
+                  "dropped under resampling):", "", markdown_table(shaky[cols], "{:.4f}"), ""]
+    else:
+        lines += ["Every pruning decision is stable under resampling.", ""]
+    return lines
