@@ -216,7 +216,8 @@ def report_section(profile: Profile, ratio: float = 0.25, criterion: str = "freq
     if not profile.windows:
         return []
     experts, layers = profile_uncertainty(profile, ratio=ratio, criterion=criterion)
-    top_k = dict(zip(profile.moe_layers, profile.metadata.get("top_k", [1] * len(layers)),
+    k = profile.metadata.get("top_k", 1)
+    top_k = dict(zip(profile.moe_layers, k if isinstance(k, list) else [k] * len(layers),
                      strict=False))
     layers["more_tokens"] = [("-" if g <= 1.0 else "inf" if g == float("inf") else
                               f"{(g - 1.0) * s / top_k.get(layer, 1):,.0f}")
