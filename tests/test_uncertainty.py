@@ -159,3 +159,11 @@ def test_estimated_token_growth_settles_the_decisions():
         after, _ = layer_uncertainty(more, more * 1.0, ratio=3 / 8, seed=seed, replicates=500)
         cases, settled = cases + 1, settled + int(not after["unstable"].any())
     assert cases >= 5 and settled >= cases - 2, (settled, cases)
+
+
+@pytest.mark.parametrize(("df", "expected"), [(3, 3.182446), (9, 2.262157), (39, 2.022691),
+                                              (1000, 1.962339)])
+def test_student_t_quantile_matches_tables(df, expected):
+    from moekit.stats.uncertainty import student_t_quantile
+
+    assert abs(student_t_quantile(0.975, df) - expected) < (5e-3 if df < 5 else 1e-4)

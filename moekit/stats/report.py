@@ -159,7 +159,38 @@ def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
     return path
 
 
-def _uncertainty_section(profile: Profile) -> list[str]:
-    from moekit.stats.uncertainty import report_section
+def _uncertainty_section(profile: Profile, ratio: float = 0.25, criterion: str = "frequency",
+                         shown: int = 15) -> list[str]:
+    """Markdown lines for report.md: per-layer stability of pruning `ratio` of the experts by
+    `criterion`, and the least stable experts. Empty when the profile has no windows."""
+    from moekit.stats.uncertainty import DEAD_FRACTION, UNSTABLE, profile_uncertainty
 
-    return report_section(profile)
+    if not profile.windows:
+        return []
+    experts, layers = profile_uncertainty(profile, ratio=ratio, criterion=criterion)
+    k = profile.metadata.get("top_k", 1)
+    top_k = dict(zip(profile.moe_layers, k if isinstance(k, list) else [k] * len(layers),
+                     strict=False))
+    layers["more_tokens"] = [("-" if g <= 1.0 else "inf" if g == float("inf") else
+                              f"{(g - 1.0) * s / top_k.get(layer, 1):,.0f}")
+                             for layer, g, s in zip(layers["layer"], layers["growth"],
+                                                    layers["slots"], strict=True)]
+    shaky = experts[experts["unstable"]].assign(
+        margin=lambda f: (f["drop_freq"] - 0.5).abs()).sort_values("margin").head(shown)
+    lines = ["## How sure are we (bootstrap over calibration windows)", "",
+             f"Pruning {ratio:.0%} of each layer's experts by `{criterion}`: an expert is "
+             f"*unstable* when resampling the windows flips its keep/drop decision more than "
+             f"{UNSTABLE:.0%} of the time. `more_tokens` estimates the extra calibration tokens "
+             "after which every decision of the layer would be stable (interval width ~ "
+             "1/sqrt(tokens)). `dead` = no token and a 95% upper bound under "
+             f"{DEAD_FRACTION:.0%} of the fair share; `unseen` = no token, sample too small to "
+             "call it dead.", "",
+             markdown_table(layers[["layer", "windows", "unstable", "dead", "unseen",
+                                    "more_tokens"]]), ""]
+    if len(shaky):
+        cols = ["layer", "expert", "share", "share_lo", "share_hi", "drop_freq"]
+        lines += ["Least stable decisions (share of routed slots, 95% interval, how often "
+                  "dropped under resampling):", "", markdown_table(shaky[cols], "{:.4f}"), ""]
+    else:
+        lines += ["Every pruning decision is stable under resampling.", ""]
+    return lines

@@ -84,16 +84,28 @@ def scores(tokens: np.ndarray, reap: np.ndarray, criterion: str) -> np.ndarray:
     raise StatsError(f"unknown criterion '{criterion}'", f"choose one of {list(CRITERIA)}")
 
 
+def student_t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t with df degrees of freedom, Cornish-Fisher series in 1/df
+    (Abramowitz & Stegun 26.7.5; error < 1e-3 for df >= 3 at p = 0.975)."""
+    from statistics import NormalDist
+
+    z, v = NormalDist().inv_cdf(p), float(max(df, 1))
+    terms = ((z ** 3 + z) / 4, (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96,
+             (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384,
+             (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / 92160)
+    return z + sum(term / v ** (i + 1) for i, term in enumerate(terms))
+
+
 def expanded_tail(level: float, num_windows: int) -> float:
     """Lower tail probability of the expanded percentile interval (Hesterberg 2015): the plain
     percentile interval is too narrow for few windows; use tail Phi(-sqrt(W/(W-1)) t_{W-1})
     with t_{W-1} the Student quantile of `level`, so the interval matches a t interval."""
     import math
+    from statistics import NormalDist
 
-    from scipy import stats
-
-    t = stats.t.ppf((1.0 + level) / 2.0, df=max(num_windows - 1, 1))
-    return float(stats.norm.cdf(-math.sqrt(num_windows / max(num_windows - 1, 1)) * t))
+    df = max(num_windows - 1, 1)
+    t = student_t_quantile((1.0 + level) / 2.0, df)
+    return NormalDist().cdf(-math.sqrt(num_windows / df) * t)
 
 
 def percentile_ci(samples: np.ndarray, tail: float) -> tuple[np.ndarray, np.ndarray]:
@@ -206,39 +218,3 @@ def dead_counts(profile: Profile, level: float = 0.95) -> tuple[int, int]:
                 (counts == 0).sum()) * (not ok)
     return dead, unseen
 
-
-def report_section(profile: Profile, ratio: float = 0.25, criterion: str = "frequency",
-                   shown: int = 15) -> list[str]:
-    """Markdown lines for report.md: per-layer stability of pruning `ratio` of the experts by
-    `criterion`, and the least stable experts. Empty when the profile has no windows."""
-    from moekit.stats.report import markdown_table
-
-    if not profile.windows:
-        return []
-    experts, layers = profile_uncertainty(profile, ratio=ratio, criterion=criterion)
-    k = profile.metadata.get("top_k", 1)
-    top_k = dict(zip(profile.moe_layers, k if isinstance(k, list) else [k] * len(layers),
-                     strict=False))
-    layers["more_tokens"] = [("-" if g <= 1.0 else "inf" if g == float("inf") else
-                              f"{(g - 1.0) * s / top_k.get(layer, 1):,.0f}")
-                             for layer, g, s in zip(layers["layer"], layers["growth"],
-                                                    layers["slots"], strict=True)]
-    shaky = experts[experts["unstable"]].assign(
-        margin=lambda f: (f["drop_freq"] - 0.5).abs()).sort_values("margin").head(shown)
-    lines = ["## How sure are we (bootstrap over calibration windows)", "",
-             f"Pruning {ratio:.0%} of each layer's experts by `{criterion}`: an expert is "
-             f"*unstable* when resampling the windows flips its keep/drop decision more than "
-             f"{UNSTABLE:.0%} of the time. `more_tokens` estimates the extra calibration tokens "
-             "after which every decision of the layer would be stable (interval width ~ "
-             "1/sqrt(tokens)). `dead` = no token and a 95% upper bound under "
-             f"{DEAD_FRACTION:.0%} of the fair share; `unseen` = no token, sample too small to "
-             "call it dead.", "",
-             markdown_table(layers[["layer", "windows", "unstable", "dead", "unseen",
-                                    "more_tokens"]]), ""]
-    if len(shaky):
-        cols = ["layer", "expert", "share", "share_lo", "share_hi", "drop_freq"]
-        lines += ["Least stable decisions (share of routed slots, 95% interval, how often "
-                  "dropped under resampling):", "", markdown_table(shaky[cols], "{:.4f}"), ""]
-    else:
-        lines += ["Every pruning decision is stable under resampling.", ""]
-    return lines
