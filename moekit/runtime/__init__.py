@@ -1,0 +1,1 @@
+"""Run a checkpoint: in memory or streamed layer by layer (see `moekit.runtime.engine`)."""

@@ -1,0 +1,108 @@
+"""Load a transformers model (whole, or as a `meta` skeleton for streaming) and its tokenizer.
+
+No checkpoint code is ever run: every transformers call passes `trust_remote_code=False`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from moekit.errors import DataError, InvalidArgumentError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def quiet_transformers() -> None:
+    """No progress bars, no load reports, no Hub kernels."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def pick_device(device: str) -> Any:
+    """`auto` -> cuda when available, else cpu."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA device",
+                                   "use --device cpu or auto")
+    return torch.device(device)
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+
+
+def load_model(path: Path, device: str = "auto", dtype: str = "auto") -> Any:
+    """An eval-mode AutoModelForCausalLM on `device`; `auto` dtype keeps the checkpoint's."""
+    import torch
+
+    check_dtype(dtype)
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+    return model.to(pick_device(device)).eval()
+
+
+def load_dtype(config: Any, dtype: str, checkpoint: Any) -> Any:
+    """The torch dtype weights are loaded in: `dtype`, or for `auto` the config's `dtype`
+    (else the first floating tensor's on disk), as `from_pretrained(dtype="auto")` does."""
+    import torch
+
+    from moekit.io.dtypes import to_torch
+
+    check_dtype(dtype)
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    for info in checkpoint.tensors.values():
+        if info.dtype in ("F32", "F16", "BF16"):
+            return to_torch(info.dtype)
+    return torch.float32
+
+
+def build_skeleton(path: Path, dtype: Any) -> Any:
+    """`AutoModelForCausalLM.from_config` under `torch.device("meta")`: every module built, no
+    weight allocated. Parameters get `dtype` (not the class default float32)."""
+    import torch
+
+    quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    return model.eval()
+
+
+def load_tokenizer(model_path: Path, tokenizer: str | None = None) -> Any:
+    """The model's tokenizer, or `tokenizer` (folder or Hub id) when given."""
+    quiet_transformers()
+    from transformers import AutoTokenizer
+
+    source = tokenizer or str(model_path)
+    has_files = tokenizer is not None or any(
+        (Path(model_path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                  "tokenizer.model", "vocab.json"))
+    if not has_files:
+        raise DataError(f"{model_path} has no tokenizer files",
+                        "pass --tokenizer FOLDER_OR_REPO with the model's tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot load a tokenizer from {source}: {err}".splitlines()[0],
+                        "pass --tokenizer FOLDER_OR_REPO") from err
