@@ -117,8 +117,11 @@ class RoutingHooks:
     """Attach the recording hooks to `model` (a context manager); detaching restores the
     model's experts implementation and removes every hook."""
 
-    def __init__(self, model: Any, family: MoeFamily, recorder: Recorder):
+    def __init__(self, model: Any, family: MoeFamily, recorder: Recorder, device: Any = None):
+        """`device`: where the accumulators live (default: each experts module's device; a
+        streamed model's layers are on `meta` until loaded, so the engine passes its device)."""
         self.model, self.family, self.recorder = model, family, recorder
+        self.device = device
         self.modules = find_moe_modules(model, family)
         self._handles: list[Any] = []
         self._previous: str | None = None
@@ -142,7 +145,7 @@ class RoutingHooks:
             register_trace_implementation()
             self._previous = getattr(self.model.config, "_experts_implementation", None)
         for mods in self.modules:
-            device = _device_of(mods.experts)
+            device = self.device or _device_of(mods.experts)
             acc = self.recorder.add_layer(mods.layer, mods.num_experts, device)
             handler = _LayerHandler(self.recorder, acc, self.family)
             self._handles.append(mods.router.register_forward_hook(handler.on_router))

@@ -14,6 +14,7 @@ from moekit.cli.common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelArg,
     RangeOpt,
     RevisionOpt,
@@ -21,6 +22,7 @@ from moekit.cli.common import (
     TextFieldOpt,
     TokenizerOpt,
     console,
+    err_console,
     export_table,
     handle_errors,
     load_model_path,
@@ -41,6 +43,7 @@ def eval_model(
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    max_memory: MaxMemoryOpt = "auto",
     tokenizer: TokenizerOpt = None,
     text_field: TextFieldOpt = "text",
     revision: RevisionOpt = None,
@@ -62,7 +65,11 @@ def eval_model(
     with token_progress("evaluating") as on_tokens:
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,
                           batch_size=batch_size, device=device, dtype=dtype, fraction=fraction,
-                          tokenizer=tokenizer, text_field=text_field, on_tokens=on_tokens)
+                          tokenizer=tokenizer, text_field=text_field, on_tokens=on_tokens,
+                          max_memory=max_memory)
+    for who, info in result.settings.get("runtime", {}).items():
+        err_console.print(f"{who}: {'streamed' if info['mode'] == 'stream' else 'in memory'} "
+                          f"({info['reason']})", soft_wrap=True)
     if export is not None:
         import pandas as pd
 

@@ -12,6 +12,7 @@ from moekit.cli.common import (
     DataOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelArg,
     OutOpt,
     OverwriteOpt,
@@ -50,6 +51,7 @@ def profile(
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    max_memory: MaxMemoryOpt = "auto",
     trace: Annotated[bool, typer.Option(
         "--trace", help="Also write every token's top-k ids and weights (trace.safetensors).")
     ] = False,
@@ -85,7 +87,8 @@ def profile(
         result = profile_model(model, sources, tokenizer=tokenizer, text_field=text_field,
                                fraction=fraction, seq_len=seq_len, max_tokens=max_tokens,
                                batch_size=batch_size, device=device, dtype=dtype, trace=trace,
-                               merge_with=merge_with, revision=revision, progress=progress)
+                               merge_with=merge_with, revision=revision, progress=progress,
+                               max_memory=max_memory)
     names = write_output(result, out, overwrite=overwrite, inputs=(path,), plots=plots,
                          plot_layer=plot_layer)
     show_profile(result, export, export_coldest)
@@ -134,6 +137,9 @@ class TokenProgress:
     def __call__(self, event: str, tokens: int, domain: str) -> None:
         if event == "start":
             self.progress.update(self.task, total=tokens)
+            return
+        if event == "mode":
+            self.progress.console.print(domain)
             return
         self.progress.update(self.task, advance=tokens, description=f"profiling {domain}")
         speed = self.progress.tasks[0].speed

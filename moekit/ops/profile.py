@@ -21,10 +21,13 @@ from moekit.families.layout import ModelLayout, describe
 from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
 from moekit.io.source import resolve_source
+from moekit.runtime.engine import forward_routing as forward  # noqa: F401 - benchmarks
+from moekit.runtime.engine import mode_line
 from moekit.stats.profile_io import ALL, Profile, load_profile, merge_profiles, profile_from_raw
 
 if TYPE_CHECKING:
     from moekit.calib.recorder import Recorder
+    from moekit.runtime.engine import Engine
 
 Progress = Callable[[str, int, str], None]  # (event "start" | "batch", tokens, domain name)
 
@@ -34,13 +37,17 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
                   fraction: tuple[float, float] = (0.0, 1.0), seq_len: int = 512,
                   max_tokens: int = 100_000, batch_size: int = 8, device: str = "auto",
                   dtype: str = "auto", trace: bool = False, merge_with: Path | None = None,
-                  revision: str | None = None, progress: Progress | None = None) -> Profile:
+                  revision: str | None = None, progress: Progress | None = None,
+                  max_memory: str | int | None = "auto", **engine: Any) -> Profile:
     """Profile `model` on `sources` (default: sample_data/), one domain per source.
 
     max_tokens applies per source. With `merge_with`, the result is that profile plus this run
-    (same model fingerprint required, checked before any forward pass).
+    (same model fingerprint required, checked before any forward pass). The model runs through
+    `moekit.runtime` (in memory or streamed under `max_memory`; `engine` options go to
+    `open_model`); metadata["runtime"] says which mode ran and why.
     """
-    from moekit.ops.modeling import DTYPES, load_model, load_tokenizer, pick_device
+    from moekit.runtime.engine import open_model
+    from moekit.runtime.loading import DTYPES, load_tokenizer, pick_device
 
     if batch_size < 1:
         raise InvalidArgumentError(f"--batch-size must be at least 1, got {batch_size}")
@@ -62,7 +69,9 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
     tok = load_tokenizer(path, tokenizer)
     domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
                            text_field=text_field, fraction=fraction)
-    loaded = load_model(path, device, dtype)
+    loaded = open_model(path, device=device, dtype=dtype, max_memory=max_memory, **engine)
+    if progress:
+        progress("mode", 0, mode_line(loaded))
     recorder, input_ids = _record(loaded, layout, domains, batch_size, trace, progress)
     meta = _metadata(model, fingerprint, layout, domains, loaded, seq_len=seq_len,
                      batch_size=batch_size, max_tokens=max_tokens, fraction=fraction,
@@ -87,36 +96,41 @@ def _previous(folder: Path, fingerprint: str) -> Profile:
     return previous
 
 
-def _record(model: Any, layout: ModelLayout, domains: list[Domain], batch_size: int,
+def work_list(domains: list[Domain], batch_size: int) -> list[tuple[int, Any]]:
+    """(domain index, input ids [B, S]) of every batch, in run order (a data-parallel caller
+    shards this list)."""
+    return [(index, batch) for index, domain in enumerate(domains)
+            for batch in batches(domain, batch_size)]
+
+
+def _record(engine: Engine, layout: ModelLayout, domains: list[Domain], batch_size: int,
             trace: bool, progress: Progress | None) -> tuple[Recorder, list[list[Any]]]:
-    """Run every window once with the hooks attached; returns the recorder and, with `trace`,
-    the input ids of each domain in the order they ran."""
+    """Run every window once through the engine with the hooks attached; returns the recorder
+    and, with `trace`, the input ids of each domain in the order they ran."""
     import torch
 
     from moekit.calib.hooks import RoutingHooks
     from moekit.calib.recorder import Recorder
 
     recorder = Recorder(len(domains), trace=trace)
-    device = next(model.parameters()).device
+    work = work_list(domains, batch_size)
     input_ids: list[list[Any]] = [[] for _ in domains]
+    for index, batch in work if trace else ():
+        input_ids[index].append(batch.reshape(-1).to(torch.int32))
     if progress:
         progress("start", sum(d.num_tokens for d in domains), "")
-    with RoutingHooks(model, layout.family, recorder), torch.inference_mode():
-        for index, domain in enumerate(domains):
-            for batch in batches(domain, batch_size):
-                recorder.set_batch(index, tuple(batch.shape))
-                forward(model, batch.to(device))
-                if trace:
-                    input_ids[index].append(batch.reshape(-1).to(torch.int32))
-                if progress:
-                    progress("batch", batch.numel(), domain.name)
+
+    def before(i: int) -> None:
+        recorder.set_batch(work[i][0], tuple(work[i][1].shape))
+
+    def advance(i: int, fraction: float) -> None:
+        if progress:
+            progress("batch", work[i][1].numel() * fraction, domains[work[i][0]].name)
+
+    with RoutingHooks(engine.model, layout.family, recorder, device=engine.device):
+        for _ in engine.run([batch for _, batch in work], before=before, progress=advance):
+            pass
     return recorder, input_ids
-
-
-def forward(model: Any, input_ids: Any) -> Any:
-    """One forward pass as profiling runs it: no KV cache, logits for the last position only
-    (the routing of every position is computed either way)."""
-    return model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
 
 
 def _trace_arrays(raw: list[Any], domains: list[Domain],
@@ -134,11 +148,11 @@ def _trace_arrays(raw: list[Any], domains: list[Domain],
 
 
 def _metadata(model: str | Path, fingerprint: str, layout: ModelLayout, domains: list[Domain],
-              loaded: Any, **settings: Any) -> dict[str, Any]:
+              loaded: Engine, **settings: Any) -> dict[str, Any]:
     family = layout.family
     experts = [layer.num_experts for layer in layout.moe_layers]
     top_k = [layout.top_k(i) for i in range(len(layout.moe_layers))]
-    dtype = str(next(loaded.parameters()).dtype).removeprefix("torch.")
+    dtype = str(loaded.dtype).removeprefix("torch.")
     start, end = settings.pop("fraction")
     return {
         "moekit_version": __version__, "format_version": 1, "model": str(model),
@@ -148,7 +162,7 @@ def _metadata(model: str | Path, fingerprint: str, layout: ModelLayout, domains:
         "num_experts": experts[0] if len(set(experts)) == 1 else experts,
         "top_k": top_k[0] if len(set(top_k)) == 1 else top_k,
         "routing": family.router.describe(), "reap_semantics": _reap_semantics(family),
-        "device": str(next(loaded.parameters()).device), "dtype": dtype,
+        "device": str(loaded.device), "dtype": dtype, "runtime": loaded.describe(),
         "data_range": f"{start:g}:{end:g}", **settings,
         "domains": {d.name: {"tokens": d.num_tokens, "sha256": d.sha256, "files": d.files,
                              "windows": len(d.windows)} for d in domains},

@@ -96,9 +96,8 @@ class Engine:
             with torch.inference_mode():
                 if head:
                     out = self.model(input_ids=ids.to(self.device), use_cache=False).logits
-                else:  # routing of every position is computed; logits of the last only
-                    self.model(input_ids=ids.to(self.device), use_cache=False, logits_to_keep=1)
-                    out = None
+                else:
+                    out = forward_routing(self.model, ids.to(self.device)) and None
             if progress is not None:
                 progress(index, 1.0)
             yield index, out
@@ -191,6 +190,12 @@ class Engine:
         allowance = self.hidden_ram if self.hidden_ram is not None else free_memory("cpu") / 4
         self.info["hidden_bytes"] = need
         return need > allowance
+
+
+def forward_routing(model: Any, input_ids: Any) -> Any:
+    """One forward pass as profiling runs it: no KV cache, logits for the last position only
+    (the routing of every position is computed either way)."""
+    return model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
 
 
 def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",

@@ -43,6 +43,7 @@ class UpcycleOptions:
     norm_topk_prob: bool = True
     aux_loss_coef: float = 0.001
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    max_memory: str = "auto"
 
 
 @dataclass
