@@ -37,16 +37,16 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * UNITS[unit])
 
 
-def human(nbytes: float, up: bool = False) -> str:
-    """Decimal units, two decimals (`up`: rounded up, so that the text is never too small)."""
+def human(nbytes: float, up: bool | None = None) -> str:
+    """Decimal units, two decimals; `up` True/False rounds up/down (a limit never misstated)."""
     import math
 
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(nbytes) < 1000 or unit == "TB":
+            rounding = {True: math.ceil, False: math.floor, None: round}[up]
             if unit == "B":
-                return f"{math.ceil(nbytes) if up else round(nbytes)} B"
-            value = math.ceil(nbytes * 100) / 100 if up else nbytes
-            return f"{value:.2f} {unit}"
+                return f"{rounding(nbytes)} B"
+            return f"{rounding(nbytes * 100) / 100:.2f} {unit}"
         nbytes /= 1000
     return f"{nbytes:.2f} TB"
 
@@ -124,10 +124,12 @@ def _groups(sizes: Sizes, budget: int, head: str) -> Plan:
     expert = max(sizes.expert, default=0)
     smallest = sizes.resident + max(dense, base + expert)
     if budget < smallest or not expert:
+        unit = (f"largest dense layer {human(dense)}" if dense > base + expert else
+                f"attention, router and shared experts {human(base)} + one expert "
+                f"{human(expert)}")
         raise InvalidArgumentError(
-            f"--max-memory {human(budget)} is below the smallest unit that can run: "
-            f"{human(smallest)} (embeddings/head {human(sizes.resident)} + attention, router "
-            f"and shared experts {human(base)} + one expert {human(expert)})",
+            f"--max-memory {human(budget, up=False)} is below the smallest unit that can run: "
+            f"{human(smallest, up=True)} (embeddings/head {human(sizes.resident)} + {unit})",
             f"use --max-memory {human(smallest, up=True).replace(' ', '')} or more")
     group = max(1, (budget - sizes.resident - base) // expert)
     return Plan("stream", f"{head}: largest layer {human(max(sizes.layers))} does not fit, "

@@ -45,6 +45,7 @@ class LayerStep:
     module: Any
     store: Any
     calls: list[Any]
+    prefix: str = ""
 
     def inputs(self, batch: int) -> Any:
         return self.store.get(batch)
@@ -67,6 +68,7 @@ class Engine:
     weights: Any = None
     spill_dir: str | None = None
     hidden_ram: int | None = None
+    sizes: Sizes | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -123,7 +125,7 @@ class Engine:
                     store.put(index, hidden)
                     calls.append(per_layer)
                 for index, layer in self._layers(stack):
-                    step = LayerStep(index, layer, store, calls)
+                    step = LayerStep(index, layer, store, calls, stack.prefix(index))
                     if on_layer is not None:
                         on_layer(step)
                     self._run_layer(step, before, progress, len(stack.layers))
@@ -214,7 +216,8 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
     family = layout.family if layout.is_moe else None
     skeleton = build_skeleton(Path(path), load_dtype(_config(path), dtype, checkpoint))
     weights = WeightMap(checkpoint, skeleton)
-    plan = decide(sizes(weights, skeleton, family), max_memory, target, stream)
+    needs = sizes(weights, skeleton, family)
+    plan = decide(needs, max_memory, target, stream)
     torch_dtype = skeleton.dtype
     if plan.mode == "memory":
         del skeleton, weights
@@ -222,7 +225,8 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
         return Engine(Path(path), model, target, torch_dtype, plan, family)
     _materialise_outside_layers(skeleton, weights, target)
     engine = Engine(Path(path), skeleton, target, torch_dtype, plan, family, weights, spill_dir,
-                    hidden_ram)
+                    hidden_ram, needs, {"largest_layer_bytes": max(needs.layers, default=0),
+                                        "resident_bytes": needs.resident})
     from moekit.runtime.groups import mark_grouped
 
     mark_grouped(engine)
