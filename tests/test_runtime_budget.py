@@ -58,6 +58,10 @@ def test_expert_groups_give_the_same_profile_and_loss(model_type, tiny_checkpoin
     grouped = profile_model(folder, sources, max_memory=budget, **SETTINGS)
     assert grouped.metadata["runtime"]["expert_group"] == 3
     assert_same_profile(grouped, memory)
+    if model_type == "mixtral":  # hidden states, expert inputs and outputs spilled to a file
+        spilled = profile_model(folder, sources, max_memory=budget, hidden_ram=0, **SETTINGS)
+        assert spilled.metadata["runtime"]["hidden_states"].startswith("spilled")
+        assert_same_profile(spilled, memory)
     loss = evaluate(folder, sources, stream=False, **SETTINGS).overall.loss
     assert evaluate(folder, sources, max_memory=budget, **SETTINGS).overall.loss == \
         pytest.approx(loss, abs=1e-4)

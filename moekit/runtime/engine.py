@@ -81,12 +81,15 @@ class Engine:
 
     def run(self, batches: Sequence[Any], *, before: Before | None = None, head: bool = False,
             on_layer: Callable[[LayerStep], None] | None = None,
+            after_layer: Callable[[LayerStep], None] | None = None,
             progress: Callable[[int, float], None] | None = None) -> Iterator[tuple[int, Any]]:
         """Yield (batch index, logits [B, S, V] or None) for every batch, in order.
-        `progress(index, fraction)`: that share of batch `index`'s work is done."""
-        if self.mode == "memory" and on_layer is None:
+        `progress(index, fraction)`: that share of batch `index`'s work is done.
+        `on_layer` / `after_layer(step)`: layered runs only, before / after the batches pass
+        through a layer (e.g. to reduce that layer's statistics across ranks)."""
+        if self.mode == "memory" and on_layer is None and after_layer is None:
             return self._whole(batches, before, head, progress)
-        return self._layered(batches, before, head, on_layer, progress)
+        return self._layered(batches, before, head, (on_layer, after_layer), progress)
 
     def _whole(self, batches: Sequence[Any], before: Before | None, head: bool,
                progress: Callable[[int, float], None] | None) -> Iterator[tuple[int, Any]]:
@@ -105,7 +108,7 @@ class Engine:
             yield index, out
 
     def _layered(self, batches: Sequence[Any], before: Before | None, head: bool,
-                 on_layer: Callable[[LayerStep], None] | None,
+                 callbacks: tuple[Callable[[LayerStep], None] | None, ...],
                  progress: Callable[[int, float], None] | None) -> Iterator[tuple[int, Any]]:
         import torch
 
@@ -126,9 +129,11 @@ class Engine:
                     calls.append(per_layer)
                 for index, layer in self._layers(stack):
                     step = LayerStep(index, layer, store, calls, stack.prefix(index))
-                    if on_layer is not None:
-                        on_layer(step)
+                    if callbacks[0] is not None:
+                        callbacks[0](step)
                     self._run_layer(step, before, progress, len(stack.layers))
+                    if callbacks[1] is not None:
+                        callbacks[1](step)
             for index, ids in enumerate(batches):
                 if not head:
                     yield index, None

@@ -13,7 +13,8 @@ experts (`RouterSpec.experts_module`, fused tensors [E, ...]) are read G experts
   3. every batch runs through the layer again with the router's hooks muted and the experts
      returning y, which gives the layer output.
 
-Extra activations: x, y (float32) and the [T, k] ids/weights/norms of every batch. Families
+Extra activations: x and y (float32), in RAM or spilled like the hidden states, and the
+[T, k] ids/weights/norms of every batch (RAM). Families
 whose experts are not called with (x, ids, weights) (Llama-4) cannot run in groups.
 """
 
@@ -58,63 +59,77 @@ def run_grouped(engine: Any, step: Any, before: Callable[[int], None] | None,
     """Run every batch through `step.module` with its experts in groups (module docstring)."""
     import torch
 
+    from moekit.runtime.hidden import HiddenStore
+
     path, count, group = step.module._moekit_groups
     experts = step.module.get_submodule(path)
     batches = range(len(step.calls))
-    captured: dict[int, tuple[Any, Any, Any]] = {}
+    spill = (step.store.spill, engine.spill_dir)
+    inputs, routed = HiddenStore(engine.device, *spill), HiddenStore(engine.device, *spill)
+    captured: dict[int, tuple[Any, Any]] = {}  # batch -> top-k ids, weights [T, k]
     current = [0]
 
     def record(hidden: Any, top_k_index: Any, top_k_weights: Any) -> Any:
-        captured[current[0]] = (hidden, top_k_index, top_k_weights)
+        captured[current[0]] = (top_k_index, top_k_weights)
+        inputs.put(current[0], hidden)
+        routed.put(current[0], torch.zeros(hidden.shape, dtype=torch.float32,
+                                           device=hidden.device))
         return torch.zeros_like(hidden)
 
-    with _forward(experts, record):
-        for b in batches:
-            current[0] = b
-            if before is not None:
-                before(b)
-            step.call(b)
-    routed, norms = _expert_groups(engine, step, experts, path, count, group, captured)
-    _report(experts, captured, norms, before)
-    with _forward(experts, lambda hidden, *_: routed[current[0]].to(hidden.dtype)), \
-            _muted(step.module.get_submodule(engine.family.router.module)):
-        for b in batches:
-            current[0] = b
-            if before is not None:
-                before(b)
-            step.store.put(b, step.call(b))
-            if progress is not None:
-                progress(b, 1.0 / num_layers)
+    try:
+        with _forward(experts, record):
+            for b in batches:
+                current[0] = b
+                if before is not None:
+                    before(b)
+                step.call(b)
+        norms = _expert_groups(engine, step, experts, (path, count, group), captured,
+                               (inputs, routed))
+        _report(experts, captured, norms, before)
+        with _forward(experts, lambda hidden, *_: routed.get(current[0]).to(hidden.dtype)), \
+                _muted(step.module.get_submodule(engine.family.router.module)):
+            for b in batches:
+                current[0] = b
+                if before is not None:
+                    before(b)
+                step.store.put(b, step.call(b))
+                if progress is not None:
+                    progress(b, 1.0 / num_layers)
+    finally:
+        inputs.close()
+        routed.close()
 
 
-def _expert_groups(engine: Any, step: Any, experts: Any, path: str, count: int, group: int,
-                   captured: dict[int, tuple[Any, Any, Any]]) -> tuple[dict, dict]:
-    """y [T, H] float32 and per-slot norms [T, k] of every batch, group by group."""
+def _expert_groups(engine: Any, step: Any, experts: Any, shape: tuple[str, int, int],
+                   captured: dict[int, tuple[Any, Any]], stores: tuple[Any, Any]) -> dict:
+    """Add y_t += w_ts f_e(x_t) group by group into the `routed` store (float32 [T, H]);
+    returns the per-slot norms [T, k] of every batch."""
     import torch
 
-    prefix = step.prefix
-    names = [t.name for t in engine.weights.under(f"{prefix}{path}.")]
-    routed = {b: torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-              for b, (x, _, _) in captured.items()}
+    path, count, group = shape
+    inputs, routed = stores
+    names = [t.name for t in engine.weights.under(f"{step.prefix}{path}.")]
     norms = {b: torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-             for b, (_, ids, _) in captured.items()}
+             for b, (ids, _) in captured.items()}
     inner = getattr(experts, "_moekit_inner", None) or type(experts).forward
     for start in range(0, count, group):
         stop = min(start + group, count)
         tensors = engine.weights.read(names, engine.device, rows=(start, stop),
-                                      strip=f"{prefix}{path}.")
+                                      strip=f"{step.prefix}{path}.")
         with _weights(experts, tensors, stop - start):
-            for b, (x, ids, weights) in captured.items():
+            for b, (ids, weights) in captured.items():
                 token, slot = ((ids >= start) & (ids < stop)).nonzero(as_tuple=True)
                 if token.numel() == 0:
                     continue
                 local = (ids[token, slot] - start).unsqueeze(1)
                 ones = torch.ones(local.shape, dtype=weights.dtype, device=local.device)
-                out = inner(experts, x[token], local, ones).float()
+                out = inner(experts, inputs.get(b)[token], local, ones).float()
                 norms[b][token, slot] = torch.linalg.vector_norm(out, dim=-1)
-                routed[b].index_add_(0, token, out * weights[token, slot].float().unsqueeze(1))
+                y = routed.get(b)
+                y.index_add_(0, token, out * weights[token, slot].float().unsqueeze(1))
+                routed.put(b, y)
         del tensors
-    return routed, norms
+    return norms
 
 
 def _report(experts: Any, captured: dict, norms: dict, before: Callable[[int], None] | None
@@ -123,7 +138,7 @@ def _report(experts: Any, captured: dict, norms: dict, before: Callable[[int], N
     sink = getattr(experts, "_moekit_norm_sink", None)
     if sink is None:
         return
-    for b, (_, ids, weights) in captured.items():
+    for b, (ids, weights) in captured.items():
         if before is not None:
             before(b)
         sink(ids, weights, norms[b])
