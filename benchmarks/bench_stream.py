@@ -90,9 +90,14 @@ def write_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, experts: 
 def child(args: argparse.Namespace) -> None:
     """Runs in a fresh process: profile once, print one JSON line with times and VmHWM."""
     start = time.perf_counter()
-    import torch  # noqa: F401 - imported before the baseline RSS is taken
+    # everything a profile imports, before the baseline RSS is taken
+    import pandas  # noqa: F401
+    import torch  # noqa: F401
     import transformers.models.mixtral.modeling_mixtral  # noqa: F401
 
+    import moekit.calib.hooks  # noqa: F401
+    import moekit.runtime.engine  # noqa: F401
+    import moekit.stats.profile_io  # noqa: F401
     from moekit.calib.data import DataSource
     from moekit.ops.profile import profile_model
 
@@ -207,8 +212,9 @@ def memory_bench(folder: Path, args: argparse.Namespace) -> None:
     print(f"checkpoint {total / 1e9:.2f} GB | largest layer {largest / 1e9:.3f} GB | "
           f"embeddings+head {resident / 1e9:.3f} GB | activations {activations / 1e6:.1f} MB | "
           f"--max-memory {budget}")
-    print(f"peak RSS (VmHWM) {out['vmhwm'] / 1e9:.3f} GB; after imports {out['baseline_rss'] / 1e9:.3f}"
-          f" GB; peak - imports = {(out['vmhwm'] - out['baseline_rss']) / 1e9:.3f} GB "
+    print(f"peak RSS (VmHWM) {out['vmhwm'] / 1e9:.3f} GB; after imports "
+          f"{out['baseline_rss'] / 1e9:.3f} GB; peak - imports = "
+          f"{(out['vmhwm'] - out['baseline_rss']) / 1e9:.3f} GB "
           f"= {(out['vmhwm'] - out['baseline_rss']) / largest:.2f} x largest layer; "
           f"target (imports + resident + 2 x layer + activations) {target / 1e9:.3f} GB -> "
           f"{'OK' if out['vmhwm'] <= target else 'OVER'}")

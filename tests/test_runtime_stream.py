@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import MOE_TYPES
+from conftest import DENSE_TYPES, MOE_TYPES
 from transformers import AutoModelForCausalLM
 
 from moekit.calib.data import DataSource
@@ -119,3 +119,29 @@ def test_each_layer_is_read_once_and_freed(tiny_checkpoint, monkeypatch):
     layer_keys = [n for n in engine.weights.targets if ".layers." in n]
     assert sorted(reads) == sorted(layer_keys)
     assert all(p.is_meta for p in engine.model.model.layers.parameters())
+
+
+@pytest.mark.parametrize("model_type", DENSE_TYPES)
+def test_streamed_dense_logits_equal_in_memory(model_type, tiny_checkpoint):
+    """Dense models (upcycling sources) stream too: same logits as transformers' own."""
+    folder = tiny_checkpoint(model_type)
+    torch.manual_seed(2)
+    batches = [torch.randint(3, 256, (2, 20)) for _ in range(2)]
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    engine = open_model(folder, device="cpu", stream=True, hidden_ram=0)
+    for index, logits in engine.run(batches, head=True):
+        with torch.no_grad():
+            expected = reference(input_ids=batches[index]).logits
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_upcycle_calibration_streamed_equals_in_memory(tiny_checkpoint, sources):
+    from moekit.ops.upcycle.calib import capture_ffn_inputs
+
+    folder = tiny_checkpoint("llama")
+    data = [f"{s.name}={s.path}" for s in sources]
+    memory = capture_ffn_inputs(folder, data, max_tokens=100, seq_len=24, stream=False)
+    streamed = capture_ffn_inputs(folder, data, max_tokens=100, seq_len=24, stream=True)
+    assert memory.tokens == streamed.tokens > 0
+    for layer, inputs in memory.inputs.items():
+        torch.testing.assert_close(streamed.inputs[layer], inputs, rtol=1e-5, atol=1e-5)

@@ -116,6 +116,8 @@ class Engine:
         from moekit.runtime.layers import capture, find_stack, replay_head
 
         stack = find_stack(self.model)
+        if head and self.mode == "stream" and self.model.get_output_embeddings().weight.is_meta:
+            _materialise_outside_layers(self.model, self.weights, self.device, head=True)
         store = HiddenStore(self.device, self._spill(batches), self.spill_dir)
         self.info["hidden_states"] = "spilled to a temporary file" if store.spill else "RAM"
         try:
@@ -183,6 +185,7 @@ class Engine:
                     pending = pool.submit(load, i + 1)
                 layer.load_state_dict(state, strict=False, assign=True)
                 del state
+                _check_loaded(layer, i)
                 yield i, layer
                 layer.to("meta")
         finally:
@@ -228,7 +231,7 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
         del skeleton, weights
         model = load_model(Path(path), str(target), dtype)
         return Engine(Path(path), model, target, torch_dtype, plan, family)
-    _materialise_outside_layers(skeleton, weights, target)
+    _materialise_outside_layers(skeleton, weights, target, head=False)
     engine = Engine(Path(path), skeleton, target, torch_dtype, plan, family, weights, spill_dir,
                     hidden_ram, needs, {"largest_layer_bytes": max(needs.layers, default=0),
                                         "resident_bytes": needs.resident})
@@ -236,6 +239,18 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
 
     mark_grouped(engine)
     return engine
+
+
+def _check_loaded(layer: Any, index: int) -> None:
+    """Every tensor of a loaded layer is real (expert-group tensors excepted)."""
+    from moekit.errors import CheckpointError
+
+    grouped = getattr(layer, "_moekit_groups", None)
+    left = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()]
+            if t.is_meta and not (grouped and n.startswith(grouped[0] + "."))]
+    if left:
+        raise CheckpointError(f"layer {index}: the checkpoint lacks {', '.join(left[:4])}",
+                              "the weights do not match the config")
 
 
 def _config(path: Path) -> Any:
@@ -285,26 +300,55 @@ def _routed(layer: Any, family: Any) -> tuple[str | None, int]:
     return (path, count) if count else (None, 0)
 
 
-def _materialise_outside_layers(model: Any, weights: Any, device: Any) -> None:
-    """Read embeddings, final norm and LM head; rebuild rotary embeddings (computed buffers);
-    tie the LM head to the embeddings when the checkpoint has none."""
+def _materialise_outside_layers(model: Any, weights: Any, device: Any, head: bool) -> None:
+    """Read embeddings and final norm (and with `head` the LM head, else it stays on meta
+    until a run asks for logits); rebuild rotary embeddings (computed buffers); tie the LM head
+    to the embeddings when the checkpoint has none."""
     from moekit.errors import CheckpointError
     from moekit.runtime.layers import find_stack
 
     stack = find_stack(model)
-    outside = [n for n in weights.targets if not n.startswith(stack.name + ".")]
+    skip = (stack.name + ".",) + (() if head else (_head_prefix(model),))
+    outside = [n for n in weights.targets if not n.startswith(skip)]
+    _computed_buffers(model, stack.name + ".", device)
     model.load_state_dict(weights.read(outside, device), strict=False, assign=True)
     for name, module in list(model.named_modules()):
         if name.endswith("rotary_emb") and not name.startswith(stack.name + "."):
             _rebuild(model, name, module, device)
-    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and head.weight.is_meta and not embed.weight.is_meta:
-        head.weight = embed.weight
+    lm_head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if lm_head is not None and lm_head.weight.is_meta and not embed.weight.is_meta and \
+            not any(n.startswith(_head_prefix(model)) for n in weights.targets):
+        lm_head.weight = embed.weight
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
-            if t.is_meta and not n.startswith(stack.name + ".")]
+            if t.is_meta and not n.startswith(skip)]
     if left:
         raise CheckpointError(f"the checkpoint lacks {', '.join(left[:4])}",
                               "the weights do not match the config")
+
+
+def _computed_buffers(model: Any, inside: str, device: Any) -> None:
+    """Non-persistent buffers outside the layers (e.g. Gemma's `embed_scale`) are not in the
+    checkpoint: allocate them and let the model's `_init_weights` fill them, as transformers'
+    loader does (the module's parameters are still on meta, so nothing else is touched)."""
+    import torch
+
+    named = getattr(model, "named_non_persistent_buffers", None)
+    owners = {}
+    for key, buffer in (named() if named else ()):
+        if key.startswith(inside) or not buffer.is_meta or ".rotary_emb." in f".{key}":
+            continue
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        module._buffers[attr] = torch.empty_like(buffer, device=device)
+        owners[module_name] = module
+    with torch.no_grad():
+        for module in owners.values():
+            model._init_weights(module)
+
+
+def _head_prefix(model: Any) -> str:
+    lm_head = model.get_output_embeddings()
+    return next(n for n, m in model.named_modules() if m is lm_head) + "."
 
 
 def _rebuild(model: Any, name: str, module: Any, device: Any) -> None:
