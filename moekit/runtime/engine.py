@@ -20,8 +20,15 @@ A layer larger than the budget is run in expert groups (`groups.py`).
 Per-layer access for later commands (merge, quality-aware prune): `on_layer(step)` is called
 for each decoder layer once it is materialised and before the batches run through it;
 `step.module` is the layer, `step.inputs(b)` batch b's hidden state entering it [B, S, H],
-`step.call(b, module)` runs a module as the layer with batch b's arguments. This works in
-memory too (the loop then runs layer by layer without loading anything).
+`step.call(b, module)` runs a module as the layer with batch b's arguments (e.g. a candidate
+merged layer, to compare outputs). `after_layer(step)` follows once every batch went through
+(the place to reduce that layer's statistics across data-parallel ranks). Both work in memory
+too (the loop then runs layer by layer without loading anything). To capture a MoE block's
+input, register a forward pre-hook on `step.module.mlp` in `on_layer` and remove it in
+`after_layer`.
+
+Reductions: the engine keeps no statistics of its own; hooks accumulate into the caller's
+Recorder / sums, which a data-parallel caller all-reduces (`moekit.runtime.distributed`).
 """
 
 from __future__ import annotations
