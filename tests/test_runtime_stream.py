@@ -145,3 +145,25 @@ def test_upcycle_calibration_streamed_equals_in_memory(tiny_checkpoint, sources)
     assert memory.tokens == streamed.tokens > 0
     for layer, inputs in memory.inputs.items():
         torch.testing.assert_close(streamed.inputs[layer], inputs, rtol=1e-5, atol=1e-5)
+
+
+def test_mtp_layers_on_disk_are_left_out_as_the_model_does(tiny_checkpoint, sources, tmp_path):
+    """DeepSeek-V3 keeps its MTP block as `model.layers.{num_hidden_layers}.*`: transformers
+    ignores it, and so does streaming."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "with-mtp"
+    shutil.copytree(tiny_checkpoint("deepseek_v3"), folder)
+    weights = load_file(folder / "model.safetensors")
+    mtp = {k.replace("layers.2.", "layers.3."): v.clone() for k, v in weights.items()
+           if k.startswith("model.layers.2.")}
+    mtp["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file({**weights, **mtp}, folder / "model.safetensors", metadata={"format": "pt"})
+    engine = open_model(folder, device="cpu", stream=True)
+    assert len(engine.model.model.layers) == 3
+    assert any(k.startswith("model.layers.3.") for k in engine.weights.unused)
+    memory = evaluate(folder, sources, stream=False, **SETTINGS)
+    streamed = evaluate(folder, sources, stream=True, **SETTINGS)
+    assert streamed.overall.loss == pytest.approx(memory.overall.loss, abs=1e-4)
