@@ -125,8 +125,10 @@ class Engine:
         stack = find_stack(self.model)
         if head and self.mode == "stream" and self.model.get_output_embeddings().weight.is_meta:
             _materialise_outside_layers(self.model, self.weights, self.device, head=True)
-        store = HiddenStore(self.device, self._spill(batches), self.spill_dir)
-        self.info["hidden_states"] = "spilled to a temporary file" if store.spill else "RAM"
+        spill, offload = self._placement(batches)
+        store = HiddenStore(self.device, spill, self.spill_dir, offload)
+        self.info["hidden_states"] = "spilled to a temporary file" if spill else \
+            "host RAM" if offload else "RAM" if self.device.type == "cpu" else "device memory"
         try:
             calls = []
             with torch.inference_mode():
@@ -199,14 +201,17 @@ class Engine:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
 
-    def _spill(self, batches: Sequence[Any]) -> bool:
-        """Hidden states go to a file when they exceed the RAM allowance (default: a quarter
-        of the free RAM): sum of B x S x H x itemsize over batches."""
+    def _placement(self, batches: Sequence[Any]) -> tuple[bool, bool]:
+        """(spill, offload) for the hidden states, sum of B x S x H x itemsize over batches:
+        on the compute device while under a quarter of its free memory (CUDA), else in host
+        RAM while under `hidden_ram` (default: a quarter of the free RAM), else in a file."""
         hidden = int(self.model.config.get_text_config().hidden_size)
         need = sum(int(b.numel()) for b in batches) * hidden * self.dtype.itemsize
         allowance = self.hidden_ram if self.hidden_ram is not None else free_memory("cpu") / 4
         self.info["hidden_bytes"] = need
-        return need > allowance
+        if need > allowance:
+            return True, False
+        return False, self.device.type != "cpu" and need > free_memory(self.device) / 4
 
 
 def forward_routing(model: Any, input_ids: Any) -> Any:

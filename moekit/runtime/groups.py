@@ -64,7 +64,7 @@ def run_grouped(engine: Any, step: Any, before: Callable[[int], None] | None,
     path, count, group = step.module._moekit_groups
     experts = step.module.get_submodule(path)
     batches = range(len(step.calls))
-    spill = (step.store.spill, engine.spill_dir)
+    spill = (step.store.spill, engine.spill_dir, step.store.offload)
     inputs, routed = HiddenStore(engine.device, *spill), HiddenStore(engine.device, *spill)
     captured: dict[int, tuple[Any, Any]] = {}  # batch -> top-k ids, weights [T, k]
     current = [0]

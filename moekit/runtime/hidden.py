@@ -1,11 +1,11 @@
 """The hidden states of every calibration batch between two decoder layers.
 
 One slot per batch, overwritten in place by each layer (1x activations: sum over batches of
-B x S x H x itemsize bytes). In RAM (on the compute device for CPU runs) while that total
-stays under the RAM allowance; otherwise in one plain file in a temporary folder, one fixed
-byte range per batch, read and written with pread/pwrite (no memory map, so nothing of it
-stays resident). The folder is removed by `close()`, also after errors; a full disk raises
-SpillError and leaves nothing.
+B x S x H x itemsize bytes). On the compute device (CUDA: while under a quarter of the free
+VRAM, else in host RAM) while that total stays under the RAM allowance; otherwise in one
+plain file in a temporary folder, one fixed byte range per batch, read and written with
+pread/pwrite (no memory map, so nothing of it stays resident). The folder is removed by
+`close()`, also after errors; a full disk raises SpillError and leaves nothing.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ class SpillError(MoekitError):
 
 
 class HiddenStore:
-    """`put(b, h)` / `get(b)` for batch slots; `spill` chooses the file over RAM."""
+    """`put(b, h)` / `get(b)` for batch slots; `spill` chooses the file over RAM, `offload`
+    host RAM over the compute device (CUDA)."""
 
-    def __init__(self, device: Any, spill: bool = False, folder: str | None = None):
-        self.device, self.spill = device, spill
+    def __init__(self, device: Any, spill: bool = False, folder: str | None = None,
+                 offload: bool = False):
+        self.device, self.spill, self.offload = device, spill, offload
         self.slots: dict[int, Any] = {}
         self.meta: dict[int, tuple[int, tuple[int, ...], Any]] = {}  # offset, shape, dtype
         self.end = 0
@@ -42,7 +44,7 @@ class HiddenStore:
 
     def put(self, index: int, hidden: torch.Tensor) -> None:
         if not self.spill:
-            self.slots[index] = hidden
+            self.slots[index] = hidden.to("cpu") if self.offload else hidden
             return
         data = hidden.detach().to("cpu").contiguous()
         raw = memoryview(data.view(-1).view(_byte_dtype()).numpy())
@@ -63,7 +65,7 @@ class HiddenStore:
 
     def get(self, index: int) -> torch.Tensor:
         if not self.spill:
-            return self.slots[index]
+            return self.slots[index].to(self.device) if self.offload else self.slots[index]
         import torch
 
         offset, shape, dtype = self.meta[index]
