@@ -197,6 +197,7 @@ class Engine:
                 _check_loaded(layer, i)
                 yield i, layer
                 layer.to("meta")
+                _trim_heap()
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -251,6 +252,19 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
 
     mark_grouped(engine)
     return engine
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc `malloc_trim`): without it, the small
+    tensors of each freed layer leave 15-80 MB of retained heap per layer in the RSS."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        pass
 
 
 def _check_loaded(layer: Any, index: int) -> None:
