@@ -105,11 +105,12 @@ class Engine:
         for index, ids in enumerate(batches):
             if before is not None:
                 before(index)
+            out = None
             with torch.inference_mode():
                 if head:
                     out = self.model(input_ids=ids.to(self.device), use_cache=False).logits
                 else:
-                    out = forward_routing(self.model, ids.to(self.device)) and None
+                    forward_routing(self.model, ids.to(self.device))
             if progress is not None:
                 progress(index, 1.0)
             yield index, out
@@ -194,10 +195,12 @@ class Engine:
                     pending = pool.submit(load, i + 1)
                 layer.load_state_dict(state, strict=False, assign=True)
                 del state
-                _check_loaded(layer, i)
-                yield i, layer
-                layer.to("meta")
-                _trim_heap()
+                try:
+                    _check_loaded(layer, i)
+                    yield i, layer
+                finally:  # also when the run stops early: the layer's memory is given back
+                    layer.to("meta")
+                    _trim_heap()
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
