@@ -155,12 +155,14 @@ def read_rate(folder: Path) -> float:
     return total / (time.perf_counter() - start)
 
 
-def sizes(model: Path) -> tuple[int, int]:
-    """(largest layer, resident) bytes in the load dtype, as the engine computes them."""
+def sizes(model: Path) -> tuple[int, int, int]:
+    """(largest layer, resident budgeted, resident loaded by profile) bytes in the load dtype:
+    the budget counts the LM head, which profile never reads."""
     from moekit.runtime.engine import open_model
 
     engine = open_model(model, device="cpu", stream=True)
-    return max(engine.sizes.layers), engine.sizes.resident
+    loaded = sum(p.numel() * p.element_size() for p in engine.model.parameters() if not p.is_meta)
+    return max(engine.sizes.layers), engine.sizes.resident, loaded
 
 
 def main() -> None:
@@ -201,22 +203,22 @@ def memory_bench(folder: Path, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     total = write_checkpoint(folder, args.layers, args.hidden, args.ffn, args.experts)
     print(f"wrote {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s ({folder})")
-    largest, resident = sizes(folder)
+    largest, resident, loaded = sizes(folder)
     budget = args.max_memory if args.max_memory != "auto" else \
         f"{int(resident + 2.2 * largest) // 10**6}MB"
     out = run_child(folder, max_memory=budget, tokens=args.tokens, seq_len=args.seq_len,
                     batch=args.batch)
     windows = out["tokens"]
     activations = windows * args.hidden * 2
-    target = out["baseline_rss"] + resident + 2 * largest + activations
+    target = out["baseline_rss"] + loaded + 2 * largest + activations
     print(f"checkpoint {total / 1e9:.2f} GB | largest layer {largest / 1e9:.3f} GB | "
-          f"embeddings+head {resident / 1e9:.3f} GB | activations {activations / 1e6:.1f} MB | "
-          f"--max-memory {budget}")
+          f"embeddings+norm (loaded) {loaded / 1e9:.3f} GB | activations "
+          f"{activations / 1e6:.1f} MB | --max-memory {budget}")
     print(f"peak RSS (VmHWM) {out['vmhwm'] / 1e9:.3f} GB; after imports "
           f"{out['baseline_rss'] / 1e9:.3f} GB; peak - imports = "
           f"{(out['vmhwm'] - out['baseline_rss']) / 1e9:.3f} GB "
           f"= {(out['vmhwm'] - out['baseline_rss']) / largest:.2f} x largest layer; "
-          f"target (imports + resident + 2 x layer + activations) {target / 1e9:.3f} GB -> "
+          f"target (imports + embeddings + 2 x layer + activations) {target / 1e9:.3f} GB -> "
           f"{'OK' if out['vmhwm'] <= target else 'OVER'}")
     print(f"mode: {out['runtime']['mode']} ({out['runtime']['reason']}); {out['seconds']:.1f} s "
           f"for {windows} tokens")
