@@ -117,8 +117,11 @@ class RoutingHooks:
     """Attach the recording hooks to `model` (a context manager); detaching restores the
     model's experts implementation and removes every hook."""
 
-    def __init__(self, model: Any, family: MoeFamily, recorder: Recorder):
+    def __init__(self, model: Any, family: MoeFamily, recorder: Recorder, device: Any = None):
+        """`device`: where the accumulators live (default: each experts module's device; a
+        streamed model's layers are on `meta` until loaded, so the engine passes its device)."""
         self.model, self.family, self.recorder = model, family, recorder
+        self.device = device
         self.modules = find_moe_modules(model, family)
         self._handles: list[Any] = []
         self._previous: str | None = None
@@ -142,7 +145,7 @@ class RoutingHooks:
             register_trace_implementation()
             self._previous = getattr(self.model.config, "_experts_implementation", None)
         for mods in self.modules:
-            device = _device_of(mods.experts)
+            device = self.device or _device_of(mods.experts)
             acc = self.recorder.add_layer(mods.layer, mods.num_experts, device)
             handler = _LayerHandler(self.recorder, acc, self.family)
             self._handles.append(mods.router.register_forward_hook(handler.on_router))
@@ -153,6 +156,7 @@ class RoutingHooks:
                         "interface", "set input_scaled in the family record or update transformers")
                 mods.experts._moekit_inner = _inner_implementation(mods.experts, self._previous)
                 mods.experts._moekit_sink = handler.on_experts
+                mods.experts._moekit_norm_sink = handler.on_norms
                 self._traced.append(mods.experts)
             else:
                 handler.scaled_router = True
@@ -165,7 +169,7 @@ class RoutingHooks:
             handle.remove()
         self._handles.clear()
         for experts in self._traced:
-            for attr in ("_moekit_sink", "_moekit_inner"):
+            for attr in ("_moekit_sink", "_moekit_norm_sink", "_moekit_inner"):
                 if hasattr(experts, attr):
                     delattr(experts, attr)
         self._traced.clear()
@@ -204,7 +208,10 @@ class _LayerHandler:
     def on_experts(self, ids: torch.Tensor, weights: torch.Tensor, per_slot: torch.Tensor) -> None:
         import torch
 
-        norms = torch.linalg.vector_norm(per_slot, dim=-1, dtype=torch.float32)
+        self.on_norms(ids, weights, torch.linalg.vector_norm(per_slot, dim=-1, dtype=torch.float32))
+
+    def on_norms(self, ids: torch.Tensor, weights: torch.Tensor, norms: torch.Tensor) -> None:
+        """Per-slot norms ||f_e(x_t)|| [T, k] computed elsewhere (streamed expert groups)."""
         self.acc.add_routing(self.recorder.domain, self.recorder.shape, ids, weights, norms)
 
     def on_scaled_experts(self, module: Any, args: tuple, output: torch.Tensor) -> None:

@@ -34,6 +34,9 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per for
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16.")]
+MaxMemoryOpt = Annotated[str, typer.Option(
+    "--max-memory", help="Weight memory the run may hold on its device, e.g. 700MB, 40GB: "
+    "larger checkpoints are streamed layer by layer. auto: 80% of the free RAM/VRAM.")]
 TokenizerOpt = Annotated[str | None, typer.Option(
     "--tokenizer", help="Tokenizer folder or repo when the model has none.")]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(

@@ -15,6 +15,7 @@ from moekit.cli.common import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
     ModelArg,
     RangeOpt,
     RevisionOpt,
@@ -23,6 +24,7 @@ from moekit.cli.common import (
     TokenizerOpt,
     TrustRemoteCodeOpt,
     console,
+    err_console,
     export_table,
     handle_errors,
     load_model_path,
@@ -45,6 +47,7 @@ def eval_model(
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    max_memory: MaxMemoryOpt = "auto",
     tokenizer: TokenizerOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,
     text_field: TextFieldOpt = "text",
@@ -73,9 +76,12 @@ def eval_model(
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,
                           batch_size=batch_size, device=device, dtype=dtype, fraction=fraction,
                           tokenizer=tokenizer, text_field=text_field, on_tokens=on_tokens,
-                          trust_remote_code=trust_remote_code)
+                          max_memory=max_memory, trust_remote_code=trust_remote_code)
     if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
         return
+    for who, info in result.settings.get("runtime", {}).items():
+        err_console.print(f"{who}: {'streamed' if info['mode'] == 'stream' else 'in memory'} "
+                          f"({info['reason']})", soft_wrap=True)
     if export is not None:
         import pandas as pd
 

@@ -13,6 +13,7 @@ from moekit.cli.common import (
     DataOpt,
     DeviceOpt,
     DtypeOpt,
+    MaxMemoryOpt,
     ModelArg,
     OutOpt,
     OverwriteOpt,
@@ -54,6 +55,7 @@ def profile(
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    max_memory: MaxMemoryOpt = "auto",
     trace: Annotated[bool, typer.Option(
         "--trace", help="Also write every token's top-k ids and weights (trace.safetensors).")
     ] = False,
@@ -95,7 +97,7 @@ def profile(
                                fraction=fraction, seq_len=seq_len, max_tokens=max_tokens,
                                batch_size=batch_size, device=device, dtype=dtype, trace=trace,
                                merge_with=merge_with, revision=revision, progress=progress,
-                               trust_remote_code=trust_remote_code)
+                               max_memory=max_memory, trust_remote_code=trust_remote_code)
     if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
         return
     names = write_output(result, out, overwrite=overwrite, inputs=(path,), plots=plots,
@@ -146,6 +148,9 @@ class TokenProgress:
     def __call__(self, event: str, tokens: int, domain: str) -> None:
         if event == "start":
             self.progress.update(self.task, total=tokens, description="profiling")
+            return
+        if event == "mode":
+            self.progress.console.print(domain)
             return
         self.progress.update(self.task, advance=tokens, description=f"profiling {domain}")
         speed = self.progress.tasks[0].speed

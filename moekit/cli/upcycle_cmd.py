@@ -11,6 +11,7 @@ import typer
 
 from moekit.cli.common import (
     JsonOpt,
+    MaxMemoryOpt,
     ModelArg,
     OverwriteOpt,
     RevisionOpt,
@@ -80,6 +81,7 @@ def upcycle(
     )] = True,
     aux_loss_coef: Annotated[float, typer.Option(
         "--aux-loss-coef", help="router_aux_loss_coef written into the config.")] = 0.001,
+    max_memory: MaxMemoryOpt = "auto",
     max_shard_size: Annotated[str, typer.Option(
         "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan "
@@ -104,7 +106,8 @@ def upcycle(
         shared_expert=shared_expert, shared_neurons=shared_neurons, data=tuple(data or ()),
         data_range=data_range, max_tokens=max_tokens, seq_len=seq_len,
         norm_topk_prob=norm_topk_prob, aux_loss_coef=aux_loss_coef,
-        max_shard_bytes=parse_size(max_shard_size), trust_remote_code=trust_remote_code)
+        max_shard_bytes=parse_size(max_shard_size), max_memory=max_memory,
+        trust_remote_code=trust_remote_code)
     if out is None and not dry_run:
         from moekit.errors import InvalidArgumentError
 

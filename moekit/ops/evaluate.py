@@ -12,16 +12,15 @@ predictions. "overall" weights datasets by tokens.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moekit.calib.data import DataSource, Domain, batches, load_domains
-from moekit.ops.modeling import load_model, load_tokenizer
+from moekit.calib.data import DataSource, batches, load_domains
 from moekit.runtime.distributed import rank_device, reduce_eval_sums, shard_for_rank
+from moekit.runtime.loading import load_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -76,10 +75,12 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
              fraction: tuple[float, float] = (0.0, 1.0), tokenizer: str | None = None,
              text_field: str = "text", keep_both: bool | None = None,
              on_tokens: Callable[[int, int], None] | None = None,
-             trust_remote_code: bool = False) -> EvalResult:
+             max_memory: str | int | None = "auto", trust_remote_code: bool = False,
+             **engine: Any) -> EvalResult:
     """Evaluate `model_path` on each source (and against `ref` when given).
 
-    `on_tokens(advance, total)` reports progress in input tokens.
+    `on_tokens(advance, total)` reports progress in input tokens. Models run through
+    `moekit.runtime` (in memory or streamed under `max_memory`; `engine`: `open_model` options).
     `keep_both`: hold model and reference in memory together (None: when both fit in half of
     the free memory); otherwise the reference runs first and its log-probabilities are spilled
     to a temporary folder (float32, tokens x vocab x 4 bytes) and read back batch by batch.
@@ -95,29 +96,15 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
                          trust_remote_code)
     domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
                            text_field=text_field, fraction=fraction)
+    # this rank's share of the (dataset, batch) pairs (all of them outside torchrun)
+    work = shard_for_rank([(d.name, batch) for d in domains for batch in batches(d, batch_size)])
     sums = {d.name: _Sums() for d in domains}
-    total_tokens = sum(int(batch.numel()) for _, batch in _batches(domains, batch_size))
+    total_tokens = sum(int(batch.numel()) for _, batch in work)
     if on_tokens is not None:
         on_tokens(0, total_tokens)
-
-    def progress(batch: torch.Tensor) -> None:
-        if on_tokens is not None:
-            on_tokens(int(batch.numel()), total_tokens)
-
-    if ref is None:
-        model = load_model(Path(model_path), device, dtype, trust_remote_code)
-        for name, batch in _batches(domains, batch_size):
-            _add(sums[name], _logprobs(model, batch), batch, None)
-            progress(batch)
-    elif keep_both if keep_both is not None else _fits_both(model_path, ref, device, dtype):
-        model = load_model(Path(model_path), device, dtype, trust_remote_code)
-        reference = load_model(Path(ref), device, dtype, trust_remote_code)
-        for name, batch in _batches(domains, batch_size):
-            _add(sums[name], _logprobs(model, batch), batch, _logprobs(reference, batch))
-            progress(batch)
-    else:
-        _spilled(model_path, ref, domains, sums, batch_size, device, dtype, progress,
-                 trust_remote_code)
+    options = dict(device=device, dtype=dtype, max_memory=max_memory,
+                   trust_remote_code=trust_remote_code, **engine)
+    runtime = _run(model_path, ref, work, sums, options, keep_both, on_tokens, total_tokens)
     reduce_eval_sums(sums)
     results = [sums[d.name].result(d.name, ref is not None) for d in domains]
     total = _Sums(sum(s.loss for s in sums.values()), sum(s.kl for s in sums.values()),
@@ -125,43 +112,67 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
                   sum(s.ref_loss for s in sums.values()))
     settings = {"seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
                 "device": device, "dtype": dtype, "data_range": list(fraction),
-                "data": {d.name: {"sha256": d.sha256, "files": d.files} for d in domains}}
+                "data": {d.name: {"sha256": d.sha256, "files": d.files} for d in domains},
+                "runtime": runtime}
     return EvalResult(str(model_path), str(ref) if ref is not None else None, results,
                       total.result("overall", ref is not None), settings)
 
 
-def _spilled(model_path: Path, ref: Path, domains: list[Domain], sums: dict[str, _Sums],
-             batch_size: int, device: str, dtype: str,
-             progress: Callable[[torch.Tensor], None], trust: bool = False) -> None:
+def _run(model_path: Path, ref: Path | None, work: list[tuple[str, torch.Tensor]],
+         sums: dict[str, _Sums], options: dict[str, Any], keep_both: bool | None,
+         on_tokens: Callable[[int, int], None] | None, total: int) -> dict[str, Any]:
+    """Run the model (and reference) over `work`, adding to `sums`; returns what ran how."""
+    from moekit.runtime.engine import open_model
+
+    ids = [batch for _, batch in work]
+
+    def progress(i: int, fraction: float) -> None:
+        if on_tokens is not None:
+            on_tokens(int(ids[i].numel() * fraction), total)
+
+    if ref is None:
+        model = open_model(Path(model_path), **options)
+        for i, logits in model.run(ids, head=True, progress=progress):
+            _add(sums[work[i][0]], _logprobs(logits), ids[i], None)
+        return {"model": model.describe()}
+    if keep_both if keep_both is not None else _fits_both(model_path, ref, options):
+        model, reference = open_model(Path(model_path), **options), open_model(Path(ref),
+                                                                               **options)
+        for (i, logits), (_, ref_logits) in zip(model.run(ids, head=True, progress=progress),
+                                                reference.run(ids, head=True), strict=True):
+            _add(sums[work[i][0]], _logprobs(logits), ids[i], _logprobs(ref_logits))
+        return {"model": model.describe(), "ref": reference.describe()}
+    return _spilled(model_path, ref, work, sums, options, progress)
+
+
+def _spilled(model_path: Path, ref: Path, work: list[tuple[str, torch.Tensor]],
+             sums: dict[str, _Sums], options: dict[str, Any],
+             progress: Callable[[int, float], None]) -> dict[str, Any]:
     import gc
 
     import torch
 
+    from moekit.runtime.engine import open_model
+
+    ids = [batch for _, batch in work]
     with tempfile.TemporaryDirectory(prefix="moekit-eval-") as tmp:
-        reference = load_model(Path(ref), device, dtype, trust)
-        for i, (_, batch) in enumerate(_batches(domains, batch_size)):
-            torch.save(_logprobs(reference, batch).cpu(), Path(tmp) / f"{i}.pt")
+        reference = open_model(Path(ref), **options)
+        for i, logits in reference.run(ids, head=True):
+            torch.save(_logprobs(logits), Path(tmp) / f"{i}.pt")
+        described = reference.describe()
         del reference
         gc.collect()
-        model = load_model(Path(model_path), device, dtype, trust)
-        for i, (name, batch) in enumerate(_batches(domains, batch_size)):
-            ref_logp = torch.load(Path(tmp) / f"{i}.pt")
-            _add(sums[name], _logprobs(model, batch), batch, ref_logp)
-            progress(batch)
+        model = open_model(Path(model_path), **options)
+        for i, logits in model.run(ids, head=True, progress=progress):
+            _add(sums[work[i][0]], _logprobs(logits), ids[i], torch.load(Path(tmp) / f"{i}.pt"))
+    return {"model": model.describe(), "ref": described}
 
 
-def _batches(domains: list[Domain], batch_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """This rank's share of the (dataset name, batch) pairs (all of them outside torchrun)."""
-    yield from shard_for_rank([(domain.name, batch) for domain in domains
-                               for batch in batches(domain, batch_size)])
-
-
-def _logprobs(model: Any, batch: torch.Tensor) -> torch.Tensor:
+def _logprobs(logits: torch.Tensor) -> torch.Tensor:
     """log p(next token) for positions 0..S-2: [B, S-1, V] float32 on CPU."""
     import torch
 
     with torch.inference_mode():
-        logits = model(input_ids=batch.to(model.device), use_cache=False).logits
         return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
 
 
@@ -181,27 +192,13 @@ def _has_tokenizer(path: Path) -> bool:
                                                    "tokenizer.model", "vocab.json"))
 
 
-def _fits_both(model_path: Path, ref: Path, device: str, dtype: str) -> bool:
+def _fits_both(model_path: Path, ref: Path, options: dict[str, Any]) -> bool:
     """Both checkpoints (scaled to the load dtype) fit in half the free memory."""
     from moekit.io.reader import Checkpoint
+    from moekit.runtime.budget import free_memory
+    from moekit.runtime.loading import pick_device
 
+    dtype = options.get("dtype", "auto")
     scale = {"float32": 2.0, "bfloat16": 1.0, "float16": 1.0}.get(dtype, 1.0)
     need = scale * (Checkpoint(Path(model_path)).total_bytes + Checkpoint(Path(ref)).total_bytes)
-    return need < 0.5 * _free_memory(device)
-
-
-def _free_memory(device: str) -> float:
-    import torch
-
-    from moekit.ops.modeling import pick_device
-
-    target = pick_device(device)
-    if target.type == "cuda":
-        return float(torch.cuda.mem_get_info(target)[0])
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return need < 0.5 * free_memory(pick_device(options.get("device", "auto")))

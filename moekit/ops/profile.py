@@ -28,10 +28,13 @@ from moekit.runtime.distributed import (
     reduce_recorder,
     shard_for_rank,
 )
+from moekit.runtime.engine import forward_routing as forward  # noqa: F401 - benchmarks
+from moekit.runtime.engine import mode_line
 from moekit.stats.profile_io import ALL, Profile, load_profile, merge_profiles, profile_from_raw
 
 if TYPE_CHECKING:
     from moekit.calib.recorder import Recorder
+    from moekit.runtime.engine import Engine
 
 Progress = Callable[[str, int, str], None]  # (event "start" | "batch", tokens, domain name)
 
@@ -42,14 +45,19 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
                   max_tokens: int = 100_000, batch_size: int = 8, device: str = "auto",
                   dtype: str = "auto", trace: bool = False, merge_with: Path | None = None,
                   revision: str | None = None, progress: Progress | None = None,
-                  trust_remote_code: bool = False) -> Profile:
+                  max_memory: str | int | None = "auto", trust_remote_code: bool = False,
+                  **engine: Any) -> Profile:
     """Profile `model` on `sources` (default: sample_data/), one domain per source.
 
     max_tokens applies per source. With `merge_with`, the result is that profile plus this run
-    (same model fingerprint required, checked before any forward pass). Code shipped in the
-    checkpoint runs only with `trust_remote_code`.
+    (same model fingerprint required, checked before any forward pass). The model runs through
+    `moekit.runtime` (in memory or streamed under `max_memory`; `engine` options go to
+    `open_model`); metadata["runtime"] says which mode ran and why. Under torchrun each rank
+    runs its share of the batches and the sums are reduced (`moekit.runtime.distributed`).
+    Code shipped in the checkpoint runs only with `trust_remote_code`.
     """
-    from moekit.ops.modeling import DTYPES, load_model, load_tokenizer, pick_device
+    from moekit.runtime.engine import open_model
+    from moekit.runtime.loading import DTYPES, load_tokenizer, pick_device
 
     if batch_size < 1:
         raise InvalidArgumentError(f"--batch-size must be at least 1, got {batch_size}")
@@ -73,7 +81,10 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
     tok = load_tokenizer(path, tokenizer, trust_remote_code)
     domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
                            text_field=text_field, fraction=fraction)
-    loaded = load_model(path, device, dtype, trust_remote_code)
+    loaded = open_model(path, device=device, dtype=dtype,
+                        max_memory=max_memory, trust_remote_code=trust_remote_code, **engine)
+    if progress:
+        progress("mode", 0, mode_line(loaded))
     recorder, input_ids = _record(loaded, layout, domains, batch_size, trace, progress)
     reduce_recorder(recorder)
     meta = _metadata(model, fingerprint, layout, domains, loaded, seq_len=seq_len,
@@ -99,38 +110,42 @@ def _previous(folder: Path, fingerprint: str) -> Profile:
     return previous
 
 
-def _record(model: Any, layout: ModelLayout, domains: list[Domain], batch_size: int,
+def work_list(domains: list[Domain], batch_size: int) -> list[tuple[int, Any]]:
+    """(domain index, input ids [B, S]) of every batch, in run order (a data-parallel caller
+    shards this list)."""
+    return [(index, batch) for index, domain in enumerate(domains)
+            for batch in batches(domain, batch_size)]
+
+
+def _record(engine: Engine, layout: ModelLayout, domains: list[Domain], batch_size: int,
             trace: bool, progress: Progress | None) -> tuple[Recorder, list[list[Any]]]:
-    """Run every window once with the hooks attached; returns the recorder and, with `trace`,
-    the input ids of each domain in the order they ran."""
+    """Run every window once through the engine with the hooks attached; returns the recorder
+    and, with `trace`, the input ids of each domain in the order they ran."""
     import torch
 
     from moekit.calib.hooks import RoutingHooks
     from moekit.calib.recorder import Recorder
 
     recorder = Recorder(len(domains), trace=trace)
-    device = next(model.parameters()).device
-    work = [(index, batch) for index, domain in enumerate(domains)
-            for batch in batches(domain, batch_size)]
+    work = work_list(domains, batch_size)
     mine = shard_for_rank(work)  # this rank's share (all of it outside torchrun)
     input_ids: list[list[Any]] = [[] for _ in domains]
     for index, batch in work if trace else ():
         input_ids[index].append(batch.reshape(-1).to(torch.int32))
     if progress:
         progress("start", sum(int(batch.numel()) for _, batch in mine), "")
-    with RoutingHooks(model, layout.family, recorder), torch.inference_mode():
-        for index, batch in mine:
-            recorder.set_batch(index, tuple(batch.shape))
-            forward(model, batch.to(device))
-            if progress:
-                progress("batch", batch.numel(), domains[index].name)
+
+    def before(i: int) -> None:
+        recorder.set_batch(mine[i][0], tuple(mine[i][1].shape))
+
+    def advance(i: int, fraction: float) -> None:
+        if progress:
+            progress("batch", mine[i][1].numel() * fraction, domains[mine[i][0]].name)
+
+    with RoutingHooks(engine.model, layout.family, recorder, device=engine.device):
+        for _ in engine.run([batch for _, batch in mine], before=before, progress=advance):
+            pass
     return recorder, input_ids
-
-
-def forward(model: Any, input_ids: Any) -> Any:
-    """One forward pass as profiling runs it: no KV cache, logits for the last position only
-    (the routing of every position is computed either way)."""
-    return model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
 
 
 def _trace_arrays(raw: list[Any], domains: list[Domain],
@@ -148,11 +163,11 @@ def _trace_arrays(raw: list[Any], domains: list[Domain],
 
 
 def _metadata(model: str | Path, fingerprint: str, layout: ModelLayout, domains: list[Domain],
-              loaded: Any, **settings: Any) -> dict[str, Any]:
+              loaded: Engine, **settings: Any) -> dict[str, Any]:
     family = layout.family
     experts = [layer.num_experts for layer in layout.moe_layers]
     top_k = [layout.top_k(i) for i in range(len(layout.moe_layers))]
-    dtype = str(next(loaded.parameters()).dtype).removeprefix("torch.")
+    dtype = str(loaded.dtype).removeprefix("torch.")
     start, end = settings.pop("fraction")
     return {
         "moekit_version": __version__, "format_version": 1, "model": str(model),
@@ -162,7 +177,7 @@ def _metadata(model: str | Path, fingerprint: str, layout: ModelLayout, domains:
         "num_experts": experts[0] if len(set(experts)) == 1 else experts,
         "top_k": top_k[0] if len(set(top_k)) == 1 else top_k,
         "routing": family.router.describe(), "reap_semantics": _reap_semantics(family),
-        "device": str(next(loaded.parameters()).device), "dtype": dtype,
+        "device": str(loaded.device), "dtype": dtype, "runtime": loaded.describe(),
         "data_range": f"{start:g}:{end:g}", **settings,
         "domains": {d.name: {"tokens": d.num_tokens, "sha256": d.sha256, "files": d.files,
                              "windows": len(d.windows)} for d in domains},

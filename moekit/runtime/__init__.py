@@ -1,1 +1,12 @@
-"""Running models: the engine that loads or streams layers, and data-parallel runs."""
+"""Running models: one engine (`engine.open_model`) that loads a checkpoint whole or streams it
+layer by layer under a memory budget, for every command that runs a model.
+
+    engine.py   open_model, Engine.run (batches in, logits or hook side effects out), LayerStep
+    budget.py   --max-memory: sizes, the memory / stream / expert-group decision
+    weights.py  checkpoint keys -> in-memory tensors (fused experts), read into place
+    layers.py   the decoder stack, per-layer call arguments, the head replay
+    hidden.py   hidden states between layers (RAM or a spill file)
+    groups.py   experts of a too-large layer in groups
+    loading.py  whole-model / skeleton / tokenizer loading
+    distributed.py  torchrun data parallelism: rank share of batches, reductions, failures
+"""

@@ -278,8 +278,8 @@ def reduce_recorder(recorder: Recorder) -> None:
 
 
 def reduce_eval_sums(sums: Mapping[str, Any]) -> None:
-    """Sum eval's per-dataset accumulators (objects with float `loss`, `kl`, `agree` and int
-    `tokens`) across ranks, in place; every rank holds the same dataset names in order."""
+    """Sum eval's per-dataset accumulators (objects with float `loss`, `kl`, `agree`, `ref_loss`
+    and int `tokens`) across ranks, in place; every rank holds the same dataset names in order."""
     if not dist_context().enabled:
         return
     import torch
@@ -288,13 +288,14 @@ def reduce_eval_sums(sums: Mapping[str, Any]) -> None:
     agree()
     rows = list(sums.values())
     with _collective():
-        floats = torch.tensor([[s.loss, s.kl, s.agree] for s in rows], dtype=torch.float64)
+        floats = torch.tensor([[s.loss, s.kl, s.agree, s.ref_loss] for s in rows],
+                              dtype=torch.float64)
         tokens = torch.tensor([s.tokens for s in rows], dtype=torch.int64)
         dist.all_reduce(floats, op=dist.ReduceOp.SUM)
         dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
-    for row, (loss, kl, agreed), count in zip(rows, floats.tolist(), tokens.tolist(),
-                                              strict=True):
-        row.loss, row.kl, row.agree, row.tokens = loss, kl, agreed, count
+    for row, (loss, kl, agreed, ref_loss), count in zip(rows, floats.tolist(), tokens.tolist(),
+                                                        strict=True):
+        row.loss, row.kl, row.agree, row.ref_loss, row.tokens = loss, kl, agreed, ref_loss, count
 
 
 def distributed_command(func: F) -> F:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moekit.errors import DataError, transformers_load_errors
+from moekit.errors import DataError
 
 if TYPE_CHECKING:
     import torch
@@ -27,24 +27,28 @@ class FfnInputs:
 
 def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_len: int,
                        data_range: str | None = None, batch_size: int = 8,
-                       trust_remote_code: bool = False) -> FfnInputs:
-    """Run the dense model (transformers, CPU) once over the calibration text
-    and record each layer's FFN input with a forward pre-hook on `model.layers[i].mlp`.
+                       max_memory: str | int | None = "auto", trust_remote_code: bool = False,
+                       **engine: object) -> FfnInputs:
+    """Run the dense model once over the calibration text through `moekit.runtime` (CPU, in
+    memory or streamed under `max_memory`) and record each layer's FFN input with a forward
+    pre-hook on `model.layers[i].mlp`.
 
     `max_tokens` is per data source (as `moekit.calib.data.load_domains` counts). Memory: the
-    dense model plus T x H x 4 bytes per layer. Code shipped in the checkpoint runs only with
-    `trust_remote_code`.
+    model (or its streaming budget) plus T x H x 4 bytes per layer. Code shipped in the
+    checkpoint runs only with `trust_remote_code`.
     """
     import torch
 
     from moekit.io.remote_code import check_remote_code
-    from moekit.ops.modeling import quiet_transformers
+    from moekit.runtime.loading import quiet_transformers
 
     check_remote_code(folder, trust_remote_code)
     quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from moekit.calib.data import DataSource, batches, load_domains, parse_fraction
+    from moekit.runtime.engine import open_model
+    from moekit.runtime.layers import find_stack
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -55,19 +59,16 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     sources = [DataSource.parse(value) for value in data]
     domains = load_domains(sources, tokenizer, seq_len=seq_len, max_tokens=max_tokens,
                            fraction=parse_fraction(data_range))
-    with transformers_load_errors(folder):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=_calibration_dtype(folder),
-                                                     trust_remote_code=trust_remote_code).eval()
-    decoder = model.get_decoder()
-    layers = decoder.layers
+    model = open_model(folder, device="cpu", dtype=_calibration_dtype(folder),
+                       max_memory=max_memory, trust_remote_code=trust_remote_code,
+                       **engine)  # type: ignore[arg-type]
+    layers = find_stack(model.model).layers
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
     handles = [layer.mlp.register_forward_pre_hook(_recorder(captured[i]))
                for i, layer in enumerate(layers)]
     try:
-        with torch.inference_mode():
-            for domain in domains:
-                for batch in batches(domain, batch_size):
-                    decoder(input_ids=batch, use_cache=False)
+        for _ in model.run([b for d in domains for b in batches(d, batch_size)]):
+            pass
     finally:
         for handle in handles:
             handle.remove()
@@ -78,23 +79,22 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     return FfnInputs(inputs, tokens, record)
 
 
-def _calibration_dtype(folder: Path) -> torch.dtype | str:
+def _calibration_dtype(folder: Path) -> str:
     """float32 when the model's float32 copy stays under FLOAT32_LIMIT bytes (faster on CPU
     for small models, whose time goes to element-wise ops, and exact), else its own dtype."""
-    import torch
 
     from moekit.io.dtypes import ITEM_SIZE
     from moekit.io.reader import Checkpoint
 
     tensors = Checkpoint(folder).tensors.values()
     float32_bytes = sum(t.nbytes * 4 // ITEM_SIZE[t.dtype] for t in tensors)
-    return torch.float32 if float32_bytes <= FLOAT32_LIMIT else "auto"
+    return "float32" if float32_bytes <= FLOAT32_LIMIT else "auto"
 
 
 def _recorder(store: list[torch.Tensor]):  # noqa: ANN202 - a torch hook
     def hook(module, args):  # noqa: ANN001, ANN202, ARG001
         hidden = args[0]
-        store.append(hidden.reshape(-1, hidden.shape[-1]).float().clone())
+        store.append(hidden.reshape(-1, hidden.shape[-1]).float().cpu().clone())
 
     return hook
 

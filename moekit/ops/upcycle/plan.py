@@ -44,6 +44,7 @@ class UpcycleOptions:
     aux_loss_coef: float = 0.001
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     trust_remote_code: bool = False
+    max_memory: str = "auto"
 
 
 @dataclass

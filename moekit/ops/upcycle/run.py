@@ -100,7 +100,7 @@ def prepare(plan: UpcyclePlan) -> Prepared:
 
         prepared.calibration = capture_ffn_inputs(
             plan.checkpoint.folder, list(opts.data), max_tokens=opts.max_tokens,
-            seq_len=opts.seq_len, data_range=opts.data_range,
+            seq_len=opts.seq_len, data_range=opts.data_range, max_memory=opts.max_memory,
             trust_remote_code=opts.trust_remote_code)
     if opts.method == "split":
         prepared.groups, prepared.shared = {}, {}

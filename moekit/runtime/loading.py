@@ -1,0 +1,127 @@
+"""Load a transformers model (whole, or as a `meta` skeleton for streaming) and its tokenizer.
+
+Code shipped inside a checkpoint (`auto_map`) runs only when the user passed
+`--trust-remote-code`: every entry point calls `moekit.io.remote_code.check_remote_code` first
+and every transformers call passes `trust_remote_code` explicitly, so transformers never prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from moekit.errors import DataError, InvalidArgumentError, transformers_load_errors
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def quiet_transformers() -> None:
+    """No progress bars, no load reports, no Hub kernels, no warnings that are no news to a
+    moekit user (long texts are cut into windows by moekit; zero-width experts are valid)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
+    warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def pick_device(device: str) -> Any:
+    """`auto` -> cuda when available, else cpu."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA device",
+                                   "use --device cpu or auto")
+    return torch.device(device)
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+
+
+def load_model(path: Path, device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False) -> Any:
+    """An eval-mode AutoModelForCausalLM on `device`; `auto` dtype keeps the checkpoint's."""
+    import torch
+
+    from moekit.io.remote_code import check_remote_code
+
+    check_dtype(dtype)
+    check_remote_code(path, trust_remote_code)
+    quiet_transformers()
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    with transformers_load_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+    return model.to(pick_device(device)).eval()
+
+
+def load_dtype(config: Any, dtype: str, checkpoint: Any) -> Any:
+    """The torch dtype weights are loaded in: `dtype`, or for `auto` the config's `dtype`
+    (else the first floating tensor's on disk), as `from_pretrained(dtype="auto")` does."""
+    import torch
+
+    from moekit.io.dtypes import to_torch
+
+    check_dtype(dtype)
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    for info in checkpoint.tensors.values():
+        if info.dtype in ("F32", "F16", "BF16"):
+            return to_torch(info.dtype)
+    return torch.float32
+
+
+def build_skeleton(path: Path, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """`AutoModelForCausalLM.from_config` under `torch.device("meta")`: every module built, no
+    weight allocated. Parameters get `dtype` (not the class default float32)."""
+    import torch
+
+    from moekit.io.remote_code import check_remote_code
+
+    check_remote_code(path, trust_remote_code)
+    quiet_transformers()
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def load_tokenizer(model_path: Path, tokenizer: str | None = None,
+                   trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer, or `tokenizer` (folder or Hub id) when given."""
+    from moekit.io.remote_code import check_remote_code
+
+    check_remote_code(tokenizer or model_path, trust_remote_code)
+    quiet_transformers()
+    from transformers import AutoTokenizer
+
+    source = tokenizer or str(model_path)
+    has_files = tokenizer is not None or any(
+        (Path(model_path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json",
+                                                  "tokenizer.model", "vocab.json"))
+    if not has_files:
+        raise DataError(f"{model_path} has no tokenizer files",
+                        "pass --tokenizer FOLDER_OR_REPO with the model's tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot load a tokenizer from {source}: {err}".splitlines()[0],
+                        "pass --tokenizer FOLDER_OR_REPO") from err
