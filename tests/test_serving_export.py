@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from synthetic_profile import synthetic_profile
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
 from moekit.stats.profile_io import save_profile
-from tests.synthetic_profile import synthetic_profile
 
 
 def sglang_read(path: Path) -> torch.Tensor:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from synthetic_profile import synthetic_profile
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
 from moekit.stats.profile_io import load_profile, load_trace, merge_profiles, save_profile
 from moekit.stats.uncertainty import layer_uncertainty, profile_uncertainty, zero_count_upper
-from tests.synthetic_profile import synthetic_profile
 
 E, K, N = 8, 2, 64  # experts, top-k, tokens per window
 TRUE = np.linspace(1.0, 4.0, E) / np.linspace(1.0, 4.0, E).sum()
