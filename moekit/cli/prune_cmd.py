@@ -10,10 +10,13 @@ from typing import Annotated, Any
 import typer
 
 from moekit.cli.common import (
+    DtypeOpt,
     JsonOpt,
     ModelArg,
     OverwriteOpt,
+    RangeOpt,
     RevisionOpt,
+    SeqLenOpt,
     console,
     err_console,
     export_table,
@@ -21,8 +24,11 @@ from moekit.cli.common import (
     load_model_path,
 )
 
-CRITERION_HELP = ("reap (default; mean gate x ||output|| over routed tokens), reap-sum, "
-                  "frequency (tokens), weight (gate-weight sum), ean (output-norm sum), random.")
+CRITERION_HELP = ("Stats: ean (default without --data; output-norm sum), reap-sum, weight "
+                  "(gate-weight sum), frequency (tokens), man (mean output norm), reap (mean gate "
+                  "x ||output||), random. With --data also: measured (default; re-routed layer "
+                  "error, beam search, compensation if it measures better) and auto (every "
+                  "candidate scored by held-out KL, the best kept).")
 
 
 @handle_errors
@@ -68,7 +74,27 @@ def prune(
                           ] = None,
     eval_max_tokens: Annotated[int, typer.Option("--eval-max-tokens")] = 16384,
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len")] = 512,
-    device: Annotated[str, typer.Option("--device", help="Device for --eval-data.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="Device for --data/--eval-data.")
+                      ] = "auto",
+    data: Annotated[list[str] | None, typer.Option(
+        "--data", "-d", help="NAME=PATH calibration data (repeat): choose by measured damage.")
+    ] = None,
+    data_range: RangeOpt = None,
+    seq_len: SeqLenOpt = 256,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", help="Calibration token positions per layer (selection and refit).")
+    ] = 4096,
+    beam: Annotated[int, typer.Option("--beam", help="Beam width of the measured search.")] = 4,
+    compensate: Annotated[bool | None, typer.Option(
+        "--compensate/--no-compensate", help="Refit kept experts' down projections (default: "
+        "tried, kept if held-out KL is lower).")] = None,
+    protect_super: Annotated[bool, typer.Option(
+        "--protect-super/--no-protect-super", help="Never drop super experts (outstanding "
+        "max_norm).")] = True,
+    keep_params: Annotated[float | None, typer.Option(
+        "--keep-params", help="With --data: share of routed-expert bytes to keep, reached by "
+        "removing fewer experts and trimming all survivors to one narrower width.")] = None,
+    dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -82,6 +108,8 @@ def prune(
     Example: moekit prune ./Mixtral --stats prof/ --ratio 0.5 --dry-run --plan-out plan.json
 
     Example: moekit prune ./Mixtral --plan plan.json --out ./pruned --eval-data code=val.py
+
+    Example: moekit prune ./Mixtral --data web=c4.jsonl --ratio 0.5 --out ./pruned
     """
     from moekit.io.output import check_output
 
@@ -96,7 +124,23 @@ def prune(
     options = dict(stats=stats, ratio=ratio, criterion=criterion, plan_in=plan_in, keep=keep,
                    drop=drop, protect=protect or [], min_experts=min_experts, seed=seed,
                    domain=domain, ignore_fingerprint=ignore_fingerprint)
-    plan, stats_data = choose_plan(source, **options)
+    modified, calibration, width = None, None, None
+    if keep_params is not None and not data:
+        from moekit.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--keep-params needs --data", "neurons are chosen and "
+                                   "refitted on calibration data: add --data NAME=PATH")
+    if data:
+        from moekit.ops.prune.calibrated import DataOptions
+
+        data_opts = DataOptions(_data_sources(data, "--data"), _fraction(data_range),
+                                seq_len, max_tokens, beam, compensate,
+                                protect_super=protect_super, device=device, dtype=dtype)
+        plan, modified, calibration, width = choose_with_data(
+            source, data_opts, quiet=as_json, keep_params=keep_params, **options)
+        stats_data = None
+    else:
+        plan, stats_data = choose_plan(source, protect_super=protect_super, **options)
     eval_sources = _eval_sources(eval_data, eval_range)
     budget = _show_plan(plan, stats_data, report, quiet=as_json)
     if plan_out is not None:
@@ -112,14 +156,14 @@ def prune(
     eval_opts = dict(sources=eval_sources[0], fraction=eval_sources[1], seq_len=eval_seq_len,
                      max_tokens=eval_max_tokens, device=device)
     result = _run(source, model, plan, out, overwrite, shard_bytes, ignore_fingerprint,
-                  stats, budget, eval_opts)
+                  stats, budget, eval_opts, modified, calibration, width)
     _summary(result, as_json)
 
 
 def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criterion: str | None,
                 plan_in: Path | None, keep: Path | None, drop: Path | None, protect: list[str],
                 min_experts: int | None, seed: int, domain: str,
-                ignore_fingerprint: bool) -> tuple[Any, Any]:
+                ignore_fingerprint: bool, protect_super: bool = True) -> tuple[Any, Any]:
     """Load/validate everything and decide: (PrunePlan, ExpertStats or None). Reads headers,
     router weights (fingerprint) and statistics only."""
     from moekit.errors import InvalidArgumentError
@@ -127,7 +171,14 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     from moekit.io.fingerprint import model_fingerprint
     from moekit.io.reader import Checkpoint
     from moekit.ops.plan import PrunePlan, validate_plan
-    from moekit.ops.prune.select import build_plan, parse_protect, read_expert_lists
+    from moekit.ops.prune.select import (
+        DEFAULT_CRITERION,
+        build_plan,
+        merge_protect,
+        parse_protect,
+        read_expert_lists,
+        super_experts,
+    )
     from moekit.ops.prune.stats import check_stats, load_stats
 
     if ratio is not None and not 0.0 <= ratio < 1.0:
@@ -152,12 +203,121 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     if criterion is not None and (keep is not None or drop is not None):
         raise InvalidArgumentError("--criterion is given with --keep/--drop",
                                    "explicit lists replace the criterion: give one of them")
+    guard = parse_protect(protect, layout)
+    if stats_data is not None and protect_super and keep is None and drop is None:
+        guard = merge_protect(guard, super_experts(stats_data))
     plan = build_plan(
-        layout, fingerprint, criterion=criterion or "reap", ratio=ratio, stats=stats_data,
+        layout, fingerprint, criterion=criterion or DEFAULT_CRITERION, ratio=ratio,
+        stats=stats_data,
         keep=read_expert_lists(keep, layout, "--keep") if keep is not None else None,
         drop=read_expert_lists(drop, layout, "--drop") if drop is not None else None,
-        protect=parse_protect(protect, layout), min_experts=min_experts, seed=seed)
+        protect=guard, min_experts=min_experts, seed=seed)
     return plan, stats_data
+
+
+def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | None,
+                     ratio: float | None, criterion: str | None, plan_in: Path | None,
+                     keep: Path | None, drop: Path | None, protect: list[str],
+                     min_experts: int | None, seed: int, domain: str,
+                     ignore_fingerprint: bool, keep_params: float | None = None
+                     ) -> tuple[Any, Any, dict[str, Any], int | None]:
+    """`--data`: measured (default) or auto or a stats criterion on the calibration tokens;
+    with `keep_params`, measured selection plus uniform trimming to the byte budget.
+    Returns (plan, modified tensors for the surgery, calibration record for provenance,
+    new expert width or None)."""
+    from moekit.errors import InvalidArgumentError
+    from moekit.families.layout import describe
+    from moekit.io.fingerprint import model_fingerprint
+    from moekit.io.reader import Checkpoint
+    from moekit.ops.prune.calibrated import choose_with_data as choose
+    from moekit.ops.prune.rewrite import modified_tensors
+    from moekit.ops.prune.select import parse_protect
+
+    if any(x is not None for x in (stats, plan_in, keep, drop)):
+        raise InvalidArgumentError("--data is given with --stats/--plan/--keep/--drop",
+                                   "--data chooses the experts itself: drop the others")
+    if (ratio is None) == (keep_params is None):
+        raise InvalidArgumentError("give exactly one of --ratio and --keep-params",
+                                   "e.g. --ratio 0.5 or --keep-params 0.5")
+    checkpoint = Checkpoint(source)
+    layout = describe(checkpoint)
+    if not layout.is_moe:
+        raise InvalidArgumentError(f"{source} is a dense model ({layout.family.name}): "
+                                   "nothing to prune")
+    fingerprint = model_fingerprint(checkpoint, layout)
+    if keep_params is not None:
+        ratio = _trim_budget(layout, keep_params, options)
+        criterion = criterion or "measured"
+        if criterion != "measured":
+            raise InvalidArgumentError(f"--keep-params works with --criterion measured, not "
+                                       f"'{criterion}'")
+    choice = choose(source, layout, fingerprint, criterion=criterion or "measured", ratio=ratio,
+                    protect=parse_protect(protect, layout), min_experts=min_experts,
+                    options=options, log=(lambda _: None) if quiet else err_console.print)
+    if not quiet:
+        console.print(candidates_table(choice.table()))
+    chosen = choice.chosen
+    if chosen.width is not None:
+        from moekit.ops.prune.trim import trimmed_tensors
+
+        modified = trimmed_tensors(checkpoint, layout, chosen.plan, chosen.neurons,
+                                   chosen.weights)
+        rows = [{"layer": layer, "expert": e, "rel_change": round(v, 6)}
+                for layer, changes in chosen.rel_change.items() for e, v in changes.items()]
+    else:
+        modified, rows = modified_tensors(checkpoint, layout, chosen.plan, chosen.weights,
+                                          chosen.rel_change)
+    record = {**choice.info, "criterion": criterion or "measured", "candidates": choice.table(),
+              "modified_tensors": rows, "keep_params": keep_params,
+              "expert_width": chosen.width}
+    return chosen.plan, modified, record, chosen.width
+
+
+def _trim_budget(layout: Any, keep_params: float, options: Any) -> float:
+    """Set options.width for --keep-params and return the matching expert ratio."""
+    from moekit.families.registry import first_value
+    from moekit.ops.prune.trim import budget_split, check_trimmable
+
+    check_trimmable(layout)
+    num = layout.moe_layers[0].num_experts
+    width = int(first_value(layout.config, layout.family.keys.expert_width))
+    n_drop, options.width = budget_split(num, width, keep_params, layout.top_k())
+    err_console.print(f"--keep-params {keep_params}: remove {n_drop} of {num} experts per layer "
+                      f"and trim every survivor from {width} to {options.width} neurons "
+                      f"({(num - n_drop) * options.width / (num * width):.1%} of the bytes)")
+    return n_drop / num
+
+
+def candidates_table(rows: list[dict[str, Any]]):  # noqa: ANN201 - rich Table
+    """The scored candidates (held-out KL to the unpruned model; lower is better)."""
+    from rich.table import Table
+
+    table = Table(title="candidates (held-out calibration slice)", title_justify="left")
+    for name in ("candidate", "KL(orig||cand)", "top-1 agree", "refitted experts", "seconds"):
+        table.add_column(name, justify="left" if name == "candidate" else "right")
+    for row in rows:
+        mark = " *" if row["chosen"] else ""
+        table.add_row(row["candidate"] + mark, f"{row['kl_held_out']:.5f}",
+                      f"{row['top1_held_out']:.2%}", str(row["refitted_experts"]),
+                      f"{row['seconds']:.0f}")
+    return table
+
+
+def _data_sources(values: list[str], option: str) -> list[Any]:
+    from moekit.calib.data import DataSource
+    from moekit.errors import DataError
+
+    sources = [DataSource.parse(v) for v in values]
+    for source in sources:
+        if not source.path.exists():
+            raise DataError(f"{option} file {source.path} does not exist")
+    return sources
+
+
+def _fraction(value: str | None) -> tuple[float, float]:
+    from moekit.calib.data import parse_fraction
+
+    return parse_fraction(value)
 
 
 def parse_size(text: str) -> int:
@@ -225,7 +385,8 @@ def _pct(value: float) -> str:
 
 def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_bytes: int,
          ignore_fingerprint: bool, stats: Path | None, budget: list[dict[str, Any]],
-         eval_opts: dict[str, Any]) -> Any:
+         eval_opts: dict[str, Any], modified: Any = None,
+         calibration: dict[str, Any] | None = None, width: int | None = None) -> Any:
     from moekit.cli.eval_cmd import token_progress
     from moekit.ops.prune import prune_checkpoint
     from moekit.ops.prune.report import write_prune_records
@@ -245,13 +406,14 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
             result.extra["evaluation"] = evaluation
         write_prune_records(folder, model, plan, config_keys=result.config_keys,
                             warnings=result.warnings, stats_folder=str(stats) if stats else None,
-                            budget=budget, evaluation=evaluation, source_folder=source)
+                            budget=budget, evaluation=evaluation, source_folder=source,
+                            calibration=calibration)
 
     with _byte_progress() as on_bytes:
         return prune_checkpoint(source, plan, out, overwrite=overwrite,
                                 max_shard_bytes=shard_bytes,
                                 ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes,
-                                finish=finish)
+                                finish=finish, modified=modified, expert_width=width)
 
 
 class _byte_progress:  # noqa: N801 - used like a function in `with`

@@ -40,6 +40,7 @@ class LayerFit:
     held_before: float = 0.0
     held_after: float = 0.0
     alpha: float | None = None
+    neurons: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def down_weight(experts: Any, e: int) -> torch.Tensor:
@@ -99,9 +100,17 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
 
 
 def refit_layer(layer: int, replay: LayerReplay, experts: Any, inputs: torch.Tensor,
-                keep: list[int]) -> LayerFit:
-    """Fit on the first (1 - HELD_OUT) of the tokens, choose alpha on the rest (module doc)."""
+                keep: list[int], width: int | None = None,
+                shift: torch.Tensor | None = None) -> LayerFit:
+    """Fit on the first (1 - HELD_OUT) of the tokens, choose alpha on the rest (module doc).
 
+    With `width`, every kept expert is also trimmed to its `width` neurons of largest
+    contribution sum a^2 h_n^2 ||W[:, n]||^2 (`fit.neurons`); its refitted W [H, I] is zero
+    outside them, and plain truncation (no refit) is the baseline the alphas must beat.
+
+    `shift` [N, H] is added to the target y_E: the drift of the residual stream at this
+    layer's output (original model minus the model pruned so far, `measured`), so that the
+    refit also absorbs what earlier layers' pruning changed."""
     ids, gates = replay.routed(keep)
     num, k = ids.shape
     hid = expert_hidden(experts, inputs.repeat_interleave(k, dim=0), ids.reshape(-1, 1))
@@ -109,16 +118,47 @@ def refit_layer(layer: int, replay: LayerReplay, experts: Any, inputs: torch.Ten
     cut = int(num * (1 - HELD_OUT))
     base = [down_weight(experts, e) for e in range(replay.num_experts)]
     bias = [down_bias(experts, e, replay.target.shape[1]) for e in range(replay.num_experts)]
+    target = replay.target if shift is None else replay.target + shift.float().cpu()
     fit = LayerFit(layer)
-    fit.held_before = fit.held_after = replay.error(keep, slice(cut, None))
+    fit.held_before = fit.held_after = _error(target[cut:], ids[cut:], gates[cut:], hid[cut:],
+                                              {}, base, bias)
+    if width is not None:
+        fit.neurons = neuron_subsets(ids[:cut], gates[:cut], hid[:cut], keep, base, width)
+        fit.weights = {e: base[e] * _mask(base[e], cols) for e, cols in fit.neurons.items()}
+        fit.held_after = _error(target[cut:], ids[cut:], gates[cut:], hid[cut:], fit.weights,
+                                base, bias)
     for alpha in ALPHAS:
-        weights = _sweep(replay, ids[:cut], gates[:cut], hid[:cut], keep, base, bias, alpha, cut)
-        held = _error(replay, ids[cut:], gates[cut:], hid[cut:], weights, base, bias, cut)
+        weights = _sweep(target[:cut], ids[:cut], gates[:cut], hid[:cut], keep, base, bias,
+                         alpha, fit.neurons or None)
+        held = _error(target[cut:], ids[cut:], gates[cut:], hid[cut:], weights, base, bias)
         if held < fit.held_after:
             fit.held_after, fit.alpha, fit.weights = held, alpha, weights
     fit.rel_change = {e: float((w - base[e]).norm() / base[e].norm().clamp(min=1e-30))
                       for e, w in fit.weights.items()}
     return fit
+
+
+def neuron_subsets(ids: torch.Tensor, gates: torch.Tensor, hid: torch.Tensor, keep: list[int],
+                   base: list[torch.Tensor], width: int) -> dict[int, torch.Tensor]:
+    """Per kept expert, the sorted ids of its `width` neurons with the largest contribution
+    energy sum_{t -> e} a^2 h_n(t)^2 * ||W[:, n]||^2 on the routed tokens."""
+    import torch
+
+    out = {}
+    for e in keep:
+        mask = ids == e
+        energy = ((gates[mask].unsqueeze(1) * hid[mask]).pow(2).sum(0)
+                  * base[e].pow(2).sum(0))
+        out[e] = torch.topk(energy, width).indices.sort().values
+    return out
+
+
+def _mask(weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    mask = torch.zeros(weight.shape[1])
+    mask[cols] = 1.0
+    return mask
 
 
 def _pair_outputs(ids: torch.Tensor, hid: torch.Tensor, weights: dict[int, torch.Tensor],
@@ -133,36 +173,40 @@ def _pair_outputs(ids: torch.Tensor, hid: torch.Tensor, weights: dict[int, torch
     return out
 
 
-def _error(replay: LayerReplay, ids: torch.Tensor, gates: torch.Tensor, hid: torch.Tensor,
+def _error(target: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, hid: torch.Tensor,
            weights: dict[int, torch.Tensor], base: list[torch.Tensor],
-           bias: list[torch.Tensor], start: int) -> float:
+           bias: list[torch.Tensor]) -> float:
     pred = (_pair_outputs(ids, hid, weights, base, bias) * gates.unsqueeze(-1)).sum(1)
-    return float((replay.target[start:] - pred).pow(2).sum(-1).mean())
+    return float((target - pred).pow(2).sum(-1).mean())
 
 
-def _sweep(replay: LayerReplay, ids: torch.Tensor, gates: torch.Tensor, hid: torch.Tensor,
+def _sweep(target: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, hid: torch.Tensor,
            keep: list[int], base: list[torch.Tensor], bias: list[torch.Tensor], alpha: float,
-           cut: int) -> dict[int, torch.Tensor]:
-    """One Gauss-Seidel sweep of ridge refits over the kept experts (busiest first)."""
+           neurons: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """One Gauss-Seidel sweep of ridge refits over the kept experts (busiest first); with
+    `neurons`, each expert is refitted on its kept neurons only (zero columns elsewhere)."""
     import torch
 
     pairs = _pair_outputs(ids, hid, {}, base, bias)
-    resid = replay.target[:cut] - (pairs * gates.unsqueeze(-1)).sum(1)
+    resid = target - (pairs * gates.unsqueeze(-1)).sum(1)
     weights: dict[int, torch.Tensor] = {}
     order = sorted(keep, key=lambda e: -int((ids == e).sum()))
     for e in order:
         tok, slot = (ids == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        a, h = gates[tok, slot].unsqueeze(1), hid[tok, slot]
+        cols = neurons[e] if neurons else slice(None)
+        a, h = gates[tok, slot].unsqueeze(1), hid[tok, slot][:, cols]
         old = pairs[tok, slot]
         want = resid[tok] + a * old  # what e's weighted output should be
         gram = (h * a.pow(2)).T @ h
         lam = alpha * float(gram.diagonal().sum()) / h.shape[1] + 1e-12
         cross = (want * a - a.pow(2) * bias[e]).T @ h
         eye = torch.eye(h.shape[1])
-        weight = torch.linalg.solve(gram + lam * eye, (cross + lam * base[e]).T).T
-        new = h @ weight.T + bias[e]
+        solved = torch.linalg.solve(gram + lam * eye, (cross + lam * base[e][:, cols]).T).T
+        weight = torch.zeros_like(base[e])
+        weight[:, cols] = solved
+        new = h @ solved.T + bias[e]
         resid.index_add_(0, tok, -a * (new - old))
         pairs[tok, slot] = new
         weights[e] = weight

@@ -44,6 +44,7 @@ class Calibration:
     max_tokens: int
     data_hash: str = ""
     originals: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    reference: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def family(self) -> Any:
@@ -115,19 +116,24 @@ def grouping(layout: ModelLayout, num_experts: int, n_drop: int) -> tuple[int, d
 
 
 def measure_layers(cal: Calibration, n_drop: int, *, beam: int = 4, compensate: bool = True,
-                   protect: dict[int, list[int]] | None = None,
+                   protect: dict[int, list[int]] | None = None, width: int | None = None,
                    on_layer: Any = None) -> list[MeasuredLayer]:
-    """Choose every layer's removal set in order (see module docstring). The model's weights
-    are restored afterwards (refits are returned in `MeasuredLayer.fit`)."""
+    """Choose every layer's removal set in order (see module docstring); with `width`, also
+    trim every kept expert to that many neurons (refit included, `compensate.refit_layer`).
+    The model's weights are restored afterwards (refits are returned in `MeasuredLayer.fit`)."""
     protect = protect or {}
     results: list[MeasuredLayer] = []
     logits_index = cal.family.router.logits_index
+    if (compensate or width is not None) and not cal.reference:
+        caps = capture_layers(cal.model, cal.family, cal.fit, max_tokens=cal.max_tokens,
+                              outputs=False, residual=True)
+        cal.reference = {layer: cap.residual for layer, cap in caps.items()}
     with PrunedLayers() as pruned:
         try:
             for block in cal.blocks:
                 start = time.perf_counter()
                 result = _measure_layer(cal, block, n_drop, beam, compensate,
-                                        frozenset(protect.get(block.layer, ())))
+                                        frozenset(protect.get(block.layer, ())), width)
                 result.seconds = time.perf_counter() - start
                 groups = grouping(cal.layout, block.experts.num_experts, n_drop)[1]
                 pruned.add(block, result.kept, cal.routing.after_prune(groups), logits_index)
@@ -140,18 +146,20 @@ def measure_layers(cal: Calibration, n_drop: int, *, beam: int = 4, compensate: 
 
 
 def _measure_layer(cal: Calibration, block: MoeBlock, n_drop: int, beam: int, compensate: bool,
-                   protected: frozenset[int]) -> MeasuredLayer:
+                   protected: frozenset[int], width: int | None) -> MeasuredLayer:
     num = int(block.experts.num_experts)
     groups, changes = grouping(cal.layout, num, n_drop)
+    refit = width is not None or (compensate and n_drop > 0)
     cap = capture_layers(cal.model, cal.family, cal.fit, max_tokens=cal.max_tokens,
-                         layers=[block.layer], outputs=False)[block.layer]
+                         layers=[block.layer], outputs=False, residual=refit)[block.layer]
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                           cal.routing, cal.routing.after_prune(changes), n_drop)
     found = search_drop(replay.error, num, n_drop, protected=protected, groups=groups, beam=beam)
     kept = [e for e in range(num) if e not in found.dropped]
     fit = None
-    if compensate and n_drop:
-        fit = refit_layer(block.layer, replay, block.experts, cap.inputs, kept)
+    if refit:
+        drift = cal.reference[block.layer] - cap.residual
+        fit = refit_layer(block.layer, replay, block.experts, cap.inputs, kept, width, drift)
         apply_fit(cal, block, fit)
     return MeasuredLayer(block.layer, kept, sorted(found.dropped), found.error, found.single,
                          fit, 0.0)

@@ -48,28 +48,35 @@ class Candidate:
     top1: float = math.nan
     seconds: float = 0.0
     layers: list[MeasuredLayer] = field(default_factory=list)
+    neurons: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
+    width: int | None = None
 
 
 def measured_plan(cal: Calibration, fingerprint: str, ratio: float, *, beam: int,
                   compensate: bool, protect: dict[int, list[int]], min_experts: int | None,
-                  on_layer: Any = None) -> Candidate:
-    """Measured selection (module docstring of `measured`) as a validated plan."""
+                  width: int | None = None, on_layer: Any = None) -> Candidate:
+    """Measured selection (module docstring of `measured`) as a validated plan; with `width`
+    every kept expert is trimmed to that many neurons too (`--keep-params`)."""
     from moekit.ops.plan import drop_count
 
     start = time.perf_counter()
     n_drop = drop_count(ratio, cal.blocks[0].experts.num_experts)
     layers = measure_layers(cal, n_drop, beam=beam, compensate=compensate, protect=protect,
-                            on_layer=on_layer)
+                            width=width, on_layer=on_layer)
     keep = {r.layer: r.kept for r in layers}
     plan = build_plan(cal.layout, fingerprint, keep=keep, protect=protect,
                       min_experts=min_experts)
     plan.criterion = "measured+compensate" if compensate else "measured"
+    if width is not None:
+        plan.criterion = f"measured+trim{width}"
     for p, r in zip(plan.layers, layers, strict=True):
         p.scores = [round(v, 8) for v in r.single]
     weights = {r.layer: r.fit.weights for r in layers if r.fit and r.fit.weights}
     changes = {r.layer: r.fit.rel_change for r in layers if r.fit and r.fit.weights}
+    neurons = {r.layer: r.fit.neurons for r in layers if r.fit and r.fit.neurons}
     return Candidate(plan.criterion, plan, weights, changes,
-                     seconds=time.perf_counter() - start, layers=layers)
+                     seconds=time.perf_counter() - start, layers=layers, neurons=neurons,
+                     width=width)
 
 
 def reference_logprobs(cal: Calibration) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ c_t[m] = <y_E, f_m> of the cached outputs (float64, when M <= GRAM_MAX),
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from moekit.calib.routing import Routing, route
@@ -54,8 +54,12 @@ class LayerReplay:
         return int(self.logits.shape[1])
 
     def routed(self, keep: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [N, k], weights [N, k]) among `keep` (None: the unpruned routing)."""
+        """(ids [N, k], weights [N, k]) among `keep` (None: the unpruned routing). Kept sets
+        that cannot be split evenly over the routing groups (single-expert removals scored for
+        information) use plain top-k, as the pruned config would."""
         routing = self.routing if keep is None else self.pruned_routing
+        if keep is not None and len(keep) % routing.n_group:
+            routing = replace(routing, n_group=1, topk_group=1)  # unbalanced: plain top-k
         return route(self.logits, routing, self.bias, keep)
 
     def output(self, keep: list[int] | None, rows: slice = slice(None)) -> torch.Tensor:

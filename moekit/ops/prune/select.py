@@ -41,6 +41,7 @@ CRITERIA: dict[str, str] = {
            "no token reached)",
     "random": "uniform random scores (seeded with --seed): the baseline",
 }
+DEFAULT_CRITERION = "ean"  # evidence: docs/benchmarks.md (prune quality across families)
 _COLUMN = {"frequency": "tokens", "weight": "weight_sum", "ean": "ean_sum", "reap-sum": "reap_sum"}
 
 

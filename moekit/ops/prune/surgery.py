@@ -137,8 +137,8 @@ def _check_accounted(checkpoint: Checkpoint, actions: dict[str, str],
                               f"{len(names) - len(set(names))}); nothing was written")
 
 
-def patch_config(config: dict[str, Any], layout: ModelLayout,
-                 plan: PrunePlan) -> tuple[dict[str, Any], list[str], list[str]]:
+def patch_config(config: dict[str, Any], layout: ModelLayout, plan: PrunePlan,
+                 expert_width: int | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
     """A copy of config.json with every expert-count alias (and grouped-routing keys when the
     plan changes them) rewritten, keeping key names and value types. Returns (config, keys
     changed, warnings about other per-expert values left as they were)."""
@@ -151,6 +151,8 @@ def patch_config(config: dict[str, Any], layout: ModelLayout,
     if not changed:
         raise CheckpointError(f"config.json has none of {keys.num_experts}; cannot record the "
                               "new expert count")
+    if expert_width is not None:
+        changed += set_existing(sub, keys.expert_width, expert_width)
     aliases = {"n_group": keys.n_group, "topk_group": keys.topk_group}
     for name, value in plan.config_changes.items():
         changed += set_existing(sub, aliases.get(name, (name,)), value)
@@ -172,20 +174,22 @@ def prune_checkpoint(source: Path, plan: PrunePlan, out: Path, *, overwrite: boo
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, ignore_fingerprint: bool = False,
                      on_bytes: Callable[[int, int], None] | None = None,
                      finish: Callable[[Path, PruneResult], None] | None = None,
-                     modified: dict[str, OutTensor] | None = None) -> PruneResult:
+                     modified: dict[str, OutTensor] | None = None,
+                     expert_width: int | None = None) -> PruneResult:
     """Write the pruned checkpoint of `source` into `out` (staged: whole or nothing).
 
     `on_bytes(written, total)` is called once with written=0 and after every tensor (progress).
     `finish(staging_folder, result)` runs after the weights, config and tokenizer are written
     and before the folder is renamed into place (evaluation, provenance, model card).
-    `modified` replaces the output of some input keys (refitted experts, `rewrite.py`)."""
+    `modified` replaces the output of some input keys (refitted experts, `rewrite.py`;
+    trimmed experts, `trim.py`, with `expert_width` their new width for config.json)."""
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
     if not layout.is_moe:
         raise CheckpointError(f"{source} is a dense model ({layout.family.name}): nothing to prune")
     plan = validate_plan(plan, layout, model_fingerprint(checkpoint, layout), ignore_fingerprint)
     tensors, actions = plan_tensors(checkpoint, layout, plan, modified)
-    config, config_keys, warnings = patch_config(checkpoint.config, layout, plan)
+    config, config_keys, warnings = patch_config(checkpoint.config, layout, plan, expert_width)
     metadata: dict[str, str] = {}
     for shard in checkpoint.shards:
         metadata.update(shard.metadata)
