@@ -131,9 +131,10 @@ def prune(
         raise InvalidArgumentError("--keep-params needs --data", "neurons are chosen and "
                                    "refitted on calibration data: add --data NAME=PATH")
     if data:
+        from moekit.cli.prune_data import choose_with_data, data_sources, fraction
         from moekit.ops.prune.calibrated import DataOptions
 
-        data_opts = DataOptions(_data_sources(data, "--data"), _fraction(data_range),
+        data_opts = DataOptions(data_sources(data, "--data"), fraction(data_range),
                                 seq_len, max_tokens, beam, compensate,
                                 protect_super=protect_super, device=device, dtype=dtype)
         plan, modified, calibration, width = choose_with_data(
@@ -167,9 +168,6 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     """Load/validate everything and decide: (PrunePlan, ExpertStats or None). Reads headers,
     router weights (fingerprint) and statistics only."""
     from moekit.errors import InvalidArgumentError
-    from moekit.families.layout import describe
-    from moekit.io.fingerprint import model_fingerprint
-    from moekit.io.reader import Checkpoint
     from moekit.ops.plan import PrunePlan, validate_plan
     from moekit.ops.prune.select import (
         DEFAULT_CRITERION,
@@ -184,12 +182,7 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise InvalidArgumentError(f"--ratio {ratio} is outside [0, 1)",
                                    "give the share of routed experts to remove, e.g. 0.25")
-    checkpoint = Checkpoint(source)
-    layout = describe(checkpoint)
-    if not layout.is_moe:
-        raise InvalidArgumentError(f"{source} is a dense model ({layout.family.name}): "
-                                   "nothing to prune")
-    fingerprint = model_fingerprint(checkpoint, layout)
+    checkpoint, layout, fingerprint = moe_layout(source)
     stats_data = load_stats(stats, domain) if stats is not None else None
     if stats_data is not None:
         check_stats(stats_data, layout, fingerprint, ignore_fingerprint)
@@ -215,109 +208,19 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     return plan, stats_data
 
 
-def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | None,
-                     ratio: float | None, criterion: str | None, plan_in: Path | None,
-                     keep: Path | None, drop: Path | None, protect: list[str],
-                     min_experts: int | None, seed: int, domain: str,
-                     ignore_fingerprint: bool, keep_params: float | None = None
-                     ) -> tuple[Any, Any, dict[str, Any], int | None]:
-    """`--data`: measured (default) or auto or a stats criterion on the calibration tokens;
-    with `keep_params`, measured selection plus uniform trimming to the byte budget.
-    Returns (plan, modified tensors for the surgery, calibration record for provenance,
-    new expert width or None)."""
+def moe_layout(source: Path) -> tuple[Any, Any, str]:
+    """(Checkpoint, layout, fingerprint) of a MoE checkpoint; dense ones are refused."""
     from moekit.errors import InvalidArgumentError
     from moekit.families.layout import describe
     from moekit.io.fingerprint import model_fingerprint
     from moekit.io.reader import Checkpoint
-    from moekit.ops.prune.calibrated import choose_with_data as choose
-    from moekit.ops.prune.rewrite import modified_tensors
-    from moekit.ops.prune.select import parse_protect
 
-    if any(x is not None for x in (stats, plan_in, keep, drop)):
-        raise InvalidArgumentError("--data is given with --stats/--plan/--keep/--drop",
-                                   "--data chooses the experts itself: drop the others")
-    if (ratio is None) == (keep_params is None):
-        raise InvalidArgumentError("give exactly one of --ratio and --keep-params",
-                                   "e.g. --ratio 0.5 or --keep-params 0.5")
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
     if not layout.is_moe:
         raise InvalidArgumentError(f"{source} is a dense model ({layout.family.name}): "
                                    "nothing to prune")
-    fingerprint = model_fingerprint(checkpoint, layout)
-    if keep_params is not None:
-        ratio = _trim_budget(layout, keep_params, options)
-        criterion = criterion or "measured"
-        if criterion != "measured":
-            raise InvalidArgumentError(f"--keep-params works with --criterion measured, not "
-                                       f"'{criterion}'")
-    choice = choose(source, layout, fingerprint, criterion=criterion or "measured", ratio=ratio,
-                    protect=parse_protect(protect, layout), min_experts=min_experts,
-                    options=options, log=(lambda _: None) if quiet else err_console.print)
-    if not quiet:
-        console.print(candidates_table(choice.table()))
-    chosen = choice.chosen
-    if chosen.width is not None:
-        from moekit.ops.prune.trim import trimmed_tensors
-
-        modified = trimmed_tensors(checkpoint, layout, chosen.plan, chosen.neurons,
-                                   chosen.weights)
-        rows = [{"layer": layer, "expert": e, "rel_change": round(v, 6)}
-                for layer, changes in chosen.rel_change.items() for e, v in changes.items()]
-    else:
-        modified, rows = modified_tensors(checkpoint, layout, chosen.plan, chosen.weights,
-                                          chosen.rel_change)
-    record = {**choice.info, "criterion": criterion or "measured", "candidates": choice.table(),
-              "modified_tensors": rows, "keep_params": keep_params,
-              "expert_width": chosen.width}
-    return chosen.plan, modified, record, chosen.width
-
-
-def _trim_budget(layout: Any, keep_params: float, options: Any) -> float:
-    """Set options.width for --keep-params and return the matching expert ratio."""
-    from moekit.families.registry import first_value
-    from moekit.ops.prune.trim import budget_split, check_trimmable
-
-    check_trimmable(layout)
-    num = layout.moe_layers[0].num_experts
-    width = int(first_value(layout.config, layout.family.keys.expert_width))
-    n_drop, options.width = budget_split(num, width, keep_params, layout.top_k())
-    err_console.print(f"--keep-params {keep_params}: remove {n_drop} of {num} experts per layer "
-                      f"and trim every survivor from {width} to {options.width} neurons "
-                      f"({(num - n_drop) * options.width / (num * width):.1%} of the bytes)")
-    return n_drop / num
-
-
-def candidates_table(rows: list[dict[str, Any]]):  # noqa: ANN201 - rich Table
-    """The scored candidates (held-out KL to the unpruned model; lower is better)."""
-    from rich.table import Table
-
-    table = Table(title="candidates (held-out calibration slice)", title_justify="left")
-    for name in ("candidate", "KL(orig||cand)", "top-1 agree", "refitted experts", "seconds"):
-        table.add_column(name, justify="left" if name == "candidate" else "right")
-    for row in rows:
-        mark = " *" if row["chosen"] else ""
-        table.add_row(row["candidate"] + mark, f"{row['kl_held_out']:.5f}",
-                      f"{row['top1_held_out']:.2%}", str(row["refitted_experts"]),
-                      f"{row['seconds']:.0f}")
-    return table
-
-
-def _data_sources(values: list[str], option: str) -> list[Any]:
-    from moekit.calib.data import DataSource
-    from moekit.errors import DataError
-
-    sources = [DataSource.parse(v) for v in values]
-    for source in sources:
-        if not source.path.exists():
-            raise DataError(f"{option} file {source.path} does not exist")
-    return sources
-
-
-def _fraction(value: str | None) -> tuple[float, float]:
-    from moekit.calib.data import parse_fraction
-
-    return parse_fraction(value)
+    return checkpoint, layout, model_fingerprint(checkpoint, layout)
 
 
 def parse_size(text: str) -> int:
