@@ -195,3 +195,18 @@ def test_route_matches_router_module(model_type, tmp_path):
         got_s, got_order = got_ids.sort(1)
         assert torch.equal(ids_s, got_s)
         torch.testing.assert_close(got_w.gather(1, got_order), weights.float().gather(1, order))
+
+
+def test_cached_candidates_keep_exact_ties():
+    """bf16 logits tie exactly; every expert tied at the (k+n)-th score must be cached, so any
+    top-k among survivors finds its outputs."""
+    from moekit.ops.prune.replay import cached_candidates
+
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, -1.0], [3.0, 2.0, 1.0, 0.0, -1.0, -2.0]])
+    routing = Routing("softmax", False, 2, True)
+    cand = cached_candidates(logits, routing, None, n_drop=1)
+    assert cand.shape[1] == 4 and set(cand[0].tolist()) == {0, 1, 2, 3}
+    for dropped in range(6):
+        keep = [e for e in range(6) if e != dropped]
+        ids, _ = route(logits, routing, None, keep)
+        assert all(int(i) in cand[t].tolist() for t in range(2) for i in ids[t])

@@ -79,6 +79,8 @@ class LayerReplay:
             return float(diff.pow(2).sum(-1).mean())
         ids, weights = self.routed(keep)
         slots = self.slot[rows].gather(1, ids[rows])
+        if bool((slots < 0).any()):
+            raise RuntimeError("a re-routed expert output was not cached (internal error)")
         w = weights[rows].double()
         cross = self.cross[rows].gather(1, slots)
         num, k = slots.shape
@@ -118,6 +120,9 @@ def cached_candidates(logits: torch.Tensor, routing: Routing, bias: torch.Tensor
         score = logits.float().sigmoid() if routing.scoring == "sigmoid" else logits.float()
         if bias is not None:
             score = score + bias.float().reshape(1, -1)
+    # exact ties at the m-th score (bf16 logits) could be broken either way: cache them all
+    kth = torch.topk(score, m, dim=-1).values[:, -1:]
+    m = int((score >= kth).sum(-1).max())
     return torch.topk(score, m, dim=-1)[1]
 
 
