@@ -112,3 +112,25 @@ def test_full_disk_while_spilling_leaves_nothing(tiny_checkpoint, tmp_path, monk
         list(engine.run(batches))
     assert "\n" not in str(err.value) and "TMPDIR" in str(err.value)
     assert list(spill.iterdir()) == []
+
+
+def test_without_room_for_two_layers_the_next_one_is_only_hinted(tiny_checkpoint, sources,  # noqa: F811
+                                                                 monkeypatch):
+    """A budget that holds one layer: no second layer in memory, the next layer's byte ranges
+    go to the page cache (WILLNEED) while the current one runs; the profile is unchanged."""
+    from moekit.runtime import weights
+
+    folder = tiny_checkpoint("mixtral")
+    sizes = open_model(folder, device="cpu", stream=True).sizes
+    budget = sizes.resident + max(sizes.layers) + 1
+    advised: list[str] = []
+    original = weights.WeightMap.advise
+    monkeypatch.setattr(weights.WeightMap, "advise",
+                        lambda self, names: (advised.extend(names), original(self, names)))
+    memory = profile_model(folder, sources, stream=False, **SETTINGS)
+    hinted = profile_model(folder, sources, max_memory=budget, **SETTINGS)
+    assert hinted.metadata["runtime"]["prefetch"] is False
+    assert_same_profile(hinted, memory)
+    engine = open_model(folder, device="cpu", stream=True)
+    later = [n for n in engine.weights.targets if ".layers." in n and ".layers.0." not in n]
+    assert sorted(set(advised)) == sorted(later)

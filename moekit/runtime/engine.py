@@ -181,11 +181,13 @@ class Engine:
         pool = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") \
             if self.plan.prefetch else None
 
-        def load(i: int) -> dict[str, Any]:
+        def names(i: int) -> list[str]:
             prefix = stack.prefix(i)
-            names = [t.name for t in self.weights.under(prefix)
-                     if not split_experts(self, stack.layers[i], t.name, prefix)]
-            return self.weights.read(names, self.device, strip=prefix)
+            return [t.name for t in self.weights.under(prefix)
+                    if not split_experts(self, stack.layers[i], t.name, prefix)]
+
+        def load(i: int) -> dict[str, Any]:
+            return self.weights.read(names(i), self.device, strip=stack.prefix(i))
 
         pending = pool.submit(load, 0) if pool else None
         try:
@@ -193,6 +195,8 @@ class Engine:
                 state = pending.result() if pending is not None else load(i)
                 if pool is not None and i + 1 < count:
                     pending = pool.submit(load, i + 1)
+                elif i + 1 < count:  # no room for a second layer: prefetch into the page cache
+                    self.weights.advise(names(i + 1))
                 layer.load_state_dict(state, strict=False, assign=True)
                 del state
                 try:

@@ -15,6 +15,7 @@ and nothing else. A load dtype other than the disk dtype costs one tensor-sized 
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,28 @@ class WeightMap:
         """Bytes in memory (load dtype) of the tensors under `prefix` (minus under `exclude`)."""
         return sum(t.nbytes() for t in self.under(prefix)
                    if exclude is None or not t.name.startswith(exclude))
+
+    def advise(self, names: list[str]) -> None:
+        """Ask the kernel to start reading the byte ranges of `names` into the page cache
+        (POSIX_FADV_WILLNEED): the next layer's I/O overlaps this layer's compute without the
+        process holding a second layer in memory."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        ranges: dict[Path, list[TensorInfo]] = {}
+        for name in names:
+            for infos in self.targets[name].parts:
+                for info in infos:
+                    ranges.setdefault(info.shard, []).append(info)
+        for shard, infos in ranges.items():
+            try:
+                fd = os.open(shard, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                for info in infos:
+                    os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def read(self, names: list[str], device: Any, rows: tuple[int, int] | None = None,
              strip: str = "") -> dict[str, torch.Tensor]:
