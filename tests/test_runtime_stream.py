@@ -167,3 +167,21 @@ def test_mtp_layers_on_disk_are_left_out_as_the_model_does(tiny_checkpoint, sour
     memory = evaluate(folder, sources, stream=False, **SETTINGS)
     streamed = evaluate(folder, sources, stream=True, **SETTINGS)
     assert streamed.overall.loss == pytest.approx(memory.overall.loss, abs=1e-4)
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_prefetched_and_hinted_layers_give_the_same_logits(prefetch, tiny_checkpoint):
+    """Both ways of reading ahead (a second layer in memory, used on CUDA; page-cache hints,
+    used on CPU) feed each layer its own weights: logits equal transformers' own."""
+    from dataclasses import replace
+
+    folder = tiny_checkpoint("qwen2_moe")
+    torch.manual_seed(3)
+    batches = [torch.randint(3, 256, (2, 20)) for _ in range(2)]
+    reference = AutoModelForCausalLM.from_pretrained(folder).eval()
+    engine = open_model(folder, device="cpu", stream=True)
+    engine.plan = replace(engine.plan, prefetch=prefetch)
+    for index, logits in engine.run(batches, head=True):
+        with torch.no_grad():
+            expected = reference(input_ids=batches[index]).logits
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)

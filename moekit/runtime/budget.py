@@ -3,7 +3,11 @@
 Memory arithmetic (bytes in the load dtype; `resident` = embeddings + final norm + LM head):
 
     in memory : checkpoint                           <= budget      (auto: <= 80% of free)
-    streamed  : resident + 2 x largest layer         <= budget      (the next layer prefetched)
+    streamed  : resident + 2 x largest layer         <= budget      (CUDA: the next layer
+                                                                     prefetched into memory)
+                resident + 1 x largest layer         <= budget      (CPU, or no room for two:
+                                                                     the next layer's bytes are
+                                                                     only hinted to the page cache)
     groups    : resident + layer base + G x expert   <= budget      (base = attention, norms,
                                                                      router, shared experts)
 
@@ -111,10 +115,12 @@ def decide(sizes: Sizes, max_memory: str | int | None, device: Any,
     why = "streaming forced" if stream else f"exceeds {label}"
     head = f"checkpoint {human(sizes.total)} {why}"
     largest = max(sizes.layers, default=0)
-    if sizes.resident + 2 * largest <= budget:
+    on_cuda = getattr(device, "type", str(device)).startswith("cuda")
+    if on_cuda and sizes.resident + 2 * largest <= budget:
         return Plan("stream", f"{head}: whole layers, next one prefetched", budget)
     if sizes.resident + largest <= budget:
-        return Plan("stream", f"{head}: whole layers, no prefetch", budget, prefetch=False)
+        return Plan("stream", f"{head}: whole layers, next one read ahead by the page cache",
+                    budget, prefetch=False)
     return _groups(sizes, budget, head)
 
 
