@@ -11,6 +11,7 @@ from moekit import __version__
 from moekit.cli.common import STATE
 from moekit.cli.eval_cmd import eval_model
 from moekit.cli.inspect_cmd import inspect
+from moekit.cli.merge_cmd import merge
 from moekit.cli.profile_cmd import profile
 from moekit.cli.prune_cmd import prune
 from moekit.cli.stats_cmd import stats_app
@@ -41,6 +42,7 @@ app.command("inspect")(inspect)
 app.command("profile")(profile)
 app.add_typer(stats_app, name="stats")
 app.command("prune")(prune)
+app.command("merge")(merge)
 app.command("eval")(eval_model)
 app.command("upcycle")(upcycle)
 
