@@ -100,7 +100,7 @@ def test_merged_weights_are_the_independent_average(tiny_checkpoint, tmp_path):
         for p in plan["layers"]:
             for new, (cluster, weights) in enumerate(zip(p["clusters"], p["weights"],
                                                          strict=True)):
-                for key, axis in _expert_keys(model_type, p["layer"]):
+                for key in _expert_keys(model_type, p["layer"]):
                     parts = [before[key.format(j=j)] if "{j}" in key else before[key][j]
                              for j in cluster]
                     expected = sum(w * t for w, t in zip(weights, parts, strict=True))
@@ -108,15 +108,16 @@ def test_merged_weights_are_the_independent_average(tiny_checkpoint, tmp_path):
                     assert torch.allclose(got, expected, atol=1e-5), (key, new)
 
 
-def _expert_keys(model_type: str, layer: int) -> list[tuple[str, int]]:
+def _expert_keys(model_type: str, layer: int) -> list[str]:
+    """Per-expert keys (with `{j}`) or tensors stacking experts on axis 0."""
     if model_type == "mixtral":
         base = f"model.layers.{layer}.block_sparse_moe."
-        return [(base + "experts.{j}." + w + ".weight", 0) for w in ("w1", "w2", "w3")] + [
-            (base + "gate.weight", 0)]
+        return [base + "experts.{j}." + w + ".weight" for w in ("w1", "w2", "w3")] + [
+            base + "gate.weight"]
     base = f"model.layers.{layer}.mlp."
-    return [(base + k, 0) for k in ("experts.gate_up_proj", "experts.gate_up_proj_bias",
-                                    "experts.down_proj", "experts.down_proj_bias",
-                                    "router.weight", "router.bias")]
+    return [base + k for k in ("experts.gate_up_proj", "experts.gate_up_proj_bias",
+                               "experts.down_proj", "experts.down_proj_bias", "router.weight",
+                               "router.bias")]
 
 
 def test_quantised_experts_are_refused(tiny_checkpoint, tmp_path):
