@@ -29,8 +29,9 @@ from moekit.cli.prune_cmd import _byte_progress, parse_size
 
 GROUP_HELP = ("hc-smoe (average-linkage clustering of mean expert outputs), m-smoe (default; "
               "dominant experts + router-logit similarity), weight (data-free weight cosine).")
-METHOD_HELP = ("fit (default; aligned gate/up, down re-fitted to the cluster's output), aligned "
-               "(neuron-aligned usage-weighted average), average (usage-weighted average).")
+METHOD_HELP = ("fit-centre (default; centre's gate/up, down re-fitted to absorb the cluster's "
+               "output), fit (aligned average gate/up, down re-fitted), aligned (neuron-aligned "
+               "usage-weighted average), average (usage-weighted average).")
 
 
 @handle_errors
@@ -44,13 +45,14 @@ def merge(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
     group: Annotated[str, typer.Option("--group", "-g", help=GROUP_HELP)] = "m-smoe",
-    method: Annotated[str, typer.Option("--method", "-m", help=METHOD_HELP)] = "fit",
+    method: Annotated[str, typer.Option("--method", "-m", help=METHOD_HELP)] = "fit-centre",
     router: Annotated[str, typer.Option(
-        "--router", help="centre (default; the centre's router row/biases) or usage "
-        "(usage-weighted average of the members' rows).")] = "centre",
+        "--router", help="centre (default; the centre's router row/biases), usage "
+        "(usage-weighted average of the members' rows) or fit (rows fitted to the members' "
+        "log-sum-exp logits).")] = "centre",
     criterion: Annotated[str, typer.Option(
-        "--criterion", "-c", help="Prune criterion that picks the centres (reap, frequency, "
-        "weight, ean, reap-sum).")] = "reap",
+        "--criterion", "-c", help="Prune criterion that picks the centres (ean, reap, "
+        "reap-sum, frequency, weight).")] = "ean",
     data: DataOpt = None,
     text_field: TextFieldOpt = "text",
     data_range: RangeOpt = None,
@@ -98,7 +100,7 @@ def merge(
         if out is None:
             raise InvalidArgumentError("--out is required (or use --dry-run)")
         check_output(out, overwrite, (source,))
-    calib = _calibration(source, group, method, plan_in, data, data_range, text_field,
+    calib = _calibration(source, group, method, router, plan_in, data, data_range, text_field,
                          dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
                               device=device, tokenizer=tokenizer))
     plan = _choose(source, stats, ratio, group, method, router, criterion, plan_in, domain,
@@ -120,7 +122,7 @@ def merge(
     _summary(result, as_json)
 
 
-def _calibration(source: Path, group: str, method: str, plan_in: Path | None,
+def _calibration(source: Path, group: str, method: str, router: str, plan_in: Path | None,
                  data: list[str] | None, data_range: str | None, text_field: str,
                  options: dict[str, Any]) -> Any:
     """A lazy Calibration when the grouping or the method needs tokens (parsed up front)."""
@@ -133,9 +135,9 @@ def _calibration(source: Path, group: str, method: str, plan_in: Path | None,
     if plan_in is not None:
         from moekit.ops.merge.plan import MergePlan
 
-        method = MergePlan.load(plan_in).method
-        group = "weight"
-    if not needs_calibration(group, method):
+        loaded = MergePlan.load(plan_in)
+        group, method, router = "weight", loaded.method, loaded.router
+    if not needs_calibration(group, method, router):
         return None
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
     for item in sources:

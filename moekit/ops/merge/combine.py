@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_RIDGE = 1e-2
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 Act = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
@@ -50,19 +51,17 @@ def average(members: Experts, weights: list[float]) -> Experts:
     return Experts(*out)
 
 
-def merge_cluster(members: Experts, weights: list[float], method: str, act: Act | None = None,
-                  inputs: torch.Tensor | None = None, gates: torch.Tensor | None = None,
-                  ridge: float = DEFAULT_RIDGE) -> Experts:
-    """Merge `members` (centre first) by `method` (average, aligned or fit). `fit` needs the
-    activation, calibration inputs [N, H] and the members' gate weights [N, m] (0 = not routed)."""
+def merge_cluster(members: Experts, weights: list[float], method: str) -> Experts:
+    """Merge `members` (centre first) by `method`: average, aligned (also the start of `fit`),
+    or the centre itself (the start of `fit-centre`); `fit.py` then re-fits the down
+    projections on the whole layer."""
     if members.num_experts == 1:
         return members
+    if method == "fit-centre":
+        return members.select([0])
     if method in ("aligned", "fit"):
         members = align_cluster(members)
-    merged = average(members, weights)
-    if method == "fit" and inputs is not None and gates is not None and act is not None:
-        merged = fit_down(merged, members, inputs, gates, act, ridge)
-    return merged
+    return average(members, weights)
 
 
 def cluster_target(members: Experts, inputs: torch.Tensor, gates: torch.Tensor,
@@ -84,10 +83,20 @@ def cluster_target(members: Experts, inputs: torch.Tensor, gates: torch.Tensor,
 
 def fit_down(merged: Experts, members: Experts, inputs: torch.Tensor, gates: torch.Tensor,
              act: Act, ridge: float = DEFAULT_RIDGE) -> Experts:
-    """`merged` with down (and down bias) re-fitted to the cluster's output (module doc)."""
+    """`merged` with down (and down bias) re-fitted to the cluster's gate-weighted output y_t,
+    token weights a_t (module doc)."""
+    x, a, y = cluster_target(members, inputs.float(), gates.float(), act)
+    return ridge_down(merged, x, y, a, act, ridge)
+
+
+def ridge_down(merged: Experts, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+               act: Act, ridge: float | None = DEFAULT_RIDGE) -> Experts:
+    """Re-fit down [H, I] (and bias [H]) of a one-expert `merged` so that f(x_t) ~ target_t:
+    argmin sum_t weight_t ||D h_t + b - target_t||^2 + lam ||[D | b] - [D_0 | b_0]||^2,
+    lam = ridge * mean diag(H^T W H). `ridge=None` picks it from RIDGE_GRID (or keeps D_0) by
+    the weighted error on every fifth token held out, then refits on all tokens."""
     import torch
 
-    x, a, y = cluster_target(members, inputs.float(), gates.float(), act)
     if x.shape[0] == 0:
         return merged
     h = hidden(merged, 0, x, act).double()
@@ -97,15 +106,48 @@ def fit_down(merged: Experts, members: Experts, inputs: torch.Tensor, gates: tor
     start = merged.down[0].T.double()  # [I, H]
     if bias:
         start = torch.cat([start, merged.down_bias.double()], dim=0)  # type: ignore[union-attr]
-    weighted = h * a.double().unsqueeze(1)
-    gram, rhs = h.T @ weighted, weighted.T @ y.double()
-    lam = ridge * float(gram.diagonal().mean()) + 1e-12
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-    solution = torch.linalg.solve(gram + lam * eye, rhs + lam * start)
+    if ridge is None:
+        ridge = _choose_ridge(h, target.double(), weight.double(), start)
+        if ridge is None:
+            return merged
+    solution = _solve(h, target.double(), weight.double(), start, ridge)
     width = merged.down.shape[2]
     down = solution[:width].T.float().unsqueeze(0).contiguous()
     down_bias = solution[width:].float() if bias else None
     return Experts(merged.gate, merged.up, down, merged.gate_bias, merged.up_bias, down_bias)
+
+
+def _solve(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor, start: torch.Tensor,
+           ridge: float) -> torch.Tensor:
+    import torch
+
+    weighted = h * w.unsqueeze(1)
+    gram, rhs = h.T @ weighted, weighted.T @ y
+    lam = ridge * float(gram.diagonal().mean()) + 1e-12
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + lam * eye, rhs + lam * start)
+
+
+def _choose_ridge(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                  start: torch.Tensor) -> float | None:
+    """The RIDGE_GRID value with the lowest held-out error (None: the start is best)."""
+    import torch
+
+    held = torch.zeros(h.shape[0], dtype=torch.bool)
+    held[4::5] = True
+    if int(held.sum()) < 8:
+        return DEFAULT_RIDGE
+
+    def error(solution: torch.Tensor) -> float:
+        diff = h[held] @ solution - y[held]
+        return float((w[held] * diff.pow(2).sum(dim=1)).sum())
+
+    best, best_error = None, error(start)
+    for ridge in RIDGE_GRID:
+        value = error(_solve(h[~held], y[~held], w[~held], start, ridge))
+        if value < best_error:
+            best, best_error = ridge, value
+    return best
 
 
 def reconstruction_error(merged: Experts, members: Experts, inputs: torch.Tensor,

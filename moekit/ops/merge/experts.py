@@ -59,6 +59,14 @@ class Experts:
         return torch.cat(parts, dim=1)
 
 
+def stack(experts: list[Experts]) -> Experts:
+    """Concatenate experts along the expert axis."""
+    import torch
+
+    return Experts(*(None if getattr(experts[0], r) is None else torch.cat(
+        [getattr(e, r) for e in experts]) for r in ROLES))
+
+
 @dataclass(frozen=True)
 class ExpertFormat:
     """How one layer stores its experts. Per-expert: `keys[role]` holds E keys per role.

@@ -35,12 +35,17 @@ METHODS = {
     "aligned": "usage-weighted average after permuting each member's intermediate neurons to "
                "match the centre's (assignment solver on gate/up rows and down columns)",
     "fit": "aligned average for gate/up; the down projection re-fitted by ridge least squares "
-           "so the merged expert reproduces its cluster's gate-weighted output on calibration "
-           "activations",
+           "on calibration activations so the merged expert's gate-weighted output reproduces "
+           "what its cluster contributed to the original layer (under the merged router)",
+    "fit-centre": "the centre's gate/up kept (dominant expert, as HC-SMoE's fix-dom); its down "
+                  "projection re-fitted like `fit` to absorb the folded experts' output",
 }
+FIT_METHODS = ("fit", "fit-centre")
 ROUTERS = {
     "centre": "the centre expert's router row, router bias and selection bias",
     "usage": "usage-weighted average of the members' router rows and biases",
+    "fit": "rows fitted by ridge least squares to the log-sum-exp of the members' logits on "
+           "calibration tokens (the cluster's summed softmax mass); centre's selection bias",
 }
 
 

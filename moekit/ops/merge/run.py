@@ -18,7 +18,7 @@ from moekit.ops.merge.grouping import (
     cosine_distance,
     euclidean_distance,
 )
-from moekit.ops.merge.plan import MergePlan, check_choices, validate_merge_plan
+from moekit.ops.merge.plan import FIT_METHODS, MergePlan, check_choices, validate_merge_plan
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +50,8 @@ class Calibration:
                 **{k: v for k, v in self.options.items() if k != "device"}}
 
 
-def needs_calibration(group: str, method: str) -> bool:
-    return group in ("hc-smoe", "m-smoe") or method == "fit"
+def needs_calibration(group: str, method: str, router: str = "centre") -> bool:
+    return group in ("hc-smoe", "m-smoe") or method in FIT_METHODS or router == "fit"
 
 
 def distance_fn(group: str, checkpoint: Checkpoint, layout: ModelLayout,

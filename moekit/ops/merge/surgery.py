@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moekit.errors import CheckpointError
+from moekit.errors import CheckpointError, InvalidArgumentError
 from moekit.families.layout import ModelLayout, MoeLayer, describe
 from moekit.io.config import write_config
 from moekit.io.dtypes import to_torch
@@ -26,16 +26,17 @@ from moekit.io.fingerprint import model_fingerprint
 from moekit.io.output import copy_aux_files, staged_output
 from moekit.io.reader import Checkpoint, TensorInfo
 from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor, write_checkpoint
-from moekit.ops.merge.combine import merge_cluster, merge_rows, reconstruction_error
+from moekit.ops.merge.combine import merge_cluster, merge_rows
 from moekit.ops.merge.experts import (
-    ExpertFormat,
     Experts,
     activation,
     expert_format,
     fused_tensors,
     read_experts,
+    stack,
 )
-from moekit.ops.merge.plan import MergeLayer, MergePlan, validate_merge_plan
+from moekit.ops.merge.fit import fit_layer, fit_router
+from moekit.ops.merge.plan import FIT_METHODS, MergeLayer, MergePlan, validate_merge_plan
 from moekit.ops.prune.surgery import _check_accounted, patch_config, take_rows
 
 if TYPE_CHECKING:
@@ -67,12 +68,12 @@ class LayerMerger:
     """Merges one layer's clusters on first use and hands out the resulting tensors once each;
     the layer's weights are dropped after the last one is taken."""
 
-    def __init__(self, checkpoint: Checkpoint, layout: ModelLayout, fmt: ExpertFormat,
-                 plan_layer: MergeLayer, method: str, calib: CalibFn | None,
-                 errors: dict[int, float]):
-        self.checkpoint, self.layout, self.fmt, self.plan_layer = checkpoint, layout, fmt, \
-            plan_layer
-        self.method, self.calib, self.errors = method, calib, errors
+    def __init__(self, checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
+                 plan: MergePlan, calib: CalibFn | None, errors: dict[int, float]):
+        self.checkpoint, self.layout, self.layer, self.plan = checkpoint, layout, layer, plan
+        self.fmt = expert_format(checkpoint, layout, layer)
+        self.plan_layer = plan.layer(layer.index)
+        self.calib, self.errors = calib, errors
         self.names: set[str] = set()
         self.cache: dict[str, torch.Tensor] | None = None
 
@@ -86,48 +87,58 @@ class LayerMerger:
         return self.cache.pop(name)  # the layer's tensors are freed as they are written
 
     def _compute(self) -> dict[str, torch.Tensor]:
-        p = self.plan_layer
-        merged_ids = sorted({j for c in p.clusters if len(c) > 1 or self.fmt.fused for j in c})
-        experts = read_experts(self.checkpoint, self.fmt, merged_ids)
-        row = {j: r for r, j in enumerate(merged_ids)}
-        calib = self.calib(p.layer) if self.calib and self.method == "fit" else None
-        act = activation(self.layout)
-        merged: dict[int, Experts] = {}
-        errors = []
-        for i, (cluster, weights) in enumerate(zip(p.clusters, p.weights, strict=True)):
-            if len(cluster) == 1 and not self.fmt.fused:
-                continue
-            members = experts.select([row[j] for j in cluster])
-            gates = calib.gates(cluster) if calib is not None else None
-            merged[i] = merge_cluster(members, weights, self.method, act,
-                                      calib.inputs if calib is not None else None, gates)
-            if calib is not None and len(cluster) > 1:
-                errors.append(reconstruction_error(merged[i], experts.select(
-                    [row[j] for j in cluster]), calib.inputs, gates, act))
-        if errors:
-            self.errors[p.layer] = sum(errors) / len(errors)
-        return self._tensors(merged)
+        p, method = self.plan_layer, self.plan.method
+        calibrated = method in FIT_METHODS or self.plan.router == "fit"
+        calib = self.calib(p.layer) if self.calib and calibrated else None
+        if calibrated and calib is None:
+            raise InvalidArgumentError(f"--method {method} --router {self.plan.router} needs "
+                                       f"calibration tokens for layer {p.layer}",
+                                       "pass --data NAME=PATH")
+        router = self._router_rows(calib) if self.plan.router == "fit" else None
+        whole = self.fmt.fused or calib is not None
+        ids = sorted({j for c in p.clusters if len(c) > 1 or whole for j in c})
+        experts = read_experts(self.checkpoint, self.fmt, ids)
+        row = {j: r for r, j in enumerate(ids)}
+        merged = {i: merge_cluster(experts.select([row[j] for j in c]), w, method)
+                  for i, (c, w) in enumerate(zip(p.clusters, p.weights, strict=True))
+                  if len(c) > 1 or whole}
+        if method in FIT_METHODS and calib is not None:
+            bias = (self.checkpoint.read(self.layer.selection_bias)
+                    if self.layer.selection_bias else None)
+            stacked, self.errors[p.layer] = fit_layer(
+                experts, stack(list(merged.values())), p, calib, self.layout,
+                self.plan.router, self.plan.config_changes, activation(self.layout), bias,
+                rows=router)
+            merged = {i: stacked.select([i]) for i in merged}
+        tensors = self._tensors(merged)
+        if router is not None:
+            keys = self.layer.router_keys
+            tensors[keys[0]] = router[0].to(to_torch(self.checkpoint.tensors[keys[0]].dtype))
+            if router[1] is not None:
+                tensors[keys[1]] = router[1].to(to_torch(self.checkpoint.tensors[keys[1]].dtype))
+        return tensors
+
+    def _router_rows(self, calib: LayerCalib) -> tuple[torch.Tensor, torch.Tensor | None]:
+        keys = self.layer.router_keys
+        weight = self.checkpoint.read(keys[0]).float()
+        bias = self.checkpoint.read(keys[1]).float() if len(keys) > 1 else None
+        return fit_router(weight, bias, self.plan_layer, calib)
 
     def _tensors(self, merged: dict[int, Experts]) -> dict[str, torch.Tensor]:
-        import torch
-
         tensors = self.checkpoint.tensors
         if self.fmt.fused:
-            stacked = Experts(*(None if getattr(merged[0], r) is None else torch.cat(
-                [getattr(merged[i], r) for i in range(len(merged))]) for r in
-                ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")))
-            out = fused_tensors(self.fmt, stacked)
+            out = fused_tensors(self.fmt, stack([merged[i] for i in range(len(merged))]))
             return {k: v.to(to_torch(tensors[k].dtype)) for k, v in out.items()}
         assert self.fmt.per_expert is not None
-        out = {}
+        result = {}
         for i, expert in merged.items():
             centre = self.plan_layer.clusters[i][0]
             for role in ("gate", "up", "down"):
                 key = self.fmt.per_expert[role][centre]
-                value = getattr(expert, role)[0]
-                out[_renamed(self.layout, key, centre, i)] = value.to(to_torch(
-                    tensors[key].dtype)).contiguous()
-        return {k: v for k, v in out.items() if k in self.names}
+                name = _renamed(self.layout, key, centre, i)
+                if name in self.names:
+                    result[name] = getattr(expert, role)[0].to(to_torch(tensors[key].dtype))
+        return result
 
 
 def _renamed(layout: ModelLayout, key: str, old: int, new: int) -> str:
@@ -151,8 +162,8 @@ def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: MergePlan,
         p = plan.layer(layer.index)
         if len(p.clusters) == layer.num_experts:
             continue
-        merger = LayerMerger(checkpoint, layout, expert_format(checkpoint, layout, layer), p,
-                             plan.method, calib, errors if errors is not None else {})
+        merger = LayerMerger(checkpoint, layout, layer, plan, calib,
+                             errors if errors is not None else {})
         for key, action, out in _layer_tensors(checkpoint, layout, layer, p, plan.router,
                                                merger):
             if key in actions:
@@ -198,11 +209,16 @@ def _layer_tensors(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
                     result.append((key, "merged", OutTensor.computed(
                         name, tensors[key].dtype, tensors[key].shape, merger.want(name))))
     for key in layer.router_keys:
-        result.append((key, *_router_tensor(checkpoint, tensors[key], p, router, 0)))
-    if layer.selection_bias:
+        if router == "fit":
+            shape = (new_count, *tensors[key].shape[1:])
+            result.append((key, "merged", OutTensor.computed(key, tensors[key].dtype, shape,
+                                                             merger.want(key))))
+        else:
+            result.append((key, *_router_tensor(checkpoint, tensors[key], p, router, 0)))
+    if layer.selection_bias:  # --router fit: the centre's selection bias
         info = tensors[layer.selection_bias]
-        result.append((layer.selection_bias, *_router_tensor(checkpoint, info, p, router,
-                                                             len(info.shape) - 1)))
+        result.append((layer.selection_bias, *_router_tensor(
+            checkpoint, info, p, "centre" if router == "fit" else router, len(info.shape) - 1)))
     return result
 
 
