@@ -153,3 +153,44 @@ def test_fused_layout_round_trip(model_type, tiny_checkpoint):
     fmt = expert_format(checkpoint, layout, layout.moe_layers[0])
     written = fused_tensors(fmt, read_experts(checkpoint, fmt))
     assert written and all(torch.equal(v, checkpoint.read(k)) for k, v in written.items())
+
+
+def test_layer_fit_lowers_held_out_error_against_averaging(tiny_checkpoint, tmp_path):
+    """Calibration activations of a tiny Mixtral; a plan folding 8 -> 4 experts per layer.
+    Fitted on the first half of the tokens, the merged layer reproduces the original layer's
+    output on the second half better than the aligned average does (both under the merged
+    router)."""
+    from moekit.calib.data import DataSource
+    from moekit.io.fingerprint import model_fingerprint
+    from moekit.ops.merge.calib import capture_calibration
+    from moekit.ops.merge.combine import merge_cluster as merge_one
+    from moekit.ops.merge.experts import stack
+    from moekit.ops.merge.fit import fit_layer, layer_error, merged_routing, routed_output
+    from moekit.ops.merge.grouping import build_merge_plan, cosine_distance
+
+    folder = tiny_checkpoint("mixtral")
+    checkpoint = Checkpoint(folder)
+    layout = describe(checkpoint)
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 37} value{i % 11}" for i in range(3000)))
+    calib = capture_calibration(folder, layout, [DataSource("t", text)], max_tokens=1024,
+                                seq_len=64)
+    moe = layout.moe_layers[0]
+    fmt = expert_format(checkpoint, layout, moe)
+    experts = read_experts(checkpoint, fmt)
+    plan = build_merge_plan(layout, model_fingerprint(checkpoint, layout),
+                            lambda _: cosine_distance(experts.flat()), group="weight",
+                            method="fit", router="centre", ratio=0.5, stats=None,
+                            criterion="random")
+    p = plan.layer(moe.index)
+    data = calib[moe.index]
+    train, test = data.split(0, 512), data.split(512, 1024)
+    act = activation(layout)
+    averaged = stack([merge_one(experts.select(c), w, "aligned")
+                      for c, w in zip(p.clusters, p.weights, strict=True)])
+    fitted, _ = fit_layer(experts, averaged, p, train, layout, "centre", {}, act, ridge=1e-2)
+    ids, weights = merged_routing(p, test, layout, "centre", {})
+    target = routed_output(experts, test.ids, test.weights, test.inputs, act)
+    before = layer_error(target, averaged, ids, weights, test.inputs, act)
+    after = layer_error(target, fitted, ids, weights, test.inputs, act)
+    assert after < 0.97 * before, (before, after)  # measured: 0.889 -> 0.849

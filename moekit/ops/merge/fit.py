@@ -94,34 +94,49 @@ def merged_logits(calib: LayerCalib, plan_layer: MergeLayer, router: str,
     return logits + bias if bias is not None else logits
 
 
+def merged_routing(plan_layer: MergeLayer, calib: LayerCalib, layout: ModelLayout,
+                   router: str, config_changes: dict[str, int], bias: torch.Tensor | None = None,
+                   rows: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [N, k] new expert ids, weights [N, k]) of the merged router on the calibration
+    tokens; `bias` is the original selection bias [E], `rows` fitted router rows."""
+    from moekit.calib.routing import Routing, route
+
+    matrix = router_matrix(plan_layer, "centre" if router == "fit" else router)
+    routing = Routing.of(layout.family, layout.config).after_prune(config_changes)
+    new_bias = bias.float().reshape(-1) @ matrix if bias is not None else None
+    ids, weights = route(merged_logits(calib, plan_layer, router, rows), routing, new_bias)
+    return ids, weights.float()
+
+
+def layer_error(target: torch.Tensor, merged: Experts, ids: torch.Tensor, weights: torch.Tensor,
+                x: torch.Tensor, act: Act) -> float:
+    """Relative output error sum_t ||Y_t - Y'_t||^2 / sum_t ||Y_t||^2 of the merged layer."""
+    error = (target - routed_output(merged, ids, weights, x, act)).pow(2).sum()
+    return float(error / target.pow(2).sum().clamp_min(1e-30))
+
+
 def fit_layer(original: Experts, merged: Experts, plan_layer: MergeLayer, calib: LayerCalib,
               layout: ModelLayout, router: str, config_changes: dict[str, int], act: Act,
               bias: torch.Tensor | None = None, ridge: float | None = None,
               rows: tuple[torch.Tensor, torch.Tensor | None] | None = None
               ) -> tuple[Experts, float]:
-    """`merged` (E' experts, aligned averages) with every merged cluster's down projection
-    re-fitted (module doc), and the merged layer's relative output error afterwards,
-    sum_t ||Y_t - Y'_t||^2 / sum_t ||Y_t||^2. `original` holds all E experts; `bias` is the
-    selection bias [E]; `rows` the fitted router rows (`--router fit`)."""
-    from moekit.calib.routing import Routing, route
-
+    """`merged` (E' experts, aligned averages or centres) with every merged cluster's down
+    projection re-fitted (module doc), and the merged layer's `layer_error` afterwards.
+    `original` holds all E experts; `bias` is the selection bias [E]; `rows` the fitted router
+    rows (`--router fit`)."""
     x = calib.inputs.float()
     target = routed_output(original, calib.ids, calib.weights.float(), x, act)
-    matrix = router_matrix(plan_layer, "centre" if router == "fit" else router)
-    routing = Routing.of(layout.family, layout.config).after_prune(config_changes)
-    new_bias = bias.float().reshape(-1) @ matrix if bias is not None else None
-    ids, weights = route(merged_logits(calib, plan_layer, router, rows), routing, new_bias)
-    weights = weights.float()
+    ids, weights = merged_routing(plan_layer, calib, layout, router, config_changes, bias, rows)
     gap = target - routed_output(merged, ids, weights, x, act)
     fitted = [merged.select([i]) for i in range(merged.num_experts)]
     for i, cluster in enumerate(plan_layer.clusters):
-        rows, slots = (ids == i).nonzero(as_tuple=True)
-        if len(cluster) == 1 or rows.numel() == 0:
+        rows_i, slots = (ids == i).nonzero(as_tuple=True)
+        if len(cluster) == 1 or rows_i.numel() == 0:
             continue
-        g = weights[rows, slots]
+        g = weights[rows_i, slots]
         start = fitted[i]
-        goal = gap[rows] / g.unsqueeze(1) + expert_output(start, 0, x[rows], act)
-        fitted[i] = ridge_down(start, x[rows], goal, g ** 2, act, ridge)
+        goal = gap[rows_i] / g.unsqueeze(1) + expert_output(start, 0, x[rows_i], act)
+        fitted[i] = ridge_down(start, x[rows_i], goal, g ** 2, act, ridge)
     result = stack(fitted)
-    error = (target - routed_output(result, ids, weights, x, act)).pow(2).sum()
-    return result, float(error / target.pow(2).sum().clamp_min(1e-30))
+    return result, layer_error(target, result, ids, weights, x, act)
