@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--criterion", default="ean", help="centre criterion of the merges")
     parser.add_argument("--groups", default=",".join(GROUPS))
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--ratios", default=",".join(map(str, RATIOS)))
+    parser.add_argument("--no-prune", action="store_true", help="merges only (split runs)")
     parser.add_argument("--keep", type=Path, help="keep the profile and models here")
     args = parser.parse_args()
     model, texts = args.fixtures / "models" / "mixtral-e16k2", args.fixtures / "text"
@@ -88,9 +90,11 @@ def run(model: Path, texts: Path, work: Path, args: argparse.Namespace) -> None:
     rows: dict[tuple[str, str], dict[str, float]] = {
         ("0", "unmerged"): losses(model, texts, args.max_tokens)}
     errors: dict[tuple[str, str], float] = {}
-    for ratio in RATIOS:
+    prunes = [] if args.no_prune else [(c, 0) for c in PRUNE_CRITERIA] + [
+        ("random", s) for s in SEEDS]
+    for ratio in (float(r) for r in args.ratios.split(",")):
         label = f"{ratio:.0%}"
-        for criterion, seed in [(c, 0) for c in PRUNE_CRITERIA] + [("random", s) for s in SEEDS]:
+        for criterion, seed in prunes:
             out = work / f"prune-{criterion}-{seed}-{ratio}"
             prune(model, stats, out, criterion, ratio, seed)
             name = f"prune {criterion}" if criterion != "random" else f"prune random ({seed})"
@@ -129,9 +133,11 @@ def report(rows: dict[tuple[str, str], dict[str, float]], errors: dict[tuple[str
         error = f"{errors[key]:.1%}" if key in errors else "-"
         print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {error} |")
     print()
-    for ratio in (f"{r:.0%}" for r in RATIOS):
+    for ratio in (f"{float(r):.0%}" for r in args.ratios.split(",")):
         prunes = [k for k in means if k[0] == ratio and k[1].startswith("prune ")
                   and "random" not in k[1]]
+        if not prunes:
+            continue
         best = min(prunes, key=means.get)
         merges = [k for k in means if k[0] == ratio and k[1].startswith("merge ")]
         best_merge = min(merges, key=means.get)
