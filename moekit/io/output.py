@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from moekit.errors import InvalidArgumentError, OutputExistsError
+from moekit.io.writer import DEFAULT_SHARD_BYTES
+
+if TYPE_CHECKING:
+    from moekit.io.reader import Checkpoint
+    from moekit.io.writer import OutTensor
 
 # Files copied from the source checkpoint into every output (tokenizer, generation, templates).
 AUX_SUFFIXES = (".jinja", ".tiktoken", ".model", ".txt", ".py")
@@ -72,3 +78,30 @@ def copy_aux_files(source: Path, dest: Path) -> list[str]:
             shutil.copyfile(path, Path(dest) / path.name)
             copied.append(path.name)
     return copied
+
+
+def write_model_folder(checkpoint: Checkpoint, out: Path, tensors: list[OutTensor],
+                       config: dict[str, Any], *, overwrite: bool = False,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                       on_bytes: Callable[[int, int], None] | None = None,
+                       finish: Callable[[Path], None] | None = None) -> None:
+    """Write a surgery's output (staged: whole or nothing): `tensors` as Hub-named shards with
+    the source shards' metadata, `config`, the source's tokenizer/aux files, then `finish(staging
+    folder)` (provenance, model card, evaluation) before the rename. `on_bytes(written, total)`
+    is called once with 0 and after every tensor."""
+    from moekit.io.config import write_config
+    from moekit.io.writer import write_checkpoint
+
+    metadata: dict[str, str] = {}
+    for shard in checkpoint.shards:
+        metadata.update(shard.metadata)
+    total = sum(t.nbytes for t in tensors)
+    if on_bytes:
+        on_bytes(0, total)
+    with staged_output(Path(out), overwrite, inputs=(checkpoint.folder,)) as staging:
+        write_checkpoint(staging, tensors, max_shard_bytes=max_shard_bytes, metadata=metadata,
+                         on_tensor=(lambda t: on_bytes(t.nbytes, total)) if on_bytes else None)
+        write_config(config, staging)
+        copy_aux_files(checkpoint.folder, staging)
+        if finish is not None:
+            finish(staging)

@@ -10,13 +10,12 @@ the role of the kept experts).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import InvalidArgumentError
-from moekit.ops.plan import LayerPlan, PrunePlan, validate_plan
+from moekit.ops.plan import LayerPlan, PrunePlan, load_json, save_json, validate_plan
 
 if TYPE_CHECKING:
     from moekit.families.layout import ModelLayout
@@ -134,23 +133,11 @@ class MergePlan:
                                        ) from err
 
     def save(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return save_json(path, self.to_dict())
 
     @staticmethod
     def load(path: Path) -> MergePlan:
-        path = Path(path)
-        if not path.is_file():
-            raise InvalidArgumentError(f"plan file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise InvalidArgumentError(f"plan file {path} is not valid JSON ({err})") from err
-        if not isinstance(data, dict):
-            raise InvalidArgumentError(f"plan file {path} is not a moekit merge plan")
-        return MergePlan.from_dict(data, str(path))
+        return MergePlan.from_dict(load_json(path, "a moekit merge plan"), str(path))
 
 
 def check_choices(group: str, method: str, router: str) -> None:
