@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
 
     from moekit.families.layout import ModelLayout, MoeLayer
-    from moekit.io.reader import Checkpoint
+    from moekit.io.reader import Checkpoint, TensorInfo
 
 ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
@@ -126,21 +126,46 @@ def _unsupported(layout: ModelLayout, key: str) -> UnsupportedModelError:
         "merge the unquantised (bf16/fp16/fp32) checkpoint, or use `moekit prune`")
 
 
+def read_float(info: TensorInfo, rows: list[int] | None = None) -> torch.Tensor:
+    """`info` (or its rows `rows` on axis 0) as float32, read with plain file reads: no memory
+    map, so nothing of the file stays mapped (and counted in RSS) after the call."""
+    import torch
+
+    from moekit.io.dtypes import to_torch
+
+    row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+    ranges = [(info.start, info.nbytes)] if rows is None else [
+        (info.start + r * row_bytes, row_bytes) for r in rows]
+    buffer = bytearray(sum(n for _, n in ranges))
+    view, offset = memoryview(buffer), 0
+    with open(info.shard, "rb", buffering=0) as handle:
+        for start, count in ranges:
+            handle.seek(start)
+            while count:
+                got = handle.readinto(view[offset:offset + count])
+                if not got:
+                    raise OSError(f"{info.shard.name} ended while reading '{info.name}'")
+                offset, count = offset + got, count - got
+    shape = info.shape if rows is None else (len(rows), *info.shape[1:])
+    raw = torch.frombuffer(buffer, dtype=to_torch(info.dtype)) if buffer else torch.empty(0)
+    return raw.reshape(shape).float()
+
+
 def read_experts(checkpoint: Checkpoint, fmt: ExpertFormat,
                  ids: list[int] | None = None) -> Experts:
     """Experts `ids` (all when None) of one layer, float32, canonical shapes."""
     import torch
 
+    tensors = checkpoint.tensors
     if not fmt.fused:
         assert fmt.per_expert is not None
         chosen = ids if ids is not None else list(range(len(fmt.per_expert["gate"])))
-        stack = {r: torch.stack([checkpoint.read(fmt.per_expert[r][j]).float() for j in chosen])
+        stack = {r: torch.stack([read_float(tensors[fmt.per_expert[r][j]]) for j in chosen])
                  for r in ("gate", "up", "down")}
         return Experts(stack["gate"], stack["up"], stack["down"])
 
     def rows(key: str) -> torch.Tensor:
-        value = checkpoint.read(key) if ids is None else checkpoint.read_rows(key, ids)
-        return value.float()
+        return read_float(tensors[key], ids)
 
     gate_up = rows(fmt.gate_up)  # type: ignore[arg-type]
     down = rows(fmt.down)  # type: ignore[arg-type]
