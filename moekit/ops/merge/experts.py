@@ -50,13 +50,17 @@ class Experts:
         return Experts(*(None if t is None else t.index_select(0, index)
                          for t in (getattr(self, r) for r in ROLES)))
 
-    def flat(self) -> torch.Tensor:
-        """[E, P]: every expert's parameters as one vector (weight-space similarity)."""
-        import torch
-
-        parts = [t.reshape(t.shape[0], -1) for t in (getattr(self, r) for r in ROLES)
-                 if t is not None]
-        return torch.cat(parts, dim=1)
+    def gram(self) -> torch.Tensor:
+        """[E, E] float64: <theta_i, theta_j> of the experts' flattened parameters (all roles),
+        summed role by role so no [E, P] copy is made."""
+        total = None
+        for t in (getattr(self, r) for r in ROLES):
+            if t is not None:
+                flat = t.reshape(t.shape[0], -1)
+                part = (flat @ flat.T).double()
+                total = part if total is None else total + part
+        assert total is not None
+        return total
 
 
 def stack(experts: list[Experts]) -> Experts:

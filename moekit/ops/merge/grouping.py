@@ -37,8 +37,13 @@ DistanceFn = Callable[[int], "torch.Tensor"]
 def cosine_distance(features: torch.Tensor) -> torch.Tensor:
     """[E, P] -> [E, E] 1 - cosine similarity of the rows (float64)."""
     x = features.double()
-    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return (1.0 - x @ x.T).clamp_min(0.0)
+    return gram_cosine_distance(x @ x.T)
+
+
+def gram_cosine_distance(gram: torch.Tensor) -> torch.Tensor:
+    """[E, E] inner products -> 1 - cosine similarity."""
+    norms = gram.diagonal().clamp_min(1e-30).sqrt()
+    return (1.0 - gram / norms.unsqueeze(0) / norms.unsqueeze(1)).clamp_min(0.0)
 
 
 def euclidean_distance(features: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from moekit.ops.merge.grouping import (
     check_ratio,
     cosine_distance,
     euclidean_distance,
+    gram_cosine_distance,
 )
 from moekit.ops.merge.plan import FIT_METHODS, MergePlan, check_choices, validate_merge_plan
 
@@ -62,7 +63,7 @@ def distance_fn(group: str, checkpoint: Checkpoint, layout: ModelLayout,
     def distance(index: int) -> torch.Tensor:
         fmt = expert_format(checkpoint, layout, layers[index])
         if group == "weight":
-            return cosine_distance(read_experts(checkpoint, fmt).flat())
+            return gram_cosine_distance(read_experts(checkpoint, fmt).gram())
         data = calib(index) if calib is not None else None
         if data is None:
             raise InvalidArgumentError(f"--group {group} needs calibration tokens for layer "
