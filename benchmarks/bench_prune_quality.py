@@ -8,12 +8,20 @@ half (`0.5:1`, never seen by the profile). Prints a markdown table and checks th
 criterion beats random and that the best one at 25 % stays within 0.02 nats of the unpruned
 model.
 
+Data-driven rows (`moekit prune --data ...`, calibrated on the same first halves): `measured`
+(re-routed layer error, beam search, no refit), `measured+compensate` (the `--data` default:
+refit tried, kept when the held-out KL says so) and `auto` (all candidates, best held-out KL),
+plus the stats-only `man` criterion and `ean` with super-expert protection (the new stats-only
+default). Each data row records the wall time and peak RSS of its `moekit prune` process.
+
 Usage: .venv/bin/python benchmarks/bench_prune_quality.py [--max-tokens 16384] [--keep DIR]
+       [--only-new] [--ratios 0.25,0.5]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import statistics
 import subprocess
@@ -26,8 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 DOMAINS = ("en_bible", "en_docs", "code_py", "de", "fr")
 CRITERIA = ("frequency", "weight", "ean", "reap", "reap-sum")
+NEW_STATS = ("man", "ean+super")
+DATA_METHODS = {"measured": ["--criterion", "measured", "--no-compensate"],
+                "measured+compensate": [],
+                "auto": ["--criterion", "auto"]}
 SEEDS = (0, 1, 2)
 RATIOS = (0.25, 0.5)
+ONLY_NEW = False
 
 
 def profile(model: Path, texts: Path, out: Path, max_tokens: int) -> None:
@@ -50,6 +63,24 @@ def losses(model: Path, texts: Path, max_tokens: int) -> dict[str, float]:
     return {row.name: row.loss for row in result.domains}
 
 
+def prune_with_data(model: Path, texts: Path, out: Path, ratio: float,
+                    extra: list[str]) -> tuple[float, float]:
+    """`moekit prune --data` (first halves) in its own process: (wall s, peak RSS GiB)."""
+    data = [arg for d in DOMAINS for arg in ("--data", f"{d}={texts / f'{d}.txt'}")]
+    code = ("import resource, sys\nfrom moekit.cli.app import main\ntry:\n    main()\n"
+            "finally:\n    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+            " file=sys.stderr)")
+    cmd = [sys.executable, "-c", code, "prune", str(model), *data, "--data-range", "0:0.5",
+           "--ratio", str(ratio), "--out", str(out), "--overwrite", "--device", "cpu", *extra]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+    wall = time.perf_counter() - start
+    peak = next(int(line.split()[1]) for line in done.stderr.splitlines()
+                if line.startswith("PEAK_KB"))
+    return wall, peak / 2**20
+
+
 def prune(model: Path, stats: Path, out: Path, criterion: str, ratio: float, seed: int) -> None:
     from moekit.families.layout import describe
     from moekit.io.fingerprint import model_fingerprint
@@ -61,10 +92,13 @@ def prune(model: Path, stats: Path, out: Path, criterion: str, ratio: float, see
     checkpoint = Checkpoint(model)
     layout = describe(checkpoint)
     fingerprint = model_fingerprint(checkpoint, layout)
+    from moekit.ops.prune.select import super_experts
+
     data = load_stats(stats)
     check_stats(data, layout, fingerprint)
-    plan = build_plan(layout, fingerprint, criterion=criterion, ratio=ratio, stats=data,
-                      seed=seed)
+    protect = super_experts(data) if criterion.endswith("+super") else {}
+    plan = build_plan(layout, fingerprint, criterion=criterion.removesuffix("+super"),
+                      ratio=ratio, stats=data, seed=seed, protect=protect)
     prune_checkpoint(model, plan, out, overwrite=True)
 
 
@@ -76,8 +110,22 @@ def main() -> None:
     parser.add_argument("--profile-tokens", type=int, default=100_000,
                         help="tokens per domain for the profile")
     parser.add_argument("--keep", type=Path, help="keep the profile and pruned models here")
+    parser.add_argument("--only-new", action="store_true",
+                        help="skip the rows of the original criteria and random baselines")
+    parser.add_argument("--ratios", default="0.25,0.5")
+    parser.add_argument("--no-random", action="store_true", help="skip the random baselines")
+    parser.add_argument("--model", type=Path, help="another model (e.g. from "
+                        "train_small_moe.py); its texts: --texts")
+    parser.add_argument("--texts", type=Path, help="folder of .txt domains (default: the "
+                        "fixture texts; sample_data/ for --model)")
     args = parser.parse_args()
-    model, texts = args.fixtures / "models" / "mixtral-e16k2", args.fixtures / "text"
+    global RATIOS, ONLY_NEW, DOMAINS, SEEDS
+    RATIOS = tuple(float(r) for r in args.ratios.split(","))
+    ONLY_NEW = args.only_new
+    SEEDS = () if args.no_random else SEEDS
+    model = args.model or args.fixtures / "models" / "mixtral-e16k2"
+    texts = args.texts or (ROOT / "sample_data" if args.model else args.fixtures / "text")
+    DOMAINS = tuple(sorted(p.stem for p in texts.glob("*.txt")))
     if not model.exists():
         sys.exit(f"fixture {model} not found (pass --fixtures)")
     work = args.keep or Path(tempfile.mkdtemp(prefix="moekit-bench-quality-"))
@@ -96,8 +144,18 @@ def run(model: Path, texts: Path, work: Path, max_tokens: int, profile_tokens: i
     print(f"profiled in {time.perf_counter() - start:.0f} s", flush=True)
     rows: dict[tuple[str, str], dict[str, float]] = {("0", "unpruned"): losses(model, texts,
                                                                                max_tokens)}
+    costs: dict[tuple[str, str], tuple[float, float]] = {}
+    old = ([] if ONLY_NEW else [(c, 0) for c in CRITERIA]) + [("random", s) for s in SEEDS]
     for ratio in RATIOS:
-        for criterion, seed in [(c, 0) for c in CRITERIA] + [("random", s) for s in SEEDS]:
+        for name, extra in DATA_METHODS.items():
+            out = work / f"{name}-{ratio}"
+            costs[(f"{ratio:.0%}", name)] = prune_with_data(model, texts, out, ratio, extra)
+            rows[(f"{ratio:.0%}", name)] = losses(out, texts, max_tokens)
+            mean = statistics.mean(rows[(f"{ratio:.0%}", name)].values())
+            wall, peak = costs[(f"{ratio:.0%}", name)]
+            print(f"{ratio:.0%} {name}: mean {mean:.4f} (prune {wall:.0f} s, {peak:.2f} GiB)",
+                  flush=True)
+        for criterion, seed in old + [(c, 0) for c in NEW_STATS]:
             out = work / f"{criterion}-{seed}-{ratio}"
             prune(model, stats, out, criterion, ratio, seed)
             name = criterion if criterion != "random" else f"random (seed {seed})"
@@ -105,22 +163,29 @@ def run(model: Path, texts: Path, work: Path, max_tokens: int, profile_tokens: i
             mean = statistics.mean(rows[(f"{ratio:.0%}", name)].values())
             print(f"{ratio:.0%} {name}: mean {mean:.4f} ({time.perf_counter() - start:.0f} s)",
                   flush=True)
-    report(rows, max_tokens, profile_tokens)
+    report(rows, costs, max_tokens, profile_tokens)
 
 
-def report(rows: dict[tuple[str, str], dict[str, float]], max_tokens: int,
+def report(rows: dict[tuple[str, str], dict[str, float]],
+           costs: dict[tuple[str, str], tuple[float, float]], max_tokens: int,
            profile_tokens: int) -> None:
-    print(f"\n## Pruning mixtral-e16k2 (16 experts, top-2): eval loss (nats), second half of each "
+    print(f"\n## Pruning: eval loss (nats), second half of each "
           f"text, <= {max_tokens} tokens per domain; profile on the first half (<= "
           f"{profile_tokens} tokens per domain)\n")
-    print("| removed | criterion | " + " | ".join(DOMAINS) + " | mean |")
-    print("|---" * (len(DOMAINS) + 3) + "|")
+    print("| removed | criterion | " + " | ".join(DOMAINS) + " | mean | vs unpruned | prune wall "
+          "| peak RSS |")
+    print("|---" * (len(DOMAINS) + 6) + "|")
     means = {key: statistics.mean(values.values()) for key, values in rows.items()}
-    for key, values in rows.items():
-        cells = [f"{values[d]:.4f}" for d in DOMAINS] + [f"**{means[key]:.4f}**"]
-        print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     base = means[("0", "unpruned")]
+    for key, values in rows.items():
+        wall, peak = costs.get(key, (math.nan, math.nan))
+        cells = [f"{values[d]:.4f}" for d in DOMAINS] + [f"**{means[key]:.4f}**",
+                                                          f"+{means[key] - base:.4f}",
+                                                          f"{wall:.0f} s", f"{peak:.2f} GiB"]
+        print(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     print()
+    if ONLY_NEW or not SEEDS:
+        return
     for ratio in (f"{r:.0%}" for r in RATIOS):
         random_mean = statistics.mean(means[(ratio, f"random (seed {s})")] for s in SEEDS)
         best = min(CRITERIA, key=lambda c: means[(ratio, c)])

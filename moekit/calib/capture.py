@@ -4,7 +4,9 @@ For each MoE layer l (found through the family record, like `calib.hooks`):
 - `inputs`  X_l [N, H]: the hidden states the MoE block receives (forward pre-hook on the block,
   the parent module of the router and the experts),
 - `logits`  Z_l [N, E]: the router's raw logits (`output[RouterSpec.logits_index]` of the router),
-- `outputs` Y_l [N, H]: what the block returns (routed experts + shared experts, if any).
+- `outputs` Y_l [N, H]: what the block returns (routed experts + shared experts, if any),
+- `residual` R_l [N, H] (optional): the decoder layer's output hidden states (the residual
+  stream after the block is added), to measure how far a modified model has drifted.
 
 N is bounded by `max_tokens`: batches are run until that many token positions were seen (the
 last batch is cut), so memory is N x (2H + E) values per captured layer.
@@ -38,6 +40,7 @@ class LayerCapture:
     inputs: torch.Tensor
     logits: torch.Tensor
     outputs: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +55,7 @@ class MoeBlock:
     block: Any
     router: Any
     experts: Any
+    decoder_layer: Any = None
 
 
 def moe_blocks(model: Any, family: MoeFamily) -> list[MoeBlock]:
@@ -63,7 +67,8 @@ def moe_blocks(model: Any, family: MoeFamily) -> list[MoeBlock]:
     blocks = []
     for mods in find_moe_modules(model, family):
         block = _block_of(modules, mods, parent)
-        blocks.append(MoeBlock(mods.layer, block, mods.router, mods.experts))
+        decoder = _block_of(modules, mods, "")
+        blocks.append(MoeBlock(mods.layer, block, mods.router, mods.experts, decoder))
     return blocks
 
 
@@ -100,6 +105,7 @@ class _Grabber:
         self.inputs: list[torch.Tensor] = []
         self.logits: list[torch.Tensor] = []
         self.outputs: list[torch.Tensor] = []
+        self.residual: list[torch.Tensor] = []
         self.take = 0  # rows to keep from the current batch
 
     def on_input(self, module: Any, args: tuple) -> None:
@@ -119,13 +125,18 @@ class _Grabber:
             y = output[0] if isinstance(output, tuple) else output
             self.outputs.append(y.reshape(-1, y.shape[-1])[: self.take].detach().clone())
 
+    def on_residual(self, module: Any, args: tuple, output: Any) -> None:
+        y = output[0] if isinstance(output, tuple) else output
+        self.residual.append(y.reshape(-1, y.shape[-1])[: self.take].detach().clone())
+
 
 def capture_layers(model: Any, family: MoeFamily, batches: Iterable[torch.Tensor], *,
                    max_tokens: int, layers: Sequence[int] | None = None,
-                   outputs: bool = True) -> dict[int, LayerCapture]:
+                   outputs: bool = True, residual: bool = False) -> dict[int, LayerCapture]:
     """Run `batches` ([B, S] token ids) through `model` until `max_tokens` positions were seen
     and return the captures of the MoE `layers` (all when None). The forward pass stops after
-    the last requested layer's block, so capturing early layers is cheap."""
+    the last requested layer (its block, or its decoder layer with `residual`), so capturing
+    early layers is cheap."""
     import torch
 
     if family.router.input_scaled:
@@ -139,8 +150,11 @@ def capture_layers(model: Any, family: MoeFamily, batches: Iterable[torch.Tensor
         handles += [b.block.register_forward_pre_hook(g.on_input),
                     b.router.register_forward_hook(g.on_router),
                     b.block.register_forward_hook(g.on_output)]
+        if residual:
+            handles.append(b.decoder_layer.register_forward_hook(g.on_residual))
     if blocks:
-        handles.append(blocks[-1].block.register_forward_hook(_raise_stop))
+        last = blocks[-1].decoder_layer if residual else blocks[-1].block
+        handles.append(last.register_forward_hook(_raise_stop))
     seen = 0
     try:
         with torch.no_grad():
@@ -159,7 +173,8 @@ def capture_layers(model: Any, family: MoeFamily, batches: Iterable[torch.Tensor
         for handle in handles:
             handle.remove()
     return {layer: LayerCapture(layer, torch.cat(g.inputs), torch.cat(g.logits),
-                                torch.cat(g.outputs) if g.outputs else None)
+                                torch.cat(g.outputs) if g.outputs else None,
+                                torch.cat(g.residual) if g.residual else None)
             for layer, g in grabbers.items() if g.inputs}
 
 

@@ -10,10 +10,13 @@ from typing import Annotated, Any
 import typer
 
 from moekit.cli.common import (
+    DtypeOpt,
     JsonOpt,
     ModelArg,
     OverwriteOpt,
+    RangeOpt,
     RevisionOpt,
+    SeqLenOpt,
     console,
     err_console,
     export_table,
@@ -21,8 +24,11 @@ from moekit.cli.common import (
     load_model_path,
 )
 
-CRITERION_HELP = ("reap (default; mean gate x ||output|| over routed tokens), reap-sum, "
-                  "frequency (tokens), weight (gate-weight sum), ean (output-norm sum), random.")
+CRITERION_HELP = ("Stats: ean (default without --data; output-norm sum), reap-sum, weight "
+                  "(gate-weight sum), frequency (tokens), man (mean output norm), reap (mean gate "
+                  "x ||output||), random. With --data also: measured (default; re-routed layer "
+                  "error, beam search, compensation if it measures better) and auto (every "
+                  "candidate scored by held-out KL, the best kept).")
 
 
 @handle_errors
@@ -68,7 +74,27 @@ def prune(
                           ] = None,
     eval_max_tokens: Annotated[int, typer.Option("--eval-max-tokens")] = 16384,
     eval_seq_len: Annotated[int, typer.Option("--eval-seq-len")] = 512,
-    device: Annotated[str, typer.Option("--device", help="Device for --eval-data.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="Device for --data/--eval-data.")
+                      ] = "auto",
+    data: Annotated[list[str] | None, typer.Option(
+        "--data", "-d", help="NAME=PATH calibration data (repeat): choose by measured damage.")
+    ] = None,
+    data_range: RangeOpt = None,
+    seq_len: SeqLenOpt = 256,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", help="Calibration token positions per layer (selection and refit).")
+    ] = 4096,
+    beam: Annotated[int, typer.Option("--beam", help="Beam width of the measured search.")] = 4,
+    compensate: Annotated[bool | None, typer.Option(
+        "--compensate/--no-compensate", help="Refit kept experts' down projections (default: "
+        "tried, kept if held-out KL is lower).")] = None,
+    protect_super: Annotated[bool, typer.Option(
+        "--protect-super/--no-protect-super", help="Never drop super experts (outstanding "
+        "max_norm).")] = True,
+    keep_params: Annotated[float | None, typer.Option(
+        "--keep-params", help="With --data: share of routed-expert bytes to keep, reached by "
+        "removing fewer experts and trimming all survivors to one narrower width.")] = None,
+    dtype: DtypeOpt = "auto",
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -82,6 +108,8 @@ def prune(
     Example: moekit prune ./Mixtral --stats prof/ --ratio 0.5 --dry-run --plan-out plan.json
 
     Example: moekit prune ./Mixtral --plan plan.json --out ./pruned --eval-data code=val.py
+
+    Example: moekit prune ./Mixtral --data web=c4.jsonl --ratio 0.5 --out ./pruned
     """
     from moekit.io.output import check_output
 
@@ -96,7 +124,24 @@ def prune(
     options = dict(stats=stats, ratio=ratio, criterion=criterion, plan_in=plan_in, keep=keep,
                    drop=drop, protect=protect or [], min_experts=min_experts, seed=seed,
                    domain=domain, ignore_fingerprint=ignore_fingerprint)
-    plan, stats_data = choose_plan(source, **options)
+    modified, calibration, width = None, None, None
+    if keep_params is not None and not data:
+        from moekit.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--keep-params needs --data", "neurons are chosen and "
+                                   "refitted on calibration data: add --data NAME=PATH")
+    if data:
+        from moekit.cli.prune_data import choose_with_data, data_sources, fraction
+        from moekit.ops.prune.calibrated import DataOptions
+
+        data_opts = DataOptions(data_sources(data, "--data"), fraction(data_range),
+                                seq_len, max_tokens, beam, compensate,
+                                protect_super=protect_super, device=device, dtype=dtype)
+        plan, modified, calibration, width = choose_with_data(
+            source, data_opts, quiet=as_json, keep_params=keep_params, **options)
+        stats_data = None
+    else:
+        plan, stats_data = choose_plan(source, protect_super=protect_super, **options)
     eval_sources = _eval_sources(eval_data, eval_range)
     budget = _show_plan(plan, stats_data, report, quiet=as_json)
     if plan_out is not None:
@@ -112,33 +157,32 @@ def prune(
     eval_opts = dict(sources=eval_sources[0], fraction=eval_sources[1], seq_len=eval_seq_len,
                      max_tokens=eval_max_tokens, device=device)
     result = _run(source, model, plan, out, overwrite, shard_bytes, ignore_fingerprint,
-                  stats, budget, eval_opts)
+                  stats, budget, eval_opts, modified, calibration, width)
     _summary(result, as_json)
 
 
 def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criterion: str | None,
                 plan_in: Path | None, keep: Path | None, drop: Path | None, protect: list[str],
                 min_experts: int | None, seed: int, domain: str,
-                ignore_fingerprint: bool) -> tuple[Any, Any]:
+                ignore_fingerprint: bool, protect_super: bool = True) -> tuple[Any, Any]:
     """Load/validate everything and decide: (PrunePlan, ExpertStats or None). Reads headers,
     router weights (fingerprint) and statistics only."""
     from moekit.errors import InvalidArgumentError
-    from moekit.families.layout import describe
-    from moekit.io.fingerprint import model_fingerprint
-    from moekit.io.reader import Checkpoint
     from moekit.ops.plan import PrunePlan, validate_plan
-    from moekit.ops.prune.select import build_plan, parse_protect, read_expert_lists
+    from moekit.ops.prune.select import (
+        DEFAULT_CRITERION,
+        build_plan,
+        merge_protect,
+        parse_protect,
+        read_expert_lists,
+        super_experts,
+    )
     from moekit.ops.prune.stats import check_stats, load_stats
 
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise InvalidArgumentError(f"--ratio {ratio} is outside [0, 1)",
                                    "give the share of routed experts to remove, e.g. 0.25")
-    checkpoint = Checkpoint(source)
-    layout = describe(checkpoint)
-    if not layout.is_moe:
-        raise InvalidArgumentError(f"{source} is a dense model ({layout.family.name}): "
-                                   "nothing to prune")
-    fingerprint = model_fingerprint(checkpoint, layout)
+    checkpoint, layout, fingerprint = moe_layout(source)
     stats_data = load_stats(stats, domain) if stats is not None else None
     if stats_data is not None:
         check_stats(stats_data, layout, fingerprint, ignore_fingerprint)
@@ -152,12 +196,31 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     if criterion is not None and (keep is not None or drop is not None):
         raise InvalidArgumentError("--criterion is given with --keep/--drop",
                                    "explicit lists replace the criterion: give one of them")
+    guard = parse_protect(protect, layout)
+    if stats_data is not None and protect_super and keep is None and drop is None:
+        guard = merge_protect(guard, super_experts(stats_data))
     plan = build_plan(
-        layout, fingerprint, criterion=criterion or "reap", ratio=ratio, stats=stats_data,
+        layout, fingerprint, criterion=criterion or DEFAULT_CRITERION, ratio=ratio,
+        stats=stats_data,
         keep=read_expert_lists(keep, layout, "--keep") if keep is not None else None,
         drop=read_expert_lists(drop, layout, "--drop") if drop is not None else None,
-        protect=parse_protect(protect, layout), min_experts=min_experts, seed=seed)
+        protect=guard, min_experts=min_experts, seed=seed)
     return plan, stats_data
+
+
+def moe_layout(source: Path) -> tuple[Any, Any, str]:
+    """(Checkpoint, layout, fingerprint) of a MoE checkpoint; dense ones are refused."""
+    from moekit.errors import InvalidArgumentError
+    from moekit.families.layout import describe
+    from moekit.io.fingerprint import model_fingerprint
+    from moekit.io.reader import Checkpoint
+
+    checkpoint = Checkpoint(source)
+    layout = describe(checkpoint)
+    if not layout.is_moe:
+        raise InvalidArgumentError(f"{source} is a dense model ({layout.family.name}): "
+                                   "nothing to prune")
+    return checkpoint, layout, model_fingerprint(checkpoint, layout)
 
 
 def parse_size(text: str) -> int:
@@ -225,7 +288,8 @@ def _pct(value: float) -> str:
 
 def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_bytes: int,
          ignore_fingerprint: bool, stats: Path | None, budget: list[dict[str, Any]],
-         eval_opts: dict[str, Any]) -> Any:
+         eval_opts: dict[str, Any], modified: Any = None,
+         calibration: dict[str, Any] | None = None, width: int | None = None) -> Any:
     from moekit.cli.eval_cmd import token_progress
     from moekit.ops.prune import prune_checkpoint
     from moekit.ops.prune.report import write_prune_records
@@ -245,13 +309,14 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
             result.extra["evaluation"] = evaluation
         write_prune_records(folder, model, plan, config_keys=result.config_keys,
                             warnings=result.warnings, stats_folder=str(stats) if stats else None,
-                            budget=budget, evaluation=evaluation, source_folder=source)
+                            budget=budget, evaluation=evaluation, source_folder=source,
+                            calibration=calibration)
 
     with _byte_progress() as on_bytes:
         return prune_checkpoint(source, plan, out, overwrite=overwrite,
                                 max_shard_bytes=shard_bytes,
                                 ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes,
-                                finish=finish)
+                                finish=finish, modified=modified, expert_width=width)
 
 
 class _byte_progress:  # noqa: N801 - used like a function in `with`

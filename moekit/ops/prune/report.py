@@ -14,10 +14,12 @@ from moekit.ops.prune.select import CRITERIA
 def prune_provenance(source: str, plan: PrunePlan, *, config_keys: list[str],
                      warnings: list[str], stats_folder: str | None = None,
                      budget: list[dict[str, Any]] | None = None,
-                     evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+                     evaluation: dict[str, Any] | None = None,
+                     calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON record: old-to-new expert ids per layer, criterion values, ratio, statistics
-    hash, config keys rewritten, warnings, budget and eval numbers (command line and moekit
-    version come from `provenance`)."""
+    hash, config keys rewritten, warnings, budget and eval numbers, and with --data the
+    calibration record (data hash, candidates scored, modified tensors with relative change);
+    command line and moekit version come from `provenance`."""
     layers = [{"layer": p.layer, "kept": p.kept, "dropped": p.dropped,
                "old_to_new": {str(k): v for k, v in p.old_to_new.items()},
                "criterion_values": p.scores} for p in plan.layers]
@@ -30,7 +32,7 @@ def prune_provenance(source: str, plan: PrunePlan, *, config_keys: list[str],
         top_k=plan.top_k, protected={str(k): v for k, v in plan.protected.items()},
         min_experts=plan.min_experts, config_keys_changed=config_keys,
         config_changes=plan.config_changes, warnings=warnings, budget=no_nan(budget),
-        evaluation=evaluation, layers=layers)
+        evaluation=evaluation, calibration=calibration, layers=layers)
 
 
 def no_nan(rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -45,10 +47,12 @@ def write_prune_records(folder: Path, source: str, plan: PrunePlan, *, config_ke
                         warnings: list[str], stats_folder: str | None = None,
                         budget: list[dict[str, Any]] | None = None,
                         evaluation: dict[str, Any] | None = None,
-                        source_folder: Path | None = None) -> None:
+                        source_folder: Path | None = None,
+                        calibration: dict[str, Any] | None = None) -> None:
     """Write `moekit_provenance.json` and `README.md` into `folder`."""
     record = prune_provenance(source, plan, config_keys=config_keys, warnings=warnings,
-                              stats_folder=stats_folder, budget=budget, evaluation=evaluation)
+                              stats_folder=stats_folder, budget=budget, evaluation=evaluation,
+                              calibration=calibration)
     write_provenance(folder, record)
     name = Path(source).name if Path(source).exists() else source
     summary = (f"`{name}` with {plan.num_dropped} of {plan.num_experts} routed experts removed in "
@@ -57,6 +61,8 @@ def write_prune_records(folder: Path, source: str, plan: PrunePlan, *, config_ke
                + (f" on routing statistics of domain `{plan.domain}`" if plan.domain else "")
                + ". Shared experts and all non-expert weights are unchanged.")
     body = _budget_markdown(budget, plan)
+    if calibration:
+        body += "\n" + _calibration_markdown(calibration)
     if warnings:
         body += "\n## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"
     if evaluation:
@@ -65,6 +71,21 @@ def write_prune_records(folder: Path, source: str, plan: PrunePlan, *, config_ke
                      f"{plan.num_kept} experts per layer)", summary=summary,
                      tags=["pruned", "moe", plan.family], body=body,
                      source_card=(source_folder / "README.md") if source_folder else None)
+
+
+def _calibration_markdown(calibration: dict[str, Any]) -> str:
+    lines = ["## Calibration", "", f"Chosen on data {calibration.get('data_hash')} "
+             f"({', '.join(calibration.get('sources', {}))}). Candidates, scored by KL to the "
+             "unpruned model on a held-out slice:", "", "| candidate | KL | top-1 | chosen |",
+             "|---|---|---|---|"]
+    for row in calibration.get("candidates", []):
+        lines.append(f"| {row['candidate']} | {row['kl_held_out']:.5f} | "
+                     f"{row['top1_held_out']:.2%} | {'yes' if row['chosen'] else ''} |")
+    modified = calibration.get("modified_tensors") or []
+    if modified:
+        lines += ["", f"{len(modified)} expert down projections were refitted (ridge least "
+                  "squares on calibration activations); see `moekit_provenance.json`."]
+    return "\n".join(lines) + "\n"
 
 
 def _budget_markdown(budget: list[dict[str, Any]] | None, plan: PrunePlan) -> str:

@@ -37,8 +37,11 @@ CRITERIA: dict[str, str] = {
     "frequency": "tokens: how many tokens were routed to the expert",
     "weight": "weight_sum: the sum of the expert's gate weights",
     "ean": "ean_sum: the sum over routed tokens of ||expert output||",
+    "man": "ean_sum / tokens: the mean ||expert output|| over routed tokens (MAN; 0 for experts "
+           "no token reached)",
     "random": "uniform random scores (seeded with --seed): the baseline",
 }
+DEFAULT_CRITERION = "ean"  # evidence: docs/benchmarks.md (prune quality across families)
 _COLUMN = {"frequency": "tokens", "weight": "weight_sum", "ean": "ean_sum", "reap-sum": "reap_sum"}
 
 
@@ -53,10 +56,39 @@ def criterion_scores(criterion: str, stats: ExpertStats | None, layer: int, num_
     if stats is None:
         raise StatsError(f"--criterion {criterion} needs routing statistics",
                          "pass --stats DIR from `moekit profile`, or use --criterion random")
-    if criterion == "reap":
-        tokens, reap = stats.column(layer, "tokens"), stats.column(layer, "reap_sum")
-        return [r / t if t > 0 else 0.0 for r, t in zip(reap, tokens, strict=True)]
+    if criterion in ("reap", "man"):
+        tokens = stats.column(layer, "tokens")
+        sums = stats.column(layer, "reap_sum" if criterion == "reap" else "ean_sum")
+        return [r / t if t > 0 else 0.0 for r, t in zip(sums, tokens, strict=True)]
     return list(stats.column(layer, _COLUMN[criterion]))
+
+
+SUPER_PERCENTILE, SUPER_FRACTION, SUPER_LAYERS = 99.5, 0.1, 0.75
+
+
+def super_experts(stats: ExpertStats) -> dict[int, list[int]]:
+    """Experts with an outstanding `max_norm` (largest ||f|| seen), after Su et al. 2025
+    ("super experts"): in the first 75% of MoE layers, max_norm above both the 99.5th
+    percentile of all those experts' max_norm and a tenth of the largest one."""
+    import numpy as np
+
+    layers = stats.layers[:max(1, int(len(stats.layers) * SUPER_LAYERS))]
+    values = {layer: stats.column(layer, "max_norm") for layer in layers}
+    flat = np.concatenate([np.asarray(v, dtype=float) for v in values.values()])
+    if flat.size == 0 or flat.max() <= 0:
+        return {}
+    bar = max(float(np.percentile(flat, SUPER_PERCENTILE)), SUPER_FRACTION * float(flat.max()))
+    found = {layer: [e for e, v in enumerate(vals) if v > bar] for layer, vals in values.items()}
+    return {layer: ids for layer, ids in found.items() if ids}
+
+
+def merge_protect(*maps: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Union of several {layer: ids} maps."""
+    out: dict[int, set[int]] = {}
+    for mapping in maps:
+        for layer, ids in mapping.items():
+            out.setdefault(layer, set()).update(ids)
+    return {layer: sorted(ids) for layer, ids in sorted(out.items())}
 
 
 def parse_protect(values: list[str], layout: ModelLayout) -> dict[int, list[int]]:

@@ -43,10 +43,12 @@ class PruneResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout,
-                 plan: PrunePlan) -> tuple[list[OutTensor], dict[str, str]]:
+def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan,
+                 modified: dict[str, OutTensor] | None = None
+                 ) -> tuple[list[OutTensor], dict[str, str]]:
     """Output tensors (in source byte order) and, for every input key, what happened to it:
-    `copied`, `renamed`, `sliced` or `dropped`. Raises if any input key is left unaccounted."""
+    `copied`, `renamed`, `sliced`, `modified` (its output replaced by `modified[key]`, e.g. a
+    refitted expert) or `dropped`. Raises if any input key is left unaccounted."""
     actions: dict[str, str] = {}
     outputs: dict[str, OutTensor] = {}
     for layer in layout.moe_layers:
@@ -62,6 +64,10 @@ def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout,
         if key not in actions:
             actions[key] = "copied"
             outputs[key] = OutTensor.copy(info)
+    for key, tensor in (modified or {}).items():
+        if actions.get(key) in (None, "dropped"):
+            raise CheckpointError(f"tensor '{key}' is modified but not kept (internal error)")
+        actions[key], outputs[key] = "modified", tensor
     _check_accounted(checkpoint, actions, outputs)
     order = sorted(checkpoint.tensors.values(), key=lambda i: (str(i.shard), i.start))
     return [outputs[i.name] for i in order if i.name in outputs], actions
@@ -131,8 +137,8 @@ def _check_accounted(checkpoint: Checkpoint, actions: dict[str, str],
                               f"{len(names) - len(set(names))}); nothing was written")
 
 
-def patch_config(config: dict[str, Any], layout: ModelLayout,
-                 plan: PrunePlan) -> tuple[dict[str, Any], list[str], list[str]]:
+def patch_config(config: dict[str, Any], layout: ModelLayout, plan: PrunePlan,
+                 expert_width: int | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
     """A copy of config.json with every expert-count alias (and grouped-routing keys when the
     plan changes them) rewritten, keeping key names and value types. Returns (config, keys
     changed, warnings about other per-expert values left as they were)."""
@@ -145,6 +151,8 @@ def patch_config(config: dict[str, Any], layout: ModelLayout,
     if not changed:
         raise CheckpointError(f"config.json has none of {keys.num_experts}; cannot record the "
                               "new expert count")
+    if expert_width is not None:
+        changed += set_existing(sub, keys.expert_width, expert_width)
     aliases = {"n_group": keys.n_group, "topk_group": keys.topk_group}
     for name, value in plan.config_changes.items():
         changed += set_existing(sub, aliases.get(name, (name,)), value)
@@ -165,19 +173,23 @@ def patch_config(config: dict[str, Any], layout: ModelLayout,
 def prune_checkpoint(source: Path, plan: PrunePlan, out: Path, *, overwrite: bool = False,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, ignore_fingerprint: bool = False,
                      on_bytes: Callable[[int, int], None] | None = None,
-                     finish: Callable[[Path, PruneResult], None] | None = None) -> PruneResult:
+                     finish: Callable[[Path, PruneResult], None] | None = None,
+                     modified: dict[str, OutTensor] | None = None,
+                     expert_width: int | None = None) -> PruneResult:
     """Write the pruned checkpoint of `source` into `out` (staged: whole or nothing).
 
     `on_bytes(written, total)` is called once with written=0 and after every tensor (progress).
     `finish(staging_folder, result)` runs after the weights, config and tokenizer are written
-    and before the folder is renamed into place (evaluation, provenance, model card)."""
+    and before the folder is renamed into place (evaluation, provenance, model card).
+    `modified` replaces the output of some input keys (refitted experts, `rewrite.py`;
+    trimmed experts, `trim.py`, with `expert_width` their new width for config.json)."""
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
     if not layout.is_moe:
         raise CheckpointError(f"{source} is a dense model ({layout.family.name}): nothing to prune")
     plan = validate_plan(plan, layout, model_fingerprint(checkpoint, layout), ignore_fingerprint)
-    tensors, actions = plan_tensors(checkpoint, layout, plan)
-    config, config_keys, warnings = patch_config(checkpoint.config, layout, plan)
+    tensors, actions = plan_tensors(checkpoint, layout, plan, modified)
+    config, config_keys, warnings = patch_config(checkpoint.config, layout, plan, expert_width)
     counts = {a: sum(1 for v in actions.values() if v == a) for a in sorted(set(actions.values()))}
     result = PruneResult(Path(out), plan, sum(t.nbytes for t in tensors), len(tensors), counts,
                          config_keys, [*plan.warnings, *warnings])

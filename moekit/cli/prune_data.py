@@ -1,0 +1,107 @@
+"""`moekit prune --data ...`: the calibration-data path of the prune command (measured
+selection, compensation, `--criterion auto`, `--keep-params`), kept apart from the stats path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moekit.cli.common import console, err_console
+
+
+def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | None,
+                     ratio: float | None, criterion: str | None, plan_in: Path | None,
+                     keep: Path | None, drop: Path | None, protect: list[str],
+                     min_experts: int | None, seed: int, domain: str,
+                     ignore_fingerprint: bool, keep_params: float | None = None
+                     ) -> tuple[Any, Any, dict[str, Any], int | None]:
+    """`--data`: measured (default) or auto or a stats criterion on the calibration tokens;
+    with `keep_params`, measured selection plus uniform trimming to the byte budget.
+    Returns (plan, modified tensors for the surgery, calibration record for provenance,
+    new expert width or None)."""
+    from moekit.cli.prune_cmd import moe_layout
+    from moekit.errors import InvalidArgumentError
+    from moekit.ops.prune.calibrated import choose_with_data as choose
+    from moekit.ops.prune.rewrite import modified_tensors
+    from moekit.ops.prune.select import parse_protect
+
+    if any(x is not None for x in (stats, plan_in, keep, drop)):
+        raise InvalidArgumentError("--data is given with --stats/--plan/--keep/--drop",
+                                   "--data chooses the experts itself: drop the others")
+    if (ratio is None) == (keep_params is None):
+        raise InvalidArgumentError("give exactly one of --ratio and --keep-params",
+                                   "e.g. --ratio 0.5 or --keep-params 0.5")
+    checkpoint, layout, fingerprint = moe_layout(source)
+    if keep_params is not None:
+        ratio = _trim_budget(layout, keep_params, options)
+        criterion = criterion or "measured"
+        if criterion != "measured":
+            raise InvalidArgumentError(f"--keep-params works with --criterion measured, not "
+                                       f"'{criterion}'")
+    choice = choose(source, layout, fingerprint, criterion=criterion or "measured", ratio=ratio,
+                    protect=parse_protect(protect, layout), min_experts=min_experts,
+                    options=options, log=(lambda _: None) if quiet else err_console.print)
+    if not quiet:
+        console.print(candidates_table(choice.table()))
+    chosen = choice.chosen
+    if chosen.width is not None:
+        from moekit.ops.prune.trim import trimmed_tensors
+
+        modified = trimmed_tensors(checkpoint, layout, chosen.plan, chosen.neurons,
+                                   chosen.weights)
+        rows = [{"layer": layer, "expert": e, "rel_change": round(v, 6)}
+                for layer, changes in chosen.rel_change.items() for e, v in changes.items()]
+    else:
+        modified, rows = modified_tensors(checkpoint, layout, chosen.plan, chosen.weights,
+                                          chosen.rel_change)
+    record = {**choice.info, "criterion": criterion or "measured", "candidates": choice.table(),
+              "modified_tensors": rows, "keep_params": keep_params,
+              "expert_width": chosen.width}
+    return chosen.plan, modified, record, chosen.width
+
+
+def _trim_budget(layout: Any, keep_params: float, options: Any) -> float:
+    """Set options.width for --keep-params and return the matching expert ratio."""
+    from moekit.families.registry import first_value
+    from moekit.ops.prune.trim import budget_split, check_trimmable
+
+    check_trimmable(layout)
+    num = layout.moe_layers[0].num_experts
+    width = int(first_value(layout.config, layout.family.keys.expert_width))
+    n_drop, options.width = budget_split(num, width, keep_params, layout.top_k())
+    err_console.print(f"--keep-params {keep_params}: remove {n_drop} of {num} experts per layer "
+                      f"and trim every survivor from {width} to {options.width} neurons "
+                      f"({(num - n_drop) * options.width / (num * width):.1%} of the bytes)")
+    return n_drop / num
+
+
+def candidates_table(rows: list[dict[str, Any]]):  # noqa: ANN201 - rich Table
+    """The scored candidates (held-out KL to the unpruned model; lower is better)."""
+    from rich.table import Table
+
+    table = Table(title="candidates (held-out calibration slice)", title_justify="left")
+    for name in ("candidate", "KL(orig||cand)", "top-1 agree", "refitted experts", "seconds"):
+        table.add_column(name, justify="left" if name == "candidate" else "right")
+    for row in rows:
+        mark = " *" if row["chosen"] else ""
+        table.add_row(row["candidate"] + mark, f"{row['kl_held_out']:.5f}",
+                      f"{row['top1_held_out']:.2%}", str(row["refitted_experts"]),
+                      f"{row['seconds']:.0f}")
+    return table
+
+
+def data_sources(values: list[str], option: str) -> list[Any]:
+    from moekit.calib.data import DataSource
+    from moekit.errors import DataError
+
+    sources = [DataSource.parse(v) for v in values]
+    for source in sources:
+        if not source.path.exists():
+            raise DataError(f"{option} file {source.path} does not exist")
+    return sources
+
+
+def fraction(value: str | None) -> tuple[float, float]:
+    from moekit.calib.data import parse_fraction
+
+    return parse_fraction(value)

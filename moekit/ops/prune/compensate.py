@@ -1,0 +1,213 @@
+"""Compensation after dropping: closed-form ridge refit of the kept experts' down projections.
+
+After removal the layer's routed output is y'(t) = sum_{e in T'(t)} a_e(t) (W_e h_e(t) + b_e)
+with a = the re-routed gates, h_e the expert's intermediate activation [I] and W_e [H, I] its down
+projection. Each kept expert in turn (Gauss-Seidel, one sweep) solves
+
+    W_e = argmin_W  sum_{t -> e} || a (W h + b) - r_e(t) ||^2 + lam ||W - W_e^0||_F^2
+        = (C + lam W_e^0)(A + lam I)^-1,   A = sum a^2 h h^T,  C = sum a (r_e - a b) h^T,
+
+where r_e(t) = y_E(t) - (y'(t) - a f_e(t)) is what the unpruned layer wants from e on token t and
+lam = alpha * tr(A) / I. The token sample is split: the refit uses the first part, alpha is
+chosen on the held-out rest among ALPHAS, and the layer is left unchanged when no alpha lowers the
+held-out error (so compensation is only ever kept where it measures better).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from moekit.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from moekit.ops.prune.replay import LayerReplay
+
+ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
+HELD_OUT = 0.25
+
+
+@dataclass
+class LayerFit:
+    """The outcome for one layer: new down projections [H, I] (float32) of the kept experts
+    that changed, held-out errors before/after, the chosen alpha (None: not compensated)."""
+
+    layer: int
+    weights: dict[int, torch.Tensor] = field(default_factory=dict)
+    rel_change: dict[int, float] = field(default_factory=dict)
+    held_before: float = 0.0
+    held_after: float = 0.0
+    alpha: float | None = None
+    neurons: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def down_weight(experts: Any, e: int) -> torch.Tensor:
+    """Expert e's down projection as float32 [H, I] (whatever the in-memory orientation)."""
+    w = experts.down_proj[e].detach().float()
+    return w.T if getattr(experts, "is_transposed", False) else w
+
+
+def down_bias(experts: Any, e: int, hidden: int) -> torch.Tensor:
+    import torch
+
+    if getattr(experts, "has_bias", False):
+        return experts.down_proj_bias[e].detach().float()
+    return torch.zeros(hidden)
+
+
+def set_down_weight(experts: Any, e: int, weight: torch.Tensor) -> None:
+    """Write W [H, I] into the in-memory experts module (in its dtype and orientation)."""
+    w = weight.T if getattr(experts, "is_transposed", False) else weight
+    experts.down_proj.data[e] = w.to(experts.down_proj.dtype)
+
+
+def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """h_e(x) [N, I] for rows [N, H] and ids [N, 1]: the experts module run with its down
+    projection temporarily replaced by selections of identity blocks (H columns at a time)."""
+    import torch
+
+    if getattr(experts, "has_post_expert_norm", False):
+        raise UnsupportedModelError("experts with a post-expert norm cannot be refitted",
+                                    "use --no-compensate")
+    saved_w = experts.down_proj
+    saved_b = getattr(experts, "down_proj_bias", None) if getattr(experts, "has_bias", False) \
+        else None
+    transposed = getattr(experts, "is_transposed", False)
+    num, hidden = saved_w.shape[0], rows.shape[1]
+    inner = saved_w.shape[1] if transposed else saved_w.shape[2]
+    ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
+    chunks = []
+    try:
+        for start in range(0, inner, hidden):
+            width = min(hidden, inner - start)
+            block = torch.zeros(hidden, inner, dtype=saved_w.dtype, device=saved_w.device)
+            block[torch.arange(width), start + torch.arange(width)] = 1
+            block = block.T if transposed else block
+            experts.down_proj = torch.nn.Parameter(block.expand(num, *block.shape).contiguous(),
+                                                   requires_grad=False)
+            if saved_b is not None:
+                experts.down_proj_bias = torch.nn.Parameter(torch.zeros_like(saved_b),
+                                                            requires_grad=False)
+            with torch.no_grad():
+                chunks.append(experts(rows, ids, ones)[:, :width].float())
+    finally:
+        experts.down_proj = saved_w
+        if saved_b is not None:
+            experts.down_proj_bias = saved_b
+    return torch.cat(chunks, 1).cpu()
+
+
+def refit_layer(layer: int, replay: LayerReplay, experts: Any, inputs: torch.Tensor,
+                keep: list[int], width: int | None = None,
+                shift: torch.Tensor | None = None) -> LayerFit:
+    """Fit on the first (1 - HELD_OUT) of the tokens, choose alpha on the rest (module doc).
+
+    With `width`, every kept expert is also trimmed to its `width` neurons of largest
+    contribution sum a^2 h_n^2 ||W[:, n]||^2 (`fit.neurons`); its refitted W [H, I] is zero
+    outside them, and plain truncation (no refit) is the baseline the alphas must beat.
+
+    `shift` [N, H] is added to the target y_E: the drift of the residual stream at this
+    layer's output (original model minus the model pruned so far, `measured`), so that the
+    refit also absorbs what earlier layers' pruning changed."""
+    ids, gates = replay.routed(keep)
+    num, k = ids.shape
+    hid = expert_hidden(experts, inputs.repeat_interleave(k, dim=0), ids.reshape(-1, 1))
+    hid = hid.view(num, k, -1)
+    cut = int(num * (1 - HELD_OUT))
+    base = [down_weight(experts, e) for e in range(replay.num_experts)]
+    bias = [down_bias(experts, e, replay.target.shape[1]) for e in range(replay.num_experts)]
+    target = replay.target if shift is None else replay.target + shift.float().cpu()
+    fit = LayerFit(layer)
+    fit.held_before = fit.held_after = _error(target[cut:], ids[cut:], gates[cut:], hid[cut:],
+                                              {}, base, bias)
+    if width is not None:
+        fit.neurons = neuron_subsets(ids[:cut], gates[:cut], hid[:cut], keep, base, width)
+        fit.weights = {e: base[e] * _mask(base[e], cols) for e, cols in fit.neurons.items()}
+        fit.held_after = _error(target[cut:], ids[cut:], gates[cut:], hid[cut:], fit.weights,
+                                base, bias)
+    for alpha in ALPHAS:
+        weights = _sweep(target[:cut], ids[:cut], gates[:cut], hid[:cut], keep, base, bias,
+                         alpha, fit.neurons or None)
+        held = _error(target[cut:], ids[cut:], gates[cut:], hid[cut:], weights, base, bias)
+        if held < fit.held_after:
+            fit.held_after, fit.alpha, fit.weights = held, alpha, weights
+    fit.rel_change = {e: float((w - base[e]).norm() / base[e].norm().clamp(min=1e-30))
+                      for e, w in fit.weights.items()}
+    return fit
+
+
+def neuron_subsets(ids: torch.Tensor, gates: torch.Tensor, hid: torch.Tensor, keep: list[int],
+                   base: list[torch.Tensor], width: int) -> dict[int, torch.Tensor]:
+    """Per kept expert, the sorted ids of its `width` neurons with the largest contribution
+    energy sum_{t -> e} a^2 h_n(t)^2 * ||W[:, n]||^2 on the routed tokens."""
+    import torch
+
+    out = {}
+    for e in keep:
+        mask = ids == e
+        energy = ((gates[mask].unsqueeze(1) * hid[mask]).pow(2).sum(0)
+                  * base[e].pow(2).sum(0))
+        out[e] = torch.topk(energy, width).indices.sort().values
+    return out
+
+
+def _mask(weight: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    mask = torch.zeros(weight.shape[1])
+    mask[cols] = 1.0
+    return mask
+
+
+def _pair_outputs(ids: torch.Tensor, hid: torch.Tensor, weights: dict[int, torch.Tensor],
+                  base: list[torch.Tensor], bias: list[torch.Tensor]) -> torch.Tensor:
+    """f [n, k, H] of every routed pair from the (possibly refitted) down projections."""
+    import torch
+
+    out = torch.empty(*ids.shape, base[0].shape[0])
+    for e in ids.unique().tolist():
+        mask = ids == e
+        out[mask] = hid[mask] @ weights.get(e, base[e]).T + bias[e]
+    return out
+
+
+def _error(target: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, hid: torch.Tensor,
+           weights: dict[int, torch.Tensor], base: list[torch.Tensor],
+           bias: list[torch.Tensor]) -> float:
+    pred = (_pair_outputs(ids, hid, weights, base, bias) * gates.unsqueeze(-1)).sum(1)
+    return float((target - pred).pow(2).sum(-1).mean())
+
+
+def _sweep(target: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, hid: torch.Tensor,
+           keep: list[int], base: list[torch.Tensor], bias: list[torch.Tensor], alpha: float,
+           neurons: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
+    """One Gauss-Seidel sweep of ridge refits over the kept experts (busiest first); with
+    `neurons`, each expert is refitted on its kept neurons only (zero columns elsewhere)."""
+    import torch
+
+    pairs = _pair_outputs(ids, hid, {}, base, bias)
+    resid = target - (pairs * gates.unsqueeze(-1)).sum(1)
+    weights: dict[int, torch.Tensor] = {}
+    order = sorted(keep, key=lambda e: -int((ids == e).sum()))
+    for e in order:
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        cols = neurons[e] if neurons else slice(None)
+        a, h = gates[tok, slot].unsqueeze(1), hid[tok, slot][:, cols]
+        old = pairs[tok, slot]
+        want = resid[tok] + a * old  # what e's weighted output should be
+        gram = (h * a.pow(2)).T @ h
+        lam = alpha * float(gram.diagonal().sum()) / h.shape[1] + 1e-12
+        cross = (want * a - a.pow(2) * bias[e]).T @ h
+        eye = torch.eye(h.shape[1])
+        solved = torch.linalg.solve(gram + lam * eye, (cross + lam * base[e][:, cols]).T).T
+        weight = torch.zeros_like(base[e])
+        weight[:, cols] = solved
+        new = h @ solved.T + bias[e]
+        resid.index_add_(0, tok, -a * (new - old))
+        pairs[tok, slot] = new
+        weights[e] = weight
+    return weights

@@ -1,0 +1,54 @@
+"""Make an in-memory transformers model behave like its pruned checkpoint, layer by layer.
+
+For every overridden MoE layer a forward hook on the router keeps its logits z [T, E], and a
+forward hook on the experts module replaces the routed output by the experts module's own
+forward on the routing among the kept experts, `calib.routing.route(z, routing', b, K)`. No
+weight is sliced: dropped experts simply never receive a token, and kept experts use whatever
+weights the module holds (refitted down projections included). Used to let later layers see
+earlier layers' pruned outputs and to score candidate plans end to end on held-out tokens.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from moekit.calib.routing import Routing, route, selection_bias
+
+if TYPE_CHECKING:
+    from moekit.calib.capture import MoeBlock
+
+
+class PrunedLayers:
+    """Context manager / handle set: `add(block, keep, routing)` overrides one layer."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> PrunedLayers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def add(self, block: MoeBlock, keep: list[int], routing: Routing,
+            logits_index: int) -> None:
+        bias = selection_bias(block.block)
+        state: dict[str, Any] = {}
+
+        def on_router(module: Any, args: tuple, output: Any) -> None:
+            outputs = output if isinstance(output, tuple) else (output,)
+            z = outputs[logits_index]
+            state["logits"] = z.reshape(-1, z.shape[-1])
+
+        def on_experts(module: Any, args: tuple, output: Any) -> Any:
+            hidden = args[0]
+            ids, weights = route(state.pop("logits"), routing, bias, keep)
+            return module.forward(hidden, ids.to(hidden.device), weights.to(hidden.dtype))
+
+        self._handles += [block.router.register_forward_hook(on_router),
+                          block.experts.register_forward_hook(on_experts)]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

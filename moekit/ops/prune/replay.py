@@ -1,0 +1,158 @@
+"""Replaying one MoE layer on cached tokens with some experts removed (re-routing included).
+
+For token t with block input x_t and router logits z_t, the routed output of the layer when
+only the experts K exist is
+
+    y_K(x_t) = sum_{e in T_K(t)} g_e^K(t) f_e(x_t),
+
+where (T_K, g^K) = `calib.routing.route(z_t, routing_K, bias, K)` is the family's own routing
+among K and f_e(x) the expert's output, computed once by the transformers experts module
+(`experts(x, top_k_index=[[e]], top_k_weights=[[1]])`: the family's exact expert math, biases and
+clamps included). Only the experts a token can be re-routed to are cached: its top k + n by
+selection score when the ranking among survivors cannot change (no groups; sigmoid scores, or
+softmax without a selection bias), else all E. The damage of removing the complement of K is
+
+    D(K) = (1/N) sum_t || y_E(x_t) - y_K(x_t) ||^2     (shared experts cancel).
+
+D is evaluated without forming y_K: with the per-token Gram matrix G_t[m, m'] = <f_m, f_m'> and
+c_t[m] = <y_E, f_m> of the cached outputs (float64, when M <= GRAM_MAX),
+||y_E - y_K||^2 = ||y_E||^2 - 2 sum_s w_s c[m_s] + sum_{s,s'} w_s w_s' G[m_s, m_s'].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from moekit.calib.routing import Routing, route
+
+GRAM_MAX = 64
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class LayerReplay:
+    """Cached logits [N, E], candidate ids [N, M], their outputs [N, M, H] (float32), slot map
+    [N, E] (index into M, -1 when not cached) and the full layer's routed output [N, H]."""
+
+    logits: torch.Tensor
+    bias: torch.Tensor | None
+    routing: Routing
+    pruned_routing: Routing
+    cand: torch.Tensor
+    outs: torch.Tensor
+    slot: torch.Tensor
+    target: torch.Tensor
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    tnorm: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.logits.shape[1])
+
+    def routed(self, keep: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [N, k], weights [N, k]) among `keep` (None: the unpruned routing). Kept sets
+        that cannot be split evenly over the routing groups (single-expert removals scored for
+        information) use plain top-k, as the pruned config would."""
+        routing = self.routing if keep is None else self.pruned_routing
+        if keep is not None and len(keep) % routing.n_group:
+            routing = replace(routing, n_group=1, topk_group=1)  # unbalanced: plain top-k
+        return route(self.logits, routing, self.bias, keep)
+
+    def output(self, keep: list[int] | None, rows: slice = slice(None)) -> torch.Tensor:
+        """y_K [n, H] for the cached tokens `rows` (keep=None: all experts)."""
+        ids, weights = self.routed(keep)
+        ids, weights = ids[rows], weights[rows]
+        slots = self.slot[rows].gather(1, ids)
+        if bool((slots < 0).any()):
+            raise RuntimeError("a re-routed expert output was not cached (internal error)")
+        picked = self.outs[rows].gather(1, slots.unsqueeze(-1).expand(-1, -1, self.outs.shape[-1]))
+        return (picked * weights.unsqueeze(-1)).sum(1)
+
+    def error(self, keep: list[int], rows: slice = slice(None)) -> float:
+        """D(K): mean squared norm of the change of the routed output, on tokens `rows`."""
+        if self.gram is None or self.cross is None or self.tnorm is None:
+            diff = self.target[rows] - self.output(keep, rows)
+            return float(diff.pow(2).sum(-1).mean())
+        ids, weights = self.routed(keep)
+        slots = self.slot[rows].gather(1, ids[rows])
+        if bool((slots < 0).any()):
+            raise RuntimeError("a re-routed expert output was not cached (internal error)")
+        w = weights[rows].double()
+        cross = self.cross[rows].gather(1, slots)
+        num, k = slots.shape
+        rows_g = self.gram[rows].gather(1, slots.unsqueeze(-1).expand(num, k, self.gram.shape[2]))
+        pair = rows_g.gather(2, slots.unsqueeze(1).expand(num, k, k))
+        sq = self.tnorm[rows] - 2 * (w * cross).sum(1) + torch_einsum(w, pair)
+        return float(sq.clamp(min=0).mean())
+
+    def precompute(self) -> None:
+        """Fill `gram`, `cross`, `tnorm` (float64) when M <= GRAM_MAX."""
+        if self.outs.shape[1] > GRAM_MAX:
+            return
+        outs = self.outs.double()
+        self.gram = outs @ outs.transpose(1, 2)
+        self.cross = (outs * self.target.double().unsqueeze(1)).sum(-1)
+        self.tnorm = self.target.double().pow(2).sum(-1)
+
+
+def torch_einsum(w: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+    """sum_{s,s'} w_s w_s' pair[s, s'] per row: [N, k], [N, k, k] -> [N]."""
+    return ((w.unsqueeze(2) * pair) * w.unsqueeze(1)).sum((1, 2))
+
+
+def cached_candidates(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | None,
+                      n_drop: int) -> torch.Tensor:
+    """Ids [N, M] of the experts whose outputs must be cached (see module docstring)."""
+    import torch
+
+    num, experts = logits.shape
+    stable = routing.n_group <= 1 and (routing.scoring == "sigmoid" or bias is None)
+    m = min(experts, routing.top_k + n_drop) if stable else experts
+    if m == experts:
+        return torch.arange(experts).expand(num, experts).clone()
+    if routing.topk_first:
+        score = logits.float()
+    else:
+        score = logits.float().sigmoid() if routing.scoring == "sigmoid" else logits.float()
+        if bias is not None:
+            score = score + bias.float().reshape(1, -1)
+    # exact ties at the m-th score (bf16 logits) could be broken either way: cache them all
+    kth = torch.topk(score, m, dim=-1).values[:, -1:]
+    m = int((score >= kth).sum(-1).max())
+    return torch.topk(score, m, dim=-1)[1]
+
+
+def expert_outputs(experts: Any, inputs: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """f_e(x_t) for every (t, e = cand[t, m]) as float32 [N, M, H], computed by the transformers
+    experts module with weight 1 (the model's own experts implementation)."""
+    import torch
+
+    num, m = cand.shape
+    rows = inputs.repeat_interleave(m, dim=0)
+    ones = torch.ones((num * m, 1), dtype=inputs.dtype, device=inputs.device)
+    with torch.no_grad():
+        out = experts(rows, cand.reshape(-1, 1).to(inputs.device), ones)
+    return out.float().view(num, m, -1).cpu()
+
+
+def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
+                 bias: torch.Tensor | None, routing: Routing, pruned_routing: Routing,
+                 n_drop: int) -> LayerReplay:
+    """Cache what `LayerReplay` needs for tokens `inputs` [N, H] with router `logits` [N, E]."""
+    import torch
+
+    logits = logits.float().cpu()
+    bias = bias.float().cpu() if bias is not None else None
+    cand = cached_candidates(logits, routing, bias, n_drop)
+    outs = expert_outputs(experts, inputs, cand)
+    slot = torch.full(logits.shape, -1, dtype=torch.long)
+    slot.scatter_(1, cand, torch.arange(cand.shape[1]).expand_as(cand).contiguous())
+    replay = LayerReplay(logits, bias, routing, pruned_routing, cand, outs, slot,
+                         torch.zeros(0))
+    replay.target = replay.output(None)
+    replay.precompute()
+    return replay

@@ -1,0 +1,92 @@
+"""Refitted expert weights as output tensors, in the source's dtype and on-disk layout.
+
+`fits` give new down projections W [H, I] (float32, math orientation y = W h) for some kept
+experts. Per-expert checkpoints get the expert's `...{down}.weight` [H, I] replaced (under its
+new id); fused checkpoints get the kept rows of the fused down tensor ([E', H, I], or
+[E', I, H] when transposed) with the refitted experts' rows replaced. Everything else stays a
+byte copy. Each modified tensor is reported with its relative change ||W - W0|| / ||W0||.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from moekit.errors import UnsupportedModelError
+from moekit.io.dtypes import to_torch
+from moekit.io.writer import OutTensor
+
+if TYPE_CHECKING:
+    import torch
+
+    from moekit.families.layout import ModelLayout, MoeLayer
+    from moekit.io.reader import Checkpoint
+    from moekit.ops.plan import PrunePlan
+
+
+def modified_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan,
+                     weights: dict[int, dict[int, torch.Tensor]],
+                     rel_change: dict[int, dict[int, float]]
+                     ) -> tuple[dict[str, OutTensor], list[dict[str, Any]]]:
+    """({source key: OutTensor replacing its normal output}, provenance rows)."""
+    out: dict[str, OutTensor] = {}
+    rows: list[dict[str, Any]] = []
+    layers = {layer.index: layer for layer in layout.moe_layers}
+    for index, per_expert in sorted(weights.items()):
+        if not per_expert:
+            continue
+        layer, kept = layers[index], plan.layer(index).kept
+        if layer.expert_keys:
+            found = _per_expert(checkpoint, layout, layer, kept, per_expert)
+        else:
+            found = _fused(checkpoint, layout, layer, kept, per_expert)
+        for e, key, tensor in found:
+            out[key] = tensor
+            rows.append({"layer": index, "expert": e, "new_id": kept.index(e), "tensor": key,
+                         "rel_change": round(rel_change[index][e], 6)})
+    return out, rows
+
+
+def _down_name(layout: ModelLayout) -> str:
+    return layout.family.experts.projections.get("down", "down_proj").split(".")[-1]
+
+
+def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, kept: list[int],
+                weights: dict[int, torch.Tensor]) -> list[tuple[int, str, OutTensor]]:
+    down = _down_name(layout)
+    base = layer.prefix + layout.family.experts.prefixes[0].rstrip(".") + "."
+    found = []
+    for e, weight in weights.items():
+        key = next((k for k in layer.expert_keys[e] if k.endswith(f".{down}.weight")), None)
+        if key is None:
+            raise UnsupportedModelError(f"layer {layer.index} expert {e} has no "
+                                        f"'{down}.weight' tensor to refit", "use --no-compensate")
+        info = checkpoint.tensors[key]
+        if tuple(info.shape) != tuple(weight.shape):
+            raise UnsupportedModelError(f"'{key}' is {list(info.shape)}, the refit gives "
+                                        f"{list(weight.shape)}", "use --no-compensate")
+        name = f"{base}{kept.index(e)}.{key[len(f'{base}{e}.'):]}"
+        dtype = to_torch(info.dtype)
+        found.append((e, key, OutTensor.computed(name, info.dtype, info.shape,
+                                                 lambda w=weight, d=dtype: w.to(d))))
+    return found
+
+
+def _fused(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, kept: list[int],
+           weights: dict[int, torch.Tensor]) -> list[tuple[int, str, OutTensor]]:
+    down = _down_name(layout)
+    key = next((k for k in layer.fused_keys if k.endswith(f".{down}")), None)
+    if key is None:
+        raise UnsupportedModelError(f"layer {layer.index} has no fused '{down}' tensor to refit "
+                                    "(quantised experts?)", "use --no-compensate")
+    info = checkpoint.tensors[key]
+    transposed = layout.family.experts.transposed
+    shape = (len(kept), *info.shape[1:])
+
+    def produce() -> torch.Tensor:
+        rows = checkpoint.read_rows(key, kept).clone()
+        for e, weight in weights.items():
+            rows[kept.index(e)] = (weight.T if transposed else weight).to(rows.dtype)
+        return rows
+
+    tensor = OutTensor.computed(key, info.dtype, shape, produce)
+    return [(e, key, tensor) for e in sorted(weights)]
