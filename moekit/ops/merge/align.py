@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 
 
 def neuron_scores(experts: Experts, c: int, j: int) -> torch.Tensor:
-    """[I, I] float64: score[a, b] = similarity of neuron a of expert c and neuron b of j."""
-    g, u, d = (t.double() for t in (experts.gate, experts.up, experts.down))
-    score = g[c] @ g[j].T + u[c] @ u[j].T + d[c].T @ d[j]
+    """[I, I] float64: score[a, b] = similarity of neuron a of expert c and neuron b of j
+    (float32 products of the two experts only, summed in float64)."""
+    g, u, d = experts.gate, experts.up, experts.down
+    score = (g[c] @ g[j].T).double() + (u[c] @ u[j].T).double() + (d[c].T @ d[j]).double()
     for bias in (experts.gate_bias, experts.up_bias):
         if bias is not None:
             score = score + bias[c].double().unsqueeze(1) * bias[j].double().unsqueeze(0)
