@@ -12,6 +12,7 @@ from moekit.cli.common import STATE
 from moekit.cli.eval_cmd import eval_model
 from moekit.cli.help import MoekitGroup
 from moekit.cli.inspect_cmd import inspect
+from moekit.cli.merge_cmd import merge
 from moekit.cli.profile_cmd import profile
 from moekit.cli.prune_cmd import prune
 from moekit.cli.stats_cmd import stats_app
@@ -42,6 +43,7 @@ app.command("inspect")(inspect)
 app.command("profile")(profile)
 app.add_typer(stats_app, name="stats")
 app.command("prune")(prune)
+app.command("merge")(merge)
 app.command("eval")(eval_model)
 app.command("upcycle")(upcycle)
 

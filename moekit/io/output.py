@@ -16,11 +16,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from moekit.errors import InvalidArgumentError, OutputExistsError, Terminated
+from moekit.io.writer import DEFAULT_SHARD_BYTES
+
+if TYPE_CHECKING:
+    from moekit.io.reader import Checkpoint
+    from moekit.io.writer import OutTensor
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".json")
 # Regular files that belong to a checkpoint beside its weights (tokenizer, generation, chat
@@ -297,3 +303,30 @@ def _regular_inside(path: Path, folder: Path) -> bool:
     if folder.resolve().parent.name == "snapshots":
         roots.append(folder.resolve().parent.parent / "blobs")
     return target.is_file() and any(target.is_relative_to(r) for r in roots)
+
+
+def write_model_folder(checkpoint: Checkpoint, out: Path, tensors: list[OutTensor],
+                       config: dict[str, Any], *, overwrite: bool = False,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                       on_bytes: Callable[[int, int], None] | None = None,
+                       finish: Callable[[Path], None] | None = None) -> None:
+    """Write a surgery's output (staged: whole or nothing): `tensors` as Hub-named shards with
+    the source shards' metadata, `config`, the source's tokenizer/aux files, then `finish(staging
+    folder)` (provenance, model card, evaluation) before the rename. `on_bytes(written, total)`
+    is called once with 0 and after every tensor."""
+    from moekit.io.config import write_config
+    from moekit.io.writer import write_checkpoint
+
+    metadata: dict[str, str] = {}
+    for shard in checkpoint.shards:
+        metadata.update(shard.metadata)
+    total = sum(t.nbytes for t in tensors)
+    if on_bytes:
+        on_bytes(0, total)
+    with staged_output(Path(out), overwrite, inputs=(checkpoint.folder,)) as staging:
+        write_checkpoint(staging, tensors, max_shard_bytes=max_shard_bytes, metadata=metadata,
+                         on_tensor=(lambda t: on_bytes(t.nbytes, total)) if on_bytes else None)
+        write_config(config, staging)
+        copy_aux_files(checkpoint.folder, staging)
+        if finish is not None:
+            finish(staging)

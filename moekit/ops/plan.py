@@ -113,23 +113,33 @@ class PrunePlan:
                                      if row[k] == row[k]})  # NaN: no statistics
 
     def save(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return save_json(path, self.to_dict())
 
     @staticmethod
     def load(path: Path) -> PrunePlan:
-        path = Path(path)
-        if not path.is_file():
-            raise InvalidArgumentError(f"plan file {path} does not exist")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise InvalidArgumentError(f"plan file {path} is not valid JSON ({err})") from err
-        if not isinstance(data, dict):
-            raise InvalidArgumentError(f"plan file {path} is not a moekit prune plan")
-        return PrunePlan.from_dict(data, str(path))
+        return PrunePlan.from_dict(load_json(path, "a moekit prune plan"), str(path))
+
+
+def save_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write a plan (or any JSON object) with indentation, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def load_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a plan file (one-line InvalidArgumentError when missing/malformed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgumentError(f"plan file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InvalidArgumentError(f"plan file {path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise InvalidArgumentError(f"plan file {path} is not {what}")
+    return data
 
 
 def drop_count(ratio: float, num_experts: int) -> int:

@@ -21,11 +21,11 @@ from typing import Any
 
 from moekit.errors import CheckpointError
 from moekit.families.layout import ModelLayout, MoeLayer, describe
-from moekit.io.config import set_existing, sub_config, write_config
+from moekit.io.config import set_existing, sub_config
 from moekit.io.fingerprint import model_fingerprint
-from moekit.io.output import copy_aux_files, staged_output
+from moekit.io.output import write_model_folder
 from moekit.io.reader import Checkpoint, TensorInfo
-from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor, write_checkpoint
+from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor
 from moekit.ops.plan import PrunePlan, validate_plan
 
 
@@ -191,20 +191,10 @@ def prune_checkpoint(source: Path, plan: PrunePlan, out: Path, *, overwrite: boo
     plan = validate_plan(plan, layout, model_fingerprint(checkpoint, layout), ignore_fingerprint)
     tensors, actions = plan_tensors(checkpoint, layout, plan, modified)
     config, config_keys, warnings = patch_config(checkpoint.config, layout, plan, expert_width)
-    metadata: dict[str, str] = {}
-    for shard in checkpoint.shards:
-        metadata.update(shard.metadata)
     counts = {a: sum(1 for v in actions.values() if v == a) for a in sorted(set(actions.values()))}
     result = PruneResult(Path(out), plan, sum(t.nbytes for t in tensors), len(tensors), counts,
                          config_keys, [*plan.warnings, *warnings])
-    total = result.bytes_written
-    if on_bytes:
-        on_bytes(0, total)
-    with staged_output(Path(out), overwrite, inputs=(Path(source),)) as staging:
-        write_checkpoint(staging, tensors, max_shard_bytes=max_shard_bytes, metadata=metadata,
-                         on_tensor=(lambda t: on_bytes(t.nbytes, total)) if on_bytes else None)
-        write_config(config, staging)
-        copy_aux_files(Path(source), staging)
-        if finish is not None:
-            finish(staging, result)
+    write_model_folder(checkpoint, Path(out), tensors, config, overwrite=overwrite,
+                       max_shard_bytes=max_shard_bytes, on_bytes=on_bytes,
+                       finish=(lambda folder: finish(folder, result)) if finish else None)
     return result

@@ -1,0 +1,210 @@
+"""`moekit merge MODEL --stats DIR --ratio R --out OUT [--data NAME=PATH ...]`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from moekit.cli.common import (
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    RangeOpt,
+    RevisionOpt,
+    SeqLenOpt,
+    TextFieldOpt,
+    TokenizerOpt,
+    console,
+    err_console,
+    handle_errors,
+    load_model_path,
+)
+from moekit.cli.prune_cmd import _byte_progress, parse_size
+
+GROUP_HELP = ("hc-smoe (average-linkage clustering of mean expert outputs), m-smoe (default; "
+              "dominant experts + router-logit similarity), weight (data-free weight cosine).")
+METHOD_HELP = ("fit-centre (default; centre's gate/up, down re-fitted to absorb the cluster's "
+               "output), fit (aligned average gate/up, down re-fitted), aligned (neuron-aligned "
+               "usage-weighted average), average (usage-weighted average).")
+
+
+@handle_errors
+def merge(
+    model: ModelArg,
+    stats: Annotated[Path | None, typer.Option(
+        "--stats", help="Folder from `moekit profile` (usage weights, centre criterion).")
+    ] = None,
+    ratio: Annotated[float | None, typer.Option(
+        "--ratio", "-r", help="Share of routed experts folded away in every MoE layer, [0, 1).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
+    group: Annotated[str, typer.Option("--group", "-g", help=GROUP_HELP)] = "m-smoe",
+    method: Annotated[str, typer.Option("--method", "-m", help=METHOD_HELP)] = "fit-centre",
+    router: Annotated[str, typer.Option(
+        "--router", help="centre (default; the centre's router row/biases), usage "
+        "(usage-weighted average of the members' rows) or fit (rows fitted to the members' "
+        "log-sum-exp logits).")] = "centre",
+    criterion: Annotated[str, typer.Option(
+        "--criterion", "-c", help="Prune criterion that picks the centres (ean, reap, "
+        "reap-sum, frequency, weight).")] = "ean",
+    data: DataOpt = None,
+    text_field: TextFieldOpt = "text",
+    data_range: RangeOpt = None,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", help="Calibration tokens in all (held in memory per MoE layer).")
+    ] = 4096,
+    seq_len: SeqLenOpt = 512,
+    batch_size: BatchSizeOpt = 4,
+    device: DeviceOpt = "cpu",
+    tokenizer: TokenizerOpt = None,
+    overwrite: OverwriteOpt = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the clusters; write nothing but --plan-out.")] = False,
+    plan_out: Annotated[Path | None, typer.Option("--plan-out", help="Write the plan JSON.")
+                        ] = None,
+    plan_in: Annotated[Path | None, typer.Option(
+        "--plan", help="Apply a plan JSON (from --plan-out) instead of grouping.")] = None,
+    domain: Annotated[str, typer.Option("--domain", help="Which domain's statistics to use.")
+                      ] = "all",
+    ignore_fingerprint: Annotated[bool, typer.Option(
+        "--ignore-fingerprint", help="Accept stats/plan whose model hash differs.")] = False,
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5GB, 500MB.")
+                              ] = "5GB",
+    revision: RevisionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge the routed experts of every MoE layer into fewer experts, straight on the files.
+
+    Groups experts into clusters, folds each cluster into its centre expert and writes a stock
+    checkpoint with fewer experts per layer (same count in every layer).
+
+    Example: moekit merge ./Mixtral --stats prof/ --ratio 0.25 --out ./merged --data web=c4.jsonl
+
+    Example: moekit merge ./Mixtral --stats prof/ --ratio 0.5 --group weight --method aligned
+    --out ./merged
+
+    Example: moekit merge ./Mixtral --stats prof/ --ratio 0.5 --dry-run --plan-out plan.json
+    """
+    from moekit.errors import InvalidArgumentError
+    from moekit.io.output import check_output
+
+    source = load_model_path(model, revision)
+    shard_bytes = parse_size(max_shard_size)
+    if not dry_run:
+        if out is None:
+            raise InvalidArgumentError("--out is required (or use --dry-run)")
+        check_output(out, overwrite, (source,))
+    calib = _calibration(source, group, method, router, plan_in, data, data_range, text_field,
+                         dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                              device=device, tokenizer=tokenizer))
+    plan = _choose(source, stats, ratio, group, method, router, criterion, plan_in, domain,
+                   ignore_fingerprint, calib)
+    if not as_json:
+        console.print(clusters_table(plan))
+    for warning in plan.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
+    if plan_out is not None:
+        plan.save(plan_out)
+        err_console.print(f"plan written to {plan_out}")
+    if dry_run:
+        if as_json:
+            print(json.dumps({"plan": plan.to_dict()}, indent=2))
+        return
+    assert out is not None
+    result = _run(source, model, plan, out, overwrite, shard_bytes, ignore_fingerprint, stats,
+                  calib)
+    _summary(result, as_json)
+
+
+def _calibration(source: Path, group: str, method: str, router: str, plan_in: Path | None,
+                 data: list[str] | None, data_range: str | None, text_field: str,
+                 options: dict[str, Any]) -> Any:
+    """A lazy Calibration when the grouping or the method needs tokens (parsed up front)."""
+    from moekit.calib.data import DataSource, default_sources, parse_fraction
+    from moekit.errors import DataError
+    from moekit.families.layout import describe
+    from moekit.io.reader import Checkpoint
+    from moekit.ops.merge.run import Calibration, needs_calibration
+
+    if plan_in is not None:
+        from moekit.ops.merge.plan import MergePlan
+
+        loaded = MergePlan.load(plan_in)
+        group, method, router = "weight", loaded.method, loaded.router
+    if not needs_calibration(group, method, router):
+        return None
+    sources = [DataSource.parse(v) for v in data] if data else default_sources()
+    for item in sources:
+        if not item.path.exists():
+            raise DataError(f"--data file {item.path} does not exist")
+    layout = describe(Checkpoint(source))
+    return Calibration(source, layout, sources, dict(options, text_field=text_field,
+                                                     fraction=parse_fraction(data_range)))
+
+
+def _choose(source: Path, stats: Path | None, ratio: float | None, group: str, method: str,
+            router: str, criterion: str, plan_in: Path | None, domain: str,
+            ignore_fingerprint: bool, calib: Any) -> Any:
+    from moekit.ops.merge.run import choose_merge_plan
+
+    with err_console.status("grouping experts (calibrating when needed)"):
+        plan, _ = choose_merge_plan(source, stats=stats, ratio=ratio, group=group,
+                                    method=method, router=router, criterion=criterion,
+                                    plan_in=plan_in, domain=domain,
+                                    ignore_fingerprint=ignore_fingerprint, calib=calib)
+    return plan
+
+
+def clusters_table(plan: Any):  # noqa: ANN201 - rich Table
+    """Per layer: the merged clusters (new id <- original ids, centre first)."""
+    from rich.table import Table
+
+    title = (f"merge plan: {plan.group} / {plan.method} / router {plan.router}, "
+             f"{plan.num_experts} -> {plan.num_kept} experts per layer (top-k {plan.top_k})")
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("merged clusters: new <- original (centre first)")
+    for p in plan.layers:
+        text = "; ".join(f"{i}<-{','.join(map(str, c))}" for i, c in enumerate(p.clusters)
+                         if len(c) > 1)
+        table.add_row(str(p.layer), text or "-")
+    return table
+
+
+def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_bytes: int,
+         ignore_fingerprint: bool, stats: Path | None, calib: Any) -> Any:
+    from moekit.ops.merge import merge_checkpoint
+    from moekit.ops.merge.report import write_merge_records
+
+    def finish(folder: Path, result: Any) -> None:
+        write_merge_records(folder, model, plan, config_keys=result.config_keys,
+                            warnings=result.warnings,
+                            stats_folder=str(stats) if stats else None,
+                            reconstruction=result.reconstruction, source_folder=source)
+
+    with _byte_progress() as on_bytes:
+        return merge_checkpoint(source, plan, out, overwrite=overwrite, calib=calib,
+                                max_shard_bytes=shard_bytes,
+                                ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes,
+                                finish=finish)
+
+
+def _summary(result: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"out": str(result.out), "bytes_written": result.bytes_written,
+                          "tensors": result.actions, "config_keys": result.config_keys,
+                          "warnings": result.warnings, "plan": result.plan.to_dict(),
+                          "reconstruction": result.reconstruction}, indent=2))
+        return
+    for warning in result.warnings[len(result.plan.warnings):]:
+        err_console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
+    actions = ", ".join(f"{n} {a}" for a, n in result.actions.items())
+    console.print(f"[bold green]wrote[/] {result.out}: {result.tensors_written} tensors, "
+                  f"{result.bytes_written / 1e9:.2f} GB ({actions}); config: "
+                  f"{', '.join(result.config_keys)}")

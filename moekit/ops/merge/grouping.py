@@ -1,0 +1,155 @@
+"""Grouping experts into clusters per MoE layer, and the merge plan built from them.
+
+Per layer with E experts, n = floor(ratio * E + 0.5) are folded away, leaving E' = E - n
+clusters in every layer. Distances between experts (E x E):
+- `weight`:  1 - cos(theta_i, theta_j), theta = all of an expert's weights flattened;
+- `hc-smoe`: ||c_i - c_j||_2 with c_j = mean_t f_j(x_t) over calibration tokens (every expert
+  run on every token);
+- `m-smoe`:  1 - cos(z_i, z_j), z_j = router-logit column of expert j over calibration tokens.
+`weight` and `hc-smoe` cluster by agglomerative average linkage (merge the two clusters of least
+mean pairwise distance until E' remain); the centre of a cluster is its member with the highest
+--criterion score. `m-smoe` takes the E' highest-scoring experts as centres (dominants) and sends
+every other expert to its nearest centre. Group-limited routing (n_group = G): clustering runs
+inside each group with E'/G clusters per group when that keeps the router valid.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from moekit.errors import InvalidArgumentError
+from moekit.ops.merge.combine import normalised
+from moekit.ops.merge.plan import MergeLayer, MergePlan, check_choices
+from moekit.ops.plan import check_remaining, drop_count, group_count, group_feasible
+from moekit.ops.prune.select import criterion_scores
+
+if TYPE_CHECKING:
+    import torch
+
+    from moekit.families.layout import ModelLayout
+    from moekit.ops.prune.stats import ExpertStats
+
+DistanceFn = Callable[[int], "torch.Tensor"]
+
+
+def cosine_distance(features: torch.Tensor) -> torch.Tensor:
+    """[E, P] -> [E, E] 1 - cosine similarity of the rows (float64)."""
+    x = features.double()
+    return gram_cosine_distance(x @ x.T)
+
+
+def gram_cosine_distance(gram: torch.Tensor) -> torch.Tensor:
+    """[E, E] inner products -> 1 - cosine similarity."""
+    norms = gram.diagonal().clamp_min(1e-30).sqrt()
+    return (1.0 - gram / norms.unsqueeze(0) / norms.unsqueeze(1)).clamp_min(0.0)
+
+
+def euclidean_distance(features: torch.Tensor) -> torch.Tensor:
+    """[E, P] -> [E, E] Euclidean distances of the rows (float64)."""
+    import torch
+
+    x = features.double()
+    return torch.cdist(x, x)
+
+
+def spans(layout: ModelLayout, num: int, n_drop: int) -> list[list[int]]:
+    """Expert id ranges clustered separately: the routing groups when the router is group-
+    limited and every group can give up n_drop / G experts and stay valid, else all ids."""
+    groups = group_count(layout)
+    if groups > 1 and num % groups == 0 and n_drop % groups == 0:
+        size = num // groups
+        if group_feasible(layout, size - n_drop // groups):
+            return [list(range(g * size, (g + 1) * size)) for g in range(groups)]
+    return [list(range(num))]
+
+
+def average_linkage(dist: torch.Tensor, ids: list[int], count: int) -> list[list[int]]:
+    """Agglomerative clustering of `ids` into `count` clusters by average linkage on `dist`
+    (ties: the pair with the lower ids first)."""
+    clusters = [[j] for j in ids]
+    while len(clusters) > count:
+        best: tuple[float, int, int] | None = None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                d = float(dist[clusters[a]][:, clusters[b]].mean())
+                if best is None or d < best[0] - 1e-12:
+                    best = (d, a, b)
+        assert best is not None
+        _, a, b = best
+        clusters[a] = sorted(clusters[a] + clusters.pop(b))
+    return clusters
+
+
+def dominant_clusters(dist: torch.Tensor, ids: list[int], scores: list[float],
+                      count: int) -> list[list[int]]:
+    """The `count` highest-scoring ids are centres; every other id joins its nearest centre."""
+    ranked = sorted(ids, key=lambda j: (-scores[j], j))
+    centres = sorted(ranked[:count])
+    clusters = {c: [c] for c in centres}
+    for j in ranked[count:]:
+        nearest = min(centres, key=lambda c: (float(dist[j, c]), c))
+        clusters[nearest].append(j)
+    return list(clusters.values())
+
+
+def with_centre(cluster: list[int], scores: list[float]) -> list[int]:
+    """The cluster with its highest-scoring member first, the rest ascending."""
+    centre = min(cluster, key=lambda j: (-scores[j], j))
+    return [centre, *sorted(j for j in cluster if j != centre)]
+
+
+def layer_clusters(group: str, dist: torch.Tensor, scores: list[float],
+                   id_spans: list[list[int]], n_drop: int) -> list[list[int]]:
+    """Clusters (centre first) ordered by centre id, n_drop fewer than experts."""
+    clusters: list[list[int]] = []
+    for ids in id_spans:
+        count = len(ids) - n_drop // len(id_spans)
+        found = (dominant_clusters(dist, ids, scores, count) if group == "m-smoe"
+                 else average_linkage(dist, ids, count))
+        clusters += [with_centre(c, scores) for c in found]
+    return sorted(clusters, key=lambda c: c[0])
+
+
+def build_merge_plan(layout: ModelLayout, fingerprint: str, distance: DistanceFn, *,
+                     group: str, method: str, router: str, ratio: float,
+                     stats: ExpertStats | None, criterion: str = "reap",
+                     calibration: dict | None = None) -> MergePlan:
+    """Cluster every MoE layer; `distance(layer)` gives the [E, E] expert distances of the
+    chosen grouping. Merge weights are the usage shares (statistics' token counts)."""
+    check_choices(group, method, router)
+    check_ratio(layout, ratio)
+    rng = random.Random(0)
+    layers = []
+    for layer in layout.moe_layers:
+        num = layer.num_experts
+        n_drop = drop_count(ratio, num)
+        scores = criterion_scores(criterion, stats, layer.index, num, rng)
+        if n_drop == 0:
+            clusters = [[j] for j in range(num)]
+        else:
+            clusters = layer_clusters(group, distance(layer.index), scores,
+                                      spans(layout, num, n_drop), n_drop)
+        usage = (list(stats.column(layer.index, "tokens")) if stats is not None
+                 else [1.0] * num)
+        weights = [normalised([usage[j] for j in c]) for c in clusters]
+        layers.append(MergeLayer(layer.index, num, clusters, weights))
+    return MergePlan(group=group, method=method, router=router, criterion=criterion,
+                     ratio=ratio, family=layout.family.name, top_k=layout.top_k(),
+                     model_fingerprint=fingerprint, layers=layers,
+                     stats_sha256=stats.sha256 if stats else None,
+                     calibration=calibration or {})
+
+
+def check_ratio(layout: ModelLayout, ratio: float | None) -> None:
+    """Refuse ratios outside [0, 1) or leaving fewer than top-k experts (before any work)."""
+    if ratio is None:
+        raise InvalidArgumentError("--ratio is required", "e.g. --ratio 0.25")
+    if not 0.0 <= ratio < 1.0:
+        raise InvalidArgumentError(f"--ratio {ratio} is outside [0, 1)",
+                                   "give the share of routed experts to fold away, e.g. 0.25")
+    for layer in layout.moe_layers:
+        num, n_drop = layer.num_experts, drop_count(ratio, layer.num_experts)
+        check_remaining(num - n_drop, num, layout.top_k(), None,
+                        f"--ratio {ratio} folds {n_drop} of {num} away")

@@ -1,0 +1,73 @@
+"""Provenance record and model card of a merged checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moekit.io.card import provenance, write_model_card, write_provenance
+from moekit.ops.merge.plan import GROUPINGS, METHODS, ROUTERS, MergePlan
+
+
+def merge_provenance(source: str, plan: MergePlan, *, config_keys: list[str],
+                     warnings: list[str], stats_folder: str | None = None,
+                     reconstruction: dict[int, float] | None = None) -> dict[str, Any]:
+    """The JSON record: per layer the clusters (centre first), merge weights and which original
+    expert went into which new id; grouping, method, router policy, statistics hash,
+    calibration sample, config keys rewritten, warnings and the calibration output error."""
+    layers = [{"layer": p.layer, "clusters": p.clusters, "weights": p.weights,
+               "centres": p.centres, "folded": p.folded,
+               "old_to_new": {str(j): i for i, c in enumerate(p.clusters) for j in c},
+               "reconstruction_error": (reconstruction or {}).get(p.layer)}
+              for p in plan.layers]
+    return provenance(
+        "merge", source, model_fingerprint=plan.model_fingerprint, family=plan.family,
+        group=plan.group, group_formula=GROUPINGS[plan.group], method=plan.method,
+        method_formula=METHODS[plan.method], router=plan.router,
+        router_formula=ROUTERS[plan.router], centre_criterion=plan.criterion, ratio=plan.ratio,
+        stats={"folder": stats_folder, "sha256": plan.stats_sha256},
+        calibration=plan.calibration,
+        experts_per_layer={"before": plan.num_experts, "after": plan.num_kept},
+        top_k=plan.top_k, config_keys_changed=config_keys, config_changes=plan.config_changes,
+        warnings=warnings, layers=layers)
+
+
+def write_merge_records(folder: Path, source: str, plan: MergePlan, *, config_keys: list[str],
+                        warnings: list[str], stats_folder: str | None = None,
+                        reconstruction: dict[int, float] | None = None,
+                        source_folder: Path | None = None) -> None:
+    """Write `moekit_provenance.json` and `README.md` into `folder`."""
+    write_provenance(folder, merge_provenance(
+        source, plan, config_keys=config_keys, warnings=warnings, stats_folder=stats_folder,
+        reconstruction=reconstruction))
+    name = Path(source).name if Path(source).exists() else source
+    summary = (f"`{name}` with its {plan.num_experts} routed experts per MoE layer merged into "
+               f"{plan.num_kept} in each of its {len(plan.layers)} MoE layers (top-k "
+               f"{plan.top_k} unchanged). Grouping: **{plan.group}** "
+               f"({GROUPINGS[plan.group]}); merging: **{plan.method}** ({METHODS[plan.method]}); "
+               f"router rows: **{plan.router}** ({ROUTERS[plan.router]}). Shared experts and "
+               "all non-expert weights are unchanged.")
+    body = clusters_markdown(plan, reconstruction or {})
+    if warnings:
+        body += "\n## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"
+    write_model_card(folder, base_model=name, title=f"{Path(name).name} (merged, "
+                     f"{plan.num_kept} experts per layer)", summary=summary,
+                     tags=["merged", "moe", plan.family], body=body,
+                     source_card=(source_folder / "README.md") if source_folder else None)
+
+
+def clusters_markdown(plan: MergePlan, reconstruction: dict[int, float]) -> str:
+    """Per layer: new expert id <- original ids (centre first) and the output error."""
+    lines = ["## What was merged", "", "| layer | new id <- original ids (centre first) | "
+             "calibration output error |", "|---|---|---|"]
+    for p in plan.layers:
+        merged = "; ".join(f"{i} <- {' '.join(map(str, c))}" for i, c in enumerate(p.clusters)
+                           if len(c) > 1)
+        error = reconstruction.get(p.layer)
+        lines.append(f"| {p.layer} | {merged or '-'} | "
+                     f"{'-' if error is None else f'{error:.2%}'} |")
+    lines += ["", "Experts not listed were kept alone (renumbered). The output error is the "
+              "gate-weighted relative squared error of the merged experts against their "
+              "clusters' outputs on the calibration tokens (fit only). The full map and merge "
+              "weights are in `moekit_provenance.json`."]
+    return "\n".join(lines) + "\n"
