@@ -102,7 +102,10 @@ def test_weights_that_do_not_fit_the_config_give_one_line_without_a_report(tiny_
     result = RUNNER.invoke(app, ["eval", str(folder), "--max-tokens", "64", "--device", "cpu"])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "do not fit the model" in lines[0]
+    # checked by moekit's runtime (shape of every tensor against the model the config builds)
+    # or by transformers' loader: either way one line that says the two disagree
+    assert len(lines) == 1 and ("do not fit the model" in lines[0]
+                                or "the config and the weights disagree" in lines[0]), lines
     assert "above report" not in result.output
 
 

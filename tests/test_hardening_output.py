@@ -150,9 +150,9 @@ def test_prune_side_files_inside_the_input_are_refused(option, tiny_checkpoint, 
 
 
 def test_eval_export_extension_checked_before_the_work(tiny_checkpoint, tmp_path, monkeypatch):
-    import moekit.ops.evaluate as evaluate
+    import moekit.runtime.engine as engine
 
-    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(engine, "open_model", lambda *a, **k: pytest.fail("model loaded"))
     result = RUNNER.invoke(app, ["eval", str(tiny_checkpoint("mixtral")), "--export",
                                  str(tmp_path / "x.txt")])
     assert result.exit_code == 2 and "'.txt'" in result.stderr, result.output

@@ -57,8 +57,10 @@ def test_keep_params_needs_data_and_data_excludes_stats(tiny_checkpoint, tmp_pat
     assert out.exit_code == 2 and "--keep-params needs --data" in out.output
     text = tmp_path / "t.txt"
     text.write_text("hello world " * 200)
+    (tmp_path / "stats").mkdir()
     out = RUNNER.invoke(app, ["prune", str(folder), "--data", f"t={text}", "--stats",
-                              str(tmp_path), "--ratio", "0.25", "--out", str(tmp_path / "o")])
+                              str(tmp_path / "stats"), "--ratio", "0.25", "--out",
+                              str(tmp_path / "o")])
     assert out.exit_code == 2 and "--data is given with --stats" in out.output
 
 

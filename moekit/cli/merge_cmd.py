@@ -86,8 +86,7 @@ def merge(
 
     Example: moekit merge ./Mixtral --stats prof/ --ratio 0.25 --out ./merged --data web=c4.jsonl
 
-    Example: moekit merge ./Mixtral --stats prof/ --ratio 0.5 --group weight --method aligned
-    --out ./merged
+    Example: moekit merge ./Mixtral --stats prof/ --ratio 0.5 --group weight -o ./merged
 
     Example: moekit merge ./Mixtral --stats prof/ --ratio 0.5 --dry-run --plan-out plan.json
     """
