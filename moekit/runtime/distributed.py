@@ -132,6 +132,16 @@ def init_from_env() -> DistContext:
     return _STATE["context"]
 
 
+def _settle() -> None:
+    """After the last successful collective, wait until every rank is done with it before any
+    rank tears its group down: a rank that destroys its gloo pairs while a peer is still
+    finishing the last all-gather can abort ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    with _collective():
+        dist.barrier()
+
+
 def shutdown() -> None:
     """Leave the process group (every rank, no barrier) and return to single-process mode.
     After a broken collective the group is left to process exit: destroying it then can block
@@ -311,6 +321,7 @@ def distributed_command(func: F) -> F:
         try:
             result = func(*args, **kwargs)
             agree()
+            _settle()
             return result
         except Exception as err:
             _fail(ctx, err)
