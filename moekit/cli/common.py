@@ -22,6 +22,12 @@ RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub branch,
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+MaybeOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")]
+PlanOutOpt = Annotated[Path | None, typer.Option("--plan-out", help="Write the plan JSON.")]
+DomainOpt = Annotated[str, typer.Option("--domain", help="Which domain's statistics to use.")]
+IgnoreFingerprintOpt = Annotated[bool, typer.Option(
+    "--ignore-fingerprint", help="Accept stats/plan whose model hash differs.")]
+MaxShardSizeOpt = Annotated[str, typer.Option("--max-shard-size", help="e.g. 5GB, 500MB.")]
 DataOpt = Annotated[list[str] | None, typer.Option(
     "--data", "-d", help="NAME=PATH of a text/JSONL/JSON/Parquet file or folder, one dataset "
     "each; repeat for several. Default: the texts in sample_data/.")]

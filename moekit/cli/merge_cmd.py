@@ -12,9 +12,14 @@ from moekit.cli.common import (
     BatchSizeOpt,
     DataOpt,
     DeviceOpt,
+    DomainOpt,
+    IgnoreFingerprintOpt,
     JsonOpt,
+    MaxShardSizeOpt,
+    MaybeOutOpt,
     ModelArg,
     OverwriteOpt,
+    PlanOutOpt,
     RangeOpt,
     RevisionOpt,
     SeqLenOpt,
@@ -43,7 +48,7 @@ def merge(
     ratio: Annotated[float | None, typer.Option(
         "--ratio", "-r", help="Share of routed experts folded away in every MoE layer, [0, 1).")
     ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
+    out: MaybeOutOpt = None,
     group: Annotated[str, typer.Option("--group", "-g", help=GROUP_HELP)] = "m-smoe",
     method: Annotated[str, typer.Option("--method", "-m", help=METHOD_HELP)] = "fit-centre",
     router: Annotated[str, typer.Option(
@@ -66,16 +71,12 @@ def merge(
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the clusters; write nothing but --plan-out.")] = False,
-    plan_out: Annotated[Path | None, typer.Option("--plan-out", help="Write the plan JSON.")
-                        ] = None,
+    plan_out: PlanOutOpt = None,
     plan_in: Annotated[Path | None, typer.Option(
         "--plan", help="Apply a plan JSON (from --plan-out) instead of grouping.")] = None,
-    domain: Annotated[str, typer.Option("--domain", help="Which domain's statistics to use.")
-                      ] = "all",
-    ignore_fingerprint: Annotated[bool, typer.Option(
-        "--ignore-fingerprint", help="Accept stats/plan whose model hash differs.")] = False,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5GB, 500MB.")
-                              ] = "5GB",
+    domain: DomainOpt = "all",
+    ignore_fingerprint: IgnoreFingerprintOpt = False,
+    max_shard_size: MaxShardSizeOpt = "5GB",
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -10,10 +10,15 @@ from typing import Annotated, Any
 import typer
 
 from moekit.cli.common import (
+    DomainOpt,
     DtypeOpt,
+    IgnoreFingerprintOpt,
     JsonOpt,
+    MaxShardSizeOpt,
+    MaybeOutOpt,
     ModelArg,
     OverwriteOpt,
+    PlanOutOpt,
     RangeOpt,
     RevisionOpt,
     SeqLenOpt,
@@ -41,12 +46,11 @@ def prune(
     ] = None,
     criterion: Annotated[str | None, typer.Option("--criterion", "-c", help=CRITERION_HELP)
                          ] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder.")] = None,
+    out: MaybeOutOpt = None,
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan and its cost; write nothing but --plan-out.")] = False,
-    plan_out: Annotated[Path | None, typer.Option("--plan-out", help="Write the plan JSON.")
-                        ] = None,
+    plan_out: PlanOutOpt = None,
     plan_in: Annotated[Path | None, typer.Option(
         "--plan", help="Apply a plan JSON (from --plan-out) instead of choosing.")] = None,
     keep: Annotated[Path | None, typer.Option(
@@ -59,12 +63,9 @@ def prune(
     min_experts: Annotated[int | None, typer.Option(
         "--min-experts", help="Refuse plans keeping fewer experts per layer.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of --criterion random.")] = 0,
-    domain: Annotated[str, typer.Option("--domain", help="Which domain's statistics to use.")
-                      ] = "all",
-    ignore_fingerprint: Annotated[bool, typer.Option(
-        "--ignore-fingerprint", help="Accept stats/plan whose model hash differs.")] = False,
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="e.g. 5GB, 500MB.")
-                              ] = "5GB",
+    domain: DomainOpt = "all",
+    ignore_fingerprint: IgnoreFingerprintOpt = False,
+    max_shard_size: MaxShardSizeOpt = "5GB",
     report: Annotated[Path | None, typer.Option(
         "--report", help="Also write the budget table as .csv/.parquet/.json.")] = None,
     eval_data: Annotated[list[str] | None, typer.Option(
