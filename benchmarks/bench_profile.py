@@ -36,7 +36,7 @@ def build_model(dtype: torch.dtype, device: str):
     """The fixture model, or a random Mixtral of similar size (4 layers, 16 experts, top-2)."""
     from transformers import AutoModelForCausalLM, MixtralConfig
 
-    from moekit.ops.modeling import quiet_transformers
+    from moekit.runtime.loading import quiet_transformers
 
     quiet_transformers()
     if FIXTURE.exists():

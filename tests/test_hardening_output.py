@@ -160,9 +160,9 @@ def test_eval_export_extension_checked_before_the_work(tiny_checkpoint, tmp_path
 
 @pytest.mark.parametrize("option", ["--export-table", "--export-coldest"])
 def test_profile_exports_checked_before_the_work(option, tiny_checkpoint, tmp_path, monkeypatch):
-    import moekit.ops.modeling as modeling
+    import moekit.runtime.engine as engine
 
-    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(engine, "open_model", lambda *a, **k: pytest.fail("model loaded"))
     src, config = _protected_copy(tiny_checkpoint, tmp_path)
     for target, needle in [(tmp_path / "t.txt", "'.txt'"), (src / "t.csv", "inside the input")]:
         result = RUNNER.invoke(app, ["profile", str(src), "--out", str(tmp_path / "prof"),

@@ -103,7 +103,7 @@ def test_known_model_type_with_auto_map_is_loaded_with_builtin_code(tiny_checkpo
     config["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "evil.py").write_text(EVIL.format(base="Mixtral", marker=str(folder / "RAN")))
-    from moekit.ops.modeling import load_model
+    from moekit.runtime.loading import load_model
 
     check_remote_code(folder, trust=False)
     assert type(load_model(folder, "cpu")).__name__ == "MixtralForCausalLM"

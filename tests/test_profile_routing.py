@@ -19,7 +19,7 @@ from moekit.calib.recorder import Recorder
 from moekit.families.layout import describe
 from moekit.families.registry import resolve
 from moekit.io.reader import Checkpoint
-from moekit.ops.modeling import load_model
+from moekit.runtime.loading import load_model
 
 TIE = 1e-6
 SIGMOID_BIAS_FAMILIES = ("deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe")

@@ -16,13 +16,13 @@ from moekit.calib.data import DataSource
 from moekit.families.layout import describe
 from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
-from moekit.ops.modeling import load_model
 from moekit.ops.prune import prune_checkpoint
 from moekit.ops.prune.measured import apply_fit, load_calibration, restore_weights
 from moekit.ops.prune.override import PrunedLayers
 from moekit.ops.prune.quality import measured_plan
 from moekit.ops.prune.rewrite import modified_tensors
 from moekit.ops.prune.trim import budget_split, trimmed_tensors
+from moekit.runtime.loading import load_model
 
 
 def _calibrated(model_type: str, tmp_path):

@@ -23,7 +23,6 @@ from moekit.families.layout import describe
 from moekit.families.registry import resolve
 from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
-from moekit.ops.modeling import load_model
 from moekit.ops.prune import prune_checkpoint
 from moekit.ops.prune.compensate import refit_layer, set_down_weight
 from moekit.ops.prune.measured import grouping
@@ -32,6 +31,7 @@ from moekit.ops.prune.replay import build_replay
 from moekit.ops.prune.rewrite import modified_tensors
 from moekit.ops.prune.search import search_drop
 from moekit.ops.prune.select import build_plan
+from moekit.runtime.loading import load_model
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "gpt_oss",
             "olmoe", "glm4_moe"]

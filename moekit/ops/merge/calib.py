@@ -54,7 +54,7 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
     from moekit.calib.capture import capture_layers
     from moekit.calib.data import batches, load_domains
     from moekit.errors import UnsupportedModelError
-    from moekit.ops.modeling import load_model, load_tokenizer
+    from moekit.runtime.loading import load_model, load_tokenizer
 
     if layout.family.router.input_scaled:
         raise UnsupportedModelError(

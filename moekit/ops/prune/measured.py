@@ -76,7 +76,7 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
     import hashlib
 
     from moekit.calib.data import load_domains
-    from moekit.ops.modeling import load_model, load_tokenizer
+    from moekit.runtime.loading import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(source)
     per_source = max(2 * seq_len, int(max_tokens / (1 - held_out) / len(sources)) + seq_len)
