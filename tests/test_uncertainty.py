@@ -167,3 +167,19 @@ def test_student_t_quantile_matches_tables(df, expected):
     from moekit.stats.uncertainty import student_t_quantile
 
     assert abs(student_t_quantile(0.975, df) - expected) < (5e-3 if df < 5 else 1e-4)
+
+
+def test_layer_table_says_dead_only_when_the_upper_bound_allows():
+    """The per-layer table (terminal, --export-table) applies the same rule as the findings:
+    an expert with no token is `dead` with enough slots, `unseen` with too few."""
+    from moekit.stats.metrics import summary_table
+    from moekit.stats.report import findings
+
+    rates = np.r_[0.0, np.full(E - 1, 1.0 / (E - 1))]
+    few, _ = synthetic_profile([rates], K, 48)          # 96 slots: bound 3.8% > 5% of 1/8
+    many, _ = synthetic_profile([rates], K, 4000)       # 8000 slots: bound 0.05% < 0.625%
+    small, large = summary_table(few).iloc[0], summary_table(many).iloc[0]
+    assert (small["dead_experts"], small["unseen_experts"]) == (0, 1)
+    assert (large["dead_experts"], large["unseen_experts"]) == (1, 0)
+    assert "0 dead" in findings(few)[0] and "1 unseen" in findings(few)[0]
+    assert "1 dead" in findings(many)[0] and "unseen" not in findings(many)[0]

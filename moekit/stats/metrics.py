@@ -128,17 +128,25 @@ def coldest(profile: Profile, count: int = 10) -> pd.DataFrame:
 
 def summary_table(profile: Profile, domain: str = "all") -> pd.DataFrame:
     """The per-layer summary printed by `moekit profile`: max_load = max r_e = 1 + MaxVio,
-    min_load = min r_e."""
+    min_load = min r_e; dead / unseen: experts with no token whose 95% upper bound on the share
+    is / is not under DEAD_FRACTION of the fair share (`uncertainty.dead_and_unseen`)."""
     layers = profile.layer_stats
     frame = layers[layers["domain"] == domain].copy()
-    minima = {layer: float(group["tokens"].min())
-              for layer, group in profile.expert_stats[
-                  profile.expert_stats["domain"] == domain].groupby("layer")}
+    from moekit.stats.uncertainty import dead_and_unseen
+
+    counts = {layer: group["tokens"].to_numpy() for layer, group in profile.expert_stats[
+        profile.expert_stats["domain"] == domain].groupby("layer")}
     frame["max_load"] = frame["maxvio"] + 1
-    frame["min_load"] = [minima.get(layer, 0.0) / mean if mean else float("nan") for layer, mean
+    frame["min_load"] = [float(counts[layer].min()) / mean if mean and layer in counts
+                         else float("nan") for layer, mean
                          in zip(frame["layer"], frame["expected_per_expert"], strict=True)]
-    columns = ["layer", "tokens", "num_experts", "dead_experts", "cold_experts", "max_load",
-               "min_load", "maxvio", "cv", "entropy_norm", "coverage90", "top1_reuse"]
+    dead = [dead_and_unseen(counts[layer]) if layer in counts else (0, 0)
+            for layer in frame["layer"]]
+    frame["dead_experts"] = [d for d, _ in dead]
+    frame["unseen_experts"] = [u for _, u in dead]
+    columns = ["layer", "tokens", "num_experts", "dead_experts", "unseen_experts",
+               "cold_experts", "max_load", "min_load", "maxvio", "cv", "entropy_norm",
+               "coverage90", "top1_reuse"]
     return frame[columns].reset_index(drop=True)
 
 

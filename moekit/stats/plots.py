@@ -95,7 +95,8 @@ def _annotate(ax: Any, image: Any, values: np.ndarray, dead: np.ndarray | None =
 
 
 def usage_heatmap(profile: Profile, path: Path) -> None:
-    """Layer x expert heatmap of the relative load r_e over all domains; dead experts marked x."""
+    """Layer x expert heatmap of the relative load r_e over all domains; experts that got no
+    token are marked x."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -112,7 +113,7 @@ def usage_heatmap(profile: Profile, path: Path) -> None:
     ax.set_yticks(range(len(grid.index)))
     ax.set_yticklabels([str(i) for i in grid.index])
     _expert_ticks(ax, values.shape[1])
-    ax.set_xlabel("expert    (\u00d7 = dead: no token routed to it)")
+    ax.set_xlabel("expert    (\u00d7 = no token routed to it)")
     ax.set_ylabel("MoE layer")
     tokens = int(profile.layer_stats.query("domain == 'all'")["tokens"].max())
     ax.set_title(f"Expert usage: {_title(profile)}, all domains ({tokens:,} tokens)")

@@ -27,11 +27,12 @@ def layer_rich_table(profile: Profile) -> Any:
     table = Table(title=f"Routing per MoE layer, all domains ({experts} experts; load = L/(S/E), "
                         f"cold < {COLD_RATIO:g}x)", title_justify="left", box=box.SIMPLE_HEAD)
     rows = [[str(row["layer"]), f"{row['tokens']:,}", _red(row["dead_experts"]),
-             str(row["cold_experts"]), f"{row['max_load']:.2f}x", f"{row['min_load']:.2f}x",
-             f"{row['cv']:.2f}", f"{row['entropy_norm']:.2f}", str(row["coverage90"]),
-             f"{row['top1_reuse']:.2f}"] for row in frame.to_dict("records")]
-    headers = ("layer", "tokens", "dead", "cold", "max\nload", "min\nload", "CV", "entropy",
-               "N@90%", "top-1\nreuse")
+             str(row["unseen_experts"]), str(row["cold_experts"]), f"{row['max_load']:.2f}x",
+             f"{row['min_load']:.2f}x", f"{row['cv']:.2f}", f"{row['entropy_norm']:.2f}",
+             str(row["coverage90"]), f"{row['top1_reuse']:.2f}"]
+            for row in frame.to_dict("records")]
+    headers = ("layer", "tokens", "dead", "unseen", "cold", "max\nload", "min\nload", "CV",
+               "entropy", "N@90%", "top-1\nreuse")
     _fill(table, headers, rows)
     return table
 
@@ -78,13 +79,10 @@ def findings(profile: Profile) -> list[str]:
     lines = []
     dead, cold = int(layers["dead_experts"].sum()), int(layers["cold_experts"].sum())
     total = int(layers["num_experts"].sum())
-    dead_text = f"{dead} dead (no token)"
-    if profile.windows and dead:
-        from moekit.stats.uncertainty import dead_counts
-
-        sure, unseen = dead_counts(profile)
-        dead_text = (f"{sure} dead (no token; the 95% bound allows it), {unseen} unseen (no "
-                     "token, but too few tokens to call them dead)")
+    unseen = int(layers["unseen_experts"].sum())
+    dead_text = f"{dead} dead (no token; the 95% bound allows it)"
+    if unseen:
+        dead_text += f", {unseen} unseen (no token, but too few tokens to call them dead)"
     lines.append(f"{len(layers)} MoE layers, {total} routed experts in all: {dead_text}, "
                  f"{cold} cold (under {COLD_RATIO:g}x their fair share).")
     worst = layers.sort_values("maxvio", ascending=False).iloc[0]

@@ -205,16 +205,11 @@ def profile_uncertainty(profile: Profile, *, ratio: float = 0.25, criterion: str
     return frame[["layer", *[c for c in frame.columns if c != "layer"]]], pd.DataFrame(layers)
 
 
-def dead_counts(profile: Profile, level: float = 0.95) -> tuple[int, int]:
-    """(dead, unseen) experts over all layers, domain `all`: zero slots with / without an
-    upper bound under DEAD_FRACTION of the fair share (Clopper-Pearson; no resampling needed,
+def dead_and_unseen(counts: np.ndarray, level: float = 0.95) -> tuple[int, int]:
+    """(dead, unseen) experts of one layer from its token counts [E]: zero slots with / without
+    a Clopper-Pearson upper bound under DEAD_FRACTION of the fair share (no resampling needed,
     as the bootstrap upper limit of a zero count is 0)."""
-    dead = unseen = 0
-    for layer in profile.moe_layers:
-        counts = profile.experts(layer)["tokens"].to_numpy()
-        if (counts == 0).any():
-            ok = zero_count_upper(int(counts.sum()), level) < DEAD_FRACTION / counts.size
-            dead, unseen = dead + int((counts == 0).sum()) * ok, unseen + int(
-                (counts == 0).sum()) * (not ok)
-    return dead, unseen
-
+    zeros = int((counts == 0).sum())
+    if zero_count_upper(int(counts.sum()), level) < DEAD_FRACTION / max(counts.size, 1):
+        return zeros, 0
+    return 0, zeros
