@@ -120,3 +120,27 @@ def test_prune_with_eval_data_records_numbers(tiny_checkpoint, texts, tmp_path):
     assert evaluation["overall"]["kl"] > 0
     card = (out / "README.md").read_text()
     assert "## Evaluation" in card and f"{direct.overall.loss:.4f}" in card
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_expert_width_the_grouped_kernel_cannot_run(tmp_path, texts, stream):
+    """An intermediate width of 30 (120 bytes per fp32 row) makes transformers' default
+    `grouped_mm` experts kernel fail; moekit switches to the eager loop, in memory and streamed,
+    and gets the loss of an eager transformers forward."""
+    from tiny_models import save_tiny
+
+    folder = save_tiny("qwen3_moe", tmp_path / "w30", moe_intermediate_size=30)
+    default = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = _windows(folder, texts["a"], 100)[0].unsqueeze(0)
+    with pytest.raises(RuntimeError, match="16 bytes"):
+        default(input_ids=ids)
+    eager = AutoModelForCausalLM.from_pretrained(folder, experts_implementation="eager").eval()
+    loss_sum = count = 0
+    for window in _windows(folder, texts["a"], 100):
+        with torch.no_grad():
+            loss_sum += float(eager(input_ids=window[None], labels=window[None]).loss) * (
+                window.numel() - 1)
+        count += window.numel() - 1
+    result = evaluate(folder, [DataSource("a", texts["a"])], seq_len=SEQ, max_tokens=100,
+                      batch_size=2, device="cpu", stream=stream)
+    assert result.overall.loss == pytest.approx(loss_sum / count, rel=1e-5)

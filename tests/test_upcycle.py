@@ -376,3 +376,22 @@ def test_split_with_data_router_predicts_expert_mass(trained_checkpoint, sample_
     assert router.shape == (8, model.config.hidden_size) and router.abs().sum() > 0
     provenance = json.loads((out / "moekit_provenance.json").read_text())
     assert provenance["function_preserving"].startswith("approximate")
+
+
+def test_split_into_widths_the_grouped_kernel_cannot_run(tiny_checkpoint, tmp_path):
+    """64 neurons into 32 experts: width 2 (8 bytes per fp32 row). transformers' default
+    experts kernel cannot run that; upcycle says so, and moekit's loader runs it (eager)."""
+    from moekit.runtime.loading import load_model
+
+    dense, out = tiny_checkpoint("qwen3"), tmp_path / "moe"
+    result = run(str(dense), "--arch", "qwen3_moe", "-e", "32", "-k", "32", "--method", "split",
+                 "--router", "zero", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert "not a multiple of 16 bytes" in " ".join(result.output.split())
+    with pytest.raises(RuntimeError, match="16 bytes"):
+        logits(load(out))
+    moe = load_model(out, device="cpu", dtype="float32")
+    assert (logits(moe) - logits(load(dense))).abs().max() < 1e-5
+    aligned = run(str(dense), "--arch", "qwen3_moe", "-e", "4", "-k", "4", "--method", "split",
+                  "--router", "zero", "-o", str(tmp_path / "ok"))
+    assert "16 bytes" not in aligned.output

@@ -175,3 +175,5 @@ def _show(report, as_json: bool, title: str) -> None:  # noqa: ANN001
     for field, value in rows:
         table.add_row(field, value)
     console.print(table)
+    if report.kernel_note:
+        console.print(f"[yellow]note:[/] {report.kernel_note}")

@@ -62,7 +62,23 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto",
     with transformers_load_errors(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
                                                      trust_remote_code=trust_remote_code)
-    return model.to(pick_device(device)).eval()
+    return runnable_experts(model.to(pick_device(device)).eval())
+
+
+def runnable_experts(model: Any) -> Any:
+    """`model`, switched to transformers' `eager` experts loop when its default `grouped_mm`
+    kernel cannot run the expert matrices: that kernel needs every row of every stacked expert
+    matrix [E, rows, cols] (both strides) to be a multiple of 16 bytes, e.g. an intermediate
+    width of 36 fails in bfloat16 and 30 in every dtype ("strides should be multiple of 16")."""
+    def aligned(param: Any) -> bool:
+        return param.ndim != 3 or all(n * param.element_size() % 16 == 0
+                                      for n in param.shape[1:])
+
+    unaligned = any(not aligned(p) for name, p in model.named_parameters()
+                    if ".experts." in name)
+    if unaligned and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")
+    return model
 
 
 def load_dtype(config: Any, dtype: str, checkpoint: Any) -> Any:
@@ -101,7 +117,7 @@ def build_skeleton(path: Path, dtype: Any, trust_remote_code: bool = False) -> A
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
-    return model.eval()
+    return runnable_experts(model.eval())
 
 
 def load_tokenizer(model_path: Path, tokenizer: str | None = None,

@@ -254,7 +254,22 @@ def summarize(plan: UpcyclePlan, prepared: Prepared, tensors: list[OutTensor],
         expert_width=plan.expert_width, shared_width=plan.shared_width or 0,
         router=opts.router, total_params=total, active_params=active,
         output_bytes=sum(t.nbytes for t in tensors), function_preserving=plan.preservation,
-        calibration_tokens=prepared.calibration.tokens if prepared.calibration else 0)
+        calibration_tokens=prepared.calibration.tokens if prepared.calibration else 0,
+        kernel_note=kernel_note(plan.expert_width, plan.dtype))
+
+
+def kernel_note(width: int, dtype: str) -> str:
+    """A warning when transformers' default `grouped_mm` experts kernel cannot run experts of
+    this width (rows must be multiples of 16 bytes; `runtime.loading.runnable_experts`)."""
+    from moekit.io.dtypes import ITEM_SIZE
+
+    row = width * ITEM_SIZE[dtype]
+    if row % 16 == 0:
+        return ""
+    return (f"expert width {width} ({row} bytes per {dtype} row) is not a multiple of 16 bytes: "
+            "transformers' default grouped_mm experts kernel cannot run it; load the output with "
+            "experts_implementation=\"eager\" (moekit profile/eval do), or choose --experts so "
+            "that the width is a multiple of 8")
 
 
 def _item(tensor: OutTensor) -> int:

@@ -30,6 +30,7 @@ class UpcycleReport:
     output_bytes: int
     function_preserving: str
     calibration_tokens: int = 0
+    kernel_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
