@@ -1,0 +1,141 @@
+"""Ablation importance of every (MoE layer, expert) on a bounded token sample.
+
+`sample_batches` takes the first windows of every domain (an equal share of `tokens` each);
+`ablate` runs them through an in-memory model and returns per (layer, expert, domain) sums
+of the exact NLL change and KL (`exact`) and of the first-order NLL estimate
+(`first_order`), with the number of predicted positions per domain. Means are sums / tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from moekit.errors import InvalidArgumentError, UnsupportedModelError
+from moekit.ops.ablation.exact import exact_layer, layer_inputs
+from moekit.ops.ablation.first_order import first_order_batch
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from moekit.calib.data import Domain
+    from moekit.families.layout import ModelLayout
+
+DEFAULT_TOKENS = 4096
+Progress = Callable[[str, int, int], None]  # (what, step done, steps in all)
+
+
+@dataclass
+class AblationSums:
+    """Sums over the sample: `loss[l]`, `kl[l]`, `first_order[l]` are [E, D] float64 arrays
+    (D domains) for MoE layer l; `tokens` [D] counts the predicted positions; `base_loss` [D]
+    sums the unablated NLL."""
+
+    layers: list[int]
+    domains: list[str]
+    tokens: np.ndarray
+    base_loss: np.ndarray
+    loss: dict[int, np.ndarray] = field(default_factory=dict)
+    kl: dict[int, np.ndarray] = field(default_factory=dict)
+    first_order: dict[int, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def sample_batches(domains: list[Domain], tokens: int, batch_size: int
+                   ) -> list[tuple[int, torch.Tensor]]:
+    """(domain index, ids [B, S]) covering the first ceil(tokens / D) tokens (whole windows,
+    at least one) of every domain."""
+    from moekit.calib.data import Domain, batches
+
+    if tokens < 2:
+        raise InvalidArgumentError(f"--ablation-tokens must be at least 2, got {tokens}")
+    share = math.ceil(tokens / max(1, len(domains)))
+    out = []
+    for index, domain in enumerate(domains):
+        taken, seen = [], 0
+        for window in domain.windows:
+            if seen >= share:
+                break
+            taken.append(window)
+            seen += int(window.numel())
+        part = Domain(domain.name, domain.sha256, domain.files, taken)
+        out += [(index, batch) for batch in batches(part, batch_size)]
+    return out
+
+
+def check_ablatable(layout: ModelLayout) -> None:
+    """Fail early for routers that `calib.routing.route` cannot replay."""
+    from moekit.ops.ablation.variants import layer_routing
+
+    try:
+        layer_routing(layout, 0)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"--ablation: {err.message}",
+                                    "profile without --ablation") from err
+
+
+def ablate(model: Any, layout: ModelLayout, work: list[tuple[int, torch.Tensor]],
+           domains: list[str], *, exact: bool = True, first_order: bool = True,
+           progress: Progress | None = None) -> AblationSums:
+    """Ablation sums of every MoE layer and expert of the in-memory `model` on `work`."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from moekit.calib.capture import moe_blocks
+    from moekit.ops.ablation.variants import layer_routing
+
+    blocks = moe_blocks(model, layout.family)
+    routings = [layer_routing(layout, i) for i in range(len(blocks))]
+    sums = AblationSums([b.layer for b in blocks], domains, np.zeros(len(domains), np.int64),
+                        np.zeros(len(domains)))
+    widths = [b.experts.num_experts if hasattr(b.experts, "num_experts") else
+              int(layout.moe_layers[i].num_experts) for i, b in enumerate(blocks)]
+    for block, width in zip(blocks, widths, strict=True):
+        for name in ("loss", "kl", "first_order"):
+            getattr(sums, name)[block.layer] = np.zeros((width, len(domains)))
+    device = next(model.parameters()).device
+    logits_index = layout.family.router.logits_index
+    steps, done = len(work) * (int(exact) * len(blocks) + int(first_order)), 0
+    timer = {"plain": 0.0, "exact": 0.0, "first_order": 0.0}
+    for domain, batch in work:
+        ids = batch.to(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            inputs, logits = layer_inputs(model, blocks, ids)
+            base = logits[:, :-1].float().log_softmax(-1)
+            nll = -base.gather(-1, ids[:, 1:].unsqueeze(-1))
+        timer["plain"] += time.perf_counter() - start
+        sums.tokens[domain] += int(nll.numel())
+        sums.base_loss[domain] += float(nll.double().sum())
+        if exact:
+            start = time.perf_counter()
+            for block, routing, width in zip(blocks, routings, widths, strict=True):
+                with torch.inference_mode():
+                    loss, kl = exact_layer(model, block, routing, logits_index,
+                                           inputs[block.layer], ids, base, width)
+                sums.loss[block.layer][:, domain] += loss.numpy()
+                sums.kl[block.layer][:, domain] += kl.numpy()
+                done += 1
+                if progress:
+                    progress("exact", done, steps)
+            timer["exact"] += time.perf_counter() - start
+        if first_order:
+            start = time.perf_counter()
+            for block, values in zip(blocks, first_order_batch(model, blocks, routings,
+                                                          logits_index, ids), strict=True):
+                sums.first_order[block.layer][:, domain] += values.numpy()
+            timer["first_order"] += time.perf_counter() - start
+            done += 1
+            if progress:
+                progress("first-order", done, steps)
+    sums.seconds = timer
+    if not exact:
+        sums.loss, sums.kl = {}, {}
+    if not first_order:
+        sums.first_order = {}
+    return sums
