@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from moekit.calib.data import Domain
     from moekit.families.layout import ModelLayout
 
-DEFAULT_TOKENS = 4096
 Progress = Callable[[str, int, int], None]  # (what, step done, steps in all)
 
 
@@ -139,3 +138,53 @@ def ablate(model: Any, layout: ModelLayout, work: list[tuple[int, torch.Tensor]]
     if not first_order:
         sums.first_order = {}
     return sums
+
+
+METHODS = ("both", "exact", "first-order")
+
+
+def check_request(layout: ModelLayout, method: str, tokens: int) -> None:
+    """Refuse bad ablation settings before anything is loaded."""
+    if method not in METHODS:
+        raise InvalidArgumentError(f"--ablation-method {method} is not one of "
+                                   f"{', '.join(METHODS)}")
+    if tokens < 2:
+        raise InvalidArgumentError(f"--ablation-tokens must be at least 2, got {tokens}")
+    check_ablatable(layout)
+
+
+def check_engine(engine: Any) -> None:
+    """Ablation runs on an in-memory model in one process (see docs/profile.md)."""
+    from moekit.runtime.distributed import dist_context
+
+    if engine.mode != "memory":
+        raise InvalidArgumentError(
+            "--ablation needs the whole model in memory, but it is streamed layer by layer "
+            "under --max-memory (each layer's variants would re-read every later layer)",
+            "raise --max-memory (or use a larger device), or profile without --ablation")
+    if dist_context().world_size > 1:
+        raise InvalidArgumentError("--ablation runs in one process, not under torchrun",
+                                   "run the ablation profile without torchrun")
+
+
+def profile_ablation(engine: Any, layout: ModelLayout, domains: list[Domain], *, tokens: int,
+                     batch_size: int, method: str,
+                     progress: Progress | None = None) -> tuple[Any, dict[str, Any]]:
+    """(`stats.ablation.ablation_frame` rows, metadata) of an ablation run on the first
+    `tokens` tokens of `domains`."""
+    from moekit.stats.ablation import ablation_frame
+
+    work = sample_batches(domains, tokens, batch_size)
+    sums = ablate(engine.model, layout, work, [d.name for d in domains],
+                  exact=method != "first-order", first_order=method != "exact",
+                  progress=progress)
+    plain = sums.seconds.get("plain", 0.0)
+    info = {"method": method, "tokens_requested": tokens,
+            "tokens": int(sums.tokens.sum()), "windows": sum(int(b.shape[0]) for _, b in work),
+            "base_loss": {d: (float(sums.base_loss[i] / sums.tokens[i]) if sums.tokens[i]
+                              else None) for i, d in enumerate(sums.domains)},
+            "seconds": {k: round(v, 3) for k, v in sums.seconds.items()},
+            "cost_vs_plain_forward": {k: round(v / plain, 2) for k, v in sums.seconds.items()
+                                      if plain > 0 and k != "plain"},
+            "group_routing": "plain top-k in the ablated layer when groups cannot stay balanced"}
+    return ablation_frame(sums), info
