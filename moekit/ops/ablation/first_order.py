@@ -71,7 +71,7 @@ def first_order_batch(model: Any, blocks: list[MoeBlock], routings: list[Routing
     try:
         with torch.enable_grad():
             logits = model(input_ids=ids, use_cache=False).logits
-            logp = logits[:, :-1].float().log_softmax(-1)
+            logp = logits[:, :-1].to(_at_least_float(logits)).log_softmax(-1)
             loss = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).sum()
             grads = torch.autograd.grad(loss, [tap.delta for tap in taps])
     finally:
@@ -103,6 +103,13 @@ def _layer_estimates(tap: _Tap, routing: Routing, grad: torch.Tensor) -> torch.T
             before = experts(x, ids[rows], weights[rows])
             estimates[expert] = (grad[rows].double() * (after - before).double()).sum().cpu()
     return estimates
+
+
+def _at_least_float(tensor: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for a float64 model (tests compare against finite differences)."""
+    import torch
+
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 def changed_rows(ids: torch.Tensor, weights: torch.Tensor, new_ids: torch.Tensor,

@@ -76,7 +76,8 @@ def criterion_scores(criterion: str, stats: ExpertStats | None, layer: int, num_
 def _check_ablation(stats: ExpertStats, layer: int, column: str, criterion: str) -> None:
     """The statistics hold measured `column` values for `layer` (else one-line StatsError)."""
     values = stats.values.get(layer, {})
-    if column not in values or not any(values.get("ablation_tokens", ())):
+    if column not in values or not any(values.get("ablation_tokens", ())) or all(
+            v != v for v in values[column]):  # all NaN: e.g. KL of a first-order-only run
         what = "have no ablation columns" if "ablation_tokens" not in values else \
             f"have no {column} values for domain '{stats.domain}', layer {layer}"
         how = "--ablation-method exact or both" if criterion == "ablation-kl" else "--ablation"

@@ -139,15 +139,17 @@ def _rows(folder: Path) -> tuple[Path, list[dict[str, Any]]]:
     try:
         extra = [c for c in OPTIONAL if c in header]
         rows = [{"layer": int(r["layer"]), "expert": int(r["expert"]), "domain": str(r["domain"]),
-                 **{c: _number(r[c]) for c in (*VALUES, *extra)}} for r in raw]
+                 **{c: _number(r[c]) for c in VALUES},
+                 **{c: _number(r[c], math.nan) for c in extra}} for r in raw]
     except (TypeError, ValueError) as err:
         raise StatsError(f"{path.name} has a malformed row ({err})") from err
     return path, rows
 
 
-def _number(value: Any) -> float:
-    number = float(value) if value not in (None, "") else 0.0
-    return 0.0 if math.isnan(number) else number
+def _number(value: Any, missing: float = 0.0) -> float:
+    """A float; `missing` for empty cells and NaN (0 for sums; NaN for optional means)."""
+    number = float(value) if value not in (None, "") else missing
+    return missing if math.isnan(number) else number
 
 
 def check_stats(stats: ExpertStats, layout: ModelLayout, fingerprint: str,
