@@ -100,7 +100,8 @@ def scatter_plot(profile: Profile, path: Path) -> None:
     tokens = int(table["ablation_tokens"].max()) if len(table) else 0
     ax.set_xlabel("usage: share of the layer's routed slots")
     ax.set_ylabel("ablation: mean NLL change (nats/token)")
-    ax.set_title(f"Usage vs ablation importance: {Path(str(profile.metadata.get('model', 'model'))).name}\n"
+    name = Path(str(profile.metadata.get("model", "model"))).name
+    ax.set_title(f"Usage vs ablation importance: {name}\n"
                  f"each point one expert removed from one layer ({tokens:,} predicted tokens)",
                  fontsize=10)
     ax.grid(alpha=0.3)

@@ -80,64 +80,94 @@ def ablate(model: Any, layout: ModelLayout, work: list[tuple[int, torch.Tensor]]
            domains: list[str], *, exact: bool = True, first_order: bool = True,
            progress: Progress | None = None) -> AblationSums:
     """Ablation sums of every MoE layer and expert of the in-memory `model` on `work`."""
-    import time
-
-    import numpy as np
-    import torch
-
-    from moekit.calib.capture import moe_blocks
-    from moekit.ops.ablation.variants import layer_routing
-
-    blocks = moe_blocks(model, layout.family)
-    routings = [layer_routing(layout, i) for i in range(len(blocks))]
-    sums = AblationSums([b.layer for b in blocks], domains, np.zeros(len(domains), np.int64),
-                        np.zeros(len(domains)))
-    widths = [b.experts.num_experts if hasattr(b.experts, "num_experts") else
-              int(layout.moe_layers[i].num_experts) for i, b in enumerate(blocks)]
-    for block, width in zip(blocks, widths, strict=True):
-        for name in ("loss", "kl", "first_order"):
-            getattr(sums, name)[block.layer] = np.zeros((width, len(domains)))
-    device = next(model.parameters()).device
-    logits_index = layout.family.router.logits_index
-    steps, done = len(work) * (int(exact) * len(blocks) + int(first_order)), 0
-    timer = {"plain": 0.0, "exact": 0.0, "first_order": 0.0}
+    run = _Run(model, layout, domains, progress,
+               len(work) * (int(exact) * len(layout.moe_layers) + int(first_order)))
     for domain, batch in work:
-        ids = batch.to(device)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            inputs, logits = layer_inputs(model, blocks, ids)
-            base = logits[:, :-1].float().log_softmax(-1)
-            nll = -base.gather(-1, ids[:, 1:].unsqueeze(-1))
-        timer["plain"] += time.perf_counter() - start
-        sums.tokens[domain] += int(nll.numel())
-        sums.base_loss[domain] += float(nll.double().sum())
+        ids = batch.to(run.device)
+        inputs, base = run.plain(ids, domain)
         if exact:
-            start = time.perf_counter()
-            for block, routing, width in zip(blocks, routings, widths, strict=True):
-                with torch.inference_mode():
-                    loss, kl = exact_layer(model, block, routing, logits_index,
-                                           inputs[block.layer], ids, base, width)
-                sums.loss[block.layer][:, domain] += loss.numpy()
-                sums.kl[block.layer][:, domain] += kl.numpy()
-                done += 1
-                if progress:
-                    progress("exact", done, steps)
-            timer["exact"] += time.perf_counter() - start
+            run.exact(ids, inputs, base, domain)
         if first_order:
-            start = time.perf_counter()
-            for block, values in zip(blocks, first_order_batch(model, blocks, routings,
-                                                          logits_index, ids), strict=True):
-                sums.first_order[block.layer][:, domain] += values.numpy()
-            timer["first_order"] += time.perf_counter() - start
-            done += 1
-            if progress:
-                progress("first-order", done, steps)
-    sums.seconds = timer
+            run.first_order(ids, domain)
+    sums = run.sums
+    sums.seconds = run.timer
     if not exact:
         sums.loss, sums.kl = {}, {}
     if not first_order:
         sums.first_order = {}
     return sums
+
+
+class _Run:
+    """The state of one `ablate` call: blocks, routings, sums, timers, progress."""
+
+    def __init__(self, model: Any, layout: ModelLayout, domains: list[str],
+                 progress: Progress | None, steps: int):
+        import numpy as np
+
+        from moekit.calib.capture import moe_blocks
+        from moekit.ops.ablation.variants import layer_routing
+
+        self.model, self.progress, self.steps, self.done = model, progress, steps, 0
+        self.blocks = moe_blocks(model, layout.family)
+        self.routings = [layer_routing(layout, i) for i in range(len(self.blocks))]
+        self.widths = [int(getattr(b.experts, "num_experts", 0) or
+                           layout.moe_layers[i].num_experts) for i, b in enumerate(self.blocks)]
+        self.sums = AblationSums([b.layer for b in self.blocks], domains,
+                                 np.zeros(len(domains), np.int64), np.zeros(len(domains)))
+        for block, width in zip(self.blocks, self.widths, strict=True):
+            for name in ("loss", "kl", "first_order"):
+                getattr(self.sums, name)[block.layer] = np.zeros((width, len(domains)))
+        self.device = next(model.parameters()).device
+        self.logits_index = layout.family.router.logits_index
+        self.timer = {"plain": 0.0, "exact": 0.0, "first_order": 0.0}
+
+    def plain(self, ids: torch.Tensor, domain: int) -> tuple[dict, torch.Tensor]:
+        """One plain forward: MoE layer inputs and the log-probabilities [B, S-1, V]."""
+        import time
+
+        import torch
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            inputs, logits = layer_inputs(self.model, self.blocks, ids)
+            base = logits[:, :-1].float().log_softmax(-1)
+            nll = -base.gather(-1, ids[:, 1:].unsqueeze(-1))
+        self.sums.tokens[domain] += int(nll.numel())
+        self.sums.base_loss[domain] += float(nll.double().sum())
+        self.timer["plain"] += time.perf_counter() - start
+        return inputs, base
+
+    def exact(self, ids: torch.Tensor, inputs: dict, base: torch.Tensor, domain: int) -> None:
+        import time
+
+        import torch
+
+        start = time.perf_counter()
+        for block, routing, width in zip(self.blocks, self.routings, self.widths, strict=True):
+            with torch.inference_mode():
+                loss, kl = exact_layer(self.model, block, routing, self.logits_index,
+                                       inputs[block.layer], ids, base, width)
+            self.sums.loss[block.layer][:, domain] += loss.numpy()
+            self.sums.kl[block.layer][:, domain] += kl.numpy()
+            self._step("exact")
+        self.timer["exact"] += time.perf_counter() - start
+
+    def first_order(self, ids: torch.Tensor, domain: int) -> None:
+        import time
+
+        start = time.perf_counter()
+        values = first_order_batch(self.model, self.blocks, self.routings, self.logits_index,
+                                   ids)
+        for block, value in zip(self.blocks, values, strict=True):
+            self.sums.first_order[block.layer][:, domain] += value.numpy()
+        self.timer["first_order"] += time.perf_counter() - start
+        self._step("first-order")
+
+    def _step(self, what: str) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(what, self.done, self.steps)
 
 
 METHODS = ("both", "exact", "first-order")
