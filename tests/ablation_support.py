@@ -9,7 +9,8 @@ from typing import Any
 
 
 def remove_expert(model: Any, family: Any, layer: int, expert: int) -> Any:
-    """A deep copy of `model` in which MoE layer `layer` no longer has `expert`."""
+    """A deep copy of `model` in which MoE layer `layer` no longer has `expert` (-1: keeps all
+    its experts, but its routing is flattened to plain top-k as with one expert fewer)."""
     import torch
 
     from moekit.calib.capture import moe_blocks
@@ -19,7 +20,7 @@ def remove_expert(model: Any, family: Any, layer: int, expert: int) -> Any:
     num = int(block.experts.num_experts)
     config = copy.deepcopy(model.config.get_text_config())
     key = next(k for k in family.keys.num_experts if hasattr(config, k))
-    setattr(config, key, num - 1)
+    setattr(config, key, num - (expert >= 0))
     if family.router.grouped and int(getattr(config, "n_group", 1) or 1) > 1:
         config.n_group, config.topk_group = 1, 1
     keep = torch.tensor([j for j in range(num) if j != expert])

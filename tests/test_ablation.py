@@ -71,6 +71,10 @@ def test_exact_ablation_matches_a_rebuilt_model(model_type, tmp_path):
             assert sums.loss[layer][expert, 0] == pytest.approx(nll - base, rel=1e-3, abs=5e-5)
             assert sums.kl[layer][expert, 0] == pytest.approx(kl, rel=1e-3, abs=5e-5)
             checked += 1
+    for layer, lift in sums.group_lift.items():  # grouped routers: the plain top-k part alone
+        nll, _ = nll_and_kl(remove_expert(model, layout.family, layer, -1), model, ids)
+        assert lift[0] == pytest.approx(nll - base, rel=1e-3, abs=5e-5)
+    assert bool(sums.group_lift) == (model_type == "deepseek_v3")
     # the quantities are not trivially small: a wrong expert would be caught
     assert np.abs(np.concatenate([v[:, 0] for v in sums.loss.values()])).max() > 1e-3
     assert checked >= 3

@@ -131,6 +131,11 @@ def report_lines(profile: Profile, plots: dict[str, str], markdown: Callable[...
     if "ablation_loss_fo" in table and table["ablation_loss_fo"].notna().any():
         fo = table[["ablation_loss", "ablation_loss_fo"]].corr().iloc[0, 1]
         lines[-1] += f" Pearson correlation of the first-order estimate with it: {fo:.3f}."
+    lift = info.get("group_lift_loss") or {}
+    if lift:
+        lines[-1] += (" Grouped routing: the ablated layer routes plain top-k; that alone changes "
+                      "the loss by " + ", ".join(f"{v:+.4f} (layer {k})" for k, v in lift.items())
+                      + ", included in every expert's value.")
     top = table.sort_values("ablation_loss", ascending=False).head(shown)
     lines += ["", "Experts whose removal costs most:", "", markdown(top, "{:.4g}"), ""]
     if "ablation" in plots:

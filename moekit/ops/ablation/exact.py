@@ -75,9 +75,10 @@ def next_token_logprobs(logits: torch.Tensor) -> torch.Tensor:
 
 def exact_layer(model: Any, block: MoeBlock, routing: Routing, logits_index: int,
                 hidden: torch.Tensor, ids: torch.Tensor, base: torch.Tensor,
-                num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_t dNLL [E], sum_t KL [E]) (float64) for one layer on one batch; `base` is the
-    unablated log-probabilities [B, S-1, V]."""
+                variants: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_t dNLL [V], sum_t KL [V]) (float64) for one layer on one batch, variant j removing
+    expert `variants[j]` (-1: none, routing as a layer with one expert fewer would: the
+    group-limit lift alone); `base` is the unablated log-probabilities [B, S-1, V]."""
     import torch
 
     batch, steps, vocab = base.shape
@@ -85,10 +86,10 @@ def exact_layer(model: Any, block: MoeBlock, routing: Routing, logits_index: int
     targets = ids[:, 1:].unsqueeze(-1)
     base_nll = -base.gather(-1, targets).squeeze(-1)
     base_p = base.exp()
-    loss = torch.zeros(num_experts, dtype=torch.float64)
-    kl = torch.zeros(num_experts, dtype=torch.float64)
-    for start in range(0, num_experts, per_variant):
-        removed = list(range(start, min(num_experts, start + per_variant)))
+    loss = torch.zeros(len(variants), dtype=torch.float64)
+    kl = torch.zeros(len(variants), dtype=torch.float64)
+    for start in range(0, len(variants), per_variant):
+        removed = variants[start:start + per_variant]
         with VariantHooks(block, routing, logits_index, removed):
             logits = run_from(model, block.layer, hidden, ids, len(removed))
         logp = next_token_logprobs(logits).view(len(removed), batch, steps, vocab)

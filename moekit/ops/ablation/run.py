@@ -31,7 +31,8 @@ Progress = Callable[[str, int, int], None]  # (what, step done, steps in all)
 class AblationSums:
     """Sums over the sample: `loss[l]`, `kl[l]`, `first_order[l]` are [E, D] float64 arrays
     (D domains) for MoE layer l; `tokens` [D] counts the predicted positions; `base_loss` [D]
-    sums the unablated NLL."""
+    sums the unablated NLL; `group_lift[l]` [D] (group-limited routers, exact method) sums the
+    NLL change of routing plain top-k with no expert removed, part of every `loss[l]`."""
 
     layers: list[int]
     domains: list[str]
@@ -40,6 +41,7 @@ class AblationSums:
     loss: dict[int, np.ndarray] = field(default_factory=dict)
     kl: dict[int, np.ndarray] = field(default_factory=dict)
     first_order: dict[int, np.ndarray] = field(default_factory=dict)
+    group_lift: dict[int, np.ndarray] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -141,15 +143,21 @@ class _Run:
     def exact(self, ids: torch.Tensor, inputs: dict, base: torch.Tensor, domain: int) -> None:
         import time
 
+        import numpy as np
         import torch
 
         start = time.perf_counter()
         for block, routing, width in zip(self.blocks, self.routings, self.widths, strict=True):
+            variants = list(range(width)) + ([-1] if routing.n_group > 1 else [])
             with torch.inference_mode():
                 loss, kl = exact_layer(self.model, block, routing, self.logits_index,
-                                       inputs[block.layer], ids, base, width)
-            self.sums.loss[block.layer][:, domain] += loss.numpy()
-            self.sums.kl[block.layer][:, domain] += kl.numpy()
+                                       inputs[block.layer], ids, base, variants)
+            self.sums.loss[block.layer][:, domain] += loss[:width].numpy()
+            self.sums.kl[block.layer][:, domain] += kl[:width].numpy()
+            if len(variants) > width:
+                lift = self.sums.group_lift.setdefault(block.layer, np.zeros(len(
+                    self.sums.domains)))
+                lift[domain] += float(loss[width])
             self._step("exact")
         self.timer["exact"] += time.perf_counter() - start
 
@@ -216,5 +224,7 @@ def profile_ablation(engine: Any, layout: ModelLayout, domains: list[Domain], *,
             "seconds": {k: round(v, 3) for k, v in sums.seconds.items()},
             "cost_vs_plain_forward": {k: round(v / plain, 2) for k, v in sums.seconds.items()
                                       if plain > 0 and k != "plain"},
-            "group_routing": "plain top-k in the ablated layer when groups cannot stay balanced"}
+            "group_routing": "plain top-k in the ablated layer when groups cannot stay balanced",
+            "group_lift_loss": {str(layer): float(value.sum() / max(1, sums.tokens.sum()))
+                                for layer, value in sums.group_lift.items()}}
     return ablation_frame(sums), info

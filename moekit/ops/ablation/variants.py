@@ -41,13 +41,14 @@ def removal_routing(routing: Routing, kept: int) -> Routing:
 
 
 def without(num_experts: int, expert: int) -> list[int]:
-    """The kept set when `expert` is removed."""
+    """The kept set when `expert` is removed (-1: all experts)."""
     return [j for j in range(num_experts) if j != expert]
 
 
 def reroute(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | None, expert: int
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids [T, k], weights [T, k] float32) with `expert` removed from routing."""
+    """(ids [T, k], weights [T, k] float32) with `expert` removed from routing (-1: none
+    removed, but routed as a layer with one expert fewer: plain top-k for grouped routers)."""
     num = int(logits.shape[-1])
     return route(logits, removal_routing(routing, num - 1), bias, without(num, expert))
 
