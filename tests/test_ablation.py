@@ -204,6 +204,12 @@ def test_columns_report_plot_and_merge(ablated):
     got = merged.expert_stats[merged.expert_stats.domain == "all"]
     assert np.allclose(got["ablation_kl"].to_numpy(), want)
     assert (got["ablation_tokens"].to_numpy() == sum(n)).all()
+    # with an input that was not ablated, the means would cover part of the data: dropped
+    two.expert_stats = two.expert_stats.drop(columns=[c for c in two.expert_stats.columns
+                                                      if c.startswith("ablation")])
+    partial = merge_profiles([one, two])
+    assert not any(c.startswith("ablation") for c in partial.expert_stats.columns)
+    assert "ablation" not in partial.metadata
 
 
 def test_prune_criterion_ablation_drops_the_least_important(ablated, tmp_path):

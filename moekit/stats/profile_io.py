@@ -245,6 +245,8 @@ def merge_profiles(profiles: list[Profile], allow_duplicates: bool = False) -> P
         for key, value in profile.coactivation.items():
             coact[key] = coact[key] + value if key in coact else value.copy()
     meta = _merged_metadata(profiles) | ({"duplicates": duplicates} if duplicates else {})
+    if not means:
+        meta.pop("ablation", None)
     return _finish(meta, _typed(experts), layers, coact, windows=_merged_windows(profiles))
 
 
