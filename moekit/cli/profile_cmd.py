@@ -92,9 +92,8 @@ def profile(
 
     Example: moekit profile ./Mixtral --data code=code.jsonl --data prose=books/ --out prof
 
-    Ablation importance (docs/profile.md): moekit profile ./Mixtral --ablation
-    --ablation-tokens 4096 --out prof; then moekit prune ./Mixtral --stats prof --criterion
-    ablation --ratio 0.25 --out pruned
+    Ablation importance (docs/profile.md): add --ablation to measure each expert's loss
+    change when it is removed; prune by it with moekit prune ... --criterion ablation.
 
     Data-parallel: torchrun --nproc-per-node N -m moekit profile ... (docs/scale-distributed.md).
     """
