@@ -39,6 +39,15 @@ ExportOpt = Annotated[Path | None, typer.Option(
     "--export-table", help="Also write the per-layer table as .csv/.parquet/.json.")]
 ColdestOpt = Annotated[Path | None, typer.Option(
     "--export-coldest", help="Also write the coldest-experts table as .csv/.parquet/.json.")]
+AblationOpt = Annotated[bool, typer.Option(
+    "--ablation", help="Also measure each expert's ablation importance: the mean loss change "
+    "and KL when it is removed from one layer's routing (columns ablation_*; in memory only).")]
+AblationTokensOpt = Annotated[int, typer.Option(
+    "--ablation-tokens", help="Tokens of the ablation sample (the first windows of every "
+    "domain, an equal share each).")]
+AblationMethodOpt = Annotated[str, typer.Option(
+    "--ablation-method", help="exact (re-run the model per removed expert), first-order (one "
+    "forward+backward: an estimate of the loss change, no KL) or both.")]
 
 
 @handle_errors
@@ -69,6 +78,9 @@ def profile(
     plot_layer: PlotLayerOpt = None,
     export: ExportOpt = None,
     export_coldest: ColdestOpt = None,
+    ablation: AblationOpt = False,
+    ablation_tokens: AblationTokensOpt = 4096,
+    ablation_method: AblationMethodOpt = "both",
 ) -> None:
     """Record how the routers use their experts on calibration text, per domain.
 
@@ -79,6 +91,9 @@ def profile(
     Prints a per-layer summary and the coldest experts.
 
     Example: moekit profile ./Mixtral --data code=code.jsonl --data prose=books/ --out prof
+
+    Ablation importance (docs/profile.md): add --ablation to measure each expert's loss
+    change when it is removed; prune by it with moekit prune ... --criterion ablation.
 
     Data-parallel: torchrun --nproc-per-node N -m moekit profile ... (docs/scale-distributed.md).
     """
@@ -97,12 +112,19 @@ def profile(
                                fraction=fraction, seq_len=seq_len, max_tokens=max_tokens,
                                batch_size=batch_size, device=device, dtype=dtype, trace=trace,
                                merge_with=merge_with, revision=revision, progress=progress,
-                               max_memory=max_memory, trust_remote_code=trust_remote_code)
+                               max_memory=max_memory, trust_remote_code=trust_remote_code,
+                               ablation_tokens=ablation_tokens if ablation else None,
+                               ablation_method=ablation_method)
     if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
         return
     names = write_output(result, out, overwrite=overwrite, inputs=(path,), plots=plots,
                          plot_layer=plot_layer)
     show_profile(result, export, export_coldest)
+    if "ablation" in result.metadata:
+        info = result.metadata["ablation"]
+        console.print(f"ablation ({info['method']}) on {info['tokens']:,} predicted tokens: "
+                      + ", ".join(f"{k} {v}x a plain forward"
+                                  for k, v in info["cost_vs_plain_forward"].items()))
     console.print(f"wrote {out}: {', '.join(names)}")
 
 
@@ -151,6 +173,11 @@ class TokenProgress:
             return
         if event == "mode":
             self.progress.console.print(domain)
+            return
+        if event == "ablation":  # domain = "<method> <steps in all>"
+            what, steps = domain.rsplit(" ", 1)
+            self.progress.update(self.task, completed=tokens, total=int(steps),
+                                 description=f"ablation ({what})", rate="")
             return
         self.progress.update(self.task, advance=tokens, description=f"profiling {domain}")
         speed = self.progress.tasks[0].speed

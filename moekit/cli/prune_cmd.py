@@ -31,7 +31,9 @@ from moekit.cli.common import (
 
 CRITERION_HELP = ("Stats: ean (default without --data; output-norm sum), reap-sum, weight "
                   "(gate-weight sum), frequency (tokens), man (mean output norm), reap (mean gate "
-                  "x ||output||), random. With --data also: measured (default; re-routed layer "
+                  "x ||output||), random; ablation / ablation-kl / ablation-fo (loss change, KL, "
+                  "first-order estimate when the expert is removed: needs `profile --ablation`). "
+                  "With --data also: measured (default; re-routed layer "
                   "error, beam search, compensation if it measures better) and auto (every "
                   "candidate scored by held-out KL, the best kept).")
 

@@ -46,6 +46,7 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
                   dtype: str = "auto", trace: bool = False, merge_with: Path | None = None,
                   revision: str | None = None, progress: Progress | None = None,
                   max_memory: str | int | None = "auto", trust_remote_code: bool = False,
+                  ablation_tokens: int | None = None, ablation_method: str = "both",
                   **engine: Any) -> Profile:
     """Profile `model` on `sources` (default: sample_data/), one domain per source.
 
@@ -54,7 +55,9 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
     `moekit.runtime` (in memory or streamed under `max_memory`; `engine` options go to
     `open_model`); metadata["runtime"] says which mode ran and why. Under torchrun each rank
     runs its share of the batches and the sums are reduced (`moekit.runtime.distributed`).
-    Code shipped in the checkpoint runs only with `trust_remote_code`.
+    Code shipped in the checkpoint runs only with `trust_remote_code`. With `ablation_tokens`,
+    every expert is also ablated on that many tokens (`moekit.ops.ablation`, columns
+    `ablation_*` of expert_stats; in-memory runs only).
     """
     from moekit.runtime.engine import open_model
     from moekit.runtime.loading import DTYPES, load_tokenizer, pick_device
@@ -72,6 +75,10 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
     if not layout.is_moe:
         raise UnsupportedModelError(f"{model} is a dense {layout.resolved.family.name} model: "
                                     "it has no router to profile", "pass a MoE checkpoint")
+    if ablation_tokens is not None:
+        from moekit.ops.ablation.run import check_request
+
+        check_request(layout, ablation_method, ablation_tokens)
     fingerprint = model_fingerprint(checkpoint, layout)
     previous = _previous(merge_with, fingerprint) if merge_with else None
     sources = sources or default_sources()
@@ -83,6 +90,10 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
                            text_field=text_field, fraction=fraction)
     loaded = open_model(path, device=device, dtype=dtype,
                         max_memory=max_memory, trust_remote_code=trust_remote_code, **engine)
+    if ablation_tokens is not None:
+        from moekit.ops.ablation.run import check_engine
+
+        check_engine(loaded)
     if progress:
         progress("mode", 0, mode_line(loaded))
     recorder, input_ids = _record(loaded, layout, domains, batch_size, trace, progress)
@@ -96,8 +107,27 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
     if previous is not None:
         merged = merge_profiles([profile, previous])
         merged.trace, merged.metadata["trace"] = profile.trace, trace
-        return merged
+        profile = merged
+    if ablation_tokens is not None:
+        profile = _with_ablation(profile, loaded, layout, domains, ablation_tokens, batch_size,
+                                 ablation_method, progress)
     return profile
+
+
+def _with_ablation(profile: Profile, engine: Engine, layout: ModelLayout, domains: list[Domain],
+                   tokens: int, batch_size: int, method: str,
+                   progress: Progress | None) -> Profile:
+    """`profile` with the ablation columns of this run's first `tokens` tokens."""
+    from moekit.ops.ablation.run import profile_ablation
+    from moekit.stats.ablation import attach
+
+    def step(what: str, done: int, steps: int) -> None:
+        if progress:
+            progress("ablation", done, f"{what} {steps}")
+
+    frame, info = profile_ablation(engine, layout, domains, tokens=tokens,
+                                   batch_size=batch_size, method=method, progress=step)
+    return attach(profile, frame, info)
 
 
 def _previous(folder: Path, fingerprint: str) -> Profile:
@@ -207,10 +237,14 @@ def write_output(profile: Profile, out: Path, *, overwrite: bool = False,
     with staged_output(out, overwrite, inputs) as folder:
         names = save_profile(profile, folder)
         if plots:
+            from moekit.stats.ablation import PLOT_FILE, has_ablation, scatter_plot
             from moekit.stats.plots import write_plots
             from moekit.stats.report import write_report
 
             files = write_plots(profile, folder, plot_layer)
+            if has_ablation(profile):
+                scatter_plot(profile, Path(folder) / PLOT_FILE)
+                files["ablation"] = PLOT_FILE
             write_report(profile, folder, files)
             names += [*files.values(), "report.md", "report.html"]
     return names

@@ -40,6 +40,8 @@ FORMAT_VERSION = 1
 EXPERT_COLUMNS = ["layer", "expert", "domain", "tokens", "weight_sum", "ean_sum", "reap_sum",
                   "max_norm"]
 SUM_COLUMNS = ["tokens", "weight_sum", "ean_sum", "reap_sum"]
+# optional (`profile --ablation`, stats.ablation): means over `ablation_tokens` positions
+ABLATION_COLUMNS = ["ablation_tokens", "ablation_loss", "ablation_kl", "ablation_loss_fo"]
 LAYER_RAW_COLUMNS = ["layer", "domain", "tokens", "entropy_sum", "top1_pairs", "top1_repeats"]
 EXPERT_FILE, EXPERT_CSV = "expert_stats.parquet", "expert_stats.csv"
 LAYER_FILE, COACT_FILE = "layer_stats.csv", "coactivation.npz"
@@ -116,10 +118,11 @@ def profile_from_raw(raw: list[LayerRaw], domains: list[str],
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:
-    frame = frame[EXPERT_COLUMNS].copy()
-    for column in ("layer", "expert", "tokens"):
-        frame[column] = frame[column].astype("int64")
-    for column in ("weight_sum", "ean_sum", "reap_sum", "max_norm"):
+    extra = [c for c in ABLATION_COLUMNS if c in frame.columns]
+    frame = frame[EXPERT_COLUMNS + extra].copy()
+    for column in ("layer", "expert", "tokens", *extra[:1]):
+        frame[column] = frame[column].fillna(0).astype("int64")
+    for column in ("weight_sum", "ean_sum", "reap_sum", "max_norm", *extra[1:]):
         frame[column] = frame[column].astype("float64")
     frame["domain"] = frame["domain"].astype(str)
     return frame
@@ -226,8 +229,15 @@ def merge_profiles(profiles: list[Profile], allow_duplicates: bool = False) -> P
         raise StatsError(f"{duplicates[0]}: merging would count its tokens twice",
                          "merge profiles of different data, or pass --allow-duplicates")
     experts = pd.concat([p.expert_stats for p in profiles], ignore_index=True)
-    agg = {c: "sum" for c in SUM_COLUMNS} | {"max_norm": "max"}
-    experts = experts.groupby(["layer", "expert", "domain"], as_index=False, sort=False).agg(agg)
+    means = _ablation_means(profiles)
+    if means:  # means -> sums
+        experts[means] = experts[means].mul(experts["ablation_tokens"], axis=0)
+    agg = {c: "sum" for c in SUM_COLUMNS + (["ablation_tokens", *means] if means else [])}
+    experts = experts.groupby(["layer", "expert", "domain"], as_index=False, sort=False).agg(
+        agg | {"max_norm": "max"})
+    if means:  # token-weighted means again (0 tokens: NaN)
+        experts[means] = experts[means].div(experts["ablation_tokens"].where(
+            experts["ablation_tokens"] > 0), axis=0)
     layers = pd.concat([p.layer_stats[LAYER_RAW_COLUMNS] for p in profiles], ignore_index=True)
     layers = layers.groupby(["layer", "domain"], as_index=False, sort=False).sum()
     coact: dict[str, np.ndarray] = {}
@@ -235,7 +245,18 @@ def merge_profiles(profiles: list[Profile], allow_duplicates: bool = False) -> P
         for key, value in profile.coactivation.items():
             coact[key] = coact[key] + value if key in coact else value.copy()
     meta = _merged_metadata(profiles) | ({"duplicates": duplicates} if duplicates else {})
+    if not means:
+        meta.pop("ablation", None)
     return _finish(meta, _typed(experts), layers, coact, windows=_merged_windows(profiles))
+
+
+def _ablation_means(profiles: list[Profile]) -> list[str]:
+    """The ablation mean columns every input has (none unless all inputs were ablated: a
+    mean over part of the data would pass for the whole)."""
+    have = [set(p.expert_stats.columns) for p in profiles]
+    if not all("ablation_tokens" in h for h in have):
+        return []
+    return [c for c in ABLATION_COLUMNS[1:] if all(c in h for h in have)]
 
 
 def _merged_windows(profiles: list[Profile]) -> dict[str, np.ndarray] | None:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moekit.stats.ablation import report_lines as ablation_lines
 from moekit.stats.html import write_html
 from moekit.stats.metrics import COLD_RATIO, coldest, specialisation, summary_table
 
@@ -144,6 +145,7 @@ def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
     parts += ["## Per-layer statistics (all domains)", "", markdown_table(table), "",
               "## Coldest experts", "", markdown_table(coldest(profile)), "",
               *_uncertainty_section(profile),
+              *ablation_lines(profile, plots, markdown_table),
               "## Notes", "",
               "- Loads are relative to the fair share S/E (S = tokens x k routed slots): 1 means "
               "uniform. MaxVio = max load - 1; CV = std/mean of the loads; entropy = mean router "

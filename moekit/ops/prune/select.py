@@ -39,10 +39,18 @@ CRITERIA: dict[str, str] = {
     "ean": "ean_sum: the sum over routed tokens of ||expert output||",
     "man": "ean_sum / tokens: the mean ||expert output|| over routed tokens (MAN; 0 for experts "
            "no token reached)",
+    "ablation": "ablation_loss: the mean loss change (nats/token) when the expert is removed "
+                "from its layer's routing, measured by `moekit profile --ablation`",
+    "ablation-kl": "ablation_kl: the mean KL(unablated || ablated) when the expert is removed "
+                   "(`moekit profile --ablation`)",
+    "ablation-fo": "ablation_loss_fo: the first-order estimate of ablation_loss "
+                   "(`moekit profile --ablation --ablation-method first-order|both`)",
     "random": "uniform random scores (seeded with --seed): the baseline",
 }
 DEFAULT_CRITERION = "ean"  # evidence: docs/benchmarks.md (prune quality across families)
-_COLUMN = {"frequency": "tokens", "weight": "weight_sum", "ean": "ean_sum", "reap-sum": "reap_sum"}
+_COLUMN = {"frequency": "tokens", "weight": "weight_sum", "ean": "ean_sum", "reap-sum": "reap_sum",
+           "ablation": "ablation_loss", "ablation-kl": "ablation_kl",
+           "ablation-fo": "ablation_loss_fo"}
 
 
 def criterion_scores(criterion: str, stats: ExpertStats | None, layer: int, num_experts: int,
@@ -56,11 +64,25 @@ def criterion_scores(criterion: str, stats: ExpertStats | None, layer: int, num_
     if stats is None:
         raise StatsError(f"--criterion {criterion} needs routing statistics",
                          "pass --stats DIR from `moekit profile`, or use --criterion random")
+    if criterion.startswith("ablation"):
+        _check_ablation(stats, layer, _COLUMN[criterion], criterion)
     if criterion in ("reap", "man"):
         tokens = stats.column(layer, "tokens")
         sums = stats.column(layer, "reap_sum" if criterion == "reap" else "ean_sum")
         return [r / t if t > 0 else 0.0 for r, t in zip(sums, tokens, strict=True)]
     return list(stats.column(layer, _COLUMN[criterion]))
+
+
+def _check_ablation(stats: ExpertStats, layer: int, column: str, criterion: str) -> None:
+    """The statistics hold measured `column` values for `layer` (else one-line StatsError)."""
+    values = stats.values.get(layer, {})
+    if column not in values or not any(values.get("ablation_tokens", ())) or all(
+            v != v for v in values[column]):  # all NaN: e.g. KL of a first-order-only run
+        what = "have no ablation columns" if "ablation_tokens" not in values else \
+            f"have no {column} values for domain '{stats.domain}', layer {layer}"
+        how = "--ablation-method exact or both" if criterion == "ablation-kl" else "--ablation"
+        raise StatsError(f"--criterion {criterion}: the stats in {stats.folder} {what}",
+                         f"re-run `moekit profile MODEL {how} --out DIR` and pass --stats DIR")
 
 
 SUPER_PERCENTILE, SUPER_FRACTION, SUPER_LAYERS = 99.5, 0.1, 0.75

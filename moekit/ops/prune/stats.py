@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import StatsError
-from moekit.stats.profile_io import EXPERT_COLUMNS, EXPERT_CSV, EXPERT_FILE, META_FILE
+from moekit.stats.profile_io import (
+    ABLATION_COLUMNS,
+    EXPERT_COLUMNS,
+    EXPERT_CSV,
+    EXPERT_FILE,
+    META_FILE,
+)
 
 if TYPE_CHECKING:
     from moekit.families.layout import ModelLayout
@@ -31,6 +37,7 @@ if TYPE_CHECKING:
 STATS_CSV, STATS_PARQUET, METADATA = EXPERT_CSV, EXPERT_FILE, META_FILE
 COLUMNS = tuple(EXPERT_COLUMNS)
 VALUES = COLUMNS[3:]
+OPTIONAL = tuple(ABLATION_COLUMNS)  # read when present (`profile --ablation`)
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,10 @@ def load_stats(folder: Path, domain: str = "all") -> ExpertStats:
         raise StatsError(f"{path.name} has no rows for domain '{domain}' (has: "
                          f"{', '.join(domains)})", "pass --domain with one of those names")
     counts = _num_experts(metadata)
+    present = VALUES + tuple(c for c in OPTIONAL if chosen and c in chosen[0])
     values: dict[int, dict[str, list[float]]] = {}
     for layer, experts in counts.items():
-        values[layer] = {c: [0.0] * experts for c in VALUES}
+        values[layer] = {c: [0.0] * experts for c in present}
     for row in chosen:
         layer, expert = row["layer"], row["expert"]
         if layer not in values:
@@ -77,7 +85,7 @@ def load_stats(folder: Path, domain: str = "all") -> ExpertStats:
         if not 0 <= expert < len(values[layer]["tokens"]):
             raise StatsError(f"{path.name}: layer {layer} names expert {expert}, but the layer has "
                              f"{len(values[layer]['tokens'])} experts")
-        for column in VALUES:
+        for column in present:
             values[layer][column][expert] += row[column]
     frozen = {layer: {c: tuple(v) for c, v in cols.items()} for layer, cols in values.items()}
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -129,16 +137,19 @@ def _rows(folder: Path) -> tuple[Path, list[dict[str, Any]]]:
         raise StatsError(f"{path.name} lacks column(s) {', '.join(missing)}",
                          f"expected columns: {', '.join(COLUMNS)}")
     try:
+        extra = [c for c in OPTIONAL if c in header]
         rows = [{"layer": int(r["layer"]), "expert": int(r["expert"]), "domain": str(r["domain"]),
-                 **{c: _number(r[c]) for c in VALUES}} for r in raw]
+                 **{c: _number(r[c]) for c in VALUES},
+                 **{c: _number(r[c], math.nan) for c in extra}} for r in raw]
     except (TypeError, ValueError) as err:
         raise StatsError(f"{path.name} has a malformed row ({err})") from err
     return path, rows
 
 
-def _number(value: Any) -> float:
-    number = float(value) if value not in (None, "") else 0.0
-    return 0.0 if math.isnan(number) else number
+def _number(value: Any, missing: float = 0.0) -> float:
+    """A float; `missing` for empty cells and NaN (0 for sums; NaN for optional means)."""
+    number = float(value) if value not in (None, "") else missing
+    return missing if math.isnan(number) else number
 
 
 def check_stats(stats: ExpertStats, layout: ModelLayout, fingerprint: str,
