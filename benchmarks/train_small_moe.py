@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train a small MoE of another family on the FIRST HALF of the sample_data texts (offline).
+"""Train a small MoE of another family on the FIRST HALF of each text of a folder (offline).
 
 Families (all from transformers config classes, trained from scratch for a wall-clock budget):
 - `qwen3_moe`: 32 experts, top-4, renormalised softmax;
@@ -8,7 +8,9 @@ Families (all from transformers config classes, trained from scratch for a wall-
   (the bias is a buffer that gradients do not train: it is set by a loss-free balancing update,
   b_e += 1e-3 * sign(mean load - load_e) per step, as in DeepSeek-V3), one shared expert;
 - `qwen2_moe`: 8 experts, top-2, no renorm, gated shared expert.
-The second half of each text stays unseen, for evaluation (`bench_prune_quality.py --model`).
+Texts: every `.txt` of `--texts` (default `sample_data/`; the fixture texts, ~35k tokens per
+domain, overfit far later). The second half of each text stays unseen, for evaluation
+(`bench_prune_quality.py --model ... --texts` the same folder).
 Reuses the demo trainer's tokenizer, windows, learning-rate schedule and report helpers.
 
 Checkpoints: every `--save-every` seconds (and at the end) the loss on the first 8 windows of each
@@ -23,7 +25,7 @@ beside the unigram cross-entropy, and per layer the mutual information (bits) be
 the selected experts (0 = routing ignores the domain). Keep outputs outside git. Example:
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python benchmarks/train_small_moe.py qwen3_moe \
-        --out ../models/qwen3_moe --steps 4000 --seconds 2400
+        --texts ../shared/fixtures/text --out ../models/qwen3_moe --steps 3000 --seconds 1500
 """
 
 from __future__ import annotations
@@ -206,6 +208,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=900.0, help="wall-clock cap (all runs)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--texts", type=Path, default=demo.DATA_DIR,
+                    help="folder of .txt domains, trained on their first halves (default: "
+                    "sample_data/, ~10k tokens per domain: it overfits within ~200 steps)")
     ap.add_argument("--seq", type=int, default=SEQ)
     ap.add_argument("--batch-per-domain", type=int, default=BATCH_PER_DOMAIN)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
@@ -217,8 +222,8 @@ def main() -> None:
     demo.hf_logging.set_verbosity_error()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    halves = {d: demo.split_text((demo.DATA_DIR / f"{d}.txt").read_text(), 0.5)
-              for d in demo.DOMAINS}
+    halves = {f.stem: demo.split_text(f.read_text(encoding="utf-8"), 0.5)
+              for f in sorted(args.texts.glob("*.txt"))}
     model, tokenizer, opt, state = build(args, {d: h[0] for d, h in halves.items()})
     train_ids = {d: demo.encode(tokenizer, h[0]) for d, h in halves.items()}
     val = {d: demo.encode(tokenizer, h[1]) for d, h in halves.items()}
