@@ -111,6 +111,7 @@ def prune(model: Path, stats: Path, out: Path, criterion: str, ratio: float, see
 
 
 def main() -> None:
+    global RATIOS, ONLY_NEW, DOMAINS, SEEDS, SEQ_LEN, DATA_METHODS, JSON
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fixtures", type=Path, default=FIXTURES)
     parser.add_argument("--max-tokens", type=int, default=16384,
@@ -132,7 +133,6 @@ def main() -> None:
                         help="which `prune --data` rows to run (comma list; '' for none)")
     parser.add_argument("--json", type=Path, help="also write the mean losses here")
     args = parser.parse_args()
-    global RATIOS, ONLY_NEW, DOMAINS, SEEDS, SEQ_LEN, DATA_METHODS, JSON
     RATIOS = tuple(float(r) for r in args.ratios.split(","))
     SEQ_LEN, JSON = args.seq_len, args.json
     DATA_METHODS = {k: v for k, v in DATA_METHODS.items() if k in args.data_methods.split(",")}
