@@ -18,8 +18,8 @@ held-out half is measured and, when it is the lowest so far (early stopping: ~10
 per domain overfit within a few hundred steps), the model is written to `--out` through a
 temporary sibling folder (a stopped run leaves the best complete model), with
 `trainer_state.pt` (optimizer, step, elapsed time, sampler state) beside it; `--resume` continues
-from there, with the schedule's progress = max(step / steps, elapsed / seconds) carried over, so
-a resumed run ends where one uninterrupted run would have. Threads: `--threads`, default
+from that kept checkpoint, with the schedule's progress = max(step / steps, elapsed / seconds)
+carried over (a larger `--seconds` on resume stretches the remaining cosine decay). Threads: `--threads`, default
 `$OMP_NUM_THREADS` or 1. At the end it prints, on the held-out second halves, the loss per domain
 beside the unigram cross-entropy, and per layer the mutual information (bits) between domain and
 the selected experts (0 = routing ignores the domain). Keep outputs outside git. Example:
@@ -48,7 +48,7 @@ _spec.loader.exec_module(demo)  # type: ignore[union-attr]
 COMMON = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, max_position_embeddings=512, tie_word_embeddings=False,
               bos_token_id=0, eos_token_id=0, pad_token_id=0)
-SEQ, BATCH_PER_DOMAIN = 128, 4  # 1.5k tokens a step: per-token cost is lower than 64x2
+SEQ, BATCH_PER_DOMAIN = 128, 4  # 512 tokens per domain a step: cheaper per token than 64 x 2
 FAMILIES = {
     "qwen3_moe": dict(COMMON, intermediate_size=128, moe_intermediate_size=32, num_experts=32,
                       num_experts_per_tok=4, norm_topk_prob=True, router_aux_loss_coef=0.01,
