@@ -19,10 +19,11 @@ per domain overfit within a few hundred steps), the model is written to `--out` 
 temporary sibling folder (a stopped run leaves the best complete model), with
 `trainer_state.pt` (optimizer, step, elapsed time, sampler state) beside it; `--resume` continues
 from that kept checkpoint, with the schedule's progress = max(step / steps, elapsed / seconds)
-carried over (a larger `--seconds` on resume stretches the remaining cosine decay). Threads: `--threads`, default
-`$OMP_NUM_THREADS` or 1. At the end it prints, on the held-out second halves, the loss per domain
-beside the unigram cross-entropy, and per layer the mutual information (bits) between domain and
-the selected experts (0 = routing ignores the domain). Keep outputs outside git. Example:
+carried over (a larger `--seconds` on resume stretches the remaining cosine decay). Threads:
+`--threads`, default `$OMP_NUM_THREADS` or 1. At the end it prints, on the held-out second halves,
+the loss per domain beside the unigram cross-entropy, and per layer the mutual information (bits)
+between domain and the selected experts (0 = routing ignores the domain). Keep outputs outside
+git. Example:
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python benchmarks/train_small_moe.py qwen3_moe \
         --texts ../shared/fixtures/text --out ../models/qwen3_moe --steps 3000 --seconds 1500
