@@ -14,13 +14,18 @@ refit tried, kept when the held-out KL says so) and `auto` (all candidates, best
 plus the stats-only `man` criterion and `ean` with super-expert protection (the new stats-only
 default). Each data row records the wall time and peak RSS of its `moekit prune` process.
 
+Other families (`train_small_moe.py`): `--model DIR --texts FOLDER --seq-len 128` (the length
+they were trained at), `--data-methods ''` to skip the slow `--data` rows, `--json` for the means.
+
 Usage: .venv/bin/python benchmarks/bench_prune_quality.py [--max-tokens 16384] [--keep DIR]
-       [--only-new] [--ratios 0.25,0.5]
+       [--only-new] [--ratios 0.25,0.5] [--model DIR --texts DIR] [--seq-len 256]
+       [--data-methods measured,measured+compensate,auto] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import statistics
@@ -41,13 +46,15 @@ DATA_METHODS = {"measured": ["--criterion", "measured", "--no-compensate"],
 SEEDS = (0, 1, 2)
 RATIOS = (0.25, 0.5)
 ONLY_NEW = False
+SEQ_LEN = 256
+JSON: Path | None = None
 
 
 def profile(model: Path, texts: Path, out: Path, max_tokens: int) -> None:
     """`moekit profile` on the first half of every text (the calibration split)."""
     data = [arg for d in DOMAINS for arg in ("--data", f"{d}={texts / f'{d}.txt'}")]
     cmd = [sys.executable, "-c", "from moekit.cli.app import main; main()", "profile",
-           str(model), *data, "--data-range", "0:0.5", "--seq-len", "256", "--max-tokens",
+           str(model), *data, "--data-range", "0:0.5", "--seq-len", str(SEQ_LEN), "--max-tokens",
            str(max_tokens), "--out", str(out), "--no-plots"]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
@@ -58,7 +65,7 @@ def losses(model: Path, texts: Path, max_tokens: int) -> dict[str, float]:
     from moekit.ops.evaluate import evaluate
 
     sources = [DataSource(d, texts / f"{d}.txt") for d in DOMAINS]
-    result = evaluate(model, sources, seq_len=256, max_tokens=max_tokens, batch_size=8,
+    result = evaluate(model, sources, seq_len=SEQ_LEN, max_tokens=max_tokens, batch_size=8,
                       fraction=(0.5, 1.0), device="cpu")
     return {row.name: row.loss for row in result.domains}
 
@@ -71,7 +78,8 @@ def prune_with_data(model: Path, texts: Path, out: Path, ratio: float,
             "finally:\n    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
             " file=sys.stderr)")
     cmd = [sys.executable, "-c", code, "prune", str(model), *data, "--data-range", "0:0.5",
-           "--ratio", str(ratio), "--out", str(out), "--overwrite", "--device", "cpu", *extra]
+           "--ratio", str(ratio), "--out", str(out), "--overwrite", "--device", "cpu",
+           "--seq-len", str(SEQ_LEN), *extra]
     start = time.perf_counter()
     done = subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
@@ -103,6 +111,7 @@ def prune(model: Path, stats: Path, out: Path, criterion: str, ratio: float, see
 
 
 def main() -> None:
+    global RATIOS, ONLY_NEW, DOMAINS, SEEDS, SEQ_LEN, DATA_METHODS, JSON
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fixtures", type=Path, default=FIXTURES)
     parser.add_argument("--max-tokens", type=int, default=16384,
@@ -118,9 +127,15 @@ def main() -> None:
                         "train_small_moe.py); its texts: --texts")
     parser.add_argument("--texts", type=Path, help="folder of .txt domains (default: the "
                         "fixture texts; sample_data/ for --model)")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per window "
+                        "(profile, --data, eval); at most the length the model was trained on")
+    parser.add_argument("--data-methods", default=",".join(DATA_METHODS),
+                        help="which `prune --data` rows to run (comma list; '' for none)")
+    parser.add_argument("--json", type=Path, help="also write the mean losses here")
     args = parser.parse_args()
-    global RATIOS, ONLY_NEW, DOMAINS, SEEDS
     RATIOS = tuple(float(r) for r in args.ratios.split(","))
+    SEQ_LEN, JSON = args.seq_len, args.json
+    DATA_METHODS = {k: v for k, v in DATA_METHODS.items() if k in args.data_methods.split(",")}
     ONLY_NEW = args.only_new
     SEEDS = () if args.no_random else SEEDS
     model = args.model or args.fixtures / "models" / "mixtral-e16k2"
@@ -177,6 +192,10 @@ def report(rows: dict[tuple[str, str], dict[str, float]],
     print("|---" * (len(DOMAINS) + 6) + "|")
     means = {key: statistics.mean(values.values()) for key, values in rows.items()}
     base = means[("0", "unpruned")]
+    if JSON is not None:
+        JSON.write_text(json.dumps([{"removed": k[0], "method": k[1], "mean": means[k],
+                                     "domains": rows[k], "prune_s": costs.get(k, [None])[0]}
+                                    for k in rows], indent=1))
     for key, values in rows.items():
         wall, peak = costs.get(key, (math.nan, math.nan))
         cells = [f"{values[d]:.4f}" for d in DOMAINS] + [f"**{means[key]:.4f}**",
@@ -188,6 +207,10 @@ def report(rows: dict[tuple[str, str], dict[str, float]],
         return
     for ratio in (f"{r:.0%}" for r in RATIOS):
         random_mean = statistics.mean(means[(ratio, f"random (seed {s})")] for s in SEEDS)
+        ranked = sorted((c for c in CRITERIA + NEW_STATS if (ratio, c) in means),
+                        key=lambda c: means[(ratio, c)])
+        print(f"- {ratio}: stats criteria best first: "
+              + ", ".join(f"{c} +{means[(ratio, c)] - base:.4f}" for c in ranked))
         best = min(CRITERIA, key=lambda c: means[(ratio, c)])
         worst = max(CRITERIA, key=lambda c: means[(ratio, c)])
         print(f"- {ratio}: random mean {random_mean:.4f}; best {best} {means[(ratio, best)]:.4f} "
