@@ -111,6 +111,22 @@ def test_an_output_larger_than_the_free_space_is_refused_before_writing(tiny_che
     result = RUNNER.invoke(app, args)
     assert result.exit_code == 2, result.output
     lines = [x for x in result.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and "only 0.00 GB are free" in lines[0], result.stderr
-    assert "needs 0.00 GB" in lines[0] and str(tmp_path / "out") in lines[0]
+    assert len(lines) == 1 and "but only 1.00 KB are free" in lines[0], result.stderr
+    assert " needs " in lines[0] and str(tmp_path / "out") in lines[0]
     assert calls == [] and leftovers(tmp_path) == []
+
+
+def test_disk_full_on_a_side_file_is_one_line_exit_2(tiny_checkpoint, tmp_path, monkeypatch):
+    from moekit.ops.plan import PrunePlan
+
+    def no_room(self, path: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(PrunePlan, "save", no_room)
+    _, args = command("prune", tiny_checkpoint, tmp_path)
+    result = RUNNER.invoke(app, [*args[:-2], "--dry-run", "--plan-out",
+                                 str(tmp_path / "plan.json")])
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "No space left on device" in lines[0], result.stderr
+    assert "plan.json" in lines[0] and "Traceback" not in result.output

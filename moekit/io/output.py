@@ -115,11 +115,13 @@ def check_free_space(out: Path, needed: int) -> None:
     parent = Path(out).expanduser().resolve().parent
     while not parent.exists():
         parent = parent.parent
+    from moekit.runtime.budget import human
+
     free = shutil.disk_usage(parent).free
     if free < needed:
-        raise DiskFullError(f"{out} needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB "
-                            f"are free in {parent}", "free space on that disk or choose "
-                            "another --out")
+        raise DiskFullError(f"{out} needs {human(needed, up=True)} but only "
+                            f"{human(free, up=False)} are free in {parent}",
+                            "free space on that disk or choose another --out")
 
 
 def _check_writable_parent(resolved: Path, option: str, shown: Path) -> None:
