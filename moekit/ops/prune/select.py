@@ -72,8 +72,11 @@ def super_experts(stats: ExpertStats) -> dict[int, list[int]]:
     percentile of all those experts' max_norm and a tenth of the largest one."""
     layers = stats.layers[:max(1, int(len(stats.layers) * SUPER_LAYERS))]
     values = {layer: stats.column(layer, "max_norm") for layer in layers}
-    flat = sorted(float(v) for vals in values.values() for v in vals)
-    if not flat or flat[-1] <= 0:
+    flat = [float(v) for vals in values.values() for v in vals]
+    if not flat or any(v != v for v in flat):  # a NaN: no bar can be drawn (as numpy's NaN did)
+        return {}
+    flat.sort()
+    if flat[-1] <= 0:
         return {}
     bar = max(percentile(flat, SUPER_PERCENTILE), SUPER_FRACTION * flat[-1])
     found = {layer: [e for e, v in enumerate(vals) if v > bar] for layer, vals in values.items()}
