@@ -1,7 +1,8 @@
 """A config.json whose `model_type` transformers does not know, with no `auto_map` to supply
 it: the commands that load the model with transformers (profile, eval) refuse in one moekit
 line naming the model_type and the fix; the checkpoint-level ones (inspect, prune), which read
-the safetensors files and the family record only, keep working."""
+the safetensors files and the family record only, keep working. `merge` runs the model for
+its calibration pass, so it refuses too."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import transformers
+from prune_support import write_synthetic_stats
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
 from moekit.errors import UnsupportedModelError
+from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
 from moekit.io.remote_code import check_remote_code
 
@@ -50,6 +53,19 @@ def test_model_loading_commands_name_the_model_type_and_the_fix(tiny_checkpoint,
     assert f"transformers {transformers.__version__}" in lines[0]
     assert "does not recognize this architecture" not in result.output  # transformers' own
     assert not (tmp_path / "prof").exists()
+
+
+def test_merge_calibration_names_the_model_type(tiny_checkpoint, tmp_path):
+    odd = unknown_type_copy(tiny_checkpoint("mixtral"), tmp_path / "odd")
+    tokens = {layer.index: [float(j + 1) for j in range(layer.num_experts)]
+              for layer in describe(Checkpoint(odd)).moe_layers}
+    stats = write_synthetic_stats(tmp_path / "stats", odd, tokens)
+    result = RUNNER.invoke(app, ["merge", str(odd), "--stats", str(stats), "--ratio", "0.5",
+                                 "--group", "weight", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = [x for x in result.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and f"model_type '{UNKNOWN}'" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_checkpoint_level_commands_do_not_need_transformers_to_know_it(tiny_checkpoint,
