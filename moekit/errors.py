@@ -34,6 +34,10 @@ class OutputExistsError(MoekitError):
     """The output folder exists and is not empty."""
 
 
+class DiskFullError(MoekitError):
+    """The output's file system ran out of space (or quota) while the output was written."""
+
+
 class InvalidArgumentError(MoekitError):
     """An option value is out of range or inconsistent with the model."""
 

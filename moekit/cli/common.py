@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -74,6 +75,10 @@ def handle_errors(func: F) -> F:
         except Exception as err:  # noqa: BLE001 - last resort: one line, details with --debug
             if STATE["debug"]:
                 raise
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                err_console.print(f"[bold red]error:[/] {escape(str(err))} (free space on that "
+                                  "disk or write elsewhere)", soft_wrap=True)
+                sys.exit(2)  # a side file; outputs are staged and raise DiskFullError
             first = (str(err).strip().splitlines() or [""])[0]
             err_console.print(f"[bold red]error:[/] {type(err).__name__}: {escape(first)} "
                               "(run with --debug for the traceback)", soft_wrap=True)

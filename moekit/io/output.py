@@ -21,7 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moekit.errors import InvalidArgumentError, OutputExistsError, Terminated
+from moekit.errors import (
+    DiskFullError,
+    InvalidArgumentError,
+    OutputExistsError,
+    Terminated,
+)
 from moekit.io.writer import DEFAULT_SHARD_BYTES
 
 if TYPE_CHECKING:
@@ -104,6 +109,21 @@ def check_outputs(inputs: Iterable[Path | None], out: Path | None = None,
             check_side_file(path, option, suffixes, inputs, out)
 
 
+def check_free_space(out: Path, needed: int) -> None:
+    """Refuse before writing when the file system that will hold `out` has fewer than `needed`
+    bytes free (a later ENOSPC is still caught by `staged_output`)."""
+    from moekit.runtime.budget import human
+
+    parent = Path(out).expanduser().resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise DiskFullError(f"{out} needs {human(needed, up=True)} but only "
+                            f"{human(free, up=False)} are free in {parent}",
+                            "free space on that disk or choose another --out")
+
+
 def _check_writable_parent(resolved: Path, option: str, shown: Path) -> None:
     parent = resolved.parent
     while not parent.exists():
@@ -158,8 +178,12 @@ def staged_output(out: Path, overwrite: bool = False,
             yield staging
             fsync_tree(staging)
             retired = _place(staging, out, overwrite)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFullError(f"no space left for {out} ({err.strerror}); the partial "
+                                    "output was removed", "free space on that disk or choose "
+                                    "another --out") from err
             raise
     fsync_dir(out.parent)  # the rename is durable before any old data is freed
     if retired is not None:
@@ -321,6 +345,7 @@ def write_model_folder(checkpoint: Checkpoint, out: Path, tensors: list[OutTenso
     for shard in checkpoint.shards:
         metadata.update(shard.metadata)
     total = sum(t.nbytes for t in tensors)
+    check_free_space(Path(out), total)
     if on_bytes:
         on_bytes(0, total)
     with staged_output(Path(out), overwrite, inputs=(checkpoint.folder,)) as staging:

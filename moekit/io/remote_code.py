@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moekit.errors import UnsafeCheckpointError
+from moekit.errors import UnsafeCheckpointError, UnsupportedModelError
 
 FLAG = "--trust-remote-code"
 
@@ -21,29 +21,37 @@ def check_remote_code(source: Path | str | dict[str, Any], trust: bool) -> None:
     """Refuse (UnsafeCheckpointError) when loading `source` would need code from the
     checkpoint: its config.json (or tokenizer_config.json) has an `auto_map` whose classes
     transformers does not have built in. `source` is a folder or a parsed config.json.
+    A `model_type` that transformers does not know and no `auto_map` can supply is refused
+    too (UnsupportedModelError), with or without `trust`.
 
     A Hub id that is not a local folder is not read here; the explicit
     `trust_remote_code=False` on the transformers call still refuses it without a prompt."""
-    if trust:
-        return
     if isinstance(source, dict):
-        _check_config(source, "config.json", "the checkpoint")
+        _check_config(source, "config.json", "the checkpoint", trust)
         return
     folder = Path(source)
     if not folder.is_dir():
         return
-    _check_config(_read_json(folder / "config.json"), "config.json", str(folder))
-    _check_tokenizer(_read_json(folder / "tokenizer_config.json"), str(folder))
+    _check_config(_read_json(folder / "config.json"), "config.json", str(folder), trust)
+    if not trust:
+        _check_tokenizer(_read_json(folder / "tokenizer_config.json"), str(folder))
 
 
-def _check_config(config: dict[str, Any], file: str, where: str) -> None:
+def _check_config(config: dict[str, Any], file: str, where: str, trust: bool) -> None:
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or _known_model_type(model_type):
+        return  # a known type: transformers uses its own class and ignores any auto_map
     auto_map = config.get("auto_map")
     if not auto_map:
-        return
-    model_type = config.get("model_type")
-    if isinstance(model_type, str) and _known_model_type(model_type):
-        return  # transformers uses its own class and ignores auto_map when not trusted
-    _refuse(where, file, auto_map, f"transformers has no built-in model_type '{model_type}'")
+        import transformers
+
+        raise UnsupportedModelError(
+            f"{where}: transformers {transformers.__version__} does not know model_type "
+            f"'{model_type}' ({file} has no auto_map code for it either)",
+            "upgrade transformers (pip install -U transformers), or correct model_type in "
+            f"{file} if it is wrong")
+    if not trust:
+        _refuse(where, file, auto_map, f"transformers has no built-in model_type '{model_type}'")
 
 
 def _check_tokenizer(config: dict[str, Any], where: str) -> None:

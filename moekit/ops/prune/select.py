@@ -92,16 +92,27 @@ def super_experts(stats: ExpertStats) -> dict[int, list[int]]:
     """Experts with an outstanding `max_norm` (largest ||f|| seen), after Su et al. 2025
     ("super experts"): in the first 75% of MoE layers, max_norm above both the 99.5th
     percentile of all those experts' max_norm and a tenth of the largest one."""
-    import numpy as np
-
     layers = stats.layers[:max(1, int(len(stats.layers) * SUPER_LAYERS))]
     values = {layer: stats.column(layer, "max_norm") for layer in layers}
-    flat = np.concatenate([np.asarray(v, dtype=float) for v in values.values()])
-    if flat.size == 0 or flat.max() <= 0:
+    flat = [float(v) for vals in values.values() for v in vals]
+    if not flat or any(v != v for v in flat):  # a NaN: no bar can be drawn (as numpy's NaN did)
         return {}
-    bar = max(float(np.percentile(flat, SUPER_PERCENTILE)), SUPER_FRACTION * float(flat.max()))
+    flat.sort()
+    if flat[-1] <= 0:
+        return {}
+    bar = max(percentile(flat, SUPER_PERCENTILE), SUPER_FRACTION * flat[-1])
     found = {layer: [e for e, v in enumerate(vals) if v > bar] for layer, vals in values.items()}
     return {layer: ids for layer, ids in found.items() if ids}
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of sorted values, linear between the two nearest ranks
+    (numpy's default): position p = q/100 * (n - 1), value x[floor p] + frac(p) * (x[ceil p] -
+    x[floor p]). Plain Python, so that planning a prune never imports numpy."""
+    position = q / 100.0 * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (position - low) * (ordered[high] - ordered[low])
 
 
 def merge_protect(*maps: dict[int, list[int]]) -> dict[int, list[int]]:
