@@ -83,3 +83,22 @@ def test_percentile_matches_numpy():
         for q in (0, 12.5, 50, 99.5, 100):
             assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)),
                                                           rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize(("args", "loaded"), [
+    (["prune", "--help"], ["prune_cmd"]), (["--debug", "inspect", "--help"], ["inspect_cmd"]),
+    (["stats", "show", "--help"], ["profile_cmd", "stats_cmd"]),  # stats reuses profile's
+    (["--help"], ["eval_cmd", "inspect_cmd", "merge_cmd", "profile_cmd", "prune_cmd",
+                  "stats_cmd", "upcycle_cmd"])])
+def test_the_entry_point_builds_only_the_command_it_runs(args, loaded):
+    """Converting every command's options costs start-up; `main()` imports one command module
+    (all of them for the top-level help, whose listing needs them)."""
+    code = ("import sys\nfrom moekit.cli.app import main\nsys.argv = ['moekit', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('CMDS', *sorted(m.rsplit('.', 1)[1] for m in sys.modules "
+            "if m.startswith('moekit.cli.') and m.endswith('_cmd')), file=sys.stderr)")
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    line = next(x for x in run.stderr.splitlines() if x.startswith("CMDS"))
+    assert line.split()[1:] == loaded, run.stderr
+    assert "Usage:" in run.stdout
