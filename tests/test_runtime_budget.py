@@ -16,9 +16,10 @@ from moekit.cli.app import app
 from moekit.errors import InvalidArgumentError
 from moekit.ops.evaluate import evaluate
 from moekit.ops.profile import profile_model
-from moekit.runtime.budget import Sizes, decide, parse_size
+from moekit.runtime.budget import Sizes, decide
 from moekit.runtime.engine import open_model
 from moekit.runtime.hidden import SpillError
+from moekit.units import parse_size
 
 GROUP_FAMILIES = ["mixtral", "deepseek_v3", "qwen2_moe", "gpt_oss", "qwen3_next"]
 
@@ -34,8 +35,13 @@ def test_parse_size():
     assert parse_size("700MB") == 700 * 10**6
     assert parse_size("1.5GiB") == int(1.5 * 2**30)
     assert parse_size("123") == 123
-    with pytest.raises(InvalidArgumentError, match="not a size"):
-        parse_size("lots")
+    assert parse_size(" 2 tb ") == 2 * 10**12 and parse_size("512Mi") == 512 * 2**20
+    assert parse_size("64KiB") == 64 * 2**10 and parse_size("5G") == 5 * 10**9
+    for bad in ("lots", "GB", "iB", "5XB", "-5GB", "5 GB extra"):
+        with pytest.raises(InvalidArgumentError, match="--max-shard-size .* is not a size"):
+            parse_size(bad, "--max-shard-size")
+    with pytest.raises(InvalidArgumentError, match="--max-memory must be positive"):
+        parse_size("0MB")
 
 
 def test_decision_arithmetic():

@@ -30,7 +30,8 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
 )
-from moekit.cli.prune_cmd import _byte_progress, parse_size
+from moekit.cli.prune_cmd import _byte_progress
+from moekit.units import parse_size
 
 GROUP_HELP = ("hc-smoe (average-linkage clustering of mean expert outputs), m-smoe (default; "
               "dominant experts + router-logit similarity), weight (data-free weight cosine).")
@@ -95,7 +96,7 @@ def merge(
     from moekit.io.output import check_output
 
     source = load_model_path(model, revision)
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run:
         if out is None:
             raise InvalidArgumentError("--out is required (or use --dry-run)")

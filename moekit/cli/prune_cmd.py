@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +27,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
 )
+from moekit.units import parse_size
 
 CRITERION_HELP = ("Stats: ean (default without --data; output-norm sum), reap-sum, weight "
                   "(gate-weight sum), frequency (tokens), man (mean output norm), reap (mean gate "
@@ -119,7 +119,7 @@ def prune(
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
 
     source = load_model_path(model, revision)
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         from moekit.errors import InvalidArgumentError
 
@@ -228,22 +228,6 @@ def moe_layout(source: Path) -> tuple[Any, Any, str]:
         raise InvalidArgumentError(f"{source} is a dense model ({layout.resolved.family.name}): "
                                    "nothing to prune")
     return checkpoint, layout, model_fingerprint(checkpoint, layout)
-
-
-def parse_size(text: str) -> int:
-    """`5GB` -> 5e9 bytes (also KB/MB/TB, KiB/MiB/GiB/TiB, or a plain number of bytes)."""
-    from moekit.errors import InvalidArgumentError
-
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise InvalidArgumentError(f"--max-shard-size '{text}' is not a size", "e.g. 5GB, 500MB")
-    unit = (match[2] or "B").upper().rstrip("B") or "B"
-    powers = {"B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
-    size = int(float(match[1]) * powers[unit])
-    if size <= 0:
-        raise InvalidArgumentError(f"--max-shard-size '{text}' must be positive")
-    return size
 
 
 def _eval_sources(values: list[str] | None, data_range: str | None) -> tuple[list, tuple]:

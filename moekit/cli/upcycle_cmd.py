@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -20,25 +19,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
 )
-
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes from `5GB`, `500MB`, `1.5GiB`, `2000000` (decimal units; `iB` binary)."""
-    from moekit.errors import InvalidArgumentError
-
-    match = SIZE.match(text)
-    if not match:
-        raise InvalidArgumentError(f"--max-shard-size '{text}' is not a size",
-                                   "use e.g. 5GB, 500MB or a number of bytes")
-    number, unit, suffix = match.groups()
-    base = 1024 if suffix.lower().startswith("i") else 1000
-    power = " KMGT".index(unit.upper() or " ")
-    size = int(float(number) * base**power)
-    if size <= 0:
-        raise InvalidArgumentError(f"--max-shard-size must be positive, got '{text}'")
-    return size
+from moekit.units import parse_size
 
 
 @handle_errors
@@ -106,7 +87,7 @@ def upcycle(
         shared_expert=shared_expert, shared_neurons=shared_neurons, data=tuple(data or ()),
         data_range=data_range, max_tokens=max_tokens, seq_len=seq_len,
         norm_topk_prob=norm_topk_prob, aux_loss_coef=aux_loss_coef,
-        max_shard_bytes=parse_size(max_shard_size), max_memory=max_memory,
+        max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), max_memory=max_memory,
         trust_remote_code=trust_remote_code)
     if out is None and not dry_run:
         from moekit.errors import InvalidArgumentError

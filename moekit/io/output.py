@@ -112,7 +112,7 @@ def check_outputs(inputs: Iterable[Path | None], out: Path | None = None,
 def check_free_space(out: Path, needed: int) -> None:
     """Refuse before writing when the file system that will hold `out` has fewer than `needed`
     bytes free (a later ENOSPC is still caught by `staged_output`)."""
-    from moekit.runtime.budget import human
+    from moekit.units import human
 
     parent = Path(out).expanduser().resolve().parent
     while not parent.exists():

@@ -18,41 +18,14 @@ else streaming within that budget. Below `resident + largest base + one expert` 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moekit.errors import InvalidArgumentError
+from moekit.units import human, parse_size
 
-UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
-         "GB": 10**9, "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-         "TIB": 2**40}
 AUTO_FRACTION = 0.8
-
-
-def parse_size(text: str) -> int:
-    """`700MB`, `40GB`, `1.5TiB`, `123456` (bytes) -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).upper() if match else ""
-    if not match or unit not in UNITS:
-        raise InvalidArgumentError(f"--max-memory {text!r} is not a size",
-                                   "write e.g. 700MB, 40GB, 1.5TiB, or auto")
-    return int(float(match.group(1)) * UNITS[unit])
-
-
-def human(nbytes: float, up: bool | None = None) -> str:
-    """Decimal units, two decimals; `up` True/False rounds up/down (a limit never misstated)."""
-    import math
-
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(nbytes) < 1000 or unit == "TB":
-            rounding = {True: math.ceil, False: math.floor, None: round}[up]
-            if unit == "B":
-                return f"{rounding(nbytes)} B"
-            return f"{rounding(nbytes * 100) / 100:.2f} {unit}"
-        nbytes /= 1000
-    return f"{nbytes:.2f} TB"
 
 
 def free_memory(device: Any) -> float:

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moekit.runtime.budget import Plan, Sizes, decide, free_memory, human
+from moekit.runtime.budget import Plan, Sizes, decide, free_memory
+from moekit.units import human
 
 Before = Callable[[int], None]
 
