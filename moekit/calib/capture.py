@@ -178,6 +178,22 @@ def capture_layers(model: Any, family: MoeFamily, batches: Iterable[torch.Tensor
             for layer, g in grabbers.items() if g.inputs}
 
 
+def grab_block(block: MoeBlock, logits_index: int) -> tuple[_Grabber, list[Any]]:
+    """Hooks that record the block input and router logits of every forward of `block` (the
+    first `grabber.take` rows of each call); `grabbed(...)` turns them into a LayerCapture.
+    Remove the returned handles when done."""
+    grab = _Grabber(logits_index, False)
+    return grab, [block.block.register_forward_pre_hook(grab.on_input),
+                  block.router.register_forward_hook(grab.on_router)]
+
+
+def grabbed(grab: _Grabber, layer: int) -> LayerCapture:
+    import torch
+
+    return LayerCapture(layer, torch.cat(grab.inputs), torch.cat(grab.logits), None,
+                        torch.cat(grab.residual) if grab.residual else None)
+
+
 def capture_step(step: Any, block: MoeBlock, batches: Sequence[int], *, max_tokens: int,
                  logits_index: int, residual: bool = False,
                  select: Callable[[int], None] | None = None) -> LayerCapture:
@@ -186,11 +202,7 @@ def capture_step(step: Any, block: MoeBlock, batches: Sequence[int], *, max_toke
     from the engine's hidden-state store, which is left untouched), until `max_tokens`
     positions were seen. Without `residual` the call stops after the router. `select(b)` is
     called before batch b runs (e.g. to tell conditional hooks which tokens these are)."""
-    import torch
-
-    grab = _Grabber(logits_index, False)
-    handles = [block.block.register_forward_pre_hook(grab.on_input),
-               block.router.register_forward_hook(grab.on_router)]
+    grab, handles = grab_block(block, logits_index)
     if not residual:
         handles.append(block.router.register_forward_hook(_raise_stop))
     seen = 0
@@ -209,8 +221,7 @@ def capture_step(step: Any, block: MoeBlock, batches: Sequence[int], *, max_toke
     finally:
         for handle in handles:
             handle.remove()
-    return LayerCapture(block.layer, torch.cat(grab.inputs), torch.cat(grab.logits), None,
-                        torch.cat(grab.residual) if grab.residual else None)
+    return grabbed(grab, block.layer)
 
 
 def _raise_stop(module: Any, args: tuple, output: Any) -> None:
