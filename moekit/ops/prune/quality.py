@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from moekit.ops.prune.measured import Calibration, MeasuredLayer
 from moekit.ops.prune.select import build_plan

@@ -2,9 +2,10 @@
 
 `fits` give new down projections W [H, I] (float32, math orientation y = W h) for some kept
 experts (a mapping per layer; read only when the tensor is written, so refits spilled to disk,
-`runtime.spill`, come back one at a time). Per-expert checkpoints get the expert's `...{down}.weight` [H, I] replaced (under its
-new id); fused checkpoints get the kept rows of the fused down tensor ([E', H, I], or
-[E', I, H] when transposed) with the refitted experts' rows replaced. Everything else stays a
+`runtime.spill`, come back one at a time). Per-expert checkpoints get the expert's
+`...{down}.weight` [H, I] replaced (under its new id); fused checkpoints get the kept rows of
+the fused down tensor ([E', H, I], or [E', I, H] when transposed) with the refitted experts'
+rows replaced. Everything else stays a
 byte copy. Each modified tensor is reported with its relative change ||W - W0|| / ||W0||.
 """
 
