@@ -83,6 +83,7 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
     """LayerCalib for every MoE layer on at most `max_tokens` tokens of `sources` (tokens are
     drawn from the domains in turn, `max_tokens / len(sources)` each). `log(line)` gets the
     runtime's mode line."""
+    from moekit.calib.capture import require_whole_layers
     from moekit.calib.data import load_domains
     from moekit.errors import UnsupportedModelError
     from moekit.runtime.engine import mode_line, open_model
@@ -101,6 +102,7 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
                         stream=stream, hidden_ram=hidden_ram)
     if log is not None:
         log(mode_line(engine))
+    require_whole_layers(engine, "calibrated merging")
     spill, layers = _capture(engine, source, layout, work)
     return CapturedLayers(spill, layers, sum(take for _, take in work), engine.describe())
 

@@ -74,6 +74,7 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                      ratio: float, protect: dict[int, list[int]], min_experts: int | None,
                      options: DataOptions, log: Callable[[str], None] = print) -> DataChoice:
     """Open the model once (memory or streamed), pick the plan (module docstring)."""
+    from moekit.calib.capture import require_whole_layers
     from moekit.ops.plan import drop_count
     from moekit.ops.prune.measured import load_calibration
     from moekit.runtime.engine import mode_line
@@ -93,6 +94,7 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                            dtype=options.dtype, max_memory=options.max_memory,
                            stream=options.stream, hidden_ram=options.hidden_ram)
     log(mode_line(cal.engine))
+    require_whole_layers(cal.engine, "a calibrated prune")
     stats = calibration_stats(cal, fingerprint)
     found = super_experts(stats) if options.protect_super else {}
     guard = merge_protect(protect, found)

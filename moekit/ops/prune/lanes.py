@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moekit.errors import InvalidArgumentError
 from moekit.ops.prune.measured import (
     Calibration,
     MeasuredLayer,
@@ -147,11 +146,6 @@ class LaneRun:
         block = self.blocks.get(step.index)
         if block is None or self.search is None:
             return
-        if getattr(step.module, "_moekit_groups", None):
-            raise InvalidArgumentError(
-                f"layer {step.index} does not fit the memory budget whole, but measured "
-                "selection needs one whole MoE layer in memory",
-                "raise --max-memory to the largest layer plus resident weights")
         start = time.perf_counter()
         search, cal = self.search, self.cal
         refit = needs_refit(search.n_drop, search.compensate, search.width)
