@@ -114,6 +114,10 @@ def main() -> None:
                         help="skip the rows of the original criteria and random baselines")
     parser.add_argument("--ratios", default="0.25,0.5")
     parser.add_argument("--no-random", action="store_true", help="skip the random baselines")
+    parser.add_argument("--methods", help="comma-separated data methods to run (default: "
+                        f"{','.join(DATA_METHODS)})")
+    parser.add_argument("--max-memory", help="pass --max-memory to `prune --data` (e.g. a "
+                        "budget below the model's size, to run it streamed layer by layer)")
     parser.add_argument("--model", type=Path, help="another model (e.g. from "
                         "train_small_moe.py); its texts: --texts")
     parser.add_argument("--texts", type=Path, help="folder of .txt domains (default: the "
@@ -123,6 +127,12 @@ def main() -> None:
     RATIOS = tuple(float(r) for r in args.ratios.split(","))
     ONLY_NEW = args.only_new
     SEEDS = () if args.no_random else SEEDS
+    if args.methods:
+        for name in set(DATA_METHODS) - set(args.methods.split(",")):
+            del DATA_METHODS[name]
+    if args.max_memory:
+        for extra in DATA_METHODS.values():
+            extra += ["--max-memory", args.max_memory]
     model = args.model or args.fixtures / "models" / "mixtral-e16k2"
     texts = args.texts or (ROOT / "sample_data" if args.model else args.fixtures / "text")
     DOMAINS = tuple(sorted(p.stem for p in texts.glob("*.txt")))
