@@ -75,7 +75,6 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                      options: DataOptions, log: Callable[[str], None] = print) -> DataChoice:
     """Open the model once (memory or streamed), pick the plan (module docstring)."""
     from moekit.calib.capture import require_whole_layers
-    from moekit.ops.plan import drop_count
     from moekit.ops.prune.measured import load_calibration
     from moekit.runtime.engine import mode_line
     from moekit.runtime.spill import TensorSpill
@@ -100,15 +99,8 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
     guard = merge_protect(protect, found)
     log(f"calibration: {len(cal.fit)} windows, held out {len(cal.held)}; super experts "
         f"protected: {found or 'none'} ({time.perf_counter() - start:.0f} s)")
-    stats_plans = stats_candidates(cal, stats, fingerprint, ratio, guard, min_experts) \
-        if criterion == "auto" else []
-    if criterion in CRITERIA:
-        stats_plans = [Candidate(criterion, build_plan(
-            layout, fingerprint, criterion=criterion, ratio=ratio, stats=stats, protect=guard,
-            min_experts=min_experts))]
-    search = None if criterion in CRITERIA else Search(
-        drop_count(ratio, layout.moe_layers[0].num_experts), options.beam,
-        options.compensate is not False, options.width, guard)
+    stats_plans, search = _setup(cal, stats, fingerprint, criterion, ratio, guard, min_experts,
+                                 options)
     lanes = _lanes(stats_plans, search, options)
     run = LaneRun(cal, lanes, search, TensorSpill("moekit-refits-", cal.engine.spill_dir),
                   lambda r: _log_layer(r, log))
@@ -121,14 +113,36 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
     chosen = min(candidates, key=lambda c: c.kl)
     for c in candidates:
         c.plan.stats_sha256, c.plan.domain = stats.sha256, None
-    info = {"sources": {s.name: str(s.path) for s in options.sources},
+    info = _info(cal, options, found, start)
+    return DataChoice(chosen, candidates, info)
+
+
+def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
+           guard: dict[int, list[int]], min_experts: int | None,
+           options: DataOptions) -> tuple[list[Candidate], Search | None]:
+    """The stats candidates (plans known before the run) and the measured search, if any."""
+    from moekit.ops.plan import drop_count
+
+    layout = cal.layout
+    if criterion in CRITERIA:
+        return [Candidate(criterion, build_plan(
+            layout, fingerprint, criterion=criterion, ratio=ratio, stats=stats, protect=guard,
+            min_experts=min_experts))], None
+    stats_plans = stats_candidates(cal, stats, fingerprint, ratio, guard, min_experts) \
+        if criterion == "auto" else []
+    search = Search(drop_count(ratio, layout.moe_layers[0].num_experts), options.beam,
+                    options.compensate is not False, options.width, guard)
+    return stats_plans, search
+
+
+def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
+          start: float) -> dict[str, Any]:
+    return {"sources": {s.name: str(s.path) for s in options.sources},
             "data_hash": cal.data_hash, "fraction": list(options.fraction),
             "seq_len": options.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
-            "held_out_windows": len(cal.held), "super_experts": {str(k): v for k, v in
-                                                                 found.items()},
-            "runtime": cal.engine.describe(),
-            "seconds": round(time.perf_counter() - start, 1)}
-    return DataChoice(chosen, candidates, info)
+            "held_out_windows": len(cal.held),
+            "super_experts": {str(k): v for k, v in found.items()},
+            "runtime": cal.engine.describe(), "seconds": round(time.perf_counter() - start, 1)}
 
 
 def _lanes(stats_plans: list[Candidate], search: Search | None,
