@@ -50,14 +50,9 @@ def run(*args: object) -> str:
     return result.output
 
 
-@pytest.mark.parametrize("model_type,extra", [
-    ("mixtral", []), ("qwen2_moe", ["--keep-params", "0.6"]), ("gpt_oss", []),
-    ("deepseek_v3", ["--criterion", "auto"])])
-def test_streamed_calibrated_prune_equals_in_memory(model_type, extra, tmp_path):
-    source = _saved(model_type, tmp_path / "src")
-    data = _corpus(tmp_path)
-    ratio = [] if "--keep-params" in extra else ["--ratio", "0.25"]
-    base = ["prune", source, "--data", f"doc={data.path}", *ratio, *extra, *CALIB, "--beam", "2"]
+def run_both(base: list, source: Path, tmp_path: Path) -> list[dict]:
+    """`base` in memory and streamed; both provenance records, after checking the modes and
+    that the per-layer decisions are the same."""
     run(*base, "--out", tmp_path / "memory", "--max-memory", "100GB")
     output = run(*base, "--out", tmp_path / "streamed", "--max-memory",
                  streaming_budget(source))
@@ -66,6 +61,18 @@ def test_streamed_calibrated_prune_equals_in_memory(model_type, extra, tmp_path)
                for name in ("memory", "streamed")]
     assert [r["calibration"]["runtime"]["mode"] for r in records] == ["memory", "stream"]
     assert records[0]["layers"] == records[1]["layers"]
+    return records
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("mixtral", []), ("qwen2_moe", ["--keep-params", "0.6"]), ("gpt_oss", []),
+    ("deepseek_v3", ["--criterion", "auto"])])
+def test_streamed_calibrated_prune_equals_in_memory(model_type, extra, tmp_path):
+    source = _saved(model_type, tmp_path / "src")
+    data = _corpus(tmp_path)
+    ratio = [] if "--keep-params" in extra else ["--ratio", "0.25"]
+    base = ["prune", source, "--data", f"doc={data.path}", *ratio, *extra, *CALIB, "--beam", "2"]
+    records = run_both(base, source, tmp_path)
     rows = [[{k: v for k, v in row.items() if k != "seconds"}
              for row in r["calibration"]["candidates"]] for r in records]
     assert rows[0] == rows[1]
@@ -82,14 +89,7 @@ def test_streamed_calibrated_merge_equals_in_memory(model_type, group, method,
     data = _corpus(tmp_path)
     base = ["merge", source, "--stats", stats_for(tmp_path, source), "--ratio", "0.25",
             "--group", group, "--method", method, "--data", f"doc={data.path}", *CALIB]
-    run(*base, "--out", tmp_path / "memory", "--max-memory", "100GB")
-    output = run(*base, "--out", tmp_path / "streamed", "--max-memory",
-                 streaming_budget(source))
-    assert "streamed layer by layer" in output
-    records = [json.loads((tmp_path / name / "moekit_provenance.json").read_text())
-               for name in ("memory", "streamed")]
-    assert [r["calibration"]["runtime"]["mode"] for r in records] == ["memory", "stream"]
-    assert records[0]["layers"] == records[1]["layers"]
+    records = run_both(base, source, tmp_path)
     assert_same_output(tmp_path / "memory", tmp_path / "streamed")
 
 
