@@ -90,6 +90,7 @@ def test_streamed_calibrated_merge_equals_in_memory(model_type, group, method,
     base = ["merge", source, "--stats", stats_for(tmp_path, source), "--ratio", "0.25",
             "--group", group, "--method", method, "--data", f"doc={data.path}", *CALIB]
     records = run_both(base, source, tmp_path)
+    assert [r["calibration"]["tokens"] for r in records] == [512, 512]
     assert_same_output(tmp_path / "memory", tmp_path / "streamed")
 
 
