@@ -78,6 +78,9 @@ def prune_with_data(model: Path, texts: Path, out: Path, ratio: float,
     wall = time.perf_counter() - start
     peak = next(int(line.split()[1]) for line in done.stderr.splitlines()
                 if line.startswith("PEAK_KB"))
+    mode = next((line for line in done.stderr.splitlines()
+                 if line.startswith(("in memory", "streamed layer by layer"))), "")
+    print(f"  runtime: {mode}", flush=True)
     return wall, peak / 2**20
 
 
