@@ -5,8 +5,8 @@ then runs `moekit merge SRC --stats S --ratio 0.5 --group weight --method aligne
 no model is loaded; every layer's experts are read, aligned with the assignment solver, averaged
 and written one layer at a time) in a child process, and reports its peak RSS (ru_maxrss of the
 child) beside the checkpoint size and one layer's experts (bf16 on disk, float32 in memory).
-The calibrated methods load the model in memory to capture activations (until layer streaming
-exists), so they are not measured here.
+The calibrated methods (and the calibrated prune) run the model layer by layer under
+`--max-memory`: see `bench_calibrated_memory.py`.
 
 Usage: .venv/bin/python benchmarks/bench_merge_memory.py [--gb 4] [--dir /tmp]
 """

@@ -86,6 +86,9 @@ def prune_with_data(model: Path, texts: Path, out: Path, ratio: float,
     wall = time.perf_counter() - start
     peak = next(int(line.split()[1]) for line in done.stderr.splitlines()
                 if line.startswith("PEAK_KB"))
+    mode = next((line for line in done.stderr.splitlines()
+                 if line.startswith(("in memory", "streamed layer by layer"))), "")
+    print(f"  runtime: {mode}", flush=True)
     return wall, peak / 2**20
 
 
@@ -123,6 +126,10 @@ def main() -> None:
                         help="skip the rows of the original criteria and random baselines")
     parser.add_argument("--ratios", default="0.25,0.5")
     parser.add_argument("--no-random", action="store_true", help="skip the random baselines")
+    parser.add_argument("--methods", help="comma-separated data methods to run (default: "
+                        f"{','.join(DATA_METHODS)})")
+    parser.add_argument("--max-memory", help="pass --max-memory to `prune --data` (e.g. a "
+                        "budget below the model's size, to run it streamed layer by layer)")
     parser.add_argument("--model", type=Path, help="another model (e.g. from "
                         "train_small_moe.py); its texts: --texts")
     parser.add_argument("--texts", type=Path, help="folder of .txt domains (default: the "
@@ -138,6 +145,12 @@ def main() -> None:
     DATA_METHODS = {k: v for k, v in DATA_METHODS.items() if k in args.data_methods.split(",")}
     ONLY_NEW = args.only_new
     SEEDS = () if args.no_random else SEEDS
+    if args.methods:
+        for name in set(DATA_METHODS) - set(args.methods.split(",")):
+            del DATA_METHODS[name]
+    if args.max_memory:
+        for extra in DATA_METHODS.values():
+            extra += ["--max-memory", args.max_memory]
     model = args.model or args.fixtures / "models" / "mixtral-e16k2"
     texts = args.texts or (ROOT / "sample_data" if args.model else args.fixtures / "text")
     DOMAINS = tuple(sorted(p.stem for p in texts.glob("*.txt")))

@@ -12,50 +12,61 @@ import torch
 from test_prune_measured import _saved
 from tiny_models import _docstring_corpus
 
+from moekit.calib.capture import moe_blocks
 from moekit.calib.data import DataSource
+from moekit.calib.routing import Routing
 from moekit.families.layout import describe
 from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
 from moekit.ops.prune import prune_checkpoint
-from moekit.ops.prune.measured import apply_fit, load_calibration, restore_weights
+from moekit.ops.prune.calibrated import DataOptions, choose_with_data
+from moekit.ops.prune.measured import apply_fit
 from moekit.ops.prune.override import PrunedLayers
-from moekit.ops.prune.quality import measured_plan
 from moekit.ops.prune.rewrite import modified_tensors
 from moekit.ops.prune.trim import budget_split, trimmed_tensors
 from moekit.runtime.loading import load_model
 
 
-def _calibrated(model_type: str, tmp_path):
-    folder = _saved(model_type, tmp_path / "src")
+def _corpus(tmp_path) -> DataSource:
     text = tmp_path / "text.txt"
     text.write_text("\n".join(_docstring_corpus()[:1500]))
+    return DataSource("doc", text)
+
+
+def choose(folder, source: DataSource, ratio: float, *, width=None, stream=False,
+           criterion="measured", compensate=True):
+    """Calibrated choice on a tiny model (float32, CPU), in memory or streamed."""
     checkpoint = Checkpoint(folder)
     layout = describe(checkpoint)
-    cal = load_calibration(folder, layout, [DataSource("doc", text)], fraction=(0, 1),
-                           seq_len=64, max_tokens=1024, device="cpu", dtype="float32")
-    return folder, layout, model_fingerprint(checkpoint, layout), cal
+    options = DataOptions([source], seq_len=64, max_tokens=1024, beam=2, compensate=compensate,
+                          protect_super=False, width=width, device="cpu", dtype="float32",
+                          stream=stream, hidden_ram=0 if stream else None)
+    return choose_with_data(folder, layout, model_fingerprint(checkpoint, layout),
+                            criterion=criterion, ratio=ratio, protect={}, min_experts=None,
+                            options=options, log=lambda _: None)
 
 
-def _in_memory_logits(cal, candidate, batch: torch.Tensor) -> torch.Tensor:
-    from moekit.ops.prune.compensate import LayerFit
-
+def _in_memory_logits(folder, candidate, batch: torch.Tensor) -> torch.Tensor:
+    """The unpruned model with the candidate's re-routing and refits applied as hooks."""
+    layout = describe(Checkpoint(folder))
+    model = load_model(folder, "cpu", "float32")
+    blocks = {b.layer: b for b in moe_blocks(model, layout.family)}
+    routing = Routing.of(layout.family, layout.config).after_prune(
+        candidate.plan.config_changes)
     with PrunedLayers() as pruned, torch.no_grad():
-        try:
-            for p in candidate.plan.layers:
-                block = cal.block(p.layer)
-                pruned.add(block, p.kept, cal.routing.after_prune(candidate.plan.config_changes),
-                           cal.family.router.logits_index)
-                apply_fit(cal, block, LayerFit(p.layer, candidate.weights.get(p.layer, {})))
-            return cal.model(batch).logits
-        finally:
-            restore_weights(cal)
+        for p in candidate.plan.layers:
+            pruned.add(blocks[p.layer], p.kept, routing, layout.family.router.logits_index)
+            apply_fit(blocks[p.layer], candidate.weights.get(p.layer, {}))
+        return model(batch).logits
 
 
 @pytest.mark.parametrize("model_type,trim", [("mixtral", False), ("qwen2_moe", True),
                                              ("gpt_oss", True), ("mixtral", True),
                                              ("deepseek_v3", False)])
 def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
-    folder, layout, fingerprint, cal = _calibrated(model_type, tmp_path)
+    folder = _saved(model_type, tmp_path / "src")
+    checkpoint = Checkpoint(folder)
+    layout = describe(checkpoint)
     num = layout.moe_layers[0].num_experts
     width_key = layout.family.keys.expert_width[0]
     old_width = int(layout.config[width_key])
@@ -64,10 +75,8 @@ def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
         assert (num - n_drop) * width <= 0.5 * num * old_width
     else:
         n_drop, width = 2, None
-    candidate = measured_plan(cal, fingerprint, n_drop / num, beam=2, compensate=True,
-                              protect={}, min_experts=None, width=width)
+    candidate = choose(folder, _corpus(tmp_path), n_drop / num, width=width).chosen
     assert candidate.plan.num_dropped == n_drop
-    checkpoint = Checkpoint(folder)
     if trim:
         assert all(len(c) == width for layer in candidate.neurons.values()
                    for c in layer.values())
@@ -82,8 +91,8 @@ def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
                      expert_width=width)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config[width_key] == (width if trim else old_width)
-    batch = cal.held[0] if cal.held else cal.fit[0]
-    expected = _in_memory_logits(cal, candidate, batch)
+    batch = torch.randint(3, 256, (1, 48), generator=torch.Generator().manual_seed(3))
+    expected = _in_memory_logits(folder, candidate, batch)
     with torch.no_grad():
         got = load_model(tmp_path / "out", "cpu", "float32")(batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -11,14 +11,14 @@ For each MoE layer l (found through the family record, like `calib.hooks`):
 N is bounded by `max_tokens`: batches are run until that many token positions were seen (the
 last batch is cut), so memory is N x (2H + E) values per captured layer.
 
-This is the single entry point for "give me layer inputs on calibration tokens". It runs the
-whole in-memory model; a layer-streaming engine can later provide the same `LayerCapture`
-records one layer at a time (`capture_layers` is the function to swap).
+Two entry points give the same `LayerCapture` records: `capture_layers` runs a whole in-memory
+model; `capture_step` runs the batches through one materialised decoder layer of a layered
+`moekit.runtime` run (in memory or streamed), so only that layer's weights and captures are held.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -176,6 +176,71 @@ def capture_layers(model: Any, family: MoeFamily, batches: Iterable[torch.Tensor
                                 torch.cat(g.outputs) if g.outputs else None,
                                 torch.cat(g.residual) if g.residual else None)
             for layer, g in grabbers.items() if g.inputs}
+
+
+def require_whole_layers(engine: Any, what: str) -> None:
+    """Refuse an engine that runs some MoE layer in expert groups (`runtime.groups`): the
+    block's hooks would fire once per pass there, and `what` needs the layer's experts."""
+    from moekit.errors import InvalidArgumentError
+    from moekit.runtime.budget import human
+    from moekit.runtime.layers import find_stack
+
+    if engine.mode != "stream" or not engine.plan.group:
+        return
+    layers = find_stack(engine.model).layers
+    split = [i for i, layer in enumerate(layers) if getattr(layer, "_moekit_groups", None)]
+    if split:
+        need = engine.sizes.resident + max(engine.sizes.layers)
+        raise InvalidArgumentError(
+            f"--max-memory {human(engine.plan.budget)} holds only part of layer {split[0]}, "
+            f"but {what} needs one whole MoE layer in memory",
+            f"use --max-memory {human(need, up=True)} or more")
+
+
+def grab_block(block: MoeBlock, logits_index: int) -> tuple[_Grabber, list[Any]]:
+    """Hooks that record the block input and router logits of every forward of `block` (the
+    first `grabber.take` rows of each call); `grabbed(...)` turns them into a LayerCapture.
+    Remove the returned handles when done."""
+    grab = _Grabber(logits_index, False)
+    return grab, [block.block.register_forward_pre_hook(grab.on_input),
+                  block.router.register_forward_hook(grab.on_router)]
+
+
+def grabbed(grab: _Grabber, layer: int) -> LayerCapture:
+    import torch
+
+    return LayerCapture(layer, torch.cat(grab.inputs), torch.cat(grab.logits), None,
+                        torch.cat(grab.residual) if grab.residual else None)
+
+
+def capture_step(step: Any, block: MoeBlock, batches: Sequence[int], *, max_tokens: int,
+                 logits_index: int, residual: bool = False,
+                 select: Callable[[int], None] | None = None) -> LayerCapture:
+    """The capture of one MoE layer during a layered engine run (`Engine.run(on_layer=...)`):
+    `step.call(b)` for each batch index b in `batches` (the layer's own arguments, its input
+    from the engine's hidden-state store, which is left untouched), until `max_tokens`
+    positions were seen. Without `residual` the call stops after the router. `select(b)` is
+    called before batch b runs (e.g. to tell conditional hooks which tokens these are)."""
+    grab, handles = grab_block(block, logits_index)
+    if not residual:
+        handles.append(block.router.register_forward_hook(_raise_stop))
+    seen = 0
+    try:
+        for b in batches:
+            if seen >= max_tokens:
+                break
+            grab.take = min(int(step.inputs(b).shape[:-1].numel()), max_tokens - seen)
+            if select is not None:
+                select(b)
+            try:
+                grab.on_residual(None, (), step.call(b))
+            except _Stop:
+                pass
+            seen += grab.take
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grabbed(grab, block.layer)
 
 
 def _raise_stop(module: Any, args: tuple, output: Any) -> None:

@@ -15,6 +15,7 @@ from moekit.cli.common import (
     DomainOpt,
     IgnoreFingerprintOpt,
     JsonOpt,
+    MaxMemoryOpt,
     MaxShardSizeOpt,
     MaybeOutOpt,
     ModelArg,
@@ -68,6 +69,10 @@ def merge(
     seq_len: SeqLenOpt = 512,
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "cpu",
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="Calibration run dtype: float32 (default, exact activations), auto "
+        "(the checkpoint's: half the memory), bfloat16, float16.")] = "float32",
+    max_memory: MaxMemoryOpt = "auto",
     tokenizer: TokenizerOpt = None,
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option(
@@ -103,7 +108,8 @@ def merge(
         check_output(out, overwrite, (source,))
     calib = _calibration(source, group, method, router, plan_in, data, data_range, text_field,
                          dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-                              device=device, tokenizer=tokenizer))
+                              device=device, tokenizer=tokenizer, dtype=dtype,
+                              max_memory=max_memory))
     plan = _choose(source, stats, ratio, group, method, router, criterion, plan_in, domain,
                    ignore_fingerprint, calib)
     if not as_json:
@@ -146,7 +152,8 @@ def _calibration(source: Path, group: str, method: str, router: str, plan_in: Pa
             raise DataError(f"--data file {item.path} does not exist")
     layout = describe(Checkpoint(source))
     return Calibration(source, layout, sources, dict(options, text_field=text_field,
-                                                     fraction=parse_fraction(data_range)))
+                                                     fraction=parse_fraction(data_range)),
+                       log=err_console.print)
 
 
 def _choose(source: Path, stats: Path | None, ratio: float | None, group: str, method: str,

@@ -13,6 +13,7 @@ from moekit.cli.common import (
     DtypeOpt,
     IgnoreFingerprintOpt,
     JsonOpt,
+    MaxMemoryOpt,
     MaxShardSizeOpt,
     MaybeOutOpt,
     ModelArg,
@@ -100,6 +101,7 @@ def prune(
         "--keep-params", help="With --data: share of routed-expert bytes to keep, reached by "
         "removing fewer experts and trimming all survivors to one narrower width.")] = None,
     dtype: DtypeOpt = "auto",
+    max_memory: MaxMemoryOpt = "auto",
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -141,7 +143,8 @@ def prune(
 
         data_opts = DataOptions(data_sources(data, "--data"), fraction(data_range),
                                 seq_len, max_tokens, beam, compensate,
-                                protect_super=protect_super, device=device, dtype=dtype)
+                                protect_super=protect_super, device=device, dtype=dtype,
+                                max_memory=max_memory)
         plan, modified, calibration, width = choose_with_data(
             source, data_opts, quiet=as_json, keep_params=keep_params, **options)
         stats_data = None

@@ -40,7 +40,7 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
                                        f"'{criterion}'")
     choice = choose(source, layout, fingerprint, criterion=criterion or "measured", ratio=ratio,
                     protect=parse_protect(protect, layout), min_experts=min_experts,
-                    options=options, log=(lambda _: None) if quiet else err_console.print)
+                    options=options, log=err_console.print if not quiet else _mode_only)
     if not quiet:
         console.print(candidates_table(choice.table()))
     chosen = choice.chosen
@@ -58,6 +58,12 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
               "modified_tensors": rows, "keep_params": keep_params,
               "expert_width": chosen.width}
     return chosen.plan, modified, record, chosen.width
+
+
+def _mode_only(line: str) -> None:
+    """With --json, only the runtime mode line goes to stderr (as profile/eval print it)."""
+    if line.startswith(("in memory", "streamed layer by layer")):
+        err_console.print(line)
 
 
 def _trim_budget(layout: Any, keep_params: float, options: Any) -> float:

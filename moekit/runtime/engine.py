@@ -33,7 +33,7 @@ Recorder / sums, which a data-parallel caller all-reduces (`moekit.runtime.distr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,19 +87,22 @@ class Engine:
         """What ran and why, for metadata files."""
         return {**self.plan.describe(), **self.info}
 
-    def run(self, batches: Sequence[Any], *, before: Before | None = None, head: bool = False,
+    def run(self, batches: Sequence[Any], *, before: Before | None = None,
+            head: bool | Collection[int] = False,
             on_layer: Callable[[LayerStep], None] | None = None,
             after_layer: Callable[[LayerStep], None] | None = None,
             progress: Callable[[int, float], None] | None = None) -> Iterator[tuple[int, Any]]:
         """Yield (batch index, logits [B, S, V] or None) for every batch, in order.
         `progress(index, fraction)`: that share of batch `index`'s work is done.
         `on_layer` / `after_layer(step)`: layered runs only, before / after the batches pass
-        through a layer (e.g. to reduce that layer's statistics across ranks)."""
+        through a layer (e.g. to reduce that layer's statistics across ranks).
+        `head`: True for every batch's logits, or the indices of the batches that need them
+        (the others yield None)."""
         if self.mode == "memory" and on_layer is None and after_layer is None:
             return self._whole(batches, before, head, progress)
         return self._layered(batches, before, head, (on_layer, after_layer), progress)
 
-    def _whole(self, batches: Sequence[Any], before: Before | None, head: bool,
+    def _whole(self, batches: Sequence[Any], before: Before | None, head: bool | Collection[int],
                progress: Callable[[int, float], None] | None) -> Iterator[tuple[int, Any]]:
         import torch
 
@@ -108,7 +111,7 @@ class Engine:
                 before(index)
             out = None
             with torch.inference_mode():
-                if head:
+                if head is True or (head and index in head):
                     out = self.model(input_ids=ids.to(self.device), use_cache=False).logits
                 else:
                     forward_routing(self.model, ids.to(self.device))
@@ -116,7 +119,8 @@ class Engine:
                 progress(index, 1.0)
             yield index, out
 
-    def _layered(self, batches: Sequence[Any], before: Before | None, head: bool,
+    def _layered(self, batches: Sequence[Any], before: Before | None,
+                 head: bool | Collection[int],
                  callbacks: tuple[Callable[[LayerStep], None] | None, ...],
                  progress: Callable[[int, float], None] | None) -> Iterator[tuple[int, Any]]:
         import torch
@@ -148,7 +152,7 @@ class Engine:
                     if callbacks[1] is not None:
                         callbacks[1](step)
             for index, ids in enumerate(batches):
-                if not head:
+                if not (head is True or (head and index in head)):
                     yield index, None
                     continue
                 with torch.inference_mode():

@@ -1,9 +1,13 @@
 """Calibration activations for data-driven grouping and output fitting, behind one function.
 
-`capture_calibration` runs the in-memory model on a bounded token sample through
-`moekit.calib.capture` (MoE-block inputs X [N, H] and router logits Z [N, E] per layer) and turns
-the logits into the model's own top-k ids and gate weights with the family's routing function.
-A layer-streaming engine can later provide the same `LayerCalib` records one layer at a time.
+`capture_calibration` runs the model on a bounded token sample through `moekit.runtime` (in
+memory, or streamed one layer at a time under `max_memory`): while each MoE layer is
+materialised, hooks from `moekit.calib.capture` record its block inputs X [N, H] and router
+logits Z [N, E]; when every batch went through, the logits become the model's own top-k ids and
+gate weights (the family's routing function) and the layer's record goes to a temporary file
+(`runtime.spill`). `CapturedLayers[layer]` reads one layer back, so grouping and fitting hold
+one layer's activations at a time. The activations are those of the unmodified model (as
+HC-SMoE and M-SMoE calibrate).
 """
 
 from __future__ import annotations
@@ -42,19 +46,48 @@ class LayerCalib:
                           self.ids[start:stop], self.weights[start:stop])
 
 
+class CapturedLayers:
+    """The spilled LayerCalib of every MoE layer: `captured[layer]` reads one back (the last
+    one read stays cached); `tokens` is N, `runtime` what the engine ran."""
+
+    def __init__(self, spill: Any, layers: list[int], tokens: int, runtime: dict[str, Any]):
+        self.spill, self.layers, self.tokens, self.runtime = spill, layers, tokens, runtime
+        self._last: LayerCalib | None = None
+
+    def get(self, layer: int) -> LayerCalib | None:
+        if layer not in self.layers:
+            return None
+        if self._last is None or self._last.layer != layer:
+            self._last = None  # free the previous layer before reading the next
+            t = self.spill.get(layer)
+            self._last = LayerCalib(layer, t["inputs"], t["logits"], t["ids"], t["weights"])
+        return self._last
+
+    def __getitem__(self, layer: int) -> LayerCalib:
+        found = self.get(layer)
+        if found is None:
+            raise KeyError(layer)
+        return found
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.layers
+
+
 def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSource], *,
                         max_tokens: int = 4096, seq_len: int = 512, batch_size: int = 4,
                         fraction: tuple[float, float] = (0.0, 1.0), text_field: str = "text",
-                        device: str = "cpu", tokenizer: str | None = None
-                        ) -> dict[int, LayerCalib]:
+                        device: str = "cpu", tokenizer: str | None = None,
+                        dtype: str = "float32", max_memory: str | int | None = "auto",
+                        stream: bool | None = None, hidden_ram: int | None = None,
+                        log: Any = None) -> CapturedLayers:
     """LayerCalib for every MoE layer on at most `max_tokens` tokens of `sources` (tokens are
-    drawn from the domains in turn, `max_tokens / len(sources)` each)."""
-    import torch
-
-    from moekit.calib.capture import capture_layers
-    from moekit.calib.data import batches, load_domains
+    drawn from the domains in turn, `max_tokens / len(sources)` each). `log(line)` gets the
+    runtime's mode line."""
+    from moekit.calib.capture import require_whole_layers
+    from moekit.calib.data import load_domains
     from moekit.errors import UnsupportedModelError
-    from moekit.runtime.loading import load_model, load_tokenizer
+    from moekit.runtime.engine import mode_line, open_model
+    from moekit.runtime.loading import load_tokenizer
 
     if layout.family.router.input_scaled:
         raise UnsupportedModelError(
@@ -64,20 +97,71 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
     per_domain = max(1, max_tokens // max(1, len(sources)))
     domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=per_domain,
                            fraction=fraction, text_field=text_field)
-    model = load_model(source, device=device, dtype="float32")
-    captures: dict[int, list[Any]] = {}
+    work = _work(domains, batch_size, per_domain)
+    engine = open_model(source, device=device, dtype=dtype, max_memory=max_memory,
+                        stream=stream, hidden_ram=hidden_ram)
+    if log is not None:
+        log(mode_line(engine))
+    require_whole_layers(engine, "calibrated merging")
+    spill, layers = _capture(engine, source, layout, work)
+    return CapturedLayers(spill, layers, sum(take for _, take in work), engine.describe())
+
+
+def _work(domains: list[Any], batch_size: int, per_domain: int) -> list[tuple[Any, int]]:
+    """(batch [B, S], token rows kept) in run order: each domain's batches until it has
+    given `per_domain` positions (the last batch cut)."""
+    from moekit.calib.data import batches
+
+    work = []
     for domain in domains:
-        for layer, cap in capture_layers(model, layout.family, batches(domain, batch_size),
-                                         max_tokens=per_domain, outputs=False).items():
-            captures.setdefault(layer, []).append(cap)
-    del model
-    result = {}
-    for layer, caps in captures.items():
-        inputs = torch.cat([c.inputs.float() for c in caps])
-        logits = torch.cat([c.logits.float() for c in caps])
-        ids, weights = route(layout, logits, selection_bias(source, layout, layer))
-        result[layer] = LayerCalib(layer, inputs, logits, ids, weights.float())
-    return result
+        seen = 0
+        for batch in batches(domain, batch_size):
+            if seen >= per_domain:
+                break
+            take = min(int(batch.numel()), per_domain - seen)
+            work.append((batch, take))
+            seen += take
+    return work
+
+
+def _capture(engine: Any, source: Path, layout: ModelLayout,
+             work: list[tuple[Any, int]]) -> tuple[Any, list[int]]:
+    """One layered run; each MoE layer's record spilled once its batches went through."""
+    from moekit.calib.capture import grab_block, grabbed, moe_blocks
+    from moekit.runtime.spill import TensorSpill
+
+    blocks = {b.layer: b for b in moe_blocks(engine.model, layout.family)}
+    spill = TensorSpill("moekit-merge-calib-", engine.spill_dir)
+    state: dict[str, Any] = {}
+
+    def on_layer(step: Any) -> None:
+        if step.index in blocks:
+            state["grab"], state["handles"] = grab_block(blocks[step.index],
+                                                         layout.family.router.logits_index)
+
+    def before(index: int) -> None:
+        if "grab" in state:
+            state["grab"].take = work[index][1]
+
+    def after_layer(step: Any) -> None:
+        if "grab" not in state:
+            return
+        for handle in state.pop("handles"):
+            handle.remove()
+        cap = grabbed(state.pop("grab"), step.index)
+        logits = cap.logits.float()
+        ids, weights = route(layout, logits, selection_bias(source, layout, step.index))
+        spill.put(step.index, {"inputs": cap.inputs.float(), "logits": logits, "ids": ids,
+                               "weights": weights.float()})
+
+    try:
+        for _ in engine.run([batch for batch, _ in work], before=before, on_layer=on_layer,
+                            after_layer=after_layer):
+            pass
+    finally:
+        for handle in state.get("handles", ()):
+            handle.remove()
+    return spill, sorted(spill.names)
 
 
 def selection_bias(source: Path, layout: ModelLayout, layer: int) -> torch.Tensor | None:

@@ -10,7 +10,7 @@ from moekit.errors import InvalidArgumentError, StatsError
 from moekit.families.layout import describe
 from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
-from moekit.ops.merge.calib import LayerCalib, capture_calibration
+from moekit.ops.merge.calib import CapturedLayers, LayerCalib, capture_calibration
 from moekit.ops.merge.experts import activation, expert_format, expert_output, read_experts
 from moekit.ops.merge.grouping import (
     build_merge_plan,
@@ -30,25 +30,27 @@ if TYPE_CHECKING:
 
 @dataclass
 class Calibration:
-    """Calibration tokens, captured on first use (all MoE layers at once, bounded sample)."""
+    """Calibration tokens, captured on first use (one run of the engine over every MoE layer,
+    bounded sample, each layer's activations spilled to disk and read back one at a time)."""
 
     source: Path
     layout: ModelLayout
     sources: list[DataSource]
     options: dict[str, Any] = field(default_factory=dict)
-    layers: dict[int, LayerCalib] | None = None
+    layers: CapturedLayers | None = None
+    log: Any = None
 
     def __call__(self, layer: int) -> LayerCalib | None:
         if self.layers is None:
             self.layers = capture_calibration(self.source, self.layout, self.sources,
-                                              **self.options)
+                                              log=self.log, **self.options)
         return self.layers.get(layer)
 
     def describe(self) -> dict[str, Any]:
-        tokens = (next(iter(self.layers.values())).inputs.shape[0]
-                  if self.layers else None)
+        tokens = self.layers.tokens if self.layers else None
+        runtime = self.layers.runtime if self.layers else None
         return {"data": {s.name: str(s.path) for s in self.sources}, "tokens": tokens,
-                **{k: v for k, v in self.options.items() if k != "device"}}
+                **{k: v for k, v in self.options.items() if k != "device"}, "runtime": runtime}
 
 
 def needs_calibration(group: str, method: str, router: str = "centre") -> bool:

@@ -5,6 +5,11 @@ same selection without compensation; both scored by held-out KL, the better one 
 criterion `auto`: additionally every stats criterion on statistics of the same tokens.
 Any other criterion: statistics recorded on the calibration tokens, then that criterion.
 Super experts (outstanding max_norm, `select.super_experts`) are protected unless turned off.
+
+The model runs through `moekit.runtime` (in memory, or streamed one layer at a time under
+`max_memory`) in two runs: the routing statistics (`quality.calibration_stats`), then one
+layered run that selects, refits and scores every candidate (`lanes`). Refits go to a temporary
+folder and are read back one tensor at a time by the writer.
 """
 
 from __future__ import annotations
@@ -17,12 +22,11 @@ from typing import Any
 
 from moekit.calib.data import DataSource
 from moekit.errors import InvalidArgumentError
+from moekit.ops.prune.lanes import Lane, LaneRun, Search
 from moekit.ops.prune.quality import (
     Candidate,
     calibration_stats,
     measured_plan,
-    reference_logprobs,
-    score,
     stats_candidates,
 )
 from moekit.ops.prune.select import CRITERIA, build_plan, merge_protect, super_experts
@@ -46,6 +50,9 @@ class DataOptions:
     width: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    max_memory: str | int | None = "auto"
+    stream: bool | None = None
+    hidden_ram: int | None = None
 
 
 @dataclass
@@ -66,8 +73,11 @@ class DataChoice:
 def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: str,
                      ratio: float, protect: dict[int, list[int]], min_experts: int | None,
                      options: DataOptions, log: Callable[[str], None] = print) -> DataChoice:
-    """Load the model once, pick the plan (module docstring)."""
+    """Open the model once (memory or streamed), pick the plan (module docstring)."""
+    from moekit.calib.capture import require_whole_layers
     from moekit.ops.prune.measured import load_calibration
+    from moekit.runtime.engine import mode_line
+    from moekit.runtime.spill import TensorSpill
 
     if criterion not in (*DATA_CRITERIA, *CRITERIA):
         raise InvalidArgumentError(f"unknown --criterion '{criterion}'",
@@ -80,56 +90,107 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
     cal = load_calibration(source, layout, options.sources, fraction=options.fraction,
                            seq_len=options.seq_len, max_tokens=options.max_tokens,
                            held_out=options.held_out, device=options.device,
-                           dtype=options.dtype)
+                           dtype=options.dtype, max_memory=options.max_memory,
+                           stream=options.stream, hidden_ram=options.hidden_ram)
+    log(mode_line(cal.engine))
+    require_whole_layers(cal.engine, "a calibrated prune")
     stats = calibration_stats(cal, fingerprint)
     found = super_experts(stats) if options.protect_super else {}
     guard = merge_protect(protect, found)
     log(f"calibration: {len(cal.fit)} windows, held out {len(cal.held)}; super experts "
         f"protected: {found or 'none'} ({time.perf_counter() - start:.0f} s)")
-    candidates = _candidates(cal, stats, fingerprint, criterion, ratio, guard, min_experts,
-                             options, log)
-    reference = reference_logprobs(cal)
+    stats_plans, search = _setup(cal, stats, fingerprint, criterion, ratio, guard, min_experts,
+                                 options)
+    lanes = _lanes(stats_plans, search, options)
+    run = LaneRun(cal, lanes, search, TensorSpill("moekit-refits-", cal.engine.spill_dir),
+                  lambda r: _log_layer(r, log))
+    scores = run.run()
+    candidates = stats_plans + (_measured(cal, fingerprint, run, search, options, min_experts)
+                                if search is not None else [])
     for candidate in candidates:
-        score(cal, candidate, reference)
+        candidate.kl, candidate.top1 = scores.mean(candidate.name)
         log(f"  {candidate.name}: held-out KL {candidate.kl:.5f}, top-1 {candidate.top1:.2%}")
     chosen = min(candidates, key=lambda c: c.kl)
     for c in candidates:
         c.plan.stats_sha256, c.plan.domain = stats.sha256, None
-    info = {"sources": {s.name: str(s.path) for s in options.sources},
-            "data_hash": cal.data_hash, "fraction": list(options.fraction),
-            "seq_len": options.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
-            "held_out_windows": len(cal.held), "super_experts": {str(k): v for k, v in
-                                                                 found.items()},
-            "seconds": round(time.perf_counter() - start, 1)}
+    info = _info(cal, options, found, start)
     return DataChoice(chosen, candidates, info)
 
 
-def _candidates(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
-                guard: dict[int, list[int]], min_experts: int | None, options: DataOptions,
-                log: Callable[[str], None]) -> list[Candidate]:
+def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
+           guard: dict[int, list[int]], min_experts: int | None,
+           options: DataOptions) -> tuple[list[Candidate], Search | None]:
+    """The stats candidates (plans known before the run) and the measured search, if any."""
+    from moekit.ops.plan import drop_count
+
+    layout = cal.layout
     if criterion in CRITERIA:
-        plan = build_plan(cal.layout, fingerprint, criterion=criterion, ratio=ratio, stats=stats,
-                          protect=guard, min_experts=min_experts)
-        return [Candidate(criterion, plan)]
-    out = stats_candidates(cal, stats, fingerprint, ratio, guard, min_experts) \
+        return [Candidate(criterion, build_plan(
+            layout, fingerprint, criterion=criterion, ratio=ratio, stats=stats, protect=guard,
+            min_experts=min_experts))], None
+    stats_plans = stats_candidates(cal, stats, fingerprint, ratio, guard, min_experts) \
         if criterion == "auto" else []
+    search = Search(drop_count(ratio, layout.moe_layers[0].num_experts), options.beam,
+                    options.compensate is not False, options.width, guard)
+    return stats_plans, search
 
-    def on_layer(r: Any) -> None:
-        fit = f", refit held-out {r.fit.held_before:.4g} -> {r.fit.held_after:.4g}" \
-            if r.fit and r.fit.weights else ""
-        log(f"  layer {r.layer}: drop {r.dropped} (D = {r.error:.4g}{fit}; {r.seconds:.0f} s)")
 
-    with_fit = options.compensate is not False
-    measured = measured_plan(cal, fingerprint, ratio, beam=options.beam, compensate=with_fit,
-                             protect=guard, min_experts=min_experts, width=options.width,
-                             on_layer=on_layer)
-    out.append(measured)
-    if with_fit and options.compensate is None and options.width is None:
-        plain = Candidate("measured", measured.plan, seconds=measured.seconds,
-                          layers=measured.layers)
-        plain.plan = _copy_plan(measured.plan, "measured")
+def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
+          start: float) -> dict[str, Any]:
+    return {"sources": {s.name: str(s.path) for s in options.sources},
+            "data_hash": cal.data_hash, "fraction": list(options.fraction),
+            "seq_len": options.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
+            "held_out_windows": len(cal.held),
+            "super_experts": {str(k): v for k, v in found.items()},
+            "runtime": cal.engine.describe(), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _lanes(stats_plans: list[Candidate], search: Search | None,
+           options: DataOptions) -> list[Lane]:
+    """The run's lanes, unmodified and unrefitted ones first (see `lanes`)."""
+    from moekit.ops.prune.measured import needs_refit
+
+    lanes = [Lane("reference", held=True)]
+    lanes += [Lane(c.name, held=True, keep={p.layer: p.kept for p in c.plan.layers})
+              for c in stats_plans]
+    if search is None:
+        return lanes
+    refit = needs_refit(search.n_drop, search.compensate, search.width)
+    fitted = search.compensate or search.width is not None
+    if refit:
+        lanes.insert(0, Lane("original", held=False))
+    if fitted and options.compensate is None and options.width is None:
+        lanes.append(Lane("measured", held=True, measured=True))
+    lanes.append(Lane("pruned", held=False, measured=True, refitted=fitted))
+    lanes.append(Lane(_measured_name(search), held=True, measured=True, refitted=fitted))
+    return lanes
+
+
+def _measured_name(search: Search) -> str:
+    if search.width is not None:
+        return f"measured+trim{search.width}"
+    return "measured+compensate" if search.compensate else "measured"
+
+
+def _measured(cal: Any, fingerprint: str, run: LaneRun, search: Search, options: DataOptions,
+              min_experts: int | None) -> list[Candidate]:
+    """The measured candidate (with its refits) and, when compensation is on by default, the
+    same selection without refits."""
+    measured = measured_plan(cal, fingerprint, run.results, compensate=search.compensate,
+                             protect=search.protect, min_experts=min_experts,
+                             width=search.width)
+    out = [measured]
+    if search.compensate and options.compensate is None and options.width is None:
+        plain = Candidate("measured", _copy_plan(measured.plan, "measured"),
+                          seconds=measured.seconds, layers=measured.layers)
         out.append(plain)
     return out
+
+
+def _log_layer(r: Any, log: Callable[[str], None]) -> None:
+    fit = f", refit held-out {r.fit.held_before:.4g} -> {r.fit.held_after:.4g}" \
+        if r.fit and r.fit.weights else ""
+    log(f"  layer {r.layer}: drop {r.dropped} (D = {r.error:.4g}{fit}; {r.seconds:.0f} s)")
 
 
 def _copy_plan(plan: Any, criterion: str) -> Any:

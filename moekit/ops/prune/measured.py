@@ -1,25 +1,25 @@
-"""Selection by measured damage, layer by layer, on an in-memory model.
+"""Selection by measured damage, one MoE layer at a time, on captures of that layer.
 
-For each MoE layer l in order: capture its block inputs and router logits on the calibration
-sample (with every earlier layer already behaving as pruned, `override.PrunedLayers`), cache the
-outputs of the experts each token can be re-routed to (`replay`), beam-search the removal set
-with the lowest re-routed layer error (`search`), optionally refit the kept experts' down
-projections (`compensate`, kept only where a held-out token slice says it helps), then override
-layer l so the next layers see its pruned output.
+For each MoE layer l in order (driven by the layer-streaming passes, `lanes`): the layer's
+block inputs and router logits on the calibration sample, with every earlier layer already
+behaving as pruned, are captured; the outputs of the experts each token can be re-routed to are
+cached (`replay`); the removal set with the lowest re-routed layer error is beam-searched
+(`search`); optionally the kept experts' down projections are refitted (`compensate`, kept only
+where a held-out token slice says it helps); then layer l is overridden so the next layers see
+its pruned output. `load_calibration` opens the model through `moekit.runtime` (in memory or
+streamed under `max_memory`) and tokenises the calibration data.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moekit.calib.capture import MoeBlock, capture_layers, moe_blocks
+from moekit.calib.capture import LayerCapture, MoeBlock, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
 from moekit.ops.plan import group_count, group_feasible
 from moekit.ops.prune.compensate import LayerFit, refit_layer, set_down_weight
-from moekit.ops.prune.override import PrunedLayers
 from moekit.ops.prune.replay import build_replay
 from moekit.ops.prune.search import search_drop
 
@@ -32,10 +32,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Calibration:
-    """An in-memory model with its family record, layout and token batches: `fit` for
-    selection and refits, `held` (a separate slice) for scoring candidate plans."""
+    """The model in `moekit.runtime` (`engine`: in memory or streamed) with its family record,
+    layout and token windows ([1, S] each): `fit` for selection and refits (only as many as
+    `max_tokens` positions need), `held` (a separate slice) for scoring candidate plans."""
 
-    model: Any
+    engine: Any
     layout: ModelLayout
     blocks: list[MoeBlock]
     routing: Routing
@@ -43,12 +44,14 @@ class Calibration:
     held: list[torch.Tensor]
     max_tokens: int
     data_hash: str = ""
-    originals: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    reference: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def family(self) -> Any:
         return self.layout.family
+
+    @property
+    def model(self) -> Any:
+        return self.engine.model
 
     def block(self, layer: int) -> MoeBlock:
         return next(b for b in self.blocks if b.layer == layer)
@@ -69,14 +72,17 @@ class MeasuredLayer:
 
 def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource], *,
                      fraction: tuple[float, float], seq_len: int, max_tokens: int,
-                     held_out: float = 0.2, device: str = "auto",
-                     dtype: str = "auto") -> Calibration:
-    """Load model and tokenizer, tokenise the data, interleave the domains' windows, keep the
-    last `held_out` share of each domain's windows apart for scoring."""
+                     held_out: float = 0.2, device: str = "auto", dtype: str = "auto",
+                     max_memory: str | int | None = "auto", stream: bool | None = None,
+                     hidden_ram: int | None = None) -> Calibration:
+    """Open the model (`runtime.engine.open_model`: memory or streamed by the budget; `stream`
+    forces it), tokenise the data, interleave the domains' windows, keep the last `held_out`
+    share of each domain's windows apart for scoring."""
     import hashlib
 
     from moekit.calib.data import load_domains
-    from moekit.runtime.loading import load_model, load_tokenizer
+    from moekit.runtime.engine import open_model
+    from moekit.runtime.loading import load_tokenizer
 
     tokenizer = load_tokenizer(source)
     per_source = max(2 * seq_len, int(max_tokens / (1 - held_out) / len(sources)) + seq_len)
@@ -87,12 +93,24 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
         cut = max(1, int(round(len(domain.windows) * (1 - held_out))))
         fit.append(domain.windows[:cut])
         held.append(domain.windows[cut:])
-    model = load_model(source, device, dtype)
+    engine = open_model(source, device=device, dtype=dtype, max_memory=max_memory,
+                        stream=stream, hidden_ram=hidden_ram)
     family = layout.family
     digest = hashlib.sha256("".join(d.sha256 for d in domains).encode()).hexdigest()[:16]
-    return Calibration(model, layout, moe_blocks(model, family),
-                       Routing.of(family, layout.config), _interleave(fit), _interleave(held),
-                       max_tokens, digest)
+    return Calibration(engine, layout, moe_blocks(engine.model, family),
+                       Routing.of(family, layout.config), _needed(_interleave(fit), max_tokens),
+                       _interleave(held), max_tokens, digest)
+
+
+def _needed(windows: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
+    """The leading windows that hold the first `max_tokens` positions (the rest is unused)."""
+    out, seen = [], 0
+    for window in windows:
+        if seen >= max_tokens:
+            break
+        out.append(window)
+        seen += int(window.numel())
+    return out
 
 
 def _interleave(per_domain: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -115,67 +133,45 @@ def grouping(layout: ModelLayout, num_experts: int, n_drop: int) -> tuple[int, d
     return 1, {"n_group": 1, "topk_group": 1}
 
 
-def measure_layers(cal: Calibration, n_drop: int, *, beam: int = 4, compensate: bool = True,
-                   protect: dict[int, list[int]] | None = None, width: int | None = None,
-                   on_layer: Any = None) -> list[MeasuredLayer]:
-    """Choose every layer's removal set in order (see module docstring); with `width`, also
-    trim every kept expert to that many neurons (refit included, `compensate.refit_layer`).
-    The model's weights are restored afterwards (refits are returned in `MeasuredLayer.fit`)."""
-    protect = protect or {}
-    results: list[MeasuredLayer] = []
-    logits_index = cal.family.router.logits_index
-    if (compensate or width is not None) and not cal.reference:
-        caps = capture_layers(cal.model, cal.family, cal.fit, max_tokens=cal.max_tokens,
-                              outputs=False, residual=True)
-        cal.reference = {layer: cap.residual for layer, cap in caps.items()}
-    with PrunedLayers() as pruned:
-        try:
-            for block in cal.blocks:
-                start = time.perf_counter()
-                result = _measure_layer(cal, block, n_drop, beam, compensate,
-                                        frozenset(protect.get(block.layer, ())), width)
-                result.seconds = time.perf_counter() - start
-                groups = grouping(cal.layout, block.experts.num_experts, n_drop)[1]
-                pruned.add(block, result.kept, cal.routing.after_prune(groups), logits_index)
-                results.append(result)
-                if on_layer:
-                    on_layer(result)
-        finally:
-            restore_weights(cal)
-    return results
-
-
-def _measure_layer(cal: Calibration, block: MoeBlock, n_drop: int, beam: int, compensate: bool,
-                   protected: frozenset[int], width: int | None) -> MeasuredLayer:
+def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: int, *,
+                  beam: int, compensate: bool, protected: frozenset[int], width: int | None,
+                  reference: torch.Tensor | None) -> MeasuredLayer:
+    """Search (and refit) one layer whose weights are materialised, from its capture `cap`
+    (inputs, logits; with a refit also the layer's output residual) and `reference`, the
+    unmodified model's residual at the same positions [N, H] (the refit absorbs the drift)."""
     num = int(block.experts.num_experts)
     groups, changes = grouping(cal.layout, num, n_drop)
-    refit = width is not None or (compensate and n_drop > 0)
-    cap = capture_layers(cal.model, cal.family, cal.fit, max_tokens=cal.max_tokens,
-                         layers=[block.layer], outputs=False, residual=refit)[block.layer]
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                           cal.routing, cal.routing.after_prune(changes), n_drop)
     found = search_drop(replay.error, num, n_drop, protected=protected, groups=groups, beam=beam)
     kept = [e for e in range(num) if e not in found.dropped]
     fit = None
-    if refit:
-        drift = cal.reference[block.layer] - cap.residual
+    if needs_refit(n_drop, compensate, width):
+        if reference is None or cap.residual is None:
+            raise RuntimeError("a refit needs the layer's residuals (internal error)")
+        drift = reference - cap.residual
         fit = refit_layer(block.layer, replay, block.experts, cap.inputs, kept, width, drift)
-        apply_fit(cal, block, fit)
     return MeasuredLayer(block.layer, kept, sorted(found.dropped), found.error, found.single,
                          fit, 0.0)
 
 
-def apply_fit(cal: Calibration, block: MoeBlock, fit: LayerFit) -> None:
-    """Write a layer's refitted down projections into the in-memory model (originals kept)."""
+def needs_refit(n_drop: int, compensate: bool, width: int | None) -> bool:
+    return width is not None or (compensate and n_drop > 0)
+
+
+def apply_fit(block: MoeBlock, weights: Any) -> dict[int, torch.Tensor]:
+    """Write refitted down projections {expert: W [H, I]} into the materialised layer;
+    returns the originals for `restore_weights`."""
     from moekit.ops.prune.compensate import down_weight
 
-    for e, weight in fit.weights.items():
-        cal.originals.setdefault((block.layer, e), down_weight(block.experts, e).clone())
+    originals = {}
+    for e, weight in weights.items():
+        originals[e] = down_weight(block.experts, e).clone()
         set_down_weight(block.experts, e, weight)
+    return originals
 
 
-def restore_weights(cal: Calibration) -> None:
-    """Undo every `apply_fit`."""
-    for (layer, e), weight in cal.originals.items():
-        set_down_weight(cal.block(layer).experts, e, weight)
-    cal.originals.clear()
+def restore_weights(block: MoeBlock, originals: dict[int, torch.Tensor]) -> None:
+    """Undo an `apply_fit`."""
+    for e, weight in originals.items():
+        set_down_weight(block.experts, e, weight)

@@ -6,10 +6,16 @@ forward on the routing among the kept experts, `calib.routing.route(z, routing',
 weight is sliced: dropped experts simply never receive a token, and kept experts use whatever
 weights the module holds (refitted down projections included). Used to let later layers see
 earlier layers' pruned outputs and to score candidate plans end to end on held-out tokens.
+
+`keep` may be a function called on every forward: it returns the kept ids for the tokens now
+running, or None to leave the layer as it is (the layer-streaming passes run several
+candidates' token copies through one materialised layer, `prune.lanes`). The selection bias is
+read at call time, so hooks can be added to a streamed model's layers before they are loaded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from moekit.calib.routing import Routing, route, selection_bias
@@ -30,10 +36,10 @@ class PrunedLayers:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def add(self, block: MoeBlock, keep: list[int], routing: Routing,
-            logits_index: int) -> None:
-        bias = selection_bias(block.block)
+    def add(self, block: MoeBlock, keep: list[int] | Callable[[], list[int] | None],
+            routing: Routing, logits_index: int) -> None:
         state: dict[str, Any] = {}
+        kept = keep if callable(keep) else (lambda: keep)
 
         def on_router(module: Any, args: tuple, output: Any) -> None:
             outputs = output if isinstance(output, tuple) else (output,)
@@ -41,8 +47,10 @@ class PrunedLayers:
             state["logits"] = z.reshape(-1, z.shape[-1])
 
         def on_experts(module: Any, args: tuple, output: Any) -> Any:
-            hidden = args[0]
-            ids, weights = route(state.pop("logits"), routing, bias, keep)
+            hidden, logits, ids = args[0], state.pop("logits", None), kept()
+            if ids is None or logits is None:
+                return None
+            ids, weights = route(logits, routing, selection_bias(block.block), ids)
             return module.forward(hidden, ids.to(hidden.device), weights.to(hidden.dtype))
 
         self._handles += [block.router.register_forward_hook(on_router),

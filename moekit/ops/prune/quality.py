@@ -1,30 +1,20 @@
-"""Data-driven pruning: measured selection (+ compensation) and `--criterion auto`.
+"""Data-driven pruning: candidate plans, measured selection as a plan, calibration statistics.
 
-`measured_plan` turns `measured.measure_layers` into a validated PrunePlan plus the refitted
-tensors. `auto_plan` builds candidates - every stats criterion (statistics recorded on the same
-calibration tokens) and the measured selection with and without compensation - scores each on
-the held-out calibration slice by KL(original || candidate) of the next-token distributions
-(the candidate applied in memory, `override.PrunedLayers`), and keeps the lowest.
+`measured_plan` turns the per-layer results of measured selection (`lanes.LaneRun`) into a
+validated PrunePlan plus the refitted tensors. `stats_candidates` gives one plan per stats
+criterion (statistics recorded on the same calibration tokens, `calibration_stats`). Candidates
+are scored on the held-out calibration slice by KL(original || candidate) of the next-token
+distributions, in the same layered run (`lanes`), and the lowest is kept.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from moekit.ops.prune.compensate import LayerFit
-from moekit.ops.prune.measured import (
-    Calibration,
-    MeasuredLayer,
-    apply_fit,
-    grouping,
-    measure_layers,
-    restore_weights,
-)
-from moekit.ops.prune.override import PrunedLayers
+from moekit.ops.prune.measured import Calibration, MeasuredLayer
 from moekit.ops.prune.select import build_plan
 
 if TYPE_CHECKING:
@@ -52,17 +42,12 @@ class Candidate:
     width: int | None = None
 
 
-def measured_plan(cal: Calibration, fingerprint: str, ratio: float, *, beam: int,
+def measured_plan(cal: Calibration, fingerprint: str, layers: list[MeasuredLayer], *,
                   compensate: bool, protect: dict[int, list[int]], min_experts: int | None,
-                  width: int | None = None, on_layer: Any = None) -> Candidate:
-    """Measured selection (module docstring of `measured`) as a validated plan; with `width`
-    every kept expert is trimmed to that many neurons too (`--keep-params`)."""
-    from moekit.ops.plan import drop_count
-
-    start = time.perf_counter()
-    n_drop = drop_count(ratio, cal.blocks[0].experts.num_experts)
-    layers = measure_layers(cal, n_drop, beam=beam, compensate=compensate, protect=protect,
-                            width=width, on_layer=on_layer)
+                  width: int | None = None) -> Candidate:
+    """Measured selection's per-layer results (`layers`, in layer order) as a validated plan;
+    with `width` every kept expert is trimmed to that many neurons too (`--keep-params`).
+    `weights` hold the refits as they came ({layer: {expert: W}}, read lazily from disk)."""
     keep = {r.layer: r.kept for r in layers}
     plan = build_plan(cal.layout, fingerprint, keep=keep, protect=protect,
                       min_experts=min_experts)
@@ -75,49 +60,8 @@ def measured_plan(cal: Calibration, fingerprint: str, ratio: float, *, beam: int
     changes = {r.layer: r.fit.rel_change for r in layers if r.fit and r.fit.weights}
     neurons = {r.layer: r.fit.neurons for r in layers if r.fit and r.fit.neurons}
     return Candidate(plan.criterion, plan, weights, changes,
-                     seconds=time.perf_counter() - start, layers=layers, neurons=neurons,
+                     seconds=sum(r.seconds for r in layers), layers=layers, neurons=neurons,
                      width=width)
-
-
-def reference_logprobs(cal: Calibration) -> list[torch.Tensor]:
-    """log p(next token) of the unmodified model on the held-out batches (float32, CPU)."""
-    import torch
-
-    with torch.no_grad():
-        return [_logprobs(cal.model, batch) for batch in cal.held]
-
-
-def _logprobs(model: Any, batch: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    logits = model(batch.to(next(model.parameters()).device), use_cache=False).logits
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
-
-
-def score(cal: Calibration, candidate: Candidate, reference: list[torch.Tensor]) -> Candidate:
-    """KL(original || candidate) and top-1 agreement, mean over held-out next-token positions,
-    with the candidate's pruning and refits applied in memory (weights restored after)."""
-    import torch
-
-    n_drop = candidate.plan.num_dropped
-    changes = grouping(cal.layout, candidate.plan.num_experts, n_drop)[1]
-    kl = agree = count = 0.0
-    with PrunedLayers() as pruned, torch.no_grad():
-        try:
-            for p in candidate.plan.layers:
-                block = cal.block(p.layer)
-                pruned.add(block, p.kept, cal.routing.after_prune(changes),
-                           cal.family.router.logits_index)
-                apply_fit(cal, block, LayerFit(p.layer, candidate.weights.get(p.layer, {})))
-            for batch, ref in zip(cal.held, reference, strict=True):
-                logp = _logprobs(cal.model, batch)
-                kl += float((ref.exp() * (ref - logp)).sum())
-                agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
-                count += ref.shape[0] * ref.shape[1]
-        finally:
-            restore_weights(cal)
-    candidate.kl, candidate.top1 = kl / max(count, 1), agree / max(count, 1)
-    return candidate
 
 
 def stats_candidates(cal: Calibration, stats: ExpertStats, fingerprint: str, ratio: float,
@@ -133,24 +77,23 @@ def stats_candidates(cal: Calibration, stats: ExpertStats, fingerprint: str, rat
 
 def calibration_stats(cal: Calibration, fingerprint: str) -> ExpertStats:
     """Routing statistics (tokens, weight/EAN/REAP sums, max_norm) of the unmodified model on
-    the calibration batches, recorded by `calib.hooks.RoutingHooks`, as ExpertStats."""
+    the calibration windows, recorded by `calib.hooks.RoutingHooks` in one run of the engine
+    (in memory or streamed), as ExpertStats."""
     import hashlib
-
-    import torch
 
     from moekit.calib.hooks import RoutingHooks
     from moekit.calib.recorder import Recorder
     from moekit.ops.prune.stats import VALUES, ExpertStats
 
     recorder = Recorder(num_domains=1)
-    seen = 0
-    with RoutingHooks(cal.model, cal.family, recorder), torch.no_grad():
-        for batch in cal.fit:
-            if seen >= cal.max_tokens:
-                break
-            recorder.set_batch(0, tuple(batch.shape))
-            cal.model(batch.to(next(cal.model.parameters()).device), use_cache=False)
-            seen += batch.numel()
+
+    def before(index: int) -> None:
+        recorder.set_batch(0, tuple(cal.fit[index].shape))
+
+    with RoutingHooks(cal.model, cal.family, recorder, device=cal.engine.device):
+        for _ in cal.engine.run(cal.fit, before=before):
+            pass
+    seen = sum(int(batch.numel()) for batch in cal.fit)
     values = {raw.layer: {c: tuple(float(x) for x in getattr(raw, c)[0]) for c in VALUES}
               for raw in recorder.finish()}
     digest = hashlib.sha256(repr(sorted(values.items())).encode()).hexdigest()

@@ -1,9 +1,11 @@
 """Refitted expert weights as output tensors, in the source's dtype and on-disk layout.
 
 `fits` give new down projections W [H, I] (float32, math orientation y = W h) for some kept
-experts. Per-expert checkpoints get the expert's `...{down}.weight` [H, I] replaced (under its
-new id); fused checkpoints get the kept rows of the fused down tensor ([E', H, I], or
-[E', I, H] when transposed) with the refitted experts' rows replaced. Everything else stays a
+experts (a mapping per layer; read only when the tensor is written, so refits spilled to disk,
+`runtime.spill`, come back one at a time). Per-expert checkpoints get the expert's
+`...{down}.weight` [H, I] replaced (under its new id); fused checkpoints get the kept rows of
+the fused down tensor ([E', H, I], or [E', I, H] when transposed) with the refitted experts'
+rows replaced. Everything else stays a
 byte copy. Each modified tensor is reported with its relative change ||W - W0|| / ||W0||.
 """
 
@@ -46,6 +48,12 @@ def modified_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePla
     return out, rows
 
 
+def shape_of(weights: Any, e: int) -> tuple[int, ...]:
+    """Shape of refit `e` (read from the spill header when the refits lie on disk)."""
+    lazy = getattr(weights, "shape_of", None)
+    return tuple(lazy(e)) if lazy is not None else tuple(weights[e].shape)
+
+
 def _down_name(layout: ModelLayout) -> str:
     return layout.family.experts.projections.get("down", "down_proj").split(".")[-1]
 
@@ -55,19 +63,20 @@ def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, ke
     down = _down_name(layout)
     base = layer.prefix + layout.family.experts.prefixes[0].rstrip(".") + "."
     found = []
-    for e, weight in weights.items():
+    for e in weights:
         key = next((k for k in layer.expert_keys[e] if k.endswith(f".{down}.weight")), None)
         if key is None:
             raise UnsupportedModelError(f"layer {layer.index} expert {e} has no "
                                         f"'{down}.weight' tensor to refit", "use --no-compensate")
         info = checkpoint.tensors[key]
-        if tuple(info.shape) != tuple(weight.shape):
+        shape = shape_of(weights, e)
+        if tuple(info.shape) != shape:
             raise UnsupportedModelError(f"'{key}' is {list(info.shape)}, the refit gives "
-                                        f"{list(weight.shape)}", "use --no-compensate")
+                                        f"{list(shape)}", "use --no-compensate")
         name = f"{base}{kept.index(e)}.{key[len(f'{base}{e}.'):]}"
         dtype = to_torch(info.dtype)
         found.append((e, key, OutTensor.computed(name, info.dtype, info.shape,
-                                                 lambda w=weight, d=dtype: w.to(d))))
+                                                 lambda e=e, d=dtype: weights[e].to(d))))
     return found
 
 

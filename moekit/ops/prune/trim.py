@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from moekit.errors import InvalidArgumentError, UnsupportedModelError
 from moekit.io.dtypes import to_torch
 from moekit.io.writer import OutTensor
+from moekit.ops.prune.rewrite import shape_of
 
 if TYPE_CHECKING:
     import torch
@@ -82,9 +83,10 @@ def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, ke
             info = checkpoint.tensors[key]
             name = f"{base}{kept.index(e)}.{key[len(f'{base}{e}.'):]}"
             if key.endswith(f".{names['down']}.weight"):
-                value = weights[e][:, cols[e]]
-                out[key] = OutTensor.computed(name, info.dtype, tuple(value.shape),
-                                              lambda v=value, d=to_torch(info.dtype): v.to(d))
+                shape = (shape_of(weights, e)[0], len(idx))
+                out[key] = OutTensor.computed(
+                    name, info.dtype, shape,
+                    lambda e=e, d=to_torch(info.dtype): weights[e][:, cols[e]].to(d))
             elif key.endswith((f".{names['gate']}.weight", f".{names['up']}.weight")):
                 out[key] = OutTensor.computed(
                     name, info.dtype, (len(idx), *info.shape[1:]),

@@ -1,0 +1,202 @@
+"""The selection-and-scoring pass of a calibrated prune: one layered run of the engine.
+
+The run's batch list is made of *lanes*, copies of the calibration windows that each see a
+different model, all pushed through one materialised decoder layer after the other:
+
+    original   fit windows, the unmodified model (only with refits: the reference residuals)
+    reference  held-out windows, the unmodified model: the reference next-token distributions
+    <cand>     held-out windows with candidate <cand>'s pruning (stats criteria, `measured`)
+    pruned     fit windows with every earlier layer pruned (and refitted) as chosen
+    <cand+fit> held-out windows with the measured selection and its refits
+
+For each MoE layer l (`on_layer`, the layer's weights in memory - the whole model, or just
+this layer when streamed): `original` and `pruned` windows run through layer l once more to
+capture the block input X [N, H], router logits Z [N, E] and output residuals
+(`calib.capture.capture_step`); `measured.measure_layer` chooses the removal set and the refits;
+the refits go to disk (`runtime.spill`) for the writer. Then the engine runs every lane's windows
+through layer l; a forward hook on the experts (`override.PrunedLayers`, conditional on the lane
+now running) re-routes each lane among its kept experts, and the refitted down projections are
+swapped in for the refitted lanes only (they run last, so this happens once per layer). With
+`head`, the held-out lanes' logits give KL(reference || candidate). Attention of the fit
+windows is computed twice per MoE layer; every layer is read once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from moekit.ops.prune.measured import (
+    Calibration,
+    MeasuredLayer,
+    apply_fit,
+    grouping,
+    measure_layer,
+    needs_refit,
+    restore_weights,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from moekit.runtime.spill import TensorSpill
+
+
+@dataclass
+class Lane:
+    """One copy of the windows: `keep` {layer: kept ids} (missing: unpruned), whether it uses
+    the refitted down projections, and its batch indices in the run."""
+
+    name: str
+    held: bool
+    keep: dict[int, list[int]] = field(default_factory=dict)
+    refitted: bool = False
+    measured: bool = False
+    batches: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Search:
+    """Measured-selection settings (`n_drop` experts per layer)."""
+
+    n_drop: int
+    beam: int = 4
+    compensate: bool = True
+    width: int | None = None
+    protect: dict[int, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class Scores:
+    """Sums of KL(reference || lane) and top-1 agreement over held-out positions, per lane."""
+
+    kl: dict[str, float] = field(default_factory=dict)
+    agree: dict[str, float] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+
+    def mean(self, lane: str) -> tuple[float, float]:
+        count = max(self.count.get(lane, 0), 1)
+        return self.kl.get(lane, 0.0) / count, self.agree.get(lane, 0.0) / count
+
+
+class LaneRun:
+    """State of the pass (see the module docstring); `run()` executes it."""
+
+    def __init__(self, cal: Calibration, lanes: list[Lane], search: Search | None,
+                 spill: TensorSpill | None, on_result: Callable[[MeasuredLayer], None]):
+        self.cal, self.lanes, self.search, self.spill = cal, lanes, search, spill
+        self.on_result = on_result
+        self.results: list[MeasuredLayer] = []
+        self.batches: list[torch.Tensor] = []
+        self.lane_of: list[Lane] = []
+        for lane in lanes:
+            windows = cal.held if lane.held else cal.fit
+            lane.batches = list(range(len(self.batches), len(self.batches) + len(windows)))
+            self.batches += windows
+            self.lane_of += [lane] * len(windows)
+        self.blocks = {b.layer: b for b in cal.blocks}
+        self.current: Lane | None = None
+        self.layer: int | None = None
+        self.fit: dict[int, torch.Tensor] = {}
+        self.saved: dict[int, torch.Tensor] | None = None
+
+    def lane(self, name: str) -> Lane:
+        return next(lane for lane in self.lanes if lane.name == name)
+
+    def run(self) -> Scores:
+        """Run every lane through the model once; return the held-out scores."""
+        from moekit.ops.prune.override import PrunedLayers
+
+        n_drop = self.search.n_drop if self.search else 0
+        num = self.cal.layout.moe_layers[0].num_experts
+        routing = self.cal.routing.after_prune(grouping(self.cal.layout, num, n_drop)[1])
+        heads = {b for lane in self.lanes if lane.held for b in lane.batches}
+        scores = Scores()
+        reference: list[torch.Tensor] = []
+        with PrunedLayers() as pruned:
+            for block in self.cal.blocks:
+                pruned.add(block, lambda layer=block.layer: self.keep(layer), routing,
+                           self.cal.family.router.logits_index)
+            for index, logits in self.cal.engine.run(
+                    self.batches, before=self.before, head=heads, on_layer=self.on_layer,
+                    after_layer=self.after_layer):
+                if logits is not None:
+                    self._score(index, logits, reference, scores)
+        return scores
+
+    def keep(self, layer: int) -> list[int] | None:
+        return self.current.keep.get(layer) if self.current is not None else None
+
+    def before(self, index: int) -> None:
+        """Batch `index` is about to run: its lane's pruning (and refits) apply."""
+        self.current = lane = self.lane_of[index]
+        if self.layer is None or self.layer not in self.blocks:
+            return
+        block = self.blocks[self.layer]
+        if lane.refitted and self.fit and self.saved is None:
+            self.saved = apply_fit(block, self.fit)
+        elif not lane.refitted and self.saved is not None:
+            restore_weights(block, self.saved)
+            self.saved = None
+
+    def on_layer(self, step: Any) -> None:
+        self.layer = step.index
+        block = self.blocks.get(step.index)
+        if block is None or self.search is None:
+            return
+        start = time.perf_counter()
+        search, cal = self.search, self.cal
+        refit = needs_refit(search.n_drop, search.compensate, search.width)
+        reference = None
+        if refit:
+            reference = self._capture(step, block, "original", residual=True).residual
+        cap = self._capture(step, block, "pruned", residual=refit)
+        result = measure_layer(cal, block, cap, search.n_drop, beam=search.beam,
+                               compensate=search.compensate, width=search.width,
+                               protected=frozenset(search.protect.get(block.layer, ())),
+                               reference=reference)
+        del cap, reference
+        result.seconds = time.perf_counter() - start
+        for lane in self.lanes:
+            if lane.measured:
+                lane.keep[block.layer] = result.kept
+        if result.fit is not None and result.fit.weights:
+            self.fit = result.fit.weights
+            if self.spill is not None:
+                self.spill.put(block.layer, {str(e): w for e, w in self.fit.items()})
+                result.fit.weights = self.spill.layer(block.layer)  # lazy: read when written
+        self.results.append(result)
+        self.on_result(result)
+
+    def after_layer(self, step: Any) -> None:
+        if self.saved is not None:
+            restore_weights(self.blocks[step.index], self.saved)
+        self.saved, self.fit, self.layer = None, {}, None
+
+    def _capture(self, step: Any, block: Any, lane: str, residual: bool) -> Any:
+        from moekit.calib.capture import capture_step
+
+        return capture_step(step, block, self.lane(lane).batches,
+                            max_tokens=self.cal.max_tokens, residual=residual,
+                            logits_index=self.cal.family.router.logits_index,
+                            select=self.before)
+
+    def _score(self, index: int, logits: torch.Tensor, reference: list[torch.Tensor],
+               scores: Scores) -> None:
+        """Reference lane first: keep its log-probabilities; every other held-out lane adds
+        sum_t sum_v p_ref log(p_ref / p) and top-1 agreement over its next-token positions."""
+        import torch
+
+        lane = self.lane_of[index]
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+        if lane.name == "reference":
+            reference.append(logp)
+            return
+        ref = reference[lane.batches.index(index)]
+        scores.kl[lane.name] = scores.kl.get(lane.name, 0.0) + float(
+            (ref.exp() * (ref - logp)).sum())
+        scores.agree[lane.name] = scores.agree.get(lane.name, 0.0) + float(
+            (ref.argmax(-1) == logp.argmax(-1)).sum())
+        scores.count[lane.name] = scores.count.get(lane.name, 0) + ref.shape[0] * ref.shape[1]
