@@ -182,8 +182,8 @@ def require_whole_layers(engine: Any, what: str) -> None:
     """Refuse an engine that runs some MoE layer in expert groups (`runtime.groups`): the
     block's hooks would fire once per pass there, and `what` needs the layer's experts."""
     from moekit.errors import InvalidArgumentError
-    from moekit.runtime.budget import human
     from moekit.runtime.layers import find_stack
+    from moekit.units import human
 
     if engine.mode != "stream" or not engine.plan.group:
         return
