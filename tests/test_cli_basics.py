@@ -270,3 +270,17 @@ def test_error_text_with_rich_markup_is_printed_verbatim():
     assert done.returncode == 2, done.stderr
     assert "[/pytorch/gloo/pair.cc:553] Connection closed [bold]x" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_reader_that_leaves_early_gets_no_error(tiny_checkpoint):
+    """`moekit inspect M --json | head -1`: the pipe closes before moekit writes; no error
+    line, no 'Exception ignored' at exit, the exit status of a process killed by SIGPIPE."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    run = subprocess.run([sys.executable, "-m", "moekit", "inspect",
+                          str(tiny_checkpoint("mixtral")), "--json"], stdout=write,
+                         stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert run.returncode == 141 and run.stderr == "", run.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +62,12 @@ def handle_errors(func: F) -> F:
 
         try:
             with stop_signals_raise():
-                return func(*args, **kwargs)
+                result = func(*args, **kwargs)
+                sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+                return result
+        except BrokenPipeError:  # `moekit ... | head`: the reader left; say nothing more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)  # 128 + SIGPIPE, as a process killed by it
         except MoekitError as err:
             if STATE["debug"]:
                 raise
