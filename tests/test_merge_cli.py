@@ -138,3 +138,33 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_checkpoint, tmp_path, cas
     else:
         assert not out.exists()
     assert not list(tmp_path.glob(".out.moekit-partial-*"))
+
+
+@pytest.mark.parametrize("group", ["weight", "m-smoe"])
+def test_super_experts_are_never_folded(tiny_checkpoint, tmp_path, group):
+    """An expert with an outstanding max_norm (a super expert, as `prune` protects it) stays a
+    singleton cluster; --no-protect-super lets it be folded like any other."""
+    import pandas as pd
+
+    from moekit.ops.prune.stats import STATS_CSV, STATS_PARQUET
+
+    source = tiny_checkpoint("qwen3_moe")
+    stats = stats_for(source, tmp_path / "stats")
+    first = describe(Checkpoint(source)).moe_layers[0].index
+    frame = pd.read_parquet(stats / STATS_PARQUET)
+    ean = frame[(frame["layer"] == first) & (frame["domain"] == "all")].set_index("expert")
+    weakest = int(ean["ean_sum"].idxmin())                  # never a centre on its own merit
+    frame.loc[(frame["layer"] == first) & (frame["expert"] == weakest), "max_norm"] = 1e3
+    frame.to_parquet(stats / STATS_PARQUET, index=False)
+    frame.to_csv(stats / STATS_CSV, index=False)
+    clusters = {}
+    for flag in ("--protect-super", "--no-protect-super"):
+        plan = tmp_path / f"plan{flag}.json"
+        result = run("merge", source, "--stats", stats, "--ratio", "0.75", "--group", group,
+                     "--method", "average", "--dry-run", "--plan-out", plan, flag)
+        assert result.exit_code == 0, result.output
+        clusters[flag] = next(p["clusters"] for p in json.loads(plan.read_text())["layers"]
+                              if p["layer"] == first)
+        assert len(clusters[flag]) == 2
+    assert [weakest] in clusters["--protect-super"]
+    assert all(len(c) > 1 for c in clusters["--no-protect-super"] if weakest in c)

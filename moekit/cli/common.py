@@ -30,6 +30,9 @@ DomainOpt = Annotated[str, typer.Option("--domain", help="Which domain's statist
 IgnoreFingerprintOpt = Annotated[bool, typer.Option(
     "--ignore-fingerprint", help="Accept stats/plan whose model hash differs.")]
 MaxShardSizeOpt = Annotated[str, typer.Option("--max-shard-size", help="e.g. 5GB, 500MB.")]
+ProtectSuperOpt = Annotated[bool, typer.Option(
+    "--protect-super/--no-protect-super", help="Never drop or fold super experts (outstanding "
+    "max_norm).")]
 DataOpt = Annotated[list[str] | None, typer.Option(
     "--data", "-d", help="NAME=PATH of a text/JSONL/JSON/Parquet file or folder, one dataset "
     "each; repeat for several. Default: the texts in sample_data/.")]

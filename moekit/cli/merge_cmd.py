@@ -21,6 +21,7 @@ from moekit.cli.common import (
     ModelArg,
     OverwriteOpt,
     PlanOutOpt,
+    ProtectSuperOpt,
     RangeOpt,
     RevisionOpt,
     SeqLenOpt,
@@ -82,6 +83,7 @@ def merge(
         "--plan", help="Apply a plan JSON (from --plan-out) instead of grouping.")] = None,
     domain: DomainOpt = "all",
     ignore_fingerprint: IgnoreFingerprintOpt = False,
+    protect_super: ProtectSuperOpt = True,
     max_shard_size: MaxShardSizeOpt = "5GB",
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
@@ -111,7 +113,7 @@ def merge(
                               device=device, tokenizer=tokenizer, dtype=dtype,
                               max_memory=max_memory))
     plan = _choose(source, stats, ratio, group, method, router, criterion, plan_in, domain,
-                   ignore_fingerprint, calib)
+                   ignore_fingerprint, calib, protect_super)
     if not as_json:
         console.print(clusters_table(plan))
     for warning in plan.warnings:
@@ -158,14 +160,15 @@ def _calibration(source: Path, group: str, method: str, router: str, plan_in: Pa
 
 def _choose(source: Path, stats: Path | None, ratio: float | None, group: str, method: str,
             router: str, criterion: str, plan_in: Path | None, domain: str,
-            ignore_fingerprint: bool, calib: Any) -> Any:
+            ignore_fingerprint: bool, calib: Any, protect_super: bool) -> Any:
     from moekit.ops.merge.run import choose_merge_plan
 
     with err_console.status("grouping experts (calibrating when needed)"):
         plan, _ = choose_merge_plan(source, stats=stats, ratio=ratio, group=group,
                                     method=method, router=router, criterion=criterion,
                                     plan_in=plan_in, domain=domain,
-                                    ignore_fingerprint=ignore_fingerprint, calib=calib)
+                                    ignore_fingerprint=ignore_fingerprint, calib=calib,
+                                    protect_super=protect_super)
     return plan
 
 

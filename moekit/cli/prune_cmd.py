@@ -19,6 +19,7 @@ from moekit.cli.common import (
     ModelArg,
     OverwriteOpt,
     PlanOutOpt,
+    ProtectSuperOpt,
     RangeOpt,
     RevisionOpt,
     SeqLenOpt,
@@ -94,9 +95,7 @@ def prune(
     compensate: Annotated[bool | None, typer.Option(
         "--compensate/--no-compensate", help="Refit kept experts' down projections (default: "
         "tried, kept if held-out KL is lower).")] = None,
-    protect_super: Annotated[bool, typer.Option(
-        "--protect-super/--no-protect-super", help="Never drop super experts (outstanding "
-        "max_norm).")] = True,
+    protect_super: ProtectSuperOpt = True,
     keep_params: Annotated[float | None, typer.Option(
         "--keep-params", help="With --data: share of routed-expert bytes to keep, reached by "
         "removing fewer experts and trimming all survivors to one narrower width.")] = None,

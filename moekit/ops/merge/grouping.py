@@ -10,13 +10,15 @@ clusters in every layer. Distances between experts (E x E):
 mean pairwise distance until E' remain); the centre of a cluster is its member with the highest
 --criterion score. `m-smoe` takes the E' highest-scoring experts as centres (dominants) and sends
 every other expert to its nearest centre. Group-limited routing (n_group = G): clustering runs
-inside each group with E'/G clusters per group when that keeps the router valid.
+inside each group with E'/G clusters per group when that keeps the router valid. Protected
+experts (super experts by default, as `prune` keeps them) stay singleton clusters.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 from moekit.errors import InvalidArgumentError
@@ -101,23 +103,35 @@ def with_centre(cluster: list[int], scores: list[float]) -> list[int]:
 
 
 def layer_clusters(group: str, dist: torch.Tensor, scores: list[float],
-                   id_spans: list[list[int]], n_drop: int) -> list[list[int]]:
-    """Clusters (centre first) ordered by centre id, n_drop fewer than experts."""
+                   id_spans: list[list[int]], n_drop: int,
+                   protect: Collection[int] = ()) -> list[list[int]]:
+    """Clusters (centre first) ordered by centre id, n_drop fewer than experts. Protected ids
+    stay singletons (never folded, nothing folded into them) while the span has room for more
+    clusters than protected ids; else they are forced to be centres."""
     clusters: list[list[int]] = []
     for ids in id_spans:
         count = len(ids) - n_drop // len(id_spans)
-        found = (dominant_clusters(dist, ids, scores, count) if group == "m-smoe"
-                 else average_linkage(dist, ids, count))
-        clusters += [with_centre(c, scores) for c in found]
+        fixed = [j for j in ids if j in protect]
+        if len(fixed) >= count:
+            boosted = [math.inf if j in protect else v for j, v in enumerate(scores)]
+            clusters += [with_centre(c, boosted) for c in dominant_clusters(dist, ids, boosted,
+                                                                            count)]
+            continue
+        rest = [j for j in ids if j not in protect]
+        found = (dominant_clusters(dist, rest, scores, count - len(fixed)) if group == "m-smoe"
+                 else average_linkage(dist, rest, count - len(fixed)))
+        clusters += [[j] for j in fixed] + [with_centre(c, scores) for c in found]
     return sorted(clusters, key=lambda c: c[0])
 
 
 def build_merge_plan(layout: ModelLayout, fingerprint: str, distance: DistanceFn, *,
                      group: str, method: str, router: str, ratio: float,
                      stats: ExpertStats | None, criterion: str = "reap",
-                     calibration: dict | None = None) -> MergePlan:
+                     calibration: dict | None = None,
+                     protect: dict[int, list[int]] | None = None) -> MergePlan:
     """Cluster every MoE layer; `distance(layer)` gives the [E, E] expert distances of the
-    chosen grouping. Merge weights are the usage shares (statistics' token counts)."""
+    chosen grouping. Merge weights are the usage shares (statistics' token counts).
+    `protect[layer]`: experts kept out of every merge (e.g. super experts)."""
     check_choices(group, method, router)
     check_ratio(layout, ratio)
     rng = random.Random(0)
@@ -130,7 +144,8 @@ def build_merge_plan(layout: ModelLayout, fingerprint: str, distance: DistanceFn
             clusters = [[j] for j in range(num)]
         else:
             clusters = layer_clusters(group, distance(layer.index), scores,
-                                      spans(layout, num, n_drop), n_drop)
+                                      spans(layout, num, n_drop), n_drop,
+                                      (protect or {}).get(layer.index, ()))
         usage = (list(stats.column(layer.index, "tokens")) if stats is not None
                  else [1.0] * num)
         weights = [normalised([usage[j] for j in c]) for c in clusters]

@@ -91,8 +91,10 @@ def mean_outputs(checkpoint: Checkpoint, layout: ModelLayout, fmt: Any,
 def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, group: str,
                       method: str, router: str, criterion: str, plan_in: Path | None,
                       domain: str = "all", ignore_fingerprint: bool = False,
-                      calib: Calibration | None = None) -> tuple[MergePlan, Any]:
-    """Validate everything cheap first (choices, ratio, statistics), then group."""
+                      calib: Calibration | None = None,
+                      protect_super: bool = True) -> tuple[MergePlan, Any]:
+    """Validate everything cheap first (choices, ratio, statistics), then group; super
+    experts (`prune.select.super_experts`) stay unmerged unless `protect_super` is off."""
     from moekit.ops.prune.stats import check_stats, load_stats
 
     check_choices(group, method, router)
@@ -118,9 +120,12 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
                          "pass --stats DIR from `moekit profile`")
     for layer in layout.moe_layers:
         expert_format(checkpoint, layout, layer)  # unsupported layouts fail before any work
+    from moekit.ops.prune.select import super_experts
+
+    protect = super_experts(stats_data) if protect_super and stats_data is not None else {}
     plan = build_merge_plan(layout, fingerprint, distance_fn(group, checkpoint, layout, calib),
                             group=group, method=method, router=router, ratio=float(ratio),
-                            stats=stats_data, criterion=criterion)
+                            stats=stats_data, criterion=criterion, protect=protect)
     if calib is not None and calib.layers is not None:
         plan.calibration = calib.describe()
     return validate_merge_plan(plan, layout, fingerprint, ignore_fingerprint), stats_data
