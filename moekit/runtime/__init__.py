@@ -8,5 +8,6 @@ layer by layer under a memory budget, for every command that runs a model.
     hidden.py   hidden states between layers (RAM or a spill file)
     groups.py   experts of a too-large layer in groups
     loading.py  whole-model / skeleton / tokenizer loading
+    caches.py   caps on the CPU kernel caches (oneDNN primitives keyed by expert shapes)
     distributed.py  torchrun data parallelism: rank share of batches, reductions, failures
 """

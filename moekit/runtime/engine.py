@@ -242,9 +242,11 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
     Code shipped in the checkpoint runs only with `trust_remote_code`."""
     from moekit.families.layout import describe
     from moekit.io.reader import Checkpoint
+    from moekit.runtime.caches import bound
     from moekit.runtime.loading import build_skeleton, load_dtype, load_model, pick_device
     from moekit.runtime.weights import WeightMap
 
+    bound()  # before the first matmul: oneDNN's shape caches would grow per layer otherwise
     target = pick_device(device)
     checkpoint = Checkpoint(Path(path))
     layout = describe(checkpoint)
