@@ -96,3 +96,32 @@ def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
     with torch.no_grad():
         got = load_model(tmp_path / "out", "cpu", "float32")(batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_trimmed_expert_without_a_refit_keeps_its_own_down_columns(model_type, tmp_path):
+    """A kept expert that got no refit (no calibration token reached it) is trimmed with its
+    own down projection's chosen columns (it used to fail at the write: 'no tensor 3')."""
+    folder = _saved(model_type, tmp_path / "src")
+    checkpoint = Checkpoint(folder)
+    layout = describe(checkpoint)
+    num, width_key = layout.moe_layers[0].num_experts, layout.family.keys.expert_width[0]
+    n_drop, width = budget_split(num, int(layout.config[width_key]), 0.5, layout.top_k())
+    candidate = choose(folder, _corpus(tmp_path), n_drop / num, width=width).chosen
+    layer = layout.moe_layers[0]
+    kept = candidate.plan.layer(layer.index).kept
+    e = kept[0]
+    weights = {i: dict(w) for i, w in candidate.weights.items()}
+    weights.setdefault(layer.index, {}).pop(e, None)         # no refit for expert e
+    modified = trimmed_tensors(checkpoint, layout, candidate.plan, candidate.neurons, weights)
+    cols = candidate.neurons[layer.index][e]
+    name = layout.family.experts.projections["down"]
+    down = (next(k for k in layer.fused_keys if k.endswith(".down_proj")) if layer.fused_keys
+            else next(k for k in layer.expert_keys[e] if k.endswith(f".{name}.weight")))
+    got = modified[down].produce()
+    original = checkpoint.read(down).float()
+    if layer.fused_keys:                                  # gpt-oss: down_proj [E, I, H]
+        expected, got = original[e].index_select(0, cols), got[0].float()
+    else:                                                 # mixtral: w2 [H, I] per expert
+        expected, got = original.index_select(1, cols), got.float()
+    torch.testing.assert_close(got, expected)

@@ -76,8 +76,13 @@ class SpilledLayer(Mapping[int, "torch.Tensor"]):
             raise KeyError(item)
         return self.spill.read(self.key, str(item))
 
+    def __contains__(self, item: object) -> bool:  # without reading the tensor
+        return str(item) in self.spill.names.get(self.key, ())
+
     def shape_of(self, item: int) -> tuple[int, ...]:
         """The shape of tensor `item` without reading it."""
+        if item not in self:
+            raise KeyError(item)
         return self.spill.shape(self.key, str(item))
 
     def __iter__(self) -> Iterator[int]:

@@ -82,11 +82,15 @@ def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, ke
         for key in layer.expert_keys[e]:
             info = checkpoint.tensors[key]
             name = f"{base}{kept.index(e)}.{key[len(f'{base}{e}.'):]}"
-            if key.endswith(f".{names['down']}.weight"):
+            if key.endswith(f".{names['down']}.weight") and e in weights:
                 shape = (shape_of(weights, e)[0], len(idx))
                 out[key] = OutTensor.computed(
                     name, info.dtype, shape,
                     lambda e=e, d=to_torch(info.dtype): weights[e][:, cols[e]].to(d))
+            elif key.endswith(f".{names['down']}.weight"):  # no refit: its own columns
+                out[key] = OutTensor.computed(
+                    name, info.dtype, (info.shape[0], len(idx)),
+                    lambda k=key, i=idx: checkpoint.read_rows(k, i, axis=1))
             elif key.endswith((f".{names['gate']}.weight", f".{names['up']}.weight")):
                 out[key] = OutTensor.computed(
                     name, info.dtype, (len(idx), *info.shape[1:]),
@@ -119,9 +123,12 @@ def _fused(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, kept: l
             parts = []
             for i, e in enumerate(kept):
                 c = cols[e]
-                if t == "down_proj":
+                if t == "down_proj" and e in weights:
                     w = weights[e][:, c].to(rows.dtype)
                     parts.append(w.T if transposed else w)
+                    continue
+                if t == "down_proj":  # no refit: its own columns (rows [H, I], or [I, H])
+                    parts.append(rows[i].index_select(0 if transposed else 1, c))
                     continue
                 inner = rows.shape[-1] if (transposed or t.endswith("bias")) else rows.shape[1]
                 half = inner // 2
