@@ -90,7 +90,7 @@ def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, ke
             elif key.endswith(f".{names['down']}.weight"):  # no refit: its own columns
                 out[key] = OutTensor.computed(
                     name, info.dtype, (info.shape[0], len(idx)),
-                    lambda k=key, i=idx: checkpoint.read_rows(k, i, axis=1))
+                    lambda k=key, c=cols[e]: checkpoint.read(k).index_select(1, c))
             elif key.endswith((f".{names['gate']}.weight", f".{names['up']}.weight")):
                 out[key] = OutTensor.computed(
                     name, info.dtype, (len(idx), *info.shape[1:]),
