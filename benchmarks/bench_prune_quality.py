@@ -12,7 +12,9 @@ Data-driven rows (`moekit prune --data ...`, calibrated on the same first halves
 (re-routed layer error, beam search, no refit), `measured+compensate` (the `--data` default:
 refit tried, kept when the held-out KL says so) and `auto` (all candidates, best held-out KL),
 plus the stats-only `man` criterion and `ean` with super-expert protection (the new stats-only
-default). Each data row records the wall time and peak RSS of its `moekit prune` process.
+default). By name only (`--methods`): `measured+compensate-router` (the default without the
+router refit, `--no-refit-router`) and `measured+compensate@16k` (`--max-tokens 16384`).
+Each data row records the wall time and peak RSS of its `moekit prune` process.
 
 Other families (`train_small_moe.py`): `--model DIR --texts FOLDER --seq-len 128` (the length
 they were trained at), `--data-methods ''` to skip the slow `--data` rows, `--json` for the means.
@@ -42,7 +44,10 @@ CRITERIA = ("frequency", "weight", "ean", "reap", "reap-sum")
 NEW_STATS = ("man", "ean+super")
 DATA_METHODS = {"measured": ["--criterion", "measured", "--no-compensate"],
                 "measured+compensate": [],
-                "auto": ["--criterion", "auto"]}
+                "auto": ["--criterion", "auto"],
+                "measured+compensate-router": ["--no-refit-router"],
+                "measured+compensate@16k": ["--max-tokens", "16384"]}
+DEFAULT_DATA = ("measured", "measured+compensate", "auto")
 SEEDS = (0, 1, 2)
 RATIOS = (0.25, 0.5)
 ONLY_NEW = False
@@ -127,7 +132,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.25,0.5")
     parser.add_argument("--no-random", action="store_true", help="skip the random baselines")
     parser.add_argument("--methods", help="comma-separated data methods to run (default: "
-                        f"{','.join(DATA_METHODS)})")
+                        f"{','.join(DEFAULT_DATA)}; also {','.join(DATA_METHODS)})")
     parser.add_argument("--max-memory", help="pass --max-memory to `prune --data` (e.g. a "
                         "budget below the model's size, to run it streamed layer by layer)")
     parser.add_argument("--model", type=Path, help="another model (e.g. from "
@@ -136,18 +141,19 @@ def main() -> None:
                         "fixture texts; sample_data/ for --model)")
     parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per window "
                         "(profile, --data, eval); at most the length the model was trained on")
-    parser.add_argument("--data-methods", default=",".join(DATA_METHODS),
+    parser.add_argument("--data-methods", default=",".join(DEFAULT_DATA),
                         help="which `prune --data` rows to run (comma list; '' for none)")
     parser.add_argument("--json", type=Path, help="also write the mean losses here")
     args = parser.parse_args()
     RATIOS = tuple(float(r) for r in args.ratios.split(","))
     SEQ_LEN, JSON = args.seq_len, args.json
-    DATA_METHODS = {k: v for k, v in DATA_METHODS.items() if k in args.data_methods.split(",")}
+    if not args.methods:
+        DATA_METHODS = {k: v for k, v in DATA_METHODS.items()
+                        if k in args.data_methods.split(",")}
     ONLY_NEW = args.only_new
     SEEDS = () if args.no_random else SEEDS
     if args.methods:
-        for name in set(DATA_METHODS) - set(args.methods.split(",")):
-            del DATA_METHODS[name]
+        DATA_METHODS = {k: v for k, v in DATA_METHODS.items() if k in args.methods.split(",")}
     if args.max_memory:
         for extra in DATA_METHODS.values():
             extra += ["--max-memory", args.max_memory]

@@ -23,6 +23,7 @@ from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 from moekit.ops.prune.measured import apply_fit
 from moekit.ops.prune.override import PrunedLayers
 from moekit.ops.prune.rewrite import modified_tensors
+from moekit.ops.prune.router_fit import apply_router
 from moekit.ops.prune.trim import budget_split, trimmed_tensors
 from moekit.runtime.loading import load_model
 
@@ -57,6 +58,7 @@ def _in_memory_logits(folder, candidate, batch: torch.Tensor) -> torch.Tensor:
         for p in candidate.plan.layers:
             pruned.add(blocks[p.layer], p.kept, routing, layout.family.router.logits_index)
             apply_fit(blocks[p.layer], candidate.weights.get(p.layer, {}))
+            apply_router(blocks[p.layer].router, candidate.routers.get(p.layer))
         return model(batch).logits
 
 
@@ -85,7 +87,8 @@ def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
     else:
         assert candidate.weights, "expected at least one refitted layer"
         modified, rows = modified_tensors(checkpoint, layout, candidate.plan,
-                                          candidate.weights, candidate.rel_change)
+                                          candidate.weights, candidate.rel_change,
+                                          candidate.routers)
         assert rows and all(r["rel_change"] > 0 for r in rows)
     prune_checkpoint(folder, candidate.plan, tmp_path / "out", modified=modified,
                      expert_width=width)

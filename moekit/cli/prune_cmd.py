@@ -95,6 +95,9 @@ def prune(
     compensate: Annotated[bool | None, typer.Option(
         "--compensate/--no-compensate", help="Refit kept experts' down projections (default: "
         "tried, kept if held-out KL is lower).")] = None,
+    refit_router: Annotated[bool, typer.Option(
+        "--refit-router/--no-refit-router", help="With compensation, also refit the kept "
+        "router rows (kept per layer where held-out error is lower).")] = True,
     protect_super: ProtectSuperOpt = True,
     keep_params: Annotated[float | None, typer.Option(
         "--keep-params", help="With --data: share of routed-expert bytes to keep, reached by "
@@ -141,7 +144,7 @@ def prune(
         from moekit.ops.prune.calibrated import DataOptions
 
         data_opts = DataOptions(data_sources(data, "--data"), fraction(data_range),
-                                seq_len, max_tokens, beam, compensate,
+                                seq_len, max_tokens, beam, compensate, refit_router,
                                 protect_super=protect_super, device=device, dtype=dtype,
                                 max_memory=max_memory)
         plan, modified, calibration, width = choose_with_data(

@@ -45,6 +45,7 @@ class DataOptions:
     max_tokens: int = 4096
     beam: int = 4
     compensate: bool | None = None
+    router: bool = True
     held_out: float = 0.2
     protect_super: bool = True
     width: int | None = None
@@ -67,6 +68,7 @@ class DataChoice:
         return [{"candidate": c.name, "kl_held_out": round(c.kl, 6), "top1_held_out":
                  round(c.top1, 4), "seconds": round(c.seconds, 1),
                  "refitted_experts": sum(len(w) for w in c.weights.values()),
+                 "refitted_routers": len(c.routers),
                  "chosen": c is self.chosen} for c in self.candidates]
 
 
@@ -131,7 +133,7 @@ def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
     stats_plans = stats_candidates(cal, stats, fingerprint, ratio, guard, min_experts) \
         if criterion == "auto" else []
     search = Search(drop_count(ratio, layout.moe_layers[0].num_experts), options.beam,
-                    options.compensate is not False, options.width, guard)
+                    options.compensate is not False, options.width, guard, options.router)
     return stats_plans, search
 
 
@@ -140,6 +142,7 @@ def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
     return {"sources": {s.name: str(s.path) for s in options.sources},
             "data_hash": cal.data_hash, "fraction": list(options.fraction),
             "seq_len": options.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
+            "refit_router": options.router,
             "held_out_windows": len(cal.held),
             "super_experts": {str(k): v for k, v in found.items()},
             "runtime": cal.engine.describe(), "seconds": round(time.perf_counter() - start, 1)}
@@ -190,6 +193,10 @@ def _measured(cal: Any, fingerprint: str, run: LaneRun, search: Search, options:
 def _log_layer(r: Any, log: Callable[[str], None]) -> None:
     fit = f", refit held-out {r.fit.held_before:.4g} -> {r.fit.held_after:.4g}" \
         if r.fit and r.fit.weights else ""
+    if r.router is not None and r.router.changed:
+        fit += f", router {r.router.held_before:.4g} -> {r.router.held_after:.4g}"
+    elif r.router is not None and r.router.note:
+        fit += f", router not refitted: {r.router.note}"
     log(f"  layer {r.layer}: drop {r.dropped} (D = {r.error:.4g}{fit}; {r.seconds:.0f} s)")
 
 

@@ -15,9 +15,10 @@ capture the block input X [N, H], router logits Z [N, E] and output residuals
 (`calib.capture.capture_step`); `measured.measure_layer` chooses the removal set and the refits;
 the refits go to disk (`runtime.spill`) for the writer. Then the engine runs every lane's windows
 through layer l; a forward hook on the experts (`override.PrunedLayers`, conditional on the lane
-now running) re-routes each lane among its kept experts, and the refitted down projections are
-swapped in for the refitted lanes only (they run last, so this happens once per layer). With
-`head`, the held-out lanes' logits give KL(reference || candidate). Attention of the fit
+now running) re-routes each lane among its kept experts, and the refitted down projections (and
+refitted router rows, `router_fit`) are swapped in for the refitted lanes only (they run last,
+so this happens once per layer). With `head`, the held-out lanes' logits give
+KL(reference || candidate). Attention of the fit
 windows is computed twice per MoE layer; every layer is read once.
 """
 
@@ -37,6 +38,9 @@ from moekit.ops.prune.measured import (
     needs_refit,
     restore_weights,
 )
+from moekit.ops.prune.router_fit import RouterFit, apply_router, restore_router
+
+ROUTER_KEY = -1  # spill key of layer l's router rows: ROUTER_KEY - l (refits use l)
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +70,7 @@ class Search:
     compensate: bool = True
     width: int | None = None
     protect: dict[int, list[int]] = field(default_factory=dict)
+    router: bool = True
 
 
 @dataclass
@@ -100,7 +105,8 @@ class LaneRun:
         self.current: Lane | None = None
         self.layer: int | None = None
         self.fit: dict[int, torch.Tensor] = {}
-        self.saved: dict[int, torch.Tensor] | None = None
+        self.router: RouterFit | None = None
+        self.saved: tuple[dict[int, torch.Tensor], Any] | None = None
 
     def lane(self, name: str) -> Lane:
         return next(lane for lane in self.lanes if lane.name == name)
@@ -135,11 +141,10 @@ class LaneRun:
         if self.layer is None or self.layer not in self.blocks:
             return
         block = self.blocks[self.layer]
-        if lane.refitted and self.fit and self.saved is None:
-            self.saved = apply_fit(block, self.fit)
+        if lane.refitted and (self.fit or self.router) and self.saved is None:
+            self.saved = (apply_fit(block, self.fit), apply_router(block.router, self.router))
         elif not lane.refitted and self.saved is not None:
-            restore_weights(block, self.saved)
-            self.saved = None
+            self._restore(block)
 
     def on_layer(self, step: Any) -> None:
         self.layer = step.index
@@ -156,7 +161,7 @@ class LaneRun:
         result = measure_layer(cal, block, cap, search.n_drop, beam=search.beam,
                                compensate=search.compensate, width=search.width,
                                protected=frozenset(search.protect.get(block.layer, ())),
-                               reference=reference)
+                               reference=reference, router=search.router)
         del cap, reference
         result.seconds = time.perf_counter() - start
         for lane in self.lanes:
@@ -167,13 +172,23 @@ class LaneRun:
             if self.spill is not None:
                 self.spill.put(block.layer, {str(e): w for e, w in self.fit.items()})
                 result.fit.weights = self.spill.layer(block.layer)  # lazy: read when written
+        if result.router is not None and result.router.changed:
+            self.router = RouterFit(block.layer, *result.router.tensors(), alpha=0.0)
+            if self.spill is not None:
+                result.router.spill_to(self.spill, ROUTER_KEY - block.layer)
         self.results.append(result)
         self.on_result(result)
 
     def after_layer(self, step: Any) -> None:
         if self.saved is not None:
-            restore_weights(self.blocks[step.index], self.saved)
-        self.saved, self.fit, self.layer = None, {}, None
+            self._restore(self.blocks[step.index])
+        self.saved, self.fit, self.router, self.layer = None, {}, None, None
+
+    def _restore(self, block: Any) -> None:
+        if self.saved is not None:
+            restore_weights(block, self.saved[0])
+            restore_router(block.router, self.saved[1])
+        self.saved = None
 
     def _capture(self, step: Any, block: Any, lane: str, residual: bool) -> Any:
         from moekit.calib.capture import capture_step

@@ -21,6 +21,7 @@ from moekit.calib.routing import Routing, selection_bias
 from moekit.ops.plan import group_count, group_feasible
 from moekit.ops.prune.compensate import LayerFit, refit_layer, set_down_weight
 from moekit.ops.prune.replay import build_replay
+from moekit.ops.prune.router_fit import RouterFit, refit_router
 from moekit.ops.prune.search import search_drop
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ class MeasuredLayer:
     single: tuple[float, ...]
     fit: LayerFit | None
     seconds: float
+    router: RouterFit | None = None
 
 
 def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource], *,
@@ -135,24 +137,33 @@ def grouping(layout: ModelLayout, num_experts: int, n_drop: int) -> tuple[int, d
 
 def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: int, *,
                   beam: int, compensate: bool, protected: frozenset[int], width: int | None,
-                  reference: torch.Tensor | None) -> MeasuredLayer:
+                  reference: torch.Tensor | None, router: bool = False) -> MeasuredLayer:
     """Search (and refit) one layer whose weights are materialised, from its capture `cap`
     (inputs, logits; with a refit also the layer's output residual) and `reference`, the
-    unmodified model's residual at the same positions [N, H] (the refit absorbs the drift)."""
+    unmodified model's residual at the same positions [N, H] (the refit absorbs the drift).
+    With `router` (expert pruning with compensation), the kept router rows are refitted after
+    the down projections (`router_fit`)."""
     num = int(block.experts.num_experts)
     groups, changes = grouping(cal.layout, num, n_drop)
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                           cal.routing, cal.routing.after_prune(changes), n_drop)
     found = search_drop(replay.error, num, n_drop, protected=protected, groups=groups, beam=beam)
     kept = [e for e in range(num) if e not in found.dropped]
-    fit = None
+    fit = rfit = None
     if needs_refit(n_drop, compensate, width):
         if reference is None or cap.residual is None:
             raise RuntimeError("a refit needs the layer's residuals (internal error)")
         drift = reference - cap.residual
         fit = refit_layer(block.layer, replay, block.experts, cap.inputs, kept, width, drift)
+        if router and width is None:
+            saved = apply_fit(block, fit.weights)
+            try:
+                rfit = refit_router(block.layer, replay, block.experts, block.router,
+                                    cap.inputs, kept, replay.target + drift.float().cpu())
+            finally:
+                restore_weights(block, saved)
     return MeasuredLayer(block.layer, kept, sorted(found.dropped), found.error, found.single,
-                         fit, 0.0)
+                         fit, 0.0, rfit)
 
 
 def needs_refit(n_drop: int, compensate: bool, width: int | None) -> bool:

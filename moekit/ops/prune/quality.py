@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from moekit.ops.plan import PrunePlan
+    from moekit.ops.prune.router_fit import RouterFit
     from moekit.ops.prune.stats import ExpertStats
 
 AUTO_CRITERIA = ("frequency", "weight", "ean", "man", "reap", "reap-sum")
@@ -40,6 +41,7 @@ class Candidate:
     layers: list[MeasuredLayer] = field(default_factory=list)
     neurons: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     width: int | None = None
+    routers: dict[int, RouterFit] = field(default_factory=dict)
 
 
 def measured_plan(cal: Calibration, fingerprint: str, layers: list[MeasuredLayer], *,
@@ -59,9 +61,10 @@ def measured_plan(cal: Calibration, fingerprint: str, layers: list[MeasuredLayer
     weights = {r.layer: r.fit.weights for r in layers if r.fit and r.fit.weights}
     changes = {r.layer: r.fit.rel_change for r in layers if r.fit and r.fit.weights}
     neurons = {r.layer: r.fit.neurons for r in layers if r.fit and r.fit.neurons}
+    routers = {r.layer: r.router for r in layers if r.router is not None and r.router.changed}
     return Candidate(plan.criterion, plan, weights, changes,
                      seconds=sum(r.seconds for r in layers), layers=layers, neurons=neurons,
-                     width=width)
+                     width=width, routers=routers)
 
 
 def stats_candidates(cal: Calibration, stats: ExpertStats, fingerprint: str, ratio: float,

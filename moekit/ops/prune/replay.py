@@ -57,10 +57,14 @@ class LayerReplay:
         """(ids [N, k], weights [N, k]) among `keep` (None: the unpruned routing). Kept sets
         that cannot be split evenly over the routing groups (single-expert removals scored for
         information) use plain top-k, as the pruned config would."""
+        return route(self.logits, self.routing_for(keep), self.bias, keep)
+
+    def routing_for(self, keep: list[int] | None) -> Routing:
+        """The routing among `keep` (see `routed`)."""
         routing = self.routing if keep is None else self.pruned_routing
         if keep is not None and len(keep) % routing.n_group:
             routing = replace(routing, n_group=1, topk_group=1)  # unbalanced: plain top-k
-        return route(self.logits, routing, self.bias, keep)
+        return routing
 
     def output(self, keep: list[int] | None, rows: slice = slice(None)) -> torch.Tensor:
         """y_K [n, H] for the cached tokens `rows` (keep=None: all experts)."""

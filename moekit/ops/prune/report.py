@@ -82,9 +82,11 @@ def _calibration_markdown(calibration: dict[str, Any]) -> str:
         lines.append(f"| {row['candidate']} | {row['kl_held_out']:.5f} | "
                      f"{row['top1_held_out']:.2%} | {'yes' if row['chosen'] else ''} |")
     modified = calibration.get("modified_tensors") or []
+    experts = sum(1 for row in modified if "expert" in row)
     if modified:
-        lines += ["", f"{len(modified)} expert down projections were refitted (ridge least "
-                  "squares on calibration activations); see `moekit_provenance.json`."]
+        lines += ["", f"{experts} expert down projections and {len(modified) - experts} router "
+                  "tensors were refitted (least squares on calibration activations); see "
+                  "`moekit_provenance.json`."]
     return "\n".join(lines) + "\n"
 
 

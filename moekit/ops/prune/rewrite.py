@@ -6,7 +6,8 @@ experts (a mapping per layer; read only when the tensor is written, so refits sp
 `...{down}.weight` [H, I] replaced (under its new id); fused checkpoints get the kept rows of
 the fused down tensor ([E', H, I], or [E', I, H] when transposed) with the refitted experts'
 rows replaced. Everything else stays a
-byte copy. Each modified tensor is reported with its relative change ||W - W0|| / ||W0||.
+byte copy. Refitted router rows (`router_fit`) replace the kept rows of the router weight [E', H]
+(and bias). Each modified tensor is reported with its relative change ||W - W0|| / ||W0||.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ if TYPE_CHECKING:
     from moekit.families.layout import ModelLayout, MoeLayer
     from moekit.io.reader import Checkpoint
     from moekit.ops.plan import PrunePlan
+    from moekit.ops.prune.router_fit import RouterFit
 
 
 def modified_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan,
                      weights: dict[int, dict[int, torch.Tensor]],
-                     rel_change: dict[int, dict[int, float]]
+                     rel_change: dict[int, dict[int, float]],
+                     routers: dict[int, RouterFit] | None = None
                      ) -> tuple[dict[str, OutTensor], list[dict[str, Any]]]:
-    """({source key: OutTensor replacing its normal output}, provenance rows)."""
-    out: dict[str, OutTensor] = {}
-    rows: list[dict[str, Any]] = []
+    """({source key: OutTensor replacing its normal output}, provenance rows); `routers`
+    {layer: refitted router rows} replace the kept rows of the router weight (and bias)."""
+    out, rows = router_tensors(checkpoint, layout, plan, routers or {})
     layers = {layer.index: layer for layer in layout.moe_layers}
     for index, per_expert in sorted(weights.items()):
         if not per_expert:
@@ -46,6 +49,43 @@ def modified_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePla
             rows.append({"layer": index, "expert": e, "new_id": kept.index(e), "tensor": key,
                          "rel_change": round(rel_change[index][e], 6)})
     return out, rows
+
+
+def router_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan,
+                   routers: dict[int, RouterFit]
+                   ) -> tuple[dict[str, OutTensor], list[dict[str, Any]]]:
+    """The kept rows of refitted router weights [E', H] (and biases [E']), source dtype."""
+    out: dict[str, OutTensor] = {}
+    rows: list[dict[str, Any]] = []
+    layers = {layer.index: layer for layer in layout.moe_layers}
+    spec = layout.family.router
+    for index, fit in sorted(routers.items()):
+        layer, kept = layers[index], plan.layer(index).kept
+        for part, name in enumerate((spec.weight, spec.bias)):
+            key = layer.prefix + name if name else ""
+            if part == 1 and key not in checkpoint.tensors:
+                continue
+            info = checkpoint.tensors[key]
+            if info.shape[0] != layer.num_experts or len(info.shape) != 2 - part:
+                raise UnsupportedModelError(f"router tensor '{key}' is {list(info.shape)}, "
+                                            "not one row per expert", "use --no-refit-router")
+            shape = (len(kept), *info.shape[1:])
+            dtype = to_torch(info.dtype)
+            out[key] = OutTensor.computed(
+                key, info.dtype, shape,
+                lambda f=fit, p=part, k=kept, d=dtype: _router_rows(f, p, k).to(d))
+            rows.append({"layer": index, "tensor": key, "rel_change": round(fit.rel_change, 6)})
+    return out, rows
+
+
+def _router_rows(fit: RouterFit, part: int, kept: list[int]) -> torch.Tensor:
+    import torch
+
+    tensor = fit.tensors()[part]
+    if tensor is None:
+        raise UnsupportedModelError("a router bias was refitted but is not stored "
+                                    "(internal error)")
+    return tensor.index_select(0, torch.as_tensor(kept)).contiguous()
 
 
 def shape_of(weights: Any, e: int) -> tuple[int, ...]:
