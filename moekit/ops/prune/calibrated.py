@@ -194,7 +194,8 @@ def _log_layer(r: Any, log: Callable[[str], None]) -> None:
     fit = f", refit held-out {r.fit.held_before:.4g} -> {r.fit.held_after:.4g}" \
         if r.fit and r.fit.weights else ""
     if r.router is not None and r.router.changed:
-        fit += f", router {r.router.held_before:.4g} -> {r.router.held_after:.4g}"
+        fit += (f", router ({r.router.method}, alpha {r.router.alpha:g}) "
+                f"{r.router.held_before:.4g} -> {r.router.held_after:.4g}")
     elif r.router is not None and r.router.note:
         fit += f", router not refitted: {r.router.note}"
     log(f"  layer {r.layer}: drop {r.dropped} (D = {r.error:.4g}{fit}; {r.seconds:.0f} s)")

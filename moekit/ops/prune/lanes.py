@@ -154,15 +154,18 @@ class LaneRun:
         start = time.perf_counter()
         search, cal = self.search, self.cal
         refit = needs_refit(search.n_drop, search.compensate, search.width)
-        reference = None
+        reference = ref_logits = None
         if refit:
-            reference = self._capture(step, block, "original", residual=True).residual
+            original = self._capture(step, block, "original", residual=True)
+            reference, ref_logits = original.residual, original.logits
+            del original
         cap = self._capture(step, block, "pruned", residual=refit)
         result = measure_layer(cal, block, cap, search.n_drop, beam=search.beam,
                                compensate=search.compensate, width=search.width,
                                protected=frozenset(search.protect.get(block.layer, ())),
-                               reference=reference, router=search.router)
-        del cap, reference
+                               reference=reference, router=search.router,
+                               reference_logits=ref_logits)
+        del cap, reference, ref_logits
         result.seconds = time.perf_counter() - start
         for lane in self.lanes:
             if lane.measured:

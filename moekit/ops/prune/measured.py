@@ -137,12 +137,14 @@ def grouping(layout: ModelLayout, num_experts: int, n_drop: int) -> tuple[int, d
 
 def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: int, *,
                   beam: int, compensate: bool, protected: frozenset[int], width: int | None,
-                  reference: torch.Tensor | None, router: bool = False) -> MeasuredLayer:
+                  reference: torch.Tensor | None, router: bool = False,
+                  reference_logits: torch.Tensor | None = None) -> MeasuredLayer:
     """Search (and refit) one layer whose weights are materialised, from its capture `cap`
     (inputs, logits; with a refit also the layer's output residual) and `reference`, the
-    unmodified model's residual at the same positions [N, H] (the refit absorbs the drift).
-    With `router` (expert pruning with compensation), the kept router rows are refitted after
-    the down projections (`router_fit`)."""
+    unmodified model's residual at the same positions [N, H] (the refit absorbs the drift) and
+    `reference_logits` its router logits there [N, E]. With `router` (expert pruning with
+    compensation), the kept router rows are refitted after the down projections
+    (`router_fit`)."""
     num = int(block.experts.num_experts)
     groups, changes = grouping(cal.layout, num, n_drop)
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
@@ -159,7 +161,8 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
             saved = apply_fit(block, fit.weights)
             try:
                 rfit = refit_router(block.layer, replay, block.experts, block.router,
-                                    cap.inputs, kept, replay.target + drift.float().cpu())
+                                    cap.inputs, kept, replay.target + drift.float().cpu(),
+                                    reference_logits)
             finally:
                 restore_weights(block, saved)
     return MeasuredLayer(block.layer, kept, sorted(found.dropped), found.error, found.single,

@@ -74,7 +74,10 @@ def router_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan,
             out[key] = OutTensor.computed(
                 key, info.dtype, shape,
                 lambda f=fit, p=part, k=kept, d=dtype: _router_rows(f, p, k).to(d))
-            rows.append({"layer": index, "tensor": key, "rel_change": round(fit.rel_change, 6)})
+            rows.append({"layer": index, "tensor": key, "rel_change": round(fit.rel_change, 6),
+                         "router_fit": fit.method, "alpha": fit.alpha,
+                         "held_out_error": [round(fit.held_before, 6),
+                                            round(fit.held_after, 6)]})
     return out, rows
 
 

@@ -21,9 +21,13 @@ r_t = y*_t - y_t the current residual, S = sum_t x_t x_t^T over all tokens (the 
 on the logit change of every token, so an expert is not pulled onto tokens it does not get),
 lam = alpha tr(A) / tr(S). Everything runs in the k-dim slot space: with F_t [k, H] the routed
 outputs and G_t = F_t F_t^T, J_te = F_t^T j_te, c_t = j^T G_t j, u_t = j^T (F_t r_t).
-As for the down refit, the first 1 - HELD_OUT of the tokens fit, alpha is chosen on the rest by
-the *exact* held-out error (routing recomputed on the new logits, the experts module run on the
-re-routed tokens), and the router is left unchanged when no alpha lowers it. The selection bias
+A second kind of candidate (`_match`, HARC-style) is a ridge fit of the logit changes that make
+the kept logits on the pruned model's inputs equal to the unmodified model's kept logits on its
+own inputs at the same positions (undoes the upstream drift of the routing, ignores the output).
+As for the down refit, the first 1 - HELD_OUT of the tokens fit; the candidate (kind, alpha) is
+chosen on the rest by the *exact* held-out error (routing recomputed on the new logits, the
+experts module run on the re-routed tokens), and the router is left unchanged when no candidate
+lowers it. The selection bias
 (`e_score_correction_bias`) only selects, has no gradient here and is left as it is.
 """
 
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
     from moekit.ops.prune.replay import LayerReplay
 
 ALPHAS = (1e-2, 1e-1, 1.0, 10.0)
+MATCH = True  # also try matching the unmodified model's logits (HARC-style)
 CHECK_ROWS = 64
 
 
@@ -57,6 +62,7 @@ class RouterFit:
     rel_change: float = 0.0
     note: str = ""
     stored: Any = None
+    method: str = ""
 
     @property
     def changed(self) -> bool:
@@ -107,10 +113,13 @@ def not_refittable(router: Any, inputs: torch.Tensor, logits: torch.Tensor) -> s
 
 
 def refit_router(layer: int, replay: LayerReplay, experts: Any, router: Any,
-                 inputs: torch.Tensor, keep: list[int], target: torch.Tensor) -> RouterFit:
+                 inputs: torch.Tensor, keep: list[int], target: torch.Tensor,
+                 original: torch.Tensor | None = None) -> RouterFit:
     """Fit on the first (1 - HELD_OUT) of the tokens, choose alpha on the rest (module doc).
     `experts` must hold the weights the pruned layer will use (refitted down projections);
-    `target` [N, H] is y* (the unpruned routed output plus the drift)."""
+    `target` [N, H] is y* (the unpruned routed output plus the drift). With `original` [N, E],
+    the unmodified model's logits at the same positions, the logit-matching fits
+    (`_match`) compete too, on the same held-out error."""
     import torch
 
     fit = RouterFit(layer)
@@ -126,12 +135,16 @@ def refit_router(layer: int, replay: LayerReplay, experts: Any, router: Any,
     held = (inputs[cut:], replay.logits[cut:], target[cut:])
     fit.held_before = fit.held_after = exact_error(replay, experts, *held, keep)
     slots = _slot_space(replay, experts, inputs[:cut], keep, target[:cut])
-    for alpha in ALPHAS:
-        delta = _sweep(slots, x[:cut], keep, alpha)
+    tries = [("output", a, lambda a=a: _sweep(slots, x[:cut], keep, a)) for a in ALPHAS]
+    if original is not None and MATCH:
+        wanted = (original.float().cpu() - replay.logits.float().cpu())[:cut, keep]
+        tries += [("match", a, lambda a=a: _match(x[:cut], wanted, a)) for a in ALPHAS]
+    for method, alpha, solve in tries:
+        delta = solve()
         logits = _moved(replay.logits[cut:], x[cut:], delta, keep)
         err = exact_error(replay, experts, inputs[cut:], logits, target[cut:], keep)
         if err < fit.held_after:
-            fit.held_after, fit.alpha, best = err, alpha, delta
+            fit.held_after, fit.alpha, fit.method, best = err, alpha, method, delta
     if fit.alpha is None:
         return fit
     fit.weight = weight.detach().float().cpu().clone()
@@ -211,6 +224,16 @@ def _sweep(slots: _Slots, x: torch.Tensor, keep: list[int], alpha: float) -> tor
         fr -= (x @ step).unsqueeze(1) * gje
         delta[j] = step
     return delta
+
+
+def _match(x: torch.Tensor, wanted: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Ridge fit of logit changes dW [K, H(+1)] with x dW^T ~ `wanted` [n, K] (the unmodified
+    model's kept logits minus the pruned model's), lam = alpha tr(X^T X) / H."""
+    import torch
+
+    cov = x.T @ x
+    lam = alpha * float(cov.diagonal().sum()) / x.shape[1]
+    return torch.linalg.solve(cov + lam * torch.eye(x.shape[1]), x.T @ wanted).T
 
 
 def _moved(logits: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
