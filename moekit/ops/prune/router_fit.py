@@ -189,13 +189,15 @@ def _slot_space(replay: LayerReplay, experts: Any, inputs: torch.Tensor, keep: l
     from moekit.calib.routing import route
     from moekit.ops.prune.replay import expert_outputs
 
-    z = replay.logits[: inputs.shape[0]].float().clone().requires_grad_(True)
-    ids, w = route(z, replay.routing_for(keep), replay.bias, keep)
+    with torch.inference_mode(False), torch.enable_grad():  # the engine runs without grad
+        z = replay.logits[: inputs.shape[0]].float().clone().requires_grad_(True)
+        bias = replay.bias.clone() if replay.bias is not None else None
+        ids, w = route(z, replay.routing_for(keep), bias, keep)
+        cols = torch.as_tensor(keep)
+        jac = torch.stack([torch.autograd.grad(w[:, s].sum(), z, retain_graph=True)[0][:, cols]
+                           for s in range(w.shape[1])], 1)
     outs = expert_outputs(experts, inputs, ids)  # [n, k, H] with the refits in
     resid = target.float().cpu() - (outs * w.detach().unsqueeze(-1)).sum(1)
-    cols = torch.as_tensor(keep)
-    jac = torch.stack([torch.autograd.grad(w[:, s].sum(), z, retain_graph=True)[0][:, cols]
-                       for s in range(w.shape[1])], 1)
     return _Slots(jac.detach(), outs @ outs.transpose(1, 2), (outs * resid.unsqueeze(1)).sum(-1))
 
 
