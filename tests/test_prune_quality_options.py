@@ -77,11 +77,13 @@ def test_prune_with_data_writes_provenance(tiny_checkpoint, tmp_path):
     record = json.loads((tmp_path / "o" / "moekit_provenance.json").read_text())
     calibration = record["calibration"]
     names = [c["candidate"] for c in calibration["candidates"]]
-    assert names == ["measured+compensate", "measured"]
+    assert names == ["measured+compensate", "measured+compensate-router", "measured"]
     chosen = [c for c in calibration["candidates"] if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["candidate"] == record["criterion"]
     assert chosen[0]["kl_held_out"] == min(c["kl_held_out"] for c in calibration["candidates"])
-    if record["criterion"] == "measured+compensate":
+    if record["criterion"].startswith("measured+compensate"):
         assert calibration["modified_tensors"]
+    if record["criterion"] == "measured+compensate-router":
+        assert all("expert" in row for row in calibration["modified_tensors"])
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config.get("num_experts", config.get("num_local_experts")) == 6

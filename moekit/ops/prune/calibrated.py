@@ -1,7 +1,8 @@
 """`prune --data ...`: choose (and compensate) with calibration data, then write the checkpoint.
 
-criterion `measured` (the default with data): measured selection with compensation, and the
-same selection without compensation; both scored by held-out KL, the better one kept.
+criterion `measured` (the default with data): measured selection with compensation (down
+projections and router rows), the same with the down refits only, and the same selection
+without compensation; all scored by held-out KL, the best one kept.
 criterion `auto`: additionally every stats criterion on statistics of the same tokens.
 Any other criterion: statistics recorded on the calibration tokens, then that criterion.
 Super experts (outstanding max_norm, `select.super_experts`) are protected unless turned off.
@@ -32,6 +33,7 @@ from moekit.ops.prune.quality import (
 from moekit.ops.prune.select import CRITERIA, build_plan, merge_protect, super_experts
 
 DATA_CRITERIA = ("measured", "auto")
+DOWN_ONLY = "measured+compensate-router"  # the down refits without the router refits
 
 
 @dataclass
@@ -165,8 +167,16 @@ def _lanes(stats_plans: list[Candidate], search: Search | None,
     if fitted and options.compensate is None and options.width is None:
         lanes.append(Lane("measured", held=True, measured=True))
     lanes.append(Lane("pruned", held=False, measured=True, refitted=fitted))
+    if _both_routers(search, options):
+        lanes.append(Lane(DOWN_ONLY, held=True, measured=True, refitted=True, router=False))
     lanes.append(Lane(_measured_name(search), held=True, measured=True, refitted=fitted))
     return lanes
+
+
+def _both_routers(search: Search, options: DataOptions) -> bool:
+    """Default compensation with the router refit: also score the down refits alone."""
+    return search.router and search.compensate and options.compensate is None and \
+        options.width is None
 
 
 def _measured_name(search: Search) -> str:
@@ -183,6 +193,10 @@ def _measured(cal: Any, fingerprint: str, run: LaneRun, search: Search, options:
                              protect=search.protect, min_experts=min_experts,
                              width=search.width)
     out = [measured]
+    if _both_routers(search, options):
+        out.append(Candidate(DOWN_ONLY, _copy_plan(measured.plan, DOWN_ONLY), measured.weights,
+                             measured.rel_change, seconds=measured.seconds,
+                             layers=measured.layers))
     if search.compensate and options.compensate is None and options.width is None:
         plain = Candidate("measured", _copy_plan(measured.plan, "measured"),
                           seconds=measured.seconds, layers=measured.layers)

@@ -59,6 +59,7 @@ class Lane:
     refitted: bool = False
     measured: bool = False
     batches: list[int] = field(default_factory=list)
+    router: bool = True
 
 
 @dataclass
@@ -141,10 +142,16 @@ class LaneRun:
         if self.layer is None or self.layer not in self.blocks:
             return
         block = self.blocks[self.layer]
-        if lane.refitted and (self.fit or self.router) and self.saved is None:
-            self.saved = (apply_fit(block, self.fit), apply_router(block.router, self.router))
-        elif not lane.refitted and self.saved is not None:
+        if not lane.refitted:
             self._restore(block)
+            return
+        if self.saved is None and (self.fit or self.router):
+            self.saved = (apply_fit(block, self.fit), None)
+        if self.saved is not None and lane.router != (self.saved[1] is not None):
+            router = apply_router(block.router, self.router) if lane.router else None
+            if not lane.router:
+                restore_router(block.router, self.saved[1])
+            self.saved = (self.saved[0], router)
 
     def on_layer(self, step: Any) -> None:
         self.layer = step.index
