@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 @dataclass
 class Lane:
     """One copy of the windows: `keep` {layer: kept ids} (missing: unpruned), whether it uses
-    the refitted down projections, and its batch indices in the run."""
+    the refitted down projections (and, with `router`, the refitted router rows), and its
+    batch indices in the run."""
 
     name: str
     held: bool
