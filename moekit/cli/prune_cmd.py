@@ -324,7 +324,8 @@ class _byte_progress:  # noqa: N801 - used like a function in `with`
         )
 
         self.progress = Progress("writing", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                 TimeRemainingColumn(), console=err_console, transient=True)
+                                 TimeRemainingColumn(), console=err_console, transient=True,
+                                 disable=not err_console.is_terminal)
         self.task = self.progress.add_task("write", total=None)
 
     def __enter__(self):  # noqa: ANN204
