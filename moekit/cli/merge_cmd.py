@@ -38,7 +38,9 @@ from moekit.units import parse_size
 GROUP_HELP = ("hc-smoe (average-linkage clustering of mean expert outputs), m-smoe (default; "
               "dominant experts + router-logit similarity), weight (data-free weight cosine).")
 METHOD_HELP = ("fit-centre (default; centre's gate/up, down re-fitted to absorb the cluster's "
-               "output), fit (aligned average gate/up, down re-fitted), aligned (neuron-aligned "
+               "output), fit-layer (centre's gate/up, every merged expert's down re-fitted to the "
+               "whole layer's output, layer by layer on the merged model; --router centre), "
+               "fit (aligned average gate/up, down re-fitted), aligned (neuron-aligned "
                "usage-weighted average), average (usage-weighted average).")
 
 
