@@ -86,7 +86,8 @@ def test_refit_lowers_unseen_layer_errors_against_the_unrefitted_merge(tiny_chec
     refit = layer_errors(source, out, ids)
     plain = layer_errors(source, centres_only, ids)
     record = json.loads((out / "moekit_provenance.json").read_text())
-    assert set(record["calibration"]["refit"]["layers"]) == {str(p["layer"]) for p in plan["layers"]}
+    layers = {str(p["layer"]) for p in plan["layers"]}
+    assert set(record["calibration"]["refit"]["layers"]) == layers
     assert all(a < 0.95 * b for a, b in zip(refit, plain, strict=True)), (refit, plain)
 
 

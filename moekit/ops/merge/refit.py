@@ -15,6 +15,12 @@ absorbed by the whole layer, and what earlier merged layers changed is absorbed 
 weight alpha is chosen on a held-out quarter of the layer's tokens; a layer whose held-out error
 no alpha lowers keeps its centres unchanged.
 
+As `prune --data` does, the whole merge is also scored end to end: the last 20 % of each
+source's windows (never fitted on) run through the unmerged model, the merged model without
+refits (the centres) and the refitted one, and the refits are kept only when they lower the
+mean next-token KL(unmerged || merged) there; otherwise the checkpoint is the centres alone
+(with too little data for a held-out window, the per-layer choice stands).
+
 Sequential: the layers are fitted in order in one layered run of `moekit.runtime` (in memory,
 or streamed one decoder layer at a time under `max_memory`), each on the hidden states of the
 model merged (and refitted) so far (`ops.prune.lanes`: the `original` and `pruned` lanes; the
@@ -51,12 +57,14 @@ class LayerRefits:
     info: dict[int, dict[str, Any]] = field(default_factory=dict)
     spill: Any = None
     runtime: dict[str, Any] = field(default_factory=dict)
+    kl: dict[str, float] = field(default_factory=dict)
 
     def __call__(self, layer: int) -> Mapping[int, torch.Tensor]:
         return self.weights.get(layer, {})
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime": self.runtime,
+        return {"runtime": self.runtime, "kl_held_out": self.kl,
+                "kept": bool(self.weights),
                 "layers": {str(k): v for k, v in sorted(self.info.items())}}
 
 
@@ -83,15 +91,17 @@ def refit_merged(source: Path, layout: ModelLayout, plan: MergePlan, sources: li
             "--method fit-layer: the plan's centres are not spread over the routing groups as "
             "the refit's routing assumes", "use --method fit-centre for this plan")
     cal = load_calibration(source, layout, sources, fraction=fraction, seq_len=seq_len,
-                           max_tokens=max_tokens, held_out=0.0, device=device, dtype=dtype,
+                           max_tokens=max_tokens, device=device, dtype=dtype,
                            max_memory=max_memory, text_field=text_field, tokenizer=tokenizer)
     if log is not None:
         log(mode_line(cal.engine))
     require_whole_layers(cal.engine, "--method fit-layer")
     centres = {p.layer: p.centres for p in plan.layers}
     search = Search(n_drop, beam=1, compensate=True, protect=centres)
-    lanes = [Lane("original", held=False),
-             Lane("pruned", held=False, measured=True, refitted=True)]
+    lanes = [Lane("original", held=False), Lane("reference", held=True),  # unrefitted first
+             Lane("centres", held=True, measured=True),
+             Lane("pruned", held=False, measured=True, refitted=True),
+             Lane("refitted", held=True, measured=True, refitted=True)]
     refits = LayerRefits(spill=TensorSpill("moekit-merge-refits-", cal.engine.spill_dir),
                          runtime=cal.engine.describe())
 
@@ -108,6 +118,12 @@ def refit_merged(source: Path, layout: ModelLayout, plan: MergePlan, sources: li
             log(f"  layer {result.layer}: refit held-out {fit.held_before:.4g} -> "
                 f"{fit.held_after:.4g} (alpha {fit.alpha})")
 
-    LaneRun(cal, lanes, search, refits.spill, on_result).run()
+    scores = LaneRun(cal, lanes, search, refits.spill, on_result).run()
+    refits.kl = {name: scores.mean(name)[0] for name in ("centres", "refitted")}
+    if log is not None:
+        log(f"held-out KL: centres {refits.kl['centres']:.5f}, refitted "
+            f"{refits.kl['refitted']:.5f}")
+    if cal.held and refits.kl["refitted"] >= refits.kl["centres"]:
+        refits.weights = {}  # the refits do not help end to end: write the centres alone
     return refits
 
