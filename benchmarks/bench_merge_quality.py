@@ -30,7 +30,7 @@ METHODS = ("average", "aligned", "fit", "fit-centre", "fit-layer")
 PRUNE_CRITERIA = ("ean",)  # the best criterion of bench_prune_quality.py at 25 % and 50 %
 SEEDS = (0, 1)
 RATIOS = (0.25, 0.5)
-DEFAULT = ("m-smoe", "fit-centre")
+DEFAULT = ("m-smoe", "fit-layer")
 
 
 def calibration(model: Path, texts: Path, tokens: int):  # noqa: ANN201 - Calibration
