@@ -16,28 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from prune_support import write_synthetic_stats
 from safetensors.torch import load_file
+from test_merge_families import merge, stats_for
 from tiny_models import read_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
-from moekit.cli.app import app
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
-
-RUNNER = CliRunner()
-
-
-def merge(*args: object):
-    return RUNNER.invoke(app, ["merge", *map(str, args)])
-
-
-def stats_for(tmp_path: Path, folder: Path) -> Path:
-    layout = describe(Checkpoint(folder))
-    tokens = {layer.index: [float((5 * j + 2) % 9 + 1) for j in range(layer.num_experts)]
-              for layer in layout.moe_layers}
-    return write_synthetic_stats(tmp_path / "stats", folder, tokens)
 
 
 def corpus(tmp_path: Path) -> Path:
