@@ -69,7 +69,7 @@ def merge(
     data_range: RangeOpt = None,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", help="Calibration tokens in all (held in memory per MoE layer).")
-    ] = 4096,
+    ] = 16384,
     seq_len: SeqLenOpt = 512,
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "cpu",

@@ -70,7 +70,7 @@ class LayerRefits:
 
 def refit_merged(source: Path, layout: ModelLayout, plan: MergePlan, sources: list[DataSource],
                  *, fraction: tuple[float, float] = (0.0, 1.0), seq_len: int = 512,
-                 max_tokens: int = 4096, device: str = "cpu", dtype: str = "float32",
+                 max_tokens: int = 16384, device: str = "cpu", dtype: str = "float32",
                  max_memory: str | int | None = "auto", text_field: str = "text",
                  tokenizer: str | None = None,
                  log: Callable[[str], None] | None = None) -> LayerRefits:
