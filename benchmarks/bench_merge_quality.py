@@ -4,7 +4,7 @@ Profiles `mixtral-e16k2` (16 experts, top-2, 4 layers) on the first half of each
 fixture texts (as `bench_prune_quality.py`, whose helpers are reused), captures calibration
 activations once on that same first half, and folds 25 % and 50 % of the experts of every layer
 with every grouping (hc-smoe, m-smoe, weight) x merging method (average, aligned, fit,
-fit-centre), centres
+fit-centre, fit-layer), centres
 chosen by --criterion. Beside them: the best prune criterion of the prune benchmark (ean) and random
 pruning (2 seeds). Evaluation: mean next-token loss (nats) per domain on the second half.
 Prints a markdown table and whether the default merge at 50 % is no worse than the best prune.
@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prune_quality import DOMAINS, FIXTURES, losses, profile, prune  # noqa: E402
 
 GROUPS = ("m-smoe", "hc-smoe", "weight")
-METHODS = ("average", "aligned", "fit", "fit-centre")
+METHODS = ("average", "aligned", "fit", "fit-centre", "fit-layer")
 PRUNE_CRITERIA = ("ean",)  # the best criterion of bench_prune_quality.py at 25 % and 50 %
 SEEDS = (0, 1)
 RATIOS = (0.25, 0.5)
-DEFAULT = ("m-smoe", "fit-centre")
+DEFAULT = ("m-smoe", "fit-layer")
 
 
 def calibration(model: Path, texts: Path, tokens: int):  # noqa: ANN201 - Calibration

@@ -4,8 +4,7 @@ Builds a Mixtral-shaped checkpoint of random bf16 data (per-expert w1/w2/w3, rou
 embeddings) with moekit's streaming writer, then times, interleaved and in random order:
   prune:      `moekit prune SRC --stats S --ratio 0.5 --out OUT` (moekit fsyncs every file and
               folder before its rename, so the process ends with the output durable);
-  prune-kernel: the same with MOEKIT_COPY=kernel (os.copy_file_range instead of the default
-              user-space 1 MiB read/write), to compare the two copy paths;
+  prune-kernel: the same with MOEKIT_COPY=kernel (os.copy_file_range), to compare copy paths;
   cp:         `sh -c 'cp KEPT DST && sync DST'`, KEPT a random file exactly as large as the
               pruned output (`sync FILE` fsyncs it);
 each in two cases: `fresh` (OUT and DST absent) and `overwrite` (a previous output is in place:
@@ -171,7 +170,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--cache", default="cold,warm", help="cache states to run")
-    parser.add_argument("--jobs", default="prune,prune-kernel,cp", help="jobs to compare")
+    parser.add_argument("--jobs", default="prune,prune-kernel,cp",
+                        help="jobs to compare")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moekit-bench-prune-", dir=args.dir))
     try:

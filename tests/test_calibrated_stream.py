@@ -82,7 +82,8 @@ def test_streamed_calibrated_prune_equals_in_memory(model_type, extra, tmp_path)
 
 @pytest.mark.parametrize("model_type,group,method", [
     ("mixtral", "hc-smoe", "fit"), ("qwen2_moe", "m-smoe", "fit-centre"),
-    ("gpt_oss", "hc-smoe", "fit"), ("deepseek_v3", "hc-smoe", "aligned")])
+    ("gpt_oss", "hc-smoe", "fit"), ("deepseek_v3", "hc-smoe", "aligned"),
+    ("mixtral", "m-smoe", "fit-layer")])
 def test_streamed_calibrated_merge_equals_in_memory(model_type, group, method,
                                                     tiny_checkpoint, tmp_path):
     source = tiny_checkpoint(model_type)
@@ -91,6 +92,9 @@ def test_streamed_calibrated_merge_equals_in_memory(model_type, group, method,
             "--group", group, "--method", method, "--data", f"doc={data.path}", *CALIB]
     records = run_both(base, source, tmp_path)
     assert [r["calibration"]["tokens"] for r in records] == [512, 512]
+    if method == "fit-layer":  # the sequential refit streamed too
+        assert [r["calibration"]["refit"]["runtime"]["mode"] for r in records] == [
+            "memory", "stream"]
     assert_same_output(tmp_path / "memory", tmp_path / "streamed")
 
 

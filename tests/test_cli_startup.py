@@ -35,12 +35,16 @@ sys.exit(code)
 """
 
 
-def imported_heavy(*args: object) -> list[str]:
+def run_driver(*args: object) -> subprocess.CompletedProcess:
     run = subprocess.run([sys.executable, "-c", DRIVER, *map(str, args)], capture_output=True,
                          text=True, timeout=300, stdin=subprocess.DEVNULL,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert run.returncode == 0, run.stderr
-    line = next(x for x in run.stderr.splitlines() if x.startswith("LOADED"))
+    return run
+
+
+def imported_heavy(*args: object) -> list[str]:
+    line = next(x for x in run_driver(*args).stderr.splitlines() if x.startswith("LOADED"))
     return line.split()[1:]
 
 
@@ -51,6 +55,14 @@ def model_and_stats(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path]:
     tokens = {layer.index: [float(j + 1) for j in range(layer.num_experts)]
               for layer in layout.moe_layers}
     return model, write_synthetic_stats(tmp_path_factory.mktemp("stats"), model, tokens)
+
+
+def test_progress_leaves_nothing_on_a_redirected_stderr(model_and_stats, tmp_path):
+    """Not a terminal: no progress bar, and no blank line where a transient one was cleared."""
+    model, stats = model_and_stats
+    run = run_driver("prune", model, "--stats", stats, "--ratio", "0.5", "--out", tmp_path / "o")
+    assert run.stderr.splitlines() == ["LOADED"], repr(run.stderr)
+    assert "wrote" in run.stdout
 
 
 @pytest.mark.parametrize("args", [

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from moekit.cli.app import app
 from moekit.errors import DiskFullError
 from moekit.families.layout import describe
+from moekit.io import bytecopy
 from moekit.io import output as output_mod
-from moekit.io import writer
 from moekit.io.output import staged_output
 from moekit.io.reader import Checkpoint
 
@@ -40,7 +40,7 @@ def digest(folder: Path) -> str:
 
 def fill_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int, code: int) -> list[int]:
     """Let `writes` writer calls through, then fail every later one with `code`."""
-    real, calls = writer._write_all, []
+    real, calls = bytecopy.write_all, []
 
     def write_all(fd: int, data: bytes | memoryview) -> None:
         calls.append(len(data))
@@ -48,7 +48,7 @@ def fill_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int, code: int) -> 
             raise OSError(code, os.strerror(code))
         real(fd, data)
 
-    monkeypatch.setattr(writer, "_write_all", write_all)
+    monkeypatch.setattr(bytecopy, "write_all", write_all)
     return calls
 
 

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from moekit.cli.app import app
 from moekit.errors import OutputExistsError
+from moekit.io import bytecopy
 from moekit.io import output as output_mod
-from moekit.io import writer
 from moekit.io.output import copy_aux_files, staged_output
 from moekit.io.reader import Checkpoint
 from moekit.io.writer import OutTensor, write_checkpoint
@@ -251,7 +251,8 @@ def test_copy_file_range_and_fallback_write_the_same_bytes(tiny_checkpoint, tmp_
     calls: list[int] = []
     real = os.copy_file_range
     monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(writer, "COPY_FILE_RANGE", True)
+    monkeypatch.setattr(bytecopy, "MODE", "kernel")
+    monkeypatch.setattr(bytecopy, "_kernel_ok", True)
     write_checkpoint(kernel, plan)
     assert len(calls) >= len(plan)
 
@@ -262,7 +263,7 @@ def test_copy_file_range_and_fallback_write_the_same_bytes(tiny_checkpoint, tmp_
     loop = tmp_path / "loop"
     loop.mkdir()
     write_checkpoint(loop, plan)
-    assert writer.COPY_FILE_RANGE is False  # fell back once, then stays on the loop
+    assert bytecopy._kernel_ok is False  # fell back once, then stays on the loop
     assert (kernel / "model.safetensors").read_bytes() == (loop / "model.safetensors").read_bytes()
     shutil.copyfile(source.folder / "config.json", kernel / "config.json")
     copy = Checkpoint(kernel)
@@ -286,3 +287,33 @@ def test_overwrite_deletes_the_old_output_in_the_background(tmp_path, monkeypatc
             break
         time.sleep(0.1)
     assert not removed[0].exists()
+
+
+def test_overwrite_drops_the_old_outputs_page_cache_first(tmp_path, monkeypatch):
+    """Before writing, every regular file of the output being replaced gets
+    posix_fadvise(DONTNEED) (its data stays); a link in it is not followed."""
+    if not hasattr(os, "posix_fadvise"):
+        pytest.skip("no posix_fadvise here")
+    out, outside = tmp_path / "out", tmp_path / "outside.bin"
+    outside.write_bytes(b"not ours")
+    with staged_output(out) as staging:
+        (staging / "model.safetensors").write_bytes(b"old" * 1000)
+        (staging / "sub").mkdir()
+        (staging / "sub" / "a.json").write_text("{}")
+    (out / "link").symlink_to(outside)
+    advised: list[tuple[str, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", record)
+    monkeypatch.setattr(output_mod, "remove_in_background", lambda path: None)
+    with staged_output(out, overwrite=True) as staging:
+        assert sorted(Path(p).name for p, _ in advised) == ["a.json", "model.safetensors"]
+        assert {a for _, a in advised} == {os.POSIX_FADV_DONTNEED}
+        assert (out / "model.safetensors").read_bytes() == b"old" * 1000  # data kept
+        (staging / "model.safetensors").write_bytes(b"new")
+    assert (out / "model.safetensors").read_bytes() == b"new"
+    assert outside.read_bytes() == b"not ours"

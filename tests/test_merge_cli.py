@@ -50,7 +50,7 @@ def upcycled(tiny_checkpoint, tmp_path) -> Path:
 
 @pytest.mark.parametrize(("group", "method", "router"), [
     ("weight", "average", "centre"), ("weight", "aligned", "usage"),
-    ("m-smoe", "fit", "centre"), ("hc-smoe", "fit", "usage")])
+    ("m-smoe", "fit", "centre"), ("hc-smoe", "fit", "usage"), ("m-smoe", "fit-layer", "centre")])
 def test_merging_identical_experts_keeps_the_logits(upcycled, tiny_checkpoint, tmp_path, group,
                                                     method, router):
     text = tmp_path / "calib.txt"

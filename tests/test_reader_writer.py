@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moekit.errors import InvalidArgumentError, OutputExistsError
-from moekit.io import writer
+from moekit.io import bytecopy, writer
 from moekit.io.dtypes import ITEM_SIZE, from_torch
 from moekit.io.output import copy_aux_files, staged_output
 from moekit.io.reader import INDEX_NAME, Checkpoint
@@ -151,7 +151,7 @@ def test_sharded_output_loads_in_transformers(tiny_checkpoint, tmp_path):
 
 
 def test_writer_writes_in_chunks_of_at_most_1mib(tmp_path, monkeypatch):
-    big = torch.arange(3 * (1 << 20) // 4 + 5, dtype=torch.float32)  # ~3 MiB, odd tail
+    big = torch.arange(9 * (1 << 20) // 4 + 5, dtype=torch.float32)  # ~9 MiB, odd tail
     source = tmp_path / "source"
     source.mkdir()
     save_file({"big": big.clone()}, str(source / "model.safetensors"))
@@ -165,7 +165,7 @@ def test_writer_writes_in_chunks_of_at_most_1mib(tmp_path, monkeypatch):
         return real_write(fd, data)
 
     monkeypatch.setattr(writer.os, "write", recording_write)
-    monkeypatch.setattr(writer, "COPY_FILE_RANGE", False)  # the user-space fallback loop
+    monkeypatch.setattr(bytecopy, "MODE", "loop")
     out = tmp_path / "out"
     out.mkdir()
     write_checkpoint(out, [OutTensor.copy(info, name="copied"),

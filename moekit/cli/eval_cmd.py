@@ -146,7 +146,8 @@ class token_progress:  # noqa: N801 - used like a function in `with`
 
         self.progress = Progress("[progress.description]{task.description}", BarColumn(),
                                  MofNCompleteColumn(), "tokens", TimeElapsedColumn(),
-                                 console=err_console, transient=True)
+                                 console=err_console, transient=True,
+                                 disable=not err_console.is_terminal)
         self.label = label
         self.task = self.progress.add_task(f"{label} (loading model and data)", total=None)
 

@@ -37,9 +37,12 @@ from moekit.units import parse_size
 
 GROUP_HELP = ("hc-smoe (average-linkage clustering of mean expert outputs), m-smoe (default; "
               "dominant experts + router-logit similarity), weight (data-free weight cosine).")
-METHOD_HELP = ("fit-centre (default; centre's gate/up, down re-fitted to absorb the cluster's "
-               "output), fit (aligned average gate/up, down re-fitted), aligned (neuron-aligned "
-               "usage-weighted average), average (usage-weighted average).")
+METHOD_HELP = ("fit-layer (default with --router centre; centre's gate/up, every merged "
+               "expert's down re-fitted to the whole layer's output, layer by layer on the "
+               "merged model), fit-centre (default with other --router; centre's gate/up, down "
+               "re-fitted to absorb its cluster's output), fit (aligned average gate/up, down "
+               "re-fitted), aligned (neuron-aligned usage-weighted average), average "
+               "(usage-weighted average).")
 
 
 @handle_errors
@@ -53,7 +56,7 @@ def merge(
     ] = None,
     out: MaybeOutOpt = None,
     group: Annotated[str, typer.Option("--group", "-g", help=GROUP_HELP)] = "m-smoe",
-    method: Annotated[str, typer.Option("--method", "-m", help=METHOD_HELP)] = "fit-centre",
+    method: Annotated[str | None, typer.Option("--method", "-m", help=METHOD_HELP)] = None,
     router: Annotated[str, typer.Option(
         "--router", help="centre (default; the centre's router row/biases), usage "
         "(usage-weighted average of the members' rows) or fit (rows fitted to the members' "
@@ -66,7 +69,7 @@ def merge(
     data_range: RangeOpt = None,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", help="Calibration tokens in all (held in memory per MoE layer).")
-    ] = 4096,
+    ] = 16384,
     seq_len: SeqLenOpt = 512,
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "cpu",
@@ -103,6 +106,7 @@ def merge(
     from moekit.io.output import check_output
 
     source = load_model_path(model, revision)
+    method = method or ("fit-layer" if router == "centre" else "fit-centre")
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run:
         if out is None:

@@ -160,7 +160,7 @@ class TokenProgress:
             TextColumn("[progress.description]{task.description}"), BarColumn(),
             MofNCompleteColumn(), TextColumn("tokens"),
             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=err_console, transient=True)
+            console=err_console, transient=True, disable=not err_console.is_terminal)
         self.task = self.progress.add_task("loading model and data", total=None, rate="")
 
     def __enter__(self) -> TokenProgress:

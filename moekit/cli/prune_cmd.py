@@ -90,7 +90,7 @@ def prune(
     seq_len: SeqLenOpt = 256,
     max_tokens: Annotated[int, typer.Option(
         "--max-tokens", help="Calibration token positions per layer (selection and refit).")
-    ] = 4096,
+    ] = 16384,
     beam: Annotated[int, typer.Option("--beam", help="Beam width of the measured search.")] = 4,
     compensate: Annotated[bool | None, typer.Option(
         "--compensate/--no-compensate", help="Refit kept experts' down projections (default: "
@@ -327,7 +327,8 @@ class _byte_progress:  # noqa: N801 - used like a function in `with`
         )
 
         self.progress = Progress("writing", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                 TimeRemainingColumn(), console=err_console, transient=True)
+                                 TimeRemainingColumn(), console=err_console, transient=True,
+                                 disable=not err_console.is_terminal)
         self.task = self.progress.add_task("write", total=None)
 
     def __enter__(self):  # noqa: ANN204

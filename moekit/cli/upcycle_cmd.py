@@ -115,7 +115,7 @@ def _run(source: Path, out: Path, options, overwrite: bool, name: str,  # noqa: 
 
     progress = Progress("[progress.description]{task.description}", BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                        disable=quiet)
+                        disable=quiet or not console.is_terminal)
     task = progress.add_task("writing tensors", total=None, start=False)
     started = []
 

@@ -5,34 +5,28 @@ at most `max_shard_bytes`, and then written one at a time in 1 MiB `write()` cal
 tensors are copied as byte ranges of their source file without becoming torch tensors, computed
 tensors are produced by a callable only when their turn comes. Peak memory is one tensor.
 
-Byte ranges are copied with a 1 MiB `readinto`/`write` loop. `MOEKIT_COPY=kernel` copies them
-with `os.copy_file_range` instead (as `cp` does, falling back to the loop where the file system
-refuses it): measured three times on these VMs (docs/benchmarks.md), the loop used less system
-time and was faster in every case, warm or cold, fresh or replacing an output.
+Byte ranges are copied by `bytecopy.copy_range` (1 MiB buffers, reading in a second thread
+while this one writes).
 Every shard is fsynced before it is closed, so "wrote" means the bytes are on disk.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
+from moekit.io import bytecopy
 from moekit.io.dtypes import ITEM_SIZE, from_torch
 from moekit.io.reader import INDEX_NAME, TensorInfo
 
 if TYPE_CHECKING:
     import torch
 
-CHUNK = 1 << 20
-KERNEL_CHUNK = 1 << 30  # bytes per copy_file_range call (the kernel copies in pages)
-# MOEKIT_COPY=kernel: copy byte ranges with os.copy_file_range (benchmarks compare both).
-COPY_FILE_RANGE = hasattr(os, "copy_file_range") and os.environ.get("MOEKIT_COPY") == "kernel"
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
@@ -136,7 +130,7 @@ def _write_shard(path: Path, shard: list[OutTensor], metadata: dict[str, str],
     raw += b" " * (-len(raw) % 8)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        _write_all(fd, len(raw).to_bytes(8, "little") + raw)
+        bytecopy.write_all(fd, len(raw).to_bytes(8, "little") + raw)
         for tensor in ordered:
             if tensor.copy_of is not None:
                 _copy_range(fd, tensor.copy_of)
@@ -152,55 +146,11 @@ def _write_shard(path: Path, shard: list[OutTensor], metadata: dict[str, str],
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    for start in range(0, len(view), CHUNK):
-        chunk = view[start:start + CHUNK]
-        while chunk:
-            chunk = chunk[os.write(fd, chunk):]
-
-
 def _copy_range(fd: int, info: TensorInfo) -> None:
-    """Append bytes [start, end) of `info.shard` to `fd`."""
+    """Append bytes [start, end) of `info.shard` to `fd` (`bytecopy.copy_range`)."""
     with open(info.shard, "rb", buffering=0) as source:
-        done = _kernel_copy(source.fileno(), fd, info.start, info.nbytes) if COPY_FILE_RANGE \
-            else 0
-        if done < info.nbytes:
-            _loop_copy(source, fd, info, info.start + done, info.nbytes - done)
-
-
-def _kernel_copy(src: int, dst: int, start: int, count: int) -> int:
-    """Copy with os.copy_file_range in CHUNK-sized calls; returns the bytes copied (fewer
-    when the kernel or file system cannot, so that the caller falls back to the loop)."""
-    global COPY_FILE_RANGE
-    done = 0
-    while done < count:
-        try:
-            step = os.copy_file_range(src, dst, min(KERNEL_CHUNK, count - done), start + done)
-        except OSError as err:
-            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
-                                 errno.EBADF, errno.EPERM):
-                raise
-            if done == 0:  # not supported here: use the loop from now on
-                COPY_FILE_RANGE = False
-            return done
-        if step == 0:
-            return done
-        done += step
-    return done
-
-
-def _loop_copy(source: BinaryIO, fd: int, info: TensorInfo, start: int, count: int) -> None:
-    buffer = bytearray(min(CHUNK, max(count, 1)))
-    view = memoryview(buffer)
-    source.seek(start)
-    remaining = count
-    while remaining:
-        read = source.readinto(view[:min(CHUNK, remaining)])
-        if not read:
-            raise OSError(f"{info.shard.name} ended while copying '{info.name}'")
-        _write_all(fd, view[:read])
-        remaining -= read
+        bytecopy.copy_range(source, fd, info.start, info.nbytes,
+                   f"{info.shard.name} ended while copying '{info.name}'")
 
 
 def _write_tensor(fd: int, tensor: OutTensor) -> None:
@@ -212,4 +162,4 @@ def _write_tensor(fd: int, tensor: OutTensor) -> None:
         raise ValueError(f"'{tensor.name}' was planned as {tensor.dtype}{list(tensor.shape)} but "
                          f"produced {from_torch(value.dtype)}{list(value.shape)}")
     data = value.contiguous().reshape(-1).view(torch.uint8).numpy()
-    _write_all(fd, memoryview(data))
+    bytecopy.write_all(fd, memoryview(data))

@@ -74,7 +74,7 @@ class CapturedLayers:
 
 
 def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSource], *,
-                        max_tokens: int = 4096, seq_len: int = 512, batch_size: int = 4,
+                        max_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
                         fraction: tuple[float, float] = (0.0, 1.0), text_field: str = "text",
                         device: str = "cpu", tokenizer: str | None = None,
                         dtype: str = "float32", max_memory: str | int | None = "auto",

@@ -53,11 +53,11 @@ def average(members: Experts, weights: list[float]) -> Experts:
 
 def merge_cluster(members: Experts, weights: list[float], method: str) -> Experts:
     """Merge `members` (centre first) by `method`: average, aligned (also the start of `fit`),
-    or the centre itself (the start of `fit-centre`); `fit.py` then re-fits the down
-    projections on the whole layer."""
+    or the centre itself (the start of `fit-centre` and `fit-layer`); `fit.py` / `refit.py`
+    then re-fit the down projections."""
     if members.num_experts == 1:
         return members
-    if method == "fit-centre":
+    if method in ("fit-centre", "fit-layer"):
         return members.select([0])
     if method in ("aligned", "fit"):
         members = align_cluster(members)

@@ -38,8 +38,13 @@ METHODS = {
            "what its cluster contributed to the original layer (under the merged router)",
     "fit-centre": "the centre's gate/up kept (dominant expert, as HC-SMoE's fix-dom); its down "
                   "projection re-fitted like `fit` to absorb the folded experts' output",
+    "fit-layer": "the centre's gate/up kept; the down projections of all merged experts "
+                 "re-fitted together to the unmerged layer's output (plus the residual-stream "
+                 "drift) under the merged router's routing, layer by layer on the hidden states "
+                 "of the model merged so far (prune --data's compensation; --router centre)",
 }
-FIT_METHODS = ("fit", "fit-centre")
+FIT_METHODS = ("fit", "fit-centre")  # cluster-local fits on the unmodified model's activations
+LAYER_FITS = ("fit-layer",)  # whole-layer, sequential refit (`refit.py`)
 ROUTERS = {
     "centre": "the centre expert's router row, router bias and selection bias",
     "usage": "usage-weighted average of the members' router rows and biases",
@@ -147,6 +152,10 @@ def check_choices(group: str, method: str, router: str) -> None:
         if value not in known:
             raise InvalidArgumentError(f"unknown {option} '{value}'",
                                        f"use one of {', '.join(known)}")
+    if method in LAYER_FITS and router != "centre":
+        raise InvalidArgumentError(f"--method {method} with --router {router}: the refit "
+                                   "assumes the merged router routes like the centres",
+                                   "use --router centre (the default)")
 
 
 def validate_merge_plan(plan: MergePlan, layout: ModelLayout, fingerprint: str,

@@ -19,13 +19,20 @@ from moekit.ops.merge.grouping import (
     euclidean_distance,
     gram_cosine_distance,
 )
-from moekit.ops.merge.plan import FIT_METHODS, MergePlan, check_choices, validate_merge_plan
+from moekit.ops.merge.plan import (
+    FIT_METHODS,
+    LAYER_FITS,
+    MergePlan,
+    check_choices,
+    validate_merge_plan,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from moekit.calib.data import DataSource
     from moekit.families.layout import ModelLayout
+    from moekit.ops.merge.refit import LayerRefits
 
 
 @dataclass
@@ -46,6 +53,16 @@ class Calibration:
                                               log=self.log, **self.options)
         return self.layers.get(layer)
 
+    def refits(self, plan: MergePlan) -> LayerRefits:
+        """The whole-layer sequential refit of `plan` (`--method fit-layer`, `refit.py`) on
+        the same data, token budget and runtime settings."""
+        from moekit.ops.merge.refit import refit_merged
+
+        keys = ("fraction", "seq_len", "max_tokens", "device", "dtype", "max_memory",
+                "text_field", "tokenizer")
+        return refit_merged(self.source, self.layout, plan, self.sources, log=self.log,
+                            **{k: v for k, v in self.options.items() if k in keys})
+
     def describe(self) -> dict[str, Any]:
         tokens = self.layers.tokens if self.layers else None
         runtime = self.layers.runtime if self.layers else None
@@ -54,7 +71,8 @@ class Calibration:
 
 
 def needs_calibration(group: str, method: str, router: str = "centre") -> bool:
-    return group in ("hc-smoe", "m-smoe") or method in FIT_METHODS or router == "fit"
+    return (group in ("hc-smoe", "m-smoe") or method in (*FIT_METHODS, *LAYER_FITS)
+            or router == "fit")
 
 
 def distance_fn(group: str, checkpoint: Checkpoint, layout: ModelLayout,

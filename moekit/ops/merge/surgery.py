@@ -13,7 +13,7 @@ Everything else is copied as bytes; every input tensor must be accounted for bef
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +35,13 @@ from moekit.ops.merge.experts import (
     stack,
 )
 from moekit.ops.merge.fit import fit_layer, fit_router
-from moekit.ops.merge.plan import FIT_METHODS, MergeLayer, MergePlan, validate_merge_plan
+from moekit.ops.merge.plan import (
+    FIT_METHODS,
+    LAYER_FITS,
+    MergeLayer,
+    MergePlan,
+    validate_merge_plan,
+)
 from moekit.ops.prune.surgery import _check_accounted, patch_config, take_rows
 
 if TYPE_CHECKING:
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
     from moekit.ops.merge.calib import LayerCalib
 
 CalibFn = Callable[[int], "LayerCalib | None"]
+RefitFn = Callable[[int], "Mapping[int, torch.Tensor]"]  # layer -> {centre id: down [H, I]}
 
 
 @dataclass
@@ -68,11 +75,12 @@ class LayerMerger:
     the layer's weights are dropped after the last one is taken."""
 
     def __init__(self, checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
-                 plan: MergePlan, calib: CalibFn | None, errors: dict[int, float]):
+                 plan: MergePlan, calib: CalibFn | None, errors: dict[int, float],
+                 refits: Mapping[int, torch.Tensor] | None = None):
         self.checkpoint, self.layout, self.layer, self.plan = checkpoint, layout, layer, plan
         self.fmt = expert_format(checkpoint, layout, layer)
         self.plan_layer = plan.layer(layer.index)
-        self.calib, self.errors = calib, errors
+        self.calib, self.errors, self.refits = calib, errors, refits or {}
         self.names: set[str] = set()
         self.cache: dict[str, torch.Tensor] | None = None
 
@@ -94,13 +102,17 @@ class LayerMerger:
                                        f"calibration tokens for layer {p.layer}",
                                        "pass --data NAME=PATH")
         router = self._router_rows(calib) if self.plan.router == "fit" else None
-        whole = self.fmt.fused or calib is not None
+        whole = self.fmt.fused or calib is not None or bool(self.refits)
         ids = sorted({j for c in p.clusters if len(c) > 1 or whole for j in c})
         experts = read_experts(self.checkpoint, self.fmt, ids)
         row = {j: r for r, j in enumerate(ids)}
         merged = {i: merge_cluster(experts.select([row[j] for j in c]), w, method)
                   for i, (c, w) in enumerate(zip(p.clusters, p.weights, strict=True))
                   if len(c) > 1 or whole}
+        for i, expert in merged.items():  # fit-layer: the centres' refitted down projections
+            centre = p.clusters[i][0]
+            if centre in self.refits:
+                expert.down = self.refits[centre].float().unsqueeze(0)
         if method in FIT_METHODS and calib is not None:
             bias = (self.checkpoint.read(self.layer.selection_bias)
                     if self.layer.selection_bias else None)
@@ -151,10 +163,11 @@ def _renamed(layout: ModelLayout, key: str, old: int, new: int) -> str:
 
 
 def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: MergePlan,
-                 calib: CalibFn | None = None, errors: dict[int, float] | None = None
-                 ) -> tuple[list[OutTensor], dict[str, str]]:
+                 calib: CalibFn | None = None, errors: dict[int, float] | None = None,
+                 refits: RefitFn | None = None) -> tuple[list[OutTensor], dict[str, str]]:
     """Output tensors (source byte order) and, for every input key, what happened to it:
-    `copied`, `renamed`, `sliced`, `merged` or `folded`. Raises if any key is unaccounted."""
+    `copied`, `renamed`, `sliced`, `merged` or `folded`. Raises if any key is unaccounted.
+    `refits(layer)`: refitted down projections by centre id (`--method fit-layer`)."""
     actions: dict[str, str] = {}
     outputs: dict[str, OutTensor] = {}
     for layer in layout.moe_layers:
@@ -162,7 +175,8 @@ def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: MergePlan,
         if len(p.clusters) == layer.num_experts:
             continue
         merger = LayerMerger(checkpoint, layout, layer, plan, calib,
-                             errors if errors is not None else {})
+                             errors if errors is not None else {},
+                             refits(layer.index) if refits is not None else None)
         for key, action, out in _layer_tensors(checkpoint, layout, layer, p, plan.router,
                                                merger):
             if key in actions:
@@ -202,7 +216,8 @@ def _layer_tensors(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
                     continue
                 i = new_of[old]
                 name = _renamed(layout, key, old, i)
-                if len(p.clusters[i]) == 1:
+                refitted = old in merger.refits and key == fmt.per_expert["down"][old]
+                if len(p.clusters[i]) == 1 and not refitted:
                     result.append((key, "renamed", OutTensor.copy(tensors[key], name)))
                 else:
                     result.append((key, "merged", OutTensor.computed(
@@ -242,7 +257,8 @@ def merge_checkpoint(source: Path, plan: MergePlan, out: Path, *, overwrite: boo
                      on_bytes: Callable[[int, int], None] | None = None,
                      finish: Callable[[Path, MergeResult], None] | None = None) -> MergeResult:
     """Write the merged checkpoint of `source` into `out` (staged: whole or nothing).
-    `calib(layer)` gives the layer's calibration tokens (needed by `--method fit`)."""
+    `calib(layer)` gives the layer's calibration tokens (needed by `--method fit`); with
+    `--method fit-layer`, `calib.refits(plan)` runs the sequential refit (`refit.py`) first."""
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
     if not layout.is_moe:
@@ -251,7 +267,8 @@ def merge_checkpoint(source: Path, plan: MergePlan, out: Path, *, overwrite: boo
     plan = validate_merge_plan(plan, layout, model_fingerprint(checkpoint, layout),
                                ignore_fingerprint)
     errors: dict[int, float] = {}
-    tensors, actions = plan_tensors(checkpoint, layout, plan, calib, errors)
+    refits = layer_refits(plan, calib)
+    tensors, actions = plan_tensors(checkpoint, layout, plan, calib, errors, refits)
     config, config_keys, warnings = patch_config(checkpoint.config, layout, plan.as_prune_plan())
     counts = {a: sum(1 for v in actions.values() if v == a) for a in sorted(set(actions.values()))}
     result = MergeResult(Path(out), plan, sum(t.nbytes for t in tensors), len(tensors), counts,
@@ -260,3 +277,16 @@ def merge_checkpoint(source: Path, plan: MergePlan, out: Path, *, overwrite: boo
                        max_shard_bytes=max_shard_bytes, on_bytes=on_bytes,
                        finish=(lambda folder: finish(folder, result)) if finish else None)
     return result
+
+
+def layer_refits(plan: MergePlan, calib: Any) -> RefitFn | None:
+    """`--method fit-layer`: run `calib.refits(plan)` (a `run.Calibration`) and record its
+    per-layer alphas and held-out errors in the plan's calibration record."""
+    if plan.method not in LAYER_FITS:
+        return None
+    if calib is None or not hasattr(calib, "refits"):
+        raise InvalidArgumentError(f"--method {plan.method} needs calibration tokens",
+                                   "pass --data NAME=PATH")
+    refits = calib.refits(plan)
+    plan.calibration = {**(plan.calibration or calib.describe()), "refit": refits.describe()}
+    return refits

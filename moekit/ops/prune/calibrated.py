@@ -44,7 +44,7 @@ class DataOptions:
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
     seq_len: int = 256
-    max_tokens: int = 4096
+    max_tokens: int = 16384
     beam: int = 4
     compensate: bool | None = None
     router: bool = True

@@ -76,7 +76,8 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
                      fraction: tuple[float, float], seq_len: int, max_tokens: int,
                      held_out: float = 0.2, device: str = "auto", dtype: str = "auto",
                      max_memory: str | int | None = "auto", stream: bool | None = None,
-                     hidden_ram: int | None = None) -> Calibration:
+                     hidden_ram: int | None = None, text_field: str = "text",
+                     tokenizer: str | None = None) -> Calibration:
     """Open the model (`runtime.engine.open_model`: memory or streamed by the budget; `stream`
     forces it), tokenise the data, interleave the domains' windows, keep the last `held_out`
     share of each domain's windows apart for scoring."""
@@ -86,10 +87,10 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
     from moekit.runtime.engine import open_model
     from moekit.runtime.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(source)
+    tok = load_tokenizer(source, tokenizer)
     per_source = max(2 * seq_len, int(max_tokens / (1 - held_out) / len(sources)) + seq_len)
-    domains = load_domains(sources, tokenizer, seq_len=seq_len, max_tokens=per_source,
-                           fraction=fraction)
+    domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=per_source,
+                           fraction=fraction, text_field=text_field)
     fit, held = [], []
     for domain in domains:
         cut = max(1, int(round(len(domain.windows) * (1 - held_out))))

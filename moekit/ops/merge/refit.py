@@ -1,0 +1,129 @@
+"""Whole-layer, sequential refit of the merged experts (`--method fit-layer`).
+
+Under `--router centre` a merged layer routes exactly like the layer pruned to its centres, so
+its routed output on token t is y'(t) = sum_{i in T'(t)} a_i(t) (W_i h_i(t) + b_i) over the E'
+merged experts, with T', a the merged router's own re-routed top-k and gates. `fit-layer`
+keeps every centre's gate/up (h_i) and refits the down projections W_i of **all E'** merged
+experts together with the compensation of `prune --data` (`ops.prune.compensate.refit_layer`:
+one Gauss-Seidel sweep of ridge solves, busiest expert first):
+
+    target(t) = y_E(t) + d(t),     y_E the unmerged layer's routed output,
+    d(t) = (original model's residual stream) - (merged model's) at this layer's output,
+
+so every folded expert's share, whichever merged expert its tokens are re-routed to, is
+absorbed by the whole layer, and what earlier merged layers changed is absorbed too. The ridge
+weight alpha is chosen on a held-out quarter of the layer's tokens; a layer whose held-out error
+no alpha lowers keeps its centres unchanged.
+
+As `prune --data` does, the whole merge is also scored end to end: the last 20 % of each
+source's windows (never fitted on) run through the unmerged model, the merged model without
+refits (the centres) and the refitted one, and the refits are kept only when they lower the
+mean next-token KL(unmerged || merged) there; otherwise the checkpoint is the centres alone
+(with too little data for a held-out window, the per-layer choice stands).
+
+Sequential: the layers are fitted in order in one layered run of `moekit.runtime` (in memory,
+or streamed one decoder layer at a time under `max_memory`), each on the hidden states of the
+model merged (and refitted) so far (`ops.prune.lanes`: the `original` and `pruned` lanes; the
+centres are the only experts the search may keep, so the removal set is the plan's). Refitted
+down projections [H, I] (float32) are spilled to disk, one file per layer, and read back by the
+surgery one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from moekit.errors import InvalidArgumentError
+from moekit.ops.merge.plan import check_choices
+
+if TYPE_CHECKING:
+    import torch
+
+    from moekit.calib.data import DataSource
+    from moekit.families.layout import ModelLayout
+    from moekit.ops.merge.plan import MergePlan
+
+
+@dataclass
+class LayerRefits:
+    """`refits(layer)`: {centre id: refitted down [H, I]} (lazy, read on access; only the
+    experts the sweep changed); `info[layer]`: alpha and held-out errors before/after;
+    `runtime`: what the engine ran (memory or streamed)."""
+
+    weights: dict[int, Mapping[int, torch.Tensor]] = field(default_factory=dict)
+    info: dict[int, dict[str, Any]] = field(default_factory=dict)
+    spill: Any = None
+    runtime: dict[str, Any] = field(default_factory=dict)
+    kl: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, layer: int) -> Mapping[int, torch.Tensor]:
+        return self.weights.get(layer, {})
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": self.runtime, "kl_held_out": self.kl,
+                "kept": bool(self.weights),
+                "layers": {str(k): v for k, v in sorted(self.info.items())}}
+
+
+def refit_merged(source: Path, layout: ModelLayout, plan: MergePlan, sources: list[DataSource],
+                 *, fraction: tuple[float, float] = (0.0, 1.0), seq_len: int = 512,
+                 max_tokens: int = 16384, device: str = "cpu", dtype: str = "float32",
+                 max_memory: str | int | None = "auto", text_field: str = "text",
+                 tokenizer: str | None = None,
+                 log: Callable[[str], None] | None = None) -> LayerRefits:
+    """Refit the merged layers of `plan` in order (module doc) on at most `max_tokens` token
+    positions of `sources` per layer (windows of `seq_len`)."""
+    from moekit.calib.capture import require_whole_layers
+    from moekit.ops.prune.lanes import Lane, LaneRun, Search
+    from moekit.ops.prune.measured import grouping, load_calibration
+    from moekit.runtime.engine import mode_line
+    from moekit.runtime.spill import TensorSpill
+
+    check_choices(plan.group, plan.method, plan.router)
+    n_drop = plan.num_experts - plan.num_kept
+    if n_drop == 0:
+        return LayerRefits()
+    if grouping(layout, plan.num_experts, n_drop)[1] != plan.config_changes:
+        raise InvalidArgumentError(
+            "--method fit-layer: the plan's centres are not spread over the routing groups as "
+            "the refit's routing assumes", "use --method fit-centre for this plan")
+    cal = load_calibration(source, layout, sources, fraction=fraction, seq_len=seq_len,
+                           max_tokens=max_tokens, device=device, dtype=dtype,
+                           max_memory=max_memory, text_field=text_field, tokenizer=tokenizer)
+    if log is not None:
+        log(mode_line(cal.engine))
+    require_whole_layers(cal.engine, "--method fit-layer")
+    centres = {p.layer: p.centres for p in plan.layers}
+    search = Search(n_drop, beam=1, compensate=True, protect=centres)
+    lanes = [Lane("original", held=False), Lane("reference", held=True),  # unrefitted first
+             Lane("centres", held=True, measured=True),
+             Lane("pruned", held=False, measured=True, refitted=True),
+             Lane("refitted", held=True, measured=True, refitted=True)]
+    refits = LayerRefits(spill=TensorSpill("moekit-merge-refits-", cal.engine.spill_dir),
+                         runtime=cal.engine.describe())
+
+    def on_result(result: Any) -> None:
+        if result.kept != centres[result.layer]:
+            raise RuntimeError(f"layer {result.layer}: refit kept {result.kept}, the plan's "
+                               f"centres are {centres[result.layer]} (internal error)")
+        fit = result.fit
+        refits.weights[result.layer] = fit.weights if fit.weights else {}
+        refits.info[result.layer] = {"alpha": fit.alpha, "held_out_before": fit.held_before,
+                                     "held_out_after": fit.held_after,
+                                     "refitted": sorted(int(e) for e in fit.rel_change)}
+        if log is not None:
+            log(f"  layer {result.layer}: refit held-out {fit.held_before:.4g} -> "
+                f"{fit.held_after:.4g} (alpha {fit.alpha})")
+
+    scores = LaneRun(cal, lanes, search, refits.spill, on_result).run()
+    refits.kl = {name: scores.mean(name)[0] for name in ("centres", "refitted")}
+    if log is not None:
+        log(f"held-out KL: centres {refits.kl['centres']:.5f}, refitted "
+            f"{refits.kl['refitted']:.5f}")
+    if cal.held and refits.kl["refitted"] >= refits.kl["centres"]:
+        refits.weights = {}  # the refits do not help end to end: write the centres alone
+    return refits
+
