@@ -40,7 +40,8 @@ def choose(folder, source: DataSource, ratio: float, *, width=None, stream=False
     checkpoint = Checkpoint(folder)
     layout = describe(checkpoint)
     options = DataOptions([source], seq_len=64, max_tokens=1024, beam=2, compensate=compensate,
-                          protect_super=False, width=width, device="cpu", dtype="float32",
+                          router=True, protect_super=False, width=width, device="cpu",
+                          dtype="float32",
                           stream=stream, hidden_ram=0 if stream else None)
     return choose_with_data(folder, layout, model_fingerprint(checkpoint, layout),
                             criterion=criterion, ratio=ratio, protect={}, min_experts=None,

@@ -72,7 +72,8 @@ def test_prune_with_data_writes_provenance(tiny_checkpoint, tmp_path):
     text.write_text("\n".join(_docstring_corpus()[:800]))
     out = RUNNER.invoke(app, ["prune", str(folder), "--data", f"doc={text}", "--ratio", "0.25",
                               "--max-tokens", "512", "--seq-len", "64", "--beam", "2",
-                              "--device", "cpu", "--out", str(tmp_path / "o")])
+                              "--device", "cpu", "--refit-router",
+                              "--out", str(tmp_path / "o")])
     assert out.exit_code == 0, out.output
     record = json.loads((tmp_path / "o" / "moekit_provenance.json").read_text())
     calibration = record["calibration"]

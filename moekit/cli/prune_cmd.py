@@ -97,8 +97,8 @@ def prune(
         "tried, kept if held-out KL is lower).")] = None,
     refit_router: Annotated[bool, typer.Option(
         "--refit-router/--no-refit-router", help="With compensation, also refit the kept "
-        "router rows (per layer where held-out error is lower; by default scored against the "
-        "down refits alone by held-out KL).")] = True,
+        "router rows (per layer where held-out error is lower; then also scored against the "
+        "down refits alone by held-out KL). Off by default: it measured neutral.")] = False,
     protect_super: ProtectSuperOpt = True,
     keep_params: Annotated[float | None, typer.Option(
         "--keep-params", help="With --data: share of routed-expert bytes to keep, reached by "

@@ -1,8 +1,8 @@
 """`prune --data ...`: choose (and compensate) with calibration data, then write the checkpoint.
 
 criterion `measured` (the default with data): measured selection with compensation (down
-projections and router rows), the same with the down refits only, and the same selection
-without compensation; all scored by held-out KL, the best one kept.
+projections; with `router`, also the router rows, then the down refits alone are a candidate
+too), and the same selection without compensation; all scored by held-out KL, the best kept.
 criterion `auto`: additionally every stats criterion on statistics of the same tokens.
 Any other criterion: statistics recorded on the calibration tokens, then that criterion.
 Super experts (outstanding max_norm, `select.super_experts`) are protected unless turned off.
@@ -47,7 +47,7 @@ class DataOptions:
     max_tokens: int = 16384
     beam: int = 4
     compensate: bool | None = None
-    router: bool = True
+    router: bool = False
     held_out: float = 0.2
     protect_super: bool = True
     width: int | None = None
