@@ -43,6 +43,9 @@ def commands(src: Path, stats: Path, work: Path, args: argparse.Namespace) -> di
         "merge --group hc-smoe --method fit": [
             "merge", src, "--stats", stats, "--ratio", "0.5", "--group", "hc-smoe",
             "--method", "fit", "--dtype", "auto", *calib, "--out", work / "m1"],
+        "merge (default: m-smoe, fit-layer)": [
+            "merge", src, "--stats", stats, "--ratio", "0.5", "--dtype", "auto", *calib,
+            "--out", work / "m3"],
         "merge --group m-smoe --method fit-centre": [
             "merge", src, "--stats", stats, "--ratio", "0.5", "--group", "m-smoe",
             "--method", "fit-centre", "--dtype", "auto", *calib, "--out", work / "m2"],
