@@ -32,16 +32,18 @@ from moekit.ops.profile import forward  # noqa: E402
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "models" / "mixtral-e16k2"
 
 
-def build_model(dtype: torch.dtype, device: str):
-    """The fixture model, or a random Mixtral of similar size (4 layers, 16 experts, top-2)."""
+def build_model(dtype: torch.dtype, device: str, folder: Path | None = None):
+    """`folder`, else the fixture model, else a random Mixtral of similar size (4 layers,
+    16 experts, top-2)."""
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from moekit.runtime.loading import quiet_transformers
 
     quiet_transformers()
-    if FIXTURE.exists():
-        model = AutoModelForCausalLM.from_pretrained(FIXTURE, dtype=dtype)
-        return model.to(device).eval(), str(FIXTURE.name)
+    folder = folder or (FIXTURE if FIXTURE.exists() else None)
+    if folder is not None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        return model.to(device).eval(), str(folder.name)
     config = MixtralConfig(vocab_size=8192, hidden_size=256, intermediate_size=128,
                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                            num_local_experts=16, num_experts_per_tok=2)
@@ -113,12 +115,15 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stream", action="store_true",
-                        help="also time a streamed profile (layers read from the fixture)")
+                        help="also time a streamed profile (layers read from the checkpoint)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a checkpoint folder instead of the fixture")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, name = build_model(getattr(torch, args.dtype), args.device)
-    runs = engines(model, FIXTURE if args.stream and FIXTURE.exists() else None,
-                   getattr(torch, args.dtype), args.device)
+    model, name = build_model(getattr(torch, args.dtype), args.device, args.model)
+    folder = args.model or (FIXTURE if FIXTURE.exists() else None)
+    runs = engines(model, folder if args.stream else None, getattr(torch, args.dtype),
+                   args.device)
     family = resolve(model.config.to_dict()).family
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(3, model.config.vocab_size, (args.batch_size, args.seq_len),
