@@ -78,6 +78,7 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
     num, hidden = saved_w.shape[0], rows.shape[1]
     inner = saved_w.shape[1] if transposed else saved_w.shape[2]
     ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
+    ids = ids.to(rows.device)  # the replay's routing lives on the CPU (seen failing on CUDA)
     chunks = []
     try:
         for start in range(0, inner, hidden):
