@@ -131,15 +131,19 @@ def cached_candidates(logits: torch.Tensor, routing: Routing, bias: torch.Tensor
 
 
 def expert_outputs(experts: Any, inputs: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """f_e(x_t) for every (t, e = cand[t, m]) as float32 [N, M, H], computed by the transformers
-    experts module with weight 1 (the model's own experts implementation)."""
+    """f_e(x_t) for every (t, e = cand[t, m]) as float32 [N, M, H] on the CPU, computed by the
+    transformers experts module with weight 1 (the model's own experts implementation) on its
+    own device (the candidates usually come from CPU routing, the inputs from the engine)."""
     import torch
 
+    from moekit.calib.hooks import module_device
+
+    device = module_device(experts)
     num, m = cand.shape
-    rows = inputs.repeat_interleave(m, dim=0)
-    ones = torch.ones((num * m, 1), dtype=inputs.dtype, device=inputs.device)
+    rows = inputs.to(device).repeat_interleave(m, dim=0)
+    ones = torch.ones((num * m, 1), dtype=inputs.dtype, device=device)
     with torch.no_grad():
-        out = experts(rows, cand.reshape(-1, 1).to(inputs.device), ones)
+        out = experts(rows, cand.reshape(-1, 1).to(device), ones)
     return out.float().view(num, m, -1).cpu()
 
 
