@@ -101,8 +101,8 @@ def _choose(folder, device: str, width: int | None):
 
     from moekit.calib.data import DataSource
     from moekit.families.layout import describe
-    from moekit.io.reader import Checkpoint
     from moekit.io.fingerprint import model_fingerprint
+    from moekit.io.reader import Checkpoint
     from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 
     text = folder.parent / "text.txt"

@@ -164,9 +164,8 @@ def exact_error(replay: LayerReplay, experts: Any, inputs: torch.Tensor, logits:
     experts module run on the re-routed tokens (the layer's exact pruned routed output)."""
     import torch
 
-    from moekit.calib.routing import route
-
     from moekit.calib.hooks import module_device
+    from moekit.calib.routing import route
 
     ids, weights = route(logits.float().cpu(), replay.routing_for(keep), replay.bias, keep)
     device = module_device(experts)  # CPU routing, engine-device experts (and inputs)
