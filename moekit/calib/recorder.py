@@ -56,7 +56,13 @@ class LayerRaw:
 
 
 class LayerAccumulator:
-    """The running sums of one MoE layer (see the module docstring for the formulas)."""
+    """The running sums of one MoE layer (see the module docstring for the formulas).
+
+    Kept for few kernel launches per batch (the hooks run once per layer and batch; on CUDA the
+    launches, not the arithmetic, set the cost): tokens, weight, EAN and REAP sums share one
+    float64 tensor `sums` [D, E, 4] filled by one `index_add_` (counts are exact in float64
+    below 2^53), and each batch's per-window counts and REAP sums one float32 [rows, E, 2]
+    tensor (counts exact below 2^24 slots per window). Same values, same summation order."""
 
     def __init__(self, layer: int, num_experts: int, num_domains: int, device: Any,
                  trace: bool = False):
@@ -66,10 +72,7 @@ class LayerAccumulator:
         shape = (num_domains, num_experts)
         i64 = dict(dtype=torch.int64, device=device)
         f64 = dict(dtype=torch.float64, device=device)
-        self.tokens = torch.zeros(shape, **i64)
-        self.weight_sum = torch.zeros(shape, **f64)
-        self.ean_sum = torch.zeros(shape, **f64)
-        self.reap_sum = torch.zeros(shape, **f64)
+        self.sums = torch.zeros((*shape, 4), **f64)  # tokens, weight_sum, ean_sum, reap_sum
         self.max_norm = torch.zeros(shape, **f64)
         self.coact = torch.zeros((num_domains, num_experts * num_experts), **i64)
         self.entropy_sum = torch.zeros(num_domains, **f64)
@@ -80,6 +83,27 @@ class LayerAccumulator:
             [] for _ in range(num_domains)]
         self.window_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
             [] for _ in range(num_domains)]
+        self._one = torch.ones((1, 1), **f64)  # expanded, never written
+        self._one_i64 = torch.ones(1, **i64)
+        self._window_rows: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        import torch
+
+        return self.sums[..., 0].to(torch.int64)
+
+    @property
+    def weight_sum(self) -> torch.Tensor:
+        return self.sums[..., 1]
+
+    @property
+    def ean_sum(self) -> torch.Tensor:
+        return self.sums[..., 2]
+
+    @property
+    def reap_sum(self) -> torch.Tensor:
+        return self.sums[..., 3]
 
     def add_routing(self, domain: int, shape: tuple[int, int], ids: torch.Tensor,
                     weights: torch.Tensor, norms: torch.Tensor,
@@ -90,17 +114,16 @@ class LayerAccumulator:
 
         d, num_experts = domain, self.num_experts
         flat = ids.reshape(-1)
-        w64 = weights.reshape(-1).to(torch.float64)
-        n64 = norms.reshape(-1).to(torch.float64)
-        reap = w64 * n64 if contributions is None else contributions.reshape(-1).to(torch.float64)
-        ones = torch.ones_like(flat)
-        self.tokens[d].index_add_(0, flat, ones)
-        self.weight_sum[d].index_add_(0, flat, w64)
-        self.ean_sum[d].index_add_(0, flat, n64)
-        self.reap_sum[d].index_add_(0, flat, reap)
-        self.max_norm[d].scatter_reduce_(0, flat, n64, reduce="amax")
-        pairs = (ids.unsqueeze(2) * num_experts + ids.unsqueeze(1)).reshape(-1)
-        self.coact[d].index_add_(0, pairs, torch.ones_like(pairs))
+        slots = flat.shape[0]
+        # rows (1, w, n, w * n) in float64: w and n exactly as .to(float64) gives them
+        wn = torch.stack((weights.reshape(-1), norms.reshape(-1)), 1).to(torch.float64)
+        reap = wn.prod(1, keepdim=True) if contributions is None else \
+            contributions.reshape(-1, 1).to(torch.float64)
+        src = torch.cat((self._one.expand(slots, 1), wn, reap), 1)
+        self.sums[d].index_add_(0, flat, src)
+        self.max_norm[d].scatter_reduce_(0, flat, src[:, 2], reduce="amax")
+        pairs = torch.add(ids.unsqueeze(1), ids.unsqueeze(2), alpha=num_experts).reshape(-1)
+        self.coact[d].index_add_(0, pairs, self._one_i64.expand(pairs.shape[0]))
         num_tokens = ids.shape[0]
         self.positions[d] += num_tokens
         batch, seq = shape
@@ -108,26 +131,27 @@ class LayerAccumulator:
             top1 = ids.gather(1, weights.argmax(dim=1, keepdim=True)).view(batch, seq)
             self.top1_repeats[d:d + 1].add_((top1[:, 1:] == top1[:, :-1]).sum())
             self.top1_pairs[d] += batch * (seq - 1)
-        self._add_windows(d, shape, ids, reap)
+        self._add_windows(d, shape, ids, src)
         if self.trace:
             small = torch.int16 if num_experts < 2 ** 15 else torch.int32
             self.trace_parts[d].append((ids.detach().to(small), weights.detach().float()))
 
     def _add_windows(self, domain: int, shape: tuple[int, int], ids: torch.Tensor,
-                     reap: torch.Tensor) -> None:
-        """Per-window slot counts and REAP sums of one batch, [rows, E] each (no sync)."""
+                     src: torch.Tensor) -> None:
+        """Per-window slot counts and REAP sums of one batch, [rows, E] each (no sync), from
+        the batch's (1, w, n, reap) rows `src` [T*k, 4]: one float32 [rows * E, 2] index_add."""
         import torch
 
         num_tokens, num_experts = ids.shape[0], self.num_experts
         rows = shape[0] if shape[0] > 0 and shape[0] * shape[1] == num_tokens else 1
-        row = torch.arange(num_tokens, device=ids.device) // max(num_tokens // rows, 1)
-        slot = (row.unsqueeze(1) * num_experts + ids).reshape(-1)
-        counts = torch.zeros(rows * num_experts, dtype=torch.int32, device=ids.device)
-        counts.index_add_(0, slot, torch.ones_like(slot, dtype=torch.int32))
-        sums = torch.zeros(rows * num_experts, dtype=torch.float32, device=ids.device)
-        sums.index_add_(0, slot, reap.to(torch.float32))
-        self.window_parts[domain].append((counts.view(rows, num_experts),
-                                          sums.view(rows, num_experts)))
+        base = self._window_rows.get((num_tokens, rows))
+        if base is None:  # window r of token t, times E: [T, 1], cached per batch shape
+            row = torch.arange(num_tokens, device=ids.device) // max(num_tokens // rows, 1)
+            base = self._window_rows[(num_tokens, rows)] = (row * num_experts).unsqueeze(1)
+        slot = (base + ids).reshape(-1)
+        part = torch.zeros((rows, num_experts, 2), dtype=torch.float32, device=ids.device)
+        part.view(-1, 2).index_add_(0, slot, src[:, 0::3].to(torch.float32))
+        self.window_parts[domain].append((part[..., 0], part[..., 1]))
 
     def add_entropy(self, domain: int, logits: torch.Tensor, scoring: Scoring) -> None:
         """Add sum_t H(p_t) for router logits [T, E]; p = softmax(z), or for sigmoid routers the
@@ -140,27 +164,29 @@ class LayerAccumulator:
             logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
         else:
             logp = torch.log_softmax(z, dim=-1)
-        entropy = -(logp.exp() * logp).sum(dim=-1)
-        self.entropy_sum[domain:domain + 1].add_(entropy.sum().to(torch.float64))
+        # sum_t H = -sum_t sum_e p log p; subtracting the positive sum saves the negation
+        self.entropy_sum[domain:domain + 1].sub_((logp.exp() * logp).sum(dim=-1).sum())
 
     def finish(self) -> LayerRaw:
         """Copy the sums to the host (the one synchronisation point)."""
         import numpy as np
         import torch
 
-        num_domains, num_experts = self.tokens.shape
+        num_domains, num_experts = self.max_norm.shape
         trace = {}
         for d, parts in enumerate(self.trace_parts):
             if parts:
                 trace[d] = (torch.cat([p[0] for p in parts]).cpu().numpy(),
                             torch.cat([p[1] for p in parts]).cpu().numpy())
-        windows = [[torch.cat([p[i] for p in parts]).cpu().numpy() if parts else
+        windows = [[torch.cat([p[i] for p in parts]).to(dtype).cpu().numpy() if parts else
                      np.zeros((0, num_experts), dtype=np.int32 if i == 0 else np.float32)
-                     for parts in self.window_parts] for i in (0, 1)]
+                     for parts in self.window_parts]
+                   for i, dtype in ((0, torch.int32), (1, torch.float32))]
+        sums = self.sums.cpu().numpy()
         return LayerRaw(
             layer=self.layer, num_experts=num_experts,
-            tokens=self.tokens.cpu().numpy(), weight_sum=self.weight_sum.cpu().numpy(),
-            ean_sum=self.ean_sum.cpu().numpy(), reap_sum=self.reap_sum.cpu().numpy(),
+            tokens=sums[..., 0].astype(np.int64), weight_sum=sums[..., 1].copy(),
+            ean_sum=sums[..., 2].copy(), reap_sum=sums[..., 3].copy(),
             max_norm=self.max_norm.cpu().numpy(),
             coact=self.coact.cpu().numpy().reshape(num_domains, num_experts, num_experts),
             positions=np.asarray(self.positions, dtype=np.int64),
