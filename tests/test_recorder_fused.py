@@ -1,8 +1,8 @@
-"""The recorder's fused per-batch updates (one float64 index_add for tokens/weight/EAN/REAP, one
-float32 index_add for the per-window counts and REAP sums, entropy by subtraction) record the
-same values as one operation per statistic (the formulas of the module docstring, written out
-one tensor at a time as the recorder computed them before), bit for bit on the CPU, and the
-same sums as plain Python loops."""
+"""The recorder's queued, fused updates (batches summed together at a flush: one float64
+index_add for tokens/weight/EAN/REAP, one float32 index_add for the per-window counts and REAP
+sums; entropy by subtraction) record the same values as one operation per statistic and batch
+(the formulas of the module docstring, written out as the recorder computed them before), bit
+for bit on the CPU, whatever the flush points; and the same sums as plain Python loops."""
 
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ import torch
 
 from moekit.calib.recorder import Recorder
 
+MIXED = [(3, 17), (1, 40), (2, 9), (5, 1)]
+UNIFORM = [(4, 16), (4, 16), (2, 16)]
 
-def _batches(seed: int, num_experts: int, k: int, dtype: torch.dtype):
+
+def _batches(seed: int, num_experts: int, k: int, dtype: torch.dtype, shapes=MIXED):
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for batch, seq in [(3, 17), (1, 40), (2, 9), (5, 1)]:
+    for batch, seq in shapes:
         tokens = batch * seq
         ids = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(tokens)])
         weights = torch.rand(tokens, k, generator=gen).to(dtype)
@@ -27,7 +30,7 @@ def _batches(seed: int, num_experts: int, k: int, dtype: torch.dtype):
 
 
 def _reference(batches, num_experts: int, scoring: str, contributions: bool) -> dict:
-    """One tensor operation per statistic, as the documented formulas read."""
+    """One tensor operation per statistic and batch, as the documented formulas read."""
     f64 = torch.float64
     e = num_experts
     ref = {name: torch.zeros(e, dtype=f64) for name in ("weight", "ean", "reap", "max")}
@@ -66,12 +69,20 @@ def _reference(batches, num_experts: int, scoring: str, contributions: bool) -> 
     return ref
 
 
-@pytest.mark.parametrize(("dtype", "scoring", "contributions"), [
-    (torch.float32, "softmax", False), (torch.bfloat16, "sigmoid", False),
-    (torch.float32, "softmax", True), (torch.float64, "softmax", False)])
-def test_fused_updates_equal_the_per_statistic_formulas(dtype, scoring, contributions):
+@pytest.mark.parametrize(("dtype", "scoring", "contributions", "shapes", "queue"), [
+    (torch.float32, "softmax", False, MIXED, None), (torch.bfloat16, "sigmoid", False, MIXED, 7),
+    (torch.float32, "softmax", True, UNIFORM, None),
+    (torch.float64, "softmax", False, UNIFORM, 100),
+    (torch.float32, "softmax", True, MIXED, 150)])
+def test_fused_updates_equal_the_per_statistic_formulas(dtype, scoring, contributions, shapes,
+                                                        queue, monkeypatch):
+    """`queue`: QUEUE_SLOTS (None: the default, one flush at the end; 7: every batch)."""
+    import moekit.calib.recorder as recorder
+
+    if queue is not None:
+        monkeypatch.setattr(recorder, "QUEUE_SLOTS", queue)
     num_experts, k = 12, 3
-    batches = _batches(0, num_experts, k, dtype)
+    batches = _batches(0, num_experts, k, dtype, shapes)
     recorder = Recorder(num_domains=2)
     acc = recorder.add_layer(0, num_experts, "cpu")
     for shape, ids, weights, norms, logits in batches:

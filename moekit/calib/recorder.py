@@ -2,6 +2,9 @@
 
 Everything is summed in int64 / float64 tensors on the layer's own device; nothing is read back
 until `finish()`, so recording adds no host-device synchronisation to the forward pass.
+Each batch's routing (ids, weights, norms [T, k]) is queued as it comes and summed in one go
+every QUEUE_SLOTS routed slots (and at `flush()` / `finish()`): on CUDA the cost of recording
+is the number of small kernels launched per layer and batch, not their arithmetic.
 
 Per layer l, domain d and expert e (T tokens, slots (t, s) with id[t, s] = e, weight w[t, s],
 expert output f_e(x_t), unweighted):
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 Scoring = str  # "softmax" | "sigmoid"
+QUEUE_SLOTS = 1 << 18  # routed slots queued per layer before they are summed (<= 4 MB)
 
 
 @dataclass
@@ -55,14 +59,26 @@ class LayerRaw:
     window_reap: list[np.ndarray] = field(default_factory=list)  # per domain [W_d, E] float32
 
 
+@dataclass
+class _Queued:
+    """One batch's routing, kept until the next flush: [T, k] each, `rows` windows."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    norms: torch.Tensor
+    contributions: torch.Tensor | None
+    rows: int
+
+
 class LayerAccumulator:
     """The running sums of one MoE layer (see the module docstring for the formulas).
 
-    Kept for few kernel launches per batch (the hooks run once per layer and batch; on CUDA the
-    launches, not the arithmetic, set the cost): tokens, weight, EAN and REAP sums share one
-    float64 tensor `sums` [D, E, 4] filled by one `index_add_` (counts are exact in float64
-    below 2^53), and each batch's per-window counts and REAP sums one float32 [rows, E, 2]
-    tensor (counts exact below 2^24 slots per window). Same values, same summation order."""
+    Kept for few kernel launches per batch: a batch costs its top-1 repeat count and its
+    entropy; its routing is queued, and a flush sums every queued slot at once - tokens,
+    weight, EAN and REAP in one float64 `index_add_` into `sums` [D, E, 4] (counts exact in
+    float64 below 2^53), the per-window counts and REAP sums in one float32 `index_add_`
+    (counts exact below 2^24 slots per window). The slots are added in batch order, so every
+    value equals that of summing batch by batch (bit for bit on the CPU)."""
 
     def __init__(self, layer: int, num_experts: int, num_domains: int, device: Any,
                  trace: bool = False):
@@ -83,73 +99,91 @@ class LayerAccumulator:
             [] for _ in range(num_domains)]
         self.window_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
             [] for _ in range(num_domains)]
+        self.queue: list[list[_Queued]] = [[] for _ in range(num_domains)]
+        self.queued_slots = 0
         self._one = torch.ones((1, 1), **f64)  # expanded, never written
         self._one_i64 = torch.ones(1, **i64)
-        self._window_rows: dict[tuple[int, int], torch.Tensor] = {}
-
-    @property
-    def tokens(self) -> torch.Tensor:
-        import torch
-
-        return self.sums[..., 0].to(torch.int64)
-
-    @property
-    def weight_sum(self) -> torch.Tensor:
-        return self.sums[..., 1]
-
-    @property
-    def ean_sum(self) -> torch.Tensor:
-        return self.sums[..., 2]
-
-    @property
-    def reap_sum(self) -> torch.Tensor:
-        return self.sums[..., 3]
 
     def add_routing(self, domain: int, shape: tuple[int, int], ids: torch.Tensor,
                     weights: torch.Tensor, norms: torch.Tensor,
                     contributions: torch.Tensor | None = None) -> None:
         """Add one batch. ids, weights, norms: [T, k]; `contributions` [T, k] replaces
-        weight x norm in the REAP sum when the model applies the weight elsewhere (Llama-4)."""
+        weight x norm in the REAP sum when the model applies the weight elsewhere (Llama-4).
+        The tensors are kept (not copied) until the next flush."""
         import torch
 
-        d, num_experts = domain, self.num_experts
-        flat = ids.reshape(-1)
-        slots = flat.shape[0]
-        # rows (1, w, n, w * n) in float64: w and n exactly as .to(float64) gives them
-        wn = torch.stack((weights.reshape(-1), norms.reshape(-1)), 1).to(torch.float64)
-        reap = wn.prod(1, keepdim=True) if contributions is None else \
-            contributions.reshape(-1, 1).to(torch.float64)
-        src = torch.cat((self._one.expand(slots, 1), wn, reap), 1)
-        self.sums[d].index_add_(0, flat, src)
-        self.max_norm[d].scatter_reduce_(0, flat, src[:, 2], reduce="amax")
-        pairs = torch.add(ids.unsqueeze(1), ids.unsqueeze(2), alpha=num_experts).reshape(-1)
-        self.coact[d].index_add_(0, pairs, self._one_i64.expand(pairs.shape[0]))
-        num_tokens = ids.shape[0]
+        d, num_tokens = domain, ids.shape[0]
         self.positions[d] += num_tokens
         batch, seq = shape
         if batch * seq == num_tokens and seq > 1:
             top1 = ids.gather(1, weights.argmax(dim=1, keepdim=True)).view(batch, seq)
             self.top1_repeats[d:d + 1].add_((top1[:, 1:] == top1[:, :-1]).sum())
             self.top1_pairs[d] += batch * (seq - 1)
-        self._add_windows(d, shape, ids, src)
+        rows = batch if batch > 0 and batch * seq == num_tokens else 1
+        self.queue[d].append(_Queued(ids, weights, norms, contributions, rows))
+        self.queued_slots += ids.numel()
         if self.trace:
-            small = torch.int16 if num_experts < 2 ** 15 else torch.int32
+            small = torch.int16 if self.num_experts < 2 ** 15 else torch.int32
             self.trace_parts[d].append((ids.detach().to(small), weights.detach().float()))
+        if self.queued_slots >= QUEUE_SLOTS:
+            self.flush()
 
-    def _add_windows(self, domain: int, shape: tuple[int, int], ids: torch.Tensor,
-                     src: torch.Tensor) -> None:
-        """Per-window slot counts and REAP sums of one batch, [rows, E] each (no sync), from
-        the batch's (1, w, n, reap) rows `src` [T*k, 4]: one float32 [rows * E, 2] index_add."""
+    def flush(self) -> None:
+        """Sum every queued batch into the accumulators (no host-device sync)."""
         import torch
 
-        num_tokens, num_experts = ids.shape[0], self.num_experts
-        rows = shape[0] if shape[0] > 0 and shape[0] * shape[1] == num_tokens else 1
-        base = self._window_rows.get((num_tokens, rows))
-        if base is None:  # window r of token t, times E: [T, 1], cached per batch shape
-            row = torch.arange(num_tokens, device=ids.device) // max(num_tokens // rows, 1)
-            base = self._window_rows[(num_tokens, rows)] = (row * num_experts).unsqueeze(1)
-        slot = (base + ids).reshape(-1)
-        part = torch.zeros((rows, num_experts, 2), dtype=torch.float32, device=ids.device)
+        with torch.no_grad():
+            for d, queue in enumerate(self.queue):
+                if queue:
+                    self._add_queued(d, queue)
+                    queue.clear()
+        self.queued_slots = 0
+
+    def _add_queued(self, d: int, queue: list[_Queued]) -> None:
+        """The batches of `queue`, concatenated in order: slots (1, w, n, reap) as float64
+        rows `src` [N, 4] into `sums`, max_norm, co-activation pairs, per-window parts."""
+        import torch
+
+        def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+        ids = cat([q.ids for q in queue])
+        flat = ids.reshape(-1)
+        wn = torch.stack((cat([q.weights for q in queue]).reshape(-1),
+                          cat([q.norms for q in queue]).reshape(-1)), 1).to(torch.float64)
+        if all(q.contributions is None for q in queue):
+            reap = wn.prod(1, keepdim=True)  # w * n, exactly
+        else:
+            reap = cat([(q.weights.to(torch.float64) * q.norms.to(torch.float64))
+                        if q.contributions is None else q.contributions.to(torch.float64)
+                        for q in queue]).reshape(-1, 1)
+        src = torch.cat((self._one.expand(flat.shape[0], 1), wn, reap), 1)
+        self.sums[d].index_add_(0, flat, src)
+        self.max_norm[d].scatter_reduce_(0, flat, src[:, 2], reduce="amax")
+        pairs = torch.add(ids.unsqueeze(1), ids.unsqueeze(2), alpha=self.num_experts)
+        self.coact[d].index_add_(0, pairs.reshape(-1), self._one_i64.expand(pairs.numel()))
+        self._add_windows(d, queue, ids, src)
+
+    def _add_windows(self, domain: int, queue: list[_Queued], ids: torch.Tensor,
+                     src: torch.Tensor) -> None:
+        """Per-window slot counts and REAP sums of the queued batches, [rows, E] each, as one
+        float32 [rows * E, 2] index_add (window r of a batch: its tokens [r S, (r+1) S))."""
+        import torch
+
+        num_experts, device = self.num_experts, ids.device
+        lengths = {q.ids.shape[0] // q.rows for q in queue}
+        if len(lengths) == 1:  # one window length (the usual case): windows follow each other
+            row = torch.arange(ids.shape[0], device=device) // max(lengths.pop(), 1)
+        else:
+            starts = [0]
+            for q in queue:
+                starts.append(starts[-1] + q.rows)
+            row = torch.cat([torch.arange(q.ids.shape[0], device=device)
+                             // max(q.ids.shape[0] // q.rows, 1) + start
+                             for q, start in zip(queue, starts, strict=False)])
+        rows = sum(q.rows for q in queue)
+        slot = (row.unsqueeze(1) * num_experts + ids).reshape(-1)
+        part = torch.zeros((rows, num_experts, 2), dtype=torch.float32, device=device)
         part.view(-1, 2).index_add_(0, slot, src[:, 0::3].to(torch.float32))
         self.window_parts[domain].append((part[..., 0], part[..., 1]))
 
@@ -172,6 +206,7 @@ class LayerAccumulator:
         import numpy as np
         import torch
 
+        self.flush()
         num_domains, num_experts = self.max_norm.shape
         trace = {}
         for d, parts in enumerate(self.trace_parts):

@@ -252,6 +252,7 @@ def reduce_layer(acc: LayerAccumulator) -> None:
     import torch.distributed as dist
 
     agree()
+    acc.flush()
     with _collective():
         counts = torch.tensor([acc.positions, acc.top1_pairs], dtype=torch.int64,
                               device=acc.sums.device)
