@@ -98,9 +98,28 @@ class Engine:
         through a layer (e.g. to reduce that layer's statistics across ranks).
         `head`: True for every batch's logits, or the indices of the batches that need them
         (the others yield None)."""
+        self._check_ids(batches)
         if self.mode == "memory" and on_layer is None and after_layer is None:
             return self._whole(batches, before, head, progress)
         return self._layered(batches, before, head, (on_layer, after_layer), progress)
+
+    def _check_ids(self, batches: Sequence[Any]) -> None:
+        """Refuse token ids outside the embedding table before any work: on CUDA such an id
+        is a device-side assert that poisons the process, on the CPU an IndexError."""
+        from moekit.errors import DataError
+
+        rows = getattr(self.model.get_input_embeddings(), "num_embeddings", None)
+        if rows is None:
+            return
+        for ids in batches:
+            if ids.numel() == 0:
+                continue
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= rows:
+                raise DataError(f"token id {high if high >= rows else low} is outside this "
+                                f"model's vocabulary of {rows} entries",
+                                "the tokenizer does not belong to the model: use the model's "
+                                "own tokenizer (or pass the right one with --tokenizer)")
 
     def _whole(self, batches: Sequence[Any], before: Before | None, head: bool | Collection[int],
                progress: Callable[[int, float], None] | None) -> Iterator[tuple[int, Any]]:
