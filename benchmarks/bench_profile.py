@@ -8,6 +8,10 @@ data loading and file writing). Uses ../shared/fixtures/models/mixtral-e16k2 whe
 a small random Mixtral built here. Example:
 
     .venv/bin/python benchmarks/bench_profile.py --threads 1 --reps 15
+
+`--torch-profile` also prints torch.profiler's table (CPU and, when present, CUDA activity) of
+one plain and one recorded pass, top 20 by self time, with the count of operator calls and
+kernel launches per pass: where the recording's time goes on a device.
 """
 
 from __future__ import annotations
@@ -105,6 +109,33 @@ def report(label: str, runs: list[tuple[float, float]], tokens: int) -> tuple[fl
     return wall, cpu
 
 
+def torch_profile(model, engine, family, batches: list[torch.Tensor], rows: int = 20) -> None:
+    """Print torch.profiler tables of one plain and one recorded pass (after the warm-up):
+    top `rows` operators by self device time (CUDA) and by self CPU time, and per pass the
+    number of top-level operator calls and of kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = any(b.is_cuda for b in batches)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for label, fn, args in (("plain forward", plain_pass, (model, batches)),
+                            ("profile (all)", recorded_pass, (engine, family, batches))):
+        with profile(activities=activities) as prof:
+            fn(*args)
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.events()
+        top = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+        launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                      "cudaLaunchKernelExC"))
+        print(f"\n== torch.profiler: {label}, {len(batches)} batches: {top} top-level aten "
+              f"calls" + (f", {launches} kernel launches" if cuda else ""))
+        table = prof.key_averages()
+        sorts = (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]
+        for key in sorts:
+            print(f"-- top {rows} by {key}")
+            print(table.table(sort_by=key, row_limit=rows, max_name_column_width=48))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -118,6 +149,8 @@ def main() -> int:
                         help="also time a streamed profile (layers read from the checkpoint)")
     parser.add_argument("--model", type=Path, default=None,
                         help="a checkpoint folder instead of the fixture")
+    parser.add_argument("--torch-profile", action="store_true",
+                        help="also print torch.profiler tables of one plain and one recorded pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, name = build_model(getattr(torch, args.dtype), args.device, args.model)
@@ -150,6 +183,8 @@ def main() -> int:
         s_wall, _ = report("streamed profile", streamed, tokens)
         print(f"throughput streamed / in-memory profile (warm page cache, layers re-read every "
               f"pass): {r_wall / s_wall:.3f}  (target >= 0.7)")
+    if args.torch_profile:
+        torch_profile(model, runs["memory"], family, batches)
     return 0
 
 

@@ -6,7 +6,11 @@
 #
 #   FIXTURES=../shared/fixtures bash benchmarks/cuda_check.sh [tests,cli,speed]
 #
-# Each part runs under its own time limit (TESTS_S, CLI_S, SPEED_S seconds).
+# Each part runs under its own time limit (TESTS_S, CLI_S, SPEED_S seconds; defaults 190 + 160
+# + 130, about 8 minutes on a 16-core machine). The test part names its failures even when its
+# limit stops it: each failure is appended to $LOGS/failed.txt as it happens, pytest is sent
+# SIGINT at the limit (so it prints its -rf summary and writes $LOGS/junit.xml), and every test
+# has its own timeout (TEST_S, 90 s) when pytest-timeout is installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,9 +32,15 @@ torch.version.cuda, torch.cuda.get_device_name(0), 'transformers', transformers.
 
 if [[ $PARTS == *tests* ]]; then
   stamp "tests (CUDA visible)"
-  timeout "${TESTS_S:-150}" "$PY" -m pytest -q -p no:cacheprovider -n 12 --timeout 120 tests \
-    >"$LOGS/tests.log" 2>&1
-  echo "tests rc=$?"; tail -5 "$LOGS/tests.log"
+  opts=(-q -p no:cacheprovider -rf -p pytest_failures_log --junitxml "$LOGS/junit.xml")
+  workers=$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))
+  "$PY" -c "import xdist" 2>/dev/null && opts+=(-n "$(( workers > 14 ? 14 : workers ))")
+  "$PY" -c "import pytest_timeout" 2>/dev/null && opts+=(--timeout "${TEST_S:-90}")
+  : >"$LOGS/failed.txt"
+  FAILED_LOG=$LOGS/failed.txt PYTHONPATH=$ROOT/benchmarks:$PYTHONPATH \
+    timeout -s INT -k 30 "${TESTS_S:-190}" "$PY" -m pytest "${opts[@]}" tests >"$LOGS/tests.log" 2>&1
+  echo "tests rc=$? (124: stopped by TESTS_S)"; tail -3 "$LOGS/tests.log"
+  echo "failed: $(wc -l <"$LOGS/failed.txt")"; cut -c1-200 "$LOGS/failed.txt"
 fi
 
 fixture_cli() {
@@ -38,34 +48,36 @@ fixture_cli() {
   for f in "$text"/*.txt; do
     d=$(basename "$f" .txt); data+=(--data "$d=$f"); evald+=(--data "$d=$f")
   done
-  for dev in cuda cpu; do
-    stamp "profile $dev"
-    timed moekit profile "$model" "${data[@]}" \
-      --max-tokens 16384 --device $dev --out "$WORK/prof-$dev" --no-plots
-    stamp "profile $dev streamed"
-    moekit profile "$model" "${data[@]}" --max-tokens 16384 --device $dev \
-      --max-memory 6MB --out "$WORK/prof-$dev-stream" --no-plots
-    stamp "eval $dev"
-    moekit eval "$model" "${evald[@]}" --data-range 0.5:1 --max-tokens 8192 --device $dev \
-      --json >"$WORK/eval-$dev.json"
-    moekit eval "$model" "${evald[@]}" --data-range 0.5:1 --max-tokens 8192 --device $dev \
-      --max-memory 6MB --json >"$WORK/eval-$dev-stream.json"
-  done
-  "$PY" benchmarks/compare_profiles.py "$WORK"/prof-cpu "$WORK"/prof-cuda "$WORK"/prof-cpu-stream \
-    "$WORK"/prof-cuda-stream "$WORK"/eval-cpu.json "$WORK"/eval-cuda.json \
-    "$WORK"/eval-cuda-stream.json "$WORK"/eval-cpu-stream.json
-  stamp "prune --data on cuda (default settings), then on cpu in the background"
+  stamp "prune --data on cpu in the background (reference for the cuda prune)"
   (moekit prune "$model" "${data[@]}" --data-range 0:0.5 --ratio 0.5 --device cpu \
      --out "$WORK/pruned-cpu" >"$WORK/prune-cpu.log" 2>&1; echo "cpu prune rc=$?" \
      >>"$WORK/prune-cpu.log") &
   local bg=$!
+  for dev in cuda cpu; do
+    stamp "profile $dev"
+    timed moekit profile "$model" "${data[@]}" \
+      --max-tokens 16384 --device $dev --out "$WORK/prof-$dev" --no-plots | tail -3
+    stamp "eval $dev"
+    moekit eval "$model" "${evald[@]}" --data-range 0.5:1 --max-tokens 8192 --device $dev \
+      --json >"$WORK/eval-$dev.json"
+  done
+  stamp "profile and eval cuda streamed (--max-memory 6MB: experts in groups)"
+  moekit profile "$model" "${data[@]}" --max-tokens 16384 --device cuda \
+    --max-memory 6MB --out "$WORK/prof-cuda-stream" --no-plots | tail -2
+  moekit eval "$model" "${evald[@]}" --data-range 0.5:1 --max-tokens 8192 --device cuda \
+    --max-memory 6MB --json >"$WORK/eval-cuda-stream.json"
+  "$PY" benchmarks/compare_profiles.py "$WORK"/prof-cpu "$WORK"/prof-cuda \
+    "$WORK"/prof-cuda-stream "$WORK"/eval-cpu.json "$WORK"/eval-cuda.json \
+    "$WORK"/eval-cuda-stream.json
+  stamp "prune --data on cuda (default settings)"
   timed moekit prune "$model" "${data[@]}" \
-    --data-range 0:0.5 --ratio 0.5 --device cuda --out "$WORK/pruned-cuda"
-  stamp "merge (default) on cuda"
-  timed moekit merge "$model" "${data[@]}" \
-    --data-range 0:0.5 --ratio 0.5 --device cuda --out "$WORK/merged-cuda"
-  wait $bg; cat "$WORK/prune-cpu.log" | tail -3
+    --data-range 0:0.5 --ratio 0.5 --device cuda --out "$WORK/pruned-cuda" | tail -12
+  stamp "merge (default, fit-layer) on cuda, usage weights from the cuda profile"
+  timed moekit merge "$model" --stats "$WORK/prof-cuda" "${data[@]}" \
+    --data-range 0:0.5 --ratio 0.5 --device cuda --out "$WORK/merged-cuda" | tail -6
+  wait $bg; tail -3 "$WORK/prune-cpu.log"
   for out in pruned-cuda pruned-cpu merged-cuda; do
+    [[ -d $WORK/$out ]] || continue
     stamp "eval $out vs source on the second halves"
     moekit eval "$WORK/$out" "${evald[@]}" --data-range 0.5:1 --max-tokens 8192 --seq-len 256 \
       --ref "$model" --device cuda --json >"$LOGS/eval-$out.json" && tail -c 600 "$LOGS/eval-$out.json"
@@ -74,36 +86,32 @@ fixture_cli() {
 
 if [[ $PARTS == *cli* ]]; then
   export -f fixture_cli moekit stamp timed; export FIXTURES WORK LOGS PY
-  timeout "${CLI_S:-200}" bash -c fixture_cli >"$LOGS/cli.log" 2>&1
+  timeout "${CLI_S:-160}" bash -c fixture_cli >"$LOGS/cli.log" 2>&1
   echo "cli rc=$?"; grep -E "^==|rc=|Error|error|compare" "$LOGS/cli.log" | tail -30
 fi
 
 speed() {
-    stamp "bench_profile fixture cuda"
-    "$PY" benchmarks/bench_profile.py --device cuda --stream --reps 9 --threads 4 \
+    stamp "bench_profile fixture cuda float32, bfloat16"
+    "$PY" benchmarks/bench_profile.py --device cuda --stream --reps 7 --threads 4 \
       --model "$FIXTURES/models/mixtral-e16k2"
-    "$PY" benchmarks/bench_profile.py --device cuda --stream --reps 9 --threads 4 \
+    "$PY" benchmarks/bench_profile.py --device cuda --reps 7 --threads 4 \
       --model "$FIXTURES/models/mixtral-e16k2" --dtype bfloat16
     stamp "synthetic 3.65 GB checkpoint"
     "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); from pathlib import Path; \
 import bench_stream as b; p = Path('$WORK/big'); p.mkdir(); print(b.write_checkpoint(p, 8, 2048, 4096, 8))"
-    stamp "bench_profile synthetic bf16 cuda"
-    "$PY" benchmarks/bench_profile.py --device cuda --stream --reps 5 --threads 4 \
-      --dtype bfloat16 --model "$WORK/big" --batch-size 8 --seq-len 512
-    stamp "eval synthetic: in memory vs streamed (1.2 GB VRAM budget), cuda"
-    for mm in auto 1200MB; do
-      timed moekit eval "$WORK/big" \
-        --data "s=sample_data/en_docs.txt" --max-tokens 16384 --seq-len 512 --batch-size 8 \
-        --device cuda --max-memory $mm --json | grep -E '"(loss|tokens|mode|reason)"' 
-    done
-    stamp "bench_stream cuda"
-    "$PY" benchmarks/bench_stream.py --device cuda --reps 3 --tokens 4096 --seq-len 512 \
-      --batch 8 --workdir "$WORK"
+    stamp "bench_profile synthetic bf16 cuda, with torch.profiler tables"
+    "$PY" benchmarks/bench_profile.py --device cuda --stream --reps 3 --threads 4 \
+      --dtype bfloat16 --model "$WORK/big" --batch-size 8 --seq-len 512 --torch-profile \
+      >"$LOGS/torch-profile.log" 2>&1
+    grep -E "^(model|plain|profile|ratio|streamed|throughput|== torch)" "$LOGS/torch-profile.log"
+    stamp "bench_stream cuda (memory only)"
+    "$PY" benchmarks/bench_stream.py --device cuda --reps 1 --tokens 4096 --seq-len 512 \
+      --batch 8 --skip warm,cold --workdir "$WORK"
 }
 
 if [[ $PARTS == *speed* ]]; then
   export -f speed moekit stamp timed; export FIXTURES WORK LOGS PY
-  timeout "${SPEED_S:-200}" bash -c speed >"$LOGS/speed.log" 2>&1
+  timeout "${SPEED_S:-130}" bash -c speed >"$LOGS/speed.log" 2>&1
   echo "speed rc=$?"; tail -40 "$LOGS/speed.log"
 fi
 rm -rf "$WORK"
