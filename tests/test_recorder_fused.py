@@ -130,3 +130,17 @@ def test_fused_updates_equal_python_loops():
     assert np.array_equal(np.diagonal(coact), tokens)
     assert raw.window_tokens[0].sum() == tokens.sum()
     np.testing.assert_allclose(raw.window_reap[0].sum(0), reap, rtol=1e-5)
+
+
+def test_queue_recorded_in_inference_mode_is_summed_outside_it():
+    """Accumulators made and fed under torch.inference_mode (as a forward pass runs), finished
+    after it: the flush may update inference tensors in place."""
+    with torch.inference_mode():
+        recorder = Recorder(num_domains=1)
+        acc = recorder.add_layer(0, 4, "cpu")
+        acc.add_routing(0, (1, 3), torch.tensor([[0, 1], [2, 3], [1, 0]]), torch.ones(3, 2),
+                        torch.full((3, 2), 2.0))
+    raw = recorder.finish()[0]
+    np.testing.assert_array_equal(raw.tokens[0], [2, 2, 1, 1])
+    np.testing.assert_array_equal(raw.reap_sum[0], [4.0, 4.0, 2.0, 2.0])
+    np.testing.assert_array_equal(raw.window_tokens[0], [[2, 2, 1, 1]])

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 Scoring = str  # "softmax" | "sigmoid"
-QUEUE_SLOTS = 1 << 18  # routed slots queued per layer before they are summed (<= 4 MB)
+QUEUE_SLOTS = 1 << 16  # routed slots queued per layer before they are summed (<= 1 MB)
 
 
 @dataclass
@@ -132,7 +132,7 @@ class LayerAccumulator:
         """Sum every queued batch into the accumulators (no host-device sync)."""
         import torch
 
-        with torch.no_grad():
+        with torch.inference_mode():  # as in the forward pass: the sums may be inference tensors
             for d, queue in enumerate(self.queue):
                 if queue:
                     self._add_queued(d, queue)
