@@ -13,6 +13,6 @@ from typing import Any
 
 def pytest_runtest_logreport(report: Any) -> None:
     path = os.environ.get("FAILED_LOG")
-    if path and report.failed:
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # controller only
         with open(path, "a", encoding="utf-8") as out:
             out.write(f"{report.nodeid} ({report.when})\n")
