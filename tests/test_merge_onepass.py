@@ -6,7 +6,7 @@ the two-pass path it replaces (`Calibration(one_pass=False)`: capture the sample
   fit-layer, and for methods and groupings that never shared a run;
 - the shared path tokenises and opens the model once and never runs the separate capture;
 - the CLI's default merge takes the shared path and writes what the two-pass library path does;
-- a plan that differs from the shared run's clusters gets a refit of its own.
+  `--dry-run` captures the sample alone and refits nothing.
 """
 
 from __future__ import annotations
@@ -41,14 +41,15 @@ def corpus(tmp_path: Path) -> list[DataSource]:
 
 
 def merge_with(source: Path, sources: list[DataSource], stats: Path, out: Path, group: str,
-               method: str, *, one_pass: bool, ratio: float = 0.5) -> dict:
+               method: str, *, one_pass: bool, ratio: float = 0.5,
+               options: dict | None = None) -> dict:
     """choose_merge_plan + merge_checkpoint as the CLI calls them; returns the plan dict."""
     from moekit.ops.merge import merge_checkpoint
     from moekit.ops.merge.report import write_merge_records
     from moekit.ops.merge.run import Calibration, choose_merge_plan
 
-    calib = Calibration(source, describe(Checkpoint(source)), sources, dict(OPTIONS),
-                        one_pass=one_pass)
+    calib = Calibration(source, describe(Checkpoint(source)), sources,
+                        dict(options or OPTIONS), one_pass=one_pass)
     plan, _ = choose_merge_plan(source, stats=stats, ratio=ratio, group=group, method=method,
                                 router="centre", criterion="ean", plan_in=None, calib=calib)
     saved = plan.to_dict()
@@ -167,3 +168,36 @@ def test_unshared_methods_are_unchanged(group, method, tiny_checkpoint, tmp_path
     assert counters["open"].calls == 1
     assert without_run_records(one) == without_run_records(two)
     assert_same_folders(tmp_path / "one", tmp_path / "two")
+
+
+def test_cli_default_merge_shares_the_run_and_dry_run_refits_nothing(tiny_checkpoint, tmp_path,
+                                                                      monkeypatch):
+    from test_merge_families import merge
+
+    import moekit.ops.merge.refit
+
+    source = tiny_checkpoint("mixtral")
+    sources, stats = corpus(tmp_path), stats_for(tmp_path, source)
+    cli_options = dict(max_tokens=1000, seq_len=64, batch_size=4, device="cpu", tokenizer=None,
+                       dtype="float32", max_memory="auto", text_field="text",
+                       fraction=(0.0, 0.5))
+    two = merge_with(source, sources, stats, tmp_path / "two", "m-smoe", "fit-layer",
+                     one_pass=False, options=cli_options)
+    args = [source, "--stats", stats, "--ratio", "0.5", "--criterion", "ean",
+            *[a for s in sources for a in ("--data", f"{s.name}={s.path}")],
+            "--data-range", "0:0.5", "--max-tokens", "1000", "--seq-len", "64"]
+    counters = count_passes(monkeypatch)
+    result = merge(*args, "--out", tmp_path / "one")
+    assert result.exit_code == 0, result.output
+    assert (counters["open"].calls, counters["capture"].calls) == (1, 0)
+    assert_same_folders(tmp_path / "one", tmp_path / "two")
+
+    def no_refit(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("--dry-run ran the refit")
+
+    monkeypatch.setattr(moekit.ops.merge.refit, "sequential_refit", no_refit)
+    result = merge(*args, "--dry-run", "--plan-out", tmp_path / "plan.json")
+    assert result.exit_code == 0, result.output
+    assert (counters["open"].calls, counters["capture"].calls) == (2, 1)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["layers"] == two["layers"]

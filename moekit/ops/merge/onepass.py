@@ -108,8 +108,9 @@ def group_and_refit(calib: Calibration, checkpoint: Checkpoint, grouper: Grouper
     def before_layer(step: Any, batches: list[int], select: Callable[[int], None]) -> None:
         if step.index not in moe:
             return
-        cap = capture_sample(step, blocks[step.index], zip(batches, [t for _, t in work]),
-                             select, layout.family.router.logits_index)
+        takes = zip(batches, [take for _, take in work], strict=True)
+        cap = capture_sample(step, blocks[step.index], takes, select,
+                             layout.family.router.logits_index)
         data = LayerCalib(step.index, **layer_record(source, layout, cap))
         del cap
         layers.append(grouper.layer(moe[step.index],
