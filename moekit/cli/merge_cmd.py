@@ -115,7 +115,7 @@ def merge(
     calib = _calibration(source, group, method, router, plan_in, data, data_range, text_field,
                          dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
                               device=device, tokenizer=tokenizer, dtype=dtype,
-                              max_memory=max_memory))
+                              max_memory=max_memory), one_pass=not dry_run)
     plan = _choose(source, stats, ratio, group, method, router, criterion, plan_in, domain,
                    ignore_fingerprint, calib, protect_super)
     if not as_json:
@@ -137,8 +137,9 @@ def merge(
 
 def _calibration(source: Path, group: str, method: str, router: str, plan_in: Path | None,
                  data: list[str] | None, data_range: str | None, text_field: str,
-                 options: dict[str, Any]) -> Any:
-    """A lazy Calibration when the grouping or the method needs tokens (parsed up front)."""
+                 options: dict[str, Any], one_pass: bool = True) -> Any:
+    """A lazy Calibration when the grouping or the method needs tokens (parsed up front);
+    `one_pass`: with fit-layer, group inside the refit's run (not for --dry-run: no refit)."""
     from moekit.calib.data import DataSource, default_sources, parse_fraction
     from moekit.errors import DataError
     from moekit.families.layout import describe
@@ -159,7 +160,7 @@ def _calibration(source: Path, group: str, method: str, router: str, plan_in: Pa
     layout = describe(Checkpoint(source))
     return Calibration(source, layout, sources, dict(options, text_field=text_field,
                                                      fraction=parse_fraction(data_range)),
-                       log=err_console.print)
+                       log=err_console.print, one_pass=one_pass)
 
 
 def _choose(source: Path, stats: Path | None, ratio: float | None, group: str, method: str,
@@ -167,7 +168,8 @@ def _choose(source: Path, stats: Path | None, ratio: float | None, group: str, m
             ignore_fingerprint: bool, calib: Any, protect_super: bool) -> Any:
     from moekit.ops.merge.run import choose_merge_plan
 
-    with err_console.status("grouping experts (calibrating when needed)"):
+    with err_console.status("grouping experts (calibrating, and refitting with fit-layer, "
+                            "when needed)"):
         plan, _ = choose_merge_plan(source, stats=stats, ratio=ratio, group=group,
                                     method=method, router=router, criterion=criterion,
                                     plan_in=plan_in, domain=domain,
