@@ -112,12 +112,15 @@ def merge(
         if out is None:
             raise InvalidArgumentError("--out is required (or use --dry-run)")
         check_output(out, overwrite, (source,))
+    options = dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                   device=device, tokenizer=tokenizer, dtype=dtype, max_memory=max_memory)
     calib = _calibration(source, group, method, router, plan_in, data, data_range, text_field,
-                         dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-                              device=device, tokenizer=tokenizer, dtype=dtype,
-                              max_memory=max_memory), one_pass=not dry_run)
-    plan = _choose(source, stats, ratio, group, method, router, criterion, plan_in, domain,
-                   ignore_fingerprint, calib, protect_super)
+                         options, one_pass=not dry_run)
+    recorded = calib or (_calibration(source, "m-smoe", "fit-layer", "centre", None, data,
+                                      data_range, text_field, options) if data else None)
+    with _stats_folder(stats, recorded, plan_in, criterion) as stats_used:
+        plan = _choose(source, stats_used, ratio, group, method, router, criterion, plan_in,
+                       domain, ignore_fingerprint, calib, protect_super)
     if not as_json:
         console.print(clusters_table(plan))
     for warning in plan.warnings:
@@ -133,6 +136,18 @@ def merge(
     result = _run(source, model, plan, out, overwrite, shard_bytes, ignore_fingerprint, stats,
                   calib)
     _summary(result, as_json)
+
+
+def _stats_folder(stats: Path | None, calib: Any, plan_in: Path | None, criterion: str) -> Any:
+    """A context giving the stats folder: `--stats` as given, else (with calibration data)
+    statistics recorded on that data in a temporary folder (`ops/merge/autostats.py`)."""
+    import contextlib
+
+    from moekit.ops.merge.autostats import stats_from_calibration
+
+    if stats is not None or plan_in is not None or criterion == "random" or calib is None:
+        return contextlib.nullcontext(stats)
+    return stats_from_calibration(calib, log=err_console.print)
 
 
 def _calibration(source: Path, group: str, method: str, router: str, plan_in: Path | None,

@@ -165,7 +165,8 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
     check_ratio(layout, ratio)
     if stats_data is None and criterion != "random":
         raise StatsError("merge needs routing statistics (usage weights, centres)",
-                         "pass --stats DIR from `moekit profile`")
+                         "pass --stats DIR from `moekit profile`, or --data NAME=PATH to "
+                         "record them on that text")
     for layer in layout.moe_layers:
         expert_format(checkpoint, layout, layer)  # unsupported layouts fail before any work
     from moekit.ops.prune.select import super_experts
