@@ -49,6 +49,7 @@ class DataOptions:
     compensate: bool | None = None
     router: bool = False
     held_out: float = 0.2
+    spread: int = 1
     protect_super: bool = True
     width: int | None = None
     device: str = "auto"
@@ -95,7 +96,9 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                            seq_len=options.seq_len, max_tokens=options.max_tokens,
                            held_out=options.held_out, device=options.device,
                            dtype=options.dtype, max_memory=options.max_memory,
-                           stream=options.stream, hidden_ram=options.hidden_ram)
+                           stream=options.stream, hidden_ram=options.hidden_ram,
+                           spread=int(__import__("os").environ.get("MQ_SPREAD",
+                                                                   options.spread)))
     log(mode_line(cal.engine))
     require_whole_layers(cal.engine, "a calibrated prune")
     stats = calibration_stats(cal, fingerprint)
