@@ -39,7 +39,9 @@ DOWN_ONLY = "measured+compensate-router"  # the down refits without the router r
 @dataclass
 class DataOptions:
     """Calibration settings. `max_tokens`: token positions per layer for selection/refit;
-    `held_out`: share of each source's windows kept apart for scoring candidates."""
+    `held_out`: share of each source's windows kept apart for scoring candidates; `spread`:
+    the windows are spaced evenly over up to `spread` times the needed tokens of each source
+    (`measured.spread_windows`; 1: its first windows)."""
 
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
@@ -49,6 +51,7 @@ class DataOptions:
     compensate: bool | None = None
     router: bool = False
     held_out: float = 0.2
+    spread: int = 1
     protect_super: bool = True
     width: int | None = None
     device: str = "auto"
@@ -95,7 +98,8 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                            seq_len=options.seq_len, max_tokens=options.max_tokens,
                            held_out=options.held_out, device=options.device,
                            dtype=options.dtype, max_memory=options.max_memory,
-                           stream=options.stream, hidden_ram=options.hidden_ram)
+                           stream=options.stream, hidden_ram=options.hidden_ram,
+                           spread=options.spread)
     log(mode_line(cal.engine))
     require_whole_layers(cal.engine, "a calibrated prune")
     stats = calibration_stats(cal, fingerprint)
@@ -144,6 +148,7 @@ def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
     return {"sources": {s.name: str(s.path) for s in options.sources},
             "data_hash": cal.data_hash, "fraction": list(options.fraction),
             "seq_len": options.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
+            "spread": options.spread,
             "refit_router": options.router,
             "held_out_windows": len(cal.held),
             "super_experts": {str(k): v for k, v in found.items()},

@@ -78,10 +78,14 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
                      held_out: float = 0.2, device: str = "auto", dtype: str = "auto",
                      max_memory: str | int | None = "auto", stream: bool | None = None,
                      hidden_ram: int | None = None, text_field: str = "text",
-                     tokenizer: str | None = None) -> Calibration:
+                     tokenizer: str | None = None, spread: int = 1) -> Calibration:
     """Open the model (`runtime.engine.open_model`: memory or streamed by the budget; `stream`
     forces it), tokenise the data, interleave the domains' windows, keep the last `held_out`
-    share of each domain's windows apart for scoring."""
+    share of each domain's windows apart for scoring.
+
+    With `spread` > 1, up to `spread` times the needed tokens of each source are read and the
+    windows used are spaced evenly over them (`spread_windows`), so that a small sample covers
+    many documents of the range instead of its first few."""
     import hashlib
 
     from moekit.calib.data import load_domains
@@ -90,13 +94,14 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
 
     tok = load_tokenizer(source, tokenizer)
     per_source = max(2 * seq_len, int(max_tokens / (1 - held_out) / len(sources)) + seq_len)
-    domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=per_source,
+    domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=per_source * spread,
                            fraction=fraction, text_field=text_field)
     fit, held = [], []
     for domain in domains:
-        cut = max(1, int(round(len(domain.windows) * (1 - held_out))))
-        fit.append(domain.windows[:cut])
-        held.append(domain.windows[cut:])
+        windows = spread_windows(domain.windows, -(-per_source // seq_len))
+        cut = max(1, int(round(len(windows) * (1 - held_out))))
+        fit.append(windows[:cut])
+        held.append(windows[cut:])
     engine = open_model(source, device=device, dtype=dtype, max_memory=max_memory,
                         stream=stream, hidden_ram=hidden_ram)
     family = layout.family
@@ -104,6 +109,15 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
     return Calibration(engine, layout, moe_blocks(engine.model, family),
                        Routing.of(family, layout.config), _needed(_interleave(fit), max_tokens),
                        _interleave(held), max_tokens, digest, domains)
+
+
+def spread_windows(windows: list[torch.Tensor], need: int) -> list[torch.Tensor]:
+    """`need` windows spaced evenly over `windows`, in order: window int((i + 1/2) * n / need)
+    for i < need (all of them when there are at most `need`)."""
+    if len(windows) <= need:
+        return list(windows)
+    step = len(windows) / need
+    return [windows[int((i + 0.5) * step)] for i in range(need)]
 
 
 def _needed(windows: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
