@@ -51,8 +51,10 @@ def test_chunked_replay_equals_the_former_whole_one(model_type, dtype, tmp_path,
                          layers=[block.layer])[block.layer]
     outs, target, gram, cross, tnorm = _former(block, cap, routing, 2)
     hidden = outs.shape[-1]
-    monkeypatch.setattr(replay_mod, "CHUNK_BYTES", 4 * hidden * outs.shape[1] * 7)  # 7 tokens
-    assert len(replay_mod.chunks(96, outs.shape[1] * hidden)) == 14
+    row = outs.shape[1] * hidden
+    monkeypatch.setattr(replay_mod, "EXPERT_BYTES", 4 * row * 20)  # 20 tokens per experts call
+    monkeypatch.setattr(replay_mod, "CHUNK_BYTES", 8 * row * 7)  # 7 tokens per float64 block
+    assert len(replay_mod.chunks(96, row, 20 * row)) == 5
     got = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                        routing, routing, 2, keep_outputs=True)
     lean = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),

@@ -18,10 +18,11 @@ D is evaluated without forming y_K: with the per-token Gram matrix G_t[m, m'] = 
 c_t[m] = <y_E, f_m> of the cached outputs (float64, when M <= GRAM_MAX),
 ||y_E - y_K||^2 = ||y_E||^2 - 2 sum_s w_s c[m_s] + sum_{s,s'} w_s w_s' G[m_s, m_s'].
 
-Memory: the outputs f are computed CHUNK_BYTES (float32) at a time and reduced to G, c, ||y_E||^2
-and y_E per chunk, so the N x M x H outputs exist only when they are needed (M > GRAM_MAX, or
-`keep_outputs` for `output(keep)`), then in the experts' own dtype (exact: the float32 values
-are those upcast).
+Memory: the outputs f are computed in token chunks (EXPERT_BYTES of float32 per call of the
+experts module: a call has a large fixed cost, so chunks are not made smaller) and reduced to
+y_E, G, c, ||y_E||^2 (float64 copies of CHUNK_BYTES at a time), so the N x M x H outputs exist
+only when needed (M > GRAM_MAX, or `keep_outputs` for `output(keep)`), then in the experts' own
+dtype (exact: the float32 values are those upcast).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from moekit.calib.routing import Routing, route
 
 GRAM_MAX = 64
-CHUNK_BYTES = 64 << 20  # float32 expert outputs [n, M, H] computed at once
+EXPERT_BYTES = 128 << 20  # float32 size of the expert outputs [n, M, H] of one experts call
+CHUNK_BYTES = 32 << 20  # float64 copy of the expert outputs reduced to G, c at once
 
 if TYPE_CHECKING:
     import torch
@@ -140,13 +142,13 @@ def expert_outputs(experts: Any, inputs: torch.Tensor, cand: torch.Tensor,
                    dtype: Any = "float32") -> torch.Tensor:
     """f_e(x_t) for every (t, e = cand[t, m]) as [N, M, H] on the CPU, computed by the
     transformers experts module with weight 1 (the model's own experts implementation),
-    CHUNK_BYTES at a time (`chunks`). `dtype`: float32, or None to keep the module's output
+    EXPERT_BYTES at a time (`chunks`). `dtype`: float32, or None to keep the module's output
     dtype (its float32 upcast is the float32 result, exactly)."""
     import torch
 
     (num, m), hidden = cand.shape, int(inputs.shape[-1])
     out = torch.empty((num, m, hidden)) if dtype == "float32" or num == 0 else None
-    for start, stop in chunks(num, m * hidden):
+    for start, stop in chunks(num, m * hidden, EXPERT_BYTES // 4):
         rows = inputs[start:stop].repeat_interleave(m, dim=0)
         ones = torch.ones((rows.shape[0], 1), dtype=inputs.dtype, device=inputs.device)
         with torch.no_grad():
@@ -158,9 +160,9 @@ def expert_outputs(experts: Any, inputs: torch.Tensor, cand: torch.Tensor,
     return out
 
 
-def chunks(num: int, row_floats: int) -> list[tuple[int, int]]:
-    """[start, stop) token ranges of at most CHUNK_BYTES float32 values of `row_floats` each."""
-    step = max(1, CHUNK_BYTES // (4 * max(row_floats, 1)))
+def chunks(num: int, row_values: int, values: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of `num` rows of `row_values` each, at most `values` a range."""
+    step = max(1, values // max(row_values, 1))
     return [(s, min(num, s + step)) for s in range(0, num, step)]
 
 
@@ -185,19 +187,23 @@ def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
     if gram:
         replay.gram = torch.empty((num, m, m), dtype=torch.float64)
         replay.cross = torch.empty((num, m), dtype=torch.float64)
-    for start, stop in chunks(num, m * int(inputs.shape[-1])):
+    row = m * int(inputs.shape[-1])
+    for start, stop in chunks(num, row, EXPERT_BYTES // 4):
         outs = expert_outputs(experts, inputs[start:stop], cand[start:stop], dtype=None)
-        target = _combine(outs, slot[start:stop], ids[start:stop], weights[start:stop])
-        replay.target[start:stop] = target
+        replay.target[start:stop] = _combine(outs, slot[start:stop], ids[start:stop],
+                                             weights[start:stop])
         if gram:
-            wide = outs.double()
-            replay.gram[start:stop] = wide @ wide.transpose(1, 2)
-            replay.cross[start:stop] = (wide * target.double().unsqueeze(1)).sum(-1)
+            for a, b in chunks(stop - start, row, CHUNK_BYTES // 8):
+                wide = outs[a:b].double()
+                replay.gram[start + a:start + b] = wide @ wide.transpose(1, 2)
+                want = replay.target[start + a:start + b].double().unsqueeze(-1)
+                replay.cross[start + a:start + b] = (wide @ want).squeeze(-1)
+                del wide
         if keep_outputs or not gram:
             if replay.outs is None:
                 replay.outs = torch.empty((num, m, outs.shape[-1]), dtype=outs.dtype)
             replay.outs[start:stop] = outs
-        del outs, target
+        del outs
     if gram:
         replay.tnorm = replay.target.double().pow(2).sum(-1)
     return replay
