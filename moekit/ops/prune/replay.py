@@ -187,6 +187,7 @@ def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
     if gram:
         replay.gram = torch.empty((num, m, m), dtype=torch.float64)
         replay.cross = torch.empty((num, m), dtype=torch.float64)
+        replay.tnorm = torch.empty(num, dtype=torch.float64)
     row = m * int(inputs.shape[-1])
     for start, stop in chunks(num, row, EXPERT_BYTES // 4):
         outs = expert_outputs(experts, inputs[start:stop], cand[start:stop], dtype=None)
@@ -198,12 +199,11 @@ def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
                 replay.gram[start + a:start + b] = wide @ wide.transpose(1, 2)
                 want = replay.target[start + a:start + b].double().unsqueeze(-1)
                 replay.cross[start + a:start + b] = (wide @ want).squeeze(-1)
-                del wide
+                replay.tnorm[start + a:start + b] = want.squeeze(-1).pow(2).sum(-1)
+                del wide, want
         if keep_outputs or not gram:
             if replay.outs is None:
                 replay.outs = torch.empty((num, m, outs.shape[-1]), dtype=outs.dtype)
             replay.outs[start:stop] = outs
         del outs
-    if gram:
-        replay.tnorm = replay.target.double().pow(2).sum(-1)
     return replay
