@@ -228,7 +228,7 @@ class Engine:
                     yield i, layer
                 finally:  # also when the run stops early: the layer's memory is given back
                     layer.to("meta")
-                    _trim_heap()
+                    trim_heap()
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -290,7 +290,7 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
     return engine
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc `malloc_trim`): without it, the small
     tensors of each freed layer leave 15-80 MB of retained heap per layer in the RSS."""
     import ctypes

@@ -70,6 +70,7 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
     import torch
 
     from moekit.ops.prune.replay import EXPERT_BYTES, chunks
+    from moekit.runtime.engine import trim_heap
 
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedModelError("experts with a post-expert norm cannot be refitted",
@@ -102,6 +103,7 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
         experts.down_proj = saved_w
         if saved_b is not None:
             experts.down_proj_bias = saved_b
+        trim_heap()
     return out
 
 

@@ -174,6 +174,8 @@ def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
     itself is kept only when M > GRAM_MAX or with `keep_outputs` (module docstring)."""
     import torch
 
+    from moekit.runtime.engine import trim_heap
+
     logits = logits.float().cpu()
     bias = bias.float().cpu() if bias is not None else None
     cand = cached_candidates(logits, routing, bias, n_drop)
@@ -206,4 +208,5 @@ def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
                 replay.outs = torch.empty((num, m, outs.shape[-1]), dtype=outs.dtype)
             replay.outs[start:stop] = outs
         del outs
+    trim_heap()  # the chunks' freed blocks back to the OS before the refit allocates
     return replay
