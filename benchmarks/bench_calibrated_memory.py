@@ -53,8 +53,9 @@ def commands(src: Path, stats: Path, work: Path, args: argparse.Namespace) -> di
     }
 
 
-def run_child(argv: list) -> tuple[float, int, str]:
-    """(seconds, peak RSS bytes, the mode line) of `moekit ARGV` in a fresh process."""
+def run_child(argv: list) -> tuple[float, int, str, float]:
+    """(seconds, peak RSS bytes, the mode line, CPU seconds) of `moekit ARGV` in a fresh
+    process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "moekit", *map(str, argv)]
@@ -69,7 +70,8 @@ def run_child(argv: list) -> tuple[float, int, str]:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
     mode = next((line for line in text.splitlines() if "layer by layer" in line
                  or line.startswith("in memory")), "?")
-    return time.perf_counter() - start, usage.ru_maxrss * 1024, mode
+    return (time.perf_counter() - start, usage.ru_maxrss * 1024, mode,
+            usage.ru_utime + usage.ru_stime)
 
 
 def main() -> None:
@@ -107,12 +109,14 @@ def run(work: Path, args: argparse.Namespace) -> None:
           f"{experts / 1e6:.0f} MB (bf16); embeddings + head {resident / 1e6:.0f} MB; "
           f"one layer's block inputs {activations / 1e6:.1f} MB ({args.tokens or 'default'} "
           "tokens, fp32)")
-    print("\n| command | mode | time | peak RSS | of the checkpoint |\n|---|---|---|---|---|")
+    print("\n| command | mode | time (CPU) | peak RSS | of the checkpoint |\n"
+          "|---|---|---|---|---|")
     for name, argv in commands(src, stats, work, args).items():
         if args.only and not any(s in name for s in args.only):
             continue
-        seconds, peak, mode = run_child(argv)
-        print(f"| `{name}` | {mode.split(':')[0]} | {seconds:.0f} s | **{peak / 1e6:.0f} MB** | "
+        seconds, peak, mode, cpu = run_child(argv)
+        print(f"| `{name}` | {mode.split(':')[0]} | {seconds:.0f} s ({cpu:.0f} s) | "
+              f"**{peak / 1e6:.0f} MB** | "
               f"{peak / size:.1%} |", flush=True)
         for out in work.glob("[pm][0-9]"):
             shutil.rmtree(out, ignore_errors=True)
