@@ -8,6 +8,10 @@ data loading and file writing). Uses ../shared/fixtures/models/mixtral-e16k2 whe
 a small random Mixtral built here. Example:
 
     .venv/bin/python benchmarks/bench_profile.py --threads 1 --reps 15
+
+`--torch-profile` also prints torch.profiler's table (CPU and, when present, CUDA activity) of
+one plain and one recorded pass, top 20 by self time, with the count of operator calls and
+kernel launches per pass: where the recording's time goes on a device.
 """
 
 from __future__ import annotations
@@ -32,16 +36,18 @@ from moekit.ops.profile import forward  # noqa: E402
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "models" / "mixtral-e16k2"
 
 
-def build_model(dtype: torch.dtype, device: str):
-    """The fixture model, or a random Mixtral of similar size (4 layers, 16 experts, top-2)."""
+def build_model(dtype: torch.dtype, device: str, folder: Path | None = None):
+    """`folder`, else the fixture model, else a random Mixtral of similar size (4 layers,
+    16 experts, top-2)."""
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from moekit.runtime.loading import quiet_transformers
 
     quiet_transformers()
-    if FIXTURE.exists():
-        model = AutoModelForCausalLM.from_pretrained(FIXTURE, dtype=dtype)
-        return model.to(device).eval(), str(FIXTURE.name)
+    folder = folder or (FIXTURE if FIXTURE.exists() else None)
+    if folder is not None:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        return model.to(device).eval(), str(folder.name)
     config = MixtralConfig(vocab_size=8192, hidden_size=256, intermediate_size=128,
                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                            num_local_experts=16, num_experts_per_tok=2)
@@ -103,6 +109,33 @@ def report(label: str, runs: list[tuple[float, float]], tokens: int) -> tuple[fl
     return wall, cpu
 
 
+def torch_profile(model, engine, family, batches: list[torch.Tensor], rows: int = 20) -> None:
+    """Print torch.profiler tables of one plain and one recorded pass (after the warm-up):
+    top `rows` operators by self device time (CUDA) and by self CPU time, and per pass the
+    number of top-level operator calls and of kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = any(b.is_cuda for b in batches)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for label, fn, args in (("plain forward", plain_pass, (model, batches)),
+                            ("profile (all)", recorded_pass, (engine, family, batches))):
+        with profile(activities=activities) as prof:
+            fn(*args)
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.events()
+        top = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+        launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                      "cudaLaunchKernelExC"))
+        print(f"\n== torch.profiler: {label}, {len(batches)} batches: {top} top-level aten "
+              f"calls" + (f", {launches} kernel launches" if cuda else ""))
+        table = prof.key_averages()
+        sorts = (["self_cuda_time_total"] if cuda else []) + ["self_cpu_time_total"]
+        for key in sorts:
+            print(f"-- top {rows} by {key}")
+            print(table.table(sort_by=key, row_limit=rows, max_name_column_width=48))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -113,12 +146,17 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stream", action="store_true",
-                        help="also time a streamed profile (layers read from the fixture)")
+                        help="also time a streamed profile (layers read from the checkpoint)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a checkpoint folder instead of the fixture")
+    parser.add_argument("--torch-profile", action="store_true",
+                        help="also print torch.profiler tables of one plain and one recorded pass")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, name = build_model(getattr(torch, args.dtype), args.device)
-    runs = engines(model, FIXTURE if args.stream and FIXTURE.exists() else None,
-                   getattr(torch, args.dtype), args.device)
+    model, name = build_model(getattr(torch, args.dtype), args.device, args.model)
+    folder = args.model or (FIXTURE if FIXTURE.exists() else None)
+    runs = engines(model, folder if args.stream else None, getattr(torch, args.dtype),
+                   args.device)
     family = resolve(model.config.to_dict()).family
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(3, model.config.vocab_size, (args.batch_size, args.seq_len),
@@ -145,6 +183,8 @@ def main() -> int:
         s_wall, _ = report("streamed profile", streamed, tokens)
         print(f"throughput streamed / in-memory profile (warm page cache, layers re-read every "
               f"pass): {r_wall / s_wall:.3f}  (target >= 0.7)")
+    if args.torch_profile:
+        torch_profile(model, runs["memory"], family, batches)
     return 0
 
 

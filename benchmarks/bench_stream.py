@@ -92,7 +92,7 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     # everything a profile imports, before the baseline RSS is taken
     import pandas  # noqa: F401
-    import torch  # noqa: F401
+    import torch
     import transformers.models.mixtral.modeling_mixtral  # noqa: F401
 
     import moekit.calib.hooks  # noqa: F401
@@ -105,13 +105,14 @@ def child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     profile = profile_model(Path(args.model), [DataSource.parse(v) for v in SAMPLE],
                             seq_len=args.seq_len, max_tokens=args.tokens, batch_size=args.batch,
-                            device="cpu", max_memory=args.max_memory,
+                            device=args.device, max_memory=args.max_memory,
                             stream={"yes": True, "no": False}.get(args.stream))
     elapsed = time.perf_counter() - t0
     tokens = int(profile.layer_stats.query("domain == 'all'")["tokens"].iloc[0])
+    gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
     print(json.dumps({"seconds": elapsed, "tokens": tokens, "vmhwm": _status("VmHWM"),
                       "baseline_rss": baseline, "runtime": profile.metadata["runtime"],
-                      "startup": t0 - start}))
+                      "startup": t0 - start, "gpu_peak": gpu_peak}))
 
 
 def _status(field: str) -> int:
@@ -155,12 +156,12 @@ def read_rate(folder: Path) -> float:
     return total / (time.perf_counter() - start)
 
 
-def sizes(model: Path) -> tuple[int, int, int]:
+def sizes(model: Path, device: str = "cpu") -> tuple[int, int, int]:
     """(largest layer, resident budgeted, resident loaded by profile) bytes in the load dtype:
     the budget counts the LM head, which profile never reads."""
     from moekit.runtime.engine import open_model
 
-    engine = open_model(model, device="cpu", stream=True)
+    engine = open_model(model, device=device, stream=True)
     loaded = sum(p.numel() * p.element_size() for p in engine.model.parameters() if not p.is_meta)
     return max(engine.sizes.layers), engine.sizes.resident, loaded
 
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--stream", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--max-memory", default="auto")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (cuda: budget is VRAM)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=4096)
@@ -203,7 +205,7 @@ def memory_bench(folder: Path, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     total = write_checkpoint(folder, args.layers, args.hidden, args.ffn, args.experts)
     print(f"wrote {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s ({folder})")
-    largest, resident, loaded = sizes(folder)
+    largest, resident, loaded = sizes(folder, args.device)
     # room for the next layer in memory (prefetched) / for one layer only (page-cache hint)
     budgets = [args.max_memory] if args.max_memory != "auto" else \
         [f"{int(resident + f * largest) // 10**6}MB" for f in (2.2, 1.2)]
@@ -214,7 +216,7 @@ def memory_bench(folder: Path, args: argparse.Namespace) -> None:
 def memory_run(folder: Path, args: argparse.Namespace, budget: str, total: int, largest: int,
                loaded: int) -> None:
     out = run_child(folder, max_memory=budget, tokens=args.tokens, seq_len=args.seq_len,
-                    batch=args.batch)
+                    batch=args.batch, device=args.device)
     windows = out["tokens"]
     activations = windows * args.hidden * 2
     target = out["baseline_rss"] + loaded + 2 * largest + activations
@@ -228,7 +230,7 @@ def memory_run(folder: Path, args: argparse.Namespace, budget: str, total: int, 
           f"target (imports + embeddings + 2 x layer + activations) {target / 1e9:.3f} GB -> "
           f"{'OK' if out['vmhwm'] <= target else 'OVER'}")
     print(f"mode: {out['runtime']['mode']} ({out['runtime']['reason']}); {out['seconds']:.1f} s "
-          f"for {windows} tokens")
+          f"for {windows} tokens; GPU peak allocated {out['gpu_peak'] / 1e9:.3f} GB")
 
 
 def speed_bench(folder: Path, args: argparse.Namespace, skip: set[str]) -> None:
@@ -237,7 +239,7 @@ def speed_bench(folder: Path, args: argparse.Namespace, skip: set[str]) -> None:
     total = write_checkpoint(folder, layers, hidden, ffn, args.experts)
     print(f"speed model: {total / 1e9:.2f} GB ({layers} layers, H={hidden}, I={ffn}, "
           f"E={args.experts})")
-    options = dict(tokens=args.tokens, seq_len=args.seq_len, batch=args.batch)
+    options = dict(tokens=args.tokens, seq_len=args.seq_len, batch=args.batch, device=args.device)
     run_child(folder, stream="no", **options)  # warm the page cache and the imports
     if "warm" not in skip:
         times: dict[str, list[float]] = {"no": [], "yes": []}

@@ -43,7 +43,7 @@ def test_loss_and_kl_match_independent_computation(tiny_checkpoint, texts):
     model_dir, other_dir = tiny_checkpoint("qwen3_moe"), tiny_checkpoint("qwen3_moe", seed=3)
     sources = [DataSource(name, path) for name, path in texts.items()]
     result = evaluate(model_dir, sources, other_dir, seq_len=SEQ, max_tokens=200, batch_size=3,
-                      keep_both=True)
+                      keep_both=True, device="cpu")  # compared with CPU forwards below
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ref = AutoModelForCausalLM.from_pretrained(other_dir).eval()
     totals = [0.0, 0.0, 0.0, 0]
@@ -73,7 +73,7 @@ def test_loss_and_kl_match_independent_computation(tiny_checkpoint, texts):
     assert result.overall.loss == pytest.approx(totals[0] / totals[3], rel=1e-5)
     assert result.overall.kl == pytest.approx(totals[1] / totals[3], rel=1e-4)
     spilled = evaluate(model_dir, sources, other_dir, seq_len=SEQ, max_tokens=200,
-                       batch_size=3, keep_both=False)
+                       batch_size=3, keep_both=False, device="cpu")
     assert spilled.overall.kl == pytest.approx(result.overall.kl, rel=1e-6)
     assert spilled.overall.top1 == result.overall.top1
 
@@ -110,12 +110,13 @@ def test_prune_with_eval_data_records_numbers(tiny_checkpoint, texts, tmp_path):
     result = CliRunner().invoke(app, [
         "prune", str(folder), "--stats", str(stats), "--ratio", "0.25", "--out", str(out),
         "--eval-data", f"a={texts['a']}", "--eval-seq-len", str(SEQ),
-        "--eval-max-tokens", "100"])
+        "--eval-max-tokens", "100", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     record = json.loads((out / "moekit_provenance.json").read_text())
     evaluation = record["evaluation"]
     assert evaluation["ref"] == str(folder) and evaluation["model"] == str(out)
-    direct = evaluate(out, [DataSource("a", texts["a"])], folder, seq_len=SEQ, max_tokens=100)
+    direct = evaluate(out, [DataSource("a", texts["a"])], folder, seq_len=SEQ, max_tokens=100,
+                      device="cpu")  # the same device as the recorded numbers: equal to 1e-6
     assert evaluation["overall"]["kl"] == pytest.approx(direct.overall.kl, rel=1e-6)
     assert evaluation["overall"]["kl"] > 0
     card = (out / "README.md").read_text()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from moekit.calib.hooks import MoeModules, find_moe_modules
+from moekit.calib.hooks import MoeModules, find_moe_modules, module_device
 from moekit.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ def capture_layers(model: Any, family: MoeFamily, batches: Iterable[torch.Tensor
                 for g in grabbers.values():
                     g.take = take
                 try:
-                    model(batch.to(_device(model)), use_cache=False)
+                    model(batch.to(module_device(model)), use_cache=False)
                 except _Stop:
                     pass
                 seen += take
@@ -246,6 +246,3 @@ def capture_step(step: Any, block: MoeBlock, batches: Sequence[int], *, max_toke
 def _raise_stop(module: Any, args: tuple, output: Any) -> None:
     raise _Stop
 
-
-def _device(model: Any) -> Any:
-    return next(model.parameters()).device

@@ -145,7 +145,7 @@ class RoutingHooks:
             register_trace_implementation()
             self._previous = getattr(self.model.config, "_experts_implementation", None)
         for mods in self.modules:
-            device = self.device or _device_of(mods.experts)
+            device = self.device or module_device(mods.experts)
             acc = self.recorder.add_layer(mods.layer, mods.num_experts, device)
             handler = _LayerHandler(self.recorder, acc, self.family)
             self._handles.append(mods.router.register_forward_hook(handler.on_router))
@@ -178,7 +178,8 @@ class RoutingHooks:
             self._previous = None
 
 
-def _device_of(module: Any) -> Any:
+def module_device(module: Any) -> Any:
+    """The device of `module`'s first parameter (CPU when it has none): where its inputs go."""
     import torch
 
     param = next(module.parameters(), None)

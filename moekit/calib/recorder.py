@@ -2,6 +2,9 @@
 
 Everything is summed in int64 / float64 tensors on the layer's own device; nothing is read back
 until `finish()`, so recording adds no host-device synchronisation to the forward pass.
+Each batch's routing (ids, weights, norms [T, k]) is queued as it comes and summed in one go
+every QUEUE_SLOTS routed slots (and at `flush()` / `finish()`): on CUDA the cost of recording
+is the number of small kernels launched per layer and batch, not their arithmetic.
 
 Per layer l, domain d and expert e (T tokens, slots (t, s) with id[t, s] = e, weight w[t, s],
 expert output f_e(x_t), unweighted):
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
     import torch
 
 Scoring = str  # "softmax" | "sigmoid"
+QUEUE_SLOTS = 1 << 16  # routed slots queued per layer before they are summed (<= 1 MB)
 
 
 @dataclass
@@ -55,8 +59,26 @@ class LayerRaw:
     window_reap: list[np.ndarray] = field(default_factory=list)  # per domain [W_d, E] float32
 
 
+@dataclass
+class _Queued:
+    """One batch's routing, kept until the next flush: [T, k] each, `rows` windows."""
+
+    ids: torch.Tensor
+    weights: torch.Tensor
+    norms: torch.Tensor
+    contributions: torch.Tensor | None
+    rows: int
+
+
 class LayerAccumulator:
-    """The running sums of one MoE layer (see the module docstring for the formulas)."""
+    """The running sums of one MoE layer (see the module docstring for the formulas).
+
+    Kept for few kernel launches per batch: a batch costs its top-1 repeat count and its
+    entropy; its routing is queued, and a flush sums every queued slot at once - tokens,
+    weight, EAN and REAP in one float64 `index_add_` into `sums` [D, E, 4] (counts exact in
+    float64 below 2^53), the per-window counts and REAP sums in one float32 `index_add_`
+    (counts exact below 2^24 slots per window). The slots are added in batch order, so every
+    value equals that of summing batch by batch (bit for bit on the CPU)."""
 
     def __init__(self, layer: int, num_experts: int, num_domains: int, device: Any,
                  trace: bool = False):
@@ -66,10 +88,7 @@ class LayerAccumulator:
         shape = (num_domains, num_experts)
         i64 = dict(dtype=torch.int64, device=device)
         f64 = dict(dtype=torch.float64, device=device)
-        self.tokens = torch.zeros(shape, **i64)
-        self.weight_sum = torch.zeros(shape, **f64)
-        self.ean_sum = torch.zeros(shape, **f64)
-        self.reap_sum = torch.zeros(shape, **f64)
+        self.sums = torch.zeros((*shape, 4), **f64)  # tokens, weight_sum, ean_sum, reap_sum
         self.max_norm = torch.zeros(shape, **f64)
         self.coact = torch.zeros((num_domains, num_experts * num_experts), **i64)
         self.entropy_sum = torch.zeros(num_domains, **f64)
@@ -80,54 +99,93 @@ class LayerAccumulator:
             [] for _ in range(num_domains)]
         self.window_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
             [] for _ in range(num_domains)]
+        self.queue: list[list[_Queued]] = [[] for _ in range(num_domains)]
+        self.queued_slots = 0
+        self._one = torch.ones((1, 1), **f64)  # expanded, never written
+        self._one_i64 = torch.ones(1, **i64)
 
     def add_routing(self, domain: int, shape: tuple[int, int], ids: torch.Tensor,
                     weights: torch.Tensor, norms: torch.Tensor,
                     contributions: torch.Tensor | None = None) -> None:
         """Add one batch. ids, weights, norms: [T, k]; `contributions` [T, k] replaces
-        weight x norm in the REAP sum when the model applies the weight elsewhere (Llama-4)."""
+        weight x norm in the REAP sum when the model applies the weight elsewhere (Llama-4).
+        The tensors are kept (not copied) until the next flush."""
         import torch
 
-        d, num_experts = domain, self.num_experts
-        flat = ids.reshape(-1)
-        w64 = weights.reshape(-1).to(torch.float64)
-        n64 = norms.reshape(-1).to(torch.float64)
-        reap = w64 * n64 if contributions is None else contributions.reshape(-1).to(torch.float64)
-        ones = torch.ones_like(flat)
-        self.tokens[d].index_add_(0, flat, ones)
-        self.weight_sum[d].index_add_(0, flat, w64)
-        self.ean_sum[d].index_add_(0, flat, n64)
-        self.reap_sum[d].index_add_(0, flat, reap)
-        self.max_norm[d].scatter_reduce_(0, flat, n64, reduce="amax")
-        pairs = (ids.unsqueeze(2) * num_experts + ids.unsqueeze(1)).reshape(-1)
-        self.coact[d].index_add_(0, pairs, torch.ones_like(pairs))
-        num_tokens = ids.shape[0]
+        d, num_tokens = domain, ids.shape[0]
         self.positions[d] += num_tokens
         batch, seq = shape
         if batch * seq == num_tokens and seq > 1:
             top1 = ids.gather(1, weights.argmax(dim=1, keepdim=True)).view(batch, seq)
             self.top1_repeats[d:d + 1].add_((top1[:, 1:] == top1[:, :-1]).sum())
             self.top1_pairs[d] += batch * (seq - 1)
-        self._add_windows(d, shape, ids, reap)
+        rows = batch if batch > 0 and batch * seq == num_tokens else 1
+        self.queue[d].append(_Queued(ids, weights, norms, contributions, rows))
+        self.queued_slots += ids.numel()
         if self.trace:
-            small = torch.int16 if num_experts < 2 ** 15 else torch.int32
+            small = torch.int16 if self.num_experts < 2 ** 15 else torch.int32
             self.trace_parts[d].append((ids.detach().to(small), weights.detach().float()))
+        if self.queued_slots >= QUEUE_SLOTS:
+            self.flush()
 
-    def _add_windows(self, domain: int, shape: tuple[int, int], ids: torch.Tensor,
-                     reap: torch.Tensor) -> None:
-        """Per-window slot counts and REAP sums of one batch, [rows, E] each (no sync)."""
+    def flush(self) -> None:
+        """Sum every queued batch into the accumulators (no host-device sync)."""
         import torch
 
-        num_tokens, num_experts = ids.shape[0], self.num_experts
-        rows = shape[0] if shape[0] > 0 and shape[0] * shape[1] == num_tokens else 1
-        row = torch.arange(num_tokens, device=ids.device) // max(num_tokens // rows, 1)
+        with torch.inference_mode():  # as in the forward pass: the sums may be inference tensors
+            for d, queue in enumerate(self.queue):
+                if queue:
+                    self._add_queued(d, queue)
+                    queue.clear()
+        self.queued_slots = 0
+
+    def _add_queued(self, d: int, queue: list[_Queued]) -> None:
+        """The batches of `queue`, concatenated in order: slots (1, w, n, reap) as float64
+        rows `src` [N, 4] into `sums`, max_norm, co-activation pairs, per-window parts."""
+        import torch
+
+        def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+        ids = cat([q.ids for q in queue])
+        flat = ids.reshape(-1)
+        wn = torch.stack((cat([q.weights for q in queue]).reshape(-1),
+                          cat([q.norms for q in queue]).reshape(-1)), 1).to(torch.float64)
+        if all(q.contributions is None for q in queue):
+            reap = wn.prod(1, keepdim=True)  # w * n, exactly
+        else:
+            reap = cat([(q.weights.to(torch.float64) * q.norms.to(torch.float64))
+                        if q.contributions is None else q.contributions.to(torch.float64)
+                        for q in queue]).reshape(-1, 1)
+        src = torch.cat((self._one.expand(flat.shape[0], 1), wn, reap), 1)
+        self.sums[d].index_add_(0, flat, src)
+        self.max_norm[d].scatter_reduce_(0, flat, src[:, 2], reduce="amax")
+        pairs = torch.add(ids.unsqueeze(1), ids.unsqueeze(2), alpha=self.num_experts)
+        self.coact[d].index_add_(0, pairs.reshape(-1), self._one_i64.expand(pairs.numel()))
+        self._add_windows(d, queue, ids, src)
+
+    def _add_windows(self, domain: int, queue: list[_Queued], ids: torch.Tensor,
+                     src: torch.Tensor) -> None:
+        """Per-window slot counts and REAP sums of the queued batches, [rows, E] each, as one
+        float32 [rows * E, 2] index_add (window r of a batch: its tokens [r S, (r+1) S))."""
+        import torch
+
+        num_experts, device = self.num_experts, ids.device
+        lengths = {q.ids.shape[0] // q.rows for q in queue}
+        if len(lengths) == 1:  # one window length (the usual case): windows follow each other
+            row = torch.arange(ids.shape[0], device=device) // max(lengths.pop(), 1)
+        else:
+            starts = [0]
+            for q in queue:
+                starts.append(starts[-1] + q.rows)
+            row = torch.cat([torch.arange(q.ids.shape[0], device=device)
+                             // max(q.ids.shape[0] // q.rows, 1) + start
+                             for q, start in zip(queue, starts, strict=False)])
+        rows = sum(q.rows for q in queue)
         slot = (row.unsqueeze(1) * num_experts + ids).reshape(-1)
-        counts = torch.zeros(rows * num_experts, dtype=torch.int32, device=ids.device)
-        counts.index_add_(0, slot, torch.ones_like(slot, dtype=torch.int32))
-        sums = torch.zeros(rows * num_experts, dtype=torch.float32, device=ids.device)
-        sums.index_add_(0, slot, reap.to(torch.float32))
-        self.window_parts[domain].append((counts.view(rows, num_experts),
-                                          sums.view(rows, num_experts)))
+        part = torch.zeros((rows, num_experts, 2), dtype=torch.float32, device=device)
+        part.view(-1, 2).index_add_(0, slot, src[:, 0::3].to(torch.float32))
+        self.window_parts[domain].append((part[..., 0], part[..., 1]))
 
     def add_entropy(self, domain: int, logits: torch.Tensor, scoring: Scoring) -> None:
         """Add sum_t H(p_t) for router logits [T, E]; p = softmax(z), or for sigmoid routers the
@@ -140,27 +198,30 @@ class LayerAccumulator:
             logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
         else:
             logp = torch.log_softmax(z, dim=-1)
-        entropy = -(logp.exp() * logp).sum(dim=-1)
-        self.entropy_sum[domain:domain + 1].add_(entropy.sum().to(torch.float64))
+        # sum_t H = -sum_t sum_e p log p; subtracting the positive sum saves the negation
+        self.entropy_sum[domain:domain + 1].sub_((logp.exp() * logp).sum(dim=-1).sum())
 
     def finish(self) -> LayerRaw:
         """Copy the sums to the host (the one synchronisation point)."""
         import numpy as np
         import torch
 
-        num_domains, num_experts = self.tokens.shape
+        self.flush()
+        num_domains, num_experts = self.max_norm.shape
         trace = {}
         for d, parts in enumerate(self.trace_parts):
             if parts:
                 trace[d] = (torch.cat([p[0] for p in parts]).cpu().numpy(),
                             torch.cat([p[1] for p in parts]).cpu().numpy())
-        windows = [[torch.cat([p[i] for p in parts]).cpu().numpy() if parts else
+        windows = [[torch.cat([p[i] for p in parts]).to(dtype).cpu().numpy() if parts else
                      np.zeros((0, num_experts), dtype=np.int32 if i == 0 else np.float32)
-                     for parts in self.window_parts] for i in (0, 1)]
+                     for parts in self.window_parts]
+                   for i, dtype in ((0, torch.int32), (1, torch.float32))]
+        sums = self.sums.cpu().numpy()
         return LayerRaw(
             layer=self.layer, num_experts=num_experts,
-            tokens=self.tokens.cpu().numpy(), weight_sum=self.weight_sum.cpu().numpy(),
-            ean_sum=self.ean_sum.cpu().numpy(), reap_sum=self.reap_sum.cpu().numpy(),
+            tokens=sums[..., 0].astype(np.int64), weight_sum=sums[..., 1].copy(),
+            ean_sum=sums[..., 2].copy(), reap_sum=sums[..., 3].copy(),
             max_norm=self.max_norm.cpu().numpy(),
             coact=self.coact.cpu().numpy().reshape(num_domains, num_experts, num_experts),
             positions=np.asarray(self.positions, dtype=np.int64),

@@ -77,12 +77,14 @@ def route(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | None = No
     import torch
 
     z = logits.float()
+    if bias is not None:
+        bias = bias.to(z.device)  # e.g. CPU logits replayed with a CUDA module's bias, or back
     keep_t = None
     if keep is not None:
         keep_t = torch.as_tensor(keep, dtype=torch.long, device=z.device)
         z = z.index_select(1, keep_t)
         if bias is not None:
-            bias = bias.reshape(-1).index_select(0, keep_t.to(bias.device))
+            bias = bias.reshape(-1).index_select(0, keep_t)
     k = routing.top_k
     if routing.topk_first:
         top, ids = torch.topk(z, k, dim=-1)

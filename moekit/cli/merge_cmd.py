@@ -73,7 +73,7 @@ def merge(
     ] = None,
     seq_len: SeqLenOpt = 512,
     batch_size: BatchSizeOpt = 4,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(
         "--dtype", help="Calibration run dtype: float32 (default, exact activations), auto "
         "(the checkpoint's: half the memory), bfloat16, float16.")] = "float32",

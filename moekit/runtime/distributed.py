@@ -70,8 +70,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 TIMEOUT_ENV = "MOEKIT_DIST_TIMEOUT"
-INT_SUMS = ("tokens", "coact", "top1_repeats")
-FLOAT_SUMS = ("weight_sum", "ean_sum", "reap_sum", "entropy_sum")
+INT_SUMS = ("coact", "top1_repeats")
+FLOAT_SUMS = ("sums", "entropy_sum")  # sums: tokens (exact in float64), weight, EAN, REAP
 
 
 @dataclass(frozen=True)
@@ -252,9 +252,10 @@ def reduce_layer(acc: LayerAccumulator) -> None:
     import torch.distributed as dist
 
     agree()
+    acc.flush()
     with _collective():
         counts = torch.tensor([acc.positions, acc.top1_pairs], dtype=torch.int64,
-                              device=acc.tokens.device)
+                              device=acc.sums.device)
         _all_reduce_flat([*(getattr(acc, n) for n in INT_SUMS), counts], dist.ReduceOp.SUM)
         _all_reduce_flat([getattr(acc, n) for n in FLOAT_SUMS], dist.ReduceOp.SUM)
         dist.all_reduce(acc.max_norm, op=dist.ReduceOp.MAX)

@@ -101,6 +101,7 @@ class Engine:
         (the others yield None). With `final`, those batches yield the last decoder layer's
         output [B, S, H] instead (no B x S x V logits); `logits(ids, final, rows)` turns
         positions of it into logits."""
+        self._check_ids(batches)
         if self.mode == "memory" and on_layer is None and after_layer is None and not final:
             return self._whole(batches, before, head, progress)
         return self._layered(batches, before, head, (on_layer, after_layer), progress, final)
@@ -116,6 +117,24 @@ class Engine:
         with torch.inference_mode():
             return replay_head(self.model, find_stack(self.model), input_ids.to(self.device),
                                final.to(self.device), rows)
+
+    def _check_ids(self, batches: Sequence[Any]) -> None:
+        """Refuse token ids outside the embedding table before any work: on CUDA such an id
+        is a device-side assert that poisons the process, on the CPU an IndexError."""
+        from moekit.errors import DataError
+
+        rows = getattr(self.model.get_input_embeddings(), "num_embeddings", None)
+        if rows is None:
+            return
+        for ids in batches:
+            if ids.numel() == 0:
+                continue
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= rows:
+                raise DataError(f"token id {high if high >= rows else low} is outside this "
+                                f"model's vocabulary of {rows} entries",
+                                "the tokenizer does not belong to the model: use the model's "
+                                "own tokenizer (or pass the right one with --tokenizer)")
 
     def _whole(self, batches: Sequence[Any], before: Before | None, head: bool | Collection[int],
                progress: Callable[[int, float], None] | None) -> Iterator[tuple[int, Any]]:

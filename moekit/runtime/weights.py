@@ -11,6 +11,8 @@ Bytes: byte ranges come from the checked reader (`moekit.io.reader.TensorInfo`);
 read with one `readinto` into its final (preallocated) place, through one plain file handle per
 shard per call, closed at once. No memory map is kept, so the resident set holds what was read
 and nothing else. A load dtype other than the disk dtype costs one tensor-sized temporary.
+For an accelerator the tensors are allocated there and filled through two reused host buffers
+(`moekit.runtime.staging`), so no host copy of the layer is made.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from moekit.errors import CheckpointError, UnsupportedModelError
 from moekit.io.dtypes import to_torch
+from moekit.runtime.staging import Staging
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +84,7 @@ class WeightMap:
                                         name in fused)
             _check_shape(self.targets[name])
         self.missing = [n for n in expected if n not in self.targets]
+        self.staging = Staging()
 
     def under(self, prefix: str) -> list[Target]:
         return [t for n, t in self.targets.items() if n.startswith(prefix)]
@@ -113,24 +117,55 @@ class WeightMap:
                 os.close(fd)
 
     def read(self, names: list[str], device: Any, rows: tuple[int, int] | None = None,
-             strip: str = "") -> dict[str, torch.Tensor]:
+             strip: str = "", staged: bool | None = None) -> dict[str, torch.Tensor]:
         """The tensors `names` (in-memory names) on `device`, keys without `strip`.
-        `rows=(a, b)`: only experts a..b-1 (axis 0) of each tensor (expert-group mode)."""
+        `rows=(a, b)`: only experts a..b-1 (axis 0) of each tensor (expert-group mode).
+        `staged` (default: on an accelerator): allocate on `device` and fill through the
+        staging buffers instead of reading into host tensors and copying them over."""
+        import torch
+
+        staged = torch.device(device).type != "cpu" if staged is None else staged
         by_shard: dict[Path, list[tuple[Target, int, int, TensorInfo]]] = {}
         out = {}
         for name in names:
             target = self.targets[name]
-            out[name] = _empty(target, rows)
+            out[name] = _empty(target, rows, device if staged else "cpu")
             for p, infos in enumerate(target.parts):
                 for j, info in enumerate(infos):
                     by_shard.setdefault(info.shard, []).append((target, p, j, info))
-        for shard, items in by_shard.items():
-            with open(shard, "rb", buffering=0) as handle:
-                for target, p, j, info in items:
-                    dest = _destination(out[target.name], target, p, j, rows)
-                    if dest is not None:
-                        _read_into(handle, info, dest, target, rows)
+        with self.staging.lock if staged else _nothing():
+            for shard, items in by_shard.items():
+                with open(shard, "rb", buffering=0) as handle:
+                    for target, p, j, info in items:
+                        dest = _destination(out[target.name], target, p, j, rows)
+                        if dest is None:
+                            continue
+                        if staged:
+                            self._stage(handle, info, dest, target, rows)
+                        else:
+                            _read_into(handle, info, dest, target, rows)
         return {name[len(strip):]: tensor.to(device) for name, tensor in out.items()}
+
+    def _stage(self, handle: Any, info: TensorInfo, dest: torch.Tensor, target: Target,
+               rows: tuple[int, int] | None) -> None:
+        """Fill `dest` (on its device) through the staging buffers; a disk dtype other than
+        the load dtype is converted on the device."""
+        import torch
+
+        start, count = _byte_range(info, target, rows)
+        disk = to_torch(info.dtype)
+        raw = dest if disk == dest.dtype else torch.empty(dest.shape, dtype=disk,
+                                                          device=dest.device)
+        if raw.numel() == 0:
+            return
+        data = raw.view(-1).view(torch.uint8)
+        if data.numel() != count:
+            raise CheckpointError(f"{Path(info.shard).name}: '{info.name}' holds {count} bytes, "
+                                  f"its place in the model {data.numel()}",
+                                  "the config and the weights disagree")
+        self.staging.fill(handle, start, count, data, info.name)
+        if raw is not dest:
+            dest.copy_(raw)
 
 
 def _conversions(model: Any) -> tuple[list[Any], list[Any]]:
@@ -194,13 +229,29 @@ def _check_shape(target: Target) -> None:
                               "the config's expert count or widths disagree with the weights")
 
 
-def _empty(target: Target, rows: tuple[int, int] | None) -> torch.Tensor:
+def _empty(target: Target, rows: tuple[int, int] | None, device: Any = "cpu") -> torch.Tensor:
     import torch
 
     shape = list(target.shape)
     if rows is not None:
         shape[0] = rows[1] - rows[0]
-    return torch.empty(shape, dtype=target.dtype)
+    return torch.empty(shape, dtype=target.dtype, device=device)
+
+
+def _nothing() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _byte_range(info: TensorInfo, target: Target, rows: tuple[int, int] | None
+                ) -> tuple[int, int]:
+    """(start, count) in the shard of what `info` contributes: rows a..b of a plain target
+    (expert-group mode), else the whole tensor."""
+    if rows is not None and not target.fused:
+        row_bytes = info.nbytes // info.shape[0]
+        return info.start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+    return info.start, info.nbytes
 
 
 def _destination(tensor: torch.Tensor, target: Target, part: int, expert: int,
@@ -221,10 +272,7 @@ def _read_into(handle: Any, info: TensorInfo, dest: torch.Tensor, target: Target
     """Fill `dest` (contiguous) from the file: rows a..b of a plain target read as one range."""
     import torch
 
-    start, count = info.start, info.nbytes
-    if rows is not None and not target.fused:
-        row_bytes = info.nbytes // info.shape[0]
-        start, count = info.start + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+    start, count = _byte_range(info, target, rows)
     disk = to_torch(info.dtype)
     buffer = dest if disk == dest.dtype else torch.empty(dest.shape, dtype=disk)
     raw = buffer.view(-1).view(torch.uint8).numpy() if buffer.numel() else None

@@ -44,8 +44,9 @@ class LayerFit:
 
 
 def down_weight(experts: Any, e: int) -> torch.Tensor:
-    """Expert e's down projection as float32 [H, I] (whatever the in-memory orientation)."""
-    w = experts.down_proj[e].detach().float()
+    """Expert e's down projection as float32 [H, I] on the CPU, where the refit runs (whatever
+    the in-memory orientation and device)."""
+    w = experts.down_proj[e].detach().float().cpu()
     return w.T if getattr(experts, "is_transposed", False) else w
 
 
@@ -53,7 +54,7 @@ def down_bias(experts: Any, e: int, hidden: int) -> torch.Tensor:
     import torch
 
     if getattr(experts, "has_bias", False):
-        return experts.down_proj_bias[e].detach().float()
+        return experts.down_proj_bias[e].detach().float().cpu()
     return torch.zeros(hidden)
 
 
@@ -81,6 +82,7 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
     transposed = getattr(experts, "is_transposed", False)
     num, hidden = saved_w.shape[0], rows.shape[1]
     inner = saved_w.shape[1] if transposed else saved_w.shape[2]
+    rows, ids = rows.to(saved_w.device), ids.to(saved_w.device)  # ids: the replay's CPU routing
     ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
     out = torch.empty((rows.shape[0], inner))
     try:

@@ -23,7 +23,7 @@ every layer is read once.
 Scoring (`held_out_kl`): the engine yields each held-out lane's last-layer output F [S, H]
 (not its logits). The reference lane's F is kept (S x H per window, the engine's own hidden
 state); for a candidate window, the reference and candidate logits are recomputed from F
-through the model's own final norm and LM head, `score_rows` positions at a time, and
+through the model's own final norm and LM head, SCORE_BYTES of log-probabilities at a time, and
 KL(reference || candidate) and top-1 agreement are summed. So no held-out position's
 vocabulary-wide distribution outlives its chunk: memory is S x H per reference window plus
 2 x rows x V, instead of 0.2 N x V floats; the price is the reference head computed once per

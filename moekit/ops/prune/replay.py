@@ -141,18 +141,22 @@ def cached_candidates(logits: torch.Tensor, routing: Routing, bias: torch.Tensor
 def expert_outputs(experts: Any, inputs: torch.Tensor, cand: torch.Tensor,
                    dtype: Any = "float32") -> torch.Tensor:
     """f_e(x_t) for every (t, e = cand[t, m]) as [N, M, H] on the CPU, computed by the
-    transformers experts module with weight 1 (the model's own experts implementation),
+    transformers experts module with weight 1 (the model's own experts implementation) on its
+    own device (the candidates usually come from CPU routing, the inputs from the engine),
     EXPERT_BYTES at a time (`chunks`). `dtype`: float32, or None to keep the module's output
     dtype (its float32 upcast is the float32 result, exactly)."""
     import torch
 
+    from moekit.calib.hooks import module_device
+
+    device = module_device(experts)
     (num, m), hidden = cand.shape, int(inputs.shape[-1])
     out = torch.empty((num, m, hidden)) if dtype == "float32" or num == 0 else None
     for start, stop in chunks(num, m * hidden, EXPERT_BYTES // 4):
-        rows = inputs[start:stop].repeat_interleave(m, dim=0)
-        ones = torch.ones((rows.shape[0], 1), dtype=inputs.dtype, device=inputs.device)
+        rows = inputs[start:stop].to(device).repeat_interleave(m, dim=0)
+        ones = torch.ones((rows.shape[0], 1), dtype=inputs.dtype, device=device)
         with torch.no_grad():
-            got = experts(rows, cand[start:stop].reshape(-1, 1).to(inputs.device), ones)
+            got = experts(rows, cand[start:stop].reshape(-1, 1).to(device), ones)
         if out is None:
             out = torch.empty((num, m, hidden), dtype=got.dtype)
         out[start:stop] = got.view(stop - start, m, hidden).cpu()

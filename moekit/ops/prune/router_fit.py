@@ -164,11 +164,13 @@ def exact_error(replay: LayerReplay, experts: Any, inputs: torch.Tensor, logits:
     experts module run on the re-routed tokens (the layer's exact pruned routed output)."""
     import torch
 
+    from moekit.calib.hooks import module_device
     from moekit.calib.routing import route
 
     ids, weights = route(logits.float().cpu(), replay.routing_for(keep), replay.bias, keep)
+    device = module_device(experts)  # CPU routing, engine-device experts (and inputs)
     with torch.no_grad():
-        out = experts(inputs, ids.to(inputs.device), weights.to(inputs.dtype))
+        out = experts(inputs.to(device), ids.to(device), weights.to(device, inputs.dtype))
     return float((target.float().cpu() - out.float().cpu()).pow(2).sum(-1).mean())
 
 
