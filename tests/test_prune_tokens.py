@@ -78,3 +78,24 @@ def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
     monkeypatch.setattr("test_prune_calibrated.DataOptions", options)
     choice = choose(folder, _corpus(tmp_path), 0.25, compensate=True)
     assert choice.info["max_tokens"] == seen["options"].max_tokens == 3072
+
+
+def test_merge_cli_uses_the_lowered_default_and_keeps_an_explicit_count(tiny_checkpoint,
+                                                                        tmp_path):
+    import json
+
+    from test_merge_cli import run, stats_for
+
+    source = tiny_checkpoint("mixtral")
+    layout = describe(Checkpoint(source))
+    n_drop = layout.moe_layers[0].num_experts // 2
+    budget = _weights(source) + 3 * 1024 * per_token_bytes(layout, n_drop, 4, False) + 1
+    stats = stats_for(source, tmp_path / "stats")
+    for extra, want in (((), 3072), (("--max-tokens", "512"), 512)):
+        plan = tmp_path / f"plan{want}.json"
+        result = run("merge", source, "--stats", stats, "--ratio", "0.5", "--group", "m-smoe",
+                     "--method", "average", "--max-memory", budget, "--dry-run",
+                     "--plan-out", plan, *extra)
+        assert result.exit_code == 0, result.output
+        assert json.loads(plan.read_text())["calibration"]["max_tokens"] == want
+        assert ("not the default 16384" in result.output) == (want == 3072)

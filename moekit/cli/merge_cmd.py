@@ -113,7 +113,8 @@ def merge(
         if out is None:
             raise InvalidArgumentError("--out is required (or use --dry-run)")
         check_output(out, overwrite, (source,))
-    max_tokens = _tokens(source, ratio, data, max_tokens, dtype, device, max_memory)
+    max_tokens = _tokens(source, ratio, (group, method, router), max_tokens, dtype, device,
+                         max_memory)
     calib = _calibration(source, group, method, router, plan_in, data, data_range, text_field,
                          dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
                               device=device, tokenizer=tokenizer, dtype=dtype,
@@ -227,12 +228,14 @@ def _summary(result: Any, as_json: bool) -> None:
                   f"{', '.join(result.config_keys)}")
 
 
-def _tokens(source: Path, ratio: float | None, data: list[str] | None, requested: int | None,
-            dtype: str, device: str, max_memory: str) -> int:
-    """--max-tokens, or with --data the memory-aware default (`ops.prune.tokens`)."""
+def _tokens(source: Path, ratio: float | None, choices: tuple[str, str, str],
+            requested: int | None, dtype: str, device: str, max_memory: str) -> int:
+    """--max-tokens, or when (group, method, router) calibrate the memory-aware default
+    (`ops.prune.tokens`)."""
+    from moekit.ops.merge.run import needs_calibration
     from moekit.ops.prune.tokens import DEFAULT_TOKENS, calibration_tokens
 
-    if requested is not None or not data:
+    if requested is not None or not needs_calibration(*choices):
         return requested or DEFAULT_TOKENS
     from moekit.families.layout import describe
     from moekit.io.reader import Checkpoint
