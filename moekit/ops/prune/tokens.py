@@ -52,8 +52,10 @@ class TokenBudget:
 
 
 def per_token_bytes(layout: Any, n_drop: int, itemsize: int, selection_bias: bool) -> int:
-    """The estimate of the module docstring for the first MoE layer of `layout`."""
+    """The estimate of the module docstring for the first MoE layer of `layout` (0 when its
+    routing cannot be replayed: no calibrated selection runs)."""
     from moekit.calib.routing import Routing
+    from moekit.errors import UnsupportedModelError
     from moekit.families.registry import first_value
 
     keys, config = layout.family.keys, layout.config
@@ -61,7 +63,10 @@ def per_token_bytes(layout: Any, n_drop: int, itemsize: int, selection_bias: boo
     width = int(first_value(config, keys.expert_width, hidden) or hidden)
     experts = layout.moe_layers[0].num_experts
     k = layout.top_k()
-    routing = Routing.of(layout.family, config)
+    try:
+        routing = Routing.of(layout.family, config)
+    except UnsupportedModelError:  # not replayable: the command refuses it later, in its words
+        return 0
     stable = routing.n_group <= 1 and (routing.scoring == "sigmoid" or not selection_bias)
     m = min(experts, k + n_drop) if stable else experts
     captures = 3 * hidden * itemsize + 8 * experts
@@ -82,8 +87,8 @@ def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "
     bias = bool(layout.moe_layers[0].selection_bias)
     per = per_token_bytes(layout, n_drop, itemsize, bias)
     allowance = _allowance(checkpoint, device, max_memory, itemsize)
-    if requested is not None:
-        return TokenBudget(int(requested), per, allowance)
+    if requested is not None or per == 0:
+        return TokenBudget(int(requested or DEFAULT_TOKENS), per, allowance)
     fits = (max(allowance, 0) // per) // 1024 * 1024
     return TokenBudget(int(min(DEFAULT_TOKENS, max(MIN_TOKENS, fits))), per, allowance)
 
