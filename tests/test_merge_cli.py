@@ -168,3 +168,39 @@ def test_super_experts_are_never_folded(tiny_checkpoint, tmp_path, group):
         assert len(clusters[flag]) == 2
     assert [weakest] in clusters["--protect-super"]
     assert all(len(c) > 1 for c in clusters["--no-protect-super"] if weakest in c)
+
+
+@pytest.mark.parametrize("group", ["m-smoe", "weight"])
+def test_data_without_stats_records_them_as_profile_would(tiny_checkpoint, tmp_path, group):
+    """`merge --data` and no `--stats`: the grouping uses statistics recorded on that data,
+    the same a `moekit profile` of the same tokens gives (same clusters and centres)."""
+    source = tiny_checkpoint("mixtral")
+    sample = Path(__file__).resolve().parents[1] / "sample_data"
+    data = [a for f in ("en_docs", "code_py") for a in ("--data", f"{f}={sample / f}.txt")]
+    settings = ["--max-tokens", 512, "--seq-len", 64, "--device", "cpu"]
+    import tempfile
+
+    left = set(Path(tempfile.gettempdir()).glob("moekit-merge-stats-*"))
+    prof = tmp_path / "prof"
+    result = run("profile", source, *data, "--max-tokens", 256, "--seq-len", 64,
+                 "--batch-size", 4, "--dtype", "float32", "--device", "cpu", "--out", prof,
+                 "--no-plots")
+    assert result.exit_code == 0, result.output
+    plans = {}
+    for name, extra in (("given", ["--stats", prof]), ("recorded", [])):
+        plans[name] = tmp_path / f"{name}.json"
+        result = run("merge", source, *data, *settings, *extra, "--ratio", 0.5, "--group", group,
+                     "--dry-run", "--plan-out", plans[name])
+        assert result.exit_code == 0, result.output
+    given, recorded = (json.loads(plans[n].read_text()) for n in ("given", "recorded"))
+    assert [p["clusters"] for p in recorded["layers"]] == [p["clusters"] for p in given["layers"]]
+    assert "recording routing statistics" in result.stderr
+    assert set(Path(tempfile.gettempdir()).glob("moekit-merge-stats-*")) == left
+
+
+def test_no_stats_and_no_data_needed_names_both_fixes(tiny_checkpoint, tmp_path):
+    result = run("merge", tiny_checkpoint("mixtral"), "--ratio", 0.5, "--group", "weight",
+                 "--method", "average", "--out", tmp_path / "m")
+    assert result.exit_code == 2
+    assert "--stats DIR" in result.stderr and "--data NAME=PATH" in result.stderr
+    assert not (tmp_path / "m").exists()

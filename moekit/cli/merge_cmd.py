@@ -113,14 +113,17 @@ def merge(
         if out is None:
             raise InvalidArgumentError("--out is required (or use --dry-run)")
         check_output(out, overwrite, (source,))
-    max_tokens = _tokens(source, ratio, (group, method, router), max_tokens, dtype, device,
-                         max_memory)
+    max_tokens = _tokens(source, ratio, (group, method, router), bool(data), max_tokens,
+                         dtype, device, max_memory)
+    options = dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
+                   device=device, tokenizer=tokenizer, dtype=dtype, max_memory=max_memory)
     calib = _calibration(source, group, method, router, plan_in, data, data_range, text_field,
-                         dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-                              device=device, tokenizer=tokenizer, dtype=dtype,
-                              max_memory=max_memory))
-    plan = _choose(source, stats, ratio, group, method, router, criterion, plan_in, domain,
-                   ignore_fingerprint, calib, protect_super)
+                         options, one_pass=not dry_run)
+    recorded = calib or (_calibration(source, "m-smoe", "fit-layer", "centre", None, data,
+                                      data_range, text_field, options) if data else None)
+    with _stats_folder(stats, recorded, plan_in, criterion) as stats_used:
+        plan = _choose(source, stats_used, ratio, group, method, router, criterion, plan_in,
+                       domain, ignore_fingerprint, calib, protect_super)
     if not as_json:
         console.print(clusters_table(plan))
     for warning in plan.warnings:
@@ -138,10 +141,23 @@ def merge(
     _summary(result, as_json)
 
 
+def _stats_folder(stats: Path | None, calib: Any, plan_in: Path | None, criterion: str) -> Any:
+    """A context giving the stats folder: `--stats` as given, else (with calibration data)
+    statistics recorded on that data in a temporary folder (`ops/merge/autostats.py`)."""
+    import contextlib
+
+    from moekit.ops.merge.autostats import stats_from_calibration
+
+    if stats is not None or plan_in is not None or criterion == "random" or calib is None:
+        return contextlib.nullcontext(stats)
+    return stats_from_calibration(calib, log=err_console.print)
+
+
 def _calibration(source: Path, group: str, method: str, router: str, plan_in: Path | None,
                  data: list[str] | None, data_range: str | None, text_field: str,
-                 options: dict[str, Any]) -> Any:
-    """A lazy Calibration when the grouping or the method needs tokens (parsed up front)."""
+                 options: dict[str, Any], one_pass: bool = True) -> Any:
+    """A lazy Calibration when the grouping or the method needs tokens (parsed up front);
+    `one_pass`: with fit-layer, group inside the refit's run (not for --dry-run: no refit)."""
     from moekit.calib.data import DataSource, default_sources, parse_fraction
     from moekit.errors import DataError
     from moekit.families.layout import describe
@@ -162,7 +178,7 @@ def _calibration(source: Path, group: str, method: str, router: str, plan_in: Pa
     layout = describe(Checkpoint(source))
     return Calibration(source, layout, sources, dict(options, text_field=text_field,
                                                      fraction=parse_fraction(data_range)),
-                       log=err_console.print)
+                       log=err_console.print, one_pass=one_pass)
 
 
 def _choose(source: Path, stats: Path | None, ratio: float | None, group: str, method: str,
@@ -170,7 +186,8 @@ def _choose(source: Path, stats: Path | None, ratio: float | None, group: str, m
             ignore_fingerprint: bool, calib: Any, protect_super: bool) -> Any:
     from moekit.ops.merge.run import choose_merge_plan
 
-    with err_console.status("grouping experts (calibrating when needed)"):
+    with err_console.status("grouping experts (calibrating, and refitting with fit-layer, "
+                            "when needed)"):
         plan, _ = choose_merge_plan(source, stats=stats, ratio=ratio, group=group,
                                     method=method, router=router, criterion=criterion,
                                     plan_in=plan_in, domain=domain,
@@ -228,14 +245,14 @@ def _summary(result: Any, as_json: bool) -> None:
                   f"{', '.join(result.config_keys)}")
 
 
-def _tokens(source: Path, ratio: float | None, choices: tuple[str, str, str],
+def _tokens(source: Path, ratio: float | None, choices: tuple[str, str, str], data: bool,
             requested: int | None, dtype: str, device: str, max_memory: str) -> int:
-    """--max-tokens, or when (group, method, router) calibrate the memory-aware default
-    (`ops.prune.tokens`)."""
+    """--max-tokens, or when (group, method, router) calibrate, or --data records statistics,
+    the memory-aware default (`ops.prune.tokens`)."""
     from moekit.ops.merge.run import needs_calibration
     from moekit.ops.prune.tokens import DEFAULT_TOKENS, calibration_tokens
 
-    if requested is not None or not needs_calibration(*choices):
+    if requested is not None or not (data or needs_calibration(*choices)):
         return requested or DEFAULT_TOKENS
     from moekit.families.layout import describe
     from moekit.io.reader import Checkpoint

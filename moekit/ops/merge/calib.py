@@ -46,6 +46,15 @@ class LayerCalib:
                           self.ids[start:stop], self.weights[start:stop])
 
 
+def layer_record(source: Path, layout: ModelLayout, cap: Any) -> dict[str, torch.Tensor]:
+    """A captured layer (`calib.capture.LayerCapture`) as LayerCalib fields: X and Z as float32,
+    the model's own top-k ids and gate weights (the family's routing, with its selection bias)."""
+    logits = cap.logits.float()
+    ids, weights = route(layout, logits, selection_bias(source, layout, cap.layer))
+    return {"inputs": cap.inputs.float(), "logits": logits, "ids": ids,
+            "weights": weights.float()}
+
+
 class CapturedLayers:
     """The spilled LayerCalib of every MoE layer: `captured[layer]` reads one back (the last
     one read stays cached); `tokens` is N, `runtime` what the engine ran."""
@@ -59,8 +68,7 @@ class CapturedLayers:
             return None
         if self._last is None or self._last.layer != layer:
             self._last = None  # free the previous layer before reading the next
-            t = self.spill.get(layer)
-            self._last = LayerCalib(layer, t["inputs"], t["logits"], t["ids"], t["weights"])
+            self._last = LayerCalib(layer, **self.spill.get(layer))
         return self._last
 
     def __getitem__(self, layer: int) -> LayerCalib:
@@ -73,8 +81,12 @@ class CapturedLayers:
         return layer in self.layers
 
 
+MAX_TOKENS, SEQ_LEN, BATCH_SIZE = 16384, 512, 4  # the sample's defaults
+
+
 def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSource], *,
-                        max_tokens: int = 16384, seq_len: int = 512, batch_size: int = 4,
+                        max_tokens: int = MAX_TOKENS, seq_len: int = SEQ_LEN,
+                        batch_size: int = BATCH_SIZE,
                         fraction: tuple[float, float] = (0.0, 1.0), text_field: str = "text",
                         device: str = "cpu", tokenizer: str | None = None,
                         dtype: str = "float32", max_memory: str | int | None = "auto",
@@ -85,19 +97,15 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
     runtime's mode line."""
     from moekit.calib.capture import require_whole_layers
     from moekit.calib.data import load_domains
-    from moekit.errors import UnsupportedModelError
     from moekit.runtime.engine import mode_line, open_model
     from moekit.runtime.loading import load_tokenizer
 
-    if layout.family.router.input_scaled:
-        raise UnsupportedModelError(
-            f"{layout.family.name} scales the experts' input by the router score, so calibrated "
-            "grouping and fitting are not defined", "use --group weight --method average|aligned")
+    check_calibrated(layout)
     tok = load_tokenizer(source, tokenizer)
-    per_domain = max(1, max_tokens // max(1, len(sources)))
+    per_domain = domain_tokens(max_tokens, len(sources))
     domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=per_domain,
                            fraction=fraction, text_field=text_field)
-    work = _work(domains, batch_size, per_domain)
+    work = sample_batches(domains, batch_size, per_domain)
     engine = open_model(source, device=device, dtype=dtype, max_memory=max_memory,
                         stream=stream, hidden_ram=hidden_ram)
     if log is not None:
@@ -107,7 +115,23 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
     return CapturedLayers(spill, layers, sum(take for _, take in work), engine.describe())
 
 
-def _work(domains: list[Any], batch_size: int, per_domain: int) -> list[tuple[Any, int]]:
+def check_calibrated(layout: ModelLayout) -> None:
+    """Refuse families whose router scales the experts' input (no calibrated grouping/fits)."""
+    from moekit.errors import UnsupportedModelError
+
+    if layout.family.router.input_scaled:
+        raise UnsupportedModelError(
+            f"{layout.family.name} scales the experts' input by the router score, so calibrated "
+            "grouping and fitting are not defined", "use --group weight --method average|aligned")
+
+
+def domain_tokens(max_tokens: int, num_sources: int) -> int:
+    """Positions the sample draws from each domain: max_tokens // domains (at least 1)."""
+    return max(1, max_tokens // max(1, num_sources))
+
+
+def sample_batches(domains: list[Any], batch_size: int, per_domain: int
+                   ) -> list[tuple[Any, int]]:
     """(batch [B, S], token rows kept) in run order: each domain's batches until it has
     given `per_domain` positions (the last batch cut)."""
     from moekit.calib.data import batches
@@ -148,11 +172,8 @@ def _capture(engine: Any, source: Path, layout: ModelLayout,
             return
         for handle in state.pop("handles"):
             handle.remove()
-        cap = grabbed(state.pop("grab"), step.index)
-        logits = cap.logits.float()
-        ids, weights = route(layout, logits, selection_bias(source, layout, step.index))
-        spill.put(step.index, {"inputs": cap.inputs.float(), "logits": logits, "ids": ids,
-                               "weights": weights.float()})
+        spill.put(step.index, layer_record(source, layout, grabbed(state.pop("grab"),
+                                                                   step.index)))
 
     try:
         for _ in engine.run([batch for batch, _ in work], before=before, on_layer=on_layer,

@@ -30,7 +30,7 @@ from moekit.ops.prune.select import criterion_scores
 if TYPE_CHECKING:
     import torch
 
-    from moekit.families.layout import ModelLayout
+    from moekit.families.layout import ModelLayout, MoeLayer
     from moekit.ops.prune.stats import ExpertStats
 
 DistanceFn = Callable[[int], "torch.Tensor"]
@@ -124,37 +124,63 @@ def layer_clusters(group: str, dist: torch.Tensor, scores: list[float],
     return sorted(clusters, key=lambda c: c[0])
 
 
+class Grouper:
+    """Clusters one MoE layer at a time, in layer order (the `random` criterion draws from one
+    generator across layers): `layer(moe, distance)` -> MergeLayer, `plan(layers)` -> MergePlan.
+    Merge weights are the usage shares (statistics' token counts). `protect[layer]`: experts
+    kept out of every merge (e.g. super experts)."""
+
+    def __init__(self, layout: ModelLayout, fingerprint: str, *, group: str, method: str,
+                 router: str, ratio: float, stats: ExpertStats | None, criterion: str = "reap",
+                 protect: dict[int, list[int]] | None = None):
+        check_choices(group, method, router)
+        check_ratio(layout, ratio)
+        self.layout, self.fingerprint, self.stats = layout, fingerprint, stats
+        self.group, self.method, self.router = group, method, router
+        self.ratio, self.criterion, self.protect = ratio, criterion, protect or {}
+        self.rng = random.Random(0)
+
+    def n_drop(self, num_experts: int) -> int:
+        return drop_count(self.ratio, num_experts)
+
+    def layer(self, layer: MoeLayer, distance: DistanceFn) -> MergeLayer:
+        """Layer `layer`'s clusters; `distance(layer)` [E, E] is only asked for when some
+        expert is folded."""
+        num = layer.num_experts
+        n_drop = self.n_drop(num)
+        scores = criterion_scores(self.criterion, self.stats, layer.index, num, self.rng)
+        if n_drop == 0:
+            clusters = [[j] for j in range(num)]
+        else:
+            clusters = layer_clusters(self.group, distance(layer.index), scores,
+                                      spans(self.layout, num, n_drop), n_drop,
+                                      self.protect.get(layer.index, ()))
+        usage = (list(self.stats.column(layer.index, "tokens")) if self.stats is not None
+                 else [1.0] * num)
+        weights = [normalised([usage[j] for j in c]) for c in clusters]
+        return MergeLayer(layer.index, num, clusters, weights)
+
+    def plan(self, layers: list[MergeLayer], calibration: dict | None = None) -> MergePlan:
+        stats = self.stats
+        return MergePlan(group=self.group, method=self.method, router=self.router,
+                         criterion=self.criterion, ratio=self.ratio,
+                         family=self.layout.family.name, top_k=self.layout.top_k(),
+                         model_fingerprint=self.fingerprint, layers=layers,
+                         stats_sha256=stats.sha256 if stats else None,
+                         calibration=calibration or {})
+
+
 def build_merge_plan(layout: ModelLayout, fingerprint: str, distance: DistanceFn, *,
                      group: str, method: str, router: str, ratio: float,
                      stats: ExpertStats | None, criterion: str = "reap",
                      calibration: dict | None = None,
                      protect: dict[int, list[int]] | None = None) -> MergePlan:
-    """Cluster every MoE layer; `distance(layer)` gives the [E, E] expert distances of the
-    chosen grouping. Merge weights are the usage shares (statistics' token counts).
-    `protect[layer]`: experts kept out of every merge (e.g. super experts)."""
-    check_choices(group, method, router)
-    check_ratio(layout, ratio)
-    rng = random.Random(0)
-    layers = []
-    for layer in layout.moe_layers:
-        num = layer.num_experts
-        n_drop = drop_count(ratio, num)
-        scores = criterion_scores(criterion, stats, layer.index, num, rng)
-        if n_drop == 0:
-            clusters = [[j] for j in range(num)]
-        else:
-            clusters = layer_clusters(group, distance(layer.index), scores,
-                                      spans(layout, num, n_drop), n_drop,
-                                      (protect or {}).get(layer.index, ()))
-        usage = (list(stats.column(layer.index, "tokens")) if stats is not None
-                 else [1.0] * num)
-        weights = [normalised([usage[j] for j in c]) for c in clusters]
-        layers.append(MergeLayer(layer.index, num, clusters, weights))
-    return MergePlan(group=group, method=method, router=router, criterion=criterion,
-                     ratio=ratio, family=layout.family.name, top_k=layout.top_k(),
-                     model_fingerprint=fingerprint, layers=layers,
-                     stats_sha256=stats.sha256 if stats else None,
-                     calibration=calibration or {})
+    """Cluster every MoE layer (`Grouper`); `distance(layer)` gives the [E, E] expert
+    distances of the chosen grouping."""
+    grouper = Grouper(layout, fingerprint, group=group, method=method, router=router,
+                      ratio=ratio, stats=stats, criterion=criterion, protect=protect)
+    return grouper.plan([grouper.layer(layer, distance) for layer in layout.moe_layers],
+                        calibration)
 
 
 def check_ratio(layout: ModelLayout, ratio: float | None) -> None:

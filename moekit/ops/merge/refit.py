@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import InvalidArgumentError
+from moekit.ops.merge.calib import MAX_TOKENS, SEQ_LEN
 from moekit.ops.merge.plan import check_choices
 
 if TYPE_CHECKING:
@@ -68,35 +69,62 @@ class LayerRefits:
                 "layers": {str(k): v for k, v in sorted(self.info.items())}}
 
 
-def refit_merged(source: Path, layout: ModelLayout, plan: MergePlan, sources: list[DataSource],
-                 *, fraction: tuple[float, float] = (0.0, 1.0), seq_len: int = 512,
-                 max_tokens: int = 16384, device: str = "cpu", dtype: str = "float32",
-                 max_memory: str | int | None = "auto", text_field: str = "text",
-                 tokenizer: str | None = None,
-                 log: Callable[[str], None] | None = None) -> LayerRefits:
-    """Refit the merged layers of `plan` in order (module doc) on at most `max_tokens` token
-    positions of `sources` per layer (windows of `seq_len`)."""
-    from moekit.calib.capture import require_whole_layers
-    from moekit.ops.prune.lanes import Lane, LaneRun, Search
-    from moekit.ops.prune.measured import grouping, load_calibration
-    from moekit.runtime.engine import mode_line
-    from moekit.runtime.spill import TensorSpill
+# the refit's settings when not given (`load_calibration`'s keywords; the sample's defaults)
+REFIT_DEFAULTS: dict[str, Any] = {"fraction": (0.0, 1.0), "seq_len": SEQ_LEN,
+                                  "max_tokens": MAX_TOKENS, "device": "cpu",
+                                  "dtype": "float32", "max_memory": "auto",
+                                  "text_field": "text", "tokenizer": None}
 
+
+def refit_merged(source: Path, layout: ModelLayout, plan: MergePlan, sources: list[DataSource],
+                 *, log: Callable[[str], None] | None = None, **options: Any) -> LayerRefits:
+    """Refit the merged layers of `plan` in order (module doc) on at most `max_tokens` token
+    positions of `sources` per layer (windows of `seq_len`); `options`: REFIT_DEFAULTS keys."""
     check_choices(plan.group, plan.method, plan.router)
     n_drop = plan.num_experts - plan.num_kept
     if n_drop == 0:
         return LayerRefits()
-    if grouping(layout, plan.num_experts, n_drop)[1] != plan.config_changes:
+    check_refit_grouping(layout, plan.num_experts, n_drop, plan.config_changes)
+    cal = open_refit(source, layout, sources, log=log, **options)
+    return sequential_refit(cal, n_drop, {p.layer: p.centres for p in plan.layers}, log=log)
+
+
+def check_refit_grouping(layout: ModelLayout, num_experts: int, n_drop: int,
+                         config_changes: dict[str, int]) -> None:
+    """The refit routes the merged layers as `prune.measured.grouping` says; refuse plans whose
+    centres need other routing-group changes."""
+    from moekit.ops.prune.measured import grouping
+
+    if grouping(layout, num_experts, n_drop)[1] != config_changes:
         raise InvalidArgumentError(
             "--method fit-layer: the plan's centres are not spread over the routing groups as "
             "the refit's routing assumes", "use --method fit-centre for this plan")
-    cal = load_calibration(source, layout, sources, fraction=fraction, seq_len=seq_len,
-                           max_tokens=max_tokens, device=device, dtype=dtype,
-                           max_memory=max_memory, text_field=text_field, tokenizer=tokenizer)
+
+
+def open_refit(source: Path, layout: ModelLayout, sources: list[DataSource], *,
+               log: Callable[[str], None] | None = None, **options: Any) -> Any:
+    """`prune.measured.load_calibration` (tokenised data, the engine) for the refit."""
+    from moekit.calib.capture import require_whole_layers
+    from moekit.ops.prune.measured import load_calibration
+    from moekit.runtime.engine import mode_line
+
+    cal = load_calibration(source, layout, sources, **{**REFIT_DEFAULTS, **options})
     if log is not None:
         log(mode_line(cal.engine))
     require_whole_layers(cal.engine, "--method fit-layer")
-    centres = {p.layer: p.centres for p in plan.layers}
+    return cal
+
+
+def sequential_refit(cal: Any, n_drop: int, centres: dict[int, list[int]], *,
+                     log: Callable[[str], None] | None = None,
+                     make_run: Callable[..., Any] | None = None) -> LayerRefits:
+    """The layered refit run on `cal` (a `prune.measured.Calibration`) keeping `centres`
+    {layer: ids}. `make_run(cal, lanes, search, spill, on_result)`: the `lanes.LaneRun` to
+    use (default LaneRun itself; `onepass.SharedRun` fills in `centres` as each layer
+    starts)."""
+    from moekit.ops.prune.lanes import Lane, LaneRun, Search
+    from moekit.runtime.spill import TensorSpill
+
     search = Search(n_drop, beam=1, compensate=True, protect=centres)
     lanes = [Lane("original", held=False), Lane("reference", held=True),  # unrefitted first
              Lane("centres", held=True, measured=True),
@@ -118,7 +146,7 @@ def refit_merged(source: Path, layout: ModelLayout, plan: MergePlan, sources: li
             log(f"  layer {result.layer}: refit held-out {fit.held_before:.4g} -> "
                 f"{fit.held_after:.4g} (alpha {fit.alpha})")
 
-    scores = LaneRun(cal, lanes, search, refits.spill, on_result).run()
+    scores = (make_run or LaneRun)(cal, lanes, search, refits.spill, on_result).run()
     refits.kl = {name: scores.mean(name)[0] for name in ("centres", "refitted")}
     if log is not None:
         log(f"held-out KL: centres {refits.kl['centres']:.5f}, refitted "
@@ -126,4 +154,3 @@ def refit_merged(source: Path, layout: ModelLayout, plan: MergePlan, sources: li
     if cal.held and refits.kl["refitted"] >= refits.kl["centres"]:
         refits.weights = {}  # the refits do not help end to end: write the centres alone
     return refits
-

@@ -13,7 +13,7 @@ from moekit.io.reader import Checkpoint
 from moekit.ops.merge.calib import CapturedLayers, LayerCalib, capture_calibration
 from moekit.ops.merge.experts import activation, expert_format, expert_output, read_experts
 from moekit.ops.merge.grouping import (
-    build_merge_plan,
+    Grouper,
     check_ratio,
     cosine_distance,
     euclidean_distance,
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
     from moekit.calib.data import DataSource
     from moekit.families.layout import ModelLayout
+    from moekit.ops.merge.onepass import OnePass
     from moekit.ops.merge.refit import LayerRefits
 
 
@@ -46,6 +47,8 @@ class Calibration:
     options: dict[str, Any] = field(default_factory=dict)
     layers: CapturedLayers | None = None
     log: Any = None
+    one_pass: bool = True  # group inside the fit-layer refit's run (`onepass.py`)
+    shared: OnePass | None = None  # what that run gave: clusters, refits, sample
 
     def __call__(self, layer: int) -> LayerCalib | None:
         if self.layers is None:
@@ -55,23 +58,50 @@ class Calibration:
 
     def refits(self, plan: MergePlan) -> LayerRefits:
         """The whole-layer sequential refit of `plan` (`--method fit-layer`, `refit.py`) on
-        the same data, token budget and runtime settings."""
+        the same data, token budget and runtime settings: the one the shared run made when it
+        made these clusters, else a run of its own."""
         from moekit.ops.merge.refit import refit_merged
 
-        keys = ("fraction", "seq_len", "max_tokens", "device", "dtype", "max_memory",
-                "text_field", "tokenizer")
+        if self.shared is not None and self.shared.clusters == [p.clusters for p in plan.layers]:
+            return self.shared.refits
         return refit_merged(self.source, self.layout, plan, self.sources, log=self.log,
-                            **{k: v for k, v in self.options.items() if k in keys})
+                            **self.refit_options())
+
+    def refit_options(self) -> dict[str, Any]:
+        from moekit.ops.merge.refit import REFIT_DEFAULTS
+
+        return {k: v for k, v in self.options.items() if k in REFIT_DEFAULTS}
+
+    def shares_run(self, grouper: Grouper) -> bool:
+        """Group inside the refit's run? Data-driven grouping with `--method fit-layer`, some
+        expert folded, no captures made yet, and one engine setting for both (no `stream` or
+        `hidden_ram` of the grouping's own)."""
+        return (self.one_pass and self.layers is None and grouper.group in DATA_GROUPS
+                and grouper.method in LAYER_FITS
+                and any(grouper.n_drop(m.num_experts) for m in self.layout.moe_layers)
+                and not {"stream", "hidden_ram"} & set(self.options))
+
+    def group_and_refit(self, checkpoint: Checkpoint, grouper: Grouper) -> MergePlan:
+        """The plan's clusters and the refit from one tokenisation and one layered run
+        (`onepass.py`); `refits(plan)` then hands out that run's refit."""
+        from moekit.ops.merge.onepass import group_and_refit
+
+        self.shared = group_and_refit(self, checkpoint, grouper)
+        return grouper.plan(self.shared.layers)
 
     def describe(self) -> dict[str, Any]:
-        tokens = self.layers.tokens if self.layers else None
-        runtime = self.layers.runtime if self.layers else None
+        ran = self.layers or self.shared
+        tokens = ran.tokens if ran else None
+        runtime = ran.runtime if ran else None
         return {"data": {s.name: str(s.path) for s in self.sources}, "tokens": tokens,
                 **{k: v for k, v in self.options.items() if k != "device"}, "runtime": runtime}
 
 
+DATA_GROUPS = ("hc-smoe", "m-smoe")  # groupings that need calibration activations
+
+
 def needs_calibration(group: str, method: str, router: str = "centre") -> bool:
-    return (group in ("hc-smoe", "m-smoe") or method in (*FIT_METHODS, *LAYER_FITS)
+    return (group in DATA_GROUPS or method in (*FIT_METHODS, *LAYER_FITS)
             or router == "fit")
 
 
@@ -135,15 +165,20 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
     check_ratio(layout, ratio)
     if stats_data is None and criterion != "random":
         raise StatsError("merge needs routing statistics (usage weights, centres)",
-                         "pass --stats DIR from `moekit profile`")
+                         "pass --stats DIR from `moekit profile`, or --data NAME=PATH to "
+                         "record them on that text")
     for layer in layout.moe_layers:
         expert_format(checkpoint, layout, layer)  # unsupported layouts fail before any work
     from moekit.ops.prune.select import super_experts
 
     protect = super_experts(stats_data) if protect_super and stats_data is not None else {}
-    plan = build_merge_plan(layout, fingerprint, distance_fn(group, checkpoint, layout, calib),
-                            group=group, method=method, router=router, ratio=float(ratio),
-                            stats=stats_data, criterion=criterion, protect=protect)
-    if calib is not None and calib.layers is not None:
+    grouper = Grouper(layout, fingerprint, group=group, method=method, router=router,
+                      ratio=float(ratio), stats=stats_data, criterion=criterion, protect=protect)
+    if calib is not None and calib.shares_run(grouper):
+        plan = calib.group_and_refit(checkpoint, grouper)
+    else:
+        distance = distance_fn(group, checkpoint, layout, calib)
+        plan = grouper.plan([grouper.layer(layer, distance) for layer in layout.moe_layers])
+    if calib is not None and (calib.layers is not None or calib.shared is not None):
         plan.calibration = calib.describe()
     return validate_merge_plan(plan, layout, fingerprint, ignore_fingerprint), stats_data

@@ -12,7 +12,7 @@ streamed under `max_memory`) and tokenises the calibration data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ class Calibration:
     held: list[torch.Tensor]
     max_tokens: int
     data_hash: str = ""
+    domains: list[Any] = field(default_factory=list)  # the tokenised sources (calib.data.Domain)
 
     @property
     def family(self) -> Any:
@@ -102,7 +103,7 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
     digest = hashlib.sha256("".join(d.sha256 for d in domains).encode()).hexdigest()[:16]
     return Calibration(engine, layout, moe_blocks(engine.model, family),
                        Routing.of(family, layout.config), _needed(_interleave(fit), max_tokens),
-                       _interleave(held), max_tokens, digest)
+                       _interleave(held), max_tokens, digest, domains)
 
 
 def _needed(windows: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:

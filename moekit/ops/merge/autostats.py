@@ -1,0 +1,45 @@
+"""Routing statistics for a merge given calibration data but no `--stats` folder.
+
+The grouping needs per-expert usage (centres, usage weights, super experts). Without a profile
+folder they are recorded on the calibration data itself: one `profile` pass (the same hooks,
+tokens, device, dtype and memory budget as the calibration), written to a temporary folder that
+lives as long as the merge.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from moekit.ops.merge.run import Calibration
+
+DEFAULT_TOKENS = 16384
+
+
+@contextmanager
+def stats_from_calibration(calib: Calibration,
+                           log: Callable[[str], Any] | None = None) -> Iterator[Path]:
+    """Yield a stats folder recorded on `calib`'s sources (its token budget split evenly
+    over them, at most `max_tokens` in all); deleted on exit."""
+    from moekit.ops.profile import profile_model
+    from moekit.stats.profile_io import save_profile
+
+    opts = calib.options
+    total = opts.get("max_tokens") or DEFAULT_TOKENS
+    per_source = max(total // max(len(calib.sources), 1), 2)
+    if log is not None:
+        log(f"no --stats: recording routing statistics on the calibration data "
+            f"({per_source} tokens per source, one forward pass)")
+    profile = profile_model(
+        calib.source, calib.sources, tokenizer=opts.get("tokenizer"),
+        text_field=opts.get("text_field", "text"), fraction=opts.get("fraction", (0.0, 1.0)),
+        seq_len=opts.get("seq_len", 512), max_tokens=per_source,
+        batch_size=opts.get("batch_size", 4), device=opts.get("device", "auto"),
+        dtype=opts.get("dtype", "auto"), max_memory=opts.get("max_memory", "auto"))
+    with tempfile.TemporaryDirectory(prefix="moekit-merge-stats-") as folder:
+        save_profile(profile, Path(folder))
+        yield Path(folder)
