@@ -33,8 +33,9 @@ DATA = f"code={ROOT / 'sample_data' / 'code_py.txt'}"
 
 
 def commands(src: Path, stats: Path, work: Path, args: argparse.Namespace) -> dict[str, list]:
-    calib = ["--data", DATA, "--max-tokens", str(args.tokens), "--seq-len", str(args.seq_len),
-             "--device", "cpu", "--max-memory", args.max_memory]
+    calib = ["--data", DATA, "--device", "cpu", "--max-memory", args.max_memory]
+    calib += ["--max-tokens", str(args.tokens)] if args.tokens else []
+    calib += ["--seq-len", str(args.seq_len)] if args.seq_len else []
     return {
         "prune --data (measured + compensate)": [
             "prune", src, "--ratio", "0.5", *calib, "--beam", "1", "--out", work / "p1"],
@@ -52,8 +53,9 @@ def commands(src: Path, stats: Path, work: Path, args: argparse.Namespace) -> di
     }
 
 
-def run_child(argv: list) -> tuple[float, int, str]:
-    """(seconds, peak RSS bytes, the mode line) of `moekit ARGV` in a fresh process."""
+def run_child(argv: list) -> tuple[float, int, str, float]:
+    """(seconds, peak RSS bytes, the mode line, CPU seconds) of `moekit ARGV` in a fresh
+    process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "moekit", *map(str, argv)]
@@ -68,7 +70,8 @@ def run_child(argv: list) -> tuple[float, int, str]:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
     mode = next((line for line in text.splitlines() if "layer by layer" in line
                  or line.startswith("in memory")), "?")
-    return time.perf_counter() - start, usage.ru_maxrss * 1024, mode
+    return (time.perf_counter() - start, usage.ru_maxrss * 1024, mode,
+            usage.ru_utime + usage.ru_stime)
 
 
 def main() -> None:
@@ -77,8 +80,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=512, help="--max-tokens")
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=512,
+                        help="--max-tokens (0: the command's default)")
+    parser.add_argument("--seq-len", type=int, default=128,
+                        help="--seq-len (0: the command's default)")
     parser.add_argument("--max-memory", default="700MB")
     parser.add_argument("--only", nargs="*", help="substrings of the commands to run")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
@@ -99,16 +104,19 @@ def run(work: Path, args: argparse.Namespace) -> None:
     write_stats_for(src, stats)
     experts = args.experts * 3 * args.hidden * args.ffn * 2
     resident = 2 * 32000 * args.hidden * 2
-    activations = args.tokens * args.hidden * 4
+    activations = (args.tokens or 16384) * args.hidden * 4
     print(f"checkpoint {size / 1e9:.2f} GB ({args.layers} layers); one layer's experts "
           f"{experts / 1e6:.0f} MB (bf16); embeddings + head {resident / 1e6:.0f} MB; "
-          f"one layer's block inputs {activations / 1e6:.1f} MB ({args.tokens} tokens, fp32)")
-    print("\n| command | mode | time | peak RSS | of the checkpoint |\n|---|---|---|---|---|")
+          f"one layer's block inputs {activations / 1e6:.1f} MB ({args.tokens or 'default'} "
+          "tokens, fp32)")
+    print("\n| command | mode | time (CPU) | peak RSS | of the checkpoint |\n"
+          "|---|---|---|---|---|")
     for name, argv in commands(src, stats, work, args).items():
         if args.only and not any(s in name for s in args.only):
             continue
-        seconds, peak, mode = run_child(argv)
-        print(f"| `{name}` | {mode.split(':')[0]} | {seconds:.0f} s | **{peak / 1e6:.0f} MB** | "
+        seconds, peak, mode, cpu = run_child(argv)
+        print(f"| `{name}` | {mode.split(':')[0]} | {seconds:.0f} s ({cpu:.0f} s) | "
+              f"**{peak / 1e6:.0f} MB** | "
               f"{peak / size:.1%} |", flush=True)
         for out in work.glob("[pm][0-9]"):
             shutil.rmtree(out, ignore_errors=True)

@@ -100,7 +100,7 @@ def test_replay_equals_pruned_checkpoint(model_type, tmp_path):
     for block in moe_blocks(model, family):
         cap = caps[block.layer]
         replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
-                              routing, after, n_drop)
+                              routing, after, n_drop, keep_outputs=True)
         predicted = cap.outputs - replay.target + replay.output(keep[block.layer])
         actual = _block_out(pruned_blocks[block.layer].block, cap.inputs)
         torch.testing.assert_close(predicted, actual, rtol=1e-4, atol=1e-5)

@@ -67,9 +67,10 @@ def merge(
     data: DataOpt = None,
     text_field: TextFieldOpt = "text",
     data_range: RangeOpt = None,
-    max_tokens: Annotated[int, typer.Option(
-        "--max-tokens", help="Calibration tokens in all (held in memory per MoE layer).")
-    ] = 16384,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", help="Calibration tokens in all (held in memory per MoE layer; "
+        "default 16384, fewer when their working set would not fit --max-memory).")
+    ] = None,
     seq_len: SeqLenOpt = 512,
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "auto",
@@ -112,6 +113,8 @@ def merge(
         if out is None:
             raise InvalidArgumentError("--out is required (or use --dry-run)")
         check_output(out, overwrite, (source,))
+    max_tokens = _tokens(source, ratio, (group, method, router), bool(data), max_tokens,
+                         dtype, device, max_memory)
     options = dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
                    device=device, tokenizer=tokenizer, dtype=dtype, max_memory=max_memory)
     calib = _calibration(source, group, method, router, plan_in, data, data_range, text_field,
@@ -240,3 +243,28 @@ def _summary(result: Any, as_json: bool) -> None:
     console.print(f"[bold green]wrote[/] {result.out}: {result.tensors_written} tensors, "
                   f"{result.bytes_written / 1e9:.2f} GB ({actions}); config: "
                   f"{', '.join(result.config_keys)}")
+
+
+def _tokens(source: Path, ratio: float | None, choices: tuple[str, str, str], data: bool,
+            requested: int | None, dtype: str, device: str, max_memory: str) -> int:
+    """--max-tokens, or when (group, method, router) calibrate, or --data records statistics,
+    the memory-aware default (`ops.prune.tokens`)."""
+    from moekit.ops.merge.run import needs_calibration
+    from moekit.ops.prune.tokens import DEFAULT_TOKENS, calibration_tokens
+
+    if requested is not None or not (data or needs_calibration(*choices)):
+        return requested or DEFAULT_TOKENS
+    from moekit.families.layout import describe
+    from moekit.io.reader import Checkpoint
+    from moekit.ops.plan import drop_count
+
+    layout = describe(Checkpoint(source))
+    if not layout.is_moe:
+        return DEFAULT_TOKENS
+    num = layout.moe_layers[0].num_experts
+    n_drop = drop_count(ratio, num) if ratio is not None and 0 < ratio < 1 else num // 2
+    found = calibration_tokens(source, layout, n_drop=n_drop, dtype=dtype, device=device,
+                               max_memory=max_memory)
+    if found.note():
+        err_console.print(found.note(), soft_wrap=True)
+    return found.tokens

@@ -88,9 +88,10 @@ def prune(
     ] = None,
     data_range: RangeOpt = None,
     seq_len: SeqLenOpt = 256,
-    max_tokens: Annotated[int, typer.Option(
-        "--max-tokens", help="Calibration token positions per layer (selection and refit).")
-    ] = 16384,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", help="Calibration token positions per layer (selection and refit; "
+        "default 16384, fewer when their working set would not fit --max-memory).")
+    ] = None,
     beam: Annotated[int, typer.Option("--beam", help="Beam width of the measured search.")] = 4,
     compensate: Annotated[bool | None, typer.Option(
         "--compensate/--no-compensate", help="Refit kept experts' down projections (default: "

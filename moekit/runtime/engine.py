@@ -91,17 +91,32 @@ class Engine:
             head: bool | Collection[int] = False,
             on_layer: Callable[[LayerStep], None] | None = None,
             after_layer: Callable[[LayerStep], None] | None = None,
-            progress: Callable[[int, float], None] | None = None) -> Iterator[tuple[int, Any]]:
+            progress: Callable[[int, float], None] | None = None,
+            final: bool = False) -> Iterator[tuple[int, Any]]:
         """Yield (batch index, logits [B, S, V] or None) for every batch, in order.
         `progress(index, fraction)`: that share of batch `index`'s work is done.
         `on_layer` / `after_layer(step)`: layered runs only, before / after the batches pass
         through a layer (e.g. to reduce that layer's statistics across ranks).
         `head`: True for every batch's logits, or the indices of the batches that need them
-        (the others yield None)."""
+        (the others yield None). With `final`, those batches yield the last decoder layer's
+        output [B, S, H] instead (no B x S x V logits); `logits(ids, final, rows)` turns
+        positions of it into logits."""
         self._check_ids(batches)
-        if self.mode == "memory" and on_layer is None and after_layer is None:
+        if self.mode == "memory" and on_layer is None and after_layer is None and not final:
             return self._whole(batches, before, head, progress)
-        return self._layered(batches, before, head, (on_layer, after_layer), progress)
+        return self._layered(batches, before, head, (on_layer, after_layer), progress, final)
+
+    def logits(self, input_ids: Any, final: Any, rows: Any = None) -> Any:
+        """Logits [B, r, V] of positions `rows` (1-D index tensor; None: all) of the model
+        whose last decoder layer returned `final` [B, S, H] on `input_ids` [B, S]: the model's
+        own final norm, LM head and logit scaling (`layers.replay_head`)."""
+        import torch
+
+        from moekit.runtime.layers import find_stack, replay_head
+
+        with torch.inference_mode():
+            return replay_head(self.model, find_stack(self.model), input_ids.to(self.device),
+                               final.to(self.device), rows)
 
     def _check_ids(self, batches: Sequence[Any]) -> None:
         """Refuse token ids outside the embedding table before any work: on CUDA such an id
@@ -141,7 +156,8 @@ class Engine:
     def _layered(self, batches: Sequence[Any], before: Before | None,
                  head: bool | Collection[int],
                  callbacks: tuple[Callable[[LayerStep], None] | None, ...],
-                 progress: Callable[[int, float], None] | None) -> Iterator[tuple[int, Any]]:
+                 progress: Callable[[int, float], None] | None,
+                 final: bool = False) -> Iterator[tuple[int, Any]]:
         import torch
 
         from moekit.runtime.hidden import HiddenStore
@@ -173,6 +189,9 @@ class Engine:
             for index, ids in enumerate(batches):
                 if not (head is True or (head and index in head)):
                     yield index, None
+                    continue
+                if final:
+                    yield index, store.get(index)
                     continue
                 with torch.inference_mode():
                     logits = replay_head(self.model, stack, ids.to(self.device), store.get(index))
@@ -228,7 +247,7 @@ class Engine:
                     yield i, layer
                 finally:  # also when the run stops early: the layer's memory is given back
                     layer.to("meta")
-                    _trim_heap()
+                    trim_heap()
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -290,7 +309,7 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
     return engine
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc `malloc_trim`): without it, the small
     tensors of each freed layer leave 15-80 MB of retained heap per layer in the RSS."""
     import ctypes

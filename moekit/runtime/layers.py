@@ -133,14 +133,16 @@ def capture(stack: Stack, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[L
 
 
 def replay_head(model: Any, stack: Stack, input_ids: torch.Tensor,
-                final: torch.Tensor) -> torch.Tensor:
+                final: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of the full model whose last layer output is `final`: the model's own forward
     runs with identity stubs, the last one returning `final` (so the final norm, LM head and
-    any logit scaling or soft-capping are the model's)."""
+    any logit scaling or soft-capping are the model's). `rows` (1-D positions) limits the LM
+    head to those positions (`logits_to_keep`): [B, len(rows), V]."""
     last = len(stack.layers) - 1
 
     def on_call(index: int, hidden: Any, args: tuple, kwargs: dict) -> Any:
         return final if index == last else hidden
 
+    keep = {} if rows is None else {"logits_to_keep": rows.to(input_ids.device)}
     with stubbed(stack, on_call):
-        return model(input_ids=input_ids, use_cache=False).logits
+        return model(input_ids=input_ids, use_cache=False, **keep).logits

@@ -38,15 +38,16 @@ DOWN_ONLY = "measured+compensate-router"  # the down refits without the router r
 
 @dataclass
 class DataOptions:
-    """Calibration settings. `max_tokens`: token positions per layer for selection/refit;
-    `held_out`: share of each source's windows kept apart for scoring candidates; `spread`:
-    the windows are spaced evenly over up to `spread` times the needed tokens of each source
+    """Calibration settings. `max_tokens`: token positions per layer for selection/refit
+    (None: `tokens.calibration_tokens`, 16384 or fewer to fit the memory); `held_out`: share
+    of each source's windows kept apart for scoring candidates; `spread`: the windows are
+    spaced evenly over up to `spread` times the needed tokens of each source
     (`measured.spread_windows`; 1: its first windows)."""
 
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
     seq_len: int = 256
-    max_tokens: int = 16384
+    max_tokens: int | None = None
     beam: int = 4
     compensate: bool | None = None
     router: bool = False
@@ -93,6 +94,7 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
         raise InvalidArgumentError(f"--beam must be at least 1, got {options.beam}")
     build_plan(layout, fingerprint, criterion="random", ratio=ratio, protect=protect,
                min_experts=min_experts)  # validates ratio/top-k/protection before heavy work
+    _resolve_tokens(source, layout, ratio, options, log)
     start = time.perf_counter()
     cal = load_calibration(source, layout, options.sources, fraction=options.fraction,
                            seq_len=options.seq_len, max_tokens=options.max_tokens,
@@ -123,6 +125,22 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
         c.plan.stats_sha256, c.plan.domain = stats.sha256, None
     info = _info(cal, options, found, start)
     return DataChoice(chosen, candidates, info)
+
+
+def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOptions,
+                    log: Callable[[str], None]) -> None:
+    """The default token count when none was given (`tokens.calibration_tokens`)."""
+    from moekit.ops.plan import drop_count
+    from moekit.ops.prune.tokens import calibration_tokens
+
+    if options.max_tokens is not None:
+        return
+    found = calibration_tokens(source, layout, n_drop=drop_count(
+        ratio, layout.moe_layers[0].num_experts), dtype=options.dtype, device=options.device,
+        max_memory=options.max_memory)
+    options.max_tokens = found.tokens
+    if found.note():
+        log(found.note())
 
 
 def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,

@@ -65,9 +65,13 @@ def set_down_weight(experts: Any, e: int, weight: torch.Tensor) -> None:
 
 
 def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """h_e(x) [N, I] for rows [N, H] and ids [N, 1]: the experts module run with its down
-    projection temporarily replaced by selections of identity blocks (H columns at a time)."""
+    """h_e(x) [N, I] (float32, CPU) for rows [N, H] and ids [N, 1]: the experts module run with
+    its down projection temporarily replaced by selections of identity blocks (H columns at a
+    time), on `replay.EXPERT_BYTES` of outputs at a time."""
     import torch
+
+    from moekit.ops.prune.replay import EXPERT_BYTES, chunks
+    from moekit.runtime.engine import trim_heap
 
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedModelError("experts with a post-expert norm cannot be refitted",
@@ -80,7 +84,7 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
     inner = saved_w.shape[1] if transposed else saved_w.shape[2]
     rows, ids = rows.to(saved_w.device), ids.to(saved_w.device)  # ids: the replay's CPU routing
     ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
-    chunks = []
+    out = torch.empty((rows.shape[0], inner))
     try:
         for start in range(0, inner, hidden):
             width = min(hidden, inner - start)
@@ -92,13 +96,17 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
             if saved_b is not None:
                 experts.down_proj_bias = torch.nn.Parameter(torch.zeros_like(saved_b),
                                                             requires_grad=False)
-            with torch.no_grad():
-                chunks.append(experts(rows, ids, ones)[:, :width].float())
+            for a, b in chunks(rows.shape[0], hidden, EXPERT_BYTES // 4):
+                with torch.no_grad():
+                    got = experts(rows[a:b], ids[a:b], ones[a:b])
+                out[a:b, start:start + width] = got[:, :width]  # float32 upcast: exact
+                del got
     finally:
         experts.down_proj = saved_w
         if saved_b is not None:
             experts.down_proj_bias = saved_b
-    return torch.cat(chunks, 1).cpu()
+        trim_heap()
+    return out
 
 
 def refit_layer(layer: int, replay: LayerReplay, experts: Any, inputs: torch.Tensor,

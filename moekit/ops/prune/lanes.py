@@ -17,9 +17,17 @@ the refits go to disk (`runtime.spill`) for the writer. Then the engine runs eve
 through layer l; a forward hook on the experts (`override.PrunedLayers`, conditional on the lane
 now running) re-routes each lane among its kept experts, and the refitted down projections (and
 refitted router rows, `router_fit`) are swapped in for the refitted lanes only (they run last,
-so this happens once per layer). With `head`, the held-out lanes' logits give
-KL(reference || candidate). Attention of the fit
-windows is computed twice per MoE layer; every layer is read once.
+so this happens once per layer). Attention of the fit windows is computed twice per MoE layer;
+every layer is read once.
+
+Scoring (`held_out_kl`): the engine yields each held-out lane's last-layer output F [S, H]
+(not its logits). The reference lane's F is kept (S x H per window, the engine's own hidden
+state); for a candidate window, the reference and candidate logits are recomputed from F
+through the model's own final norm and LM head, SCORE_BYTES of log-probabilities at a time, and
+KL(reference || candidate) and top-1 agreement are summed. So no held-out position's
+vocabulary-wide distribution outlives its chunk: memory is S x H per reference window plus
+2 x rows x V, instead of 0.2 N x V floats; the price is the reference head computed once per
+candidate.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from moekit.ops.prune.measured import (
 from moekit.ops.prune.router_fit import RouterFit, apply_router, restore_router
 
 ROUTER_KEY = -1  # spill key of layer l's router rows: ROUTER_KEY - l (refits use l)
+SCORE_BYTES = 16 << 20  # one float32 [rows, V] log-probability block while scoring
 
 if TYPE_CHECKING:
     import torch
@@ -122,16 +131,16 @@ class LaneRun:
         routing = self.cal.routing.after_prune(grouping(self.cal.layout, num, n_drop)[1])
         heads = {b for lane in self.lanes if lane.held for b in lane.batches}
         scores = Scores()
-        reference: list[torch.Tensor] = []
+        reference: dict[int, torch.Tensor] = {}
         with PrunedLayers() as pruned:
             for block in self.cal.blocks:
                 pruned.add(block, lambda layer=block.layer: self.keep(layer), routing,
                            self.cal.family.router.logits_index)
-            for index, logits in self.cal.engine.run(
+            for index, final in self.cal.engine.run(
                     self.batches, before=self.before, head=heads, on_layer=self.on_layer,
-                    after_layer=self.after_layer):
-                if logits is not None:
-                    self._score(index, logits, reference, scores)
+                    after_layer=self.after_layer, final=True):
+                if final is not None:
+                    self._score(index, final, reference, scores)
         return scores
 
     def keep(self, layer: int) -> list[int] | None:
@@ -209,20 +218,40 @@ class LaneRun:
                             logits_index=self.cal.family.router.logits_index,
                             select=self.before)
 
-    def _score(self, index: int, logits: torch.Tensor, reference: list[torch.Tensor],
+    def _score(self, index: int, final: torch.Tensor, reference: dict[int, torch.Tensor],
                scores: Scores) -> None:
-        """Reference lane first: keep its log-probabilities; every other held-out lane adds
-        sum_t sum_v p_ref log(p_ref / p) and top-1 agreement over its next-token positions."""
-        import torch
-
+        """Reference lane first: keep its last-layer outputs; every other held-out lane adds
+        its `held_out_kl` sums against the reference window at the same position."""
         lane = self.lane_of[index]
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
         if lane.name == "reference":
-            reference.append(logp)
+            reference[lane.batches.index(index)] = final
             return
-        ref = reference[lane.batches.index(index)]
-        scores.kl[lane.name] = scores.kl.get(lane.name, 0.0) + float(
-            (ref.exp() * (ref - logp)).sum())
-        scores.agree[lane.name] = scores.agree.get(lane.name, 0.0) + float(
-            (ref.argmax(-1) == logp.argmax(-1)).sum())
-        scores.count[lane.name] = scores.count.get(lane.name, 0) + ref.shape[0] * ref.shape[1]
+        slot = lane.batches.index(index)
+        kl, agree, count = held_out_kl(self.cal.engine, self.batches[index], reference[slot],
+                                       final)
+        scores.kl[lane.name] = scores.kl.get(lane.name, 0.0) + kl
+        scores.agree[lane.name] = scores.agree.get(lane.name, 0.0) + agree
+        scores.count[lane.name] = scores.count.get(lane.name, 0) + count
+
+
+def held_out_kl(engine: Any, ids: torch.Tensor, ref_final: torch.Tensor, final: torch.Tensor,
+                rows: int | None = None) -> tuple[float, float, int]:
+    """(sum_t KL(p_ref,t || p_t), sum_t [argmax p_ref,t = argmax p_t], count) over the
+    next-token positions t < S - 1 of the windows `ids` [B, S], where p_ref and p are the
+    model's distributions from the last-layer outputs `ref_final` and `final` [B, S, H]
+    (`Engine.logits`), KL = sum_v p_ref (log p_ref - log p), computed in float32 `rows`
+    positions at a time (default: SCORE_BYTES of log-probabilities)."""
+    import torch
+
+    batch, seq = int(ids.shape[0]), int(ids.shape[-1])
+    vocab = int(engine.model.get_output_embeddings().weight.shape[0])
+    step = rows or max(8, SCORE_BYTES // (4 * vocab * batch))
+    kl = agree = 0.0
+    for start in range(0, seq - 1, step):
+        keep = torch.arange(start, min(seq - 1, start + step))
+        ref = torch.log_softmax(engine.logits(ids, ref_final, keep).float(), dim=-1)
+        logp = torch.log_softmax(engine.logits(ids, final, keep).float(), dim=-1)
+        kl += float((ref.exp() * (ref - logp)).sum())
+        agree += float((ref.argmax(-1) == logp.argmax(-1)).sum())
+        del ref, logp
+    return kl, agree, batch * max(seq - 1, 0)

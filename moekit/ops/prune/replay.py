@@ -17,6 +17,12 @@ softmax without a selection bias), else all E. The damage of removing the comple
 D is evaluated without forming y_K: with the per-token Gram matrix G_t[m, m'] = <f_m, f_m'> and
 c_t[m] = <y_E, f_m> of the cached outputs (float64, when M <= GRAM_MAX),
 ||y_E - y_K||^2 = ||y_E||^2 - 2 sum_s w_s c[m_s] + sum_{s,s'} w_s w_s' G[m_s, m_s'].
+
+Memory: the outputs f are computed in token chunks (EXPERT_BYTES of float32 per call of the
+experts module: a call has a large fixed cost, so chunks are not made smaller) and reduced to
+y_E, G, c, ||y_E||^2 (float64 copies of CHUNK_BYTES at a time), so the N x M x H outputs exist
+only when needed (M > GRAM_MAX, or `keep_outputs` for `output(keep)`), then in the experts' own
+dtype (exact: the float32 values are those upcast).
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 from moekit.calib.routing import Routing, route
 
 GRAM_MAX = 64
+EXPERT_BYTES = 128 << 20  # float32 size of the expert outputs [n, M, H] of one experts call
+CHUNK_BYTES = 32 << 20  # float64 copy of the expert outputs reduced to G, c at once
 
 if TYPE_CHECKING:
     import torch
@@ -34,15 +42,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class LayerReplay:
-    """Cached logits [N, E], candidate ids [N, M], their outputs [N, M, H] (float32), slot map
-    [N, E] (index into M, -1 when not cached) and the full layer's routed output [N, H]."""
+    """Cached logits [N, E], candidate ids [N, M], their outputs [N, M, H] (the experts' dtype;
+    None when G, c, ||y_E||^2 stand for them), slot map [N, E] (index into M, -1 when not
+    cached) and the full layer's routed output [N, H] (float32)."""
 
     logits: torch.Tensor
     bias: torch.Tensor | None
     routing: Routing
     pruned_routing: Routing
     cand: torch.Tensor
-    outs: torch.Tensor
+    outs: torch.Tensor | None
     slot: torch.Tensor
     target: torch.Tensor
     gram: torch.Tensor | None = None
@@ -67,14 +76,13 @@ class LayerReplay:
         return routing
 
     def output(self, keep: list[int] | None, rows: slice = slice(None)) -> torch.Tensor:
-        """y_K [n, H] for the cached tokens `rows` (keep=None: all experts)."""
+        """y_K [n, H] for the cached tokens `rows` (keep=None: all experts); needs the outputs
+        (`build_replay(keep_outputs=True)`)."""
+        if self.outs is None:
+            raise RuntimeError("the expert outputs were not kept (build_replay(keep_outputs="
+                               "True)) (internal error)")
         ids, weights = self.routed(keep)
-        ids, weights = ids[rows], weights[rows]
-        slots = self.slot[rows].gather(1, ids)
-        if bool((slots < 0).any()):
-            raise RuntimeError("a re-routed expert output was not cached (internal error)")
-        picked = self.outs[rows].gather(1, slots.unsqueeze(-1).expand(-1, -1, self.outs.shape[-1]))
-        return (picked * weights.unsqueeze(-1)).sum(1)
+        return _combine(self.outs[rows], self.slot[rows], ids[rows], weights[rows])
 
     def error(self, keep: list[int], rows: slice = slice(None)) -> float:
         """D(K): mean squared norm of the change of the routed output, on tokens `rows`."""
@@ -93,14 +101,14 @@ class LayerReplay:
         sq = self.tnorm[rows] - 2 * (w * cross).sum(1) + torch_einsum(w, pair)
         return float(sq.clamp(min=0).mean())
 
-    def precompute(self) -> None:
-        """Fill `gram`, `cross`, `tnorm` (float64) when M <= GRAM_MAX."""
-        if self.outs.shape[1] > GRAM_MAX:
-            return
-        outs = self.outs.double()
-        self.gram = outs @ outs.transpose(1, 2)
-        self.cross = (outs * self.target.double().unsqueeze(1)).sum(-1)
-        self.tnorm = self.target.double().pow(2).sum(-1)
+def _combine(outs: torch.Tensor, slot: torch.Tensor, ids: torch.Tensor,
+             weights: torch.Tensor) -> torch.Tensor:
+    """sum_s w_s f_{ids_s} [n, H] (float32) from cached outputs `outs` [n, M, H]."""
+    slots = slot.gather(1, ids)
+    if bool((slots < 0).any()):
+        raise RuntimeError("a re-routed expert output was not cached (internal error)")
+    picked = outs.gather(1, slots.unsqueeze(-1).expand(-1, -1, outs.shape[-1])).float()
+    return (picked * weights.unsqueeze(-1)).sum(1)
 
 
 def torch_einsum(w: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
@@ -130,37 +138,79 @@ def cached_candidates(logits: torch.Tensor, routing: Routing, bias: torch.Tensor
     return torch.topk(score, m, dim=-1)[1]
 
 
-def expert_outputs(experts: Any, inputs: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """f_e(x_t) for every (t, e = cand[t, m]) as float32 [N, M, H] on the CPU, computed by the
+def expert_outputs(experts: Any, inputs: torch.Tensor, cand: torch.Tensor,
+                   dtype: Any = "float32") -> torch.Tensor:
+    """f_e(x_t) for every (t, e = cand[t, m]) as [N, M, H] on the CPU, computed by the
     transformers experts module with weight 1 (the model's own experts implementation) on its
-    own device (the candidates usually come from CPU routing, the inputs from the engine)."""
+    own device (the candidates usually come from CPU routing, the inputs from the engine),
+    EXPERT_BYTES at a time (`chunks`). `dtype`: float32, or None to keep the module's output
+    dtype (its float32 upcast is the float32 result, exactly)."""
     import torch
 
     from moekit.calib.hooks import module_device
 
     device = module_device(experts)
-    num, m = cand.shape
-    rows = inputs.to(device).repeat_interleave(m, dim=0)
-    ones = torch.ones((num * m, 1), dtype=inputs.dtype, device=device)
-    with torch.no_grad():
-        out = experts(rows, cand.reshape(-1, 1).to(device), ones)
-    return out.float().view(num, m, -1).cpu()
+    (num, m), hidden = cand.shape, int(inputs.shape[-1])
+    out = torch.empty((num, m, hidden)) if dtype == "float32" or num == 0 else None
+    for start, stop in chunks(num, m * hidden, EXPERT_BYTES // 4):
+        rows = inputs[start:stop].to(device).repeat_interleave(m, dim=0)
+        ones = torch.ones((rows.shape[0], 1), dtype=inputs.dtype, device=device)
+        with torch.no_grad():
+            got = experts(rows, cand[start:stop].reshape(-1, 1).to(device), ones)
+        if out is None:
+            out = torch.empty((num, m, hidden), dtype=got.dtype)
+        out[start:stop] = got.view(stop - start, m, hidden).cpu()
+        del rows, got
+    return out
+
+
+def chunks(num: int, row_values: int, values: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of `num` rows of `row_values` each, at most `values` a range."""
+    step = max(1, values // max(row_values, 1))
+    return [(s, min(num, s + step)) for s in range(0, num, step)]
 
 
 def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
                  bias: torch.Tensor | None, routing: Routing, pruned_routing: Routing,
-                 n_drop: int) -> LayerReplay:
-    """Cache what `LayerReplay` needs for tokens `inputs` [N, H] with router `logits` [N, E]."""
+                 n_drop: int, keep_outputs: bool = False) -> LayerReplay:
+    """Cache what `LayerReplay` needs for tokens `inputs` [N, H] with router `logits` [N, E]:
+    chunk by chunk, the outputs f [n, M, H] give y_E and (M <= GRAM_MAX) G, c, ||y_E||^2; f
+    itself is kept only when M > GRAM_MAX or with `keep_outputs` (module docstring)."""
     import torch
+
+    from moekit.runtime.engine import trim_heap
 
     logits = logits.float().cpu()
     bias = bias.float().cpu() if bias is not None else None
     cand = cached_candidates(logits, routing, bias, n_drop)
-    outs = expert_outputs(experts, inputs, cand)
+    num, m = cand.shape
     slot = torch.full(logits.shape, -1, dtype=torch.long)
-    slot.scatter_(1, cand, torch.arange(cand.shape[1]).expand_as(cand).contiguous())
-    replay = LayerReplay(logits, bias, routing, pruned_routing, cand, outs, slot,
-                         torch.zeros(0))
-    replay.target = replay.output(None)
-    replay.precompute()
+    slot.scatter_(1, cand, torch.arange(m).expand_as(cand).contiguous())
+    replay = LayerReplay(logits, bias, routing, pruned_routing, cand, None, slot,
+                         torch.empty((num, int(inputs.shape[-1]))))
+    ids, weights = replay.routed(None)
+    gram = m <= GRAM_MAX
+    if gram:
+        replay.gram = torch.empty((num, m, m), dtype=torch.float64)
+        replay.cross = torch.empty((num, m), dtype=torch.float64)
+        replay.tnorm = torch.empty(num, dtype=torch.float64)
+    row = m * int(inputs.shape[-1])
+    for start, stop in chunks(num, row, EXPERT_BYTES // 4):
+        outs = expert_outputs(experts, inputs[start:stop], cand[start:stop], dtype=None)
+        replay.target[start:stop] = _combine(outs, slot[start:stop], ids[start:stop],
+                                             weights[start:stop])
+        if gram:
+            for a, b in chunks(stop - start, row, CHUNK_BYTES // 8):
+                wide = outs[a:b].double()
+                replay.gram[start + a:start + b] = wide @ wide.transpose(1, 2)
+                want = replay.target[start + a:start + b].double().unsqueeze(-1)
+                replay.cross[start + a:start + b] = (wide @ want).squeeze(-1)
+                replay.tnorm[start + a:start + b] = want.squeeze(-1).pow(2).sum(-1)
+                del wide, want
+        if keep_outputs or not gram:
+            if replay.outs is None:
+                replay.outs = torch.empty((num, m, outs.shape[-1]), dtype=outs.dtype)
+            replay.outs[start:stop] = outs
+        del outs
+    trim_heap()  # the chunks' freed blocks back to the OS before the refit allocates
     return replay

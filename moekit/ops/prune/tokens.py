@@ -1,0 +1,130 @@
+"""The default calibration token count of `prune --data` and `merge --data`: DEFAULT_TOKENS
+positions, fewer when their per-layer working set would not fit beside the weights.
+
+Per calibration position, one MoE layer's selection and refit hold about (bytes; H hidden, E
+experts, k top-k, I expert width, s the run dtype's itemsize, M = the experts a token can be
+re-routed to: k + n_drop, or E under grouped/biased-softmax routing, `replay.cached_candidates`)
+
+    captures  3 H s + 8 E                       block inputs and residuals, router logits
+    replay    4 H + 16 E + 8 M^2 + 16 M         y_E, Gram matrices and cross terms (M <= 64)
+              4 H + 16 E + M H s                the expert outputs themselves (M > 64)
+    refit     k H s + 4 k I + 4 H + 11 k H + 3 H    inputs per routed pair, h_e, targets, the
+                                                 Gauss-Seidel residuals and one expert's block
+
+The memory left for them is the run's budget minus the weights it holds: `--max-memory` (or
+80 % of the free RAM under `auto`) minus the checkpoint (in memory) or minus embeddings + head +
+the largest layer (streamed; `runtime.budget`). The default is the largest multiple of 1024
+positions, at most DEFAULT_TOKENS and at least MIN_TOKENS, that fits. An explicit `--max-tokens`
+is always used as given.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moekit.units import human
+
+DEFAULT_TOKENS = 16384
+MIN_TOKENS = 2048
+GRAM_MAX = 64  # as `replay.GRAM_MAX` (not imported: replay needs torch)
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """The chosen count, the estimated bytes per position and the memory they may use."""
+
+    tokens: int
+    per_token: int
+    allowance: int
+
+    def note(self) -> str | None:
+        """One line when the default was lowered, else None."""
+        if self.tokens >= DEFAULT_TOKENS:
+            return None
+        return (f"calibration: {self.tokens} token positions, not the default "
+                f"{DEFAULT_TOKENS}: about {human(self.per_token)} each per layer, "
+                f"{human(max(self.allowance, 0))} left beside the weights (--max-tokens N to "
+                "choose; a larger --max-memory to allow more)")
+
+
+def per_token_bytes(layout: Any, n_drop: int, itemsize: int, selection_bias: bool) -> int:
+    """The estimate of the module docstring for the first MoE layer of `layout` (0 when its
+    routing cannot be replayed: no calibrated selection runs)."""
+    from moekit.calib.routing import Routing
+    from moekit.errors import UnsupportedModelError
+    from moekit.families.registry import first_value
+
+    keys, config = layout.family.keys, layout.config
+    hidden = int(first_value(config, ("hidden_size", "d_model", "n_embd")))
+    width = int(first_value(config, keys.expert_width, hidden) or hidden)
+    experts = layout.moe_layers[0].num_experts
+    k = layout.top_k()
+    try:
+        routing = Routing.of(layout.family, config)
+    except UnsupportedModelError:  # not replayable: the command refuses it later, in its words
+        return 0
+    stable = routing.n_group <= 1 and (routing.scoring == "sigmoid" or not selection_bias)
+    m = min(experts, k + n_drop) if stable else experts
+    captures = 3 * hidden * itemsize + 8 * experts
+    cached = 8 * m * m + 16 * m if m <= GRAM_MAX else m * hidden * itemsize
+    replay = 4 * hidden + 16 * experts + cached
+    refit = k * hidden * itemsize + 4 * k * width + 4 * hidden + 11 * k * hidden + 3 * hidden
+    return int(captures + replay + refit)
+
+
+def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "auto",
+                       device: str = "cpu", max_memory: str | int | None = "auto",
+                       requested: int | None = None) -> TokenBudget:
+    """`requested` when given, else the default of the module docstring."""
+    from moekit.io.reader import Checkpoint
+
+    checkpoint = Checkpoint(Path(source))
+    itemsize = _itemsize(checkpoint, dtype)
+    bias = bool(layout.moe_layers[0].selection_bias)
+    per = per_token_bytes(layout, n_drop, itemsize, bias)
+    allowance = _allowance(checkpoint, device, max_memory, itemsize)
+    if requested is not None or per == 0:
+        return TokenBudget(int(requested or DEFAULT_TOKENS), per, allowance)
+    fits = (max(allowance, 0) // per) // 1024 * 1024
+    return TokenBudget(int(min(DEFAULT_TOKENS, max(MIN_TOKENS, fits))), per, allowance)
+
+
+def _itemsize(checkpoint: Any, dtype: str) -> int:
+    if dtype not in ("auto", None):
+        return 4 if dtype == "float32" else 2
+    found = next((t.dtype for t in checkpoint.tensors.values()
+                  if t.dtype in ("F32", "F16", "BF16")), "F32")
+    return 4 if found == "F32" else 2
+
+
+def _allowance(checkpoint: Any, device: str, max_memory: str | int | None,
+               itemsize: int) -> int:
+    """Bytes of RAM left for calibration (module docstring); weights on a GPU take none."""
+    from moekit.runtime.budget import AUTO_FRACTION, free_memory
+    from moekit.units import parse_size
+
+    free = int(AUTO_FRACTION * free_memory("cpu"))
+    if device not in ("cpu", "auto") or (device == "auto" and _has_cuda()):
+        return free
+    budget = free if max_memory in (None, "auto") else (
+        max_memory if isinstance(max_memory, int) else parse_size(str(max_memory)))
+    layers: dict[int, int] = {}
+    total = 0
+    for name, info in checkpoint.tensors.items():
+        size = info.numel * itemsize if info.dtype in ("F32", "F16", "BF16") else info.nbytes
+        total += size
+        found = _LAYER.search("." + name)
+        if found:
+            layers[int(found.group(1))] = layers.get(int(found.group(1)), 0) + size
+    streamed = total - sum(layers.values()) + max(layers.values(), default=0)
+    return budget - (total if total <= budget else streamed)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())

@@ -1,0 +1,101 @@
+"""The memory-aware default calibration token count (`ops.prune.tokens`): an explicit
+--max-tokens is never lowered; the default fits the memory --max-memory leaves beside the
+weights, in steps of 1024 positions between MIN_TOKENS and DEFAULT_TOKENS."""
+
+from __future__ import annotations
+
+import pytest
+from test_prune_calibrated import _corpus, choose
+from test_prune_measured import _saved
+
+from moekit.families.layout import describe
+from moekit.io.reader import Checkpoint
+from moekit.ops.prune.tokens import (
+    DEFAULT_TOKENS,
+    MIN_TOKENS,
+    calibration_tokens,
+    per_token_bytes,
+)
+
+
+def _weights(folder) -> int:
+    """Bytes of the tiny float32 checkpoint's tensors (it fits in memory: all are held)."""
+    return sum(t.numel * 4 for t in Checkpoint(folder).tensors.values())
+
+
+@pytest.mark.parametrize("blocks", [0, 3, 40])
+def test_default_fits_the_memory_beside_the_weights(tmp_path, blocks):
+    folder = _saved("mixtral", tmp_path / "src")
+    layout = describe(Checkpoint(folder))
+    per = per_token_bytes(layout, 2, 4, False)
+    budget = _weights(folder) + blocks * 1024 * per + per // 2
+    got = calibration_tokens(folder, layout, n_drop=2, dtype="float32", max_memory=budget)
+    assert got.per_token == per
+    assert got.tokens == min(DEFAULT_TOKENS, max(MIN_TOKENS, blocks * 1024))
+    assert (got.note() is None) == (got.tokens == DEFAULT_TOKENS)
+    explicit = calibration_tokens(folder, layout, n_drop=2, dtype="float32",
+                                  max_memory=budget, requested=32768)
+    assert explicit.tokens == 32768  # never lowered
+
+
+def test_estimate_follows_the_cached_experts(tmp_path):
+    """M = k + n_drop cached outputs per token where the ranking is stable; every expert under
+    grouped routing, and then N x M x H outputs instead of Gram matrices beyond 64."""
+    mixtral = describe(Checkpoint(_saved("mixtral", tmp_path / "m")))
+    grouped = describe(Checkpoint(_saved("deepseek_v3", tmp_path / "d")))
+    hidden = int(mixtral.config["hidden_size"])
+    assert per_token_bytes(mixtral, 3, 2, False) - per_token_bytes(mixtral, 2, 2, False) == \
+        8 * ((mixtral.top_k() + 3) ** 2 - (mixtral.top_k() + 2) ** 2) + 16
+    assert per_token_bytes(grouped, 1, 2, True) == per_token_bytes(grouped, 2, 2, True)
+    import moekit.ops.prune.tokens as tokens
+
+    wide = per_token_bytes(mixtral, 2, 2, False)
+    tokens.GRAM_MAX = 0
+    try:
+        m = mixtral.top_k() + 2
+        assert per_token_bytes(mixtral, 2, 2, False) - wide == m * hidden * 2 - 8 * m * m - 16 * m
+    finally:
+        tokens.GRAM_MAX = 64
+
+
+def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
+    """No --max-tokens and a budget that leaves room for 3 x 1024 positions: the run records
+    3072 (the test's DataOptions pass max_tokens=1024; here the default is asked for)."""
+    import moekit.ops.prune.calibrated as calibrated
+
+    folder = _saved("mixtral", tmp_path / "src")
+    layout = describe(Checkpoint(folder))
+    per = per_token_bytes(layout, 2, 4, False)
+    seen = {}
+    original = calibrated.DataOptions
+
+    def options(*args, **kwargs):
+        kwargs.update(max_tokens=None, max_memory=_weights(folder) + 3 * 1024 * per + 1)
+        made = original(*args, **kwargs)
+        seen["options"] = made
+        return made
+
+    monkeypatch.setattr("test_prune_calibrated.DataOptions", options)
+    choice = choose(folder, _corpus(tmp_path), 0.25, compensate=True)
+    assert choice.info["max_tokens"] == seen["options"].max_tokens == 3072
+
+
+def test_merge_cli_uses_the_lowered_default_and_keeps_an_explicit_count(tiny_checkpoint,
+                                                                        tmp_path):
+    import json
+
+    from test_merge_cli import run, stats_for
+
+    source = tiny_checkpoint("mixtral")
+    layout = describe(Checkpoint(source))
+    n_drop = layout.moe_layers[0].num_experts // 2
+    budget = _weights(source) + 3 * 1024 * per_token_bytes(layout, n_drop, 4, False) + 1
+    stats = stats_for(source, tmp_path / "stats")
+    for extra, want in (((), 3072), (("--max-tokens", "512"), 512)):
+        plan = tmp_path / f"plan{want}.json"
+        result = run("merge", source, "--stats", stats, "--ratio", "0.5", "--group", "m-smoe",
+                     "--method", "average", "--max-memory", budget, "--dry-run",
+                     "--plan-out", plan, *extra)
+        assert result.exit_code == 0, result.output
+        assert json.loads(plan.read_text())["calibration"]["max_tokens"] == want
+        assert ("not the default 16384" in result.output) == (want == 3072)
