@@ -119,8 +119,8 @@ def merge(
                    device=device, tokenizer=tokenizer, dtype=dtype, max_memory=max_memory)
     calib = _calibration(source, group, method, router, plan_in, data, data_range, text_field,
                          options, one_pass=not dry_run)
-    recorded = calib or (_calibration(source, "m-smoe", "fit-layer", "centre", None, data,
-                                      data_range, text_field, options) if data else None)
+    recorded = calib or (_calibration(source, group, method, router, plan_in, data, data_range,
+                                      text_field, options, required=True) if data else None)
     with _stats_folder(stats, recorded, plan_in, criterion) as stats_used:
         plan = _choose(source, stats_used, ratio, group, method, router, criterion, plan_in,
                        domain, ignore_fingerprint, calib, protect_super)
@@ -155,9 +155,10 @@ def _stats_folder(stats: Path | None, calib: Any, plan_in: Path | None, criterio
 
 def _calibration(source: Path, group: str, method: str, router: str, plan_in: Path | None,
                  data: list[str] | None, data_range: str | None, text_field: str,
-                 options: dict[str, Any], one_pass: bool = True) -> Any:
-    """A lazy Calibration when the grouping or the method needs tokens (parsed up front);
-    `one_pass`: with fit-layer, group inside the refit's run (not for --dry-run: no refit)."""
+                 options: dict[str, Any], one_pass: bool = True, required: bool = False) -> Any:
+    """A lazy Calibration when the grouping or the method needs tokens, or when `required`
+    (the data only records statistics); `one_pass`: with fit-layer, group inside the refit's
+    run (not for --dry-run: no refit)."""
     from moekit.calib.data import DataSource, default_sources, parse_fraction
     from moekit.errors import DataError
     from moekit.families.layout import describe
@@ -169,7 +170,7 @@ def _calibration(source: Path, group: str, method: str, router: str, plan_in: Pa
 
         loaded = MergePlan.load(plan_in)
         group, method, router = "weight", loaded.method, loaded.router
-    if not needs_calibration(group, method, router):
+    if not required and not needs_calibration(group, method, router):
         return None
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
     for item in sources:

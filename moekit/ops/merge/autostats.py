@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from moekit.ops.merge.run import Calibration
 
-DEFAULT_TOKENS = 16384
-
 
 @contextmanager
 def stats_from_calibration(calib: Calibration,
@@ -26,6 +24,7 @@ def stats_from_calibration(calib: Calibration,
     """Yield a stats folder recorded on `calib`'s sources (its token budget split evenly
     over them, at most `max_tokens` in all); deleted on exit."""
     from moekit.ops.profile import profile_model
+    from moekit.ops.prune.tokens import DEFAULT_TOKENS
     from moekit.stats.profile_io import save_profile
 
     opts = calib.options
