@@ -4,6 +4,8 @@ Builds a Mixtral-shaped checkpoint of random bf16 data (per-expert w1/w2/w3, rou
 embeddings) with moekit's streaming writer, then times, interleaved and in random order:
   prune:      `moekit prune SRC --stats S --ratio 0.5 --out OUT` (moekit fsyncs every file and
               folder before its rename, so the process ends with the output durable);
+  prune-cached: the same with MOEKIT_WRITE_BEHIND=0 (no write-behind: the output stays in the
+              page cache and the final fsync writes it all), to measure `moekit.io.writeback`;
   prune-kernel: the same with MOEKIT_COPY=kernel (os.copy_file_range), to compare copy paths;
   cp:         `sh -c 'cp KEPT DST && sync DST'`, KEPT a random file exactly as large as the
               pruned output (`sync FILE` fsyncs it);
@@ -170,8 +172,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--cache", default="cold,warm", help="cache states to run")
-    parser.add_argument("--jobs", default="prune,prune-kernel,cp",
-                        help="jobs to compare")
+    parser.add_argument("--jobs", default="prune,prune-cached,cp",
+                        help="jobs to compare (also: prune-kernel)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="moekit-bench-prune-", dir=args.dir))
     try:
@@ -196,6 +198,7 @@ def run(work: Path, gb: float, reps: int, states: list[str], jobs: list[str]) ->
     kept, dst = work / "kept.bin", work / "cp-dst.bin"
     _random_file(kept, kept_bytes)
     commands = {"prune": (prune_cmd, None),
+                "prune-cached": (prune_cmd, {"MOEKIT_WRITE_BEHIND": "0"}),
                 "prune-kernel": (prune_cmd, {"MOEKIT_COPY": "kernel"}),
                 "cp": (["sh", "-c", f"cp '{kept}' '{dst}' && sync '{dst}'"], None)}
     results: dict[tuple[str, str, str], list[dict[str, float]]] = {}

@@ -45,8 +45,8 @@ SELF_KILL = """
 import os, signal, sys
 from moekit.io import writer
 real = writer._copy_range
-def copy_then_signal(fd, info):
-    real(fd, info)
+def copy_then_signal(fd, info, behind=None):
+    real(fd, info, behind)
     os.kill(os.getpid(), signal.{sig})
 writer._copy_range = copy_then_signal
 from moekit.cli.app import main

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from moekit.io.writeback import WriteBehind
 
 CHUNK = 1 << 20
 KERNEL_CHUNK = 1 << 30  # bytes per copy_file_range call (the kernel copies in pages)
@@ -22,26 +25,30 @@ MODE = os.environ.get("MOEKIT_COPY", "loop")  # loop | kernel (benchmarks compar
 _kernel_ok = hasattr(os, "copy_file_range")
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write every byte of `data` to `fd` in CHUNK-sized calls."""
+def write_all(fd: int, data: bytes | memoryview, behind: WriteBehind | None = None) -> None:
+    """Write every byte of `data` to `fd` in CHUNK-sized calls (reported to `behind`)."""
     view = memoryview(data)
     for start in range(0, len(view), CHUNK):
         chunk = view[start:start + CHUNK]
         while chunk:
             chunk = chunk[os.write(fd, chunk):]
+        if behind is not None:
+            behind.wrote(min(CHUNK, len(view) - start))
 
 
-def copy_range(source: BinaryIO, fd: int, start: int, count: int, label: str) -> None:
+def copy_range(source: BinaryIO, fd: int, start: int, count: int, label: str,
+               behind: WriteBehind | None = None) -> None:
     """Append bytes [start, start + count) of the open file `source` to `fd`; `label` is the
-    message of the OSError raised when the source ends early."""
+    message of the OSError raised when the source ends early; progress goes to `behind`."""
     done = 0
     if MODE == "kernel" and _kernel_ok:
-        done = _kernel_copy(source.fileno(), fd, start, count)
+        done = _kernel_copy(source.fileno(), fd, start, count, behind)
     if done < count:
-        _loop_copy(source, fd, start + done, count - done, label)
+        _loop_copy(source, fd, start + done, count - done, label, behind)
 
 
-def _loop_copy(source: BinaryIO, fd: int, start: int, count: int, label: str) -> None:
+def _loop_copy(source: BinaryIO, fd: int, start: int, count: int, label: str,
+               behind: WriteBehind | None) -> None:
     view = memoryview(bytearray(min(CHUNK, max(count, 1))))
     source.seek(start)
     remaining = count
@@ -49,18 +56,20 @@ def _loop_copy(source: BinaryIO, fd: int, start: int, count: int, label: str) ->
         read = source.readinto(view[:min(CHUNK, remaining)])
         if not read:
             raise OSError(label)
-        write_all(fd, view[:read])
+        write_all(fd, view[:read], behind)
         remaining -= read
 
 
-def _kernel_copy(src: int, dst: int, start: int, count: int) -> int:
+def _kernel_copy(src: int, dst: int, start: int, count: int,
+                 behind: WriteBehind | None = None) -> int:
     """Copy with os.copy_file_range; returns the bytes copied (fewer when the kernel or file
     system cannot, so that the caller falls back to the loop)."""
     global _kernel_ok
     done = 0
+    step_max = KERNEL_CHUNK if behind is None else behind.window
     while done < count:
         try:
-            step = os.copy_file_range(src, dst, min(KERNEL_CHUNK, count - done), start + done)
+            step = os.copy_file_range(src, dst, min(step_max, count - done), start + done)
         except OSError as err:
             if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
                                  errno.EBADF, errno.EPERM):
@@ -71,4 +80,6 @@ def _kernel_copy(src: int, dst: int, start: int, count: int) -> int:
         if step == 0:
             return done
         done += step
+        if behind is not None:
+            behind.wrote(step)
     return done

@@ -5,9 +5,9 @@ at most `max_shard_bytes`, and then written one at a time in 1 MiB `write()` cal
 tensors are copied as byte ranges of their source file without becoming torch tensors, computed
 tensors are produced by a callable only when their turn comes. Peak memory is one tensor.
 
-Byte ranges are copied by `bytecopy.copy_range` (1 MiB buffers, reading in a second thread
-while this one writes).
-Every shard is fsynced before it is closed, so "wrote" means the bytes are on disk.
+Byte ranges are copied by `bytecopy.copy_range` (1 MiB buffers). Every shard is written behind
+(`writeback.WriteBehind`: flushed to disk and dropped from the page cache window by window while
+the copy goes on) and fsynced before it is closed, so "wrote" means the bytes are on disk.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from moekit.io import bytecopy
 from moekit.io.dtypes import ITEM_SIZE, from_torch
 from moekit.io.reader import INDEX_NAME, TensorInfo
+from moekit.io.writeback import WriteBehind
 
 if TYPE_CHECKING:
     import torch
@@ -129,31 +130,33 @@ def _write_shard(path: Path, shard: list[OutTensor], metadata: dict[str, str],
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    behind = WriteBehind(fd)
     try:
-        bytecopy.write_all(fd, len(raw).to_bytes(8, "little") + raw)
+        bytecopy.write_all(fd, len(raw).to_bytes(8, "little") + raw, behind)
         for tensor in ordered:
             if tensor.copy_of is not None:
-                _copy_range(fd, tensor.copy_of)
+                _copy_range(fd, tensor.copy_of, behind)
             elif tensor.pieces is not None:
                 for piece in tensor.pieces:
-                    _copy_range(fd, piece)
+                    _copy_range(fd, piece, behind)
             else:
-                _write_tensor(fd, tensor)
+                _write_tensor(fd, tensor, behind)
             if on_tensor:
                 on_tensor(tensor)
         os.fsync(fd)
+        behind.finish()
     finally:
         os.close(fd)
 
 
-def _copy_range(fd: int, info: TensorInfo) -> None:
+def _copy_range(fd: int, info: TensorInfo, behind: WriteBehind | None = None) -> None:
     """Append bytes [start, end) of `info.shard` to `fd` (`bytecopy.copy_range`)."""
     with open(info.shard, "rb", buffering=0) as source:
         bytecopy.copy_range(source, fd, info.start, info.nbytes,
-                   f"{info.shard.name} ended while copying '{info.name}'")
+                            f"{info.shard.name} ended while copying '{info.name}'", behind)
 
 
-def _write_tensor(fd: int, tensor: OutTensor) -> None:
+def _write_tensor(fd: int, tensor: OutTensor, behind: WriteBehind | None = None) -> None:
     import torch
 
     assert tensor.produce is not None
@@ -162,4 +165,4 @@ def _write_tensor(fd: int, tensor: OutTensor) -> None:
         raise ValueError(f"'{tensor.name}' was planned as {tensor.dtype}{list(tensor.shape)} but "
                          f"produced {from_torch(value.dtype)}{list(value.shape)}")
     data = value.contiguous().reshape(-1).view(torch.uint8).numpy()
-    bytecopy.write_all(fd, memoryview(data))
+    bytecopy.write_all(fd, memoryview(data), behind)
