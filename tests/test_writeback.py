@@ -52,7 +52,8 @@ def big_source(folder: Path, mib: int = 24) -> tuple[Path, torch.Tensor]:
 @pytest.mark.parametrize("mode", ["loop", "kernel"])
 def test_windows_are_flushed_then_dropped_in_order(mode, tmp_path, monkeypatch):
     monkeypatch.setattr(bytecopy, "MODE", mode)
-    monkeypatch.setattr(writeback, "WINDOW", 4 << 20)
+    monkeypatch.setattr(writeback, "WINDOW", 2 << 20)
+    monkeypatch.setattr(writeback, "LAG", 3)
     monkeypatch.setattr(writeback, "ENABLED", True)
     source, big = big_source(tmp_path / "src")
     calls: list[tuple] = []
@@ -74,9 +75,12 @@ def test_windows_are_flushed_then_dropped_in_order(mode, tmp_path, monkeypatch):
     dropped = [(c[1], c[2]) for c in calls if c[0] == "drop" and c[2]]
     assert started[0][0] == 0
     assert all(a + n == b for (a, n), (b, _) in zip(started, started[1:], strict=False))
-    assert all(n >= 4 << 20 for _, n in started)
-    assert started[-1][0] + started[-1][1] > size - (5 << 20)  # all but the last window
-    assert waited == started[:-1] and dropped == started[:-1]  # each dropped after its wait
+    assert all(n >= 2 << 20 for _, n in started)
+    assert started[-1][0] + started[-1][1] > size - (3 << 20)  # all but the last window
+    assert len(started) > 10
+    assert waited == started[:-3] and dropped == started[:-3]  # each dropped after its wait
+    for n, wait in enumerate(waited):  # waited for only once 3 newer windows were started
+        assert calls.index(("sync", *started[n + 3], 2)) < calls.index(("sync", *wait, 7))
     for wait, drop in zip(waited, dropped, strict=True):
         assert calls.index(("sync", *wait, 7)) < calls.index(("drop", *drop))
     assert calls[-1] == ("drop", 0, 0)  # after the fsync: the rest of the file

@@ -2,14 +2,15 @@
 written pages leave the page cache so that the next ones reuse them.
 
 Every WINDOW bytes appended to a file, `WriteBehind.wrote` starts the write-back of that window
-(`sync_file_range(WRITE)`), waits for the window before it to reach the disk
-(`WAIT_BEFORE | WRITE | WAIT_AFTER`) and drops that window from the page cache
-(`posix_fadvise(DONTNEED)`). So at most two windows of the output are dirty or cached at any
-time; after the caller's `fsync`, `finish` drops the rest. Without it a multi-GB output fills the
-page cache with fresh pages, which these VMs hand out slowly (first-touch memory), and the final
-`fsync` writes everything at once (docs/benchmarks.md: 2.67 GB warm, 1.5 s with write-behind vs
-4.4-4.8 s for `cp && sync` in the VM's slow mode). The price: the output is read from disk, not
-from the cache, by the next command that opens it.
+(`sync_file_range(WRITE)`); once more than LAG windows are in write-back, it waits for the oldest
+to reach the disk (`WAIT_BEFORE | WRITE | WAIT_AFTER`) and drops it from the page cache
+(`posix_fadvise(DONTNEED)`). So at most LAG + 1 windows of the output (144 MiB) are dirty or
+cached at any time; after the caller's `fsync`, `finish` drops the rest.
+
+Without it a multi-GB output fills the page cache with fresh pages, which these VMs hand out
+slowly (first-touch memory), and the final `fsync` writes everything at once
+(docs/benchmarks.md, "write-behind"). The price: the next command that opens the output reads it
+from disk, not from the cache.
 
 Only on Linux (`sync_file_range` from libc); elsewhere, or with `MOEKIT_WRITE_BEHIND=0`, every
 call is a no-op and the caller's `fsync` does all the work.
@@ -20,9 +21,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from collections import deque
 from collections.abc import Callable
 
-WINDOW = 32 << 20  # bytes per write-back window (8-128 MiB measured alike)
+WINDOW = 16 << 20  # bytes per write-back window
+LAG = 8  # windows in write-back before the oldest is waited for (8 x 16 MiB measured best)
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4  # <linux/fs.h> SYNC_FILE_RANGE_*
 ENABLED = os.environ.get("MOEKIT_WRITE_BEHIND", "1") != "0"
 
@@ -52,7 +55,7 @@ class WriteBehind:
         self.fd, self.window = fd, window or WINDOW
         self.active = ENABLED and _sync_file_range is not None
         self.mark = self.end = start  # [mark, end): appended, write-back not started yet
-        self.previous: tuple[int, int] | None = None  # the window in write-back
+        self.pending: deque[tuple[int, int]] = deque()  # (start, size) in write-back
 
     def wrote(self, count: int) -> None:
         """`count` more bytes were appended."""
@@ -71,9 +74,9 @@ class WriteBehind:
         if _sync_file_range(self.fd, self.mark, length, _WRITE) != 0:
             self.active = False  # e.g. a file system or pipe that refuses it: plain writes
             return
-        if self.previous is not None:
-            start, size = self.previous
+        self.pending.append((self.mark, length))
+        self.mark = self.end
+        if len(self.pending) > LAG:
+            start, size = self.pending.popleft()
             _sync_file_range(self.fd, start, size, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
             os.posix_fadvise(self.fd, start, size, os.POSIX_FADV_DONTNEED)
-        self.previous = (self.mark, length)
-        self.mark = self.end
