@@ -42,11 +42,11 @@ def fill_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int, code: int) -> 
     """Let `writes` writer calls through, then fail every later one with `code`."""
     real, calls = bytecopy.write_all, []
 
-    def write_all(fd: int, data: bytes | memoryview) -> None:
+    def write_all(fd: int, data: bytes | memoryview, behind=None) -> None:  # noqa: ANN001
         calls.append(len(data))
         if len(calls) > writes:
             raise OSError(code, os.strerror(code))
-        real(fd, data)
+        real(fd, data, behind)
 
     monkeypatch.setattr(bytecopy, "write_all", write_all)
     return calls
