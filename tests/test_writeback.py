@@ -119,3 +119,34 @@ def test_the_written_file_leaves_the_page_cache(enabled, tmp_path, monkeypatch):
             pytest.skip("this file system does not keep written pages cached")
         assert share > 0.5
     assert torch.equal(load_file(str(out / "model.safetensors"))["big"], big)
+
+
+@linux_only
+@pytest.mark.parametrize("was_cached", [True, False])
+def test_a_cold_source_is_dropped_after_the_copy_and_a_warm_one_stays(was_cached, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(writeback, "ENABLED", True)
+    monkeypatch.setattr(writeback, "WINDOW", 4 << 20)
+    source, big = big_source(tmp_path / "src", mib=32)
+    shard = source / "model.safetensors"
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if writeback.uncached(fd, 0, shard.stat().st_size) is False:
+            pytest.skip("cachestat(2) is not available (Linux < 6.5)")
+        if was_cached:
+            while os.read(fd, 1 << 20):
+                pass
+    finally:
+        os.close(fd)
+    before = resident_share(shard)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_checkpoint(out, [OutTensor.copy(Checkpoint(source).tensors["big"])])
+    after = resident_share(shard)
+    if was_cached:
+        assert before > 0.9 and after > 0.9  # the user's cache is left alone
+    else:
+        assert before < 0.1 and after < 0.1  # what the copy read is gone again
+    assert torch.equal(load_file(str(out / "model.safetensors"))["big"], big)

@@ -39,25 +39,38 @@ def write_all(fd: int, data: bytes | memoryview, behind: WriteBehind | None = No
 def copy_range(source: BinaryIO, fd: int, start: int, count: int, label: str,
                behind: WriteBehind | None = None) -> None:
     """Append bytes [start, start + count) of the open file `source` to `fd`; `label` is the
-    message of the OSError raised when the source ends early; progress goes to `behind`."""
+    message of the OSError raised when the source ends early; progress goes to `behind`,
+    which also drops what was read when the range was not cached before
+    (`writeback.uncached`)."""
+    from moekit.io.writeback import drop_read, uncached
+
+    drop = behind is not None and behind.active and uncached(source.fileno(), start, count)
     done = 0
     if MODE == "kernel" and _kernel_ok:
         done = _kernel_copy(source.fileno(), fd, start, count, behind)
     if done < count:
-        _loop_copy(source, fd, start + done, count - done, label, behind)
+        _loop_copy(source, fd, start + done, count - done, label, behind, drop)
+    if drop:
+        drop_read(source.fileno(), start, count)
 
 
 def _loop_copy(source: BinaryIO, fd: int, start: int, count: int, label: str,
-               behind: WriteBehind | None) -> None:
+               behind: WriteBehind | None, drop: bool = False) -> None:
+    """The 1 MiB loop; with `drop`, every `behind.window` bytes read leave the page cache."""
+    from moekit.io.writeback import drop_read
+
     view = memoryview(bytearray(min(CHUNK, max(count, 1))))
     source.seek(start)
-    remaining = count
+    remaining, mark = count, start
     while remaining:
         read = source.readinto(view[:min(CHUNK, remaining)])
         if not read:
             raise OSError(label)
         write_all(fd, view[:read], behind)
         remaining -= read
+        if drop and behind is not None and start + count - remaining - mark >= behind.window:
+            drop_read(source.fileno(), mark, start + count - remaining - mark)
+            mark = start + count - remaining
 
 
 def _kernel_copy(src: int, dst: int, start: int, count: int,

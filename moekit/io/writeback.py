@@ -12,6 +12,11 @@ slowly (first-touch memory), and the final `fsync` writes everything at once
 (docs/benchmarks.md, "write-behind"). The price: the next command that opens the output reads it
 from disk, not from the cache.
 
+The same holds for what is read: `uncached(fd, start, count)` says (cachestat(2), Linux 6.5+)
+whether a source range was outside the page cache before the copy; the copy then drops what it
+has read of it window by window (`drop_read`), so a cold source does not need fresh pages either,
+while a source the user had in the cache stays there.
+
 Only on Linux (`sync_file_range` from libc); elsewhere, or with `MOEKIT_WRITE_BEHIND=0`, every
 call is a no-op and the caller's `fsync` does all the work.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +50,44 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _sync_file_range = _load_sync_file_range()
+_CACHESTAT = 451  # the cachestat syscall's number on every architecture (asm-generic table)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+def _load_syscall() -> Callable[..., int] | None:
+    if _sync_file_range is None or not os.uname().sysname == "Linux":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+
+
+_syscall = _load_syscall()
+
+
+def uncached(fd: int, start: int, count: int) -> bool:
+    """Is (almost) none of bytes [start, start + count) of `fd` in the page cache? False when
+    it cannot be told (no cachestat: kernels before 6.5, other systems) or when disabled."""
+    if not ENABLED or _syscall is None or count <= 0:
+        return False
+    span, stat = _CachestatRange(start, count), _Cachestat()
+    if _syscall(_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+        return False
+    return stat.nr_cache * 10 < count // mmap.PAGESIZE + 1
+
+
+def drop_read(fd: int, start: int, count: int) -> None:
+    """Drop bytes [start, start + count) of a source that was read through the cache."""
+    os.posix_fadvise(fd, start, count, os.POSIX_FADV_DONTNEED)
 
 
 class WriteBehind:
