@@ -11,7 +11,6 @@ from test_prune_measured import _keep_for, _setup, _tokens
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
 from moekit.families.layout import describe
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
 from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 from moekit.ops.prune.compensate import (
@@ -145,9 +144,9 @@ def test_window_groups_cover_every_window_in_order():
 def test_load_calibration_reads_refit_windows_after_the_selection_and_scoring(tmp_path):
     """Selection and held-out windows unchanged; the extra windows follow them in the source."""
     from test_prune_measured import _saved
+    from tiny_models import tokenizer
 
     from moekit.calib.data import load_domains
-    from tiny_models import tokenizer
 
     folder = _saved("mixtral", tmp_path / "src")
     source = _corpus(tmp_path)
