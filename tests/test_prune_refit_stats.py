@@ -11,6 +11,7 @@ from test_prune_measured import _keep_for, _setup, _tokens
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
 from moekit.families.layout import describe
+from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
 from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 from moekit.ops.prune.compensate import (
@@ -201,3 +202,31 @@ def test_prune_with_refit_tokens_refits_on_the_streamed_tokens(tmp_path):
         torch.testing.assert_close(torch.as_tensor(got[e]).float(), w, rtol=1e-3, atol=1e-5)
     assert any(not torch.allclose(small.weights.get(e, w), w, rtol=1e-2)
                for e, w in want.weights.items())
+
+
+def test_refit_tokens_streamed_equals_in_memory(tmp_path):
+    """`--max-memory` small (one layer at a time) gives the same plan and refits."""
+    from test_prune_measured import _saved
+
+    folder = _saved("qwen2_moe", tmp_path / "src")
+    source = _corpus(tmp_path)
+    checkpoint = Checkpoint(folder)
+    layout = describe(checkpoint)
+    fingerprint = model_fingerprint(checkpoint, layout)
+    got = []
+    for stream in (False, True):
+        options = DataOptions([source], seq_len=64, max_tokens=512, beam=2, compensate=True,
+                              protect_super=False, device="cpu", dtype="float32",
+                              stream=stream, hidden_ram=0 if stream else None,
+                              refit_tokens=1536)
+        choice = choose_with_data(folder, layout, fingerprint, criterion="measured",
+                                  ratio=0.5, protect={}, min_experts=None, options=options,
+                                  log=lambda _: None)
+        assert choice.info["refit_tokens"] == 1536
+        got.append(choice.chosen)
+    assert got[0].plan.to_dict()["layers"] == got[1].plan.to_dict()["layers"]
+    assert got[0].weights and set(got[0].weights) == set(got[1].weights)
+    for layer, weights in got[0].weights.items():
+        for e, w in weights.items():
+            torch.testing.assert_close(torch.as_tensor(got[1].weights[layer][e]),
+                                       torch.as_tensor(w))
