@@ -127,7 +127,7 @@ def solve_sweep(fit: RefitStats, alpha: float) -> dict[int, torch.Tensor]:
     import torch
 
     delta: dict[int, torch.Tensor] = {}
-    order = sorted(fit.count, key=lambda e: -fit.count[e])
+    order = sorted(fit.count, key=lambda e: (-fit.count[e], e))
     for e in order:
         gram = fit.gram[e]
         rhs = fit.cross[e].clone()
