@@ -92,6 +92,10 @@ def prune(
         "--max-tokens", help="Calibration token positions per layer (selection and refit; "
         "default 16384, fewer when their working set would not fit --max-memory).")
     ] = None,
+    refit_tokens: Annotated[int | None, typer.Option(
+        "--refit-tokens", help="Calibration positions per layer for the down refit alone, "
+        "streamed through the layer as sums (more than --max-tokens: read further into each "
+        "source; default: the selection's).")] = None,
     beam: Annotated[int, typer.Option("--beam", help="Beam width of the measured search.")] = 4,
     compensate: Annotated[bool | None, typer.Option(
         "--compensate/--no-compensate", help="Refit kept experts' down projections (default: "
@@ -148,7 +152,7 @@ def prune(
         data_opts = DataOptions(data_sources(data, "--data"), fraction(data_range),
                                 seq_len, max_tokens, beam, compensate, refit_router,
                                 protect_super=protect_super, device=device, dtype=dtype,
-                                max_memory=max_memory)
+                                max_memory=max_memory, refit_tokens=refit_tokens)
         plan, modified, calibration, width = choose_with_data(
             source, data_opts, quiet=as_json, keep_params=keep_params, **options)
         stats_data = None

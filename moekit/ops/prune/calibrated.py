@@ -42,7 +42,9 @@ class DataOptions:
     (None: `tokens.calibration_tokens`, 16384 or fewer to fit the memory); `held_out`: share
     of each source's windows kept apart for scoring candidates; `spread`: the windows are
     spaced evenly over up to `spread` times the needed tokens of each source
-    (`measured.spread_windows`; 1: its first windows)."""
+    (`measured.spread_windows`; 1: its first windows); `refit_tokens`: positions per layer
+    the down refit streams (None or <= max_tokens: the selection's own; more: read further
+    into each source, `refit_stream`)."""
 
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
@@ -60,6 +62,7 @@ class DataOptions:
     max_memory: str | int | None = "auto"
     stream: bool | None = None
     hidden_ram: int | None = None
+    refit_tokens: int | None = None
 
 
 @dataclass
@@ -101,13 +104,15 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                            held_out=options.held_out, device=options.device,
                            dtype=options.dtype, max_memory=options.max_memory,
                            stream=options.stream, hidden_ram=options.hidden_ram,
-                           spread=options.spread)
+                           spread=options.spread, refit_tokens=_refit_tokens(options))
     log(mode_line(cal.engine))
     require_whole_layers(cal.engine, "a calibrated prune")
     stats = calibration_stats(cal, fingerprint)
     found = super_experts(stats) if options.protect_super else {}
     guard = merge_protect(protect, found)
-    log(f"calibration: {len(cal.fit)} windows, held out {len(cal.held)}; super experts "
+    refit = f", {len(cal.extra)} more for the refit ({cal.refit_tokens} positions)" \
+        if cal.streams_refit else ""
+    log(f"calibration: {len(cal.fit)} windows{refit}, held out {len(cal.held)}; super experts "
         f"protected: {found or 'none'} ({time.perf_counter() - start:.0f} s)")
     stats_plans, search = _setup(cal, stats, fingerprint, criterion, ratio, guard, min_experts,
                                  options)
@@ -143,6 +148,13 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
         log(found.note())
 
 
+def _refit_tokens(options: DataOptions) -> int | None:
+    """The streamed refit's positions, when a down refit may run without neuron trimming."""
+    if options.compensate is False or options.width is not None:
+        return None
+    return options.refit_tokens
+
+
 def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
            guard: dict[int, list[int]], min_experts: int | None,
            options: DataOptions) -> tuple[list[Candidate], Search | None]:
@@ -166,7 +178,7 @@ def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
     return {"sources": {s.name: str(s.path) for s in options.sources},
             "data_hash": cal.data_hash, "fraction": list(options.fraction),
             "seq_len": options.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
-            "spread": options.spread,
+            "spread": options.spread, "refit_tokens": cal.refit_tokens or options.max_tokens,
             "refit_router": options.router,
             "held_out_windows": len(cal.held),
             "super_experts": {str(k): v for k, v in found.items()},

@@ -108,7 +108,7 @@ class LaneRun:
         self.batches: list[torch.Tensor] = []
         self.lane_of: list[Lane] = []
         for lane in lanes:
-            windows = cal.held if lane.held else cal.fit
+            windows = cal.held if lane.held else cal.fit + cal.extra
             lane.batches = list(range(len(self.batches), len(self.batches) + len(windows)))
             self.batches += windows
             self.lane_of += [lane] * len(windows)
@@ -181,7 +181,9 @@ class LaneRun:
                                compensate=search.compensate, width=search.width,
                                protected=frozenset(search.protect.get(block.layer, ())),
                                reference=reference, router=search.router,
-                               reference_logits=ref_logits)
+                               reference_logits=ref_logits,
+                               refit=self._streamed(step, block) if refit and cal.streams_refit
+                               else None)
         del cap, reference, ref_logits
         result.seconds = time.perf_counter() - start
         for lane in self.lanes:
@@ -209,6 +211,37 @@ class LaneRun:
             restore_weights(block, self.saved[0])
             restore_router(block.router, self.saved[1])
         self.saved = None
+
+    def _streamed(self, step: Any, block: Any) -> Callable[[Any, list[int]], Any]:
+        """The down refit on `cal.refit_tokens` positions streamed through the layer
+        (`refit_stream`), as `measure_layer`'s `refit`."""
+        from moekit.calib.capture import capture_step
+        from moekit.ops.prune.refit_stream import (
+            fit_from_chunks,
+            positions_per_chunk,
+            streamed_chunks,
+        )
+
+        original, pruned = self.lane("original").batches, self.lane("pruned").batches
+        sizes = [int(self.batches[b].numel()) for b in pruned]
+
+        def capture(batches: list[int], max_tokens: int, residual: bool) -> Any:
+            return capture_step(step, block, batches, max_tokens=max_tokens, residual=residual,
+                                logits_index=self.cal.family.router.logits_index,
+                                select=self.before)
+
+        def refit(replay: Any, kept: list[int]) -> Any:
+            experts = block.experts
+            inner = int(experts.down_proj.shape[1 if getattr(experts, "is_transposed", False)
+                                                else 2])
+            per = positions_per_chunk(int(replay.target.shape[1]), replay.num_experts,
+                                      int(replay.routed(kept)[0].shape[1]), inner)
+            chunks = streamed_chunks(capture, original, pruned, sizes, self.cal.refit_tokens,
+                                     per)
+            return fit_from_chunks(block.layer, experts, replay, kept, chunks,
+                                   self.cal.refit_tokens)
+
+        return refit
 
     def _capture(self, step: Any, block: Any, lane: str, residual: bool) -> Any:
         from moekit.calib.capture import capture_step

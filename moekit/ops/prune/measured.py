@@ -12,6 +12,7 @@ streamed under `max_memory`) and tokenises the calibration data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
     from moekit.calib.data import DataSource
     from moekit.families.layout import ModelLayout
+    from moekit.ops.prune.replay import LayerReplay
 
 
 @dataclass
@@ -46,6 +48,12 @@ class Calibration:
     max_tokens: int
     data_hash: str = ""
     domains: list[Any] = field(default_factory=list)  # the tokenised sources (calib.data.Domain)
+    extra: list[torch.Tensor] = field(default_factory=list)  # more windows for the refit only
+    refit_tokens: int = 0  # positions the refit streams (`refit_stream`); 0: the selection's
+
+    @property
+    def streams_refit(self) -> bool:
+        return self.refit_tokens > self.max_tokens
 
     @property
     def family(self) -> Any:
@@ -78,14 +86,19 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
                      held_out: float = 0.2, device: str = "auto", dtype: str = "auto",
                      max_memory: str | int | None = "auto", stream: bool | None = None,
                      hidden_ram: int | None = None, text_field: str = "text",
-                     tokenizer: str | None = None, spread: int = 1) -> Calibration:
+                     tokenizer: str | None = None, spread: int = 1,
+                     refit_tokens: int | None = None) -> Calibration:
     """Open the model (`runtime.engine.open_model`: memory or streamed by the budget; `stream`
     forces it), tokenise the data, interleave the domains' windows, keep the last `held_out`
     share of each domain's windows apart for scoring.
 
     With `spread` > 1, up to `spread` times the needed tokens of each source are read and the
     windows used are spaced evenly over them (`spread_windows`), so that a small sample covers
-    many documents of the range instead of its first few."""
+    many documents of the range instead of its first few.
+
+    With `refit_tokens` > `max_tokens`, each source is read further: the windows after those
+    the selection and scoring use become `extra` (interleaved, up to `refit_tokens` positions
+    with the selection's), which only the streamed refit sees (`refit_stream`)."""
     import hashlib
 
     from moekit.calib.data import load_domains
@@ -94,21 +107,30 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
 
     tok = load_tokenizer(source, tokenizer)
     per_source = max(2 * seq_len, int(max_tokens / (1 - held_out) / len(sources)) + seq_len)
-    domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=per_source * spread,
+    more = max(0, (refit_tokens or 0) - max_tokens)
+    more_per_source = -(-more // len(sources)) + seq_len if more else 0
+    domains = load_domains(sources, tok, seq_len=seq_len,
+                           max_tokens=per_source * spread + more_per_source,
                            fraction=fraction, text_field=text_field)
-    fit, held = [], []
+    fit, held, extra = [], [], []
     for domain in domains:
-        windows = spread_windows(domain.windows, -(-per_source // seq_len))
+        first = -(-per_source * spread // seq_len) if more else len(domain.windows)
+        windows = spread_windows(domain.windows[:first], -(-per_source // seq_len))
         cut = max(1, int(round(len(windows) * (1 - held_out))))
         fit.append(windows[:cut])
         held.append(windows[cut:])
+        extra.append(domain.windows[first:])
     engine = open_model(source, device=device, dtype=dtype, max_memory=max_memory,
                         stream=stream, hidden_ram=hidden_ram)
     family = layout.family
     digest = hashlib.sha256("".join(d.sha256 for d in domains).encode()).hexdigest()[:16]
+    fit_windows = _needed(_interleave(fit), max_tokens)
+    seen = sum(int(w.numel()) for w in fit_windows)
+    extra_windows = _needed(_interleave(extra), more - (seen - max_tokens)) if more else []
     return Calibration(engine, layout, moe_blocks(engine.model, family),
-                       Routing.of(family, layout.config), _needed(_interleave(fit), max_tokens),
-                       _interleave(held), max_tokens, digest, domains)
+                       Routing.of(family, layout.config), fit_windows, _interleave(held),
+                       max_tokens, digest, domains, extra_windows,
+                       seen + sum(int(w.numel()) for w in extra_windows) if more else 0)
 
 
 def spread_windows(windows: list[torch.Tensor], need: int) -> list[torch.Tensor]:
@@ -154,13 +176,16 @@ def grouping(layout: ModelLayout, num_experts: int, n_drop: int) -> tuple[int, d
 def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: int, *,
                   beam: int, compensate: bool, protected: frozenset[int], width: int | None,
                   reference: torch.Tensor | None, router: bool = False,
-                  reference_logits: torch.Tensor | None = None) -> MeasuredLayer:
+                  reference_logits: torch.Tensor | None = None,
+                  refit: Callable[[LayerReplay, list[int]], LayerFit] | None = None
+                  ) -> MeasuredLayer:
     """Search (and refit) one layer whose weights are materialised, from its capture `cap`
     (inputs, logits; with a refit also the layer's output residual) and `reference`, the
     unmodified model's residual at the same positions [N, H] (the refit absorbs the drift) and
     `reference_logits` its router logits there [N, E]. With `router` (expert pruning with
     compensation), the kept router rows are refitted after the down projections
-    (`router_fit`)."""
+    (`router_fit`). `refit(replay, kept)`, when given, replaces the down refit on the capture
+    (the streamed refit on more tokens, `refit_stream`; not with `width`)."""
     num = int(block.experts.num_experts)
     groups, changes = grouping(cal.layout, num, n_drop)
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
@@ -172,7 +197,8 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
         if reference is None or cap.residual is None:
             raise RuntimeError("a refit needs the layer's residuals (internal error)")
         drift = reference - cap.residual
-        fit = refit_layer(block.layer, replay, block.experts, cap.inputs, kept, width, drift)
+        fit = refit(replay, kept) if refit is not None and width is None else \
+            refit_layer(block.layer, replay, block.experts, cap.inputs, kept, width, drift)
         if router and width is None:
             saved = apply_fit(block, fit.weights)
             try:
