@@ -61,6 +61,20 @@ def _replay(kind: str, n_drop: int, seed: int = 0, num: int = 8, tokens: int = 4
                         keep_outputs=keep_outputs)
 
 
+def _old_error(replay, keep: list[int]) -> float:
+    """`LayerReplay.error` as it was before `token_errors` (whole Gram rows gathered)."""
+    ids, weights = replay.routed(keep)
+    slots = replay.slot.gather(1, ids)
+    w = weights.double()
+    cross = replay.cross.gather(1, slots)
+    num, k = slots.shape
+    rows_g = replay.gram.gather(1, slots.unsqueeze(-1).expand(num, k, replay.gram.shape[2]))
+    pair = rows_g.gather(2, slots.unsqueeze(1).expand(num, k, k))
+    sq = replay.tnorm - 2 * (w * cross).sum(1) + ((w.unsqueeze(2) * pair) * w.unsqueeze(1)).sum(
+        (1, 2))
+    return float(sq.clamp(min=0).mean())
+
+
 def _direct(replay, keep: list[int]) -> float:
     return float((replay.target - replay.output(keep)).double().pow(2).sum(-1).mean())
 
@@ -75,6 +89,7 @@ def test_routing_rows_is_routing_all_then_rows(kind):
     assert torch.equal(sub_ids, ids[rows]) and torch.equal(sub_w, weights[rows])
     full = replay.token_errors(ids, weights)
     assert torch.equal(replay.token_errors(sub_ids, sub_w, rows), full[rows])
+    assert replay.error(keep) == _old_error(replay, keep)  # bit for bit
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -129,9 +129,10 @@ class IncrementalError:
         return (gap <= TIE * top[:, k - 1].abs().clamp(min=1e-30)).nonzero().flatten()
 
     def _forget(self, size: int) -> None:
-        """Drop states and deltas of removal sets two or more smaller than `size`."""
-        for store in (self.states, self.deltas):
-            for key in [key for key in store if len(key) < size - 1]:
+        """A state of `size` removals is being built: the states two or more smaller and the
+        deltas of smaller sets (their states exist) are no longer needed."""
+        for store, below in ((self.states, size - 1), (self.deltas, size)):
+            for key in [key for key in store if len(key) < below]:
                 del store[key]
 
 
