@@ -166,9 +166,9 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
     groups, changes = grouping(cal.layout, num, n_drop)
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                           cal.routing, cal.routing.after_prune(changes), n_drop)
-    extend = IncrementalError(replay).extend if groups == 1 and local_routing(replay) else None
+    local = groups == 1 and local_routing(replay)  # its states are freed before the refit
     found = search_drop(replay.error, num, n_drop, protected=protected, groups=groups, beam=beam,
-                        extend=extend)
+                        extend=IncrementalError(replay).extend if local else None)
     kept = [e for e in range(num) if e not in found.dropped]
     fit = rfit = None
     if needs_refit(n_drop, compensate, width):
