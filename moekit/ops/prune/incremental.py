@@ -55,44 +55,38 @@ class _State:
     routed: dict[int, torch.Tensor]
 
 
-@dataclass
-class _Delta:
-    """D(S + e) and the re-routed tokens' rows, experts, weights and sq_t (S = `parent`)."""
-
-    parent: tuple[int, ...]
-    value: float
-    rows: torch.Tensor
-    ids: torch.Tensor
-    weights: torch.Tensor
-    sq: torch.Tensor
-
-
 class IncrementalError:
-    """`extend(S, e)` = D(S + e) for `search.search_drop`, from the state of S (built from
-    its own delta when first extended; kept for the current beam step and the one before)."""
+    """`extend(S, e)` = D(S + e) for `search.search_drop`, from the state of S. Of the sets
+    scored, only the parent and the added expert are kept; a set's state is rebuilt (its
+    tokens re-routed once more) when it is extended, i.e. when the beam kept it, and states
+    live for the current beam step and the one before (memory: 2 x beam states of N k ids,
+    weights and rows, N sq_t)."""
 
     def __init__(self, replay: LayerReplay):
         self.replay = replay
         self.num = replay.num_experts
         self.states: dict[tuple[int, ...], _State] = {}
-        self.deltas: dict[tuple[int, ...], _Delta] = {}
+        self.parents: dict[tuple[int, ...], tuple[tuple[int, ...], int]] = {}
 
     def extend(self, dropped: tuple[int, ...], e: int) -> float:
-        key = tuple(sorted((*dropped, e)))
-        state = self._state(tuple(sorted(dropped)))
+        parent = tuple(sorted(dropped))
+        key = tuple(sorted((*parent, e)))
+        state = self._state(parent)
+        rows, _, _, changed = self._reroute(state, key, e)
+        sq = state.sq.clone()
+        sq[rows] = changed
+        self.parents[key] = (parent, e)
+        return float(sq.mean())
+
+    def _reroute(self, state: _State, key: tuple[int, ...], e: int) -> tuple[torch.Tensor, ...]:
+        """(rows, ids, weights, sq_t) of the tokens that removing e from K_S may change."""
         keep = [x for x in range(self.num) if x not in key]
         rows = _union(state.routed.get(e), state.always)
-        delta = _Delta(tuple(sorted(dropped)), 0.0, rows, state.ids[rows], state.weights[rows],
-                       state.sq[rows])
-        if rows.numel():
-            delta.ids, delta.weights = route(self.replay.logits[rows], self._routing(keep),
-                                             self.replay.bias, keep)
-            delta.sq = self.replay.token_errors(delta.ids, delta.weights, rows)
-        sq = state.sq.clone()
-        sq[rows] = delta.sq
-        delta.value = float(sq.mean())
-        self.deltas[key] = delta
-        return delta.value
+        if not rows.numel():
+            return rows, state.ids[rows], state.weights[rows], state.sq[rows]
+        ids, weights = route(self.replay.logits[rows], self._routing(keep), self.replay.bias,
+                             keep)
+        return rows, ids, weights, self.replay.token_errors(ids, weights, rows)
 
     def _routing(self, keep: list[int]) -> Any:
         return self.replay.routing_for(keep)
@@ -102,11 +96,11 @@ class IncrementalError:
             return self.states[dropped]
         keep = [e for e in range(self.num) if e not in dropped]
         if dropped:
-            delta = self.deltas[dropped]
-            base = self._state(delta.parent)
+            parent, e = self.parents[dropped]
+            base = self._state(parent)
+            rows, new_ids, new_weights, new_sq = self._reroute(base, dropped, e)
             ids, weights, sq = base.ids.clone(), base.weights.clone(), base.sq.clone()
-            ids[delta.rows], weights[delta.rows], sq[delta.rows] = \
-                delta.ids, delta.weights, delta.sq
+            ids[rows], weights[rows], sq[rows] = new_ids, new_weights, new_sq
         else:
             ids, weights = route(self.replay.logits, self._routing(keep), self.replay.bias, keep)
             sq = self.replay.token_errors(ids, weights)
@@ -129,9 +123,9 @@ class IncrementalError:
         return (gap <= TIE * top[:, k - 1].abs().clamp(min=1e-30)).nonzero().flatten()
 
     def _forget(self, size: int) -> None:
-        """A state of `size` removals is being built: the states two or more smaller and the
-        deltas of smaller sets (their states exist) are no longer needed."""
-        for store, below in ((self.states, size - 1), (self.deltas, size)):
+        """A state of `size` removals is being built: states two or more smaller, and the
+        parents of smaller sets, are no longer needed."""
+        for store, below in ((self.states, size - 1), (self.parents, size)):
             for key in [key for key in store if len(key) < below]:
                 del store[key]
 
