@@ -76,22 +76,13 @@ def route(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | None = No
     routing among `keep` (all experts when None)."""
     import torch
 
-    z = logits.float()
-    if bias is not None:
-        bias = bias.to(z.device)  # e.g. CPU logits replayed with a CUDA module's bias, or back
-    keep_t = None
-    if keep is not None:
-        keep_t = torch.as_tensor(keep, dtype=torch.long, device=z.device)
-        z = z.index_select(1, keep_t)
-        if bias is not None:
-            bias = bias.reshape(-1).index_select(0, keep_t)
+    z, bias, keep_t = _kept(logits, bias, keep)
     k = routing.top_k
     if routing.topk_first:
         top, ids = torch.topk(z, k, dim=-1)
         weights = top.softmax(-1) if routing.scoring == "softmax" else top.sigmoid()
     else:
-        scores = z.softmax(-1) if routing.scoring == "softmax" else z.sigmoid()
-        choice = scores + bias.float().reshape(1, -1) if bias is not None else scores
+        scores, choice = _scored(z, routing, bias)
         if routing.n_group > 1:
             choice = _group_mask(choice, routing)
         ids = torch.topk(choice, k, dim=-1)[1]
@@ -103,6 +94,39 @@ def route(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | None = No
     if keep_t is not None:
         ids = keep_t[ids]
     return ids, weights
+
+
+def selection_values(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | None = None,
+                     keep: list[int] | None = None) -> torch.Tensor:
+    """The values `route` takes the top k of, before any group mask, [T, len(keep)]: the
+    logits when `topk_first`, else the scores (over `keep`) plus the selection bias."""
+    z, bias, _ = _kept(logits, bias, keep)
+    return z if routing.topk_first else _scored(z, routing, bias)[1]
+
+
+def _kept(logits: torch.Tensor, bias: torch.Tensor | None, keep: list[int] | None,
+          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(z [T, K] float32, bias [K] or None, keep as a tensor or None): the kept columns."""
+    import torch
+
+    z = logits.float()
+    if bias is not None:
+        bias = bias.to(z.device)  # e.g. CPU logits replayed with a CUDA module's bias, or back
+    keep_t = None
+    if keep is not None:
+        keep_t = torch.as_tensor(keep, dtype=torch.long, device=z.device)
+        z = z.index_select(1, keep_t)
+        if bias is not None:
+            bias = bias.reshape(-1).index_select(0, keep_t)
+    return z, bias, keep_t
+
+
+def _scored(z: torch.Tensor, routing: Routing,
+            bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores s, selection values s + b) of kept logits z [T, K] (bias b already kept)."""
+    scores = z.softmax(-1) if routing.scoring == "softmax" else z.sigmoid()
+    choice = scores + bias.float().reshape(1, -1) if bias is not None else scores
+    return scores, choice
 
 
 def _group_mask(choice: torch.Tensor, routing: Routing) -> torch.Tensor:

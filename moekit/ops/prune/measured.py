@@ -21,6 +21,7 @@ from moekit.calib.capture import LayerCapture, MoeBlock, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
 from moekit.ops.plan import group_count, group_feasible
 from moekit.ops.prune.compensate import LayerFit, refit_layer, set_down_weight
+from moekit.ops.prune.incremental import IncrementalError, local_routing
 from moekit.ops.prune.replay import build_replay
 from moekit.ops.prune.router_fit import RouterFit, refit_router
 from moekit.ops.prune.search import search_drop
@@ -190,7 +191,9 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
     groups, changes = grouping(cal.layout, num, n_drop)
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                           cal.routing, cal.routing.after_prune(changes), n_drop)
-    found = search_drop(replay.error, num, n_drop, protected=protected, groups=groups, beam=beam)
+    local = groups == 1 and local_routing(replay)  # its states are freed before the refit
+    found = search_drop(replay.error, num, n_drop, protected=protected, groups=groups, beam=beam,
+                        extend=IncrementalError(replay).extend if local else None)
     kept = [e for e in range(num) if e not in found.dropped]
     fit = rfit = None
     if needs_refit(n_drop, compensate, width):

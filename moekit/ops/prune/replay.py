@@ -90,16 +90,29 @@ class LayerReplay:
             diff = self.target[rows] - self.output(keep, rows)
             return float(diff.pow(2).sum(-1).mean())
         ids, weights = self.routed(keep)
-        slots = self.slot[rows].gather(1, ids[rows])
+        return float(self.token_errors(ids[rows], weights[rows], rows).mean())
+
+    def token_errors(self, ids: torch.Tensor, weights: torch.Tensor,
+                     rows: Any = slice(None)) -> torch.Tensor:
+        """||y_E(t) - y_K(t)||^2 [n] (float64, clamped at 0) of the tokens `rows` (a slice or
+        index tensor) routed to `ids` [n, k] with `weights` [n, k], from G, c, ||y_E||^2
+        (only the k + k^2 entries each token needs are gathered)."""
+        import torch
+
+        assert self.gram is not None and self.cross is not None and self.tnorm is not None
+        num, k = ids.shape
+        total, experts = self.slot.shape
+        m = self.gram.shape[2]
+        index = torch.arange(total)[rows] if isinstance(rows, slice) else rows
+        slots = self.slot.view(-1)[(index * experts).unsqueeze(1) + ids]
         if bool((slots < 0).any()):
             raise RuntimeError("a re-routed expert output was not cached (internal error)")
-        w = weights[rows].double()
-        cross = self.cross[rows].gather(1, slots)
-        num, k = slots.shape
-        rows_g = self.gram[rows].gather(1, slots.unsqueeze(-1).expand(num, k, self.gram.shape[2]))
-        pair = rows_g.gather(2, slots.unsqueeze(1).expand(num, k, k))
-        sq = self.tnorm[rows] - 2 * (w * cross).sum(1) + torch_einsum(w, pair)
-        return float(sq.clamp(min=0).mean())
+        w = weights.double()
+        cross = self.cross.view(-1)[(index * m).unsqueeze(1) + slots]
+        pairs = (slots.unsqueeze(2) * m + slots.unsqueeze(1)).view(num, k * k)
+        pair = self.gram.view(-1)[(index * m * m).unsqueeze(1) + pairs].view(num, k, k)
+        sq = self.tnorm[index] - 2 * (w * cross).sum(1) + torch_einsum(w, pair)
+        return sq.clamp(min=0)
 
 def _combine(outs: torch.Tensor, slot: torch.Tensor, ids: torch.Tensor,
              weights: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Starting from the empty set, each step extends every set in the beam by one more
 expert (not protected; with balanced groups, not from a group whose quota is used up), scores
 every extension by D(K) = `LayerReplay.error(keep)` (the re-routed layer error), and keeps the
 `beam` lowest (beam = 1 is greedy removal). After n steps the set with the lowest D is chosen.
-Cost: n * beam * E evaluations of the replay, each O(N k H).
+Cost: n * beam * E evaluations of the replay, each O(N E) routing + O(N k^2) Gram terms, or,
+with local routing (`incremental`), O(N k) routing per beam state and step.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ class SearchResult:
 
 
 def search_drop(error: Callable[[list[int]], float], num_experts: int, n_drop: int, *,
-                protected: frozenset[int] = frozenset(), groups: int = 1,
-                beam: int = 4) -> SearchResult:
-    """Beam search for `n_drop` experts to remove; `error(keep)` scores a kept set.
+                protected: frozenset[int] = frozenset(), groups: int = 1, beam: int = 4,
+                extend: Callable[[tuple[int, ...], int], float] | None = None) -> SearchResult:
+    """Beam search for `n_drop` experts to remove; `error(keep)` scores a kept set, and
+    `extend(dropped, e)` (default: `error` of the complement) the removal set dropped + e
+    (`incremental.IncrementalError.extend`: the same D from the state of `dropped`).
 
     With `groups` > 1 the experts are split into equal contiguous groups and n_drop / groups
     are removed from each (the caller checks divisibility)."""
@@ -43,7 +46,8 @@ def search_drop(error: Callable[[list[int]], float], num_experts: int, n_drop: i
                     continue
                 key = tuple(sorted((*dropped, e)))
                 if key not in scored:
-                    scored[key] = error(_keep(num_experts, key))
+                    scored[key] = extend(dropped, e) if extend is not None else \
+                        error(_keep(num_experts, key))
         if not scored:
             break
         states = sorted(((v, k) for k, v in scored.items()))[:max(beam, 1)]
