@@ -15,12 +15,13 @@ from tiny_models import _docstring_corpus
 from moekit.calib.capture import moe_blocks
 from moekit.calib.data import DataSource
 from moekit.calib.routing import Routing
+from moekit.errors import DataError
 from moekit.families.layout import describe
 from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
 from moekit.ops.prune import prune_checkpoint
 from moekit.ops.prune.calibrated import DataOptions, choose_with_data
-from moekit.ops.prune.measured import apply_fit
+from moekit.ops.prune.measured import apply_fit, load_calibration
 from moekit.ops.prune.override import PrunedLayers
 from moekit.ops.prune.rewrite import modified_tensors
 from moekit.ops.prune.router_fit import apply_router
@@ -129,3 +130,34 @@ def test_trimmed_expert_without_a_refit_keeps_its_own_down_columns(model_type, t
     else:                                                 # mixtral: w2 [H, I] per expert
         expected, got = original.index_select(1, cols), got.float()
     torch.testing.assert_close(got, expected)
+
+
+def test_short_sources_still_hold_out_a_window_or_fail_in_one_line(tmp_path):
+    """Each source yields 2 windows: one is held out (before, both were fitted and every
+    candidate scored KL 0); sources of one window each cannot score candidates: DataError."""
+    folder = _saved("mixtral", tmp_path / "src")
+    layout = describe(Checkpoint(folder))
+    words = " ".join(_docstring_corpus()).split()
+    sources = []
+    for n in range(3):
+        path = tmp_path / f"t{n}.txt"
+        path.write_text(" ".join(words[n * 400:(n + 1) * 400]))
+        sources.append(DataSource(f"d{n}", path))
+    cal = load_calibration(folder, layout, sources, fraction=(0.0, 1.0), seq_len=16,
+                           max_tokens=16, device="cpu", dtype="float32")
+    assert [int(w.numel()) for w in cal.held] == [16, 16, 16]  # one window of each source
+    assert len(cal.fit) >= 1
+    options = DataOptions(sources, seq_len=16, max_tokens=16, beam=1, protect_super=False,
+                          device="cpu", dtype="float32", max_memory=None)
+    chosen = choose_with_data(folder, layout, "x", criterion="measured", ratio=0.25,
+                              protect={}, min_experts=None, options=options, log=lambda _: None)
+    assert len({round(c.kl, 12) for c in chosen.candidates}) > 1  # told apart, not all 0
+    one_window = []
+    for n in range(2):
+        path = tmp_path / f"s{n}.txt"
+        path.write_text(" ".join(words[:3]))
+        one_window.append(DataSource(f"s{n}", path))
+    options.sources = one_window
+    with pytest.raises(DataError, match="too short to hold out"):
+        choose_with_data(folder, layout, "x", criterion="measured", ratio=0.25, protect={},
+                         min_experts=None, options=options, log=lambda _: None)

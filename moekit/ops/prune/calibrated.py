@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.calib.data import DataSource
-from moekit.errors import InvalidArgumentError
+from moekit.errors import DataError, InvalidArgumentError
 from moekit.ops.prune.lanes import Lane, LaneRun, Search
 from moekit.ops.prune.quality import (
     Candidate,
@@ -117,6 +117,7 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
     stats_plans, search = _setup(cal, stats, fingerprint, criterion, ratio, guard, min_experts,
                                  options)
     lanes = _lanes(stats_plans, search, options)
+    _check_held(cal, lanes)
     run = LaneRun(cal, lanes, search, TensorSpill("moekit-refits-", cal.engine.spill_dir),
                   lambda r: _log_layer(r, log))
     scores = run.run()
@@ -130,6 +131,15 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
         c.plan.stats_sha256, c.plan.domain = stats.sha256, None
     info = _info(cal, options, found, start)
     return DataChoice(chosen, candidates, info)
+
+
+def _check_held(cal: Any, lanes: list[Lane]) -> None:
+    """Candidates are told apart on held-out windows: with none, every KL would read 0."""
+    if not cal.held and sum(lane.held for lane in lanes) > 2:  # reference + 2+ candidates
+        raise DataError("the calibration data is too short to hold out a window for scoring "
+                        "the candidate plans (each source gave a single window)",
+                        "pass more text, a larger --max-tokens or a shorter --seq-len, or fix "
+                        "the plan with --criterion measured --compensate / --no-compensate")
 
 
 def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOptions,

@@ -118,6 +118,8 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
         first = -(-per_source * spread // seq_len) if more else len(domain.windows)
         windows = spread_windows(domain.windows[:first], -(-per_source // seq_len))
         cut = max(1, int(round(len(windows) * (1 - held_out))))
+        if held_out > 0 and len(windows) > 1:
+            cut = min(cut, len(windows) - 1)  # every domain with 2+ windows scores too
         fit.append(windows[:cut])
         held.append(windows[cut:])
         extra.append(domain.windows[first:])
