@@ -1,6 +1,7 @@
 """The memory-aware default calibration token count (`ops.prune.tokens`): an explicit
 --max-tokens is never lowered; the default fits the memory --max-memory leaves beside the
-weights, in steps of 1024 positions between MIN_TOKENS and DEFAULT_TOKENS."""
+weights, in steps of 1024 positions between MIN_TOKENS and the command's default (DEFAULT_TOKENS
+for merge, PRUNE_TOKENS for prune)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from moekit.io.reader import Checkpoint
 from moekit.ops.prune.tokens import (
     DEFAULT_TOKENS,
     MIN_TOKENS,
+    PRUNE_TOKENS,
     calibration_tokens,
     per_token_bytes,
 )
@@ -23,16 +25,20 @@ def _weights(folder) -> int:
     return sum(t.numel * 4 for t in Checkpoint(folder).tensors.values())
 
 
-@pytest.mark.parametrize("blocks", [0, 3, 40])
-def test_default_fits_the_memory_beside_the_weights(tmp_path, blocks):
+@pytest.mark.parametrize("default", [DEFAULT_TOKENS, PRUNE_TOKENS])
+@pytest.mark.parametrize("blocks", [0, 3, 20, 40])
+def test_default_fits_the_memory_beside_the_weights(tmp_path, blocks, default):
     folder = _saved("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     per = per_token_bytes(layout, 2, 4, False)
     budget = _weights(folder) + blocks * 1024 * per + per // 2
-    got = calibration_tokens(folder, layout, n_drop=2, dtype="float32", max_memory=budget)
+    got = calibration_tokens(folder, layout, n_drop=2, dtype="float32", max_memory=budget,
+                             default=default)
     assert got.per_token == per
-    assert got.tokens == min(DEFAULT_TOKENS, max(MIN_TOKENS, blocks * 1024))
-    assert (got.note() is None) == (got.tokens == DEFAULT_TOKENS)
+    assert got.tokens == min(default, max(MIN_TOKENS, blocks * 1024))
+    assert (got.note() is None) == (got.tokens == default)
+    if got.note():
+        assert f"not the default {default}:" in got.note()
     explicit = calibration_tokens(folder, layout, n_drop=2, dtype="float32",
                                   max_memory=budget, requested=32768)
     assert explicit.tokens == 32768  # never lowered
@@ -99,3 +105,24 @@ def test_merge_cli_uses_the_lowered_default_and_keeps_an_explicit_count(tiny_che
         assert result.exit_code == 0, result.output
         assert json.loads(plan.read_text())["calibration"]["max_tokens"] == want
         assert ("not the default 16384" in result.output) == (want == 3072)
+
+
+def test_prune_resolves_its_own_default(tmp_path):
+    """`prune --data` without --max-tokens takes PRUNE_TOKENS where the memory allows, and says
+    so in one line (naming that default) where it does not."""
+    from moekit.ops.prune.calibrated import DataOptions, _resolve_tokens
+
+    folder = _saved("mixtral", tmp_path / "src")
+    layout = describe(Checkpoint(folder))
+    said: list[str] = []
+    roomy = DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40)
+    _resolve_tokens(folder, layout, 0.5, roomy, said.append)
+    assert roomy.max_tokens == PRUNE_TOKENS > DEFAULT_TOKENS and said == []
+    from moekit.ops.plan import drop_count
+
+    per = per_token_bytes(layout, drop_count(0.5, layout.moe_layers[0].num_experts), 4, False)
+    tight = DataOptions([], dtype="float32", device="cpu",
+                        max_memory=_weights(folder) + 20 * 1024 * per + per // 2)
+    _resolve_tokens(folder, layout, 0.5, tight, said.append)
+    assert tight.max_tokens == 20 * 1024
+    assert len(said) == 1 and f"not the default {PRUNE_TOKENS}:" in said[0]

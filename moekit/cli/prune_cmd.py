@@ -90,7 +90,7 @@ def prune(
     seq_len: SeqLenOpt = 256,
     max_tokens: Annotated[int | None, typer.Option(
         "--max-tokens", help="Calibration token positions per layer (selection and refit; "
-        "default 16384, fewer when their working set would not fit --max-memory).")
+        "default 32768, fewer when their working set would not fit --max-memory).")
     ] = None,
     refit_tokens: Annotated[int | None, typer.Option(
         "--refit-tokens", help="Calibration positions per layer for the down refit alone, "

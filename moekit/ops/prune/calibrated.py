@@ -39,7 +39,7 @@ DOWN_ONLY = "measured+compensate-router"  # the down refits without the router r
 @dataclass
 class DataOptions:
     """Calibration settings. `max_tokens`: token positions per layer for selection/refit
-    (None: `tokens.calibration_tokens`, 16384 or fewer to fit the memory); `held_out`: share
+    (None: `tokens.calibration_tokens`, 32768 or fewer to fit the memory); `held_out`: share
     of each source's windows kept apart for scoring candidates; `spread`: the windows are
     spaced evenly over up to `spread` times the needed tokens of each source
     (`measured.spread_windows`; 1: its first windows); `refit_tokens`: positions per layer
@@ -146,13 +146,13 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
                     log: Callable[[str], None]) -> None:
     """The default token count when none was given (`tokens.calibration_tokens`)."""
     from moekit.ops.plan import drop_count
-    from moekit.ops.prune.tokens import calibration_tokens
+    from moekit.ops.prune.tokens import PRUNE_TOKENS, calibration_tokens
 
     if options.max_tokens is not None:
         return
     found = calibration_tokens(source, layout, n_drop=drop_count(
         ratio, layout.moe_layers[0].num_experts), dtype=options.dtype, device=options.device,
-        max_memory=options.max_memory)
+        max_memory=options.max_memory, default=PRUNE_TOKENS)
     options.max_tokens = found.tokens
     if found.note():
         log(found.note())

@@ -1,5 +1,8 @@
-"""The default calibration token count of `prune --data` and `merge --data`: DEFAULT_TOKENS
-positions, fewer when their per-layer working set would not fit beside the weights.
+"""The default calibration token count of `prune --data` (PRUNE_TOKENS positions) and `merge
+--data` (DEFAULT_TOKENS), fewer when their per-layer working set would not fit beside the weights.
+PRUNE_TOKENS is twice the merge's because 32768 positions lowered the calibrated prune's loss
+over 16384 on every calibration sample and model measured (docs/benchmarks.md, session 6); the
+merge was not measured beyond 16384.
 
 Per calibration position, one MoE layer's selection and refit hold about (bytes; H hidden, E
 experts, k top-k, I expert width, s the run dtype's itemsize, M = the experts a token can be
@@ -14,8 +17,8 @@ re-routed to: k + n_drop, or E under grouped/biased-softmax routing, `replay.cac
 The memory left for them is the run's budget minus the weights it holds: `--max-memory` (or
 80 % of the free RAM under `auto`) minus the checkpoint (in memory) or minus embeddings + head +
 the largest layer (streamed; `runtime.budget`). The default is the largest multiple of 1024
-positions, at most DEFAULT_TOKENS and at least MIN_TOKENS, that fits. An explicit `--max-tokens`
-is always used as given.
+positions, at most the command's default and at least MIN_TOKENS, that fits. An explicit
+`--max-tokens` is always used as given.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 from moekit.units import human
 
 DEFAULT_TOKENS = 16384
+PRUNE_TOKENS = 32768
 MIN_TOKENS = 2048
 GRAM_MAX = 64  # as `replay.GRAM_MAX` (not imported: replay needs torch)
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -35,18 +39,20 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 @dataclass(frozen=True)
 class TokenBudget:
-    """The chosen count, the estimated bytes per position and the memory they may use."""
+    """The chosen count, the estimated bytes per position, the memory they may use and the
+    command's default."""
 
     tokens: int
     per_token: int
     allowance: int
+    default: int = DEFAULT_TOKENS
 
     def note(self) -> str | None:
         """One line when the default was lowered, else None."""
-        if self.tokens >= DEFAULT_TOKENS:
+        if self.tokens >= self.default:
             return None
         return (f"calibration: {self.tokens} token positions, not the default "
-                f"{DEFAULT_TOKENS}: about {human(self.per_token)} each per layer, "
+                f"{self.default}: about {human(self.per_token)} each per layer, "
                 f"{human(max(self.allowance, 0))} left beside the weights (--max-tokens N to "
                 "choose; a larger --max-memory to allow more)")
 
@@ -78,8 +84,9 @@ def per_token_bytes(layout: Any, n_drop: int, itemsize: int, selection_bias: boo
 
 def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "auto",
                        device: str = "cpu", max_memory: str | int | None = "auto",
-                       requested: int | None = None) -> TokenBudget:
-    """`requested` when given, else the default of the module docstring."""
+                       requested: int | None = None,
+                       default: int = DEFAULT_TOKENS) -> TokenBudget:
+    """`requested` when given, else `default` or fewer (module docstring)."""
     from moekit.io.reader import Checkpoint
 
     checkpoint = Checkpoint(Path(source))
@@ -88,9 +95,9 @@ def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "
     per = per_token_bytes(layout, n_drop, itemsize, bias)
     allowance = _allowance(checkpoint, device, max_memory, itemsize)
     if requested is not None or per == 0:
-        return TokenBudget(int(requested or DEFAULT_TOKENS), per, allowance)
+        return TokenBudget(int(requested or default), per, allowance, default)
     fits = (max(allowance, 0) // per) // 1024 * 1024
-    return TokenBudget(int(min(DEFAULT_TOKENS, max(MIN_TOKENS, fits))), per, allowance)
+    return TokenBudget(int(min(default, max(MIN_TOKENS, fits))), per, allowance, default)
 
 
 def _itemsize(checkpoint: Any, dtype: str) -> int:
