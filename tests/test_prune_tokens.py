@@ -126,3 +126,63 @@ def test_prune_resolves_its_own_default(tmp_path):
     _resolve_tokens(folder, layout, 0.5, tight, said.append)
     assert tight.max_tokens == 20 * 1024
     assert len(said) == 1 and f"not the default {PRUNE_TOKENS}:" in said[0]
+
+
+def test_refit_sums_estimate_is_what_the_sums_hold(tmp_path):
+    """`refit_sum_bytes` minus the chunk equals the bytes of the fit and held-out RefitStats
+    once every kept expert and every co-routed pair has been seen."""
+    import itertools
+
+    import torch
+
+    from moekit.ops.plan import drop_count
+    from moekit.ops.prune.refit_stats import RefitStats
+    from moekit.ops.prune.refit_stream import REFIT_BYTES
+    from moekit.ops.prune.tokens import refit_sum_bytes
+
+    layout = describe(Checkpoint(_saved("mixtral", tmp_path / "m")))
+    experts = layout.moe_layers[0].num_experts
+    n_drop = drop_count(0.5, experts)
+    keep = list(range(experts - n_drop))
+    hidden, width = int(layout.config["hidden_size"]), int(layout.config["intermediate_size"])
+    ids = torch.tensor(list(itertools.permutations(keep, 2)))
+    held = 0
+    for _ in ("fit", "held-out"):
+        sums = RefitStats(keep)
+        sums.add(ids, torch.rand(ids.shape), torch.randn(*ids.shape, width),
+                 torch.randn(ids.shape[0], hidden))
+        held += sum(t.numel() * t.element_size() for store in (sums.gram, sums.cross,
+                                                                 sums.pairs)
+                    for t in store.values())
+    assert held == refit_sum_bytes(layout, n_drop) - REFIT_BYTES
+
+
+def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
+    """With --refit-tokens the sums are taken from the memory before the default token count
+    is chosen; where they leave less than MIN_TOKENS positions, the run is refused at once."""
+    from moekit.errors import InvalidArgumentError
+    from moekit.ops.plan import drop_count
+    from moekit.ops.prune.calibrated import DataOptions, _resolve_tokens
+    from moekit.ops.prune.tokens import refit_sum_bytes
+
+    folder = _saved("mixtral", tmp_path / "src")
+    layout = describe(Checkpoint(folder))
+    n_drop = drop_count(0.5, layout.moe_layers[0].num_experts)
+    per, fixed = per_token_bytes(layout, n_drop, 4, False), refit_sum_bytes(layout, n_drop)
+    budget = _weights(folder) + fixed + 20 * 1024 * per + per // 2
+    said: list[str] = []
+    plain = DataOptions([], dtype="float32", device="cpu", max_memory=budget)
+    _resolve_tokens(folder, layout, 0.5, plain, said.append)
+    refit = DataOptions([], dtype="float32", device="cpu", max_memory=budget,
+                        refit_tokens=131072)
+    _resolve_tokens(folder, layout, 0.5, refit, said.append)
+    assert refit.max_tokens == 20 * 1024 < plain.max_tokens
+    assert "of --refit-tokens sums" in said[-1]
+    short = DataOptions([], dtype="float32", device="cpu", refit_tokens=131072,
+                        max_memory=_weights(folder) + fixed + MIN_TOKENS * per - 1)
+    with pytest.raises(InvalidArgumentError, match="--refit-tokens 131072: its sums need"):
+        _resolve_tokens(folder, layout, 0.5, short, said.append)
+    explicit = DataOptions([], dtype="float32", device="cpu", max_memory=short.max_memory,
+                           max_tokens=4096)
+    _resolve_tokens(folder, layout, 0.5, explicit, said.append)  # no refit: as given
+    assert explicit.max_tokens == 4096

@@ -144,15 +144,32 @@ def _check_held(cal: Any, lanes: list[Lane]) -> None:
 
 def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOptions,
                     log: Callable[[str], None]) -> None:
-    """The default token count when none was given (`tokens.calibration_tokens`)."""
+    """The default token count when none was given (`tokens.calibration_tokens`); with
+    `--refit-tokens`, its sums' memory comes first, and a run whose sums alone would not fit
+    beside the weights is refused before any work."""
     from moekit.ops.plan import drop_count
-    from moekit.ops.prune.tokens import PRUNE_TOKENS, calibration_tokens
+    from moekit.ops.prune.tokens import (
+        MIN_TOKENS,
+        PRUNE_TOKENS,
+        calibration_tokens,
+        refit_sum_bytes,
+    )
+    from moekit.units import human
 
-    if options.max_tokens is not None:
+    n_drop = drop_count(ratio, layout.moe_layers[0].num_experts)
+    refit = _refit_tokens(options)
+    fixed = refit_sum_bytes(layout, n_drop) if refit is not None and refit > (
+        options.max_tokens or 0) else 0
+    if options.max_tokens is not None and not fixed:
         return
-    found = calibration_tokens(source, layout, n_drop=drop_count(
-        ratio, layout.moe_layers[0].num_experts), dtype=options.dtype, device=options.device,
-        max_memory=options.max_memory, default=PRUNE_TOKENS)
+    found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
+                               device=options.device, max_memory=options.max_memory,
+                               requested=options.max_tokens, default=PRUNE_TOKENS, fixed=fixed)
+    if fixed and fixed + MIN_TOKENS * found.per_token > found.allowance:
+        raise InvalidArgumentError(
+            f"--refit-tokens {refit}: its sums need about {human(fixed)} per MoE layer, "
+            f"{human(max(found.allowance, 0))} is left beside the weights",
+            "drop --refit-tokens, or allow more with --max-memory")
     options.max_tokens = found.tokens
     if found.note():
         log(found.note())

@@ -46,13 +46,15 @@ class TokenBudget:
     per_token: int
     allowance: int
     default: int = DEFAULT_TOKENS
+    fixed: int = 0
 
     def note(self) -> str | None:
         """One line when the default was lowered, else None."""
         if self.tokens >= self.default:
             return None
+        refit = f" and {human(self.fixed)} of --refit-tokens sums" if self.fixed else ""
         return (f"calibration: {self.tokens} token positions, not the default "
-                f"{self.default}: about {human(self.per_token)} each per layer, "
+                f"{self.default}: about {human(self.per_token)} each per layer{refit}, "
                 f"{human(max(self.allowance, 0))} left beside the weights (--max-tokens N to "
                 "choose; a larger --max-memory to allow more)")
 
@@ -82,11 +84,28 @@ def per_token_bytes(layout: Any, n_drop: int, itemsize: int, selection_bias: boo
     return int(captures + replay + refit)
 
 
+def refit_sum_bytes(layout: Any, n_drop: int) -> int:
+    """Memory of `prune --refit-tokens`'s streamed sums for one MoE layer, whatever the token
+    count (`refit_stats`: float64 A_e [I, I] and C_e [H, I] of the fit and held-out tokens per
+    kept expert, the pair Grams B_ef up to PAIR_BYTES, one chunk of REFIT_BYTES)."""
+    from moekit.families.registry import first_value
+    from moekit.ops.prune.refit_stats import PAIR_BYTES
+    from moekit.ops.prune.refit_stream import REFIT_BYTES
+
+    config = layout.config
+    hidden = int(first_value(config, ("hidden_size", "d_model", "n_embd")))
+    width = int(first_value(config, layout.family.keys.expert_width, hidden) or hidden)
+    kept = layout.moe_layers[0].num_experts - n_drop
+    pairs = min(PAIR_BYTES, kept * (kept - 1) // 2 * 2 * 8 * width * width)
+    return 2 * kept * (width * width + hidden * width) * 8 + pairs + REFIT_BYTES
+
+
 def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "auto",
                        device: str = "cpu", max_memory: str | int | None = "auto",
-                       requested: int | None = None,
-                       default: int = DEFAULT_TOKENS) -> TokenBudget:
-    """`requested` when given, else `default` or fewer (module docstring)."""
+                       requested: int | None = None, default: int = DEFAULT_TOKENS,
+                       fixed: int = 0) -> TokenBudget:
+    """`requested` when given, else `default` or fewer (module docstring); `fixed` bytes
+    (`refit_sum_bytes`) are taken from the memory first."""
     from moekit.io.reader import Checkpoint
 
     checkpoint = Checkpoint(Path(source))
@@ -95,9 +114,9 @@ def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "
     per = per_token_bytes(layout, n_drop, itemsize, bias)
     allowance = _allowance(checkpoint, device, max_memory, itemsize)
     if requested is not None or per == 0:
-        return TokenBudget(int(requested or default), per, allowance, default)
-    fits = (max(allowance, 0) // per) // 1024 * 1024
-    return TokenBudget(int(min(default, max(MIN_TOKENS, fits))), per, allowance, default)
+        return TokenBudget(int(requested or default), per, allowance, default, fixed)
+    fits = (max(allowance - fixed, 0) // per) // 1024 * 1024
+    return TokenBudget(int(min(default, max(MIN_TOKENS, fits))), per, allowance, default, fixed)
 
 
 def _itemsize(checkpoint: Any, dtype: str) -> int:
