@@ -1,8 +1,8 @@
 """The default calibration token count of `prune --data` (PRUNE_TOKENS positions) and `merge
 --data` (DEFAULT_TOKENS), fewer when their per-layer working set would not fit beside the weights.
 PRUNE_TOKENS is twice the merge's because 32768 positions lowered the calibrated prune's loss
-over 16384 on every calibration sample and model measured (docs/benchmarks.md, session 6); the
-merge was not measured beyond 16384.
+over 16384 on 16 of 17 (model, calibration sample) pairs at 50 % (docs/benchmarks.md, "default
+raised to 32768"); for the merge the same comparison was mixed (3 better, 2 worse).
 
 Per calibration position, one MoE layer's selection and refit hold about (bytes; H hidden, E
 experts, k top-k, I expert width, s the run dtype's itemsize, M = the experts a token can be
