@@ -1,8 +1,9 @@
 """Make an in-memory transformers model behave like its pruned checkpoint, layer by layer.
 
 For every overridden MoE layer a forward hook on the router keeps its logits z [T, E], and a
-forward hook on the experts module replaces the routed output by the experts module's own
-forward on the routing among the kept experts, `calib.routing.route(z, routing', b, K)`. No
+forward pre-hook on the experts module replaces the routing it is called with (its second and
+third parameters: top-k ids and weights, by position or keyword) by the routing among the kept
+experts, `calib.routing.route(z, routing', b, K)`, so the experts run once, on that routing. No
 weight is sliced: dropped experts simply never receive a token, and kept experts use whatever
 weights the module holds (refitted down projections included). Used to let later layers see
 earlier layers' pruned outputs and to score candidate plans end to end on held-out tokens.
@@ -15,6 +16,7 @@ read at call time, so hooks can be added to a streamed model's layers before the
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,15 +48,20 @@ class PrunedLayers:
             z = outputs[logits_index]
             state["logits"] = z.reshape(-1, z.shape[-1])
 
-        def on_experts(module: Any, args: tuple, output: Any) -> Any:
-            hidden, logits, ids = args[0], state.pop("logits", None), kept()
+        def on_experts(module: Any, args: tuple, kwargs: dict) -> Any:
+            logits, ids = state.pop("logits", None), kept()
             if ids is None or logits is None:
                 return None
+            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            names = list(bound.signature.parameters)
+            hidden = bound.arguments[names[0]]
             ids, weights = route(logits, routing, selection_bias(block.block), ids)
-            return module.forward(hidden, ids.to(hidden.device), weights.to(hidden.dtype))
+            bound.arguments[names[1]] = ids.to(hidden.device)
+            bound.arguments[names[2]] = weights.to(hidden.dtype)
+            return bound.args, bound.kwargs
 
         self._handles += [block.router.register_forward_hook(on_router),
-                          block.experts.register_forward_hook(on_experts)]
+                          block.experts.register_forward_pre_hook(on_experts, with_kwargs=True)]
 
     def remove(self) -> None:
         for handle in self._handles:
