@@ -109,6 +109,36 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
     return out
 
 
+@dataclass
+class Problem:
+    """The refit's data: re-routed ids, gates [N, k], activations h [N, k, I], target [N, H]
+    (with the drift), down projections and biases of every expert, the fit/held-out split."""
+
+    ids: torch.Tensor
+    gates: torch.Tensor
+    hid: torch.Tensor
+    target: torch.Tensor
+    base: list[torch.Tensor]
+    bias: list[torch.Tensor]
+    cut: int
+
+    def astuple(self) -> tuple[Any, ...]:
+        return (self.ids, self.gates, self.hid, self.target, self.base, self.bias, self.cut)
+
+
+def layer_problem(replay: LayerReplay, experts: Any, inputs: torch.Tensor, keep: list[int],
+                  shift: torch.Tensor | None = None) -> Problem:
+    """`refit_layer`'s data on the tokens `inputs` [N, H] re-routed among `keep`."""
+    ids, gates = replay.routed(keep)
+    num, k = ids.shape
+    hid = expert_hidden(experts, inputs.repeat_interleave(k, dim=0), ids.reshape(-1, 1))
+    base = [down_weight(experts, e) for e in range(replay.num_experts)]
+    bias = [down_bias(experts, e, replay.target.shape[1]) for e in range(replay.num_experts)]
+    target = replay.target if shift is None else replay.target + shift.float().cpu()
+    return Problem(ids, gates, hid.view(num, k, -1), target, base, bias,
+                   int(num * (1 - HELD_OUT)))
+
+
 def refit_layer(layer: int, replay: LayerReplay, experts: Any, inputs: torch.Tensor,
                 keep: list[int], width: int | None = None,
                 shift: torch.Tensor | None = None) -> LayerFit:
@@ -121,14 +151,8 @@ def refit_layer(layer: int, replay: LayerReplay, experts: Any, inputs: torch.Ten
     `shift` [N, H] is added to the target y_E: the drift of the residual stream at this
     layer's output (original model minus the model pruned so far, `measured`), so that the
     refit also absorbs what earlier layers' pruning changed."""
-    ids, gates = replay.routed(keep)
-    num, k = ids.shape
-    hid = expert_hidden(experts, inputs.repeat_interleave(k, dim=0), ids.reshape(-1, 1))
-    hid = hid.view(num, k, -1)
-    cut = int(num * (1 - HELD_OUT))
-    base = [down_weight(experts, e) for e in range(replay.num_experts)]
-    bias = [down_bias(experts, e, replay.target.shape[1]) for e in range(replay.num_experts)]
-    target = replay.target if shift is None else replay.target + shift.float().cpu()
+    ids, gates, hid, target, base, bias, cut = layer_problem(replay, experts, inputs, keep,
+                                                             shift).astuple()
     fit = LayerFit(layer)
     fit.held_before = fit.held_after = _error(target[cut:], ids[cut:], gates[cut:], hid[cut:],
                                               {}, base, bias)
