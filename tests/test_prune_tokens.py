@@ -20,6 +20,15 @@ from moekit.ops.prune.tokens import (
 )
 
 
+def _call(layout) -> int:
+    """One experts call's transient for the float32 tiny model, from its dimensions: rows of
+    EXPERT_BYTES / (4 H), each with 2 H + 4 I float32 values, and two float64 chunks."""
+    from moekit.ops.prune.replay import CHUNK_BYTES, EXPERT_BYTES
+
+    hidden, width = int(layout.config["hidden_size"]), int(layout.config["intermediate_size"])
+    return EXPERT_BYTES // (4 * hidden) * 4 * (2 * hidden + 4 * width) + 2 * CHUNK_BYTES
+
+
 def _weights(folder) -> int:
     """Bytes of the tiny float32 checkpoint's tensors (it fits in memory: all are held)."""
     return sum(t.numel * 4 for t in Checkpoint(folder).tensors.values())
@@ -76,7 +85,8 @@ def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
     original = calibrated.DataOptions
 
     def options(*args, **kwargs):
-        kwargs.update(max_tokens=None, max_memory=_weights(folder) + 3 * 1024 * per + 1)
+        kwargs.update(max_tokens=None,
+                      max_memory=_weights(folder) + _call(layout) + 3 * 1024 * per + 1)
         made = original(*args, **kwargs)
         seen["options"] = made
         return made
@@ -122,7 +132,7 @@ def test_prune_resolves_its_own_default(tmp_path):
 
     per = per_token_bytes(layout, drop_count(0.5, layout.moe_layers[0].num_experts), 4, False)
     tight = DataOptions([], dtype="float32", device="cpu",
-                        max_memory=_weights(folder) + 20 * 1024 * per + per // 2)
+                        max_memory=_weights(folder) + _call(layout) + 20 * 1024 * per + per // 2)
     _resolve_tokens(folder, layout, 0.5, tight, said.append)
     assert tight.max_tokens == 20 * 1024
     assert len(said) == 1 and f"not the default {PRUNE_TOKENS}:" in said[0]
@@ -168,7 +178,8 @@ def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
     folder = _saved("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     n_drop = drop_count(0.5, layout.moe_layers[0].num_experts)
-    per, fixed = per_token_bytes(layout, n_drop, 4, False), refit_sum_bytes(layout, n_drop)
+    per, sums = per_token_bytes(layout, n_drop, 4, False), refit_sum_bytes(layout, n_drop)
+    fixed = sums + _call(layout)
     budget = _weights(folder) + fixed + 20 * 1024 * per + per // 2
     said: list[str] = []
     plain = DataOptions([], dtype="float32", device="cpu", max_memory=budget)
@@ -177,10 +188,12 @@ def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
                         refit_tokens=131072)
     _resolve_tokens(folder, layout, 0.5, refit, said.append)
     assert refit.max_tokens == 20 * 1024 < plain.max_tokens
-    assert "of --refit-tokens sums" in said[-1]
+    from moekit.units import human
+
+    assert f"plus {human(fixed)} whatever the count" in said[-1]
     short = DataOptions([], dtype="float32", device="cpu", refit_tokens=131072,
                         max_memory=_weights(folder) + fixed + MIN_TOKENS * per - 1)
-    with pytest.raises(InvalidArgumentError, match="--refit-tokens 131072: its sums need"):
+    with pytest.raises(InvalidArgumentError, match="--refit-tokens 131072: its sums"):
         _resolve_tokens(folder, layout, 0.5, short, said.append)
     explicit = DataOptions([], dtype="float32", device="cpu", max_memory=short.max_memory,
                            max_tokens=4096)

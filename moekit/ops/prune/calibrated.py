@@ -144,32 +144,41 @@ def _check_held(cal: Any, lanes: list[Lane]) -> None:
 
 def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOptions,
                     log: Callable[[str], None]) -> None:
-    """The default token count when none was given (`tokens.calibration_tokens`); with
-    `--refit-tokens`, its sums' memory comes first, and a run whose sums alone would not fit
-    beside the weights is refused before any work."""
+    """The default token count when none was given (`tokens.calibration_tokens`): the memory
+    that does not depend on it (one experts call's transient; with `--refit-tokens`, its sums)
+    comes first, and a `--refit-tokens` run whose sums would not fit beside the weights is
+    refused before any work."""
     from moekit.ops.plan import drop_count
     from moekit.ops.prune.tokens import (
         MIN_TOKENS,
         PRUNE_TOKENS,
         calibration_tokens,
+        experts_call_bytes,
         refit_sum_bytes,
     )
     from moekit.units import human
 
     n_drop = drop_count(ratio, layout.moe_layers[0].num_experts)
     refit = _refit_tokens(options)
-    fixed = refit_sum_bytes(layout, n_drop) if refit is not None and refit > (
+    sums = refit_sum_bytes(layout, n_drop) if refit is not None and refit > (
         options.max_tokens or 0) else 0
-    if options.max_tokens is not None and not fixed:
+    if options.max_tokens is not None and not sums:
+        return
+    probe = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
+                               device=options.device, max_memory=options.max_memory,
+                               requested=1)
+    fixed = sums + experts_call_bytes(layout, probe.itemsize)
+    need = fixed + MIN_TOKENS * probe.per_token
+    if sums and need > probe.allowance:
+        raise InvalidArgumentError(
+            f"--refit-tokens {refit}: its sums ({human(sums)}) and the smallest selection "
+            f"need about {human(need)} per MoE layer, {human(max(probe.allowance, 0))} is left "
+            "beside the weights", "drop --refit-tokens, or allow more with --max-memory")
+    if options.max_tokens is not None:
         return
     found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
                                device=options.device, max_memory=options.max_memory,
-                               requested=options.max_tokens, default=PRUNE_TOKENS, fixed=fixed)
-    if fixed and fixed + MIN_TOKENS * found.per_token > found.allowance:
-        raise InvalidArgumentError(
-            f"--refit-tokens {refit}: its sums need about {human(fixed)} per MoE layer, "
-            f"{human(max(found.allowance, 0))} is left beside the weights",
-            "drop --refit-tokens, or allow more with --max-memory")
+                               default=PRUNE_TOKENS, fixed=fixed)
     options.max_tokens = found.tokens
     if found.note():
         log(found.note())

@@ -34,27 +34,29 @@ DEFAULT_TOKENS = 16384
 PRUNE_TOKENS = 32768
 MIN_TOKENS = 2048
 GRAM_MAX = 64  # as `replay.GRAM_MAX` (not imported: replay needs torch)
+EXPERT_BYTES, CHUNK_BYTES = 128 << 20, 32 << 20  # as `replay.EXPERT_BYTES`, `replay.CHUNK_BYTES`
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
 class TokenBudget:
-    """The chosen count, the estimated bytes per position, the memory they may use and the
-    command's default."""
+    """The chosen count, the estimated bytes per position, the memory they may use, the
+    command's default, the bytes taken first whatever the count, and the run dtype's size."""
 
     tokens: int
     per_token: int
     allowance: int
     default: int = DEFAULT_TOKENS
     fixed: int = 0
+    itemsize: int = 4
 
     def note(self) -> str | None:
         """One line when the default was lowered, else None."""
         if self.tokens >= self.default:
             return None
-        refit = f" and {human(self.fixed)} of --refit-tokens sums" if self.fixed else ""
+        fixed = f" plus {human(self.fixed)} whatever the count" if self.fixed else ""
         return (f"calibration: {self.tokens} token positions, not the default "
-                f"{self.default}: about {human(self.per_token)} each per layer{refit}, "
+                f"{self.default}: about {human(self.per_token)} each per layer{fixed}, "
                 f"{human(max(self.allowance, 0))} left beside the weights (--max-tokens N to "
                 "choose; a larger --max-memory to allow more)")
 
@@ -82,6 +84,20 @@ def per_token_bytes(layout: Any, n_drop: int, itemsize: int, selection_bias: boo
     replay = 4 * hidden + 16 * experts + cached
     refit = k * hidden * itemsize + 4 * k * width + 4 * hidden + 11 * k * hidden + 3 * hidden
     return int(captures + replay + refit)
+
+
+def experts_call_bytes(layout: Any, itemsize: int) -> int:
+    """The transient of one experts call of the selection's cache (`replay.expert_outputs`,
+    whatever the token count): n·M = EXPERT_BYTES / (4 H) rows of repeated inputs and outputs
+    [., H] and gate/up, activated and gated intermediates [., 4 I] in the run dtype, beside a
+    float64 reduction chunk and its product (2 CHUNK_BYTES)."""
+    from moekit.families.registry import first_value
+
+    config = layout.config
+    hidden = int(first_value(config, ("hidden_size", "d_model", "n_embd")))
+    width = int(first_value(config, layout.family.keys.expert_width, hidden) or hidden)
+    rows = EXPERT_BYTES // (4 * hidden)
+    return rows * itemsize * (2 * hidden + 4 * width) + 2 * CHUNK_BYTES
 
 
 def refit_sum_bytes(layout: Any, n_drop: int) -> int:
@@ -114,9 +130,10 @@ def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "
     per = per_token_bytes(layout, n_drop, itemsize, bias)
     allowance = _allowance(checkpoint, device, max_memory, itemsize)
     if requested is not None or per == 0:
-        return TokenBudget(int(requested or default), per, allowance, default, fixed)
+        return TokenBudget(int(requested or default), per, allowance, default, fixed, itemsize)
     fits = (max(allowance - fixed, 0) // per) // 1024 * 1024
-    return TokenBudget(int(min(default, max(MIN_TOKENS, fits))), per, allowance, default, fixed)
+    return TokenBudget(int(min(default, max(MIN_TOKENS, fits))), per, allowance, default, fixed,
+                       itemsize)
 
 
 def _itemsize(checkpoint: Any, dtype: str) -> int:
