@@ -14,49 +14,18 @@ each kept expert, or `full` (the whole pool kept: width (COUNT + 1) I, a ceiling
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import tempfile
-from pathlib import Path
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-DOMAINS = ("code_py", "de", "en_bible", "en_docs", "fr")
+from fixture_prune import fixture_arguments, print_table, run_prune
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=FIXTURES / "models" / "mixtral-e16k2")
-    parser.add_argument("--text", type=Path, default=FIXTURES / "text")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--ratio", type=float, default=0.5)
+    parser = fixture_arguments(__doc__.split("\n\n")[0], seq_len=128)
     parser.add_argument("--variants", default="energy:2,obs:2,full:2,full:8")
     args = parser.parse_args()
     variants = [(v.split(":")[0], int(v.split(":")[1])) for v in args.variants.split(",")]
     rows: list[list[str]] = []
     _wrap(variants, rows)
-    from moekit.cli.app import main as cli
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sys.argv = ["moekit", "prune", str(args.model), "--data-range", "0:0.5", "--ratio",
-                    str(args.ratio), "--seq-len", "128", "--max-tokens", str(args.tokens),
-                    "--out", str(Path(tmp) / "out")]
-        for d in DOMAINS:
-            sys.argv += ["--data", f"{d}={args.text / f'{d}.txt'}"]
-        try:
-            cli()
-        except SystemExit as exc:
-            if exc.code:
-                raise
-    names = " | ".join(f"{s}:{c}" for s, c in variants)
-    print(f"\n| layer | unrefitted | refit | {names} |")
-    print("|---" * (3 + len(variants)) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    run_prune(args)
+    print_table(["layer", "unrefitted", "refit", *(f"{s}:{c}" for s, c in variants)], rows)
 
 
 def _wrap(variants: list[tuple[str, int]], rows: list[list[str]]) -> None:

@@ -15,52 +15,22 @@ candidate is than today's. The prune itself is unchanged (today's set and refit 
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-DOMAINS = ("code_py", "de", "en_bible", "en_docs", "fr")
+from fixture_prune import fixture_arguments, print_table, run_prune
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=FIXTURES / "models" / "mixtral-e16k2")
-    parser.add_argument("--text", type=Path, default=FIXTURES / "text")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--start", type=float, default=0.0)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser = fixture_arguments(__doc__.split("\n\n")[0], seq_len=256)
     parser.add_argument("--final", type=int, default=8, help="final candidates refitted")
     args = parser.parse_args()
     rows: list[list[str]] = []
     _wrap(args.final, rows)
-    from moekit.cli.app import main as cli
-
-    with tempfile.TemporaryDirectory() as tmp:
-        sys.argv = ["moekit", "prune", str(args.model), "--data-range", f"{args.start}:0.5",
-                    "--ratio", str(args.ratio), "--seq-len", str(args.seq_len),
-                    "--max-tokens", str(args.tokens), "--out", str(Path(tmp) / "out")]
-        for d in DOMAINS:
-            sys.argv += ["--data", f"{d}={args.text / f'{d}.txt'}"]
-        try:
-            cli()
-        except SystemExit as exc:
-            if exc.code:
-                raise
-    print(f"\n| layer | today D | today held after | best post-refit rank (of {args.final}) "
-          "| its D | its held after | change | beam-4 best change |")
-    print("|---" * 8 + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    run_prune(args)
+    print_table(["layer", "today D", "today held after",
+                 f"best post-refit rank (of {args.final})", "its D", "its held after", "change",
+                 "beam-4 best change"], rows)
 
 
 def _wrap(final: int, rows: list[list[str]]) -> None:
@@ -81,7 +51,9 @@ def _wrap(final: int, rows: list[list[str]]) -> None:
         if width is not None:
             return fit
         num = replay.num_experts
-        result = found.pop("result")
+        result = found.pop("result", None)
+        if result is None:  # a second refit of the same search (another lane): reported once
+            return fit
         held = []
         start = time.perf_counter()
         for rank, (d, dropped) in enumerate(result.candidates):
