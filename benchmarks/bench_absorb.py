@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Absorbing dropped experts' neurons (DERN-style, `moekit.ops.prune.absorb`) vs today's refit.
+"""Absorbing dropped experts' neurons (DERN-style, `absorb_experiment.py`) vs today's refit.
 
 Runs `moekit prune --data ... --ratio R` on the mixtral-e16k2 fixture (calibration half 0:0.5 of
 the five fixture texts) with `measured.refit_layer` wrapped: after each layer's ordinary refit,
@@ -30,8 +30,9 @@ def main() -> None:
 
 def _wrap(variants: list[tuple[str, int]], rows: list[list[str]]) -> None:
     """Replace `measured.refit_layer` by the refit followed by every absorb variant."""
+    from absorb_experiment import absorb_layer
+
     from moekit.ops.prune import measured
-    from moekit.ops.prune.absorb import absorb_layer
     from moekit.ops.prune.compensate import layer_problem, refit_layer
 
     def wrapped(layer, replay, experts, inputs, keep, width=None, shift=None):

@@ -78,9 +78,6 @@ def _wrap(final: int, rows: list[list[str]]) -> None:
 
     measured.search_drop = searched
     measured.refit_layer = wrapped
-    kwdefaults = measured.measure_layer.__kwdefaults__ or {}
-    if "candidates" in kwdefaults:  # today's choice (the pre-refit best) is the one applied
-        kwdefaults["candidates"] = 1
 
 
 if __name__ == "__main__":

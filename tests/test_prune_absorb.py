@@ -1,6 +1,10 @@
-"""Absorbing dropped experts' neurons into kept ones (`ops.prune.absorb`), on one tiny layer."""
+"""Absorbing dropped experts' neurons into kept ones (`benchmarks/absorb_experiment.py`, an
+experiment kept for its benchmark), on one tiny layer."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +13,11 @@ from tiny_models import build_model
 from moekit.calib.capture import moe_blocks
 from moekit.calib.routing import Routing, selection_bias
 from moekit.families.registry import resolve
-from moekit.ops.prune.absorb import _slots, absorb_layer, sources
 from moekit.ops.prune.compensate import refit_layer
 from moekit.ops.prune.replay import build_replay
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from absorb_experiment import _slots, absorb_layer, sources  # noqa: E402
 
 DROPPED = [0, 1]
 

@@ -199,3 +199,8 @@ def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
                            max_tokens=4096)
     _resolve_tokens(folder, layout, 0.5, explicit, said.append)  # no refit: as given
     assert explicit.max_tokens == 4096
+    heard = len(said)
+    with_refit = DataOptions([], dtype="float32", device="cpu", max_memory=budget,
+                             max_tokens=4096, refit_tokens=131072)
+    _resolve_tokens(folder, layout, 0.5, with_refit, said.append)  # fits: as given, silent
+    assert with_refit.max_tokens == 4096 and len(said) == heard

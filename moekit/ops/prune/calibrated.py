@@ -153,7 +153,6 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
         MIN_TOKENS,
         PRUNE_TOKENS,
         calibration_tokens,
-        experts_call_bytes,
         refit_sum_bytes,
     )
     from moekit.units import human
@@ -164,24 +163,20 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
         options.max_tokens or 0) else 0
     if options.max_tokens is not None and not sums:
         return
-    probe = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
-                               device=options.device, max_memory=options.max_memory,
-                               requested=1)
-    fixed = sums + experts_call_bytes(layout, probe.itemsize)
-    need = fixed + MIN_TOKENS * probe.per_token
-    if sums and need > probe.allowance:
-        raise InvalidArgumentError(
-            f"--refit-tokens {refit}: its sums ({human(sums)}) and the smallest selection "
-            f"need about {human(need)} per MoE layer, {human(max(probe.allowance, 0))} is left "
-            "beside the weights", "drop --refit-tokens, or allow more with --max-memory")
-    if options.max_tokens is not None:
-        return
     found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
                                device=options.device, max_memory=options.max_memory,
-                               default=PRUNE_TOKENS, fixed=fixed)
-    options.max_tokens = found.tokens
-    if found.note():
-        log(found.note())
+                               requested=options.max_tokens, default=PRUNE_TOKENS, fixed=sums,
+                               experts_call=True)
+    need = found.fixed + MIN_TOKENS * found.per_token
+    if sums and need > found.allowance:
+        raise InvalidArgumentError(
+            f"--refit-tokens {refit}: its sums ({human(sums)}) and the smallest selection "
+            f"need about {human(need)} per MoE layer, {human(max(found.allowance, 0))} is left "
+            "beside the weights", "drop --refit-tokens, or allow more with --max-memory")
+    if options.max_tokens is None:  # an explicit count is used as given, without a note
+        options.max_tokens = found.tokens
+        if found.note():
+            log(found.note())
 
 
 def _refit_tokens(options: DataOptions) -> int | None:

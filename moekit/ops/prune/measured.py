@@ -26,13 +26,6 @@ from moekit.ops.prune.replay import build_replay
 from moekit.ops.prune.router_fit import RouterFit, refit_router
 from moekit.ops.prune.search import search_drop
 
-# Removal sets refitted per layer (`measure_layer`'s `candidates`). 1: the search's best set
-# only. Refitting the final beam (4) and keeping the lowest held-out error after the refit
-# lowered that error by 0-12 % per layer but left the evaluated loss unchanged within noise
-# (9 runs, 3 models; docs/benchmarks.md "Choosing the drop set after the refit") at about 1.5x
-# the prune time, so it is not the default.
-REFIT_CANDIDATES = 1
-
 if TYPE_CHECKING:
     import torch
 
@@ -187,42 +180,30 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
                   beam: int, compensate: bool, protected: frozenset[int], width: int | None,
                   reference: torch.Tensor | None, router: bool = False,
                   reference_logits: torch.Tensor | None = None,
-                  refit: Callable[[LayerReplay, list[int]], LayerFit] | None = None,
-                  candidates: int = REFIT_CANDIDATES) -> MeasuredLayer:
+                  refit: Callable[[LayerReplay, list[int]], LayerFit] | None = None
+                  ) -> MeasuredLayer:
     """Search (and refit) one layer whose weights are materialised, from its capture `cap`
     (inputs, logits; with a refit also the layer's output residual) and `reference`, the
     unmodified model's residual at the same positions [N, H] (the refit absorbs the drift) and
     `reference_logits` its router logits there [N, E]. With `router` (expert pruning with
     compensation), the kept router rows are refitted after the down projections
     (`router_fit`). `refit(replay, kept)`, when given, replaces the down refit on the capture
-    (the streamed refit on more tokens, `refit_stream`; not with `width`).
-
-    With a refit, the `candidates` best removal sets of the search's last step are each
-    refitted and the one with the lowest held-out error after its refit is kept (1: the
-    search's best, unrefitted, as chosen before)."""
+    (the streamed refit on more tokens, `refit_stream`; not with `width`)."""
     num = int(block.experts.num_experts)
     groups, changes = grouping(cal.layout, num, n_drop)
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                           cal.routing, cal.routing.after_prune(changes), n_drop)
     local = groups == 1 and local_routing(replay)  # its states are freed before the refit
-    refitted = needs_refit(n_drop, compensate, width)
     found = search_drop(replay.error, num, n_drop, protected=protected, groups=groups, beam=beam,
-                        extend=IncrementalError(replay).extend if local else None,
-                        final=candidates if refitted else 1)
-    dropped, error = found.dropped, found.error
-    kept = [e for e in range(num) if e not in dropped]
+                        extend=IncrementalError(replay).extend if local else None)
+    kept = [e for e in range(num) if e not in found.dropped]
     fit = rfit = None
-    if refitted:
+    if needs_refit(n_drop, compensate, width):
         if reference is None or cap.residual is None:
             raise RuntimeError("a refit needs the layer's residuals (internal error)")
         drift = reference - cap.residual
-        for d_error, d_set in found.candidates:  # the lowest held-out error after the refit
-            keep = [e for e in range(num) if e not in d_set]
-            got = refit(replay, keep) if refit is not None and width is None else \
-                refit_layer(block.layer, replay, block.experts, cap.inputs, keep, width, drift)
-            if fit is None or got.held_after < fit.held_after:
-                fit, kept, dropped, error = got, keep, d_set, d_error
-        assert fit is not None
+        fit = refit(replay, kept) if refit is not None and width is None else \
+            refit_layer(block.layer, replay, block.experts, cap.inputs, kept, width, drift)
         if router and width is None:
             saved = apply_fit(block, fit.weights)
             try:
@@ -231,8 +212,8 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
                                     reference_logits)
             finally:
                 restore_weights(block, saved)
-    return MeasuredLayer(block.layer, kept, sorted(dropped), error, found.single, fit, 0.0,
-                         rfit)
+    return MeasuredLayer(block.layer, kept, sorted(found.dropped), found.error, found.single,
+                         fit, 0.0, rfit)
 
 
 def needs_refit(n_drop: int, compensate: bool, width: int | None) -> bool:

@@ -42,6 +42,8 @@ class PrunedLayers:
             routing: Routing, logits_index: int) -> None:
         state: dict[str, Any] = {}
         kept = keep if callable(keep) else (lambda: keep)
+        signature = inspect.signature(block.experts.forward)  # (hidden, ids, weights, ...)
+        names = list(signature.parameters)
 
         def on_router(module: Any, args: tuple, output: Any) -> None:
             outputs = output if isinstance(output, tuple) else (output,)
@@ -52,8 +54,7 @@ class PrunedLayers:
             logits, ids = state.pop("logits", None), kept()
             if ids is None or logits is None:
                 return None
-            bound = inspect.signature(module.forward).bind(*args, **kwargs)
-            names = list(bound.signature.parameters)
+            bound = signature.bind(*args, **kwargs)
             hidden = bound.arguments[names[0]]
             ids, weights = route(logits, routing, selection_bias(block.block), ids)
             bound.arguments[names[1]] = ids.to(hidden.device)

@@ -41,14 +41,13 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 @dataclass(frozen=True)
 class TokenBudget:
     """The chosen count, the estimated bytes per position, the memory they may use, the
-    command's default, the bytes taken first whatever the count, and the run dtype's size."""
+    command's default and the bytes taken first whatever the count."""
 
     tokens: int
     per_token: int
     allowance: int
     default: int = DEFAULT_TOKENS
     fixed: int = 0
-    itemsize: int = 4
 
     def note(self) -> str | None:
         """One line when the default was lowered, else None."""
@@ -61,16 +60,23 @@ class TokenBudget:
                 "choose; a larger --max-memory to allow more)")
 
 
+def _dims(layout: Any) -> tuple[int, int]:
+    """(hidden size H, routed expert width I) from the config."""
+    from moekit.families.registry import first_value
+
+    hidden = int(first_value(layout.config, ("hidden_size", "d_model", "n_embd")))
+    width = int(first_value(layout.config, layout.family.keys.expert_width, hidden) or hidden)
+    return hidden, width
+
+
 def per_token_bytes(layout: Any, n_drop: int, itemsize: int, selection_bias: bool) -> int:
     """The estimate of the module docstring for the first MoE layer of `layout` (0 when its
     routing cannot be replayed: no calibrated selection runs)."""
     from moekit.calib.routing import Routing
     from moekit.errors import UnsupportedModelError
-    from moekit.families.registry import first_value
 
-    keys, config = layout.family.keys, layout.config
-    hidden = int(first_value(config, ("hidden_size", "d_model", "n_embd")))
-    width = int(first_value(config, keys.expert_width, hidden) or hidden)
+    config = layout.config
+    hidden, width = _dims(layout)
     experts = layout.moe_layers[0].num_experts
     k = layout.top_k()
     try:
@@ -91,11 +97,7 @@ def experts_call_bytes(layout: Any, itemsize: int) -> int:
     whatever the token count): n·M = EXPERT_BYTES / (4 H) rows of repeated inputs and outputs
     [., H] and gate/up, activated and gated intermediates [., 4 I] in the run dtype, beside a
     float64 reduction chunk and its product (2 CHUNK_BYTES)."""
-    from moekit.families.registry import first_value
-
-    config = layout.config
-    hidden = int(first_value(config, ("hidden_size", "d_model", "n_embd")))
-    width = int(first_value(config, layout.family.keys.expert_width, hidden) or hidden)
+    hidden, width = _dims(layout)
     rows = EXPERT_BYTES // (4 * hidden)
     return rows * itemsize * (2 * hidden + 4 * width) + 2 * CHUNK_BYTES
 
@@ -104,13 +106,10 @@ def refit_sum_bytes(layout: Any, n_drop: int) -> int:
     """Memory of `prune --refit-tokens`'s streamed sums for one MoE layer, whatever the token
     count (`refit_stats`: float64 A_e [I, I] and C_e [H, I] of the fit and held-out tokens per
     kept expert, the pair Grams B_ef up to PAIR_BYTES, one chunk of REFIT_BYTES)."""
-    from moekit.families.registry import first_value
     from moekit.ops.prune.refit_stats import PAIR_BYTES
     from moekit.ops.prune.refit_stream import REFIT_BYTES
 
-    config = layout.config
-    hidden = int(first_value(config, ("hidden_size", "d_model", "n_embd")))
-    width = int(first_value(config, layout.family.keys.expert_width, hidden) or hidden)
+    hidden, width = _dims(layout)
     kept = layout.moe_layers[0].num_experts - n_drop
     pairs = min(PAIR_BYTES, kept * (kept - 1) // 2 * 2 * 8 * width * width)
     return 2 * kept * (width * width + hidden * width) * 8 + pairs + REFIT_BYTES
@@ -119,9 +118,10 @@ def refit_sum_bytes(layout: Any, n_drop: int) -> int:
 def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "auto",
                        device: str = "cpu", max_memory: str | int | None = "auto",
                        requested: int | None = None, default: int = DEFAULT_TOKENS,
-                       fixed: int = 0) -> TokenBudget:
-    """`requested` when given, else `default` or fewer (module docstring); `fixed` bytes
-    (`refit_sum_bytes`) are taken from the memory first."""
+                       fixed: int = 0, experts_call: bool = False) -> TokenBudget:
+    """`requested` when given, else `default` or fewer (module docstring); `fixed` bytes (e.g.
+    `refit_sum_bytes`), and with `experts_call` the selection's `experts_call_bytes`, are taken
+    from the memory first (`TokenBudget.fixed` holds their sum)."""
     from moekit.io.reader import Checkpoint
 
     checkpoint = Checkpoint(Path(source))
@@ -129,11 +129,12 @@ def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "
     bias = bool(layout.moe_layers[0].selection_bias)
     per = per_token_bytes(layout, n_drop, itemsize, bias)
     allowance = _allowance(checkpoint, device, max_memory, itemsize)
+    if experts_call:
+        fixed += experts_call_bytes(layout, itemsize)
     if requested is not None or per == 0:
-        return TokenBudget(int(requested or default), per, allowance, default, fixed, itemsize)
+        return TokenBudget(int(requested or default), per, allowance, default, fixed)
     fits = (max(allowance - fixed, 0) // per) // 1024 * 1024
-    return TokenBudget(int(min(default, max(MIN_TOKENS, fits))), per, allowance, default, fixed,
-                       itemsize)
+    return TokenBudget(int(min(default, max(MIN_TOKENS, fits))), per, allowance, default, fixed)
 
 
 def _itemsize(checkpoint: Any, dtype: str) -> int:
