@@ -23,6 +23,7 @@ from moekit.ops.prune import prune_checkpoint
 from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 from moekit.ops.prune.measured import apply_fit, load_calibration
 from moekit.ops.prune.override import PrunedLayers
+from moekit.ops.prune.reconstruct import apply_gate_up, in_memory_interleaved
 from moekit.ops.prune.rewrite import modified_tensors
 from moekit.ops.prune.router_fit import apply_router
 from moekit.ops.prune.trim import budget_split, trimmed_tensors
@@ -61,12 +62,15 @@ def _in_memory_logits(folder, candidate, batch: torch.Tensor) -> torch.Tensor:
             pruned.add(blocks[p.layer], p.kept, routing, layout.family.router.logits_index)
             apply_fit(blocks[p.layer], candidate.weights.get(p.layer, {}))
             apply_router(blocks[p.layer].router, candidate.routers.get(p.layer))
+            apply_gate_up(blocks[p.layer].experts, candidate.gate_up.get(p.layer, {}),
+                          in_memory_interleaved(layout))
         return model(batch).logits
 
 
 @pytest.mark.parametrize("model_type,trim", [("mixtral", False), ("qwen2_moe", True),
                                              ("gpt_oss", True), ("mixtral", True),
-                                             ("deepseek_v3", False)])
+                                             ("deepseek_v3", False), ("gpt_oss", False),
+                                             ("qwen2_moe", False)])
 def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
     folder = _saved(model_type, tmp_path / "src")
     checkpoint = Checkpoint(folder)
@@ -90,8 +94,9 @@ def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
         assert candidate.weights, "expected at least one refitted layer"
         modified, rows = modified_tensors(checkpoint, layout, candidate.plan,
                                           candidate.weights, candidate.rel_change,
-                                          candidate.routers)
-        assert rows and all(r["rel_change"] > 0 for r in rows)
+                                          candidate.routers, candidate.gate_up)
+        assert rows and all(r["rel_change"] > 0 for r in rows if "rel_change" in r)
+        assert candidate.gate_up, "expected the reconstruction to help in some layer"
     prune_checkpoint(folder, candidate.plan, tmp_path / "out", modified=modified,
                      expert_width=width)
     config = json.loads((tmp_path / "out" / "config.json").read_text())

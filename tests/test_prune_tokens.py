@@ -17,6 +17,7 @@ from moekit.ops.prune.tokens import (
     PRUNE_TOKENS,
     calibration_tokens,
     per_token_bytes,
+    reconstruct_bytes,
 )
 
 
@@ -74,8 +75,9 @@ def test_estimate_follows_the_cached_experts(tmp_path):
 
 
 def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
-    """No --max-tokens and a budget that leaves room for 3 x 1024 positions: the run records
-    3072 (the test's DataOptions pass max_tokens=1024; here the default is asked for)."""
+    """No --max-tokens and a budget that leaves room for 3 x 1024 positions beside the weights,
+    one experts call and the reconstruction's fixed memory: the run records 3072 (the test's
+    DataOptions pass max_tokens=1024; here the default is asked for)."""
     import moekit.ops.prune.calibrated as calibrated
 
     folder = _saved("mixtral", tmp_path / "src")
@@ -86,7 +88,8 @@ def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
 
     def options(*args, **kwargs):
         kwargs.update(max_tokens=None,
-                      max_memory=_weights(folder) + _call(layout) + 3 * 1024 * per + 1)
+                      max_memory=_weights(folder) + _call(layout) + reconstruct_bytes(layout, 2)
+                      + 3 * 1024 * per + 1)
         made = original(*args, **kwargs)
         seen["options"] = made
         return made
@@ -132,7 +135,8 @@ def test_prune_resolves_its_own_default(tmp_path):
 
     per = per_token_bytes(layout, drop_count(0.5, layout.moe_layers[0].num_experts), 4, False)
     tight = DataOptions([], dtype="float32", device="cpu",
-                        max_memory=_weights(folder) + _call(layout) + 20 * 1024 * per + per // 2)
+                        max_memory=_weights(folder) + _call(layout) + 20 * 1024 * per + per // 2
+                        + reconstruct_bytes(layout, drop_count(0.5, 8)))
     _resolve_tokens(folder, layout, 0.5, tight, said.append)
     assert tight.max_tokens == 20 * 1024
     assert len(said) == 1 and f"not the default {PRUNE_TOKENS}:" in said[0]
@@ -182,25 +186,25 @@ def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
     fixed = sums + _call(layout)
     budget = _weights(folder) + fixed + 20 * 1024 * per + per // 2
     said: list[str] = []
-    plain = DataOptions([], dtype="float32", device="cpu", max_memory=budget)
+    plain = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu", max_memory=budget)
     _resolve_tokens(folder, layout, 0.5, plain, said.append)
-    refit = DataOptions([], dtype="float32", device="cpu", max_memory=budget,
+    refit = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu", max_memory=budget,
                         refit_tokens=131072)
     _resolve_tokens(folder, layout, 0.5, refit, said.append)
     assert refit.max_tokens == 20 * 1024 < plain.max_tokens
     from moekit.units import human
 
     assert f"plus {human(fixed)} whatever the count" in said[-1]
-    short = DataOptions([], dtype="float32", device="cpu", refit_tokens=131072,
+    short = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu", refit_tokens=131072,
                         max_memory=_weights(folder) + fixed + MIN_TOKENS * per - 1)
     with pytest.raises(InvalidArgumentError, match="--refit-tokens 131072: its sums"):
         _resolve_tokens(folder, layout, 0.5, short, said.append)
-    explicit = DataOptions([], dtype="float32", device="cpu", max_memory=short.max_memory,
-                           max_tokens=4096)
+    explicit = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu",
+                           max_memory=short.max_memory, max_tokens=4096)
     _resolve_tokens(folder, layout, 0.5, explicit, said.append)  # no refit: as given
     assert explicit.max_tokens == 4096
     heard = len(said)
-    with_refit = DataOptions([], dtype="float32", device="cpu", max_memory=budget,
-                             max_tokens=4096, refit_tokens=131072)
+    with_refit = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu",
+                             max_memory=budget, max_tokens=4096, refit_tokens=131072)
     _resolve_tokens(folder, layout, 0.5, with_refit, said.append)  # fits: as given, silent
     assert with_refit.max_tokens == 4096 and len(said) == heard

@@ -104,6 +104,10 @@ def prune(
         "--refit-router/--no-refit-router", help="With compensation, also refit the kept "
         "router rows (per layer where held-out error is lower; then also scored against the "
         "down refits alone by held-out KL). Off by default: it measured neutral.")] = False,
+    reconstruct_steps: Annotated[int, typer.Option(
+        "--reconstruct-steps", help="With compensation: after the down refit, fit each "
+        "layer's kept experts whole (gate/up and down) for at most this many steps, kept where "
+        "held-out error is lower; 0 turns it off.")] = 200,
     protect_super: ProtectSuperOpt = True,
     keep_params: Annotated[float | None, typer.Option(
         "--keep-params", help="With --data: share of routed-expert bytes to keep, reached by "
@@ -152,7 +156,8 @@ def prune(
         data_opts = DataOptions(data_sources(data, "--data"), fraction(data_range),
                                 seq_len, max_tokens, beam, compensate, refit_router,
                                 protect_super=protect_super, device=device, dtype=dtype,
-                                max_memory=max_memory, refit_tokens=refit_tokens)
+                                max_memory=max_memory, refit_tokens=refit_tokens,
+                                reconstruct_steps=reconstruct_steps)
         plan, modified, calibration, width = choose_with_data(
             source, data_opts, quiet=as_json, keep_params=keep_params, **options)
         stats_data = None

@@ -53,7 +53,7 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
                 for layer, changes in chosen.rel_change.items() for e, v in changes.items()]
     else:
         modified, rows = modified_tensors(checkpoint, layout, chosen.plan, chosen.weights,
-                                          chosen.rel_change, chosen.routers)
+                                          chosen.rel_change, chosen.routers, chosen.gate_up)
     record = {**choice.info, "criterion": criterion or "measured", "candidates": choice.table(),
               "modified_tensors": rows, "keep_params": keep_params,
               "expert_width": chosen.width}

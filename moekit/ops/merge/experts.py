@@ -192,7 +192,7 @@ def _split(value: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.
     return first, second
 
 
-def _join(first: torch.Tensor, second: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def join_halves(first: torch.Tensor, second: torch.Tensor, interleaved: bool) -> torch.Tensor:
     import torch
 
     if interleaved:
@@ -202,13 +202,13 @@ def _join(first: torch.Tensor, second: torch.Tensor, interleaved: bool) -> torch
 
 def fused_tensors(fmt: ExpertFormat, experts: Experts) -> dict[str, torch.Tensor]:
     """The fused on-disk tensors (float32) holding `experts`, keyed by their names."""
-    gate_up = _join(experts.gate, experts.up, fmt.interleaved)
+    gate_up = join_halves(experts.gate, experts.up, fmt.interleaved)
     down = experts.down
     if fmt.transposed:
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     out = {fmt.gate_up: gate_up.contiguous(), fmt.down: down.contiguous()}
     if fmt.gate_up_bias:
-        out[fmt.gate_up_bias] = _join(experts.gate_bias, experts.up_bias, fmt.interleaved)
+        out[fmt.gate_up_bias] = join_halves(experts.gate_bias, experts.up_bias, fmt.interleaved)
     if fmt.down_bias:
         out[fmt.down_bias] = experts.down_bias
     return out  # type: ignore[return-value]

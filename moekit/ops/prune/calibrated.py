@@ -30,6 +30,7 @@ from moekit.ops.prune.quality import (
     measured_plan,
     stats_candidates,
 )
+from moekit.ops.prune.reconstruct import STEPS as RECONSTRUCT_STEPS
 from moekit.ops.prune.select import CRITERIA, build_plan, merge_protect, super_experts
 
 DATA_CRITERIA = ("measured", "auto")
@@ -44,7 +45,8 @@ class DataOptions:
     spaced evenly over up to `spread` times the needed tokens of each source
     (`measured.spread_windows`; 1: its first windows); `refit_tokens`: positions per layer
     the down refit streams (None or <= max_tokens: the selection's own; more: read further
-    into each source, `refit_stream`)."""
+    into each source, `refit_stream`); `reconstruct_steps`: at most this many steps of the
+    whole-expert reconstruction after the down refit (`reconstruct`; 0: off)."""
 
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
@@ -63,6 +65,7 @@ class DataOptions:
     stream: bool | None = None
     hidden_ram: int | None = None
     refit_tokens: int | None = None
+    reconstruct_steps: int = RECONSTRUCT_STEPS
 
 
 @dataclass
@@ -153,6 +156,7 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
         MIN_TOKENS,
         PRUNE_TOKENS,
         calibration_tokens,
+        reconstruct_bytes,
         refit_sum_bytes,
     )
     from moekit.units import human
@@ -163,10 +167,19 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
         options.max_tokens or 0) else 0
     if options.max_tokens is not None and not sums:
         return
+    rebuild = reconstruct_bytes(layout, n_drop) if _reconstruct_steps(layout, options) else 0
     found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
                                device=options.device, max_memory=options.max_memory,
-                               requested=options.max_tokens, default=PRUNE_TOKENS, fixed=sums,
-                               experts_call=True)
+                               requested=options.max_tokens, default=PRUNE_TOKENS,
+                               fixed=sums + rebuild, experts_call=True)
+    if rebuild and found.fixed + MIN_TOKENS * found.per_token > found.allowance:
+        log(f"the experts' reconstruction ({human(rebuild)} per MoE layer) does not fit beside "
+            "the weights: off (allow more with --max-memory)")
+        options.reconstruct_steps = 0
+        found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
+                                   device=options.device, max_memory=options.max_memory,
+                                   requested=options.max_tokens, default=PRUNE_TOKENS,
+                                   fixed=sums, experts_call=True)
     need = found.fixed + MIN_TOKENS * found.per_token
     if sums and need > found.allowance:
         raise InvalidArgumentError(
@@ -200,8 +213,25 @@ def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
     stats_plans = stats_candidates(cal, stats, fingerprint, ratio, guard, min_experts) \
         if criterion == "auto" else []
     search = Search(drop_count(ratio, layout.moe_layers[0].num_experts), options.beam,
-                    options.compensate is not False, options.width, guard, options.router)
+                    options.compensate is not False, options.width, guard, options.router,
+                    _reconstruct_steps(layout, options))
     return stats_plans, search
+
+
+def _reconstruct_steps(layout: Any, options: DataOptions) -> int:
+    """Steps of the whole-expert reconstruction: with the down refit, when every MoE layer's
+    gate/up tensors can be written back (`merge.experts.expert_format`)."""
+    from moekit.errors import UnsupportedModelError
+    from moekit.ops.merge.experts import expert_format
+
+    if options.compensate is False or options.width is not None or options.reconstruct_steps <= 0:
+        return 0
+    try:
+        for layer in layout.moe_layers:
+            expert_format(None, layout, layer)
+    except UnsupportedModelError:
+        return 0
+    return options.reconstruct_steps
 
 
 def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
@@ -210,7 +240,7 @@ def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
             "data_hash": cal.data_hash, "fraction": list(options.fraction),
             "seq_len": options.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
             "spread": options.spread, "refit_tokens": cal.refit_tokens or options.max_tokens,
-            "refit_router": options.router,
+            "refit_router": options.router, "reconstruct_steps": options.reconstruct_steps,
             "held_out_windows": len(cal.held),
             "super_experts": {str(k): v for k, v in found.items()},
             "runtime": cal.engine.describe(), "seconds": round(time.perf_counter() - start, 1)}
@@ -262,7 +292,7 @@ def _measured(cal: Any, fingerprint: str, run: LaneRun, search: Search, options:
     if _both_routers(search, options):
         out.append(Candidate(DOWN_ONLY, _copy_plan(measured.plan, DOWN_ONLY), measured.weights,
                              measured.rel_change, seconds=measured.seconds,
-                             layers=measured.layers))
+                             layers=measured.layers, gate_up=measured.gate_up))
     if search.compensate and options.compensate is None and options.width is None:
         plain = Candidate("measured", _copy_plan(measured.plan, "measured"),
                           seconds=measured.seconds, layers=measured.layers)
@@ -273,6 +303,8 @@ def _measured(cal: Any, fingerprint: str, run: LaneRun, search: Search, options:
 def _log_layer(r: Any, log: Callable[[str], None]) -> None:
     fit = f", refit held-out {r.fit.held_before:.4g} -> {r.fit.held_after:.4g}" \
         if r.fit and r.fit.weights else ""
+    if r.rebuild is not None:
+        fit += f", reconstructed -> {r.rebuild.held_after:.4g} ({r.rebuild.best_step} steps)"
     if r.router is not None and r.router.changed:
         fit += (f", router ({r.router.method}, alpha {r.router.alpha:g}) "
                 f"{r.router.held_before:.4g} -> {r.router.held_after:.4g}")

@@ -46,9 +46,17 @@ from moekit.ops.prune.measured import (
     needs_refit,
     restore_weights,
 )
+from moekit.ops.prune.reconstruct import (
+    Rebuild,
+    apply_rebuild,
+    canonical_gate_up,
+    in_memory_interleaved,
+    restore_rebuild,
+)
 from moekit.ops.prune.router_fit import RouterFit, apply_router, restore_router
 
 ROUTER_KEY = -1  # spill key of layer l's router rows: ROUTER_KEY - l (refits use l)
+REBUILD_KEY = 1 << 20  # spill key of layer l's rebuilt gate/up rows: REBUILD_KEY + l
 SCORE_BYTES = 16 << 20  # one float32 [rows, V] log-probability block while scoring
 
 if TYPE_CHECKING:
@@ -82,6 +90,7 @@ class Search:
     width: int | None = None
     protect: dict[int, list[int]] = field(default_factory=dict)
     router: bool = True
+    reconstruct: int = 0
 
 
 @dataclass
@@ -117,7 +126,9 @@ class LaneRun:
         self.layer: int | None = None
         self.fit: dict[int, torch.Tensor] = {}
         self.router: RouterFit | None = None
+        self.rebuild: Rebuild | None = None
         self.saved: tuple[dict[int, torch.Tensor], Any] | None = None
+        self.saved_rows: dict[str, dict[int, torch.Tensor]] = {}
 
     def lane(self, name: str) -> Lane:
         return next(lane for lane in self.lanes if lane.name == name)
@@ -157,6 +168,7 @@ class LaneRun:
             return
         if self.saved is None and (self.fit or self.router):
             self.saved = (apply_fit(block, self.fit), None)
+            self.saved_rows = apply_rebuild(block.experts, self.rebuild)
         if self.saved is not None and lane.router != (self.saved[1] is not None):
             router = apply_router(block.router, self.router) if lane.router else None
             if not lane.router:
@@ -183,7 +195,7 @@ class LaneRun:
                                reference=reference, router=search.router,
                                reference_logits=ref_logits,
                                refit=self._streamed(step, block) if refit and cal.streams_refit
-                               else None)
+                               else None, reconstruct=search.reconstruct)
         del cap, reference, ref_logits
         result.seconds = time.perf_counter() - start
         for lane in self.lanes:
@@ -194,6 +206,8 @@ class LaneRun:
             if self.spill is not None:
                 self.spill.put(block.layer, {str(e): w for e, w in self.fit.items()})
                 result.fit.weights = self.spill.layer(block.layer)  # lazy: read when written
+        if result.rebuild is not None:
+            self._keep_rebuild(block, result)
         if result.router is not None and result.router.changed:
             self.router = RouterFit(block.layer, *result.router.tensors(), alpha=0.0)
             if self.spill is not None:
@@ -205,12 +219,32 @@ class LaneRun:
         if self.saved is not None:
             self._restore(self.blocks[step.index])
         self.saved, self.fit, self.router, self.layer = None, {}, None, None
+        if self.rebuild is not None:
+            self.rebuild.rows.clear()  # spilled; the result keeps its errors
+        self.rebuild = None
 
     def _restore(self, block: Any) -> None:
         if self.saved is not None:
+            restore_rebuild(block.experts, self.saved_rows)
             restore_weights(block, self.saved[0])
             restore_router(block.router, self.saved[1])
-        self.saved = None
+        self.saved, self.saved_rows = None, {}
+
+    def _keep_rebuild(self, block: Any, result: MeasuredLayer) -> None:
+        """The rebuilt gate/up rows stay in memory for this layer's lanes; their canonical
+        (gate, up) go to the spill for the writer (`result.gate_up`, read when written)."""
+        rebuild = self.rebuild = result.rebuild
+        assert rebuild is not None
+        pairs = canonical_gate_up(block.experts, rebuild.rows["gate_up_proj"],
+                                  in_memory_interleaved(self.cal.layout))
+        if self.spill is None:
+            result.gate_up = {e: (lambda p=p: p) for e, p in pairs.items()}
+            return
+        key, spill = REBUILD_KEY + block.layer, self.spill
+        spill.put(key, {f"{e}.{r}": t for e, (g, u) in pairs.items()
+                        for r, t in (("g", g), ("u", u))})
+        result.gate_up = {e: (lambda e=e: (spill.read(key, f"{e}.g"), spill.read(key, f"{e}.u")))
+                          for e in pairs}
 
     def _streamed(self, step: Any, block: Any) -> Callable[[Any, list[int]], Any]:
         """The down refit on `cal.refit_tokens` positions streamed through the layer

@@ -22,6 +22,7 @@ from moekit.calib.routing import Routing, selection_bias
 from moekit.ops.plan import group_count, group_feasible
 from moekit.ops.prune.compensate import LayerFit, refit_layer, set_down_weight
 from moekit.ops.prune.incremental import IncrementalError, local_routing
+from moekit.ops.prune.reconstruct import Rebuild, apply_rebuild, reconstruct_layer, restore_rebuild
 from moekit.ops.prune.replay import build_replay
 from moekit.ops.prune.router_fit import RouterFit, refit_router
 from moekit.ops.prune.search import search_drop
@@ -80,6 +81,8 @@ class MeasuredLayer:
     fit: LayerFit | None
     seconds: float
     router: RouterFit | None = None
+    rebuild: Rebuild | None = None
+    gate_up: dict[int, Any] = field(default_factory=dict)  # {expert: () -> (gate, up)}, writer
 
 
 def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource], *,
@@ -180,15 +183,16 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
                   beam: int, compensate: bool, protected: frozenset[int], width: int | None,
                   reference: torch.Tensor | None, router: bool = False,
                   reference_logits: torch.Tensor | None = None,
-                  refit: Callable[[LayerReplay, list[int]], LayerFit] | None = None
-                  ) -> MeasuredLayer:
+                  refit: Callable[[LayerReplay, list[int]], LayerFit] | None = None,
+                  reconstruct: int = 0) -> MeasuredLayer:
     """Search (and refit) one layer whose weights are materialised, from its capture `cap`
     (inputs, logits; with a refit also the layer's output residual) and `reference`, the
     unmodified model's residual at the same positions [N, H] (the refit absorbs the drift) and
     `reference_logits` its router logits there [N, E]. With `router` (expert pruning with
     compensation), the kept router rows are refitted after the down projections
     (`router_fit`). `refit(replay, kept)`, when given, replaces the down refit on the capture
-    (the streamed refit on more tokens, `refit_stream`; not with `width`)."""
+    (the streamed refit on more tokens, `refit_stream`; not with `width`). With `reconstruct`
+    > 0 the kept experts are then fitted whole for at most that many steps (`reconstruct`)."""
     num = int(block.experts.num_experts)
     groups, changes = grouping(cal.layout, num, n_drop)
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
@@ -197,23 +201,50 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
     found = search_drop(replay.error, num, n_drop, protected=protected, groups=groups, beam=beam,
                         extend=IncrementalError(replay).extend if local else None)
     kept = [e for e in range(num) if e not in found.dropped]
-    fit = rfit = None
+    fit = rfit = rebuild = None
     if needs_refit(n_drop, compensate, width):
         if reference is None or cap.residual is None:
             raise RuntimeError("a refit needs the layer's residuals (internal error)")
         drift = reference - cap.residual
         fit = refit(replay, kept) if refit is not None and width is None else \
             refit_layer(block.layer, replay, block.experts, cap.inputs, kept, width, drift)
+        if reconstruct > 0 and width is None:
+            rebuild = _reconstruct(block, replay, cap.inputs, kept, drift, fit, reconstruct)
         if router and width is None:
             saved = apply_fit(block, fit.weights)
+            rows = apply_rebuild(block.experts, rebuild)
             try:
                 rfit = refit_router(block.layer, replay, block.experts, block.router,
                                     cap.inputs, kept, replay.target + drift.float().cpu(),
                                     reference_logits)
             finally:
+                restore_rebuild(block.experts, rows)
                 restore_weights(block, saved)
     return MeasuredLayer(block.layer, kept, sorted(found.dropped), found.error, found.single,
-                         fit, 0.0, rfit)
+                         fit, 0.0, rfit, rebuild)
+
+
+def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kept: list[int],
+                 drift: torch.Tensor, fit: LayerFit, steps: int) -> Rebuild | None:
+    """Fit the kept experts whole, starting from the down refit; when it helps on the held-out
+    tokens, its down rows replace the refit's in `fit` (weights, relative changes)."""
+    from moekit.ops.prune.compensate import down_weight
+
+    saved = apply_fit(block, fit.weights)
+    try:
+        ids, gates = replay.routed(kept)
+        rebuild = reconstruct_layer(block.layer, block.experts, inputs, ids, gates,
+                                    replay.target + drift.float().cpu(), kept, steps)
+    finally:
+        restore_weights(block, saved)
+    if not rebuild.changed:
+        return None
+    transposed = bool(getattr(block.experts, "is_transposed", False))
+    for e, row in rebuild.rows.pop("down_proj").items():
+        weight, base = (row.T if transposed else row).contiguous(), down_weight(block.experts, e)
+        fit.weights[e] = weight
+        fit.rel_change[e] = float((weight - base).norm() / base.norm().clamp(min=1e-30))
+    return rebuild
 
 
 def needs_refit(n_drop: int, compensate: bool, width: int | None) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moekit.ops.prune.measured import Calibration, MeasuredLayer
 from moekit.ops.prune.select import build_plan
@@ -42,6 +42,7 @@ class Candidate:
     neurons: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     width: int | None = None
     routers: dict[int, RouterFit] = field(default_factory=dict)
+    gate_up: dict[int, dict[int, Any]] = field(default_factory=dict)  # reconstructed experts
 
 
 def measured_plan(cal: Calibration, fingerprint: str, layers: list[MeasuredLayer], *,
@@ -62,9 +63,10 @@ def measured_plan(cal: Calibration, fingerprint: str, layers: list[MeasuredLayer
     changes = {r.layer: r.fit.rel_change for r in layers if r.fit and r.fit.weights}
     neurons = {r.layer: r.fit.neurons for r in layers if r.fit and r.fit.neurons}
     routers = {r.layer: r.router for r in layers if r.router is not None and r.router.changed}
+    gate_up = {r.layer: r.gate_up for r in layers if r.gate_up}
     return Candidate(plan.criterion, plan, weights, changes,
                      seconds=sum(r.seconds for r in layers), layers=layers, neurons=neurons,
-                     width=width, routers=routers)
+                     width=width, routers=routers, gate_up=gate_up)
 
 
 def stats_candidates(cal: Calibration, stats: ExpertStats, fingerprint: str, ratio: float,

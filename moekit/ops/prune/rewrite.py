@@ -30,11 +30,18 @@ if TYPE_CHECKING:
 def modified_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan,
                      weights: dict[int, dict[int, torch.Tensor]],
                      rel_change: dict[int, dict[int, float]],
-                     routers: dict[int, RouterFit] | None = None
+                     routers: dict[int, RouterFit] | None = None,
+                     gate_up: dict[int, dict[int, Any]] | None = None
                      ) -> tuple[dict[str, OutTensor], list[dict[str, Any]]]:
     """({source key: OutTensor replacing its normal output}, provenance rows); `routers`
-    {layer: refitted router rows} replace the kept rows of the router weight (and bias)."""
+    {layer: refitted router rows} replace the kept rows of the router weight (and bias);
+    `gate_up` {layer: {expert: () -> (gate [I, H], up [I, H])}} the reconstructed experts'
+    gate and up projections (`reconstruct`)."""
     out, rows = router_tensors(checkpoint, layout, plan, routers or {})
+    for index, pairs in sorted((gate_up or {}).items()):
+        found = gate_up_tensors(checkpoint, layout, plan, index, pairs)
+        out.update(found)
+        rows += [{"layer": index, "tensor": key, "reconstructed": len(pairs)} for key in found]
     layers = {layer.index: layer for layer in layout.moe_layers}
     for index, per_expert in sorted(weights.items()):
         if not per_expert:
@@ -142,3 +149,40 @@ def _fused(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, kept: l
 
     tensor = OutTensor.computed(key, info.dtype, shape, produce)
     return [(e, key, tensor) for e in sorted(weights)]
+
+
+def gate_up_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan, index: int,
+                    pairs: dict[int, Any]) -> dict[str, OutTensor]:
+    """The gate/up tensors of layer `index` holding the reconstructed experts `pairs`, in the
+    source's layout and dtype (per-expert keys renamed to the new ids; fused: the kept rows)."""
+    from moekit.ops.merge.experts import expert_format, join_halves
+
+    layer = next(m for m in layout.moe_layers if m.index == index)
+    kept = plan.layer(index).kept
+    fmt = expert_format(checkpoint, layout, layer)
+    out: dict[str, OutTensor] = {}
+    if fmt.per_expert is not None:
+        base = layer.prefix + layout.family.experts.prefixes[0].rstrip(".") + "."
+        for e, pair in pairs.items():
+            for part, role in enumerate(("gate", "up")):
+                key = fmt.per_expert[role][e]
+                info = checkpoint.tensors[key]
+                name = f"{base}{kept.index(e)}.{key[len(f'{base}{e}.'):]}"
+                out[key] = OutTensor.computed(
+                    name, info.dtype, info.shape,
+                    lambda p=pair, i=part, d=to_torch(info.dtype): p()[i].to(d))
+        return out
+    key = fmt.gate_up
+    assert key is not None
+    info = checkpoint.tensors[key]
+
+    def produce() -> torch.Tensor:
+        rows = checkpoint.read_rows(key, kept).clone()
+        for e, pair in pairs.items():
+            gate, up = pair()
+            joined = join_halves(gate[None], up[None], fmt.interleaved)[0]
+            rows[kept.index(e)] = (joined.T if fmt.transposed else joined).to(rows.dtype)
+        return rows
+
+    out[key] = OutTensor.computed(key, info.dtype, (len(kept), *info.shape[1:]), produce)
+    return out

@@ -1,0 +1,204 @@
+"""Reconstruction of a pruned layer's kept experts: all of their projections, fitted together.
+
+The down refit (`compensate`) is linear least squares over the kept experts' down projections;
+their gate and up projections stay as trained. After it, the whole kept experts of one layer
+(gate/up and down, `gate_up_proj` and `down_proj` of the transformers experts module) are fitted
+to the same target, the unpruned layer plus the residual-stream drift y*(t), on the same tokens
+x_t with the routing among the kept experts held fixed (ids and gates of `replay.routed`):
+
+    min  sum_t || y*(t) - experts(x_t; ids_t, gates_t; theta) ||^2   over the kept rows of theta,
+
+by Adam on mini-batches of BATCH positions from the down refit's weights (the family's own
+expert code computes the outputs and their gradients, so biases, clamps and activations are
+exact). It is layer-wise reconstruction, no labels and no gradient through the rest of the
+model: each step costs about three forward passes of the kept experts over BATCH positions,
+whatever the sample size, so more calibration positions cost memory, not time. The last
+HELD_OUT share of the tokens is never fitted; it is evaluated every CHECK_EVERY steps, the
+weights with the lowest
+held-out error are kept, the fit stops after PATIENCE checks without a new best or after
+`steps`, and the layer keeps its down refit alone when no step beat it. The step size is
+relative: LEARNING_RATE times the RMS of each tensor's kept rows (scale-free across models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from moekit.ops.prune.compensate import HELD_OUT
+
+if TYPE_CHECKING:
+    import torch
+
+FITTED = ("gate_up_proj", "down_proj")  # transformers' fused in-memory expert weights
+LEARNING_RATE = 2e-3
+BATCH = 4096  # positions per Adam step (drawn without replacement, epoch by epoch)
+CHECK_EVERY = 50
+PATIENCE = 4
+STEPS = 1000  # default cap on Adam steps per layer (`prune --reconstruct-steps`)
+CHUNK_BYTES = 64 << 20  # float32 expert activations of one chunk of tokens
+
+
+@dataclass
+class Rebuild:
+    """Reconstructed rows of kept experts, in the experts module's own layout ({name: {expert:
+    row}}, float32), with the held-out errors before (down refit) and after, and steps run."""
+
+    layer: int
+    rows: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    held_before: float = 0.0
+    held_after: float = 0.0
+    steps: int = 0
+    best_step: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.rows)
+
+
+def can_reconstruct(experts: Any) -> bool:
+    """The module stores its experts as fused [E, ...] `gate_up_proj` and `down_proj`."""
+    num = int(getattr(experts, "num_experts", 0) or 0)
+    return num > 0 and all(
+        getattr(getattr(experts, name, None), "shape", (0,))[0] == num for name in FITTED)
+
+
+def reconstruct_layer(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
+                      gates: torch.Tensor, target: torch.Tensor, kept: list[int],
+                      steps: int = STEPS) -> Rebuild:
+    """Fit the kept experts' `gate_up_proj`/`down_proj` rows (module doc) on the first
+    (1 - HELD_OUT) of the tokens `inputs` [N, H] routed as (`ids`, `gates`) [N, k] among `kept`,
+    towards `target` [N, H]; the module's current weights are the start and stay untouched."""
+    import torch
+
+    with torch.inference_mode(False), torch.enable_grad():  # the engine runs without autograd
+        return _fit(layer, experts, inputs.clone(), ids.clone(), gates.clone(), target.clone(),
+                    kept, steps)
+
+
+def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
+         gates: torch.Tensor, target: torch.Tensor, kept: list[int], steps: int) -> Rebuild:
+    import torch
+
+    num = int(inputs.shape[0])
+    cut = int(num * (1 - HELD_OUT))
+    result = Rebuild(layer)
+    if steps <= 0 or cut < 1 or cut >= num or not can_reconstruct(experts):
+        return result
+    index = torch.as_tensor(kept)
+    params = {n: p.detach() for n, p in experts.named_parameters(recurse=False)}
+    start = {n: params[n][index].float().cpu() for n in FITTED}
+    delta = {n: torch.zeros_like(start[n], requires_grad=True) for n in FITTED}
+    rates = [{"params": [delta[n]], "lr": LEARNING_RATE * float(start[n].pow(2).mean().sqrt())}
+             for n in FITTED]
+    optimizer = torch.optim.Adam(rates)
+    base = {n: p.float().cpu().clone() for n, p in params.items()}
+    hidden = int(inputs.shape[1])
+    width = int(experts.gate_up_proj[0].numel()) // hidden * 3 // 2 + hidden  # floats per pair
+    per_chunk = _chunks(0, BATCH, ids.shape[1], width)[0].stop
+    held = _chunks(cut, num, ids.shape[1], width)
+
+    def error(rows: slice | torch.Tensor) -> torch.Tensor:
+        weights = {n: base[n].index_add(0, index, delta[n]) if n in delta else base[n]
+                   for n in base}
+        got = torch.func.functional_call(experts, weights, (inputs[rows].float().cpu(),
+                                                              ids[rows], gates[rows].float()))
+        return (got - target[rows]).pow(2).sum()
+
+    def held_error() -> float:
+        with torch.no_grad():
+            return sum(float(error(rows)) for rows in held) / (num - cut)
+
+    best = result.held_before = result.held_after = held_error()
+    kept_best = {n: d.detach().clone() for n, d in delta.items()}
+    shuffle = torch.Generator().manual_seed(layer)
+    stale, order, at = 0, torch.randperm(cut, generator=shuffle), 0
+    for step in range(1, steps + 1):
+        if at + BATCH > cut and at:
+            order, at = torch.randperm(cut, generator=shuffle), 0
+        batch = order[at:at + BATCH]
+        at += BATCH
+        optimizer.zero_grad()
+        for part in batch.split(per_chunk):
+            (error(part) / int(batch.numel())).backward()
+        optimizer.step()
+        result.steps = step
+        if step % CHECK_EVERY and step != steps:
+            continue
+        now = held_error()
+        if now < best:
+            best, stale, result.best_step = now, 0, step
+            kept_best = {n: d.detach().clone() for n, d in delta.items()}
+        else:
+            stale += 1
+            if stale >= PATIENCE:
+                break
+    if result.best_step:
+        result.held_after = best
+        result.rows = {n: {e: start[n][i] + kept_best[n][i] for i, e in enumerate(kept)}
+                       for n in FITTED}
+    return result
+
+
+def _chunks(begin: int, end: int, k: int, width: int) -> list[slice]:
+    size = max(1, CHUNK_BYTES // (4 * max(k, 1) * max(width, 1)))
+    return [slice(a, min(end, a + size)) for a in range(begin, end, size)]
+
+
+def apply_rebuild(experts: Any, rebuild: Rebuild | None) -> dict[str, dict[int, torch.Tensor]]:
+    """Write the rebuilt rows into the in-memory module (its dtype); returns the originals for
+    `restore_rebuild`."""
+    saved: dict[str, dict[int, torch.Tensor]] = {}
+    if rebuild is None:
+        return saved
+    for name, rows in rebuild.rows.items():
+        param = getattr(experts, name)
+        saved[name] = {}
+        for e, row in rows.items():
+            saved[name][e] = param.data[e].clone()
+            param.data[e] = row.to(param.dtype)
+    return saved
+
+
+def restore_rebuild(experts: Any, saved: dict[str, dict[int, torch.Tensor]]) -> None:
+    for name, rows in saved.items():
+        param = getattr(experts, name)
+        for e, row in rows.items():
+            param.data[e] = row
+
+
+def canonical_gate_up(experts: Any, rows: dict[int, torch.Tensor], interleaved: bool
+                      ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{expert: (gate [I, H], up [I, H])} (float32, math orientation y = W x) from fused
+    module-layout `gate_up_proj` rows; `interleaved`: gate and up alternate (gpt-oss), else
+    gate comes first."""
+    transposed = bool(getattr(experts, "is_transposed", False))
+    out = {}
+    for e, row in rows.items():
+        both = row.T if transposed else row  # [2I, H]
+        gate, up = (both[0::2], both[1::2]) if interleaved else both.chunk(2, dim=0)
+        out[e] = (gate.contiguous(), up.contiguous())
+    return out
+
+
+def apply_gate_up(experts: Any, pairs: dict[int, Any], interleaved: bool
+                  ) -> dict[str, dict[int, torch.Tensor]]:
+    """Set experts' gate/up from canonical pairs ({expert: () -> (gate, up)}, as a candidate
+    holds them) in an in-memory module; returns the originals for `restore_rebuild`."""
+    import torch
+
+    transposed = bool(getattr(experts, "is_transposed", False))
+    rows = {}
+    for e, pair in pairs.items():
+        gate, up = pair()
+        both = torch.stack([gate, up], dim=1).flatten(0, 1) if interleaved else \
+            torch.cat([gate, up], dim=0)
+        rows[e] = both.T if transposed else both
+    return apply_rebuild(experts, Rebuild(-1, {"gate_up_proj": rows}))
+
+
+def in_memory_interleaved(layout: Any) -> bool:
+    """Whether the experts module holds gate and up alternating: families whose fused on-disk
+    tensors load unchanged (gpt-oss); per-expert checkpoints are fused gate-first on load."""
+    spec = layout.family.experts
+    return bool(spec.fused and spec.interleaved)
