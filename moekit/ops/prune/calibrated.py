@@ -167,7 +167,8 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
         options.max_tokens or 0) else 0
     if options.max_tokens is not None and not sums:
         return
-    rebuild = reconstruct_bytes(layout, n_drop) if _reconstruct_steps(layout, options) else 0
+    rebuild = reconstruct_bytes(layout, n_drop, refit if sums else 0) \
+        if _reconstruct_steps(layout, options) else 0
     found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
                                device=options.device, max_memory=options.max_memory,
                                requested=options.max_tokens, default=PRUNE_TOKENS,

@@ -41,6 +41,7 @@ class LayerFit:
     held_after: float = 0.0
     alpha: float | None = None
     neurons: dict[int, torch.Tensor] = field(default_factory=dict)
+    sample: tuple[torch.Tensor, ...] | None = None  # streamed (inputs, ids, gates, target)
 
 
 def down_weight(experts: Any, e: int) -> torch.Tensor:

@@ -273,7 +273,8 @@ class LaneRun:
             chunks = streamed_chunks(capture, original, pruned, sizes, self.cal.refit_tokens,
                                      per)
             return fit_from_chunks(block.layer, experts, replay, kept, chunks,
-                                   self.cal.refit_tokens)
+                                   self.cal.refit_tokens,
+                                   keep_sample=bool(self.search and self.search.reconstruct))
 
         return refit
 

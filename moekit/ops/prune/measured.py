@@ -226,15 +226,21 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
 
 def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kept: list[int],
                  drift: torch.Tensor, fit: LayerFit, steps: int) -> Rebuild | None:
-    """Fit the kept experts whole, starting from the down refit; when it helps on the held-out
+    """Fit the kept experts whole, starting from the down refit, on the streamed refit's
+    positions when there are (`fit.sample`), else the selection's; when it helps on the held-out
     tokens, its down rows replace the refit's in `fit` (weights, relative changes)."""
     from moekit.ops.prune.compensate import down_weight
 
     saved = apply_fit(block, fit.weights)
     try:
-        ids, gates = replay.routed(kept)
-        rebuild = reconstruct_layer(block.layer, block.experts, inputs, ids, gates,
-                                    replay.target + drift.float().cpu(), kept, steps)
+        if fit.sample is not None:  # the streamed refit's positions (`--refit-tokens`)
+            inputs, ids, gates, target = fit.sample
+            fit.sample = None
+        else:
+            ids, gates = replay.routed(kept)
+            target = replay.target + drift.float().cpu()
+        rebuild = reconstruct_layer(block.layer, block.experts, inputs, ids, gates, target,
+                                    kept, steps)
     finally:
         restore_weights(block, saved)
     if not rebuild.changed:

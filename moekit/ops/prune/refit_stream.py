@@ -56,17 +56,21 @@ def chunk_terms(experts: Any, replay: LayerReplay, keep: list[int], inputs: torc
 
 def fit_from_chunks(layer: int, experts: Any, replay: LayerReplay, keep: list[int],
                     chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-                    tokens: int) -> LayerFit:
+                    tokens: int, keep_sample: bool = False) -> LayerFit:
     """The refit (`refit_stats.refit_from_stats`) from `chunks` of (inputs [n, H], logits
     [n, E], shift [n, H] or None) holding `tokens` positions in all, the first
-    (1 - HELD_OUT) of them fitting, the rest held out."""
+    (1 - HELD_OUT) of them fitting, the rest held out. With `keep_sample`, every chunk's
+    `sample_terms` are kept too (`LayerFit.sample`) for the reconstruction."""
     hidden = int(replay.target.shape[1])
     base = {e: down_weight(experts, e) for e in keep}
     bias = {e: down_bias(experts, e, hidden) for e in keep}
     allowed = allowed_pairs(replay.routed(keep)[0], keep, int(base[keep[0]].shape[1]))
     fit, held = RefitStats(keep, allowed), RefitStats(keep, allowed)
     cut, seen = int(tokens * (1 - HELD_OUT)), 0
+    kept_terms: list[tuple[torch.Tensor, ...]] = []
     for inputs, logits, shift in chunks:
+        if keep_sample:
+            kept_terms.append(sample_terms(experts, replay, keep, inputs, logits, shift))
         ids, gates, hid, resid = chunk_terms(experts, replay, keep, inputs, logits, shift,
                                              base, bias)
         m = min(max(cut - seen, 0), int(ids.shape[0]))
@@ -75,7 +79,29 @@ def fit_from_chunks(layer: int, experts: Any, replay: LayerReplay, keep: list[in
         if m < ids.shape[0]:
             held.add(ids[m:], gates[m:], hid[m:], resid[m:])
         seen += int(ids.shape[0])
-    return refit_from_stats(layer, fit, held, base)
+    out = refit_from_stats(layer, fit, held, base)
+    if kept_terms:
+        import torch
+
+        out.sample = tuple(torch.cat(parts) for parts in zip(*kept_terms, strict=True))
+    return out
+
+
+def sample_terms(experts: Any, replay: LayerReplay, keep: list[int], inputs: torch.Tensor,
+                 logits: torch.Tensor, shift: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs [n, H], ids [n, k], gates [n, k], target y_E + shift [n, H]) of one chunk, the
+    data of the whole-expert reconstruction (`reconstruct`)."""
+    from moekit.calib.routing import route
+    from moekit.ops.prune.replay import expert_outputs
+
+    logits = logits.float().cpu()
+    ids0, gates0 = route(logits, replay.routing_for(None), replay.bias, None)
+    target = (expert_outputs(experts, inputs, ids0) * gates0.unsqueeze(-1)).sum(1)
+    if shift is not None:
+        target += shift.float().cpu()
+    ids, gates = route(logits, replay.routing_for(keep), replay.bias, keep)
+    return inputs.float().cpu(), ids, gates, target
 
 
 def window_groups(sizes: Sequence[int], per_chunk: int) -> list[list[int]]:

@@ -115,16 +115,18 @@ def refit_sum_bytes(layout: Any, n_drop: int) -> int:
     return 2 * kept * (width * width + hidden * width) * 8 + pairs + REFIT_BYTES
 
 
-def reconstruct_bytes(layout: Any, n_drop: int) -> int:
-    """Memory of the whole-expert reconstruction of one MoE layer, whatever the token count
-    (`reconstruct`: float32 copies of every expert's gate/up/down [E, 3 H I] twice (start and
-    the step's weights), delta, gradient and two Adam moments of the kept ones, autograd
-    activations of one chunk, about 3 x CHUNK_BYTES)."""
+def reconstruct_bytes(layout: Any, n_drop: int, streamed: int = 0) -> int:
+    """Memory of the whole-expert reconstruction of one MoE layer, whatever the selection's
+    token count (`reconstruct`: float32 copies of every expert's gate/up/down [E, 3 H I] twice
+    (start and the step's weights), delta, gradient and two Adam moments of the kept ones,
+    autograd activations of one chunk, about 3 x CHUNK_BYTES); with `streamed` refit positions
+    (`--refit-tokens`), their inputs, targets and routing [N, 2 H + 2 k] too."""
     from moekit.ops.prune.reconstruct import CHUNK_BYTES
 
     hidden, width = _dims(layout)
     num = layout.moe_layers[0].num_experts
-    return 4 * 3 * hidden * width * (2 * num + 4 * (num - n_drop)) + 3 * CHUNK_BYTES
+    sample = 4 * streamed * (2 * hidden + 2 * layout.top_k())
+    return 4 * 3 * hidden * width * (2 * num + 4 * (num - n_drop)) + 3 * CHUNK_BYTES + sample
 
 
 def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "auto",
