@@ -176,7 +176,7 @@ def test_prune_with_refit_tokens_refits_on_the_streamed_tokens(tmp_path):
     source = _corpus(tmp_path)
     options = DataOptions([source], seq_len=64, max_tokens=512, beam=2, compensate=True,
                           protect_super=False, device="cpu", dtype="float32",
-                          refit_tokens=2048)
+                          refit_tokens=2048, reconstruct_steps=0)
     choice = choose_with_data(folder, layout, fingerprint, criterion="measured", ratio=0.5,
                               protect={}, min_experts=None, options=options,
                               log=lambda _: None)
@@ -230,3 +230,39 @@ def test_refit_tokens_streamed_equals_in_memory(tmp_path):
         for e, w in weights.items():
             torch.testing.assert_close(torch.as_tensor(got[1].weights[layer][e]),
                                        torch.as_tensor(w))
+
+
+def test_reconstruction_uses_the_streamed_refit_positions(tmp_path, monkeypatch):
+    """With `--refit-tokens`, the first MoE layer's reconstruction gets every refit position:
+    its inputs and target equal a plain capture of selection + extra windows by the unmodified
+    model and that model's own routed output there (no earlier layer is pruned: zero drift)."""
+    import moekit.ops.prune.measured as measured
+
+    folder, model, layout, fingerprint = _setup("mixtral", tmp_path)
+    source = _corpus(tmp_path)
+    seen = []
+    real = measured.reconstruct_layer
+
+    def spy(layer, experts, inputs, ids, gates, target, kept, steps):
+        seen.append((layer, inputs.clone(), target.clone()))
+        return real(layer, experts, inputs, ids, gates, target, kept, steps)
+
+    monkeypatch.setattr(measured, "reconstruct_layer", spy)
+    options = DataOptions([source], seq_len=64, max_tokens=512, beam=2, compensate=True,
+                          protect_super=False, device="cpu", dtype="float32",
+                          refit_tokens=2048, reconstruct_steps=20)
+    choose_with_data(folder, layout, fingerprint, criterion="measured", ratio=0.5, protect={},
+                     min_experts=None, options=options, log=lambda _: None)
+    cal = load_calibration(folder, layout, [source], fraction=(0.0, 1.0), seq_len=64,
+                           max_tokens=512, device="cpu", dtype="float32", refit_tokens=2048)
+    layer = layout.moe_layers[0].index
+    cap = capture_layers(model, layout.family, cal.fit + cal.extra, max_tokens=cal.refit_tokens,
+                         layers=[layer])[layer]
+    got_layer, inputs, target = seen[0]
+    assert got_layer == layer and inputs.shape[0] == cal.refit_tokens > cal.max_tokens
+    torch.testing.assert_close(inputs, cap.inputs.float(), rtol=1e-5, atol=1e-6)
+    block = next(b for b in moe_blocks(model, layout.family) if b.layer == layer)
+    with torch.no_grad():
+        want = block.block(cap.inputs.float()[None])
+    want = (want[0] if isinstance(want, tuple) else want).reshape(target.shape)
+    torch.testing.assert_close(target, want, rtol=1e-4, atol=1e-5)

@@ -107,7 +107,7 @@ def prune(
     reconstruct_steps: Annotated[int, typer.Option(
         "--reconstruct-steps", help="With compensation: after the down refit, fit each "
         "layer's kept experts whole (gate/up and down) for at most this many steps, kept where "
-        "held-out error is lower; 0 turns it off.")] = 200,
+        "held-out error is lower; 0 turns it off.")] = 1000,
     protect_super: ProtectSuperOpt = True,
     keep_params: Annotated[float | None, typer.Option(
         "--keep-params", help="With --data: share of routed-expert bytes to keep, reached by "
