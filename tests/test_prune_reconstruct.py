@@ -12,6 +12,7 @@ from tiny_models import build_model
 from moekit.calib.capture import moe_blocks
 from moekit.families.registry import resolve
 from moekit.ops.prune.reconstruct import (
+    GateUp,
     apply_gate_up,
     can_reconstruct,
     canonical_gate_up,
@@ -103,7 +104,7 @@ def test_canonical_gate_up_round_trips_through_the_module(model_type):
     fixed = {e: (g + 0.1 * torch.randn(g.shape, generator=gen),
                  u - 0.1 * torch.randn(u.shape, generator=gen))
              for e, (g, u) in pairs.items() if e in (0, 3)}
-    saved = apply_gate_up(experts, {e: (lambda p=p: p) for e, p in fixed.items()}, inter)
+    saved = apply_gate_up(experts, {e: GateUp(lambda p=p: p) for e, p in fixed.items()}, inter)
     back = canonical_gate_up(experts, {e: experts.gate_up_proj.data[e] for e in fixed}, inter)
     for e, (g, u) in fixed.items():
         torch.testing.assert_close(back[e][0], g)

@@ -47,6 +47,7 @@ from moekit.ops.prune.measured import (
     restore_weights,
 )
 from moekit.ops.prune.reconstruct import (
+    GateUp,
     Rebuild,
     apply_rebuild,
     canonical_gate_up,
@@ -235,15 +236,20 @@ class LaneRun:
         (gate, up) go to the spill for the writer (`result.gate_up`, read when written)."""
         rebuild = self.rebuild = result.rebuild
         assert rebuild is not None
-        pairs = canonical_gate_up(block.experts, rebuild.rows["gate_up_proj"],
-                                  in_memory_interleaved(self.cal.layout))
+        rows = rebuild.rows["gate_up_proj"]
+        pairs = canonical_gate_up(block.experts, rows, in_memory_interleaved(self.cal.layout))
+        change = {}
+        for e, row in rows.items():
+            old = block.experts.gate_up_proj[e].detach().float().cpu()
+            change[e] = float((row - old).norm() / old.norm().clamp(min=1e-30))
         if self.spill is None:
-            result.gate_up = {e: (lambda p=p: p) for e, p in pairs.items()}
+            result.gate_up = {e: GateUp(lambda p=p: p, change[e]) for e, p in pairs.items()}
             return
         key, spill = REBUILD_KEY + block.layer, self.spill
         spill.put(key, {f"{e}.{r}": t for e, (g, u) in pairs.items()
                         for r, t in (("g", g), ("u", u))})
-        result.gate_up = {e: (lambda e=e: (spill.read(key, f"{e}.g"), spill.read(key, f"{e}.u")))
+        result.gate_up = {e: GateUp(lambda e=e: (spill.read(key, f"{e}.g"),
+                                                 spill.read(key, f"{e}.u")), change[e])
                           for e in pairs}
 
     def _streamed(self, step: Any, block: Any) -> Callable[[Any, list[int]], Any]:

@@ -82,7 +82,7 @@ class MeasuredLayer:
     seconds: float
     router: RouterFit | None = None
     rebuild: Rebuild | None = None
-    gate_up: dict[int, Any] = field(default_factory=dict)  # {expert: () -> (gate, up)}, writer
+    gate_up: dict[int, Any] = field(default_factory=dict)  # {expert: GateUp}, for the writer
 
 
 def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource], *,

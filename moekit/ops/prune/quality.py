@@ -42,7 +42,7 @@ class Candidate:
     neurons: dict[int, dict[int, torch.Tensor]] = field(default_factory=dict)
     width: int | None = None
     routers: dict[int, RouterFit] = field(default_factory=dict)
-    gate_up: dict[int, dict[int, Any]] = field(default_factory=dict)  # reconstructed experts
+    gate_up: dict[int, dict[int, Any]] = field(default_factory=dict)  # {layer: {e: GateUp}}
 
 
 def measured_plan(cal: Calibration, fingerprint: str, layers: list[MeasuredLayer], *,

@@ -22,6 +22,7 @@ relative: LEARNING_RATE times the RMS of each tensor's kept rows (scale-free acr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,15 @@ class Rebuild:
     @property
     def changed(self) -> bool:
         return bool(self.rows)
+
+
+@dataclass
+class GateUp:
+    """One reconstructed expert's gate and up projections for the writer: `read()` gives
+    (gate [I, H], up [I, H]) in float32 (from the spill), `rel_change` ||W - W0|| / ||W0||."""
+
+    read: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    rel_change: float = 0.0
 
 
 def can_reconstruct(experts: Any) -> bool:
@@ -181,16 +191,16 @@ def canonical_gate_up(experts: Any, rows: dict[int, torch.Tensor], interleaved: 
     return out
 
 
-def apply_gate_up(experts: Any, pairs: dict[int, Any], interleaved: bool
+def apply_gate_up(experts: Any, pairs: dict[int, GateUp], interleaved: bool
                   ) -> dict[str, dict[int, torch.Tensor]]:
-    """Set experts' gate/up from canonical pairs ({expert: () -> (gate, up)}, as a candidate
-    holds them) in an in-memory module; returns the originals for `restore_rebuild`."""
+    """Set experts' gate/up from canonical pairs (as a candidate holds them) in an in-memory
+    module; returns the originals for `restore_rebuild`."""
     import torch
 
     transposed = bool(getattr(experts, "is_transposed", False))
     rows = {}
     for e, pair in pairs.items():
-        gate, up = pair()
+        gate, up = pair.read()
         both = torch.stack([gate, up], dim=1).flatten(0, 1) if interleaved else \
             torch.cat([gate, up], dim=0)
         rows[e] = both.T if transposed else both

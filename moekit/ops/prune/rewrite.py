@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from moekit.families.layout import ModelLayout, MoeLayer
     from moekit.io.reader import Checkpoint
     from moekit.ops.plan import PrunePlan
+    from moekit.ops.prune.reconstruct import GateUp
     from moekit.ops.prune.router_fit import RouterFit
 
 
@@ -31,17 +32,19 @@ def modified_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePla
                      weights: dict[int, dict[int, torch.Tensor]],
                      rel_change: dict[int, dict[int, float]],
                      routers: dict[int, RouterFit] | None = None,
-                     gate_up: dict[int, dict[int, Any]] | None = None
+                     gate_up: dict[int, dict[int, GateUp]] | None = None
                      ) -> tuple[dict[str, OutTensor], list[dict[str, Any]]]:
     """({source key: OutTensor replacing its normal output}, provenance rows); `routers`
     {layer: refitted router rows} replace the kept rows of the router weight (and bias);
-    `gate_up` {layer: {expert: () -> (gate [I, H], up [I, H])}} the reconstructed experts'
-    gate and up projections (`reconstruct`)."""
+    `gate_up` {layer: {expert: GateUp}} the reconstructed experts' gate and up projections
+    (`reconstruct`)."""
     out, rows = router_tensors(checkpoint, layout, plan, routers or {})
     for index, pairs in sorted((gate_up or {}).items()):
-        found = gate_up_tensors(checkpoint, layout, plan, index, pairs)
-        out.update(found)
-        rows += [{"layer": index, "tensor": key, "reconstructed": len(pairs)} for key in found]
+        kept = plan.layer(index).kept
+        for e, key, tensor in gate_up_tensors(checkpoint, layout, plan, index, pairs):
+            out[key] = tensor
+            rows.append({"layer": index, "expert": e, "new_id": kept.index(e), "tensor": key,
+                         "rel_change": round(pairs[e].rel_change, 6), "reconstructed": True})
     layers = {layer.index: layer for layer in layout.moe_layers}
     for index, per_expert in sorted(weights.items()):
         if not per_expert:
@@ -152,15 +155,16 @@ def _fused(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, kept: l
 
 
 def gate_up_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan, index: int,
-                    pairs: dict[int, Any]) -> dict[str, OutTensor]:
-    """The gate/up tensors of layer `index` holding the reconstructed experts `pairs`, in the
-    source's layout and dtype (per-expert keys renamed to the new ids; fused: the kept rows)."""
+                    pairs: dict[int, GateUp]) -> list[tuple[int, str, OutTensor]]:
+    """(expert, source key, tensor) of the gate/up tensors of layer `index` holding the
+    reconstructed experts `pairs`, in the source's layout and dtype (per-expert keys renamed
+    to the new ids; fused: the kept rows, one tensor for all)."""
     from moekit.ops.merge.experts import expert_format, join_halves
 
     layer = next(m for m in layout.moe_layers if m.index == index)
     kept = plan.layer(index).kept
     fmt = expert_format(checkpoint, layout, layer)
-    out: dict[str, OutTensor] = {}
+    out: list[tuple[int, str, OutTensor]] = []
     if fmt.per_expert is not None:
         base = layer.prefix + layout.family.experts.prefixes[0].rstrip(".") + "."
         for e, pair in pairs.items():
@@ -168,9 +172,9 @@ def gate_up_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan
                 key = fmt.per_expert[role][e]
                 info = checkpoint.tensors[key]
                 name = f"{base}{kept.index(e)}.{key[len(f'{base}{e}.'):]}"
-                out[key] = OutTensor.computed(
+                out.append((e, key, OutTensor.computed(
                     name, info.dtype, info.shape,
-                    lambda p=pair, i=part, d=to_torch(info.dtype): p()[i].to(d))
+                    lambda p=pair, i=part, d=to_torch(info.dtype): p.read()[i].to(d))))
         return out
     key = fmt.gate_up
     assert key is not None
@@ -179,10 +183,10 @@ def gate_up_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan
     def produce() -> torch.Tensor:
         rows = checkpoint.read_rows(key, kept).clone()
         for e, pair in pairs.items():
-            gate, up = pair()
+            gate, up = pair.read()
             joined = join_halves(gate[None], up[None], fmt.interleaved)[0]
             rows[kept.index(e)] = (joined.T if fmt.transposed else joined).to(rows.dtype)
         return rows
 
-    out[key] = OutTensor.computed(key, info.dtype, (len(kept), *info.shape[1:]), produce)
-    return out
+    tensor = OutTensor.computed(key, info.dtype, (len(kept), *info.shape[1:]), produce)
+    return [(e, key, tensor) for e in sorted(pairs)]
