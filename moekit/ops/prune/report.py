@@ -82,10 +82,14 @@ def _calibration_markdown(calibration: dict[str, Any]) -> str:
         lines.append(f"| {row['candidate']} | {row['kl_held_out']:.5f} | "
                      f"{row['top1_held_out']:.2%} | {'yes' if row['chosen'] else ''} |")
     modified = calibration.get("modified_tensors") or []
-    experts = sum(1 for row in modified if "expert" in row)
+    rebuilt = {(row["layer"], row["expert"]) for row in modified if row.get("reconstructed")}
+    experts = sum(1 for row in modified if "expert" in row and not row.get("reconstructed"))
+    routers = sum(1 for row in modified if "expert" not in row)
     if modified:
-        lines += ["", f"{experts} expert down projections and {len(modified) - experts} router "
-                  "tensors were refitted (least squares on calibration activations); see "
+        whole = f" and the gate/up projections of {len(rebuilt)} (layer-wise reconstruction)" \
+            if rebuilt else ""
+        lines += ["", f"{experts} expert down projections{whole} and {routers} router "
+                  "tensors were refitted on calibration activations; see "
                   "`moekit_provenance.json`."]
     return "\n".join(lines) + "\n"
 
