@@ -212,6 +212,23 @@ def test_cached_candidates_keep_exact_ties():
         assert all(int(i) in cand[t].tolist() for t in range(2) for i in ids[t])
 
 
+def test_cached_candidates_keep_near_ties_the_softmax_rounds_together():
+    """Logits 2.4e-7 apart (met in a real run, Qwen2-MoE layer 1): the softmax rounds them to
+    one probability and top-k takes the lower id, while the raw logits rank the other first;
+    both must be cached, so every top-k among survivors finds its outputs."""
+    from moekit.ops.prune.replay import cached_candidates
+
+    logits = torch.tensor([[1.7246342, -0.7716938, 0.6046540, 0.6126444, 0.1958932,
+                            -0.5986701, -0.5986699, -0.3973309]])
+    routing = Routing("softmax", False, 2, False)
+    cand = cached_candidates(logits, routing, None, n_drop=4)
+    assert {5, 6} <= set(cand[0].tolist())
+    for dropped in itertools.combinations(range(8), 4):
+        keep = [e for e in range(8) if e not in dropped]
+        ids, _ = route(logits, routing, None, keep)
+        assert all(int(i) in cand[0].tolist() for i in ids[0])
+
+
 
 def test_search_final_candidates_are_the_last_steps_best_sets():
     """`search_drop(final=K)` returns the K lowest-error sets of its last step, lowest first,

@@ -129,6 +129,9 @@ def torch_einsum(w: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
     return ((w.unsqueeze(2) * pair) * w.unsqueeze(1)).sum((1, 2))
 
 
+TIE_TOLERANCE = 1e-5  # relative score gap treated as a tie when choosing what to cache
+
+
 def cached_candidates(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | None,
                       n_drop: int) -> torch.Tensor:
     """Ids [N, M] of the experts whose outputs must be cached (see module docstring)."""
@@ -145,9 +148,11 @@ def cached_candidates(logits: torch.Tensor, routing: Routing, bias: torch.Tensor
         score = logits.float().sigmoid() if routing.scoring == "sigmoid" else logits.float()
         if bias is not None:
             score = score + bias.float().reshape(1, -1)
-    # exact ties at the m-th score (bf16 logits) could be broken either way: cache them all
+    # ties at the m-th score could be broken either way: exact ones (bf16 logits), and near
+    # ones that the routing's softmax rounds to equal probabilities (logits a few float32 ulps
+    # apart, ranked by expert id there): cache every score within TIE_TOLERANCE of it
     kth = torch.topk(score, m, dim=-1).values[:, -1:]
-    m = int((score >= kth).sum(-1).max())
+    m = int((score >= kth - TIE_TOLERANCE * (1 + kth.abs())).sum(-1).max())
     return torch.topk(score, m, dim=-1)[1]
 
 
