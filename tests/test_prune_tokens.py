@@ -208,3 +208,33 @@ def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
                              max_memory=budget, max_tokens=4096, refit_tokens=131072)
     _resolve_tokens(folder, layout, 0.5, with_refit, said.append)  # fits: as given, silent
     assert with_refit.max_tokens == 4096 and len(said) == heard
+
+
+def test_default_refit_streams_more_positions_when_the_memory_allows(tmp_path):
+    """The CLI's default (`refit_auto`): REFIT_FACTOR x the selection's positions for the refit
+    and the reconstruction where their memory leaves the default selection room; else the
+    selection's own positions, said in one line, and the selection keeps its default."""
+    from moekit.ops.plan import drop_count
+    from moekit.ops.prune.calibrated import DataOptions, _resolve_tokens
+    from moekit.ops.prune.tokens import REFIT_FACTOR, refit_sum_bytes
+
+    folder = _saved("mixtral", tmp_path / "src")
+    layout = describe(Checkpoint(folder))
+    said: list[str] = []
+    roomy = DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40, refit_auto=True)
+    _resolve_tokens(folder, layout, 0.5, roomy, said.append)
+    assert roomy.refit_tokens == REFIT_FACTOR * PRUNE_TOKENS and roomy.max_tokens == PRUNE_TOKENS
+    assert said == []
+    n_drop = drop_count(0.5, layout.moe_layers[0].num_experts)
+    per = per_token_bytes(layout, n_drop, 4, False)
+    streamed = refit_sum_bytes(layout, n_drop) + reconstruct_bytes(
+        layout, n_drop, REFIT_FACTOR * PRUNE_TOKENS)
+    budget = _weights(folder) + _call(layout) + PRUNE_TOKENS * per + streamed
+    fits = DataOptions([], dtype="float32", device="cpu", max_memory=budget, refit_auto=True)
+    _resolve_tokens(folder, layout, 0.5, fits, said.append)
+    assert fits.refit_tokens == REFIT_FACTOR * PRUNE_TOKENS and said == []
+    short = DataOptions([], dtype="float32", device="cpu", max_memory=budget - per,
+                        refit_auto=True)
+    _resolve_tokens(folder, layout, 0.5, short, said.append)
+    assert short.refit_tokens is None and short.max_tokens == PRUNE_TOKENS
+    assert len(said) == 1 and "selection's positions only" in said[0]

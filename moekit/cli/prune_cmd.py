@@ -93,9 +93,10 @@ def prune(
         "default 32768, fewer when their working set would not fit --max-memory).")
     ] = None,
     refit_tokens: Annotated[int | None, typer.Option(
-        "--refit-tokens", help="Calibration positions per layer for the down refit alone, "
-        "streamed through the layer as sums (more than --max-tokens: read further into each "
-        "source; default: the selection's).")] = None,
+        "--refit-tokens", help="Calibration positions per layer for the down refit and the "
+        "reconstruction, streamed through the layer (more than --max-tokens: read further into "
+        "each source; default: 4 x --max-tokens when the memory allows, else the "
+        "selection's).")] = None,
     beam: Annotated[int, typer.Option("--beam", help="Beam width of the measured search.")] = 4,
     compensate: Annotated[bool | None, typer.Option(
         "--compensate/--no-compensate", help="Refit kept experts' down projections (default: "
@@ -157,7 +158,8 @@ def prune(
                                 seq_len, max_tokens, beam, compensate, refit_router,
                                 protect_super=protect_super, device=device, dtype=dtype,
                                 max_memory=max_memory, refit_tokens=refit_tokens,
-                                reconstruct_steps=reconstruct_steps)
+                                reconstruct_steps=reconstruct_steps,
+                                refit_auto=refit_tokens is None)
         plan, modified, calibration, width = choose_with_data(
             source, data_opts, quiet=as_json, keep_params=keep_params, **options)
         stats_data = None

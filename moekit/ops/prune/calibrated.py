@@ -46,7 +46,9 @@ class DataOptions:
     (`measured.spread_windows`; 1: its first windows); `refit_tokens`: positions per layer
     the down refit streams (None or <= max_tokens: the selection's own; more: read further
     into each source, `refit_stream`); `reconstruct_steps`: at most this many steps of the
-    whole-expert reconstruction after the down refit (`reconstruct`; 0: off)."""
+    whole-expert reconstruction after the down refit (`reconstruct`; 0: off); `refit_auto`
+    (the CLI's default): without `refit_tokens`, stream `tokens.REFIT_FACTOR` times the
+    selection's positions for both when the memory allows (`_auto_refit`)."""
 
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
@@ -66,6 +68,7 @@ class DataOptions:
     hidden_ram: int | None = None
     refit_tokens: int | None = None
     reconstruct_steps: int = RECONSTRUCT_STEPS
+    refit_auto: bool = False
 
 
 @dataclass
@@ -162,6 +165,9 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
     from moekit.units import human
 
     n_drop = drop_count(ratio, layout.moe_layers[0].num_experts)
+    if options.refit_auto and options.refit_tokens is None and \
+            _reconstruct_steps(layout, options):
+        _auto_refit(source, layout, n_drop, options, log)
     refit = _refit_tokens(options)
     sums = refit_sum_bytes(layout, n_drop) if refit is not None and refit > (
         options.max_tokens or 0) else 0
@@ -191,6 +197,34 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
         options.max_tokens = found.tokens
         if found.note():
             log(found.note())
+
+
+def _auto_refit(source: Path, layout: Any, n_drop: int, options: DataOptions,
+                log: Callable[[str], None]) -> None:
+    """The default streamed positions of the down refit and the reconstruction: REFIT_FACTOR
+    times the selection's (given or default) count, when their sums and sample leave that
+    selection room beside the weights; else the selection's own, said in one line."""
+    from moekit.ops.prune.tokens import (
+        PRUNE_TOKENS,
+        REFIT_FACTOR,
+        calibration_tokens,
+        reconstruct_bytes,
+        refit_sum_bytes,
+    )
+    from moekit.units import human
+
+    selection = options.max_tokens or PRUNE_TOKENS
+    refit = REFIT_FACTOR * selection
+    fixed = refit_sum_bytes(layout, n_drop) + reconstruct_bytes(layout, n_drop, refit)
+    found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
+                               device=options.device, max_memory=options.max_memory,
+                               requested=selection, fixed=fixed, experts_call=True)
+    if found.fixed + selection * found.per_token <= found.allowance:
+        options.refit_tokens = refit
+        return
+    log(f"refit and reconstruction on the selection's positions only: streaming {refit} "
+        f"would need {human(fixed)} per MoE layer beside the weights (allow more with "
+        "--max-memory, or set --refit-tokens)")
 
 
 def _refit_tokens(options: DataOptions) -> int | None:

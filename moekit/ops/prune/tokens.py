@@ -33,6 +33,7 @@ from moekit.units import human
 DEFAULT_TOKENS = 16384
 PRUNE_TOKENS = 32768
 MIN_TOKENS = 2048
+REFIT_FACTOR = 4  # `prune --data` streams this many times the selection's positions to refit
 GRAM_MAX = 64  # as `replay.GRAM_MAX` (not imported: replay needs torch)
 EXPERT_BYTES, CHUNK_BYTES = 128 << 20, 32 << 20  # as `replay.EXPERT_BYTES`, `replay.CHUNK_BYTES`
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
