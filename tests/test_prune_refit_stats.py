@@ -205,7 +205,8 @@ def test_prune_with_refit_tokens_refits_on_the_streamed_tokens(tmp_path):
 
 
 def test_refit_tokens_streamed_equals_in_memory(tmp_path):
-    """`--max-memory` small (one layer at a time) gives the same plan and refits."""
+    """`--max-memory` small (one layer at a time) gives the same plan, refits and reconstructed
+    gate/up projections."""
     from test_prune_measured import _saved
 
     folder = _saved("qwen2_moe", tmp_path / "src")
@@ -230,6 +231,12 @@ def test_refit_tokens_streamed_equals_in_memory(tmp_path):
         for e, w in weights.items():
             torch.testing.assert_close(torch.as_tensor(got[1].weights[layer][e]),
                                        torch.as_tensor(w))
+    assert got[0].gate_up and set(got[0].gate_up) == set(got[1].gate_up)
+    for layer, pairs in got[0].gate_up.items():
+        assert set(pairs) == set(got[1].gate_up[layer])
+        for e, pair in pairs.items():
+            for a, b in zip(pair.read(), got[1].gate_up[layer][e].read(), strict=True):
+                torch.testing.assert_close(b, a)
 
 
 def test_reconstruction_uses_the_streamed_refit_positions(tmp_path, monkeypatch):
