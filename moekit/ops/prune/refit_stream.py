@@ -34,16 +34,17 @@ def chunk_terms(experts: Any, replay: LayerReplay, keep: list[int], inputs: torc
     """(ids [n, k], gates [n, k], h [n, k, I], R [n, H]) for block inputs [n, H] and router
     logits [n, E]: R = y_E + shift - sum_s a_s (W_s^0 h_s + b_s), y_E the unpruned routed output
     (the family's experts module, as `replay.build_replay`)."""
-    from moekit.calib.routing import route
-    from moekit.ops.prune.compensate import expert_hidden
-    from moekit.ops.prune.replay import expert_outputs
+    _, ids, gates, target = sample_terms(experts, replay, keep, inputs, logits, shift)
+    return residual_terms(experts, inputs, ids, gates, target, base, bias)
 
-    logits = logits.float().cpu()
-    ids0, gates0 = route(logits, replay.routing_for(None), replay.bias, None)
-    target = (expert_outputs(experts, inputs, ids0) * gates0.unsqueeze(-1)).sum(1)
-    if shift is not None:
-        target += shift.float().cpu()
-    ids, gates = route(logits, replay.routing_for(keep), replay.bias, keep)
+
+def residual_terms(experts: Any, inputs: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
+                   target: torch.Tensor, base: dict[int, torch.Tensor],
+                   bias: dict[int, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`chunk_terms` from the routing and target of `sample_terms` (`target` becomes R)."""
+    from moekit.ops.prune.compensate import expert_hidden
+
     num, k = ids.shape
     hid = expert_hidden(experts, inputs.repeat_interleave(k, dim=0), ids.reshape(-1, 1))
     hid = hid.view(num, k, -1)
@@ -69,10 +70,10 @@ def fit_from_chunks(layer: int, experts: Any, replay: LayerReplay, keep: list[in
     cut, seen = int(tokens * (1 - HELD_OUT)), 0
     kept_terms: list[tuple[torch.Tensor, ...]] = []
     for inputs, logits, shift in chunks:
+        terms = sample_terms(experts, replay, keep, inputs, logits, shift)
         if keep_sample:
-            kept_terms.append(sample_terms(experts, replay, keep, inputs, logits, shift))
-        ids, gates, hid, resid = chunk_terms(experts, replay, keep, inputs, logits, shift,
-                                             base, bias)
+            kept_terms.append((*terms[:3], terms[3].clone()))
+        ids, gates, hid, resid = residual_terms(experts, inputs, *terms[1:], base, bias)
         m = min(max(cut - seen, 0), int(ids.shape[0]))
         if m:
             fit.add(ids[:m], gates[:m], hid[:m], resid[:m])
