@@ -95,14 +95,17 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
     result = Rebuild(layer)
     if steps <= 0 or cut < 1 or cut >= num or not can_reconstruct(experts):
         return result
-    index = torch.as_tensor(kept)
+    from moekit.calib.hooks import module_device
+
+    device = module_device(experts)  # the experts' own device (CUDA when the run uses it)
+    index = torch.as_tensor(kept, device=device)
     params = {n: p.detach() for n, p in experts.named_parameters(recurse=False)}
-    start = {n: params[n][index].float().cpu() for n in FITTED}
+    start = {n: params[n][index].float() for n in FITTED}
     delta = {n: torch.zeros_like(start[n], requires_grad=True) for n in FITTED}
     rates = [{"params": [delta[n]], "lr": LEARNING_RATE * float(start[n].pow(2).mean().sqrt())}
              for n in FITTED]
     optimizer = torch.optim.Adam(rates)
-    base = {n: p.float().cpu().clone() for n, p in params.items()}
+    base = {n: p.float().clone() for n, p in params.items()}
     hidden = int(inputs.shape[1])
     width = int(experts.gate_up_proj[0].numel()) // hidden * 3 // 2 + hidden  # floats per pair
     per_chunk = _chunks(0, BATCH, ids.shape[1], width)[0].stop
@@ -111,9 +114,10 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
     def error(rows: slice | torch.Tensor) -> torch.Tensor:
         weights = {n: base[n].index_add(0, index, delta[n]) if n in delta else base[n]
                    for n in base}
-        got = torch.func.functional_call(experts, weights, (inputs[rows].float().cpu(),
-                                                              ids[rows], gates[rows].float()))
-        return (got - target[rows]).pow(2).sum()
+        got = torch.func.functional_call(experts, weights, (
+            inputs[rows].to(device, torch.float32), ids[rows].to(device),
+            gates[rows].to(device, torch.float32)))
+        return (got - target[rows].to(device)).pow(2).sum()
 
     def held_error() -> float:
         with torch.no_grad():
@@ -145,7 +149,7 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
                 break
     if result.best_step:
         result.held_after = best
-        result.rows = {n: {e: start[n][i] + kept_best[n][i] for i, e in enumerate(kept)}
+        result.rows = {n: {e: (start[n][i] + kept_best[n][i]).cpu() for i, e in enumerate(kept)}
                        for n in FITTED}
     return result
 
