@@ -12,12 +12,12 @@ by Adam on mini-batches of BATCH positions from the down refit's weights (the fa
 expert code computes the outputs and their gradients, so biases, clamps and activations are
 exact). It is layer-wise reconstruction, no labels and no gradient through the rest of the
 model: each step costs about three forward passes of the kept experts over BATCH positions,
-whatever the sample size, so more calibration positions cost memory, not time. The last
-HELD_OUT share of the tokens is never fitted; it is evaluated every CHECK_EVERY steps, the
-weights with the lowest
-held-out error are kept, the fit stops after PATIENCE checks without a new best or after
-`steps`, and the layer keeps its down refit alone when no step beat it. The step size is
-relative: LEARNING_RATE times the RMS of each tensor's kept rows (scale-free across models).
+whatever the sample size (more positions cost memory and longer held-out checks, not longer
+steps). The last HELD_OUT share of the tokens is never fitted; it is evaluated every
+CHECK_EVERY steps, the weights with the lowest held-out error are kept, the fit stops after
+PATIENCE checks without a new best or after `steps`, and the layer keeps its down refit alone
+when no step beat it. The step size is relative: LEARNING_RATE times the RMS of each tensor's
+kept rows (scale-free across models). Runs on the experts module's own device.
 """
 
 from __future__ import annotations
