@@ -50,7 +50,7 @@ def main() -> None:
     print(f"| layer | experts x neurons | median | p90 | max | share > {args.threshold} |")
     print("|---|---|---|---|---|---|")
     for layer in layout.moe_layers:
-        experts = read_experts(checkpoint, expert_format(checkpoint, layout, layer))
+        experts = read_experts(checkpoint, expert_format(layout, layer))
         best = best_cross_similarity(experts)
         print(f"| {layer.index} | {experts.num_experts} x {experts.gate.shape[1]} | "
               f"{best.median():.3f} | {best.quantile(0.9):.3f} | {best.max():.3f} | "

@@ -137,7 +137,7 @@ def test_expert_forward_matches_transformers(model_type, tiny_checkpoint):
     layout = describe(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     moe = layout.moe_layers[0]
-    experts = read_experts(checkpoint, expert_format(checkpoint, layout, moe))
+    experts = read_experts(checkpoint, expert_format(layout, moe))
     x = torch.randn(5, experts.gate.shape[2], generator=torch.Generator().manual_seed(0))
     act = activation(layout)
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_expert_forward_matches_transformers(model_type, tiny_checkpoint):
 def test_fused_layout_round_trip(model_type, tiny_checkpoint):
     checkpoint = Checkpoint(tiny_checkpoint(model_type))
     layout = describe(checkpoint)
-    fmt = expert_format(checkpoint, layout, layout.moe_layers[0])
+    fmt = expert_format(layout, layout.moe_layers[0])
     written = fused_tensors(fmt, read_experts(checkpoint, fmt))
     assert written and all(torch.equal(v, checkpoint.read(k)) for k, v in written.items())
 
@@ -176,7 +176,7 @@ def test_layer_fit_lowers_held_out_error_against_averaging(tiny_checkpoint, tmp_
     calib = capture_calibration(folder, layout, [DataSource("t", text)], max_tokens=1024,
                                 seq_len=64)
     moe = layout.moe_layers[0]
-    fmt = expert_format(checkpoint, layout, moe)
+    fmt = expert_format(layout, moe)
     experts = read_experts(checkpoint, fmt)
     plan = build_merge_plan(layout, model_fingerprint(checkpoint, layout),
                             lambda _: gram_cosine_distance(experts.gram()), group="weight",

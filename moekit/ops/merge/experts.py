@@ -86,7 +86,7 @@ class ExpertFormat:
     down_bias: str | None = None
 
 
-def expert_format(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer) -> ExpertFormat:
+def expert_format(layout: ModelLayout, layer: MoeLayer) -> ExpertFormat:
     """Recognise the layer's expert tensors; UnsupportedModelError for anything else
     (quantised blocks/scales, unknown per-expert tensors)."""
     spec = layout.family.experts
@@ -175,16 +175,16 @@ def read_experts(checkpoint: Checkpoint, fmt: ExpertFormat,
     down = rows(fmt.down)  # type: ignore[arg-type]
     if fmt.transposed:
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    gate, up = _split(gate_up, fmt.interleaved)
+    gate, up = split_halves(gate_up, fmt.interleaved)
     experts = Experts(gate.contiguous(), up.contiguous(), down.contiguous())
     if fmt.gate_up_bias:
-        experts.gate_bias, experts.up_bias = _split(rows(fmt.gate_up_bias), fmt.interleaved)
+        experts.gate_bias, experts.up_bias = split_halves(rows(fmt.gate_up_bias), fmt.interleaved)
     if fmt.down_bias:
         experts.down_bias = rows(fmt.down_bias)
     return experts
 
 
-def _split(value: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def split_halves(value: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """[E, 2I, ...] -> gate, up [E, I, ...] (alternating rows when interleaved)."""
     if interleaved:
         return value[:, 0::2], value[:, 1::2]

@@ -111,7 +111,7 @@ def distance_fn(group: str, checkpoint: Checkpoint, layout: ModelLayout,
     layers = {m.index: m for m in layout.moe_layers}
 
     def distance(index: int) -> torch.Tensor:
-        fmt = expert_format(checkpoint, layout, layers[index])
+        fmt = expert_format(layout, layers[index])
         if group == "weight":
             return gram_cosine_distance(read_experts(checkpoint, fmt).gram())
         data = calib(index) if calib is not None else None
@@ -168,7 +168,7 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
                          "pass --stats DIR from `moekit profile`, or --data NAME=PATH to "
                          "record them on that text")
     for layer in layout.moe_layers:
-        expert_format(checkpoint, layout, layer)  # unsupported layouts fail before any work
+        expert_format(layout, layer)  # unsupported layouts fail before any work
     from moekit.ops.prune.select import super_experts
 
     protect = super_experts(stats_data) if protect_super and stats_data is not None else {}

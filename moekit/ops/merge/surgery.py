@@ -78,7 +78,7 @@ class LayerMerger:
                  plan: MergePlan, calib: CalibFn | None, errors: dict[int, float],
                  refits: Mapping[int, torch.Tensor] | None = None):
         self.checkpoint, self.layout, self.layer, self.plan = checkpoint, layout, layer, plan
-        self.fmt = expert_format(checkpoint, layout, layer)
+        self.fmt = expert_format(layout, layer)
         self.plan_layer = plan.layer(layer.index)
         self.calib, self.errors, self.refits = calib, errors, refits or {}
         self.names: set[str] = set()
@@ -146,13 +146,13 @@ class LayerMerger:
             centre = self.plan_layer.clusters[i][0]
             for role in ("gate", "up", "down"):
                 key = self.fmt.per_expert[role][centre]
-                name = _renamed(self.layout, key, centre, i)
+                name = renamed_expert_key(self.layout, key, centre, i)
                 if name in self.names:
                     result[name] = getattr(expert, role)[0].to(to_torch(tensors[key].dtype))
         return result
 
 
-def _renamed(layout: ModelLayout, key: str, old: int, new: int) -> str:
+def renamed_expert_key(layout: ModelLayout, key: str, old: int, new: int) -> str:
     """`{layer}.{experts}.{old}.w1.weight` -> `{layer}.{experts}.{new}.w1.weight`."""
     base = f".{layout.family.experts.prefixes[0].rstrip('.')}."
     head = f"{base}{old}."
@@ -215,7 +215,7 @@ def _layer_tensors(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
                     result.append((key, "folded", None))
                     continue
                 i = new_of[old]
-                name = _renamed(layout, key, old, i)
+                name = renamed_expert_key(layout, key, old, i)
                 refitted = old in merger.refits and key == fmt.per_expert["down"][old]
                 if len(p.clusters[i]) == 1 and not refitted:
                     result.append((key, "renamed", OutTensor.copy(tensors[key], name)))

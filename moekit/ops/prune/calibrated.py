@@ -263,7 +263,7 @@ def _reconstruct_steps(layout: Any, options: DataOptions) -> int:
         return 0
     try:
         for layer in layout.moe_layers:
-            expert_format(None, layout, layer)
+            expert_format(layout, layer)
     except UnsupportedModelError:
         return 0
     return options.reconstruct_steps

@@ -105,15 +105,18 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
     rates = [{"params": [delta[n]], "lr": LEARNING_RATE * float(start[n].pow(2).mean().sqrt())}
              for n in FITTED]
     optimizer = torch.optim.Adam(rates)
-    base = {n: p.float().clone() for n, p in params.items()}
+    base = {n: p.float() for n, p in params.items()}  # never written: index_add copies
     hidden = int(inputs.shape[1])
     width = int(experts.gate_up_proj[0].numel()) // hidden * 3 // 2 + hidden  # floats per pair
     per_chunk = _chunks(0, BATCH, ids.shape[1], width)[0].stop
     held = _chunks(cut, num, ids.shape[1], width)
 
-    def error(rows: slice | torch.Tensor) -> torch.Tensor:
-        weights = {n: base[n].index_add(0, index, delta[n]) if n in delta else base[n]
-                   for n in base}
+    def current() -> dict[str, torch.Tensor]:
+        """The module's weights with the kept rows moved by delta (one copy per step)."""
+        return {n: base[n].index_add(0, index, delta[n]) if n in delta else base[n]
+                for n in base}
+
+    def error(weights: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> torch.Tensor:
         got = torch.func.functional_call(experts, weights, (
             inputs[rows].to(device, torch.float32), ids[rows].to(device),
             gates[rows].to(device, torch.float32)))
@@ -121,7 +124,8 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
 
     def held_error() -> float:
         with torch.no_grad():
-            return sum(float(error(rows)) for rows in held) / (num - cut)
+            weights = current()
+            return sum(float(error(weights, rows)) for rows in held) / (num - cut)
 
     best = result.held_before = result.held_after = held_error()
     kept_best = {n: d.detach().clone() for n, d in delta.items()}
@@ -133,8 +137,10 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
         batch = order[at:at + BATCH]
         at += BATCH
         optimizer.zero_grad()
-        for part in batch.split(per_chunk):
-            (error(part) / int(batch.numel())).backward()
+        weights = current()
+        for part in batch.split(per_chunk):  # the copy's graph is kept for the next chunk
+            (error(weights, part) / int(batch.numel())).backward(retain_graph=True)
+        del weights
         optimizer.step()
         result.steps = step
         if step % CHECK_EVERY and step != steps:
@@ -185,13 +191,14 @@ def canonical_gate_up(experts: Any, rows: dict[int, torch.Tensor], interleaved: 
                       ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{expert: (gate [I, H], up [I, H])} (float32, math orientation y = W x) from fused
     module-layout `gate_up_proj` rows; `interleaved`: gate and up alternate (gpt-oss), else
-    gate comes first."""
+    gate comes first (`merge.experts.split_halves`)."""
+    from moekit.ops.merge.experts import split_halves
+
     transposed = bool(getattr(experts, "is_transposed", False))
     out = {}
     for e, row in rows.items():
-        both = row.T if transposed else row  # [2I, H]
-        gate, up = (both[0::2], both[1::2]) if interleaved else both.chunk(2, dim=0)
-        out[e] = (gate.contiguous(), up.contiguous())
+        gate, up = split_halves((row.T if transposed else row)[None], interleaved)  # [1, I, H]
+        out[e] = (gate[0].contiguous(), up[0].contiguous())
     return out
 
 
@@ -199,14 +206,13 @@ def apply_gate_up(experts: Any, pairs: dict[int, GateUp], interleaved: bool
                   ) -> dict[str, dict[int, torch.Tensor]]:
     """Set experts' gate/up from canonical pairs (as a candidate holds them) in an in-memory
     module; returns the originals for `restore_rebuild`."""
-    import torch
+    from moekit.ops.merge.experts import join_halves
 
     transposed = bool(getattr(experts, "is_transposed", False))
     rows = {}
     for e, pair in pairs.items():
         gate, up = pair.read()
-        both = torch.stack([gate, up], dim=1).flatten(0, 1) if interleaved else \
-            torch.cat([gate, up], dim=0)
+        both = join_halves(gate[None], up[None], interleaved)[0]  # [2I, H]
         rows[e] = both.T if transposed else both
     return apply_rebuild(experts, Rebuild(-1, {"gate_up_proj": rows}))
 

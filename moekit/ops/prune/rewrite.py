@@ -113,8 +113,9 @@ def _down_name(layout: ModelLayout) -> str:
 
 def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, kept: list[int],
                 weights: dict[int, torch.Tensor]) -> list[tuple[int, str, OutTensor]]:
+    from moekit.ops.merge.surgery import renamed_expert_key
+
     down = _down_name(layout)
-    base = layer.prefix + layout.family.experts.prefixes[0].rstrip(".") + "."
     found = []
     for e in weights:
         key = next((k for k in layer.expert_keys[e] if k.endswith(f".{down}.weight")), None)
@@ -126,7 +127,7 @@ def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, ke
         if tuple(info.shape) != shape:
             raise UnsupportedModelError(f"'{key}' is {list(info.shape)}, the refit gives "
                                         f"{list(shape)}", "use --no-compensate")
-        name = f"{base}{kept.index(e)}.{key[len(f'{base}{e}.'):]}"
+        name = renamed_expert_key(layout, key, e, kept.index(e))
         dtype = to_torch(info.dtype)
         found.append((e, key, OutTensor.computed(name, info.dtype, info.shape,
                                                  lambda e=e, d=dtype: weights[e].to(d))))
@@ -160,18 +161,18 @@ def gate_up_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan
     reconstructed experts `pairs`, in the source's layout and dtype (per-expert keys renamed
     to the new ids; fused: the kept rows, one tensor for all)."""
     from moekit.ops.merge.experts import expert_format, join_halves
+    from moekit.ops.merge.surgery import renamed_expert_key
 
     layer = next(m for m in layout.moe_layers if m.index == index)
     kept = plan.layer(index).kept
-    fmt = expert_format(checkpoint, layout, layer)
+    fmt = expert_format(layout, layer)
     out: list[tuple[int, str, OutTensor]] = []
     if fmt.per_expert is not None:
-        base = layer.prefix + layout.family.experts.prefixes[0].rstrip(".") + "."
         for e, pair in pairs.items():
             for part, role in enumerate(("gate", "up")):
                 key = fmt.per_expert[role][e]
                 info = checkpoint.tensors[key]
-                name = f"{base}{kept.index(e)}.{key[len(f'{base}{e}.'):]}"
+                name = renamed_expert_key(layout, key, e, kept.index(e))
                 out.append((e, key, OutTensor.computed(
                     name, info.dtype, info.shape,
                     lambda p=pair, i=part, d=to_torch(info.dtype): p.read()[i].to(d))))

@@ -119,7 +119,8 @@ def refit_sum_bytes(layout: Any, n_drop: int) -> int:
 def reconstruct_bytes(layout: Any, n_drop: int, streamed: int = 0) -> int:
     """Memory of the whole-expert reconstruction of one MoE layer, whatever the selection's
     token count (`reconstruct`: float32 copies of every expert's gate/up/down [E, 3 H I] twice
-    (start and the step's weights), delta, gradient and two Adam moments of the kept ones,
+    (the module's and the step's weights), start, delta, gradient and two Adam moments of the
+    kept ones,
     autograd activations of one chunk, about 3 x CHUNK_BYTES); with `streamed` refit positions
     (`--refit-tokens`), their inputs, targets and routing [N, 2 H + 2 k] too."""
     from moekit.ops.prune.reconstruct import CHUNK_BYTES
@@ -127,7 +128,7 @@ def reconstruct_bytes(layout: Any, n_drop: int, streamed: int = 0) -> int:
     hidden, width = _dims(layout)
     num = layout.moe_layers[0].num_experts
     sample = 4 * streamed * (2 * hidden + 2 * layout.top_k())
-    return 4 * 3 * hidden * width * (2 * num + 4 * (num - n_drop)) + 3 * CHUNK_BYTES + sample
+    return 4 * 3 * hidden * width * (2 * num + 5 * (num - n_drop)) + 3 * CHUNK_BYTES + sample
 
 
 def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "auto",
