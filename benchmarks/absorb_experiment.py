@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moekit.ops.prune.compensate import ALPHAS, Problem, _error, _pair_outputs, layer_problem
+from moekit.layerfit.compensate import ALPHAS, Problem, _error, _pair_outputs, layer_problem
 
 if TYPE_CHECKING:
     import torch
 
-    from moekit.ops.prune.replay import LayerReplay
+    from moekit.layerfit.replay import LayerReplay
 
 SOURCES = 2
 OBS_STEP = 16  # columns removed per backward-elimination step
@@ -100,7 +100,7 @@ def pools(experts: Any, inputs: torch.Tensor, ids: torch.Tensor, hid: torch.Tens
     """The pools of the kept experts on all their routed pairs (fit and held-out rows)."""
     import torch
 
-    from moekit.ops.prune.compensate import expert_hidden
+    from moekit.layerfit.compensate import expert_hidden
 
     width = hid.shape[-1]
     out = {}

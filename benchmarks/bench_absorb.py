@@ -32,8 +32,8 @@ def _wrap(variants: list[tuple[str, int]], rows: list[list[str]]) -> None:
     """Replace `measured.refit_layer` by the refit followed by every absorb variant."""
     from absorb_experiment import absorb_layer
 
-    from moekit.ops.prune import measured
-    from moekit.ops.prune.compensate import layer_problem, refit_layer
+    from moekit.layerfit import measured
+    from moekit.layerfit.compensate import layer_problem, refit_layer
 
     def wrapped(layer, replay, experts, inputs, keep, width=None, shift=None):
         fit = refit_layer(layer, replay, experts, inputs, keep, width, shift)

@@ -23,7 +23,7 @@ import torch
 
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
-from moekit.ops.merge.experts import Experts, expert_format, read_experts
+from moekit.surgery.experts import Experts, expert_format, read_experts
 
 
 def best_cross_similarity(experts: Experts) -> torch.Tensor:

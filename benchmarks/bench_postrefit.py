@@ -35,9 +35,9 @@ def main() -> None:
 
 def _wrap(final: int, rows: list[list[str]]) -> None:
     """Stash the final candidates of each search; refit all of them beside today's refit."""
-    from moekit.ops.prune import measured
-    from moekit.ops.prune.compensate import refit_layer
-    from moekit.ops.prune.search import search_drop
+    from moekit.layerfit import measured
+    from moekit.layerfit.compensate import refit_layer
+    from moekit.layerfit.search import search_drop
 
     found: dict[str, Any] = {}
 

@@ -98,12 +98,12 @@ def prune_with_data(model: Path, texts: Path, out: Path, ratio: float,
 
 
 def prune(model: Path, stats: Path, out: Path, criterion: str, ratio: float, seed: int) -> None:
+    from moekit.families.fingerprint import model_fingerprint
     from moekit.families.layout import describe
-    from moekit.io.fingerprint import model_fingerprint
     from moekit.io.reader import Checkpoint
     from moekit.ops.prune import prune_checkpoint
     from moekit.ops.prune.select import build_plan
-    from moekit.ops.prune.stats import check_stats, load_stats
+    from moekit.stats.expert_stats import check_stats, load_stats
 
     checkpoint = Checkpoint(model)
     layout = describe(checkpoint)

@@ -93,10 +93,10 @@ def build_checkpoint(folder: Path, target_gb: float, hidden: int = 4096, inter: 
 
 
 def write_stats_for(model: Path, stats: Path) -> None:
+    from moekit.families.fingerprint import model_fingerprint
     from moekit.families.layout import describe
-    from moekit.io.fingerprint import model_fingerprint
     from moekit.io.reader import Checkpoint
-    from moekit.ops.prune.stats import write_stats
+    from moekit.stats.expert_stats import write_stats
 
     checkpoint = Checkpoint(model)
     layout = describe(checkpoint)

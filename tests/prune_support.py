@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
-from moekit.ops.prune.stats import write_stats
+from moekit.stats.expert_stats import write_stats
 
 
 def write_synthetic_stats(stats_dir: Path, model_dir: Path, tokens: dict[int, list[float]],

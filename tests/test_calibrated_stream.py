@@ -106,7 +106,7 @@ def test_streamed_calibrated_prune_holds_one_layer(tmp_path, monkeypatch):
     """Every layer read finds no other layer's experts in memory; while a layer is searched
     and refitted, exactly its own experts are materialised; each layer is read once per run
     (statistics, then selection and scoring)."""
-    from moekit.ops.prune import lanes
+    from moekit.layerfit import lanes
     from moekit.runtime import weights
 
     source = _saved("qwen2_moe", tmp_path / "src")

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from moekit.calib.routing import Routing, route
-from moekit.ops.prune.compensate import expert_hidden
-from moekit.ops.prune.replay import expert_outputs
-from moekit.ops.prune.router_fit import exact_error
+from moekit.layerfit.compensate import expert_hidden
+from moekit.layerfit.replay import expert_outputs
+from moekit.layerfit.router_fit import exact_error
 
 CUDA = torch.cuda.is_available()
 OTHER = "meta"  # the stand-in for the engine's device
@@ -100,8 +100,8 @@ def _choose(folder, device: str, width: int | None):
     from tiny_models import _docstring_corpus
 
     from moekit.calib.data import DataSource
+    from moekit.families.fingerprint import model_fingerprint
     from moekit.families.layout import describe
-    from moekit.io.fingerprint import model_fingerprint
     from moekit.io.reader import Checkpoint
     from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 

@@ -118,7 +118,7 @@ def test_an_output_larger_than_the_free_space_is_refused_before_writing(tiny_che
 
 
 def test_disk_full_on_a_side_file_is_one_line_exit_2(tiny_checkpoint, tmp_path, monkeypatch):
-    from moekit.ops.plan import PrunePlan
+    from moekit.surgery.plan import PrunePlan
 
     def no_room(self, path: Path) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

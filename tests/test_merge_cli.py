@@ -146,7 +146,7 @@ def test_super_experts_are_never_folded(tiny_checkpoint, tmp_path, group):
     singleton cluster; --no-protect-super lets it be folded like any other."""
     import pandas as pd
 
-    from moekit.ops.prune.stats import STATS_CSV, STATS_PARQUET
+    from moekit.stats.expert_stats import STATS_CSV, STATS_PARQUET
 
     source = tiny_checkpoint("qwen3_moe")
     stats = stats_for(source, tmp_path / "stats")

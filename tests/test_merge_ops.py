@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
 from moekit.ops.merge.combine import average, fit_down, merge_cluster, reconstruction_error
-from moekit.ops.merge.experts import (
+from moekit.ops.merge.grouping import average_linkage, dominant_clusters
+from moekit.surgery.experts import (
     Experts,
     activation,
     expert_format,
@@ -19,7 +20,6 @@ from moekit.ops.merge.experts import (
     fused_tensors,
     read_experts,
 )
-from moekit.ops.merge.grouping import average_linkage, dominant_clusters
 
 SILU = lambda g, u: torch.nn.functional.silu(g) * u  # noqa: E731
 
@@ -161,12 +161,12 @@ def test_layer_fit_lowers_held_out_error_against_averaging(tiny_checkpoint, tmp_
     output on the second half better than the aligned average does (both under the merged
     router)."""
     from moekit.calib.data import DataSource
-    from moekit.io.fingerprint import model_fingerprint
+    from moekit.families.fingerprint import model_fingerprint
     from moekit.ops.merge.calib import capture_calibration
     from moekit.ops.merge.combine import merge_cluster as merge_one
-    from moekit.ops.merge.experts import stack
     from moekit.ops.merge.fit import fit_layer, layer_error, merged_routing, routed_output
     from moekit.ops.merge.grouping import build_merge_plan, gram_cosine_distance
+    from moekit.surgery.experts import stack
 
     folder = tiny_checkpoint("mixtral")
     checkpoint = Checkpoint(folder)

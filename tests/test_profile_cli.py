@@ -85,7 +85,7 @@ def test_profile_writes_the_contract(tiny_checkpoint, texts, tmp_path):
 
 def test_profile_is_readable_by_prune(tiny_checkpoint, texts, tmp_path):
     """The contract as `moekit prune` reads it (stdlib CSV reader)."""
-    prune_stats = pytest.importorskip("moekit.ops.prune.stats")
+    prune_stats = pytest.importorskip("moekit.stats.expert_stats")
     model = tiny_checkpoint("mixtral")
     out = profile_dir(model, tmp_path / "p", f"a={texts['osdoc']}")
     stats = prune_stats.load_stats(out)

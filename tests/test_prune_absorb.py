@@ -13,8 +13,8 @@ from tiny_models import build_model
 from moekit.calib.capture import moe_blocks
 from moekit.calib.routing import Routing, selection_bias
 from moekit.families.registry import resolve
-from moekit.ops.prune.compensate import refit_layer
-from moekit.ops.prune.replay import build_replay
+from moekit.layerfit.compensate import refit_layer
+from moekit.layerfit.replay import build_replay
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from absorb_experiment import _slots, absorb_layer, sources  # noqa: E402

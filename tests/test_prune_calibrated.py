@@ -16,16 +16,16 @@ from moekit.calib.capture import moe_blocks
 from moekit.calib.data import DataSource
 from moekit.calib.routing import Routing
 from moekit.errors import DataError
+from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
+from moekit.layerfit.measured import apply_fit, load_calibration
+from moekit.layerfit.override import PrunedLayers
+from moekit.layerfit.reconstruct import apply_gate_up, in_memory_interleaved
+from moekit.layerfit.router_fit import apply_router
 from moekit.ops.prune import prune_checkpoint
 from moekit.ops.prune.calibrated import DataOptions, choose_with_data
-from moekit.ops.prune.measured import apply_fit, load_calibration
-from moekit.ops.prune.override import PrunedLayers
-from moekit.ops.prune.reconstruct import apply_gate_up, in_memory_interleaved
 from moekit.ops.prune.rewrite import modified_tensors
-from moekit.ops.prune.router_fit import apply_router
 from moekit.ops.prune.trim import budget_split, trimmed_tensors
 from moekit.runtime.loading import load_model
 

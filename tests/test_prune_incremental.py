@@ -24,9 +24,9 @@ from tiny_models import build_model
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, route, selection_bias
 from moekit.families.registry import resolve
-from moekit.ops.prune.incremental import IncrementalError, local_routing
-from moekit.ops.prune.replay import build_replay
-from moekit.ops.prune.search import search_drop
+from moekit.layerfit.incremental import IncrementalError, local_routing
+from moekit.layerfit.replay import build_replay
+from moekit.layerfit.search import search_drop
 
 LOCAL = {
     "softmax-renorm": Routing("softmax", False, 2, True),

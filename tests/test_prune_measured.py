@@ -19,17 +19,17 @@ from tiny_models import build_model, tokenizer
 
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, route, selection_bias
+from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
 from moekit.families.registry import resolve
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
+from moekit.layerfit.compensate import refit_layer, set_down_weight
+from moekit.layerfit.measured import grouping
+from moekit.layerfit.override import PrunedLayers
+from moekit.layerfit.replay import build_replay
+from moekit.layerfit.search import search_drop
 from moekit.ops.prune import prune_checkpoint
-from moekit.ops.prune.compensate import refit_layer, set_down_weight
-from moekit.ops.prune.measured import grouping
-from moekit.ops.prune.override import PrunedLayers
-from moekit.ops.prune.replay import build_replay
 from moekit.ops.prune.rewrite import modified_tensors
-from moekit.ops.prune.search import search_drop
 from moekit.ops.prune.select import build_plan
 from moekit.runtime.loading import load_model
 
@@ -200,7 +200,7 @@ def test_route_matches_router_module(model_type, tmp_path):
 def test_cached_candidates_keep_exact_ties():
     """bf16 logits tie exactly; every expert tied at the (k+n)-th score must be cached, so any
     top-k among survivors finds its outputs."""
-    from moekit.ops.prune.replay import cached_candidates
+    from moekit.layerfit.replay import cached_candidates
 
     logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, -1.0], [3.0, 2.0, 1.0, 0.0, -1.0, -2.0]])
     routing = Routing("softmax", False, 2, True)
@@ -216,7 +216,7 @@ def test_cached_candidates_keep_near_ties_the_softmax_rounds_together():
     """Logits 2.4e-7 apart (met in a real run, Qwen2-MoE layer 1): the softmax rounds them to
     one probability and top-k takes the lower id, while the raw logits rank the other first;
     both must be cached, so every top-k among survivors finds its outputs."""
-    from moekit.ops.prune.replay import cached_candidates
+    from moekit.layerfit.replay import cached_candidates
 
     logits = torch.tensor([[1.7246342, -0.7716938, 0.6046540, 0.6126444, 0.1958932,
                             -0.5986701, -0.5986699, -0.3973309]])

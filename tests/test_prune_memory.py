@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_prune_measured import _setup, _tokens
 
-import moekit.ops.prune.replay as replay_mod
+import moekit.layerfit.replay as replay_mod
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
-from moekit.ops.prune.replay import build_replay, cached_candidates, expert_outputs
+from moekit.layerfit.replay import build_replay, cached_candidates, expert_outputs
 
 
 def _former(block, cap, routing, n_drop):

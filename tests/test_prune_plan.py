@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 from moekit.errors import InvalidArgumentError, StatsError
+from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
-from moekit.ops.plan import PrunePlan, budget_rows, drop_count, validate_plan
 from moekit.ops.prune.select import build_plan, parse_protect, read_expert_lists
-from moekit.ops.prune.stats import check_stats, load_stats, write_stats
+from moekit.stats.expert_stats import check_stats, load_stats, write_stats
+from moekit.surgery.plan import PrunePlan, budget_rows, drop_count, validate_plan
 
 COLUMNS = {"frequency": "tokens", "weight": "weight_sum", "ean": "ean_sum",
            "reap-sum": "reap_sum"}

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from moekit.cli.app import app
 from moekit.ops.prune.select import criterion_scores, super_experts
-from moekit.ops.prune.stats import VALUES, ExpertStats
 from moekit.ops.prune.trim import budget_split
+from moekit.stats.expert_stats import VALUES, ExpertStats
 
 RUNNER = CliRunner()
 

@@ -11,7 +11,7 @@ from tiny_models import build_model
 
 from moekit.calib.capture import moe_blocks
 from moekit.families.registry import resolve
-from moekit.ops.prune.reconstruct import (
+from moekit.layerfit.reconstruct import (
     GateUp,
     apply_gate_up,
     can_reconstruct,

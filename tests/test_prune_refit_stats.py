@@ -10,11 +10,10 @@ from test_prune_measured import _keep_for, _setup, _tokens
 
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
+from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
-from moekit.ops.prune.calibrated import DataOptions, choose_with_data
-from moekit.ops.prune.compensate import (
+from moekit.layerfit.compensate import (
     HELD_OUT,
     _error,
     _pair_outputs,
@@ -22,15 +21,16 @@ from moekit.ops.prune.compensate import (
     down_weight,
     refit_layer,
 )
-from moekit.ops.prune.measured import load_calibration
-from moekit.ops.prune.refit_stats import (
+from moekit.layerfit.measured import load_calibration
+from moekit.layerfit.refit_stats import (
     RefitStats,
     allowed_pairs,
     solve_sweep,
     stats_error,
 )
-from moekit.ops.prune.refit_stream import chunk_terms, fit_from_chunks, window_groups
-from moekit.ops.prune.replay import build_replay
+from moekit.layerfit.refit_stream import chunk_terms, fit_from_chunks, window_groups
+from moekit.layerfit.replay import build_replay
+from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 
 
 def _layer(model_type: str, tmp_path, tokens: int = 1280):
@@ -243,7 +243,7 @@ def test_reconstruction_uses_the_streamed_refit_positions(tmp_path, monkeypatch)
     """With `--refit-tokens`, the first MoE layer's reconstruction gets every refit position:
     its inputs and target equal a plain capture of selection + extra windows by the unmodified
     model and that model's own routed output there (no earlier layer is pruned: zero drift)."""
-    import moekit.ops.prune.measured as measured
+    import moekit.layerfit.measured as measured
 
     folder, model, layout, fingerprint = _setup("mixtral", tmp_path)
     source = _corpus(tmp_path)

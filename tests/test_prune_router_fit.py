@@ -19,12 +19,10 @@ from test_prune_measured import _block_out, _keep_for, _setup, _tokens
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
 from moekit.io.reader import Checkpoint
-from moekit.ops.prune import prune_checkpoint
-from moekit.ops.prune.compensate import HELD_OUT
-from moekit.ops.prune.override import PrunedLayers
-from moekit.ops.prune.replay import build_replay
-from moekit.ops.prune.rewrite import modified_tensors
-from moekit.ops.prune.router_fit import (
+from moekit.layerfit.compensate import HELD_OUT
+from moekit.layerfit.override import PrunedLayers
+from moekit.layerfit.replay import build_replay
+from moekit.layerfit.router_fit import (
     RouterFit,
     apply_router,
     not_refittable,
@@ -32,6 +30,8 @@ from moekit.ops.prune.router_fit import (
     restore_router,
     router_params,
 )
+from moekit.ops.prune import prune_checkpoint
+from moekit.ops.prune.rewrite import modified_tensors
 from moekit.ops.prune.select import build_plan
 from moekit.runtime.loading import load_model
 

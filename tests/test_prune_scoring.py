@@ -11,8 +11,8 @@ from test_prune_measured import _saved
 
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
-from moekit.ops.prune.lanes import held_out_kl
-from moekit.ops.prune.measured import load_calibration
+from moekit.layerfit.lanes import held_out_kl
+from moekit.layerfit.measured import load_calibration
 from moekit.runtime.engine import open_model
 from moekit.runtime.loading import load_model
 

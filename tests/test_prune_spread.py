@@ -14,7 +14,7 @@ from tiny_models import tokenizer
 from moekit.calib.data import load_domains
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
-from moekit.ops.prune.measured import load_calibration, spread_windows
+from moekit.layerfit.measured import load_calibration, spread_windows
 
 
 @pytest.mark.parametrize(("total", "need"), [(10, 3), (100, 7), (64, 64), (5, 9), (33, 32)])

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from moekit.errors import CheckpointError
+from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
-from moekit.ops.plan import LayerPlan, PrunePlan
 from moekit.ops.prune.select import build_plan
 from moekit.ops.prune.surgery import _check_accounted, patch_config, plan_tensors, prune_checkpoint
+from moekit.surgery.plan import LayerPlan, PrunePlan
 
 E = 8
 

@@ -11,7 +11,7 @@ from test_prune_measured import _saved
 
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
-from moekit.ops.prune.tokens import (
+from moekit.layerfit.tokens import (
     DEFAULT_TOKENS,
     MIN_TOKENS,
     PRUNE_TOKENS,
@@ -24,7 +24,7 @@ from moekit.ops.prune.tokens import (
 def _call(layout) -> int:
     """One experts call's transient for the float32 tiny model, from its dimensions: rows of
     EXPERT_BYTES / (4 H), each with 2 H + 4 I float32 values, and two float64 chunks."""
-    from moekit.ops.prune.replay import CHUNK_BYTES, EXPERT_BYTES
+    from moekit.layerfit.replay import CHUNK_BYTES, EXPERT_BYTES
 
     hidden, width = int(layout.config["hidden_size"]), int(layout.config["intermediate_size"])
     return EXPERT_BYTES // (4 * hidden) * 4 * (2 * hidden + 4 * width) + 2 * CHUNK_BYTES
@@ -63,7 +63,7 @@ def test_estimate_follows_the_cached_experts(tmp_path):
     assert per_token_bytes(mixtral, 3, 2, False) - per_token_bytes(mixtral, 2, 2, False) == \
         8 * ((mixtral.top_k() + 3) ** 2 - (mixtral.top_k() + 2) ** 2) + 16
     assert per_token_bytes(grouped, 1, 2, True) == per_token_bytes(grouped, 2, 2, True)
-    import moekit.ops.prune.tokens as tokens
+    import moekit.layerfit.tokens as tokens
 
     wide = per_token_bytes(mixtral, 2, 2, False)
     tokens.GRAM_MAX = 0
@@ -131,7 +131,7 @@ def test_prune_resolves_its_own_default(tmp_path):
     roomy = DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40)
     _resolve_tokens(folder, layout, 0.5, roomy, said.append)
     assert roomy.max_tokens == PRUNE_TOKENS > DEFAULT_TOKENS and said == []
-    from moekit.ops.plan import drop_count
+    from moekit.surgery.plan import drop_count
 
     per = per_token_bytes(layout, drop_count(0.5, layout.moe_layers[0].num_experts), 4, False)
     tight = DataOptions([], dtype="float32", device="cpu",
@@ -149,10 +149,10 @@ def test_refit_sums_estimate_is_what_the_sums_hold(tmp_path):
 
     import torch
 
-    from moekit.ops.plan import drop_count
-    from moekit.ops.prune.refit_stats import RefitStats
-    from moekit.ops.prune.refit_stream import REFIT_BYTES
-    from moekit.ops.prune.tokens import refit_sum_bytes
+    from moekit.layerfit.refit_stats import RefitStats
+    from moekit.layerfit.refit_stream import REFIT_BYTES
+    from moekit.layerfit.tokens import refit_sum_bytes
+    from moekit.surgery.plan import drop_count
 
     layout = describe(Checkpoint(_saved("mixtral", tmp_path / "m")))
     experts = layout.moe_layers[0].num_experts
@@ -175,9 +175,9 @@ def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
     """With --refit-tokens the sums are taken from the memory before the default token count
     is chosen; where they leave less than MIN_TOKENS positions, the run is refused at once."""
     from moekit.errors import InvalidArgumentError
-    from moekit.ops.plan import drop_count
+    from moekit.layerfit.tokens import refit_sum_bytes
     from moekit.ops.prune.calibrated import DataOptions, _resolve_tokens
-    from moekit.ops.prune.tokens import refit_sum_bytes
+    from moekit.surgery.plan import drop_count
 
     folder = _saved("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
@@ -214,9 +214,9 @@ def test_default_refit_streams_more_positions_when_the_memory_allows(tmp_path):
     """The CLI's default (`refit_auto`): REFIT_FACTOR x the selection's positions for the refit
     and the reconstruction where their memory leaves the default selection room; else the
     selection's own positions, said in one line, and the selection keeps its default."""
-    from moekit.ops.plan import drop_count
+    from moekit.layerfit.tokens import REFIT_FACTOR, refit_sum_bytes
     from moekit.ops.prune.calibrated import DataOptions, _resolve_tokens
-    from moekit.ops.prune.tokens import REFIT_FACTOR, refit_sum_bytes
+    from moekit.surgery.plan import drop_count
 
     folder = _saved("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))

@@ -250,14 +250,14 @@ def _tokens(source: Path, ratio: float | None, choices: tuple[str, str, str], da
             requested: int | None, dtype: str, device: str, max_memory: str) -> int:
     """--max-tokens, or when (group, method, router) calibrate, or --data records statistics,
     the memory-aware default (`ops.prune.tokens`)."""
+    from moekit.layerfit.tokens import DEFAULT_TOKENS, calibration_tokens
     from moekit.ops.merge.run import needs_calibration
-    from moekit.ops.prune.tokens import DEFAULT_TOKENS, calibration_tokens
 
     if requested is not None or not (data or needs_calibration(*choices)):
         return requested or DEFAULT_TOKENS
     from moekit.families.layout import describe
     from moekit.io.reader import Checkpoint
-    from moekit.ops.plan import drop_count
+    from moekit.surgery.plan import drop_count
 
     layout = describe(Checkpoint(source))
     if not layout.is_moe:

@@ -191,7 +191,6 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     """Load/validate everything and decide: (PrunePlan, ExpertStats or None). Reads headers,
     router weights (fingerprint) and statistics only."""
     from moekit.errors import InvalidArgumentError
-    from moekit.ops.plan import PrunePlan, validate_plan
     from moekit.ops.prune.select import (
         DEFAULT_CRITERION,
         build_plan,
@@ -200,7 +199,8 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
         read_expert_lists,
         super_experts,
     )
-    from moekit.ops.prune.stats import check_stats, load_stats
+    from moekit.stats.expert_stats import check_stats, load_stats
+    from moekit.surgery.plan import PrunePlan, validate_plan
 
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise InvalidArgumentError(f"--ratio {ratio} is outside [0, 1)",
@@ -236,8 +236,8 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
 def moe_layout(source: Path) -> tuple[Any, Any, str]:
     """(Checkpoint, layout, fingerprint) of a MoE checkpoint; dense ones are refused."""
     from moekit.errors import InvalidArgumentError
+    from moekit.families.fingerprint import model_fingerprint
     from moekit.families.layout import describe
-    from moekit.io.fingerprint import model_fingerprint
     from moekit.io.reader import Checkpoint
 
     checkpoint = Checkpoint(source)
@@ -261,7 +261,7 @@ def _eval_sources(values: list[str] | None, data_range: str | None) -> tuple[lis
 
 
 def _show_plan(plan: Any, stats: Any, report: Path | None, quiet: bool) -> list[dict[str, Any]]:
-    from moekit.ops.plan import budget_rows
+    from moekit.surgery.plan import budget_rows
 
     budget = budget_rows(plan, stats)
     plan.record_budget(budget)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 from moekit import __version__
 from moekit.calib.data import DataSource, Domain, batches, default_sources, load_domains
 from moekit.errors import InvalidArgumentError, StatsError, UnsupportedModelError
+from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import ModelLayout, describe
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
 from moekit.io.remote_code import check_remote_code
 from moekit.io.source import resolve_source

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moekit.ops.merge.experts import Experts
+from moekit.surgery.experts import Experts
 
 if TYPE_CHECKING:
     import torch

@@ -23,8 +23,8 @@ def stats_from_calibration(calib: Calibration,
                            log: Callable[[str], Any] | None = None) -> Iterator[Path]:
     """Yield a stats folder recorded on `calib`'s sources (its token budget split evenly
     over them, at most `max_tokens` in all); deleted on exit."""
+    from moekit.layerfit.tokens import DEFAULT_TOKENS
     from moekit.ops.profile import profile_model
-    from moekit.ops.prune.tokens import DEFAULT_TOKENS
     from moekit.stats.profile_io import save_profile
 
     opts = calib.options

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from moekit.ops.merge.align import align_cluster
-from moekit.ops.merge.experts import ROLES, Experts, expert_output, hidden
+from moekit.surgery.experts import ROLES, Experts, expert_output, hidden
 
 if TYPE_CHECKING:
     import torch

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from moekit.ops.merge.combine import DEFAULT_RIDGE, Act, ridge_down
-from moekit.ops.merge.experts import Experts, expert_output, stack
+from moekit.surgery.experts import Experts, expert_output, stack
 
 if TYPE_CHECKING:
     import torch

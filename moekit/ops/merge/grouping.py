@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING
 from moekit.errors import InvalidArgumentError
 from moekit.ops.merge.combine import normalised
 from moekit.ops.merge.plan import MergeLayer, MergePlan, check_choices
-from moekit.ops.plan import check_remaining, drop_count, group_count, group_feasible
 from moekit.ops.prune.select import criterion_scores
+from moekit.surgery.plan import check_remaining, drop_count, group_count, group_feasible
 
 if TYPE_CHECKING:
     import torch
 
     from moekit.families.layout import ModelLayout, MoeLayer
-    from moekit.ops.prune.stats import ExpertStats
+    from moekit.stats.expert_stats import ExpertStats
 
 DistanceFn = Callable[[int], "torch.Tensor"]
 

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from moekit.ops.prune.lanes import Lane, LaneRun
+from moekit.layerfit.lanes import Lane, LaneRun
 
 if TYPE_CHECKING:
     import torch
@@ -157,7 +157,7 @@ def check_layers(layout: Any, layers: list[MergeLayer], n_drop: int) -> None:
     """The clusters so far keep the routing groups as the refit routes them (the two-pass
     path checks the whole plan before its refit: `refit.check_refit_grouping`)."""
     from moekit.ops.merge.refit import check_refit_grouping
-    from moekit.ops.plan import grouping_changes
+    from moekit.surgery.plan import grouping_changes
 
     changes = grouping_changes(layout, [p.as_layer_plan() for p in layers])[0]
     check_refit_grouping(layout, layers[0].num_experts, n_drop, changes)

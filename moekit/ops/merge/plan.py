@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import InvalidArgumentError
-from moekit.ops.plan import LayerPlan, PrunePlan, load_json, save_json, validate_plan
+from moekit.surgery.plan import LayerPlan, PrunePlan, load_json, save_json, validate_plan
 
 if TYPE_CHECKING:
     from moekit.families.layout import ModelLayout

@@ -93,7 +93,7 @@ def check_refit_grouping(layout: ModelLayout, num_experts: int, n_drop: int,
                          config_changes: dict[str, int]) -> None:
     """The refit routes the merged layers as `prune.measured.grouping` says; refuse plans whose
     centres need other routing-group changes."""
-    from moekit.ops.prune.measured import grouping
+    from moekit.layerfit.measured import grouping
 
     if grouping(layout, num_experts, n_drop)[1] != config_changes:
         raise InvalidArgumentError(
@@ -105,7 +105,7 @@ def open_refit(source: Path, layout: ModelLayout, sources: list[DataSource], *,
                log: Callable[[str], None] | None = None, **options: Any) -> Any:
     """`prune.measured.load_calibration` (tokenised data, the engine) for the refit."""
     from moekit.calib.capture import require_whole_layers
-    from moekit.ops.prune.measured import load_calibration
+    from moekit.layerfit.measured import load_calibration
     from moekit.runtime.engine import mode_line
 
     cal = load_calibration(source, layout, sources, **{**REFIT_DEFAULTS, **options})
@@ -122,7 +122,7 @@ def sequential_refit(cal: Any, n_drop: int, centres: dict[int, list[int]], *,
     {layer: ids}. `make_run(cal, lanes, search, spill, on_result)`: the `lanes.LaneRun` to
     use (default LaneRun itself; `onepass.SharedRun` fills in `centres` as each layer
     starts)."""
-    from moekit.ops.prune.lanes import Lane, LaneRun, Search
+    from moekit.layerfit.lanes import Lane, LaneRun, Search
     from moekit.runtime.spill import TensorSpill
 
     search = Search(n_drop, beam=1, compensate=True, protect=centres)

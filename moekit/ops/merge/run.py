@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import InvalidArgumentError, StatsError
+from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.reader import Checkpoint
 from moekit.ops.merge.calib import CapturedLayers, LayerCalib, capture_calibration
-from moekit.ops.merge.experts import activation, expert_format, expert_output, read_experts
 from moekit.ops.merge.grouping import (
     Grouper,
     check_ratio,
@@ -26,6 +25,7 @@ from moekit.ops.merge.plan import (
     check_choices,
     validate_merge_plan,
 )
+from moekit.surgery.experts import activation, expert_format, expert_output, read_experts
 
 if TYPE_CHECKING:
     import torch
@@ -143,7 +143,7 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
                       protect_super: bool = True) -> tuple[MergePlan, Any]:
     """Validate everything cheap first (choices, ratio, statistics), then group; super
     experts (`prune.select.super_experts`) stay unmerged unless `protect_super` is off."""
-    from moekit.ops.prune.stats import check_stats, load_stats
+    from moekit.stats.expert_stats import check_stats, load_stats
 
     check_choices(group, method, router)
     checkpoint = Checkpoint(source)

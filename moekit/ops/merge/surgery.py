@@ -19,21 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import CheckpointError, InvalidArgumentError
+from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import ModelLayout, MoeLayer, describe
 from moekit.io.dtypes import to_torch
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.output import write_model_folder
 from moekit.io.reader import Checkpoint, TensorInfo
 from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor
 from moekit.ops.merge.combine import merge_cluster, merge_rows
-from moekit.ops.merge.experts import (
-    Experts,
-    activation,
-    expert_format,
-    fused_tensors,
-    read_experts,
-    stack,
-)
 from moekit.ops.merge.fit import fit_layer, fit_router
 from moekit.ops.merge.plan import (
     FIT_METHODS,
@@ -43,6 +35,14 @@ from moekit.ops.merge.plan import (
     validate_merge_plan,
 )
 from moekit.ops.prune.surgery import _check_accounted, patch_config, take_rows
+from moekit.surgery.experts import (
+    Experts,
+    activation,
+    expert_format,
+    fused_tensors,
+    read_experts,
+    stack,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -23,14 +23,14 @@ from typing import Any
 
 from moekit.calib.data import DataSource
 from moekit.errors import DataError, InvalidArgumentError
-from moekit.ops.prune.lanes import Lane, LaneRun, Search
+from moekit.layerfit.lanes import Lane, LaneRun, Search
+from moekit.layerfit.reconstruct import STEPS as RECONSTRUCT_STEPS
 from moekit.ops.prune.quality import (
     Candidate,
     calibration_stats,
     measured_plan,
     stats_candidates,
 )
-from moekit.ops.prune.reconstruct import STEPS as RECONSTRUCT_STEPS
 from moekit.ops.prune.select import CRITERIA, build_plan, merge_protect, super_experts
 
 DATA_CRITERIA = ("measured", "auto")
@@ -92,7 +92,7 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                      options: DataOptions, log: Callable[[str], None] = print) -> DataChoice:
     """Open the model once (memory or streamed), pick the plan (module docstring)."""
     from moekit.calib.capture import require_whole_layers
-    from moekit.ops.prune.measured import load_calibration
+    from moekit.layerfit.measured import load_calibration
     from moekit.runtime.engine import mode_line
     from moekit.runtime.spill import TensorSpill
 
@@ -154,14 +154,14 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
     that does not depend on it (one experts call's transient; with `--refit-tokens`, its sums)
     comes first, and a `--refit-tokens` run whose sums would not fit beside the weights is
     refused before any work."""
-    from moekit.ops.plan import drop_count
-    from moekit.ops.prune.tokens import (
+    from moekit.layerfit.tokens import (
         MIN_TOKENS,
         PRUNE_TOKENS,
         calibration_tokens,
         reconstruct_bytes,
         refit_sum_bytes,
     )
+    from moekit.surgery.plan import drop_count
     from moekit.units import human
 
     n_drop = drop_count(ratio, layout.moe_layers[0].num_experts)
@@ -204,7 +204,7 @@ def _auto_refit(source: Path, layout: Any, n_drop: int, options: DataOptions,
     """The default streamed positions of the down refit and the reconstruction: REFIT_FACTOR
     times the selection's (given or default) count, when their sums and sample leave that
     selection room beside the weights; else the selection's own, said in one line."""
-    from moekit.ops.prune.tokens import (
+    from moekit.layerfit.tokens import (
         PRUNE_TOKENS,
         REFIT_FACTOR,
         calibration_tokens,
@@ -238,7 +238,7 @@ def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
            guard: dict[int, list[int]], min_experts: int | None,
            options: DataOptions) -> tuple[list[Candidate], Search | None]:
     """The stats candidates (plans known before the run) and the measured search, if any."""
-    from moekit.ops.plan import drop_count
+    from moekit.surgery.plan import drop_count
 
     layout = cal.layout
     if criterion in CRITERIA:
@@ -257,7 +257,7 @@ def _reconstruct_steps(layout: Any, options: DataOptions) -> int:
     """Steps of the whole-expert reconstruction: with the down refit, when every MoE layer's
     gate/up tensors can be written back (`merge.experts.expert_format`)."""
     from moekit.errors import UnsupportedModelError
-    from moekit.ops.merge.experts import expert_format
+    from moekit.surgery.experts import expert_format
 
     if options.compensate is False or options.width is not None or options.reconstruct_steps <= 0:
         return 0
@@ -284,7 +284,7 @@ def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
 def _lanes(stats_plans: list[Candidate], search: Search | None,
            options: DataOptions) -> list[Lane]:
     """The run's lanes, unmodified and unrefitted ones first (see `lanes`)."""
-    from moekit.ops.prune.measured import needs_refit
+    from moekit.layerfit.measured import needs_refit
 
     lanes = [Lane("reference", held=True)]
     lanes += [Lane(c.name, held=True, keep={p.layer: p.kept for p in c.plan.layers})
@@ -349,7 +349,7 @@ def _log_layer(r: Any, log: Callable[[str], None]) -> None:
 
 
 def _copy_plan(plan: Any, criterion: str) -> Any:
-    from moekit.ops.plan import PrunePlan
+    from moekit.surgery.plan import PrunePlan
 
     copy = PrunePlan.from_dict(plan.to_dict())
     copy.criterion = criterion

@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moekit.ops.prune.measured import Calibration, MeasuredLayer
+from moekit.layerfit.measured import Calibration, MeasuredLayer
 from moekit.ops.prune.select import build_plan
 
 if TYPE_CHECKING:
     import torch
 
-    from moekit.ops.plan import PrunePlan
-    from moekit.ops.prune.router_fit import RouterFit
-    from moekit.ops.prune.stats import ExpertStats
+    from moekit.layerfit.router_fit import RouterFit
+    from moekit.stats.expert_stats import ExpertStats
+    from moekit.surgery.plan import PrunePlan
 
 AUTO_CRITERIA = ("frequency", "weight", "ean", "man", "reap", "reap-sum")
 
@@ -88,7 +88,7 @@ def calibration_stats(cal: Calibration, fingerprint: str) -> ExpertStats:
 
     from moekit.calib.hooks import RoutingHooks
     from moekit.calib.recorder import Recorder
-    from moekit.ops.prune.stats import VALUES, ExpertStats
+    from moekit.stats.expert_stats import VALUES, ExpertStats
 
     recorder = Recorder(num_domains=1)
 

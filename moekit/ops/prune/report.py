@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from moekit.io.card import provenance, write_model_card, write_provenance
-from moekit.ops.plan import PrunePlan
 from moekit.ops.prune.select import CRITERIA
+from moekit.surgery.plan import PrunePlan
 
 
 def prune_provenance(source: str, plan: PrunePlan, *, config_keys: list[str],

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
     from moekit.families.layout import ModelLayout, MoeLayer
     from moekit.io.reader import Checkpoint
-    from moekit.ops.plan import PrunePlan
-    from moekit.ops.prune.reconstruct import GateUp
-    from moekit.ops.prune.router_fit import RouterFit
+    from moekit.layerfit.reconstruct import GateUp
+    from moekit.layerfit.router_fit import RouterFit
+    from moekit.surgery.plan import PrunePlan
 
 
 def modified_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan,
@@ -160,8 +160,8 @@ def gate_up_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan
     """(expert, source key, tensor) of the gate/up tensors of layer `index` holding the
     reconstructed experts `pairs`, in the source's layout and dtype (per-expert keys renamed
     to the new ids; fused: the kept rows, one tensor for all)."""
-    from moekit.ops.merge.experts import expert_format, join_halves
     from moekit.ops.merge.surgery import renamed_expert_key
+    from moekit.surgery.experts import expert_format, join_halves
 
     layer = next(m for m in layout.moe_layers if m.index == index)
     kept = plan.layer(index).kept

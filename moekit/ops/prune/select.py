@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moekit.errors import InvalidArgumentError, StatsError
-from moekit.ops.plan import (
+from moekit.surgery.plan import (
     LayerPlan,
     PrunePlan,
     check_remaining,
@@ -28,7 +28,7 @@ from moekit.ops.plan import (
 
 if TYPE_CHECKING:
     from moekit.families.layout import ModelLayout
-    from moekit.ops.prune.stats import ExpertStats
+    from moekit.stats.expert_stats import ExpertStats
 
 CRITERIA: dict[str, str] = {
     "reap": "REAP saliency: reap_sum / tokens, the mean over routed tokens of gate weight x "

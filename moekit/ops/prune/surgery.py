@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from moekit.errors import CheckpointError
+from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import ModelLayout, MoeLayer, describe
 from moekit.io.config import set_existing, sub_config
-from moekit.io.fingerprint import model_fingerprint
 from moekit.io.output import write_model_folder
 from moekit.io.reader import Checkpoint, TensorInfo
 from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor
-from moekit.ops.plan import PrunePlan, validate_plan
+from moekit.surgery.plan import PrunePlan, validate_plan
 
 
 @dataclass

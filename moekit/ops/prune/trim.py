@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from moekit.families.layout import ModelLayout, MoeLayer
     from moekit.io.reader import Checkpoint
-    from moekit.ops.plan import PrunePlan
+    from moekit.surgery.plan import PrunePlan
 
 EXPERT_SHARE = 0.5  # half of the reduction by removing experts, half by narrowing them
 WIDTH_MULTIPLE = 8

@@ -21,8 +21,8 @@ training runs (hundreds of billions of tokens; Nakamura et al. 2025, arXiv 2502.
 def provenance_details(plan: UpcyclePlan, prepared: Prepared,
                        report: UpcycleReport) -> dict[str, Any]:
     """Everything needed to reproduce the job (seeded), for moekit_provenance.json."""
+    from moekit.families.fingerprint import model_fingerprint
     from moekit.families.layout import describe
-    from moekit.io.fingerprint import model_fingerprint
 
     opts = plan.options
     details: dict[str, Any] = {

@@ -29,7 +29,7 @@ from moekit.calib.routing import route, selection_values
 if TYPE_CHECKING:
     import torch
 
-    from moekit.ops.prune.replay import LayerReplay
+    from moekit.layerfit.replay import LayerReplay
 
 TIE = 1e-5  # relative gap of the k-th and (k+1)-th selection values counted as a possible tie
 

@@ -19,20 +19,20 @@ from typing import TYPE_CHECKING, Any
 
 from moekit.calib.capture import LayerCapture, MoeBlock, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
-from moekit.ops.plan import group_count, group_feasible
-from moekit.ops.prune.compensate import LayerFit, refit_layer, set_down_weight
-from moekit.ops.prune.incremental import IncrementalError, local_routing
-from moekit.ops.prune.reconstruct import Rebuild, apply_rebuild, reconstruct_layer, restore_rebuild
-from moekit.ops.prune.replay import build_replay
-from moekit.ops.prune.router_fit import RouterFit, refit_router
-from moekit.ops.prune.search import search_drop
+from moekit.layerfit.compensate import LayerFit, refit_layer, set_down_weight
+from moekit.layerfit.incremental import IncrementalError, local_routing
+from moekit.layerfit.reconstruct import Rebuild, apply_rebuild, reconstruct_layer, restore_rebuild
+from moekit.layerfit.replay import build_replay
+from moekit.layerfit.router_fit import RouterFit, refit_router
+from moekit.layerfit.search import search_drop
+from moekit.surgery.plan import group_count, group_feasible
 
 if TYPE_CHECKING:
     import torch
 
     from moekit.calib.data import DataSource
     from moekit.families.layout import ModelLayout
-    from moekit.ops.prune.replay import LayerReplay
+    from moekit.layerfit.replay import LayerReplay
 
 
 @dataclass
@@ -229,7 +229,7 @@ def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kep
     """Fit the kept experts whole, starting from the down refit, on the streamed refit's
     positions when there are (`fit.sample`), else the selection's; when it helps on the held-out
     tokens, its down rows replace the refit's in `fit` (weights, relative changes)."""
-    from moekit.ops.prune.compensate import down_weight
+    from moekit.layerfit.compensate import down_weight
 
     saved = apply_fit(block, fit.weights)
     try:
@@ -260,7 +260,7 @@ def needs_refit(n_drop: int, compensate: bool, width: int | None) -> bool:
 def apply_fit(block: MoeBlock, weights: Any) -> dict[int, torch.Tensor]:
     """Write refitted down projections {expert: W [H, I]} into the materialised layer;
     returns the originals for `restore_weights`."""
-    from moekit.ops.prune.compensate import down_weight
+    from moekit.layerfit.compensate import down_weight
 
     originals = {}
     for e, weight in weights.items():

@@ -107,8 +107,8 @@ def refit_sum_bytes(layout: Any, n_drop: int) -> int:
     """Memory of `prune --refit-tokens`'s streamed sums for one MoE layer, whatever the token
     count (`refit_stats`: float64 A_e [I, I] and C_e [H, I] of the fit and held-out tokens per
     kept expert, the pair Grams B_ef up to PAIR_BYTES, one chunk of REFIT_BYTES)."""
-    from moekit.ops.prune.refit_stats import PAIR_BYTES
-    from moekit.ops.prune.refit_stream import REFIT_BYTES
+    from moekit.layerfit.refit_stats import PAIR_BYTES
+    from moekit.layerfit.refit_stream import REFIT_BYTES
 
     hidden, width = _dims(layout)
     kept = layout.moe_layers[0].num_experts - n_drop
@@ -123,7 +123,7 @@ def reconstruct_bytes(layout: Any, n_drop: int, streamed: int = 0) -> int:
     kept ones,
     autograd activations of one chunk, about 3 x CHUNK_BYTES); with `streamed` refit positions
     (`--refit-tokens`), their inputs, targets and routing [N, 2 H + 2 k] too."""
-    from moekit.ops.prune.reconstruct import CHUNK_BYTES
+    from moekit.layerfit.reconstruct import CHUNK_BYTES
 
     hidden, width = _dims(layout)
     num = layout.moe_layers[0].num_experts

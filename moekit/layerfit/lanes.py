@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moekit.ops.prune.measured import (
+from moekit.layerfit.measured import (
     Calibration,
     MeasuredLayer,
     apply_fit,
@@ -46,7 +46,7 @@ from moekit.ops.prune.measured import (
     needs_refit,
     restore_weights,
 )
-from moekit.ops.prune.reconstruct import (
+from moekit.layerfit.reconstruct import (
     GateUp,
     Rebuild,
     apply_rebuild,
@@ -54,7 +54,7 @@ from moekit.ops.prune.reconstruct import (
     in_memory_interleaved,
     restore_rebuild,
 )
-from moekit.ops.prune.router_fit import RouterFit, apply_router, restore_router
+from moekit.layerfit.router_fit import RouterFit, apply_router, restore_router
 
 ROUTER_KEY = -1  # spill key of layer l's router rows: ROUTER_KEY - l (refits use l)
 REBUILD_KEY = 1 << 20  # spill key of layer l's rebuilt gate/up rows: REBUILD_KEY + l
@@ -136,7 +136,7 @@ class LaneRun:
 
     def run(self) -> Scores:
         """Run every lane through the model once; return the held-out scores."""
-        from moekit.ops.prune.override import PrunedLayers
+        from moekit.layerfit.override import PrunedLayers
 
         n_drop = self.search.n_drop if self.search else 0
         num = self.cal.layout.moe_layers[0].num_experts
@@ -256,7 +256,7 @@ class LaneRun:
         """The down refit on `cal.refit_tokens` positions streamed through the layer
         (`refit_stream`), as `measure_layer`'s `refit`."""
         from moekit.calib.capture import capture_step
-        from moekit.ops.prune.refit_stream import (
+        from moekit.layerfit.refit_stream import (
             fit_from_chunks,
             positions_per_chunk,
             streamed_chunks,

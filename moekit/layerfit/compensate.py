@@ -23,7 +23,7 @@ from moekit.errors import UnsupportedModelError
 if TYPE_CHECKING:
     import torch
 
-    from moekit.ops.prune.replay import LayerReplay
+    from moekit.layerfit.replay import LayerReplay
 
 ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0)
 HELD_OUT = 0.25
@@ -71,7 +71,7 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
     time), on `replay.EXPERT_BYTES` of outputs at a time."""
     import torch
 
-    from moekit.ops.prune.replay import EXPERT_BYTES, chunks
+    from moekit.layerfit.replay import EXPERT_BYTES, chunks
     from moekit.runtime.engine import trim_heap
 
     if getattr(experts, "has_post_expert_norm", False):

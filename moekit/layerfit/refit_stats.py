@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from moekit.ops.prune.compensate import ALPHAS, LayerFit
+from moekit.layerfit.compensate import ALPHAS, LayerFit
 
 if TYPE_CHECKING:
     import torch

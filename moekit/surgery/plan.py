@@ -18,7 +18,7 @@ from moekit.families.registry import first_value
 
 if TYPE_CHECKING:
     from moekit.families.layout import ModelLayout
-    from moekit.ops.prune.stats import ExpertStats
+    from moekit.stats.expert_stats import ExpertStats
 
 PLAN_VERSION = 1
 SHARE_COLUMNS = ("traffic_removed", "weight_removed")

@@ -36,12 +36,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from moekit.ops.prune.compensate import HELD_OUT
+from moekit.layerfit.compensate import HELD_OUT
 
 if TYPE_CHECKING:
     import torch
 
-    from moekit.ops.prune.replay import LayerReplay
+    from moekit.layerfit.replay import LayerReplay
 
 ALPHAS = (1e-2, 1e-1, 1.0, 10.0)
 MATCH = True  # also try matching the unmodified model's logits (HARC-style)
@@ -189,7 +189,7 @@ def _slot_space(replay: LayerReplay, experts: Any, inputs: torch.Tensor, keep: l
     import torch
 
     from moekit.calib.routing import route
-    from moekit.ops.prune.replay import expert_outputs
+    from moekit.layerfit.replay import expert_outputs
 
     with torch.inference_mode(False), torch.enable_grad():  # the engine runs without grad
         z = replay.logits[: inputs.shape[0]].float().clone().requires_grad_(True)

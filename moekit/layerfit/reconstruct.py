@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from moekit.ops.prune.compensate import HELD_OUT
+from moekit.layerfit.compensate import HELD_OUT
 
 if TYPE_CHECKING:
     import torch
@@ -192,7 +192,7 @@ def canonical_gate_up(experts: Any, rows: dict[int, torch.Tensor], interleaved: 
     """{expert: (gate [I, H], up [I, H])} (float32, math orientation y = W x) from fused
     module-layout `gate_up_proj` rows; `interleaved`: gate and up alternate (gpt-oss), else
     gate comes first (`merge.experts.split_halves`)."""
-    from moekit.ops.merge.experts import split_halves
+    from moekit.surgery.experts import split_halves
 
     transposed = bool(getattr(experts, "is_transposed", False))
     out = {}
@@ -206,7 +206,7 @@ def apply_gate_up(experts: Any, pairs: dict[int, GateUp], interleaved: bool
                   ) -> dict[str, dict[int, torch.Tensor]]:
     """Set experts' gate/up from canonical pairs (as a candidate holds them) in an in-memory
     module; returns the originals for `restore_rebuild`."""
-    from moekit.ops.merge.experts import join_halves
+    from moekit.surgery.experts import join_halves
 
     transposed = bool(getattr(experts, "is_transposed", False))
     rows = {}
