@@ -108,7 +108,7 @@ def prune(model: Path, stats: Path, out: Path, criterion: str, ratio: float, see
     checkpoint = Checkpoint(model)
     layout = describe(checkpoint)
     fingerprint = model_fingerprint(checkpoint, layout)
-    from moekit.ops.prune.select import super_experts
+    from moekit.stats.criteria import super_experts
 
     data = load_stats(stats)
     check_stats(data, layout, fingerprint)

@@ -17,7 +17,7 @@ from prune_support import write_synthetic_stats
 
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
-from moekit.ops.prune.select import percentile
+from moekit.stats.criteria import percentile
 
 HEAVY = ("torch", "pandas", "numpy", "transformers", "matplotlib", "scipy", "safetensors",
          "pyarrow", "huggingface_hub")

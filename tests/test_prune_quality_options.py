@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
-from moekit.ops.prune.select import criterion_scores, super_experts
 from moekit.ops.prune.trim import budget_split
+from moekit.stats.criteria import criterion_scores, super_experts
 from moekit.stats.expert_stats import VALUES, ExpertStats
 
 RUNNER = CliRunner()

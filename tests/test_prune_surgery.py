@@ -15,8 +15,9 @@ from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
 from moekit.ops.prune.select import build_plan
-from moekit.ops.prune.surgery import _check_accounted, patch_config, plan_tensors, prune_checkpoint
+from moekit.ops.prune.surgery import plan_tensors, prune_checkpoint
 from moekit.surgery.plan import LayerPlan, PrunePlan
+from moekit.surgery.tensors import check_accounted, patch_config
 
 E = 8
 
@@ -82,7 +83,7 @@ def test_accounting_and_slicing_guards(tiny_checkpoint):
     outputs = {t.name: t for t in tensors}
     del actions[dropped[0]]
     with pytest.raises(CheckpointError, match="unaccounted"):
-        _check_accounted(checkpoint, actions, outputs)
+        check_accounted(checkpoint, actions, outputs)
 
 
 def test_config_patch_keeps_types_and_reports_per_expert_values(tiny_checkpoint):
@@ -101,7 +102,7 @@ def test_config_patch_keeps_types_and_reports_per_expert_values(tiny_checkpoint)
 
 def test_take_rows_is_a_byte_range_view(tiny_checkpoint):
     from moekit.io.writer import OutTensor
-    from moekit.ops.prune.surgery import take_rows
+    from moekit.surgery.tensors import take_rows
 
     checkpoint = Checkpoint(tiny_checkpoint("deepseek_v3"))
     info = checkpoint.tensors["model.layers.1.mlp.gate.weight"]  # [8, 64] float32

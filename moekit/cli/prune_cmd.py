@@ -191,14 +191,8 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     """Load/validate everything and decide: (PrunePlan, ExpertStats or None). Reads headers,
     router weights (fingerprint) and statistics only."""
     from moekit.errors import InvalidArgumentError
-    from moekit.ops.prune.select import (
-        DEFAULT_CRITERION,
-        build_plan,
-        merge_protect,
-        parse_protect,
-        read_expert_lists,
-        super_experts,
-    )
+    from moekit.ops.prune.select import build_plan, merge_protect, parse_protect, read_expert_lists
+    from moekit.stats.criteria import DEFAULT_CRITERION, super_experts
     from moekit.stats.expert_stats import check_stats, load_stats
     from moekit.surgery.plan import PrunePlan, validate_plan
 

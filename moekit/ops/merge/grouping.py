@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from moekit.errors import InvalidArgumentError
 from moekit.ops.merge.combine import normalised
 from moekit.ops.merge.plan import MergeLayer, MergePlan, check_choices
-from moekit.ops.prune.select import criterion_scores
+from moekit.stats.criteria import criterion_scores
 from moekit.surgery.plan import check_remaining, drop_count, group_count, group_feasible
 
 if TYPE_CHECKING:

@@ -142,7 +142,7 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
                       calib: Calibration | None = None,
                       protect_super: bool = True) -> tuple[MergePlan, Any]:
     """Validate everything cheap first (choices, ratio, statistics), then group; super
-    experts (`prune.select.super_experts`) stay unmerged unless `protect_super` is off."""
+    experts (`stats.criteria.super_experts`) stay unmerged unless `protect_super` is off."""
     from moekit.stats.expert_stats import check_stats, load_stats
 
     check_choices(group, method, router)
@@ -169,7 +169,7 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
                          "record them on that text")
     for layer in layout.moe_layers:
         expert_format(layout, layer)  # unsupported layouts fail before any work
-    from moekit.ops.prune.select import super_experts
+    from moekit.stats.criteria import super_experts
 
     protect = super_experts(stats_data) if protect_super and stats_data is not None else {}
     grouper = Grouper(layout, fingerprint, group=group, method=method, router=router,

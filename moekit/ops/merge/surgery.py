@@ -34,7 +34,6 @@ from moekit.ops.merge.plan import (
     MergePlan,
     validate_merge_plan,
 )
-from moekit.ops.prune.surgery import _check_accounted, patch_config, take_rows
 from moekit.surgery.experts import (
     Experts,
     activation,
@@ -43,6 +42,7 @@ from moekit.surgery.experts import (
     read_experts,
     stack,
 )
+from moekit.surgery.tensors import check_accounted, patch_config, renamed_expert_key, take_rows
 
 if TYPE_CHECKING:
     import torch
@@ -152,16 +152,6 @@ class LayerMerger:
         return result
 
 
-def renamed_expert_key(layout: ModelLayout, key: str, old: int, new: int) -> str:
-    """`{layer}.{experts}.{old}.w1.weight` -> `{layer}.{experts}.{new}.w1.weight`."""
-    base = f".{layout.family.experts.prefixes[0].rstrip('.')}."
-    head = f"{base}{old}."
-    if head not in key:
-        raise CheckpointError(f"expert tensor '{key}' does not contain '{head}'")
-    start, end = key.rindex(head), key.rindex(head) + len(head)
-    return f"{key[:start]}{base}{new}.{key[end:]}"
-
-
 def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: MergePlan,
                  calib: CalibFn | None = None, errors: dict[int, float] | None = None,
                  refits: RefitFn | None = None) -> tuple[list[OutTensor], dict[str, str]]:
@@ -188,7 +178,7 @@ def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: MergePlan,
         if key not in actions:
             actions[key] = "copied"
             outputs[key] = OutTensor.copy(info)
-    _check_accounted(checkpoint, actions, outputs)
+    check_accounted(checkpoint, actions, outputs)
     order = sorted(checkpoint.tensors.values(), key=lambda i: (str(i.shard), i.start))
     return [outputs[i.name] for i in order if i.name in outputs], actions
 

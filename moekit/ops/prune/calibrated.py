@@ -5,7 +5,7 @@ projections; with `router`, also the router rows, then the down refits alone are
 too), and the same selection without compensation; all scored by held-out KL, the best kept.
 criterion `auto`: additionally every stats criterion on statistics of the same tokens.
 Any other criterion: statistics recorded on the calibration tokens, then that criterion.
-Super experts (outstanding max_norm, `select.super_experts`) are protected unless turned off.
+Super experts (outstanding max_norm, `criteria.super_experts`) are protected unless turned off.
 
 The model runs through `moekit.runtime` (in memory, or streamed one layer at a time under
 `max_memory`) in two runs: the routing statistics (`quality.calibration_stats`), then one
@@ -31,7 +31,8 @@ from moekit.ops.prune.quality import (
     measured_plan,
     stats_candidates,
 )
-from moekit.ops.prune.select import CRITERIA, build_plan, merge_protect, super_experts
+from moekit.ops.prune.select import build_plan, merge_protect
+from moekit.stats.criteria import CRITERIA, super_experts
 
 DATA_CRITERIA = ("measured", "auto")
 DOWN_ONLY = "measured+compensate-router"  # the down refits without the router refits

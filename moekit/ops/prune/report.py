@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.io.card import provenance, write_model_card, write_provenance
-from moekit.ops.prune.select import CRITERIA
+from moekit.stats.criteria import CRITERIA
 from moekit.surgery.plan import PrunePlan
 
 

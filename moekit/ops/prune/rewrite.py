@@ -113,7 +113,7 @@ def _down_name(layout: ModelLayout) -> str:
 
 def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, kept: list[int],
                 weights: dict[int, torch.Tensor]) -> list[tuple[int, str, OutTensor]]:
-    from moekit.ops.merge.surgery import renamed_expert_key
+    from moekit.surgery.tensors import renamed_expert_key
 
     down = _down_name(layout)
     found = []
@@ -160,8 +160,8 @@ def gate_up_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan
     """(expert, source key, tensor) of the gate/up tensors of layer `index` holding the
     reconstructed experts `pairs`, in the source's layout and dtype (per-expert keys renamed
     to the new ids; fused: the kept rows, one tensor for all)."""
-    from moekit.ops.merge.surgery import renamed_expert_key
     from moekit.surgery.experts import expert_format, join_halves
+    from moekit.surgery.tensors import renamed_expert_key
 
     layer = next(m for m in layout.moe_layers if m.index == index)
     kept = plan.layer(index).kept

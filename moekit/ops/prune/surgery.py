@@ -12,8 +12,6 @@ Every input tensor must end up written, transformed or dropped; this is checked 
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +20,11 @@ from typing import Any
 from moekit.errors import CheckpointError
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import ModelLayout, MoeLayer, describe
-from moekit.io.config import set_existing, sub_config
 from moekit.io.output import write_model_folder
-from moekit.io.reader import Checkpoint, TensorInfo
+from moekit.io.reader import Checkpoint
 from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor
 from moekit.surgery.plan import PrunePlan, validate_plan
+from moekit.surgery.tensors import account, check_accounted, patch_config, take_rows
 
 
 @dataclass
@@ -56,7 +54,7 @@ def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan,
         if len(kept) == layer.num_experts:
             continue  # nothing removed: every tensor passes through unchanged
         for key, out in _layer_tensors(checkpoint, layout, layer, kept):
-            _account(actions, key, "dropped" if out is None else (
+            account(actions, key, "dropped" if out is None else (
                 "renamed" if out.copy_of is not None else "sliced"))
             if out is not None:
                 outputs[key] = out
@@ -68,7 +66,7 @@ def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan,
         if actions.get(key) in (None, "dropped"):
             raise CheckpointError(f"tensor '{key}' is modified but not kept (internal error)")
         actions[key], outputs[key] = "modified", tensor
-    _check_accounted(checkpoint, actions, outputs)
+    check_accounted(checkpoint, actions, outputs)
     order = sorted(checkpoint.tensors.values(), key=lambda i: (str(i.shard), i.start))
     return [outputs[i.name] for i in order if i.name in outputs], actions
 
@@ -93,81 +91,6 @@ def _layer_tensors(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
         info = tensors[layer.selection_bias]
         result.append((layer.selection_bias, take_rows(info, kept, axis=len(info.shape) - 1)))
     return result
-
-
-def take_rows(info: TensorInfo, rows: list[int], axis: int = 0) -> OutTensor:
-    """`info` restricted to indices `rows` along `axis`, as byte ranges of the source file.
-
-    Valid when every axis before `axis` has size 1 (axis 0 of any tensor, the last axis of
-    [E] or [1, E]); adjacent rows are merged into one range."""
-    if math.prod(info.shape[:axis]) != 1:
-        raise CheckpointError(f"cannot slice '{info.name}' {list(info.shape)} on axis {axis} "
-                              "as byte ranges", "only leading-axis slices are supported")
-    row_bytes = info.nbytes // info.shape[axis] if info.shape[axis] else 0
-    pieces: list[TensorInfo] = []
-    for row in rows:
-        if not 0 <= row < info.shape[axis]:
-            raise CheckpointError(f"row {row} is outside '{info.name}' {list(info.shape)}")
-        start = info.start + row * row_bytes
-        if pieces and pieces[-1].end == start:
-            last = pieces.pop()
-            pieces.append(TensorInfo(info.name, info.dtype, (), info.shard, last.start,
-                                     start + row_bytes))
-        else:
-            pieces.append(TensorInfo(info.name, info.dtype, (), info.shard, start,
-                                     start + row_bytes))
-    shape = (*info.shape[:axis], len(rows), *info.shape[axis + 1:])
-    return OutTensor.gather(info.name, info.dtype, shape, tuple(pieces))
-
-
-def _account(actions: dict[str, str], key: str, action: str) -> None:
-    if key in actions:
-        raise CheckpointError(f"tensor '{key}' is handled twice by the surgery (internal error)")
-    actions[key] = action
-
-
-def _check_accounted(checkpoint: Checkpoint, actions: dict[str, str],
-                     outputs: dict[str, OutTensor]) -> None:
-    missing = [k for k in checkpoint.tensors if k not in actions]
-    extra = [k for k in actions if k not in checkpoint.tensors]
-    names = [t.name for t in outputs.values()]
-    if missing or extra or len(set(names)) != len(names):
-        raise CheckpointError(f"surgery left tensors unaccounted (missing {missing[:3]}, unknown "
-                              f"{extra[:3]}, duplicate output names: "
-                              f"{len(names) - len(set(names))}); nothing was written")
-
-
-def patch_config(config: dict[str, Any], layout: ModelLayout, plan: PrunePlan,
-                 expert_width: int | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
-    """A copy of config.json with every expert-count alias (and grouped-routing keys when the
-    plan changes them) rewritten, keeping key names and value types. Returns (config, keys
-    changed, warnings about other per-expert values left as they were)."""
-    patched = copy.deepcopy(config)
-    sub = sub_config(patched, layout.resolved.config_path)
-    path = ".".join(layout.resolved.config_path)
-    prefix = f"{path}." if path else ""
-    keys = layout.family.keys
-    changed = set_existing(sub, keys.num_experts, plan.num_kept)
-    if not changed:
-        raise CheckpointError(f"config.json has none of {keys.num_experts}; cannot record the "
-                              "new expert count")
-    if expert_width is not None:
-        changed += set_existing(sub, keys.expert_width, expert_width)
-    aliases = {"n_group": keys.n_group, "topk_group": keys.topk_group}
-    for name, value in plan.config_changes.items():
-        changed += set_existing(sub, aliases.get(name, (name,)), value)
-    warnings = []
-    for key, value in sub.items():
-        if key in changed or key in keys.num_experts:
-            continue
-        if isinstance(value, list) and len(value) == plan.num_experts and plan.num_dropped:
-            warnings.append(f"config key '{prefix}{key}' is a list of {plan.num_experts} values "
-                            "(one per expert?); left unchanged, check it")
-        elif (isinstance(value, int) and not isinstance(value, bool) and value == plan.num_experts
-              and "expert" in key and plan.num_dropped):
-            warnings.append(f"config key '{prefix}{key}' = {value} equals the old expert count; "
-                            "left unchanged, check it")
-    return patched, [prefix + k for k in changed], warnings
 
 
 def prune_checkpoint(source: Path, plan: PrunePlan, out: Path, *, overwrite: bool = False,
