@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from moekit.calib.recorder import LayerRaw
-from moekit.stats.profile_io import Profile, profile_from_raw
+from moekit.stats.profile import Profile
+from moekit.stats.profile_io import profile_from_raw
 
 
 def random_ids(rng: np.random.Generator, rates: np.ndarray, tokens: int, k: int) -> np.ndarray:

@@ -178,25 +178,6 @@ def capture_layers(model: Any, family: MoeFamily, batches: Iterable[torch.Tensor
             for layer, g in grabbers.items() if g.inputs}
 
 
-def require_whole_layers(engine: Any, what: str) -> None:
-    """Refuse an engine that runs some MoE layer in expert groups (`runtime.groups`): the
-    block's hooks would fire once per pass there, and `what` needs the layer's experts."""
-    from moekit.errors import InvalidArgumentError
-    from moekit.runtime.layers import find_stack
-    from moekit.units import human
-
-    if engine.mode != "stream" or not engine.plan.group:
-        return
-    layers = find_stack(engine.model).layers
-    split = [i for i, layer in enumerate(layers) if getattr(layer, "_moekit_groups", None)]
-    if split:
-        need = engine.sizes.resident + max(engine.sizes.layers)
-        raise InvalidArgumentError(
-            f"--max-memory {human(engine.plan.budget)} holds only part of layer {split[0]}, "
-            f"but {what} needs one whole MoE layer in memory",
-            f"use --max-memory {human(need, up=True)} or more")
-
-
 def grab_block(block: MoeBlock, logits_index: int) -> tuple[_Grabber, list[Any]]:
     """Hooks that record the block input and router logits of every forward of `block` (the
     first `grabber.take` rows of each call); `grabbed(...)` turns them into a LayerCapture.
@@ -245,4 +226,3 @@ def capture_step(step: Any, block: MoeBlock, batches: Sequence[int], *, max_toke
 
 def _raise_stop(module: Any, args: tuple, output: Any) -> None:
     raise _Stop
-

@@ -118,3 +118,18 @@ def export_table(frame: Any, path: Path) -> None:
     else:
         raise InvalidArgumentError(f"cannot write a table as '{suffix or path.name}'",
                                    "use a .csv, .parquet or .json file name")
+
+
+def moe_layout(source: Path) -> tuple[Any, Any, str]:
+    """(Checkpoint, layout, fingerprint) of a MoE checkpoint; dense ones are refused."""
+    from moekit.errors import InvalidArgumentError
+    from moekit.families.fingerprint import model_fingerprint
+    from moekit.families.layout import describe
+    from moekit.io.reader import Checkpoint
+
+    checkpoint = Checkpoint(source)
+    layout = describe(checkpoint)
+    if not layout.is_moe:
+        raise InvalidArgumentError(f"{source} is a dense model ({layout.resolved.family.name}): "
+                                   "nothing to prune")
+    return checkpoint, layout, model_fingerprint(checkpoint, layout)

@@ -28,6 +28,7 @@ from moekit.cli.common import (
     export_table,
     handle_errors,
     load_model_path,
+    moe_layout,
 )
 from moekit.units import parse_size
 
@@ -225,21 +226,6 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
         protect=guard, min_experts=min_experts, seed=seed)
     plan.warnings += notes
     return plan, stats_data
-
-
-def moe_layout(source: Path) -> tuple[Any, Any, str]:
-    """(Checkpoint, layout, fingerprint) of a MoE checkpoint; dense ones are refused."""
-    from moekit.errors import InvalidArgumentError
-    from moekit.families.fingerprint import model_fingerprint
-    from moekit.families.layout import describe
-    from moekit.io.reader import Checkpoint
-
-    checkpoint = Checkpoint(source)
-    layout = describe(checkpoint)
-    if not layout.is_moe:
-        raise InvalidArgumentError(f"{source} is a dense model ({layout.resolved.family.name}): "
-                                   "nothing to prune")
-    return checkpoint, layout, model_fingerprint(checkpoint, layout)
 
 
 def _eval_sources(values: list[str] | None, data_range: str | None) -> tuple[list, tuple]:

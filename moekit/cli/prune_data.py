@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moekit.cli.common import console, err_console
+from moekit.cli.common import console, err_console, moe_layout
 
 
 def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | None,
@@ -19,7 +19,6 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
     with `keep_params`, measured selection plus uniform trimming to the byte budget.
     Returns (plan, modified tensors for the surgery, calibration record for provenance,
     new expert width or None)."""
-    from moekit.cli.prune_cmd import moe_layout
     from moekit.errors import InvalidArgumentError
     from moekit.ops.prune.calibrated import choose_with_data as choose
     from moekit.ops.prune.rewrite import modified_tensors

@@ -30,7 +30,8 @@ from moekit.runtime.distributed import (
 )
 from moekit.runtime.engine import forward_routing as forward  # noqa: F401 - benchmarks
 from moekit.runtime.engine import mode_line
-from moekit.stats.profile_io import ALL, Profile, load_profile, merge_profiles, profile_from_raw
+from moekit.stats.profile import Profile
+from moekit.stats.profile_io import ALL, load_profile, merge_profiles, profile_from_raw
 
 if TYPE_CHECKING:
     from moekit.calib.recorder import Recorder

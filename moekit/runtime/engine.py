@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.runtime.budget import Plan, Sizes, decide, free_memory
+from moekit.runtime.groups import routed_experts
 from moekit.units import human
 
 Before = Callable[[int], None]
@@ -354,7 +355,7 @@ def sizes(weights: Any, model: Any, family: Any) -> Sizes:
     for i, layer in enumerate(stack.layers):
         prefix = stack.prefix(i)
         total = weights.nbytes(prefix)
-        routed, count = _routed(layer, family)
+        routed, count = routed_experts(layer, family)
         base = weights.nbytes(prefix, prefix + routed + ".") if routed else total
         layers.append(total)
         bases.append(base)
@@ -366,22 +367,6 @@ def sizes(weights: Any, model: Any, family: Any) -> Sizes:
 
 def _layer_of(name: str, stack: Any) -> int:
     return int(name[len(stack.name) + 1:].split(".", 1)[0])
-
-
-def _routed(layer: Any, family: Any) -> tuple[str | None, int]:
-    """(experts module path within the layer, expert count) of a MoE layer, else (None, 0)."""
-    if family is None:
-        return None, 0
-    path = family.router.experts_module
-    try:
-        experts = layer.get_submodule(path)
-    except AttributeError:
-        return None, 0
-    count = int(getattr(experts, "num_experts", 0) or 0)
-    if not count:
-        gate_up = getattr(experts, "gate_up_proj", None)
-        count = int(gate_up.shape[0]) if gate_up is not None else 0
-    return (path, count) if count else (None, 0)
 
 
 def _materialise_outside_layers(model: Any, weights: Any, device: Any, head: bool) -> None:

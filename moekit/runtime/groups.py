@@ -25,20 +25,20 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
-from moekit.errors import UnsupportedModelError
+from moekit.errors import InvalidArgumentError, UnsupportedModelError
+from moekit.units import human
 
 
 def mark_grouped(engine: Any) -> None:
     """Flag the MoE layers that do not fit the budget whole (plan.group > 0)."""
     if not engine.plan.group:
         return
-    from moekit.runtime.engine import _routed
     from moekit.runtime.layers import find_stack
 
     stack = find_stack(engine.model)
     resident = engine.sizes.resident
     for i, layer in enumerate(stack.layers):
-        path, count = _routed(layer, engine.family)
+        path, count = routed_experts(layer, engine.family)
         if path is None or resident + engine.weights.nbytes(stack.prefix(i)) <= engine.plan.budget:
             continue
         if engine.family.router.input_scaled:
@@ -183,3 +183,36 @@ def _weights(experts: Any, tensors: dict[str, Any], count: int) -> Any:
         experts._parameters.update(saved)
         if saved_count is not None:
             experts.num_experts = saved_count
+
+
+def routed_experts(layer: Any, family: Any) -> tuple[str | None, int]:
+    """(experts module path within the layer, expert count) of a MoE layer, else (None, 0)."""
+    if family is None:
+        return None, 0
+    path = family.router.experts_module
+    try:
+        experts = layer.get_submodule(path)
+    except AttributeError:
+        return None, 0
+    count = int(getattr(experts, "num_experts", 0) or 0)
+    if not count:
+        gate_up = getattr(experts, "gate_up_proj", None)
+        count = int(gate_up.shape[0]) if gate_up is not None else 0
+    return (path, count) if count else (None, 0)
+
+
+def require_whole_layers(engine: Any, what: str) -> None:
+    """Refuse an engine that runs some MoE layer in expert groups (`runtime.groups`): the
+    block's hooks would fire once per pass there, and `what` needs the layer's experts."""
+    from moekit.runtime.layers import find_stack
+
+    if engine.mode != "stream" or not engine.plan.group:
+        return
+    layers = find_stack(engine.model).layers
+    split = [i for i, layer in enumerate(layers) if getattr(layer, "_moekit_groups", None)]
+    if split:
+        need = engine.sizes.resident + max(engine.sizes.layers)
+        raise InvalidArgumentError(
+            f"--max-memory {human(engine.plan.budget)} holds only part of layer {split[0]}, "
+            f"but {what} needs one whole MoE layer in memory",
+            f"use --max-memory {human(need, up=True)} or more")

@@ -14,18 +14,37 @@ Means weighted by `ablation_tokens`, so `stats merge` averages them exactly.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.stats.profile_io import ABLATION_COLUMNS, ALL
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
-    from moekit.ops.ablation.run import AblationSums
-    from moekit.stats.profile_io import Profile
+    from moekit.stats.profile import Profile
 
 PLOT_FILE = "ablation_scatter.png"
+
+
+@dataclass
+class AblationSums:
+    """Sums over the sample: `loss[l]`, `kl[l]`, `first_order[l]` are [E, D] float64 arrays
+    (D domains) for MoE layer l; `tokens` [D] counts the predicted positions; `base_loss` [D]
+    sums the unablated NLL; `group_lift[l]` [D] (group-limited routers, exact method) sums the
+    NLL change of routing plain top-k with no expert removed, part of every `loss[l]`."""
+
+    layers: list[int]
+    domains: list[str]
+    tokens: np.ndarray
+    base_loss: np.ndarray
+    loss: dict[int, np.ndarray] = field(default_factory=dict)
+    kl: dict[int, np.ndarray] = field(default_factory=dict)
+    first_order: dict[int, np.ndarray] = field(default_factory=dict)
+    group_lift: dict[int, np.ndarray] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def ablation_frame(sums: AblationSums) -> pd.DataFrame:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-    from moekit.stats.profile_io import Profile
+    from moekit.stats.profile import Profile
 
 COLD_RATIO = 0.25  # an expert is cold when it gets less than a quarter of its fair share
 COVERAGE = 0.9

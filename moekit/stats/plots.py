@@ -11,7 +11,7 @@ from moekit.stats.metrics import conditional_coactivation, expert_table, special
 if TYPE_CHECKING:
     import numpy as np
 
-    from moekit.stats.profile_io import Profile
+    from moekit.stats.profile import Profile
 
 DPI = 110
 MAX_PANELS = 4

@@ -22,12 +22,12 @@ import hashlib
 import json
 import shlex
 import sys
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import StatsError
+from moekit.stats.profile import ALL, Profile
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
     from moekit.calib.recorder import LayerRaw
 
-ALL = "all"
 FORMAT_VERSION = 1
 EXPERT_COLUMNS = ["layer", "expert", "domain", "tokens", "weight_sum", "ean_sum", "reap_sum",
                   "max_norm"]
@@ -47,40 +46,6 @@ EXPERT_FILE, EXPERT_CSV = "expert_stats.parquet", "expert_stats.csv"
 LAYER_FILE, COACT_FILE = "layer_stats.csv", "coactivation.npz"
 META_FILE, TRACE_FILE = "metadata.json", "trace.safetensors"
 WINDOW_FILE = "windows.npz"
-
-
-@dataclass
-class Profile:
-    """A loaded or freshly recorded profile. `coactivation["{domain}/{layer}"]` is [E, E]."""
-
-    metadata: dict[str, Any]
-    expert_stats: pd.DataFrame
-    layer_stats: pd.DataFrame
-    coactivation: dict[str, np.ndarray]
-    trace: dict[str, np.ndarray] | None = field(default=None, repr=False)
-    windows: dict[str, np.ndarray] | None = field(default=None, repr=False)
-
-    @property
-    def domains(self) -> list[str]:
-        """Domain names in recording order, without `all`."""
-        return list(self.metadata.get("domains", {}))
-
-    @property
-    def moe_layers(self) -> list[int]:
-        return [int(i) for i in self.metadata["moe_layers"]]
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self.metadata.get("model_fingerprint", ""))
-
-    def coact(self, layer: int, domain: str = ALL) -> np.ndarray:
-        return self.coactivation[f"{domain}/{layer}"]
-
-    def experts(self, layer: int, domain: str = ALL) -> pd.DataFrame:
-        """The expert_stats rows of one layer and domain, sorted by expert id."""
-        frame = self.expert_stats
-        rows = frame[(frame["layer"] == layer) & (frame["domain"] == domain)]
-        return rows.sort_values("expert").reset_index(drop=True)
 
 
 def profile_from_raw(raw: list[LayerRaw], domains: list[str],

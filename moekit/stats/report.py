@@ -13,7 +13,7 @@ from moekit.stats.metrics import COLD_RATIO, coldest, specialisation, summary_ta
 if TYPE_CHECKING:
     import pandas as pd
 
-    from moekit.stats.profile_io import Profile
+    from moekit.stats.profile import Profile
 
 UNDERSAMPLED = 20  # expected slots per expert below this: "dead" may just mean "unseen"
 

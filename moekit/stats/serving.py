@@ -29,7 +29,7 @@ from moekit.errors import StatsError
 if TYPE_CHECKING:
     import numpy as np
 
-    from moekit.stats.profile_io import Profile
+    from moekit.stats.profile import Profile
 
 FORMATS = {"vllm": (".safetensors",), "sglang": (".json", ".pt")}
 VLLM_KEY = "global_expert_load_window"

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-    from moekit.stats.profile_io import Profile
+    from moekit.stats.profile import Profile
 
 UNSTABLE = 0.05
 DEAD_FRACTION = 0.05

@@ -10,39 +10,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import InvalidArgumentError, UnsupportedModelError
 from moekit.ops.ablation.exact import exact_layer, layer_inputs
 from moekit.ops.ablation.first_order import first_order_batch
+from moekit.stats.ablation import AblationSums
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
     from moekit.calib.data import Domain
     from moekit.families.layout import ModelLayout
 
 Progress = Callable[[str, int, int], None]  # (what, step done, steps in all)
-
-
-@dataclass
-class AblationSums:
-    """Sums over the sample: `loss[l]`, `kl[l]`, `first_order[l]` are [E, D] float64 arrays
-    (D domains) for MoE layer l; `tokens` [D] counts the predicted positions; `base_loss` [D]
-    sums the unablated NLL; `group_lift[l]` [D] (group-limited routers, exact method) sums the
-    NLL change of routing plain top-k with no expert removed, part of every `loss[l]`."""
-
-    layers: list[int]
-    domains: list[str]
-    tokens: np.ndarray
-    base_loss: np.ndarray
-    loss: dict[int, np.ndarray] = field(default_factory=dict)
-    kl: dict[int, np.ndarray] = field(default_factory=dict)
-    first_order: dict[int, np.ndarray] = field(default_factory=dict)
-    group_lift: dict[int, np.ndarray] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def sample_batches(domains: list[Domain], tokens: int, batch_size: int

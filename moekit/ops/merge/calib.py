@@ -95,9 +95,9 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
     """LayerCalib for every MoE layer on at most `max_tokens` tokens of `sources` (tokens are
     drawn from the domains in turn, `max_tokens / len(sources)` each). `log(line)` gets the
     runtime's mode line."""
-    from moekit.calib.capture import require_whole_layers
     from moekit.calib.data import load_domains
     from moekit.runtime.engine import mode_line, open_model
+    from moekit.runtime.groups import require_whole_layers
     from moekit.runtime.loading import load_tokenizer
 
     check_calibrated(layout)

@@ -4,7 +4,7 @@ Grouping by data (`m-smoe`: router-logit columns, `hc-smoe`: mean expert outputs
 unmodified model's activations on the calibration sample; the fit-layer refit (`refit.py`) runs
 the model layer by layer anyway. Here the two share everything but their token positions:
 
-- the sources are tokenised once, at the refit's budget (`prune.measured.load_calibration`).
+- the sources are tokenised once, at the refit's budget (`layerfit.measured.load_calibration`).
   The grouping sample is the first D_tok = max_tokens // D token ids of each of the D domains:
   `calib.data.load_domains` stops at its budget, so these are exactly the ids a tokenisation at
   D_tok gives (what `calib.capture_calibration` uses), cut into the same [B, S] batches;
@@ -17,7 +17,8 @@ the model layer by layer anyway. Here the two share everything but their token p
 Same token ids, same batch shapes, same layer weights in the same engine: the activations, so the
 clusters, the refitted weights and the provenance are those of the two-pass path
 (`run.Calibration(one_pass=False)`: capture, group, then `refit_merged`) bit for bit, less one
-model load, one tokenisation and the spilled activations of every layer.
+model load, one tokenisation and the spilled activations of every layer. The run itself is
+`run.group_and_refit`; this module holds its pieces.
 """
 
 from __future__ import annotations
@@ -32,11 +33,8 @@ if TYPE_CHECKING:
     import torch
 
     from moekit.calib.capture import LayerCapture, MoeBlock
-    from moekit.io.reader import Checkpoint
-    from moekit.ops.merge.grouping import Grouper
     from moekit.ops.merge.plan import MergeLayer
     from moekit.ops.merge.refit import LayerRefits
-    from moekit.ops.merge.run import Calibration
 
 BeforeLayer = Callable[[Any, list[int], Callable[[int], None]], None]
 
@@ -75,56 +73,6 @@ class SharedRun(LaneRun):
     def on_layer(self, step: Any) -> None:
         self.before_layer(step, self.lane("extra").batches, self.before)
         super().on_layer(step)
-
-
-def group_and_refit(calib: Calibration, checkpoint: Checkpoint, grouper: Grouper) -> OnePass:
-    """Cluster every MoE layer of `calib.layout` with `grouper` and refit it (module doc)."""
-    from functools import partial
-
-    from moekit.ops.merge.calib import (
-        BATCH_SIZE,
-        LayerCalib,
-        check_calibrated,
-        domain_tokens,
-        layer_record,
-        sample_batches,
-    )
-    from moekit.ops.merge.refit import REFIT_DEFAULTS, open_refit, sequential_refit
-    from moekit.ops.merge.run import distance_fn
-
-    layout, source = calib.layout, calib.source
-    check_calibrated(layout)
-    settings = {**REFIT_DEFAULTS, **calib.refit_options()}
-    n_drop = grouper.n_drop(layout.moe_layers[0].num_experts)
-    cal = open_refit(source, layout, calib.sources, log=calib.log, **settings)
-    per_domain = domain_tokens(settings["max_tokens"], len(calib.sources))
-    work = sample_batches(prefixes(cal.domains, per_domain, settings["seq_len"]),
-                          calib.options.get("batch_size", BATCH_SIZE), per_domain)
-    moe = {m.index: m for m in layout.moe_layers}
-    blocks = {b.layer: b for b in cal.blocks}
-    layers: list[MergeLayer] = []
-    centres: dict[int, list[int]] = {}
-
-    def before_layer(step: Any, batches: list[int], select: Callable[[int], None]) -> None:
-        if step.index not in moe:
-            return
-        takes = zip(batches, [take for _, take in work], strict=True)
-        cap = capture_sample(step, blocks[step.index], takes, select,
-                             layout.family.router.logits_index)
-        data = LayerCalib(step.index, **layer_record(source, layout, cap))
-        del cap
-        layers.append(grouper.layer(moe[step.index],
-                                    distance_fn(grouper.group, checkpoint, layout,
-                                                lambda _: data)))
-        check_layers(layout, layers, n_drop)
-        centres[step.index] = layers[-1].centres
-
-    refits = sequential_refit(cal, n_drop, centres, log=calib.log, make_run=partial(
-        SharedRun, extra=[batch for batch, _ in work], before_layer=before_layer))
-    if [p.layer for p in layers] != list(moe):
-        raise RuntimeError(f"the shared run grouped layers {[p.layer for p in layers]}, the "
-                           f"model's MoE layers are {list(moe)} (internal error)")
-    return OnePass(layers, refits, sum(take for _, take in work), cal.engine.describe())
 
 
 def prefixes(domains: list[Any], per_domain: int, seq_len: int) -> list[Any]:

@@ -104,9 +104,9 @@ def check_refit_grouping(layout: ModelLayout, num_experts: int, n_drop: int,
 def open_refit(source: Path, layout: ModelLayout, sources: list[DataSource], *,
                log: Callable[[str], None] | None = None, **options: Any) -> Any:
     """`prune.measured.load_calibration` (tokenised data, the engine) for the refit."""
-    from moekit.calib.capture import require_whole_layers
     from moekit.layerfit.measured import load_calibration
     from moekit.runtime.engine import mode_line
+    from moekit.runtime.groups import require_whole_layers
 
     cal = load_calibration(source, layout, sources, **{**REFIT_DEFAULTS, **options})
     if log is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,9 +19,11 @@ from moekit.ops.merge.grouping import (
     euclidean_distance,
     gram_cosine_distance,
 )
+from moekit.ops.merge.onepass import OnePass, SharedRun, capture_sample, check_layers, prefixes
 from moekit.ops.merge.plan import (
     FIT_METHODS,
     LAYER_FITS,
+    MergeLayer,
     MergePlan,
     check_choices,
     validate_merge_plan,
@@ -32,7 +35,6 @@ if TYPE_CHECKING:
 
     from moekit.calib.data import DataSource
     from moekit.families.layout import ModelLayout
-    from moekit.ops.merge.onepass import OnePass
     from moekit.ops.merge.refit import LayerRefits
 
 
@@ -84,8 +86,6 @@ class Calibration:
     def group_and_refit(self, checkpoint: Checkpoint, grouper: Grouper) -> MergePlan:
         """The plan's clusters and the refit from one tokenisation and one layered run
         (`onepass.py`); `refits(plan)` then hands out that run's refit."""
-        from moekit.ops.merge.onepass import group_and_refit
-
         self.shared = group_and_refit(self, checkpoint, grouper)
         return grouper.plan(self.shared.layers)
 
@@ -182,3 +182,52 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
     if calib is not None and (calib.layers is not None or calib.shared is not None):
         plan.calibration = calib.describe()
     return validate_merge_plan(plan, layout, fingerprint, ignore_fingerprint), stats_data
+
+
+def group_and_refit(calib: Calibration, checkpoint: Checkpoint, grouper: Grouper) -> OnePass:
+    """Cluster every MoE layer of `calib.layout` with `grouper` and refit it (module doc)."""
+    from functools import partial
+
+    from moekit.ops.merge.calib import (
+        BATCH_SIZE,
+        LayerCalib,
+        check_calibrated,
+        domain_tokens,
+        layer_record,
+        sample_batches,
+    )
+    from moekit.ops.merge.refit import REFIT_DEFAULTS, open_refit, sequential_refit
+
+    layout, source = calib.layout, calib.source
+    check_calibrated(layout)
+    settings = {**REFIT_DEFAULTS, **calib.refit_options()}
+    n_drop = grouper.n_drop(layout.moe_layers[0].num_experts)
+    cal = open_refit(source, layout, calib.sources, log=calib.log, **settings)
+    per_domain = domain_tokens(settings["max_tokens"], len(calib.sources))
+    work = sample_batches(prefixes(cal.domains, per_domain, settings["seq_len"]),
+                          calib.options.get("batch_size", BATCH_SIZE), per_domain)
+    moe = {m.index: m for m in layout.moe_layers}
+    blocks = {b.layer: b for b in cal.blocks}
+    layers: list[MergeLayer] = []
+    centres: dict[int, list[int]] = {}
+
+    def before_layer(step: Any, batches: list[int], select: Callable[[int], None]) -> None:
+        if step.index not in moe:
+            return
+        takes = zip(batches, [take for _, take in work], strict=True)
+        cap = capture_sample(step, blocks[step.index], takes, select,
+                             layout.family.router.logits_index)
+        data = LayerCalib(step.index, **layer_record(source, layout, cap))
+        del cap
+        layers.append(grouper.layer(moe[step.index],
+                                    distance_fn(grouper.group, checkpoint, layout,
+                                                lambda _: data)))
+        check_layers(layout, layers, n_drop)
+        centres[step.index] = layers[-1].centres
+
+    refits = sequential_refit(cal, n_drop, centres, log=calib.log, make_run=partial(
+        SharedRun, extra=[batch for batch, _ in work], before_layer=before_layer))
+    if [p.layer for p in layers] != list(moe):
+        raise RuntimeError(f"the shared run grouped layers {[p.layer for p in layers]}, the "
+                           f"model's MoE layers are {list(moe)} (internal error)")
+    return OnePass(layers, refits, sum(take for _, take in work), cal.engine.describe())

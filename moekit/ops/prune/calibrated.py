@@ -92,9 +92,9 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                      ratio: float, protect: dict[int, list[int]], min_experts: int | None,
                      options: DataOptions, log: Callable[[str], None] = print) -> DataChoice:
     """Open the model once (memory or streamed), pick the plan (module docstring)."""
-    from moekit.calib.capture import require_whole_layers
     from moekit.layerfit.measured import load_calibration
     from moekit.runtime.engine import mode_line
+    from moekit.runtime.groups import require_whole_layers
     from moekit.runtime.spill import TensorSpill
 
     if criterion not in (*DATA_CRITERIA, *CRITERIA):
