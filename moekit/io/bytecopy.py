@@ -16,6 +16,8 @@ import errno
 import os
 from typing import TYPE_CHECKING, BinaryIO
 
+from moekit.io.writeback import drop_read, uncached
+
 if TYPE_CHECKING:
     from moekit.io.writeback import WriteBehind
 
@@ -42,8 +44,6 @@ def copy_range(source: BinaryIO, fd: int, start: int, count: int, label: str,
     message of the OSError raised when the source ends early; progress goes to `behind`,
     which also drops what was read when the range was not cached before
     (`writeback.uncached`)."""
-    from moekit.io.writeback import drop_read, uncached
-
     drop = behind is not None and behind.active and uncached(source.fileno(), start, count)
     done = 0
     if MODE == "kernel" and _kernel_ok:
@@ -57,8 +57,6 @@ def copy_range(source: BinaryIO, fd: int, start: int, count: int, label: str,
 def _loop_copy(source: BinaryIO, fd: int, start: int, count: int, label: str,
                behind: WriteBehind | None, drop: bool = False) -> None:
     """The 1 MiB loop; with `drop`, every `behind.window` bytes read leave the page cache."""
-    from moekit.io.writeback import drop_read
-
     view = memoryview(bytearray(min(CHUNK, max(count, 1))))
     source.seek(start)
     remaining, mark = count, start

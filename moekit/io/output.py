@@ -27,7 +27,9 @@ from moekit.errors import (
     OutputExistsError,
     Terminated,
 )
-from moekit.io.writer import DEFAULT_SHARD_BYTES
+from moekit.io.config import write_config
+from moekit.io.writer import DEFAULT_SHARD_BYTES, write_checkpoint
+from moekit.units import human
 
 if TYPE_CHECKING:
     from moekit.io.reader import Checkpoint
@@ -112,8 +114,6 @@ def check_outputs(inputs: Iterable[Path | None], out: Path | None = None,
 def check_free_space(out: Path, needed: int) -> None:
     """Refuse before writing when the file system that will hold `out` has fewer than `needed`
     bytes free (a later ENOSPC is still caught by `staged_output`)."""
-    from moekit.units import human
-
     parent = Path(out).expanduser().resolve().parent
     while not parent.exists():
         parent = parent.parent
@@ -360,9 +360,6 @@ def write_model_folder(checkpoint: Checkpoint, out: Path, tensors: list[OutTenso
     the source shards' metadata, `config`, the source's tokenizer/aux files, then `finish(staging
     folder)` (provenance, model card, evaluation) before the rename. `on_bytes(written, total)`
     is called once with 0 and after every tensor."""
-    from moekit.io.config import write_config
-    from moekit.io.writer import write_checkpoint
-
     metadata: dict[str, str] = {}
     for shard in checkpoint.shards:
         metadata.update(shard.metadata)

@@ -18,7 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import moekit.layerfit.replay
 from moekit.errors import UnsupportedModelError
+from moekit.layerfit.replay import chunks
+from moekit.runtime.engine import trim_heap
 
 if TYPE_CHECKING:
     import torch
@@ -71,9 +74,6 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
     time), on `replay.EXPERT_BYTES` of outputs at a time."""
     import torch
 
-    from moekit.layerfit.replay import EXPERT_BYTES, chunks
-    from moekit.runtime.engine import trim_heap
-
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedModelError("experts with a post-expert norm cannot be refitted",
                                     "use --no-compensate")
@@ -97,7 +97,7 @@ def expert_hidden(experts: Any, rows: torch.Tensor, ids: torch.Tensor) -> torch.
             if saved_b is not None:
                 experts.down_proj_bias = torch.nn.Parameter(torch.zeros_like(saved_b),
                                                             requires_grad=False)
-            for a, b in chunks(rows.shape[0], hidden, EXPERT_BYTES // 4):
+            for a, b in chunks(rows.shape[0], hidden, moekit.layerfit.replay.EXPERT_BYTES // 4):
                 with torch.no_grad():
                     got = experts(rows[a:b], ids[a:b], ones[a:b])
                 out[a:b, start:start + width] = got[:, :width]  # float32 upcast: exact

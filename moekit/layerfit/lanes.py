@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.capture import capture_step
 from moekit.layerfit.measured import (
     Calibration,
     MeasuredLayer,
@@ -46,6 +47,7 @@ from moekit.layerfit.measured import (
     needs_refit,
     restore_weights,
 )
+from moekit.layerfit.override import PrunedLayers
 from moekit.layerfit.reconstruct import (
     GateUp,
     Rebuild,
@@ -53,6 +55,11 @@ from moekit.layerfit.reconstruct import (
     canonical_gate_up,
     in_memory_interleaved,
     restore_rebuild,
+)
+from moekit.layerfit.refit_stream import (
+    fit_from_chunks,
+    positions_per_chunk,
+    streamed_chunks,
 )
 from moekit.layerfit.router_fit import RouterFit, apply_router, restore_router
 
@@ -136,8 +143,6 @@ class LaneRun:
 
     def run(self) -> Scores:
         """Run every lane through the model once; return the held-out scores."""
-        from moekit.layerfit.override import PrunedLayers
-
         n_drop = self.search.n_drop if self.search else 0
         num = self.cal.layout.moe_layers[0].num_experts
         routing = self.cal.routing.after_prune(grouping(self.cal.layout, num, n_drop)[1])
@@ -255,13 +260,6 @@ class LaneRun:
     def _streamed(self, step: Any, block: Any) -> Callable[[Any, list[int]], Any]:
         """The down refit on `cal.refit_tokens` positions streamed through the layer
         (`refit_stream`), as `measure_layer`'s `refit`."""
-        from moekit.calib.capture import capture_step
-        from moekit.layerfit.refit_stream import (
-            fit_from_chunks,
-            positions_per_chunk,
-            streamed_chunks,
-        )
-
         original, pruned = self.lane("original").batches, self.lane("pruned").batches
         sizes = [int(self.batches[b].numel()) for b in pruned]
 
@@ -285,8 +283,6 @@ class LaneRun:
         return refit
 
     def _capture(self, step: Any, block: Any, lane: str, residual: bool) -> Any:
-        from moekit.calib.capture import capture_step
-
         return capture_step(step, block, self.lane(lane).batches,
                             max_tokens=self.cal.max_tokens, residual=residual,
                             logits_index=self.cal.family.router.logits_index,

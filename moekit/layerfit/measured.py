@@ -17,14 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import moekit.calib.data
+import moekit.runtime.engine
 from moekit.calib.capture import LayerCapture, MoeBlock, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
-from moekit.layerfit.compensate import LayerFit, refit_layer, set_down_weight
+from moekit.layerfit.compensate import LayerFit, down_weight, refit_layer, set_down_weight
 from moekit.layerfit.incremental import IncrementalError, local_routing
 from moekit.layerfit.reconstruct import Rebuild, apply_rebuild, reconstruct_layer, restore_rebuild
 from moekit.layerfit.replay import build_replay
 from moekit.layerfit.router_fit import RouterFit, refit_router
 from moekit.layerfit.search import search_drop
+from moekit.runtime.loading import load_tokenizer
 from moekit.surgery.plan import group_count, group_feasible
 
 if TYPE_CHECKING:
@@ -105,17 +108,13 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
     with the selection's), which only the streamed refit sees (`refit_stream`)."""
     import hashlib
 
-    from moekit.calib.data import load_domains
-    from moekit.runtime.engine import open_model
-    from moekit.runtime.loading import load_tokenizer
-
     tok = load_tokenizer(source, tokenizer)
     per_source = max(2 * seq_len, int(max_tokens / (1 - held_out) / len(sources)) + seq_len)
     more = max(0, (refit_tokens or 0) - max_tokens)
     more_per_source = -(-more // len(sources)) + seq_len if more else 0
-    domains = load_domains(sources, tok, seq_len=seq_len,
-                           max_tokens=per_source * spread + more_per_source,
-                           fraction=fraction, text_field=text_field)
+    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len,
+                                             max_tokens=per_source * spread + more_per_source,
+                                             fraction=fraction, text_field=text_field)
     fit, held, extra = [], [], []
     for domain in domains:
         first = -(-per_source * spread // seq_len) if more else len(domain.windows)
@@ -126,8 +125,9 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
         fit.append(windows[:cut])
         held.append(windows[cut:])
         extra.append(domain.windows[first:])
-    engine = open_model(source, device=device, dtype=dtype, max_memory=max_memory,
-                        stream=stream, hidden_ram=hidden_ram)
+    engine = moekit.runtime.engine.open_model(source, device=device, dtype=dtype,
+                                              max_memory=max_memory, stream=stream,
+                                              hidden_ram=hidden_ram)
     family = layout.family
     digest = hashlib.sha256("".join(d.sha256 for d in domains).encode()).hexdigest()[:16]
     fit_windows = _needed(_interleave(fit), max_tokens)
@@ -229,8 +229,6 @@ def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kep
     """Fit the kept experts whole, starting from the down refit, on the streamed refit's
     positions when there are (`fit.sample`), else the selection's; when it helps on the held-out
     tokens, its down rows replace the refit's in `fit` (weights, relative changes)."""
-    from moekit.layerfit.compensate import down_weight
-
     saved = apply_fit(block, fit.weights)
     try:
         if fit.sample is not None:  # the streamed refit's positions (`--refit-tokens`)
@@ -260,8 +258,6 @@ def needs_refit(n_drop: int, compensate: bool, width: int | None) -> bool:
 def apply_fit(block: MoeBlock, weights: Any) -> dict[int, torch.Tensor]:
     """Write refitted down projections {expert: W [H, I]} into the materialised layer;
     returns the originals for `restore_weights`."""
-    from moekit.layerfit.compensate import down_weight
-
     originals = {}
     for e, weight in weights.items():
         originals[e] = down_weight(block.experts, e).clone()

@@ -26,7 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.hooks import module_device
 from moekit.layerfit.compensate import HELD_OUT
+from moekit.surgery.experts import join_halves, split_halves
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +97,6 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
     result = Rebuild(layer)
     if steps <= 0 or cut < 1 or cut >= num or not can_reconstruct(experts):
         return result
-    from moekit.calib.hooks import module_device
 
     device = module_device(experts)  # the experts' own device (CUDA when the run uses it)
     index = torch.as_tensor(kept, device=device)
@@ -192,8 +193,6 @@ def canonical_gate_up(experts: Any, rows: dict[int, torch.Tensor], interleaved: 
     """{expert: (gate [I, H], up [I, H])} (float32, math orientation y = W x) from fused
     module-layout `gate_up_proj` rows; `interleaved`: gate and up alternate (gpt-oss), else
     gate comes first (`merge.experts.split_halves`)."""
-    from moekit.surgery.experts import split_halves
-
     transposed = bool(getattr(experts, "is_transposed", False))
     out = {}
     for e, row in rows.items():
@@ -206,8 +205,6 @@ def apply_gate_up(experts: Any, pairs: dict[int, GateUp], interleaved: bool
                   ) -> dict[str, dict[int, torch.Tensor]]:
     """Set experts' gate/up from canonical pairs (as a candidate holds them) in an in-memory
     module; returns the originals for `restore_rebuild`."""
-    from moekit.surgery.experts import join_halves
-
     transposed = bool(getattr(experts, "is_transposed", False))
     rows = {}
     for e, pair in pairs.items():

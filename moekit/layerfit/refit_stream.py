@@ -16,8 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from moekit.layerfit.compensate import HELD_OUT, LayerFit, down_bias, down_weight
+from moekit.calib.routing import route
+from moekit.layerfit.compensate import HELD_OUT, LayerFit, down_bias, down_weight, expert_hidden
 from moekit.layerfit.refit_stats import RefitStats, allowed_pairs, refit_from_stats
+from moekit.layerfit.replay import expert_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -43,8 +45,6 @@ def residual_terms(experts: Any, inputs: torch.Tensor, ids: torch.Tensor, gates:
                    bias: dict[int, torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`chunk_terms` from the routing and target of `sample_terms` (`target` becomes R)."""
-    from moekit.layerfit.compensate import expert_hidden
-
     num, k = ids.shape
     hid = expert_hidden(experts, inputs.repeat_interleave(k, dim=0), ids.reshape(-1, 1))
     hid = hid.view(num, k, -1)
@@ -93,9 +93,6 @@ def sample_terms(experts: Any, replay: LayerReplay, keep: list[int], inputs: tor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs [n, H], ids [n, k], gates [n, k], target y_E + shift [n, H]) of one chunk, the
     data of the whole-expert reconstruction (`reconstruct`)."""
-    from moekit.calib.routing import route
-    from moekit.layerfit.replay import expert_outputs
-
     logits = logits.float().cpu()
     ids0, gates0 = route(logits, replay.routing_for(None), replay.bias, None)
     target = (expert_outputs(experts, inputs, ids0) * gates0.unsqueeze(-1)).sum(1)

@@ -30,7 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.hooks import module_device
 from moekit.calib.routing import Routing, route
+from moekit.runtime.engine import trim_heap
 
 GRAM_MAX = 64
 EXPERT_BYTES = 128 << 20  # float32 size of the expert outputs [n, M, H] of one experts call
@@ -165,8 +167,6 @@ def expert_outputs(experts: Any, inputs: torch.Tensor, cand: torch.Tensor,
     dtype (its float32 upcast is the float32 result, exactly)."""
     import torch
 
-    from moekit.calib.hooks import module_device
-
     device = module_device(experts)
     (num, m), hidden = cand.shape, int(inputs.shape[-1])
     out = torch.empty((num, m, hidden)) if dtype == "float32" or num == 0 else None
@@ -195,8 +195,6 @@ def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
     chunk by chunk, the outputs f [n, M, H] give y_E and (M <= GRAM_MAX) G, c, ||y_E||^2; f
     itself is kept only when M > GRAM_MAX or with `keep_outputs` (module docstring)."""
     import torch
-
-    from moekit.runtime.engine import trim_heap
 
     logits = logits.float().cpu()
     bias = bias.float().cpu() if bias is not None else None

@@ -36,7 +36,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.hooks import module_device
+from moekit.calib.routing import route
 from moekit.layerfit.compensate import HELD_OUT
+from moekit.layerfit.replay import expert_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -164,9 +167,6 @@ def exact_error(replay: LayerReplay, experts: Any, inputs: torch.Tensor, logits:
     experts module run on the re-routed tokens (the layer's exact pruned routed output)."""
     import torch
 
-    from moekit.calib.hooks import module_device
-    from moekit.calib.routing import route
-
     ids, weights = route(logits.float().cpu(), replay.routing_for(keep), replay.bias, keep)
     device = module_device(experts)  # CPU routing, engine-device experts (and inputs)
     with torch.no_grad():
@@ -187,9 +187,6 @@ class _Slots:
 def _slot_space(replay: LayerReplay, experts: Any, inputs: torch.Tensor, keep: list[int],
                 target: torch.Tensor) -> _Slots:
     import torch
-
-    from moekit.calib.routing import route
-    from moekit.layerfit.replay import expert_outputs
 
     with torch.inference_mode(False), torch.enable_grad():  # the engine runs without grad
         z = replay.logits[: inputs.shape[0]].float().clone().requires_grad_(True)

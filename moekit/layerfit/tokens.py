@@ -28,7 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moekit.units import human
+from moekit.calib.routing import Routing
+from moekit.errors import UnsupportedModelError
+from moekit.families.registry import first_value
+from moekit.io.reader import Checkpoint
+from moekit.layerfit.reconstruct import CHUNK_BYTES as RECONSTRUCT_CHUNK
+from moekit.layerfit.refit_stats import PAIR_BYTES
+from moekit.layerfit.refit_stream import REFIT_BYTES
+from moekit.runtime.budget import AUTO_FRACTION, free_memory
+from moekit.units import human, parse_size
 
 DEFAULT_TOKENS = 16384
 PRUNE_TOKENS = 32768
@@ -63,8 +71,6 @@ class TokenBudget:
 
 def _dims(layout: Any) -> tuple[int, int]:
     """(hidden size H, routed expert width I) from the config."""
-    from moekit.families.registry import first_value
-
     hidden = int(first_value(layout.config, ("hidden_size", "d_model", "n_embd")))
     width = int(first_value(layout.config, layout.family.keys.expert_width, hidden) or hidden)
     return hidden, width
@@ -73,9 +79,6 @@ def _dims(layout: Any) -> tuple[int, int]:
 def per_token_bytes(layout: Any, n_drop: int, itemsize: int, selection_bias: bool) -> int:
     """The estimate of the module docstring for the first MoE layer of `layout` (0 when its
     routing cannot be replayed: no calibrated selection runs)."""
-    from moekit.calib.routing import Routing
-    from moekit.errors import UnsupportedModelError
-
     config = layout.config
     hidden, width = _dims(layout)
     experts = layout.moe_layers[0].num_experts
@@ -107,9 +110,6 @@ def refit_sum_bytes(layout: Any, n_drop: int) -> int:
     """Memory of `prune --refit-tokens`'s streamed sums for one MoE layer, whatever the token
     count (`refit_stats`: float64 A_e [I, I] and C_e [H, I] of the fit and held-out tokens per
     kept expert, the pair Grams B_ef up to PAIR_BYTES, one chunk of REFIT_BYTES)."""
-    from moekit.layerfit.refit_stats import PAIR_BYTES
-    from moekit.layerfit.refit_stream import REFIT_BYTES
-
     hidden, width = _dims(layout)
     kept = layout.moe_layers[0].num_experts - n_drop
     pairs = min(PAIR_BYTES, kept * (kept - 1) // 2 * 2 * 8 * width * width)
@@ -123,12 +123,10 @@ def reconstruct_bytes(layout: Any, n_drop: int, streamed: int = 0) -> int:
     kept ones,
     autograd activations of one chunk, about 3 x CHUNK_BYTES); with `streamed` refit positions
     (`--refit-tokens`), their inputs, targets and routing [N, 2 H + 2 k] too."""
-    from moekit.layerfit.reconstruct import CHUNK_BYTES
-
     hidden, width = _dims(layout)
     num = layout.moe_layers[0].num_experts
     sample = 4 * streamed * (2 * hidden + 2 * layout.top_k())
-    return 4 * 3 * hidden * width * (2 * num + 5 * (num - n_drop)) + 3 * CHUNK_BYTES + sample
+    return 4 * 3 * hidden * width * (2 * num + 5 * (num - n_drop)) + 3 * RECONSTRUCT_CHUNK + sample
 
 
 def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "auto",
@@ -138,8 +136,6 @@ def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "
     """`requested` when given, else `default` or fewer (module docstring); `fixed` bytes (e.g.
     `refit_sum_bytes`), and with `experts_call` the selection's `experts_call_bytes`, are taken
     from the memory first (`TokenBudget.fixed` holds their sum)."""
-    from moekit.io.reader import Checkpoint
-
     checkpoint = Checkpoint(Path(source))
     itemsize = _itemsize(checkpoint, dtype)
     bias = bool(layout.moe_layers[0].selection_bias)
@@ -164,9 +160,6 @@ def _itemsize(checkpoint: Any, dtype: str) -> int:
 def _allowance(checkpoint: Any, device: str, max_memory: str | int | None,
                itemsize: int) -> int:
     """Bytes of RAM left for calibration (module docstring); weights on a GPU take none."""
-    from moekit.runtime.budget import AUTO_FRACTION, free_memory
-    from moekit.units import parse_size
-
     free = int(AUTO_FRACTION * free_memory("cpu"))
     if device not in ("cpu", "auto") or (device == "auto" and _has_cuda()):
         return free

@@ -18,9 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moekit.calib.data import DataSource, batches, load_domains
+import moekit.calib.data
+import moekit.runtime.engine
+from moekit.calib.data import DataSource, batches
+from moekit.io.reader import Checkpoint
+from moekit.io.remote_code import check_remote_code
+from moekit.runtime.budget import free_memory
 from moekit.runtime.distributed import rank_device, reduce_eval_sums, shard_for_rank
-from moekit.runtime.loading import load_tokenizer
+from moekit.runtime.loading import load_tokenizer, pick_device
 
 if TYPE_CHECKING:
     import torch
@@ -85,8 +90,6 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
     the free memory); otherwise the reference runs first and its log-probabilities are spilled
     to a temporary folder (float32, tokens x vocab x 4 bytes) and read back batch by batch.
     Code shipped in a checkpoint runs only with `trust_remote_code`."""
-    from moekit.io.remote_code import check_remote_code
-
     for folder in (model_path, ref, tokenizer):
         if folder is not None:
             check_remote_code(folder, trust_remote_code)
@@ -94,8 +97,8 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
     tok = load_tokenizer(Path(ref if ref is not None and tokenizer is None
                               and not _has_tokenizer(model_path) else model_path), tokenizer,
                          trust_remote_code)
-    domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
-                           text_field=text_field, fraction=fraction)
+    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
+                                             text_field=text_field, fraction=fraction)
     # this rank's share of the (dataset, batch) pairs (all of them outside torchrun)
     work = shard_for_rank([(d.name, batch) for d in domains for batch in batches(d, batch_size)])
     sums = {d.name: _Sums() for d in domains}
@@ -122,8 +125,6 @@ def _run(model_path: Path, ref: Path | None, work: list[tuple[str, torch.Tensor]
          sums: dict[str, _Sums], options: dict[str, Any], keep_both: bool | None,
          on_tokens: Callable[[int, int], None] | None, total: int) -> dict[str, Any]:
     """Run the model (and reference) over `work`, adding to `sums`; returns what ran how."""
-    from moekit.runtime.engine import open_model
-
     ids = [batch for _, batch in work]
 
     def progress(i: int, fraction: float) -> None:
@@ -131,13 +132,13 @@ def _run(model_path: Path, ref: Path | None, work: list[tuple[str, torch.Tensor]
             on_tokens(int(ids[i].numel() * fraction), total)
 
     if ref is None:
-        model = open_model(Path(model_path), **options)
+        model = moekit.runtime.engine.open_model(Path(model_path), **options)
         for i, logits in model.run(ids, head=True, progress=progress):
             _add(sums[work[i][0]], _logprobs(logits), ids[i], None)
         return {"model": model.describe()}
     if keep_both if keep_both is not None else _fits_both(model_path, ref, options):
-        model, reference = open_model(Path(model_path), **options), open_model(Path(ref),
-                                                                               **options)
+        model = moekit.runtime.engine.open_model(Path(model_path), **options)
+        reference = moekit.runtime.engine.open_model(Path(ref), **options)
         for (i, logits), (_, ref_logits) in zip(model.run(ids, head=True, progress=progress),
                                                 reference.run(ids, head=True), strict=True):
             _add(sums[work[i][0]], _logprobs(logits), ids[i], _logprobs(ref_logits))
@@ -152,17 +153,15 @@ def _spilled(model_path: Path, ref: Path, work: list[tuple[str, torch.Tensor]],
 
     import torch
 
-    from moekit.runtime.engine import open_model
-
     ids = [batch for _, batch in work]
     with tempfile.TemporaryDirectory(prefix="moekit-eval-") as tmp:
-        reference = open_model(Path(ref), **options)
+        reference = moekit.runtime.engine.open_model(Path(ref), **options)
         for i, logits in reference.run(ids, head=True):
             torch.save(_logprobs(logits), Path(tmp) / f"{i}.pt")
         described = reference.describe()
         del reference
         gc.collect()
-        model = open_model(Path(model_path), **options)
+        model = moekit.runtime.engine.open_model(Path(model_path), **options)
         for i, logits in model.run(ids, head=True, progress=progress):
             _add(sums[work[i][0]], _logprobs(logits), ids[i], torch.load(Path(tmp) / f"{i}.pt"))
     return {"model": model.describe(), "ref": described}
@@ -194,10 +193,6 @@ def _has_tokenizer(path: Path) -> bool:
 
 def _fits_both(model_path: Path, ref: Path, options: dict[str, Any]) -> bool:
     """Both checkpoints (scaled to the load dtype) fit in half the free memory."""
-    from moekit.io.reader import Checkpoint
-    from moekit.runtime.budget import free_memory
-    from moekit.runtime.loading import pick_device
-
     dtype = options.get("dtype", "auto")
     scale = {"float32": 2.0, "bfloat16": 1.0, "float16": 1.0}.get(dtype, 1.0)
     need = scale * (Checkpoint(Path(model_path)).total_bytes + Checkpoint(Path(ref)).total_bytes)

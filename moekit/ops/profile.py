@@ -14,11 +14,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import moekit.calib.data
+import moekit.runtime.engine
 from moekit import __version__
-from moekit.calib.data import DataSource, Domain, batches, default_sources, load_domains
+from moekit.calib.data import DataSource, Domain, batches, default_sources
+from moekit.calib.hooks import RoutingHooks
+from moekit.calib.recorder import Recorder
 from moekit.errors import InvalidArgumentError, StatsError, UnsupportedModelError
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import ModelLayout, describe
+from moekit.io.output import staged_output
 from moekit.io.reader import Checkpoint
 from moekit.io.remote_code import check_remote_code
 from moekit.io.source import resolve_source
@@ -30,8 +35,18 @@ from moekit.runtime.distributed import (
 )
 from moekit.runtime.engine import forward_routing as forward  # noqa: F401 - benchmarks
 from moekit.runtime.engine import mode_line
+from moekit.runtime.loading import DTYPES, load_tokenizer, pick_device
+from moekit.stats.ablation import PLOT_FILE, attach, has_ablation, scatter_plot
+from moekit.stats.plots import write_plots
 from moekit.stats.profile import Profile
-from moekit.stats.profile_io import ALL, load_profile, merge_profiles, profile_from_raw
+from moekit.stats.profile_io import (
+    ALL,
+    load_profile,
+    merge_profiles,
+    profile_from_raw,
+    save_profile,
+)
+from moekit.stats.report import write_report
 
 if TYPE_CHECKING:
     from moekit.calib.recorder import Recorder
@@ -60,9 +75,6 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
     every expert is also ablated on that many tokens (`moekit.ops.ablation`, columns
     `ablation_*` of expert_stats; in-memory runs only).
     """
-    from moekit.runtime.engine import open_model
-    from moekit.runtime.loading import DTYPES, load_tokenizer, pick_device
-
     if batch_size < 1:
         raise InvalidArgumentError(f"--batch-size must be at least 1, got {batch_size}")
     if dtype not in DTYPES:
@@ -87,10 +99,11 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
         raise InvalidArgumentError(f"a data source is named '{ALL}', which is reserved for totals",
                                    "name it differently: --data NAME=PATH")
     tok = load_tokenizer(path, tokenizer, trust_remote_code)
-    domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
-                           text_field=text_field, fraction=fraction)
-    loaded = open_model(path, device=device, dtype=dtype,
-                        max_memory=max_memory, trust_remote_code=trust_remote_code, **engine)
+    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
+                                             text_field=text_field, fraction=fraction)
+    loaded = moekit.runtime.engine.open_model(path, device=device, dtype=dtype,
+                                              max_memory=max_memory,
+                                              trust_remote_code=trust_remote_code, **engine)
     if ablation_tokens is not None:
         from moekit.ops.ablation.run import check_engine
 
@@ -119,8 +132,7 @@ def _with_ablation(profile: Profile, engine: Engine, layout: ModelLayout, domain
                    tokens: int, batch_size: int, method: str,
                    progress: Progress | None) -> Profile:
     """`profile` with the ablation columns of this run's first `tokens` tokens."""
-    from moekit.ops.ablation.run import profile_ablation
-    from moekit.stats.ablation import attach
+    from moekit.ops.ablation.run import profile_ablation  # imports torch (runtime.layers)
 
     def step(what: str, done: int, steps: int) -> None:
         if progress:
@@ -153,9 +165,6 @@ def _record(engine: Engine, layout: ModelLayout, domains: list[Domain], batch_si
     """Run every window once through the engine with the hooks attached; returns the recorder
     and, with `trace`, the input ids of each domain in the order they ran."""
     import torch
-
-    from moekit.calib.hooks import RoutingHooks
-    from moekit.calib.recorder import Recorder
 
     recorder = Recorder(len(domains), trace=trace)
     work = work_list(domains, batch_size)
@@ -229,19 +238,12 @@ def write_output(profile: Profile, out: Path, *, overwrite: bool = False,
                  plot_layer: int | None = None) -> list[str]:
     """Write the profile folder (staged: it appears whole or not at all): statistics, metadata,
     optional trace, and with `plots` the PNGs and report.md. Returns the file names."""
-    from moekit.io.output import staged_output
-    from moekit.stats.profile_io import save_profile
-
     if plot_layer is not None and plot_layer not in profile.moe_layers:
         raise InvalidArgumentError(f"--plot-layer {plot_layer} is not a MoE layer",
                                    f"choose one of {profile.moe_layers}")
     with staged_output(out, overwrite, inputs) as folder:
         names = save_profile(profile, folder)
         if plots:
-            from moekit.stats.ablation import PLOT_FILE, has_ablation, scatter_plot
-            from moekit.stats.plots import write_plots
-            from moekit.stats.report import write_report
-
             files = write_plots(profile, folder, plot_layer)
             if has_ablation(profile):
                 scatter_plot(profile, Path(folder) / PLOT_FILE)

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from moekit.errors import DistributedError, InvalidArgumentError
+from moekit.errors import DistributedError, InvalidArgumentError, MoekitError
 
 if TYPE_CHECKING:
     import torch
@@ -353,8 +353,6 @@ def _fail(ctx: DistContext, err: Exception) -> None:
 def _record_error_file(err: Exception) -> None:
     """Write an unexpected error (not a MoekitError, whose one line says it all) with its
     traceback where torchrun's failure summary looks for it."""
-    from moekit.errors import MoekitError
-
     if os.environ.get("TORCHELASTIC_ERROR_FILE") and not isinstance(err, MoekitError):
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 

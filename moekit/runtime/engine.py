@@ -39,8 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moekit.errors import CheckpointError, DataError
+from moekit.families.layout import describe
+from moekit.io.reader import Checkpoint
+from moekit.io.remote_code import check_remote_code
 from moekit.runtime.budget import Plan, Sizes, decide, free_memory
-from moekit.runtime.groups import routed_experts
+from moekit.runtime.caches import bound
+from moekit.runtime.groups import mark_grouped, routed_experts, run_grouped, split_experts
+from moekit.runtime.hidden import HiddenStore
+from moekit.runtime.loading import build_skeleton, load_dtype, load_model, pick_device
+from moekit.runtime.weights import WeightMap
 from moekit.units import human
 
 Before = Callable[[int], None]
@@ -122,8 +130,6 @@ class Engine:
     def _check_ids(self, batches: Sequence[Any]) -> None:
         """Refuse token ids outside the embedding table before any work: on CUDA such an id
         is a device-side assert that poisons the process, on the CPU an IndexError."""
-        from moekit.errors import DataError
-
         rows = getattr(self.model.get_input_embeddings(), "num_embeddings", None)
         if rows is None:
             return
@@ -161,7 +167,6 @@ class Engine:
                  final: bool = False) -> Iterator[tuple[int, Any]]:
         import torch
 
-        from moekit.runtime.hidden import HiddenStore
         from moekit.runtime.layers import capture, find_stack, replay_head
 
         stack = find_stack(self.model)
@@ -202,8 +207,6 @@ class Engine:
 
     def _run_layer(self, step: LayerStep, before: Before | None,
                    progress: Callable[[int, float], None] | None, num_layers: int) -> None:
-        from moekit.runtime.groups import run_grouped
-
         if getattr(step.module, "_moekit_groups", None):
             run_grouped(self, step, before, progress, num_layers)
             return
@@ -219,7 +222,6 @@ class Engine:
         if self.mode == "memory":
             yield from enumerate(stack.layers)
             return
-        from moekit.runtime.groups import split_experts
 
         count = len(stack.layers)
         pool = ThreadPoolExecutor(1, thread_name_prefix="moekit-prefetch") \
@@ -279,12 +281,6 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
     """Decide memory or streaming (`moekit.runtime.budget`) and prepare the model.
     `stream` forces the choice; `hidden_ram` caps the RAM for hidden states (bytes).
     Code shipped in the checkpoint runs only with `trust_remote_code`."""
-    from moekit.families.layout import describe
-    from moekit.io.reader import Checkpoint
-    from moekit.runtime.caches import bound
-    from moekit.runtime.loading import build_skeleton, load_dtype, load_model, pick_device
-    from moekit.runtime.weights import WeightMap
-
     bound()  # before the first matmul: oneDNN's shape caches would grow per layer otherwise
     target = pick_device(device)
     checkpoint = Checkpoint(Path(path))
@@ -304,7 +300,6 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
     engine = Engine(Path(path), skeleton, target, torch_dtype, plan, family, weights, spill_dir,
                     hidden_ram, needs, {"largest_layer_bytes": max(needs.layers, default=0),
                                         "resident_bytes": needs.resident})
-    from moekit.runtime.groups import mark_grouped
 
     mark_grouped(engine)
     return engine
@@ -325,8 +320,6 @@ def trim_heap() -> None:
 
 def _check_loaded(layer: Any, index: int) -> None:
     """Every tensor of a loaded layer is real (expert-group tensors excepted)."""
-    from moekit.errors import CheckpointError
-
     grouped = getattr(layer, "_moekit_groups", None)
     left = [n for n, t in [*layer.named_parameters(), *layer.named_buffers()]
             if t.is_meta and not (grouped and n.startswith(grouped[0] + "."))]
@@ -337,8 +330,6 @@ def _check_loaded(layer: Any, index: int) -> None:
 
 def _config(path: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
-
-    from moekit.io.remote_code import check_remote_code
 
     check_remote_code(path, trust_remote_code)
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -373,7 +364,6 @@ def _materialise_outside_layers(model: Any, weights: Any, device: Any, head: boo
     """Read embeddings and final norm (and with `head` the LM head, else it stays on meta
     until a run asks for logits); rebuild rotary embeddings (computed buffers); tie the LM head
     to the embeddings when the checkpoint has none."""
-    from moekit.errors import CheckpointError
     from moekit.runtime.layers import find_stack
 
     stack = find_stack(model)

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from moekit.errors import InvalidArgumentError, UnsupportedModelError
+from moekit.runtime.hidden import HiddenStore
 from moekit.units import human
 
 
@@ -58,8 +59,6 @@ def run_grouped(engine: Any, step: Any, before: Callable[[int], None] | None,
                 progress: Callable[[int, float], None] | None, num_layers: int) -> None:
     """Run every batch through `step.module` with its experts in groups (module docstring)."""
     import torch
-
-    from moekit.runtime.hidden import HiddenStore
 
     path, count, group = step.module._moekit_groups
     experts = step.module.get_submodule(path)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from moekit.errors import DataError, InvalidArgumentError, transformers_load_errors
+from moekit.io.dtypes import to_torch
+from moekit.io.remote_code import check_remote_code
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -51,8 +53,6 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto",
     """An eval-mode AutoModelForCausalLM on `device`; `auto` dtype keeps the checkpoint's."""
     import torch
 
-    from moekit.io.remote_code import check_remote_code
-
     check_dtype(dtype)
     check_remote_code(path, trust_remote_code)
     quiet_transformers()
@@ -86,8 +86,6 @@ def load_dtype(config: Any, dtype: str, checkpoint: Any) -> Any:
     (else the first floating tensor's on disk), as `from_pretrained(dtype="auto")` does."""
     import torch
 
-    from moekit.io.dtypes import to_torch
-
     check_dtype(dtype)
     if dtype != "auto":
         return getattr(torch, dtype)
@@ -107,8 +105,6 @@ def build_skeleton(path: Path, dtype: Any, trust_remote_code: bool = False) -> A
     weight allocated. Parameters get `dtype` (not the class default float32)."""
     import torch
 
-    from moekit.io.remote_code import check_remote_code
-
     check_remote_code(path, trust_remote_code)
     quiet_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -123,8 +119,6 @@ def build_skeleton(path: Path, dtype: Any, trust_remote_code: bool = False) -> A
 def load_tokenizer(model_path: Path, tokenizer: str | None = None,
                    trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, or `tokenizer` (folder or Hub id) when given."""
-    from moekit.io.remote_code import check_remote_code
-
     check_remote_code(tokenizer or model_path, trust_remote_code)
     quiet_transformers()
     from transformers import AutoTokenizer

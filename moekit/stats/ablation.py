@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moekit.stats.plots import DPI
 from moekit.stats.profile_io import ABLATION_COLUMNS, ALL
 
 if TYPE_CHECKING:
@@ -104,8 +105,6 @@ def scatter_plot(profile: Profile, path: Path) -> None:
     """Usage share (x) against ablation loss change (y), one colour per MoE layer."""
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from moekit.stats.plots import DPI
 
     table = ablation_table(profile)
     layers = profile.moe_layers

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from moekit.stats.uncertainty import dead_and_unseen
+
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
@@ -132,7 +134,6 @@ def summary_table(profile: Profile, domain: str = "all") -> pd.DataFrame:
     is / is not under DEAD_FRACTION of the fair share (`uncertainty.dead_and_unseen`)."""
     layers = profile.layer_stats
     frame = layers[layers["domain"] == domain].copy()
-    from moekit.stats.uncertainty import dead_and_unseen
 
     counts = {layer: group["tokens"].to_numpy() for layer, group in profile.expert_stats[
         profile.expert_stats["domain"] == domain].groupby("layer")}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import StatsError
+from moekit.stats.metrics import layer_table
 from moekit.stats.profile import ALL, Profile
 
 if TYPE_CHECKING:
@@ -96,8 +97,6 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
 def _finish(metadata: dict[str, Any], experts: pd.DataFrame, layer_raw: pd.DataFrame,
             coact: dict[str, np.ndarray], trace: dict[str, np.ndarray] | None = None,
             windows: dict[str, np.ndarray] | None = None) -> Profile:
-    from moekit.stats.metrics import layer_table
-
     order = {name: i for i, name in enumerate([*metadata.get("domains", {}), ALL])}
     experts = experts.assign(_d=experts["domain"].map(order)).sort_values(
         ["layer", "_d", "expert"]).drop(columns="_d").reset_index(drop=True)

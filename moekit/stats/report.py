@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from moekit.stats.ablation import report_lines as ablation_lines
 from moekit.stats.html import write_html
 from moekit.stats.metrics import COLD_RATIO, coldest, specialisation, summary_table
+from moekit.stats.uncertainty import DEAD_FRACTION, UNSTABLE, profile_uncertainty
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -163,8 +164,6 @@ def _uncertainty_section(profile: Profile, ratio: float = 0.25, criterion: str =
                          shown: int = 15) -> list[str]:
     """Markdown lines for report.md: per-layer stability of pruning `ratio` of the experts by
     `criterion`, and the least stable experts. Empty when the profile has no windows."""
-    from moekit.stats.uncertainty import DEAD_FRACTION, UNSTABLE, profile_uncertainty
-
     if not profile.windows:
         return []
     experts, layers = profile_uncertainty(profile, ratio=ratio, criterion=criterion)

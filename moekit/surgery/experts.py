@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import UnsupportedModelError
+from moekit.io.dtypes import to_torch
 
 if TYPE_CHECKING:
     import torch
@@ -134,8 +135,6 @@ def read_float(info: TensorInfo, rows: list[int] | None = None) -> torch.Tensor:
     """`info` (or its rows `rows` on axis 0) as float32, read with plain file reads: no memory
     map, so nothing of the file stays mapped (and counted in RSS) after the call."""
     import torch
-
-    from moekit.io.dtypes import to_torch
 
     row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
     ranges = [(info.start, info.nbytes)] if rows is None else [

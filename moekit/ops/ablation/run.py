@@ -12,10 +12,14 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.capture import moe_blocks
+from moekit.calib.data import Domain, batches
 from moekit.errors import InvalidArgumentError, UnsupportedModelError
 from moekit.ops.ablation.exact import exact_layer, layer_inputs
 from moekit.ops.ablation.first_order import first_order_batch
-from moekit.stats.ablation import AblationSums
+from moekit.ops.ablation.variants import layer_routing
+from moekit.runtime.distributed import dist_context
+from moekit.stats.ablation import AblationSums, ablation_frame
 
 if TYPE_CHECKING:
     import torch
@@ -30,8 +34,6 @@ def sample_batches(domains: list[Domain], tokens: int, batch_size: int
                    ) -> list[tuple[int, torch.Tensor]]:
     """(domain index, ids [B, S]) covering the first ceil(tokens / D) tokens (whole windows,
     at least one) of every domain."""
-    from moekit.calib.data import Domain, batches
-
     if tokens < 2:
         raise InvalidArgumentError(f"--ablation-tokens must be at least 2, got {tokens}")
     share = math.ceil(tokens / max(1, len(domains)))
@@ -50,8 +52,6 @@ def sample_batches(domains: list[Domain], tokens: int, batch_size: int
 
 def check_ablatable(layout: ModelLayout) -> None:
     """Fail early for routers that `calib.routing.route` cannot replay."""
-    from moekit.ops.ablation.variants import layer_routing
-
     try:
         layer_routing(layout, 0)
     except UnsupportedModelError as err:
@@ -87,9 +87,6 @@ class _Run:
     def __init__(self, model: Any, layout: ModelLayout, domains: list[str],
                  progress: Progress | None, steps: int):
         import numpy as np
-
-        from moekit.calib.capture import moe_blocks
-        from moekit.ops.ablation.variants import layer_routing
 
         self.model, self.progress, self.steps, self.done = model, progress, steps, 0
         self.blocks = moe_blocks(model, layout.family)
@@ -174,8 +171,6 @@ def check_request(layout: ModelLayout, method: str, tokens: int) -> None:
 
 def check_engine(engine: Any) -> None:
     """Ablation runs on an in-memory model in one process (see docs/profile.md)."""
-    from moekit.runtime.distributed import dist_context
-
     if engine.mode != "memory":
         raise InvalidArgumentError(
             "--ablation needs the whole model in memory, but it is streamed layer by layer "
@@ -191,8 +186,6 @@ def profile_ablation(engine: Any, layout: ModelLayout, domains: list[Domain], *,
                      progress: Progress | None = None) -> tuple[Any, dict[str, Any]]:
     """(`stats.ablation.ablation_frame` rows, metadata) of an ablation run on the first
     `tokens` tokens of `domains`."""
-    from moekit.stats.ablation import ablation_frame
-
     work = sample_batches(domains, tokens, batch_size)
     sums = ablate(engine.model, layout, work, [d.name for d in domains],
                   exact=method != "first-order", first_order=method != "exact",

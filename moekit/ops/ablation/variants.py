@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from moekit.calib.routing import Routing, route, selection_bias
+from moekit.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     import torch
@@ -90,8 +91,6 @@ class VariantHooks:
         if self.experts_removed is None or self._logits is None:
             return None
         if len(args) < 3:
-            from moekit.errors import UnsupportedModelError
-
             raise UnsupportedModelError(
                 f"{type(module).__name__} was not called as experts(hidden, ids, weights)",
                 "ablation needs transformers' experts interface")

@@ -14,6 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moekit.layerfit.tokens import DEFAULT_TOKENS
+from moekit.ops.profile import profile_model
+from moekit.stats.profile_io import save_profile
+
 if TYPE_CHECKING:
     from moekit.ops.merge.run import Calibration
 
@@ -23,10 +27,6 @@ def stats_from_calibration(calib: Calibration,
                            log: Callable[[str], Any] | None = None) -> Iterator[Path]:
     """Yield a stats folder recorded on `calib`'s sources (its token budget split evenly
     over them, at most `max_tokens` in all); deleted on exit."""
-    from moekit.layerfit.tokens import DEFAULT_TOKENS
-    from moekit.ops.profile import profile_model
-    from moekit.stats.profile_io import save_profile
-
     opts = calib.options
     total = opts.get("max_tokens") or DEFAULT_TOKENS
     per_source = max(total // max(len(calib.sources), 1), 2)

@@ -16,6 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import moekit.calib.data
+import moekit.runtime.engine
+from moekit.calib.capture import grab_block, grabbed, moe_blocks
+from moekit.calib.data import batches
+from moekit.calib.routing import Routing
+from moekit.calib.routing import route as replay
+from moekit.errors import UnsupportedModelError
+from moekit.io.reader import Checkpoint
+from moekit.runtime.engine import mode_line
+from moekit.runtime.groups import require_whole_layers
+from moekit.runtime.loading import load_tokenizer
+from moekit.runtime.spill import TensorSpill
+
 if TYPE_CHECKING:
     import torch
 
@@ -95,19 +108,15 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
     """LayerCalib for every MoE layer on at most `max_tokens` tokens of `sources` (tokens are
     drawn from the domains in turn, `max_tokens / len(sources)` each). `log(line)` gets the
     runtime's mode line."""
-    from moekit.calib.data import load_domains
-    from moekit.runtime.engine import mode_line, open_model
-    from moekit.runtime.groups import require_whole_layers
-    from moekit.runtime.loading import load_tokenizer
-
     check_calibrated(layout)
     tok = load_tokenizer(source, tokenizer)
     per_domain = domain_tokens(max_tokens, len(sources))
-    domains = load_domains(sources, tok, seq_len=seq_len, max_tokens=per_domain,
-                           fraction=fraction, text_field=text_field)
+    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len, max_tokens=per_domain,
+                                             fraction=fraction, text_field=text_field)
     work = sample_batches(domains, batch_size, per_domain)
-    engine = open_model(source, device=device, dtype=dtype, max_memory=max_memory,
-                        stream=stream, hidden_ram=hidden_ram)
+    engine = moekit.runtime.engine.open_model(source, device=device, dtype=dtype,
+                                              max_memory=max_memory, stream=stream,
+                                              hidden_ram=hidden_ram)
     if log is not None:
         log(mode_line(engine))
     require_whole_layers(engine, "calibrated merging")
@@ -117,8 +126,6 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
 
 def check_calibrated(layout: ModelLayout) -> None:
     """Refuse families whose router scales the experts' input (no calibrated grouping/fits)."""
-    from moekit.errors import UnsupportedModelError
-
     if layout.family.router.input_scaled:
         raise UnsupportedModelError(
             f"{layout.family.name} scales the experts' input by the router score, so calibrated "
@@ -134,8 +141,6 @@ def sample_batches(domains: list[Any], batch_size: int, per_domain: int
                    ) -> list[tuple[Any, int]]:
     """(batch [B, S], token rows kept) in run order: each domain's batches until it has
     given `per_domain` positions (the last batch cut)."""
-    from moekit.calib.data import batches
-
     work = []
     for domain in domains:
         seen = 0
@@ -151,9 +156,6 @@ def sample_batches(domains: list[Any], batch_size: int, per_domain: int
 def _capture(engine: Any, source: Path, layout: ModelLayout,
              work: list[tuple[Any, int]]) -> tuple[Any, list[int]]:
     """One layered run; each MoE layer's record spilled once its batches went through."""
-    from moekit.calib.capture import grab_block, grabbed, moe_blocks
-    from moekit.runtime.spill import TensorSpill
-
     blocks = {b.layer: b for b in moe_blocks(engine.model, layout.family)}
     spill = TensorSpill("moekit-merge-calib-", engine.spill_dir)
     state: dict[str, Any] = {}
@@ -187,8 +189,6 @@ def _capture(engine: Any, source: Path, layout: ModelLayout,
 
 def selection_bias(source: Path, layout: ModelLayout, layer: int) -> torch.Tensor | None:
     """The layer's selection bias [E] (`e_score_correction_bias`), None when it has none."""
-    from moekit.io.reader import Checkpoint
-
     moe = next(m for m in layout.moe_layers if m.index == layer)
     if not moe.selection_bias:
         return None
@@ -198,7 +198,4 @@ def selection_bias(source: Path, layout: ModelLayout, layer: int) -> torch.Tenso
 def route(layout: ModelLayout, logits: torch.Tensor, bias: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The family's top-k ids [N, k] and gate weights [N, k] from raw router logits [N, E]."""
-    from moekit.calib.routing import Routing
-    from moekit.calib.routing import route as replay
-
     return replay(logits, Routing.of(layout.family, layout.config), bias)

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moekit.ops.merge.combine import DEFAULT_RIDGE, Act, ridge_down
+from moekit.calib.routing import Routing, route
+from moekit.ops.merge.combine import DEFAULT_RIDGE, Act, normalised, ridge_down
 from moekit.surgery.experts import Experts, expert_output, stack
 
 if TYPE_CHECKING:
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 def router_matrix(plan_layer: MergeLayer, router: str) -> torch.Tensor:
     """M [E, E']: merged logit i = sum_j M[j, i] z_j (centre: one-hot; usage: the weights)."""
     import torch
-
-    from moekit.ops.merge.combine import normalised
 
     matrix = torch.zeros(plan_layer.num_experts, len(plan_layer.clusters))
     for i, (cluster, weights) in enumerate(zip(plan_layer.clusters, plan_layer.weights,
@@ -100,8 +99,6 @@ def merged_routing(plan_layer: MergeLayer, calib: LayerCalib, layout: ModelLayou
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [N, k] new expert ids, weights [N, k]) of the merged router on the calibration
     tokens; `bias` is the original selection bias [E], `rows` fitted router rows."""
-    from moekit.calib.routing import Routing, route
-
     matrix = router_matrix(plan_layer, "centre" if router == "fit" else router)
     routing = Routing.of(layout.family, layout.config).after_prune(config_changes)
     new_bias = bias.float().reshape(-1) @ matrix if bias is not None else None

@@ -27,7 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.capture import LayerCapture, capture_step
 from moekit.layerfit.lanes import Lane, LaneRun
+from moekit.ops.merge.refit import check_refit_grouping
+from moekit.surgery.plan import grouping_changes
 
 if TYPE_CHECKING:
     import torch
@@ -93,8 +96,6 @@ def capture_sample(step: Any, block: MoeBlock, batches: Any, select: Callable[[i
     the layer run up to its router (`calib.capture.capture_step`)."""
     import torch
 
-    from moekit.calib.capture import LayerCapture, capture_step
-
     caps = [capture_step(step, block, [b], max_tokens=take, logits_index=logits_index,
                          select=select) for b, take in batches]
     return LayerCapture(block.layer, torch.cat([c.inputs for c in caps]),
@@ -104,8 +105,5 @@ def capture_sample(step: Any, block: MoeBlock, batches: Any, select: Callable[[i
 def check_layers(layout: Any, layers: list[MergeLayer], n_drop: int) -> None:
     """The clusters so far keep the routing groups as the refit routes them (the two-pass
     path checks the whole plan before its refit: `refit.check_refit_grouping`)."""
-    from moekit.ops.merge.refit import check_refit_grouping
-    from moekit.surgery.plan import grouping_changes
-
     changes = grouping_changes(layout, [p.as_layer_plan() for p in layers])[0]
     check_refit_grouping(layout, layers[0].num_experts, n_drop, changes)

@@ -37,8 +37,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import InvalidArgumentError
+from moekit.layerfit.lanes import Lane, LaneRun, Search
+from moekit.layerfit.measured import grouping, load_calibration
 from moekit.ops.merge.calib import MAX_TOKENS, SEQ_LEN
 from moekit.ops.merge.plan import check_choices
+from moekit.runtime.engine import mode_line
+from moekit.runtime.groups import require_whole_layers
+from moekit.runtime.spill import TensorSpill
 
 if TYPE_CHECKING:
     import torch
@@ -93,8 +98,6 @@ def check_refit_grouping(layout: ModelLayout, num_experts: int, n_drop: int,
                          config_changes: dict[str, int]) -> None:
     """The refit routes the merged layers as `prune.measured.grouping` says; refuse plans whose
     centres need other routing-group changes."""
-    from moekit.layerfit.measured import grouping
-
     if grouping(layout, num_experts, n_drop)[1] != config_changes:
         raise InvalidArgumentError(
             "--method fit-layer: the plan's centres are not spread over the routing groups as "
@@ -104,10 +107,6 @@ def check_refit_grouping(layout: ModelLayout, num_experts: int, n_drop: int,
 def open_refit(source: Path, layout: ModelLayout, sources: list[DataSource], *,
                log: Callable[[str], None] | None = None, **options: Any) -> Any:
     """`prune.measured.load_calibration` (tokenised data, the engine) for the refit."""
-    from moekit.layerfit.measured import load_calibration
-    from moekit.runtime.engine import mode_line
-    from moekit.runtime.groups import require_whole_layers
-
     cal = load_calibration(source, layout, sources, **{**REFIT_DEFAULTS, **options})
     if log is not None:
         log(mode_line(cal.engine))
@@ -122,9 +121,6 @@ def sequential_refit(cal: Any, n_drop: int, centres: dict[int, list[int]], *,
     {layer: ids}. `make_run(cal, lanes, search, spill, on_result)`: the `lanes.LaneRun` to
     use (default LaneRun itself; `onepass.SharedRun` fills in `centres` as each layer
     starts)."""
-    from moekit.layerfit.lanes import Lane, LaneRun, Search
-    from moekit.runtime.spill import TensorSpill
-
     search = Search(n_drop, beam=1, compensate=True, protect=centres)
     lanes = [Lane("original", held=False), Lane("reference", held=True),  # unrefitted first
              Lane("centres", held=True, measured=True),

@@ -7,11 +7,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import moekit.ops.merge.refit
 from moekit.errors import InvalidArgumentError, StatsError
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
-from moekit.ops.merge.calib import CapturedLayers, LayerCalib, capture_calibration
+from moekit.ops.merge.calib import (
+    BATCH_SIZE,
+    CapturedLayers,
+    LayerCalib,
+    capture_calibration,
+    check_calibrated,
+    domain_tokens,
+    layer_record,
+    sample_batches,
+)
 from moekit.ops.merge.grouping import (
     Grouper,
     check_ratio,
@@ -28,6 +38,9 @@ from moekit.ops.merge.plan import (
     check_choices,
     validate_merge_plan,
 )
+from moekit.ops.merge.refit import REFIT_DEFAULTS, open_refit, refit_merged
+from moekit.stats.criteria import super_experts
+from moekit.stats.expert_stats import check_stats, load_stats
 from moekit.surgery.experts import activation, expert_format, expert_output, read_experts
 
 if TYPE_CHECKING:
@@ -62,16 +75,12 @@ class Calibration:
         """The whole-layer sequential refit of `plan` (`--method fit-layer`, `refit.py`) on
         the same data, token budget and runtime settings: the one the shared run made when it
         made these clusters, else a run of its own."""
-        from moekit.ops.merge.refit import refit_merged
-
         if self.shared is not None and self.shared.clusters == [p.clusters for p in plan.layers]:
             return self.shared.refits
         return refit_merged(self.source, self.layout, plan, self.sources, log=self.log,
                             **self.refit_options())
 
     def refit_options(self) -> dict[str, Any]:
-        from moekit.ops.merge.refit import REFIT_DEFAULTS
-
         return {k: v for k, v in self.options.items() if k in REFIT_DEFAULTS}
 
     def shares_run(self, grouper: Grouper) -> bool:
@@ -143,8 +152,6 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
                       protect_super: bool = True) -> tuple[MergePlan, Any]:
     """Validate everything cheap first (choices, ratio, statistics), then group; super
     experts (`stats.criteria.super_experts`) stay unmerged unless `protect_super` is off."""
-    from moekit.stats.expert_stats import check_stats, load_stats
-
     check_choices(group, method, router)
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
@@ -169,7 +176,6 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
                          "record them on that text")
     for layer in layout.moe_layers:
         expert_format(layout, layer)  # unsupported layouts fail before any work
-    from moekit.stats.criteria import super_experts
 
     protect = super_experts(stats_data) if protect_super and stats_data is not None else {}
     grouper = Grouper(layout, fingerprint, group=group, method=method, router=router,
@@ -187,16 +193,6 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
 def group_and_refit(calib: Calibration, checkpoint: Checkpoint, grouper: Grouper) -> OnePass:
     """Cluster every MoE layer of `calib.layout` with `grouper` and refit it (module doc)."""
     from functools import partial
-
-    from moekit.ops.merge.calib import (
-        BATCH_SIZE,
-        LayerCalib,
-        check_calibrated,
-        domain_tokens,
-        layer_record,
-        sample_batches,
-    )
-    from moekit.ops.merge.refit import REFIT_DEFAULTS, open_refit, sequential_refit
 
     layout, source = calib.layout, calib.source
     check_calibrated(layout)
@@ -225,8 +221,9 @@ def group_and_refit(calib: Calibration, checkpoint: Checkpoint, grouper: Grouper
         check_layers(layout, layers, n_drop)
         centres[step.index] = layers[-1].centres
 
-    refits = sequential_refit(cal, n_drop, centres, log=calib.log, make_run=partial(
-        SharedRun, extra=[batch for batch, _ in work], before_layer=before_layer))
+    refits = moekit.ops.merge.refit.sequential_refit(
+        cal, n_drop, centres, log=calib.log, make_run=partial(
+            SharedRun, extra=[batch for batch, _ in work], before_layer=before_layer))
     if [p.layer for p in layers] != list(moe):
         raise RuntimeError(f"the shared run grouped layers {[p.layer for p in layers]}, the "
                            f"model's MoE layers are {list(moe)} (internal error)")

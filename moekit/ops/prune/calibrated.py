@@ -22,9 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from moekit.calib.data import DataSource
-from moekit.errors import DataError, InvalidArgumentError
+from moekit.errors import DataError, InvalidArgumentError, UnsupportedModelError
 from moekit.layerfit.lanes import Lane, LaneRun, Search
+from moekit.layerfit.measured import load_calibration, needs_refit
 from moekit.layerfit.reconstruct import STEPS as RECONSTRUCT_STEPS
+from moekit.layerfit.tokens import (
+    MIN_TOKENS,
+    PRUNE_TOKENS,
+    REFIT_FACTOR,
+    calibration_tokens,
+    reconstruct_bytes,
+    refit_sum_bytes,
+)
 from moekit.ops.prune.quality import (
     Candidate,
     calibration_stats,
@@ -32,7 +41,13 @@ from moekit.ops.prune.quality import (
     stats_candidates,
 )
 from moekit.ops.prune.select import build_plan, merge_protect
+from moekit.runtime.engine import mode_line
+from moekit.runtime.groups import require_whole_layers
+from moekit.runtime.spill import TensorSpill
 from moekit.stats.criteria import CRITERIA, super_experts
+from moekit.surgery.experts import expert_format
+from moekit.surgery.plan import PrunePlan, drop_count
+from moekit.units import human
 
 DATA_CRITERIA = ("measured", "auto")
 DOWN_ONLY = "measured+compensate-router"  # the down refits without the router refits
@@ -92,11 +107,6 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                      ratio: float, protect: dict[int, list[int]], min_experts: int | None,
                      options: DataOptions, log: Callable[[str], None] = print) -> DataChoice:
     """Open the model once (memory or streamed), pick the plan (module docstring)."""
-    from moekit.layerfit.measured import load_calibration
-    from moekit.runtime.engine import mode_line
-    from moekit.runtime.groups import require_whole_layers
-    from moekit.runtime.spill import TensorSpill
-
     if criterion not in (*DATA_CRITERIA, *CRITERIA):
         raise InvalidArgumentError(f"unknown --criterion '{criterion}'",
                                    f"use one of {', '.join((*DATA_CRITERIA, *CRITERIA))}")
@@ -155,16 +165,6 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
     that does not depend on it (one experts call's transient; with `--refit-tokens`, its sums)
     comes first, and a `--refit-tokens` run whose sums would not fit beside the weights is
     refused before any work."""
-    from moekit.layerfit.tokens import (
-        MIN_TOKENS,
-        PRUNE_TOKENS,
-        calibration_tokens,
-        reconstruct_bytes,
-        refit_sum_bytes,
-    )
-    from moekit.surgery.plan import drop_count
-    from moekit.units import human
-
     n_drop = drop_count(ratio, layout.moe_layers[0].num_experts)
     if options.refit_auto and options.refit_tokens is None and \
             _reconstruct_steps(layout, options):
@@ -205,15 +205,6 @@ def _auto_refit(source: Path, layout: Any, n_drop: int, options: DataOptions,
     """The default streamed positions of the down refit and the reconstruction: REFIT_FACTOR
     times the selection's (given or default) count, when their sums and sample leave that
     selection room beside the weights; else the selection's own, said in one line."""
-    from moekit.layerfit.tokens import (
-        PRUNE_TOKENS,
-        REFIT_FACTOR,
-        calibration_tokens,
-        reconstruct_bytes,
-        refit_sum_bytes,
-    )
-    from moekit.units import human
-
     selection = options.max_tokens or PRUNE_TOKENS
     refit = REFIT_FACTOR * selection
     fixed = refit_sum_bytes(layout, n_drop) + reconstruct_bytes(layout, n_drop, refit)
@@ -239,8 +230,6 @@ def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
            guard: dict[int, list[int]], min_experts: int | None,
            options: DataOptions) -> tuple[list[Candidate], Search | None]:
     """The stats candidates (plans known before the run) and the measured search, if any."""
-    from moekit.surgery.plan import drop_count
-
     layout = cal.layout
     if criterion in CRITERIA:
         return [Candidate(criterion, build_plan(
@@ -257,9 +246,6 @@ def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
 def _reconstruct_steps(layout: Any, options: DataOptions) -> int:
     """Steps of the whole-expert reconstruction: with the down refit, when every MoE layer's
     gate/up tensors can be written back (`merge.experts.expert_format`)."""
-    from moekit.errors import UnsupportedModelError
-    from moekit.surgery.experts import expert_format
-
     if options.compensate is False or options.width is not None or options.reconstruct_steps <= 0:
         return 0
     try:
@@ -285,8 +271,6 @@ def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
 def _lanes(stats_plans: list[Candidate], search: Search | None,
            options: DataOptions) -> list[Lane]:
     """The run's lanes, unmodified and unrefitted ones first (see `lanes`)."""
-    from moekit.layerfit.measured import needs_refit
-
     lanes = [Lane("reference", held=True)]
     lanes += [Lane(c.name, held=True, keep={p.layer: p.kept for p in c.plan.layers})
               for c in stats_plans]
@@ -350,8 +334,6 @@ def _log_layer(r: Any, log: Callable[[str], None]) -> None:
 
 
 def _copy_plan(plan: Any, criterion: str) -> Any:
-    from moekit.surgery.plan import PrunePlan
-
     copy = PrunePlan.from_dict(plan.to_dict())
     copy.criterion = criterion
     return copy

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.hooks import RoutingHooks
+from moekit.calib.recorder import Recorder
 from moekit.layerfit.measured import Calibration, MeasuredLayer
 from moekit.ops.prune.select import build_plan
+from moekit.stats.expert_stats import VALUES, ExpertStats
 
 if TYPE_CHECKING:
     import torch
@@ -85,10 +88,6 @@ def calibration_stats(cal: Calibration, fingerprint: str) -> ExpertStats:
     the calibration windows, recorded by `calib.hooks.RoutingHooks` in one run of the engine
     (in memory or streamed), as ExpertStats."""
     import hashlib
-
-    from moekit.calib.hooks import RoutingHooks
-    from moekit.calib.recorder import Recorder
-    from moekit.stats.expert_stats import VALUES, ExpertStats
 
     recorder = Recorder(num_domains=1)
 

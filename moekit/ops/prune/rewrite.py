@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from moekit.errors import UnsupportedModelError
 from moekit.io.dtypes import to_torch
 from moekit.io.writer import OutTensor
+from moekit.surgery.experts import expert_format, join_halves
+from moekit.surgery.tensors import renamed_expert_key
 
 if TYPE_CHECKING:
     import torch
@@ -113,8 +115,6 @@ def _down_name(layout: ModelLayout) -> str:
 
 def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, kept: list[int],
                 weights: dict[int, torch.Tensor]) -> list[tuple[int, str, OutTensor]]:
-    from moekit.surgery.tensors import renamed_expert_key
-
     down = _down_name(layout)
     found = []
     for e in weights:
@@ -160,9 +160,6 @@ def gate_up_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan
     """(expert, source key, tensor) of the gate/up tensors of layer `index` holding the
     reconstructed experts `pairs`, in the source's layout and dtype (per-expert keys renamed
     to the new ids; fused: the kept rows, one tensor for all)."""
-    from moekit.surgery.experts import expert_format, join_halves
-    from moekit.surgery.tensors import renamed_expert_key
-
     layer = next(m for m in layout.moe_layers if m.index == index)
     kept = plan.layer(index).kept
     fmt = expert_format(layout, layer)

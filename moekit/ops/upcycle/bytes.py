@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moekit.errors import UnsupportedModelError
 from moekit.io.dtypes import ITEM_SIZE
 from moekit.io.reader import TensorInfo
 
@@ -26,8 +27,6 @@ def encode(values: np.ndarray, dtype: str) -> bytes:
         return rounded.astype("<u2").tobytes()
     table = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
     if dtype not in table:
-        from moekit.errors import UnsupportedModelError
-
         raise UnsupportedModelError(f"cannot create {dtype} router weights",
                                     "upcycle writes routers in F32, F16, BF16 or F64")
     return values.astype(table[dtype]).tobytes()

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import moekit.calib.data
+import moekit.runtime.engine
+from moekit.calib.data import DataSource, batches, parse_fraction
 from moekit.errors import DataError
+from moekit.io.dtypes import ITEM_SIZE
+from moekit.io.reader import Checkpoint
+from moekit.io.remote_code import check_remote_code
+from moekit.runtime.loading import quiet_transformers
 
 if TYPE_CHECKING:
     import torch
@@ -39,15 +46,10 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     """
     import torch
 
-    from moekit.io.remote_code import check_remote_code
-    from moekit.runtime.loading import quiet_transformers
-
     check_remote_code(folder, trust_remote_code)
     quiet_transformers()
     from transformers import AutoTokenizer
 
-    from moekit.calib.data import DataSource, batches, load_domains, parse_fraction
-    from moekit.runtime.engine import open_model
     from moekit.runtime.layers import find_stack
 
     try:
@@ -57,11 +59,12 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
                         "the checkpoint needs tokenizer files for --router data / cluster"
                         ) from err
     sources = [DataSource.parse(value) for value in data]
-    domains = load_domains(sources, tokenizer, seq_len=seq_len, max_tokens=max_tokens,
-                           fraction=parse_fraction(data_range))
-    model = open_model(folder, device="cpu", dtype=_calibration_dtype(folder),
-                       max_memory=max_memory, trust_remote_code=trust_remote_code,
-                       **engine)  # type: ignore[arg-type]
+    domains = moekit.calib.data.load_domains(sources, tokenizer, seq_len=seq_len,
+                                             max_tokens=max_tokens,
+                                             fraction=parse_fraction(data_range))
+    model = moekit.runtime.engine.open_model(folder, device="cpu", dtype=_calibration_dtype(folder),
+                                             max_memory=max_memory,
+                                             trust_remote_code=trust_remote_code, **engine)  # type: ignore[arg-type]
     layers = find_stack(model.model).layers
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
     handles = [layer.mlp.register_forward_pre_hook(_recorder(captured[i]))
@@ -82,9 +85,6 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
 def _calibration_dtype(folder: Path) -> str:
     """float32 when the model's float32 copy stays under FLOAT32_LIMIT bytes (faster on CPU
     for small models, whose time goes to element-wise ops, and exact), else its own dtype."""
-
-    from moekit.io.dtypes import ITEM_SIZE
-    from moekit.io.reader import Checkpoint
 
     tensors = Checkpoint(folder).tensors.values()
     float32_bytes = sum(t.nbytes * 4 // ITEM_SIZE[t.dtype] for t in tensors)

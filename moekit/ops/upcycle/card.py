@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from moekit.families.fingerprint import model_fingerprint
+from moekit.families.layout import describe
+
 if TYPE_CHECKING:
     from moekit.ops.upcycle.plan import UpcyclePlan
     from moekit.ops.upcycle.types import Prepared, UpcycleReport
@@ -21,9 +24,6 @@ training runs (hundreds of billions of tokens; Nakamura et al. 2025, arXiv 2502.
 def provenance_details(plan: UpcyclePlan, prepared: Prepared,
                        report: UpcycleReport) -> dict[str, Any]:
     """Everything needed to reproduce the job (seeded), for moekit_provenance.json."""
-    from moekit.families.fingerprint import model_fingerprint
-    from moekit.families.layout import describe
-
     opts = plan.options
     details: dict[str, Any] = {
         "source_family": plan.dense.name,

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from moekit.errors import InvalidArgumentError, UnsupportedModelError
+from moekit.errors import InvalidArgumentError, MoekitError, UnsupportedModelError
 from moekit.families.registry import MOE_FAMILIES, by_name
 from moekit.families.spec import DenseFamily, MoeFamily
 
@@ -168,9 +168,6 @@ def finish_validation(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 def _validate_stdin() -> None:
-    from moekit.errors import MoekitError
-    from moekit.families.registry import by_name
-
     job = json.loads(sys.stdin.read())
     family = by_name(job["family"])
     assert isinstance(family, MoeFamily)

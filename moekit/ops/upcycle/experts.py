@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from moekit.io.dtypes import to_torch
 from moekit.io.reader import Checkpoint, TensorInfo
 
 if TYPE_CHECKING:
@@ -100,8 +101,6 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     """One tensor read with plain file I/O into private memory (no mmap: mapped pages of the
     whole source would stay resident and count towards RSS)."""
     import torch
-
-    from moekit.io.dtypes import to_torch
 
     buffer = bytearray(info.nbytes)
     with open(info.shard, "rb", buffering=0) as handle:

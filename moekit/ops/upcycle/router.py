@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from moekit.errors import DataError
 from moekit.ops.upcycle.experts import generator, seed_of
 
 if TYPE_CHECKING:
@@ -103,8 +104,6 @@ def kmeans_router(inputs: torch.Tensor, experts: int, seed: int, layer: int) -> 
     import torch
 
     if inputs.shape[0] < experts:
-        from moekit.errors import DataError
-
         raise DataError(f"{inputs.shape[0]} calibration tokens cannot seed {experts} clusters",
                         "give more --data or a larger --max-tokens")
     mean = inputs.mean(dim=0)

@@ -16,9 +16,13 @@ from typing import TYPE_CHECKING
 from moekit.errors import CheckpointError
 from moekit.io.card import provenance, write_model_card, write_provenance
 from moekit.io.config import write_config
+from moekit.io.dtypes import ITEM_SIZE
 from moekit.io.output import check_output, copy_aux_files, staged_output
 from moekit.io.writer import OutTensor, write_checkpoint
+from moekit.ops.upcycle import router
 from moekit.ops.upcycle.bytes import Scratch, encode
+from moekit.ops.upcycle.calib import capture_ffn_inputs
+from moekit.ops.upcycle.card import card_body, provenance_details
 from moekit.ops.upcycle.config import finish_validation, start_validation
 from moekit.ops.upcycle.experts import (
     ROLES,
@@ -30,6 +34,7 @@ from moekit.ops.upcycle.experts import (
     split_groups,
 )
 from moekit.ops.upcycle.plan import UpcycleOptions, UpcyclePlan, plan_upcycle
+from moekit.ops.upcycle.router import random_router
 from moekit.ops.upcycle.types import Prepared, UpcycleReport
 
 if TYPE_CHECKING:
@@ -96,8 +101,6 @@ def prepare(plan: UpcyclePlan) -> Prepared:
     needs_data = opts.router == "data" or (opts.method == "split" and
                                            opts.split_order == "cluster")
     if needs_data:
-        from moekit.ops.upcycle.calib import capture_ffn_inputs
-
         prepared.calibration = capture_ffn_inputs(
             plan.checkpoint.folder, list(opts.data), max_tokens=opts.max_tokens,
             seq_len=opts.seq_len, data_range=opts.data_range, max_memory=opts.max_memory,
@@ -112,8 +115,6 @@ def prepare(plan: UpcyclePlan) -> Prepared:
 
 
 def _prepare_layer(plan: UpcyclePlan, prepared: Prepared, layer: int) -> None:
-    from moekit.ops.upcycle import router
-
     opts = plan.options
     shared = plan.shared_width or 0
     inputs = prepared.calibration.inputs[layer] if prepared.calibration else None
@@ -231,8 +232,6 @@ def _router_values(plan: UpcyclePlan, prepared: Prepared, layer: int) -> np.ndar
     """[E, H] float32 router weights of `layer`."""
     import numpy as np
 
-    from moekit.ops.upcycle.router import random_router
-
     opts = plan.options
     if opts.router == "data":
         assert prepared.routers is not None
@@ -261,8 +260,6 @@ def summarize(plan: UpcyclePlan, prepared: Prepared, tensors: list[OutTensor],
 def kernel_note(width: int, dtype: str) -> str:
     """A warning when transformers' default `grouped_mm` experts kernel cannot run experts of
     this width (rows must be multiples of 16 bytes; `runtime.loading.runnable_experts`)."""
-    from moekit.io.dtypes import ITEM_SIZE
-
     row = width * ITEM_SIZE[dtype]
     if row % 16 == 0:
         return ""
@@ -273,8 +270,6 @@ def kernel_note(width: int, dtype: str) -> str:
 
 
 def _item(tensor: OutTensor) -> int:
-    from moekit.io.dtypes import ITEM_SIZE
-
     return ITEM_SIZE[tensor.dtype]
 
 
@@ -282,8 +277,6 @@ def _write_metadata(folder: Path, plan: UpcyclePlan, prepared: Prepared,
                     report: UpcycleReport, source: Path, source_name: str) -> None:
     """config.json (the dict built from the dense config), aux files, neuron map,
     provenance and model card."""
-    from moekit.ops.upcycle.card import card_body, provenance_details
-
     write_config(plan.config, folder)
     copy_aux_files(source, folder)
     if prepared.groups is not None and prepared.shared is not None:
