@@ -1,4 +1,4 @@
-"""The beam search's incremental D(S + e) (`ops.prune.incremental`) against the full evaluation.
+"""The beam search's incremental D(S + e) (`layerfit.incremental`) against the full evaluation.
 
 - Routing a subset of the tokens gives those rows' full-routing results bit for bit (what lets
   the incremental error re-route only the tokens a removal touches).

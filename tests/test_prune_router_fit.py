@@ -1,4 +1,4 @@
-"""Router recalibration (`ops.prune.router_fit`) against independent computations.
+"""Router recalibration (`layerfit.router_fit`) against independent computations.
 
 - Given as target the pruned MoE block under other router rows (a "teacher"), the refit started
   from the block's own rows closes most of the gap on tokens it never saw; every output is

@@ -1,4 +1,4 @@
-"""The memory-aware default calibration token count (`ops.prune.tokens`): an explicit
+"""The memory-aware default calibration token count (`layerfit.tokens`): an explicit
 --max-tokens is never lowered; the default fits the memory --max-memory leaves beside the
 weights, in steps of 1024 positions between MIN_TOKENS and the command's default (DEFAULT_TOKENS
 for merge, PRUNE_TOKENS for prune)."""

@@ -1,1 +1,2 @@
-"""Calibration data: files -> named domains -> token windows."""
+"""Calibration data: files -> named domains -> token windows; router hooks, routing maths,
+statistics accumulators and MoE-block captures. Imports `io/` and `families/`, never `runtime/`."""

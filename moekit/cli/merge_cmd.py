@@ -249,7 +249,7 @@ def _summary(result: Any, as_json: bool) -> None:
 def _tokens(source: Path, ratio: float | None, choices: tuple[str, str, str], data: bool,
             requested: int | None, dtype: str, device: str, max_memory: str) -> int:
     """--max-tokens, or when (group, method, router) calibrate, or --data records statistics,
-    the memory-aware default (`ops.prune.tokens`)."""
+    the memory-aware default (`layerfit.tokens`)."""
     from moekit.layerfit.tokens import DEFAULT_TOKENS, calibration_tokens
     from moekit.ops.merge.run import needs_calibration
 

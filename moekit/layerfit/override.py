@@ -10,7 +10,7 @@ earlier layers' pruned outputs and to score candidate plans end to end on held-o
 
 `keep` may be a function called on every forward: it returns the kept ids for the tokens now
 running, or None to leave the layer as it is (the layer-streaming passes run several
-candidates' token copies through one materialised layer, `prune.lanes`). The selection bias is
+candidates' token copies through one materialised layer, `layerfit.lanes`). The selection bias is
 read at call time, so hooks can be added to a streamed model's layers before they are loaded.
 """
 

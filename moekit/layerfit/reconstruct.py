@@ -192,7 +192,7 @@ def canonical_gate_up(experts: Any, rows: dict[int, torch.Tensor], interleaved: 
                       ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{expert: (gate [I, H], up [I, H])} (float32, math orientation y = W x) from fused
     module-layout `gate_up_proj` rows; `interleaved`: gate and up alternate (gpt-oss), else
-    gate comes first (`merge.experts.split_halves`)."""
+    gate comes first (`surgery.experts.split_halves`)."""
     transposed = bool(getattr(experts, "is_transposed", False))
     out = {}
     for e, row in rows.items():

@@ -4,10 +4,14 @@ layer by layer under a memory budget, for every command that runs a model.
     engine.py   open_model, Engine.run (batches in, logits or hook side effects out), LayerStep
     budget.py   --max-memory: sizes, the memory / stream / expert-group decision
     weights.py  checkpoint keys -> in-memory tensors (fused experts), read into place
-    layers.py   the decoder stack, per-layer call arguments, the head replay
+    staging.py  checkpoint bytes straight into device memory through reused host buffers
+    layers.py   the decoder stack, per-layer call arguments, the head replay (imports torch)
     hidden.py   hidden states between layers (RAM or a spill file)
-    groups.py   experts of a too-large layer in groups
+    groups.py   experts of a too-large layer in groups; routed_experts, require_whole_layers
+    spill.py    per-layer tensors kept on disk between a layered run and the write
     loading.py  whole-model / skeleton / tokenizer loading
     caches.py   caps on the CPU kernel caches (oneDNN primitives keyed by expert shapes)
     distributed.py  torchrun data parallelism: rank share of batches, reductions, failures
+
+Imports `io/`, `families/`, `calib/` (and `errors`, `units`); see docs/architecture.md.
 """

@@ -1,1 +1,10 @@
-"""Routing statistics: tables, metrics, plots and reports."""
+"""Routing statistics: the profile record and its files, expert statistics as prune and merge
+read them, importance criteria, metrics, uncertainty, plots and reports.
+
+    profile.py       the Profile record          profile_io.py  build, save, load, merge profiles
+    expert_stats.py  ExpertStats (the stats contract of `prune`/`merge`)
+    criteria.py      criterion_scores, super_experts
+    metrics.py, uncertainty.py, ablation.py, serving.py, plots.py, report.py, html.py
+
+Imports `io/`, `families/`, `calib/` (and `errors`, `units`), never `runtime/`.
+"""

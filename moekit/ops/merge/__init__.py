@@ -1,4 +1,5 @@
-"""`moekit merge`: fold routed experts into clusters, write the smaller checkpoint."""
+"""`moekit merge`: fold routed experts into clusters (`grouping`, `combine`, `fit`; `refit` over
+`layerfit/`), write the smaller checkpoint (`surgery`, over `surgery/`)."""
 
 from moekit.ops.merge.plan import MergePlan
 from moekit.ops.merge.surgery import MergeResult, merge_checkpoint

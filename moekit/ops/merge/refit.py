@@ -4,7 +4,7 @@ Under `--router centre` a merged layer routes exactly like the layer pruned to i
 its routed output on token t is y'(t) = sum_{i in T'(t)} a_i(t) (W_i h_i(t) + b_i) over the E'
 merged experts, with T', a the merged router's own re-routed top-k and gates. `fit-layer`
 keeps every centre's gate/up (h_i) and refits the down projections W_i of **all E'** merged
-experts together with the compensation of `prune --data` (`ops.prune.compensate.refit_layer`:
+experts together with the compensation of `prune --data` (`layerfit.compensate.refit_layer`:
 one Gauss-Seidel sweep of ridge solves, busiest expert first):
 
     target(t) = y_E(t) + d(t),     y_E the unmerged layer's routed output,
@@ -23,7 +23,7 @@ mean next-token KL(unmerged || merged) there; otherwise the checkpoint is the ce
 
 Sequential: the layers are fitted in order in one layered run of `moekit.runtime` (in memory,
 or streamed one decoder layer at a time under `max_memory`), each on the hidden states of the
-model merged (and refitted) so far (`ops.prune.lanes`: the `original` and `pruned` lanes; the
+model merged (and refitted) so far (`layerfit.lanes`: the `original` and `pruned` lanes; the
 centres are the only experts the search may keep, so the removal set is the plan's). Refitted
 down projections [H, I] (float32) are spilled to disk, one file per layer, and read back by the
 surgery one tensor at a time.
@@ -96,7 +96,7 @@ def refit_merged(source: Path, layout: ModelLayout, plan: MergePlan, sources: li
 
 def check_refit_grouping(layout: ModelLayout, num_experts: int, n_drop: int,
                          config_changes: dict[str, int]) -> None:
-    """The refit routes the merged layers as `prune.measured.grouping` says; refuse plans whose
+    """The refit routes the merged layers as `layerfit.measured.grouping` says; refuse plans whose
     centres need other routing-group changes."""
     if grouping(layout, num_experts, n_drop)[1] != config_changes:
         raise InvalidArgumentError(
@@ -106,7 +106,7 @@ def check_refit_grouping(layout: ModelLayout, num_experts: int, n_drop: int,
 
 def open_refit(source: Path, layout: ModelLayout, sources: list[DataSource], *,
                log: Callable[[str], None] | None = None, **options: Any) -> Any:
-    """`prune.measured.load_calibration` (tokenised data, the engine) for the refit."""
+    """`layerfit.measured.load_calibration` (tokenised data, the engine) for the refit."""
     cal = load_calibration(source, layout, sources, **{**REFIT_DEFAULTS, **options})
     if log is not None:
         log(mode_line(cal.engine))
@@ -117,7 +117,7 @@ def open_refit(source: Path, layout: ModelLayout, sources: list[DataSource], *,
 def sequential_refit(cal: Any, n_drop: int, centres: dict[int, list[int]], *,
                      log: Callable[[str], None] | None = None,
                      make_run: Callable[..., Any] | None = None) -> LayerRefits:
-    """The layered refit run on `cal` (a `prune.measured.Calibration`) keeping `centres`
+    """The layered refit run on `cal` (a `layerfit.measured.Calibration`) keeping `centres`
     {layer: ids}. `make_run(cal, lanes, search, spill, on_result)`: the `lanes.LaneRun` to
     use (default LaneRun itself; `onepass.SharedRun` fills in `centres` as each layer
     starts)."""

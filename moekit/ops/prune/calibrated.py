@@ -245,7 +245,7 @@ def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
 
 def _reconstruct_steps(layout: Any, options: DataOptions) -> int:
     """Steps of the whole-expert reconstruction: with the down refit, when every MoE layer's
-    gate/up tensors can be written back (`merge.experts.expert_format`)."""
+    gate/up tensors can be written back (`surgery.experts.expert_format`)."""
     if options.compensate is False or options.width is not None or options.reconstruct_steps <= 0:
         return 0
     try:
