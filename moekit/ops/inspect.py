@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from moekit.families.layout import ModelLayout, describe
 from moekit.families.registry import first_value
+from moekit.formats import Logical, check_quantization, logical_tensors, quantized_formats
 from moekit.io.reader import Checkpoint
 
 
 @dataclass
 class InspectReport:
-    """Facts about a checkpoint. Parameter counts are numel sums over the stored tensors;
-    active = total minus, in each MoE layer, the routed-expert parameters a token does not use
-    (routed x (1 - k/E))."""
+    """Facts about a checkpoint. Parameter counts are numel sums over the logical tensors (a
+    quantized weight counts its values, not its packed bytes or scales: `moekit.formats`);
+    `dtypes` gives them per stored format (`fp8-block`, `mxfp4`, or the plain dtype).
+    active = total minus, in each MoE layer, the routed-expert parameters a token does not
+    use (routed x (1 - k/E))."""
 
     path: str
     family: str
@@ -32,6 +35,7 @@ class InspectReport:
     expert_layout: str
     router_scoring: str
     dtypes: dict[str, int]
+    quant_method: str | None
     bytes_on_disk: int
     num_shards: int
     total_params: int
@@ -46,20 +50,20 @@ def inspect_checkpoint(folder: Path) -> InspectReport:
     """Build an InspectReport for a checkpoint folder without reading any weight."""
     checkpoint = Checkpoint(folder)
     layout = describe(checkpoint)
-    total = sum(info.numel for info in checkpoint.tensors.values())
-    dtypes = Counter()
-    for info in checkpoint.tensors.values():
-        dtypes[info.dtype] += info.numel
+    logical = logical_tensors(checkpoint)
+    total = sum(tensor.numel for tensor in logical.values())
+    numel = _logical_numel(logical)
     routed, inactive = 0, 0.0
     for position, layer in enumerate(layout.moe_layers):
-        layer_routed = sum(checkpoint.tensors[k].numel for k in layer.routed_keys)
+        layer_routed = numel(layer.routed_keys)
         routed += layer_routed
         inactive += layer_routed * (1 - layout.top_k(position) / layer.num_experts)
     config = layout.config
     base = dict(path=str(folder), family=layout.resolved.family.name,
                 model_type=str(config.get("model_type", "")),
                 architecture=", ".join(checkpoint.config.get("architectures") or []),
-                num_layers=layout.num_layers, dtypes=dict(dtypes),
+                num_layers=layout.num_layers, dtypes=quantized_formats(checkpoint),
+                quant_method=(check_quantization(checkpoint.config) or {}).get("quant_method"),
                 bytes_on_disk=checkpoint.total_bytes, num_shards=len(checkpoint.shards),
                 total_params=total, active_params=total - round(inactive),
                 routed_expert_params=routed)
@@ -84,6 +88,16 @@ def _moe_facts(checkpoint: Checkpoint, layout: ModelLayout) -> dict[str, Any]:
         expert_layout="fused" if any(layer.fused_keys for layer in layout.moe_layers)
         else "per-expert",
         router_scoring=_scoring(layout))
+
+
+def _logical_numel(logical: dict[str, Logical]) -> Callable[[Iterable[str]], int]:
+    """numel(stored keys) -> parameters of the logical tensors they belong to, each once."""
+    owner = {source.name: tensor for tensor in logical.values() for source in tensor.sources}
+
+    def numel(keys: Iterable[str]) -> int:
+        return sum(t.numel for t in {owner[k].name: owner[k] for k in keys}.values())
+
+    return numel
 
 
 def _first(value: Any) -> Any:

@@ -279,6 +279,7 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
     `stream` forces the choice; `hidden_ram` caps the RAM for hidden states (bytes).
     Code shipped in the checkpoint runs only with `trust_remote_code`."""
     from moekit.families.layout import describe
+    from moekit.formats import is_quantized
     from moekit.io.reader import Checkpoint
     from moekit.runtime.caches import bound
     from moekit.runtime.loading import build_skeleton, load_dtype, load_model, pick_device
@@ -295,6 +296,9 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
     needs = sizes(weights, skeleton, family)
     plan = decide(needs, max_memory, target, stream)
     torch_dtype = skeleton.dtype
+    if plan.mode == "memory" and is_quantized(checkpoint):
+        return Engine(Path(path), _materialise_whole(skeleton, weights, target), target,
+                      torch_dtype, plan, family, info={"dequantized": True})
     if plan.mode == "memory":
         del skeleton, weights
         model = load_model(Path(path), str(target), dtype, trust_remote_code)
@@ -382,6 +386,20 @@ def _routed(layer: Any, family: Any) -> tuple[str | None, int]:
         gate_up = getattr(experts, "gate_up_proj", None)
         count = int(gate_up.shape[0]) if gate_up is not None else 0
     return (path, count) if count else (None, 0)
+
+
+def _materialise_whole(model: Any, weights: Any, device: Any) -> Any:
+    """The skeleton `model` with every weight read (quantized ones dequantized to the load
+    dtype by `weights`), as `from_pretrained` would give it for the unquantized checkpoint."""
+    from moekit.runtime.layers import find_stack
+
+    _materialise_outside_layers(model, weights, device, head=True)
+    stack = find_stack(model)
+    inside = [n for n in weights.targets if n.startswith(stack.name + ".")]
+    model.load_state_dict(weights.read(inside, device), strict=False, assign=True)
+    for index in range(len(stack.layers)):
+        _check_loaded(stack.layers[index], index)
+    return model
 
 
 def _materialise_outside_layers(model: Any, weights: Any, device: Any, head: bool) -> None:
