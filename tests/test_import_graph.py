@@ -12,6 +12,7 @@ nor calibration data, and `calib/` stays below `runtime/`:
 
     0  base      `moekit/__init__.py`, `errors.py`, `units.py`, and `io/` (files, headers)
     1  families  family records, layouts, fingerprints (headers and config only)
+    1  formats   quantized storage formats: logical tensors, decoding (headers and bytes only)
     2  calib     calibration data, hooks, routing maths, captures (no runtime)
     3  runtime   the engine that runs a model, whole or streamed
     3  stats     routing statistics: profile records, criteria, metrics, reports
@@ -33,16 +34,16 @@ import moekit
 
 PACKAGE = Path(moekit.__file__).parent
 
-FLOORS = {"base": 0, "io": 0, "families": 1, "calib": 2, "runtime": 3, "stats": 3,
+FLOORS = {"base": 0, "io": 0, "families": 1, "formats": 1, "calib": 2, "runtime": 3, "stats": 3,
           "surgery": 4, "layerfit": 5, "ops": 6, "cli": 7}
 # Narrower than the floors: what each of these may import (besides itself).
 ALLOWED = {
     "base": {"base"},
     "io": {"base"},
     "calib": {"base", "io", "families"},
-    "runtime": {"base", "io", "families", "calib"},
+    "runtime": {"base", "io", "families", "formats", "calib"},
     "stats": {"base", "io", "families", "calib"},
-    "surgery": {"base", "io", "families", "stats"},
+    "surgery": {"base", "io", "families", "formats", "stats"},
 }
 APART = ("moekit.ops.prune", "moekit.ops.merge")  # never import each other
 

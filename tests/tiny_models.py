@@ -198,3 +198,19 @@ def _demo_module():
         sys.modules["build_demo_model"] = module
         spec.loader.exec_module(module)
     return sys.modules["build_demo_model"]
+
+
+def unread_embedding(folder: Path) -> int:
+    """Input-embedding parameters a token does not read (all rows but one) when the checkpoint
+    stores an untied `lm_head.weight`, computed from the file's tensors: what `inspect`
+    leaves out of the active count."""
+    from safetensors import safe_open
+
+    config = read_config(folder)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        tables = [k for k in keys if k.endswith("embed_tokens.weight") and ".layers." not in k]
+        if "lm_head.weight" not in keys or config.get("tie_word_embeddings") is True:
+            return 0
+        rows, cols = f.get_slice(tables[0]).get_shape()
+    return rows * cols - cols

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,6 +17,9 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
 )
+
+if TYPE_CHECKING:
+    from moekit.ops.inspect import InspectReport
 
 
 @handle_errors
@@ -70,16 +73,28 @@ def _table(report):  # noqa: ANN001, ANN202 - rich Table
     else:
         rows += [("layers", f"{report.num_layers} (dense: no MoE layer)")]
     rows += [
-        ("dtype", ", ".join(f"{k} {v / max(report.total_params, 1):.0%}"
-                            for k, v in report.dtypes.items())),
+        ("stored as", _stored(report)),
         ("on disk", f"{_bytes(report.bytes_on_disk)} in {report.num_shards} shard(s)"),
         ("total params", f"{report.total_params:,} ({_human(report.total_params)})"),
         ("active params / token", f"{report.active_params:,} ({_human(report.active_params)})"),
         ("routed-expert params", f"{report.routed_expert_params:,}"),
     ]
+    if report.mtp_layers:
+        rows.append(("MTP layers (apart)", f"{_ranges(report.mtp_layers)}: "
+                     f"{report.mtp_params:,} params ({_human(report.mtp_params)}), not run by "
+                     "transformers, dropped by prune/merge"))
     for field, value in rows:
         table.add_row(field, value)
     return table
+
+
+def _stored(report: InspectReport) -> str:
+    """Share of the logical parameters per stored format, e.g. `mxfp4 63% (quant_method
+    mxfp4), BF16 37%`."""
+    whole = max(sum(report.dtypes.values()), 1)
+    parts = [f"{k} {v / whole:.0%}" for k, v in report.dtypes.items()]
+    method = f" (quant_method {report.quant_method})" if report.quant_method else ""
+    return ", ".join(parts) + method
 
 
 def _ranges(values: list[int]) -> str:

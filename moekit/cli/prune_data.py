@@ -31,6 +31,7 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
         raise InvalidArgumentError("give exactly one of --ratio and --keep-params",
                                    "e.g. --ratio 0.5 or --keep-params 0.5")
     checkpoint, layout, fingerprint = moe_layout(source)
+    options = _stored_experts_only(checkpoint, layout, options, keep_params, quiet)
     if keep_params is not None:
         ratio = _trim_budget(layout, keep_params, options)
         criterion = criterion or "measured"
@@ -57,6 +58,32 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
               "modified_tensors": rows, "keep_params": keep_params,
               "expert_width": chosen.width}
     return chosen.plan, modified, record, chosen.width
+
+
+def _stored_experts_only(checkpoint: Any, layout: Any, options: Any,
+                         keep_params: float | None, quiet: bool) -> Any:
+    """Quantized experts are kept as stored (byte for byte): no refit is written into them.
+    The default (compensate unset) turns the refits off with a note; asking for them, or for
+    --keep-params (trimming rewrites experts), is refused before any calibration."""
+    import dataclasses
+
+    from moekit.errors import UnsupportedModelError
+    from moekit.formats import quantized_keys
+
+    quantized = quantized_keys(checkpoint, [k for layer in layout.moe_layers
+                                            for k in layer.routed_keys])
+    if not quantized:
+        return options
+    if options.compensate or keep_params is not None:
+        raise UnsupportedModelError(
+            f"the experts are stored quantized ({quantized}): moekit keeps them as stored and "
+            "cannot write refitted or trimmed experts into that format yet",
+            "drop --compensate/--keep-params (selection by measured damage still runs), or "
+            "prune the unquantized checkpoint")
+    if not quiet:
+        err_console.print(f"note: the experts are stored quantized ({quantized}): kept experts "
+                          "are copied as stored; the refits of the kept experts are off")
+    return dataclasses.replace(options, compensate=False, router=False, reconstruct_steps=0)
 
 
 def _mode_only(line: str) -> None:

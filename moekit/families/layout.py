@@ -55,11 +55,20 @@ class MoeLayer:
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """A checkpoint seen through its family record."""
+    """A checkpoint seen through its family record. `mtp_layers`: MoE layers stored past the
+    decoder's `num_hidden_layers` (DeepSeek-V3's and GLM-4.5's multi-token-prediction block,
+    `model.layers.{num_hidden_layers}.*`), which transformers does not run: no profile sees
+    them, so surgery never chooses their experts (it drops them whole, `mtp_keys`)."""
 
     resolved: Resolved
     num_layers: int
     moe_layers: tuple[MoeLayer, ...]
+    mtp_layers: tuple[MoeLayer, ...] = ()
+
+    def mtp_keys(self, keys: list[str]) -> list[str]:
+        """The `keys` that lie in an MTP layer (its whole block, not only the experts)."""
+        prefixes = tuple(layer.prefix for layer in self.mtp_layers)
+        return [k for k in keys if prefixes and k.startswith(prefixes)]
 
     @property
     def family(self) -> MoeFamily:
@@ -91,13 +100,15 @@ def describe(checkpoint: Checkpoint) -> ModelLayout:
                                                    "num_layers"), 0) or 0)
     if not isinstance(resolved.family, MoeFamily):
         return ModelLayout(resolved, num_layers, ())
-    layers = tuple(_moe_layers(checkpoint, resolved.family))
+    found = tuple(_moe_layers(checkpoint, resolved.family))
+    mtp = tuple(layer for layer in found if 0 < num_layers <= layer.index)
+    layers = tuple(layer for layer in found if layer not in mtp)
     if not layers:
         raise CheckpointError(
             f"config says {resolved.family.name} but no tensor matches its router "
             f"'*.layers.N.{resolved.family.router.weight}'",
             "the checkpoint layout is not the Hub one; is it quantised or renamed?")
-    layout = ModelLayout(resolved, max(num_layers, layers[-1].index + 1), layers)
+    layout = ModelLayout(resolved, max(num_layers, layers[-1].index + 1), layers, mtp)
     check_layout(layout, checkpoint)
     return layout
 

@@ -13,5 +13,5 @@ layer by layer under a memory budget, for every command that runs a model.
     caches.py   caps on the CPU kernel caches (oneDNN primitives keyed by expert shapes)
     distributed.py  torchrun data parallelism: rank share of batches, reductions, failures
 
-Imports `io/`, `families/`, `calib/` (and `errors`, `units`); see docs/architecture.md.
+Imports `io/`, `families/`, `formats/`, `calib/` (and `errors`, `units`); see docs/architecture.md.
 """

@@ -41,6 +41,7 @@ from typing import Any
 
 from moekit.errors import CheckpointError, DataError
 from moekit.families.layout import describe
+from moekit.formats import is_quantized
 from moekit.io.reader import Checkpoint
 from moekit.io.remote_code import check_remote_code
 from moekit.runtime.budget import Plan, Sizes, decide, free_memory
@@ -292,6 +293,9 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
     needs = sizes(weights, skeleton, family)
     plan = decide(needs, max_memory, target, stream)
     torch_dtype = skeleton.dtype
+    if plan.mode == "memory" and is_quantized(checkpoint):
+        return Engine(Path(path), _materialise_whole(skeleton, weights, target), target,
+                      torch_dtype, plan, family, info={"dequantized": True})
     if plan.mode == "memory":
         del skeleton, weights
         model = load_model(Path(path), str(target), dtype, trust_remote_code)
@@ -358,6 +362,20 @@ def sizes(weights: Any, model: Any, family: Any) -> Sizes:
 
 def _layer_of(name: str, stack: Any) -> int:
     return int(name[len(stack.name) + 1:].split(".", 1)[0])
+
+
+def _materialise_whole(model: Any, weights: Any, device: Any) -> Any:
+    """The skeleton `model` with every weight read (quantized ones dequantized to the load
+    dtype by `weights`), as `from_pretrained` would give it for the unquantized checkpoint."""
+    from moekit.runtime.layers import find_stack
+
+    _materialise_outside_layers(model, weights, device, head=True)
+    stack = find_stack(model)
+    inside = [n for n in weights.targets if n.startswith(stack.name + ".")]
+    model.load_state_dict(weights.read(inside, device), strict=False, assign=True)
+    for index in range(len(stack.layers)):
+        _check_loaded(stack.layers[index], index)
+    return model
 
 
 def _materialise_outside_layers(model: Any, weights: Any, device: Any, head: bool) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import CheckpointError, UnsupportedModelError
+from moekit.formats import Logical, decode, logical_tensors
 from moekit.io.dtypes import to_torch
 from moekit.runtime.staging import Staging
 
@@ -36,12 +37,13 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Target:
     """One in-memory tensor and where its bytes lie. `parts[p][j]` is expert j of source
-    pattern p for fused targets; a plain target has one part with one tensor."""
+    pattern p for fused targets; a plain target has one part with one tensor. Each part is a
+    logical tensor (`moekit.formats`): stored plain, or quantized and decoded on read."""
 
     name: str
     shape: tuple[int, ...]
     dtype: Any
-    parts: tuple[tuple[TensorInfo, ...], ...]
+    parts: tuple[tuple[Logical, ...], ...]
     fused: bool
 
     @property
@@ -61,14 +63,14 @@ class WeightMap:
         self.checkpoint = checkpoint
         expected = {name: t for name, t in model.state_dict(keep_vars=True).items()}
         renamings, converters = _conversions(model)
-        grouped: dict[str, dict[int, dict[int, TensorInfo]]] = {}
+        grouped: dict[str, dict[int, dict[int, Logical]]] = {}
         fused: set[str] = set()
         self.unused: list[str] = []
-        for key, info in checkpoint.tensors.items():
+        for key, info in logical_tensors(checkpoint).items():
             name, pattern = _rename(key, renamings, converters)
             name = _with_prefix(name, expected, getattr(model, "base_model_prefix", ""))
             if name not in expected:
-                self.unused.append(key)
+                self.unused.extend(source.name for source in info.sources)
                 continue
             if pattern is None:
                 grouped.setdefault(name, {}).setdefault(0, {})[0] = info
@@ -102,9 +104,10 @@ class WeightMap:
             return
         ranges: dict[Path, list[TensorInfo]] = {}
         for name in names:
-            for infos in self.targets[name].parts:
-                for info in infos:
-                    ranges.setdefault(info.shard, []).append(info)
+            for logicals in self.targets[name].parts:
+                for logical in logicals:
+                    for info in logical.sources:
+                        ranges.setdefault(info.shard, []).append(info)
         for shard, infos in ranges.items():
             try:
                 fd = os.open(shard, os.O_RDONLY)
@@ -130,9 +133,13 @@ class WeightMap:
         for name in names:
             target = self.targets[name]
             out[name] = _empty(target, rows, device if staged else "cpu")
-            for p, infos in enumerate(target.parts):
-                for j, info in enumerate(infos):
-                    by_shard.setdefault(info.shard, []).append((target, p, j, info))
+            for p, logicals in enumerate(target.parts):
+                for j, logical in enumerate(logicals):
+                    if logical.quantized:
+                        _decode_into(logical, out[name], target, p, j, rows)
+                    else:
+                        info = logical.sources[0]
+                        by_shard.setdefault(info.shard, []).append((target, p, j, info))
         with self.staging.lock if staged else _nothing():
             for shard, items in by_shard.items():
                 with open(shard, "rb", buffering=0) as handle:
@@ -283,3 +290,38 @@ def _read_into(handle: Any, info: TensorInfo, dest: torch.Tensor, target: Target
                                   "the shard is truncated: re-download it")
     if buffer is not dest:
         dest.copy_(buffer)
+
+
+def _decode_into(logical: Logical, tensor: torch.Tensor, target: Target, part: int, expert: int,
+                 rows: tuple[int, int] | None) -> None:
+    """Decode a quantized part into its place in `tensor` (on the tensor's device): its stored
+    tensors are read (rows a..b of each for a row-sliced plain target) and dequantized."""
+    dest = _destination(tensor, target, part, expert, rows)
+    if dest is None or dest.numel() == 0:
+        return
+    stored = [_read_stored(info, target, rows).to(dest.device) for info in logical.sources]
+    values = decode(logical, stored)
+    if tuple(values.shape) != tuple(dest.shape):
+        raise CheckpointError(f"'{logical.name}' decodes to {list(values.shape)}, its place in "
+                              f"the model is {list(dest.shape)}",
+                              "the config and the weights disagree")
+    dest.copy_(values)
+
+
+def _read_stored(info: TensorInfo, target: Target, rows: tuple[int, int] | None) -> torch.Tensor:
+    """One stored tensor (rows a..b on axis 0 for a row-sliced plain target) in its disk dtype."""
+    import torch
+
+    start, count = _byte_range(info, target, rows)
+    shape = list(info.shape)
+    if rows is not None and not target.fused:
+        shape[0] = rows[1] - rows[0]
+    tensor = torch.empty(shape, dtype=to_torch(info.dtype))
+    raw = tensor.view(-1).view(torch.uint8).numpy() if tensor.numel() else None
+    if raw is not None:
+        with open(info.shard, "rb", buffering=0) as handle:
+            handle.seek(start)
+            if handle.readinto(memoryview(raw)) != count:
+                raise CheckpointError(f"{Path(info.shard).name}: short read of '{info.name}'",
+                                      "the shard is truncated: re-download it")
+    return tensor

@@ -174,6 +174,8 @@ def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: MergePlan,
             actions[key] = action
             if out is not None:
                 outputs[key] = out
+    if actions:  # experts changed: the MTP block's experts would no longer fit the config
+        actions.update((key, "dropped") for key in layout.mtp_keys(list(checkpoint.tensors)))
     for key, info in checkpoint.tensors.items():
         if key not in actions:
             actions[key] = "copied"

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import UnsupportedModelError
+from moekit.formats import quantized_keys
 from moekit.io.dtypes import to_torch
 from moekit.io.writer import OutTensor
 from moekit.surgery.experts import expert_format, join_halves
@@ -41,6 +42,8 @@ def modified_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePla
     `gate_up` {layer: {expert: GateUp}} the reconstructed experts' gate and up projections
     (`reconstruct`)."""
     out, rows = router_tensors(checkpoint, layout, plan, routers or {})
+    _refuse_quantized(checkpoint, layout, [i for i, w in {**weights, **(gate_up or {})}.items()
+                                           if w])
     for index, pairs in sorted((gate_up or {}).items()):
         kept = plan.layer(index).kept
         for e, key, tensor in gate_up_tensors(checkpoint, layout, plan, index, pairs):
@@ -101,6 +104,16 @@ def _router_rows(fit: RouterFit, part: int, kept: list[int]) -> torch.Tensor:
         raise UnsupportedModelError("a router bias was refitted but is not stored "
                                     "(internal error)")
     return tensor.index_select(0, torch.as_tensor(kept)).contiguous()
+
+
+def _refuse_quantized(checkpoint: Checkpoint, layout: ModelLayout, indices: list[int]) -> None:
+    """Refits are written in the source dtype: never into quantized experts, whose scales
+    would no longer match (the CLI turns the refits off for them before calibrating)."""
+    keys = [k for layer in layout.moe_layers if layer.index in indices for k in layer.routed_keys]
+    formats = quantized_keys(checkpoint, keys)
+    if formats:
+        raise UnsupportedModelError(f"refitted experts cannot be written as {formats}",
+                                    "use --no-compensate on quantized experts")
 
 
 def shape_of(weights: Any, e: int) -> tuple[int, ...]:

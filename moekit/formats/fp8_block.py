@@ -1,0 +1,82 @@
+"""FP8 with block scales (quant_method "fp8"; DeepSeek-V3/R1, Kimi-K2, GLM-4.5-FP8, MiniMax-M2,
+Qwen3-*-FP8).
+
+Stored: `X.weight` [out, in] as F8_E4M3 (or F8_E5M2) and `X.weight_scale_inv`
+[ceil(out/bm), ceil(in/bn)] (F32 or BF16), block (bm, bn) = `weight_block_size` (default
+128 x 128; a checkpoint without it has one scale per tensor). Optional `X.input_scale`
+(static activation scales) are not part of the weight and are dropped when decoding.
+
+    value[i, j] = float32(weight[i, j]) * float32(scale_inv[i // bm, j // bn])
+
+(DeepSeek's `weight_dequant`; transformers' `Fp8Dequantize` computes the same product where
+the block divides the shape, and refuses the partial blocks real checkpoints have, e.g.
+DeepSeek-V3's kv_a_proj_with_mqa [576, 7168] with scales [5, 56]). Fused 3-D expert tensors
+[E, out, in] carry scales [E, ceil(out/bm), ceil(in/bn)].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from moekit.errors import CheckpointError
+from moekit.formats.spec import Logical
+from moekit.io.header import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+NAME = "fp8-block"
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+SCALE = ".weight_scale_inv"
+INPUT_SCALE = ".input_scale"
+
+
+def group(tensors: dict[str, TensorInfo], quantization: dict) -> dict[str, Logical]:
+    """Logical tensors of the FP8 weights in `tensors`, keyed by every stored key they use."""
+    block = quantization.get("weight_block_size")
+    out: dict[str, Logical] = {}
+    for key, info in tensors.items():
+        if info.dtype not in FP8_DTYPES or not key.endswith(".weight"):
+            continue
+        base = key[: -len(".weight")]
+        scale = tensors.get(base + SCALE)
+        if scale is None:
+            raise CheckpointError(f"FP8 tensor '{key}' has no '{base + SCALE}'",
+                                  "the checkpoint is incomplete: re-download it")
+        size = _block(info, scale, block)
+        logical = Logical(key, info.shape, NAME, (info, scale), size)
+        out[key] = out[scale.name] = logical
+        if base + INPUT_SCALE in tensors:
+            out[base + INPUT_SCALE] = logical
+    return out
+
+
+def _block(info: TensorInfo, scale: TensorInfo, block: list[int] | None) -> tuple[int, int]:
+    rows, cols = info.shape[-2:] if len(info.shape) >= 2 else (1, info.shape[0])
+    if block is None:  # one scale per matrix
+        size = (rows, cols)
+    else:
+        size = (int(block[0]), int(block[1]))
+    lead = tuple(info.shape[:-2])
+    want = (*lead, math.ceil(rows / size[0]), math.ceil(cols / size[1]))
+    have = tuple(scale.shape)
+    if have != want and not (block is None and math.prod(have) == 1):
+        raise CheckpointError(
+            f"'{scale.name}' has shape {list(have)}; blocks of {size[0]}x{size[1]} over "
+            f"'{info.name}' {list(info.shape)} need {list(want)}",
+            "quantization_config.weight_block_size disagrees with the stored scales")
+    return size
+
+
+def decode(logical: Logical, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 values [..., out, in] of `weight` with its block scales `scale`."""
+    import torch
+
+    bm, bn = logical.block
+    values = weight.to(torch.float32)
+    rows, cols = values.shape[-2:]
+    grid = scale.to(torch.float32).reshape(*values.shape[:-2], *scale.shape[-2:])
+    grid = grid.repeat_interleave(bm, dim=-2)[..., :rows, :]
+    grid = grid.repeat_interleave(bn, dim=-1)[..., :cols]
+    return values.mul_(grid)

@@ -1,0 +1,154 @@
+"""Quantize a saved tiny checkpoint the way the Hub's quantized releases store it, and
+dequantize it back, both written here from the formats' specifications (independent of
+moekit.formats):
+
+- FP8 block (DeepSeek-V3 / Qwen3-FP8): every linear weight inside the decoder layers except the
+  router is stored as E4M3 `weight` [out, in] with `weight_scale_inv` [ceil(out/bm), ceil(in/bn)]
+  float32; value = fp8 * scale_inv of its block; scale_inv = amax(block) / 448.
+- MXFP4 (gpt-oss, OCP MX spec): `{proj}_blocks` [E, R, C/32, 16] uint8 (two E2M1 codes per byte,
+  low nibble first) and `{proj}_scales` [E, R, C/32] uint8 (E8M0: 2^(s-127)) for the transposed
+  expert matrix [E, R, C] = gate_up_proj/down_proj.transpose(1, 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def _is_fp8_target(key: str, shape: tuple[int, ...]) -> bool:
+    inside = ".layers." in key and key.endswith(".weight") and len(shape) == 2
+    return inside and not key.endswith(("mlp.gate.weight", "router.weight", "norm.weight"))
+
+
+def _copy_side_files(src: Path, dst: Path, quantization: dict | None) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.suffix != ".safetensors" and path.name != "model.safetensors.index.json":
+            shutil.copy(path, dst / path.name)
+    config = json.loads((src / "config.json").read_text())
+    if quantization is None:
+        config.pop("quantization_config", None)
+    else:
+        config["quantization_config"] = quantization
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def quantize_fp8_block(src: Path, dst: Path, block: tuple[int, int] = (16, 16)) -> Path:
+    """`src` (float checkpoint, one file) -> `dst` stored as FP8 blocks."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    out = {}
+    for key, value in tensors.items():
+        if not _is_fp8_target(key, tuple(value.shape)):
+            out[key] = value
+            continue
+        rows, cols = value.shape
+        grid = (math.ceil(rows / block[0]), math.ceil(cols / block[1]))
+        scale = torch.empty(grid, dtype=torch.float32)
+        q = torch.empty(value.shape, dtype=torch.float8_e4m3fn)
+        for i in range(grid[0]):
+            for j in range(grid[1]):
+                sl = (slice(i * block[0], (i + 1) * block[0]),
+                      slice(j * block[1], (j + 1) * block[1]))
+                tile = value[sl].float()
+                amax = tile.abs().max().clamp(min=1e-12)
+                scale[i, j] = amax / 448.0
+                q[sl] = (tile / scale[i, j]).to(torch.float8_e4m3fn)
+        out[key] = q
+        out[key.removesuffix(".weight") + ".weight_scale_inv"] = scale
+    _copy_side_files(src, dst, {"quant_method": "fp8", "fmt": "e4m3",
+                                "activation_scheme": "dynamic", "weight_block_size": list(block)})
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def dequantize_fp8_block(src: Path, dst: Path) -> Path:
+    """FP8-block `src` -> float32 `dst`, element by element from the spec."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((src / "config.json").read_text())
+    bm, bn = config["quantization_config"]["weight_block_size"]
+    tensors = load_file(src / "model.safetensors")
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith(".weight_scale_inv"):
+            continue
+        scale_key = key.removesuffix(".weight") + ".weight_scale_inv"
+        if scale_key in tensors:
+            scale = tensors[scale_key].float()
+            rows = torch.arange(value.shape[0]) // bm
+            cols = torch.arange(value.shape[1]) // bn
+            value = value.float() * scale[rows[:, None], cols[None, :]]
+        out[key] = value.float() if value.is_floating_point() else value
+    _copy_side_files(src, dst, None)
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def quantize_mxfp4(src: Path, dst: Path) -> Path:
+    """gpt-oss `src` (float, fused experts) -> MXFP4 experts as the Hub stores them."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    out = {}
+    for key, value in tensors.items():
+        if not key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[key] = value
+            continue
+        blocks, scales = _mxfp4_pack(value.float().transpose(1, 2).contiguous())
+        out[key + "_blocks"], out[key + "_scales"] = blocks, scales
+    _copy_side_files(src, dst, {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def _mxfp4_pack(matrix):
+    """[E, R, C] float -> (blocks [E, R, C/32, 16] u8, scales [E, R, C/32] u8): per 32 values,
+    the shared exponent floor(log2(amax)) - 2 (E2M1's largest exponent), values rounded to the
+    nearest E2M1 code."""
+    import torch
+
+    e, r, c = matrix.shape
+    groups = matrix.reshape(e, r, c // 32, 32)
+    amax = groups.abs().amax(-1).clamp(min=2.0 ** -120)
+    exponent = torch.floor(torch.log2(amax)) - 2
+    scaled = groups / torch.exp2(exponent)[..., None]
+    grid = torch.tensor(E2M1)
+    codes = (scaled[..., None] - grid).abs().argmin(-1).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
+
+
+def dequantize_mxfp4(src: Path, dst: Path) -> Path:
+    """MXFP4 gpt-oss `src` -> float32 `dst` (experts [E, C, R] as the unquantized layout)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    grid = torch.tensor(E2M1)
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith("_scales"):
+            continue
+        if key.endswith("_blocks"):
+            name = key.removesuffix("_blocks")
+            scales = tensors[name + "_scales"].to(torch.int32) - 127
+            low, high = grid[(value & 15).long()], grid[(value >> 4).long()]
+            values = torch.stack([low, high], -1).reshape(*value.shape[:-1], 32)
+            values = values * torch.pow(2.0, scales.float())[..., None]
+            matrix = values.reshape(*value.shape[:2], -1)
+            out[name] = matrix.transpose(1, 2).contiguous()
+            continue
+        out[key] = value.float() if value.is_floating_point() else value
+    _copy_side_files(src, dst, None)
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst

@@ -1,0 +1,206 @@
+"""Quantized checkpoints (moekit.formats): FP8 blocks and MXFP4 are decoded as transformers and
+the formats' specifications decode them; profile/eval, streamed and in memory, equal those of
+an independent dequantization (tests/quant_support.py); inspect counts logical parameters;
+prune keeps every kept expert byte for byte and writes no refit into a quantized expert."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from quant_support import (
+    dequantize_fp8_block,
+    dequantize_mxfp4,
+    quantize_fp8_block,
+    quantize_mxfp4,
+)
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from moekit.calib.data import DataSource
+from moekit.cli.app import app
+from moekit.formats import Logical, decode, logical_tensors
+from moekit.formats import fp8_block as fp8
+from moekit.io.reader import Checkpoint
+from moekit.ops.evaluate import evaluate
+from moekit.ops.inspect import inspect_checkpoint
+from moekit.ops.profile import profile_model
+
+SETTINGS = dict(seq_len=24, max_tokens=150, batch_size=3, device="cpu", dtype="float32")
+# (family, quantizer, dequantizer): deepseek_v3 with 16x16 blocks, qwen3_moe with 16x24 blocks
+# (partial blocks at the edges, as DeepSeek-V3's [576, 7168] kv_a_proj), gpt_oss in MXFP4.
+CASES = {
+    "deepseek_v3-fp8": ("deepseek_v3", lambda s, d: quantize_fp8_block(s, d), dequantize_fp8_block),
+    "qwen3_moe-fp8": ("qwen3_moe", lambda s, d: quantize_fp8_block(s, d, (16, 24)),
+                      dequantize_fp8_block),
+    "gpt_oss-mxfp4": ("gpt_oss", quantize_mxfp4, dequantize_mxfp4),
+}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoint, tmp_path_factory):
+    """{case: (quantized folder, its independent float32 dequantization)}."""
+    cache = {}
+
+    def build(case: str):
+        if case not in cache:
+            family, quantize, dequantize = CASES[case]
+            root = tmp_path_factory.mktemp(case)
+            q = quantize(tiny_checkpoint(family), root / "q")
+            cache[case] = (q, dequantize(q, root / "deq"))
+        return cache[case]
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> list[DataSource]:
+    import os
+
+    folder = tmp_path_factory.mktemp("quant-texts")
+    (folder / "a.txt").write_text((os.__doc__ or "") * 2)
+    return [DataSource("a", folder / "a.txt")]
+
+
+def test_fp8_decode_equals_transformers_dequantization():
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    torch.manual_seed(0)
+    weight = (torch.randn(64, 96) * 50).to(torch.float8_e4m3fn)
+    scale = torch.rand(4, 3) + 0.01
+    logical = Logical("w", (64, 96), fp8.NAME, (), (16, 32))
+    ours = decode(logical, [weight, scale])
+    theirs = Fp8Dequantize(None)._dequantize_one(weight, scale, torch.float32)
+    assert torch.equal(ours, theirs)
+
+
+def test_fp8_partial_blocks_follow_the_spec():
+    torch.manual_seed(1)
+    weight = (torch.randn(40, 50) * 50).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 3) + 0.01  # blocks 16 x 24: the last row/column blocks are partial
+    ours = decode(Logical("w", (40, 50), fp8.NAME, (), (16, 24)), [weight, scale])
+    rows, cols = torch.arange(40) // 16, torch.arange(50) // 24
+    assert torch.equal(ours, weight.float() * scale[rows[:, None], cols[None, :]])
+
+
+def test_mxfp4_decode_equals_transformers_dequantization():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    torch.manual_seed(2)
+    blocks = torch.randint(0, 256, (3, 10, 2, 16), dtype=torch.uint8)
+    scales = torch.randint(110, 140, (3, 10, 2), dtype=torch.uint8)
+    logical = Logical("w", (3, 64, 10), "mxfp4", (), (1, 32))
+    ours = decode(logical, [blocks, scales])
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    assert ours.shape == (3, 64, 10)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logical_view_and_inspect_count_values_not_bytes(case, quantized):
+    q, deq = quantized(case)
+    logical = logical_tensors(Checkpoint(q))
+    assert {n: t.shape for n, t in logical.items()} == \
+        {n: t.shape for n, t in logical_tensors(Checkpoint(deq)).items()}
+    ours, plain = inspect_checkpoint(q), inspect_checkpoint(deq)
+    assert ours.quant_method == ("mxfp4" if "mxfp4" in case else "fp8")
+    assert plain.quant_method is None
+    for field in ("total_params", "active_params", "routed_expert_params"):
+        assert getattr(ours, field) == getattr(plain, field), field
+    assert sum(ours.dtypes.values()) == ours.total_params
+    assert ours.dtypes[logical_format(case)] > 0
+
+
+def logical_format(case: str) -> str:
+    return "mxfp4" if "mxfp4" in case else fp8.NAME
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_profile_and_eval_equal_the_dequantized_copy(case, stream, quantized, sources):
+    q, deq = quantized(case)
+    ours = profile_model(q, sources, stream=stream, **SETTINGS)
+    plain = profile_model(deq, sources, stream=False, **SETTINGS)
+    assert ours.metadata["runtime"]["mode"] == ("stream" if stream else "memory")
+    assert (ours.expert_stats["tokens"].to_numpy() == plain.expert_stats["tokens"].to_numpy()).all()
+    np.testing.assert_allclose(ours.expert_stats["weight_sum"], plain.expert_stats["weight_sum"],
+                               rtol=1e-5, atol=1e-6)
+    loss = evaluate(q, sources, stream=stream, **SETTINGS).overall.loss
+    assert loss == pytest.approx(evaluate(deq, sources, stream=False, **SETTINGS).overall.loss,
+                                 abs=1e-4)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prune_keeps_kept_experts_as_stored(case, quantized, sources, tmp_path):
+    q, deq = quantized(case)
+    stats = tmp_path / "prof"
+    runner = CliRunner()
+    result = runner.invoke(app, ["profile", str(q), "--data", f"a={sources[0].path}",
+                                 "--max-tokens", "512", "--seq-len", "32",
+                                 "--out", str(stats)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "pruned"
+    result = runner.invoke(app, ["prune", str(q), "--stats", str(stats), "--ratio", "0.25",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    provenance = json.loads((out / "moekit_provenance.json").read_text())
+    src, dst = load_file(q / "model.safetensors"), load_file(out / "model.safetensors")
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == \
+        json.loads((q / "config.json").read_text())["quantization_config"]
+    checked = 0
+    for layer in provenance["layers"]:
+        for old, new in layer["old_to_new"].items():
+            checked += _same_expert(src, dst, layer["layer"], int(old), new)
+    assert checked > 0
+    assert inspect_checkpoint(out).quant_method == inspect_checkpoint(q).quant_method
+
+
+def _same_expert(src: dict, dst: dict, layer: int, old: int, new: int) -> int:
+    """Compare expert `old` of the source with expert `new` of the output, stored bytes."""
+    count = 0
+    for key, value in src.items():
+        marker = f"layers.{layer}.mlp.experts.{old}."
+        if marker in key:
+            other = dst[key.replace(marker, f"layers.{layer}.mlp.experts.{new}.")]
+            assert torch.equal(value.view(torch.uint8), other.view(torch.uint8)), key
+            count += 1
+        elif f"layers.{layer}.mlp.experts." in key and key.split("experts.")[1][0].isalpha():
+            assert torch.equal(value[old].view(torch.uint8), dst[key][new].view(torch.uint8)), key
+            count += 1
+    return count
+
+
+def test_prune_data_writes_no_refit_into_quantized_experts(quantized, sources, tmp_path):
+    q, _ = quantized("deepseek_v3-fp8")
+    runner = CliRunner()
+    base = ["prune", str(q), "--data", f"a={sources[0].path}", "--max-tokens", "512",
+            "--seq-len", "32",
+            "--ratio", "0.25"]
+    refused = runner.invoke(app, [*base, "--compensate", "--out", str(tmp_path / "x")])
+    assert refused.exit_code != 0
+    assert "stored quantized (fp8-block)" in refused.output
+    assert not (tmp_path / "x").exists()
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "y")])
+    assert result.exit_code == 0, result.output
+    assert "refits of the kept experts are off" in result.output
+    provenance = json.loads((tmp_path / "y" / "moekit_provenance.json").read_text())
+    src, dst = load_file(q / "model.safetensors"), load_file(tmp_path / "y" / "model.safetensors")
+    for layer in provenance["layers"]:
+        for old, new in layer["old_to_new"].items():
+            assert _same_expert(src, dst, layer["layer"], int(old), new) > 0
+
+
+def test_unknown_quantization_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+    import shutil
+
+    folder = tmp_path / "awq"
+    shutil.copytree(tiny_checkpoint("mixtral"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["inspect", str(folder)])
+    assert result.exit_code != 0
+    assert "quant_method 'awq' is not supported" in result.output
+    assert "Traceback" not in result.output

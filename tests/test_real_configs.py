@@ -1,0 +1,82 @@
+"""inspect on header-only checkpoints with the real models' configs and Hub tensor layouts
+(tests/real_checkpoints.py) gives the parameter counts their authors publish; DeepSeek-V3's
+multi-token-prediction layer is counted apart and dropped, with the config, by prune."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from real_checkpoints import write_real
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from moekit.cli.app import app
+from moekit.families.layout import describe
+from moekit.io.reader import Checkpoint
+from moekit.ops.inspect import inspect_checkpoint
+
+# DeepSeek's "37B activated" is rounded: counting the whole embedding table gives 37.55 B, one
+# row of it (as OpenAI counts gpt-oss, and moekit does) 36.63 B; both are within 1.5 %.
+TOLERANCE = {"gpt-oss-20b": 0.01, "deepseek-v3": 0.015}
+
+
+@pytest.mark.parametrize("name", list(TOLERANCE))
+def test_inspect_matches_published_counts(name, tmp_path):
+    folder, published = write_real(name, tmp_path / name)
+    if (folder / "model.safetensors").stat().st_blocks * 512 > 1 << 24:
+        pytest.skip("this filesystem does not keep sparse files sparse")
+    report = inspect_checkpoint(folder)
+    assert report.total_params == pytest.approx(published["total"], rel=0.01)
+    assert report.active_params == pytest.approx(published["active"], rel=TOLERANCE[name])
+    if "mtp" in published:
+        assert report.mtp_layers == [61]
+        assert report.mtp_params == pytest.approx(published["mtp"], rel=0.05)
+        assert 61 not in report.moe_layers and len(report.moe_layers) == 58
+    assert report.quant_method == json.loads((folder / "config.json").read_text())[
+        "quantization_config"]["quant_method"]
+
+
+@pytest.fixture()
+def with_mtp(tiny_checkpoint, tmp_path):
+    """A tiny DeepSeek-V3 (3 layers) with an MTP block stored as layer 3, as the Hub does."""
+    folder = tmp_path / "with-mtp"
+    shutil.copytree(tiny_checkpoint("deepseek_v3"), folder)
+    weights = load_file(folder / "model.safetensors")
+    mtp = {k.replace("layers.2.", "layers.3."): v.clone() for k, v in weights.items()
+           if k.startswith("model.layers.2.")}
+    mtp["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file({**weights, **mtp}, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    return folder
+
+
+def test_mtp_layer_is_apart_and_dropped_by_prune(with_mtp, tmp_path, sample_texts):
+    layout = describe(Checkpoint(with_mtp))
+    assert [m.index for m in layout.mtp_layers] == [3]
+    assert [m.index for m in layout.moe_layers] == [1, 2]
+    runner = CliRunner()
+    text = next(iter(sample_texts.values()))
+    stats = tmp_path / "prof"
+    result = runner.invoke(app, ["profile", str(with_mtp), "--data", f"d={text}",
+                                 "--max-tokens", "2048", "--seq-len", "64", "--out", str(stats)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "pruned"
+    result = runner.invoke(app, ["prune", str(with_mtp), "--stats", str(stats), "--ratio", "0.25",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    pruned = load_file(out / "model.safetensors")
+    assert not any(k.startswith("model.layers.3.") for k in pruned)
+    assert any(k.startswith("model.layers.2.mlp.experts.5.") for k in pruned)
+    assert not any(k.startswith("model.layers.2.mlp.experts.6.") for k in pruned)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0 and config["n_routed_experts"] == 6
+    provenance = json.loads((out / "moekit_provenance.json").read_text())
+    assert any("multi-token-prediction" in w for w in provenance["warnings"])
+    assert sorted(int(layer["layer"]) for layer in provenance["layers"]) == [1, 2]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # loads: config and tensors agree
