@@ -118,3 +118,14 @@ def export_table(frame: Any, path: Path) -> None:
     else:
         raise InvalidArgumentError(f"cannot write a table as '{suffix or path.name}'",
                                    "use a .csv, .parquet or .json file name")
+
+
+def local_inputs(*paths: Path | str | None, data: list[str] | None = None) -> tuple[Path, ...]:
+    """Every local input of a command for `moekit.io.output.check_outputs`: the given paths
+    (a string such as `--tokenizer` only when it names a local file or folder, not a repo id)
+    and each `--data` value's file or folder (parsed, so an empty path is refused here)."""
+    from moekit.calib.data import DataSource
+
+    found = [Path(p) for p in paths if p is not None and (not isinstance(p, str)
+                                                          or Path(p).exists())]
+    return (*found, *(DataSource.parse(v).path for v in data or ()))

@@ -28,6 +28,7 @@ from moekit.cli.common import (
     export_table,
     handle_errors,
     load_model_path,
+    local_inputs,
 )
 from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
@@ -70,7 +71,7 @@ def eval_model(
     path = load_model_path(model, revision)
     ref_path = load_model_path(ref, revision) if ref else None
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
-    check_outputs((path, ref_path, *(s.path for s in sources)),
+    check_outputs((*local_inputs(path, ref_path, tokenizer), *(s.path for s in sources)),
                   files={"--export": (export, TABLE_SUFFIXES)})
     with token_progress("evaluating") if is_writer() else nullcontext() as on_tokens:
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,

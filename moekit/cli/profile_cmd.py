@@ -28,6 +28,7 @@ from moekit.cli.common import (
     export_table,
     handle_errors,
     load_model_path,
+    local_inputs,
 )
 from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
@@ -104,7 +105,7 @@ def profile(
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     sources = [DataSource.parse(v) for v in data] if data else None
-    check_outputs((path, *(s.path for s in sources or [])), out, overwrite,
+    check_outputs(local_inputs(path, merge_with, tokenizer, data=data), out, overwrite,
                   {"--export-table": (export, TABLE_SUFFIXES),
                    "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     with TokenProgress() if is_writer() else nullcontext() as progress:

@@ -28,6 +28,7 @@ from moekit.cli.common import (
     export_table,
     handle_errors,
     load_model_path,
+    local_inputs,
 )
 from moekit.units import parse_size
 
@@ -139,7 +140,9 @@ def prune(
         from moekit.errors import InvalidArgumentError
 
         raise InvalidArgumentError("--out is required (or use --dry-run)")
-    check_outputs((source, stats, plan_in, keep, drop), None if dry_run else out, overwrite,
+    check_outputs(local_inputs(source, stats, plan_in, keep, drop, data=[*(data or ()),
+                                                                       *(eval_data or ())]),
+                  None if dry_run else out, overwrite,
                   {"--plan-out": (plan_out, (".json",)), "--report": (report, TABLE_SUFFIXES)})
     options = dict(stats=stats, ratio=ratio, criterion=criterion, plan_in=plan_in, keep=keep,
                    drop=drop, protect=protect or [], min_experts=min_experts, seed=seed,

@@ -18,6 +18,7 @@ from moekit.cli.common import (
     console,
     handle_errors,
     load_model_path,
+    local_inputs,
 )
 from moekit.units import parse_size
 
@@ -79,6 +80,7 @@ def upcycle(
 
     Example: moekit upcycle ./Llama-dense --arch mixtral -e 8 -k 2 --method copy -o ./moe
     """
+    from moekit.io.output import check_outputs
     from moekit.ops.upcycle import UpcycleOptions, output_tensors, plan_upcycle
 
     options = UpcycleOptions(
@@ -94,6 +96,7 @@ def upcycle(
 
         raise InvalidArgumentError("--out is required", "give an output folder, or --dry-run")
     source = load_model_path(model, revision)
+    check_outputs(local_inputs(source, data=data), None if dry_run else out, overwrite)
     if dry_run:
         from moekit.ops.upcycle import Prepared, summarize
         from moekit.ops.upcycle.config import validate_config

@@ -1,0 +1,131 @@
+"""Issue 24 (hostile probes): every side file goes through one checked path, no input is equal
+to or inside `--out`, non-regular files and empty `--data` paths are refused, option values are
+checked before any work, and stats folders are read whole. Each refusal is one line, exit 2, and
+nothing is written or deleted."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from prune_support import write_synthetic_stats
+from typer.testing import CliRunner
+
+from moekit.cli.app import app
+from moekit.families.layout import describe
+from moekit.io.reader import Checkpoint
+
+RUNNER = CliRunner()
+
+
+def run(*args: object):
+    return RUNNER.invoke(app, [str(a) for a in args])
+
+
+def one_line(result, needle: str) -> None:
+    """Exit 2 with exactly one stderr line holding `needle`, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture
+def model(tiny_checkpoint, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_checkpoint("mixtral"), tmp_path / "model"))
+
+
+@pytest.fixture
+def stats(model: Path, tmp_path: Path) -> Path:
+    layout = describe(Checkpoint(model))
+    tokens = {layer.index: [float((3 * j + 1) % 7 + 1) for j in range(layer.num_experts)]
+              for layer in layout.moe_layers}
+    return write_synthetic_stats(tmp_path / "stats", model, tokens, domains={"a": 0.5})
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "fr.txt").write_text("bonjour le monde " * 200)
+    return folder
+
+
+MERGE = ("merge", "--ratio", "0.5", "--group", "weight")
+
+
+# ---- item 13: merge's side file goes through check_outputs ----------------------------------
+
+@pytest.mark.parametrize("where", ["model", "stats"])
+def test_merge_plan_out_inside_an_input_is_refused(where, model, stats):
+    target = (model / "config.json") if where == "model" else (stats / "metadata.json")
+    before = target.read_bytes()
+    result = run(MERGE[0], model, "--stats", stats, *MERGE[1:], "--dry-run", "--plan-out",
+                 target)
+    one_line(result, "is inside the input")
+    assert target.read_bytes() == before
+
+
+def test_merge_plan_out_extension_is_checked(model, stats, tmp_path):
+    result = run(MERGE[0], model, "--stats", stats, *MERGE[1:], "--dry-run", "--plan-out",
+                 tmp_path / "plan.txt")
+    one_line(result, "cannot write a '.txt' file")
+    assert not (tmp_path / "plan.txt").exists()
+
+
+def test_merge_plan_out_inside_out_is_refused_before_writing(model, stats, tmp_path):
+    out = tmp_path / "out"
+    result = run(MERGE[0], model, "--stats", stats, *MERGE[1:], "--out", out, "--plan-out",
+                 out / "plan.json")
+    one_line(result, "is inside the output folder")
+    assert not out.exists()
+
+
+# ---- item 16: no input equal to or inside --out ---------------------------------------------
+
+def test_prune_data_folder_as_out_is_never_deleted(model, data_dir):
+    before = snapshot(data_dir)
+    result = run("prune", model, "--data", f"fr={data_dir}", "--ratio", "0.5", "--out",
+                 data_dir, "--overwrite")
+    one_line(result, "overlaps the input")
+    assert snapshot(data_dir) == before
+
+
+@pytest.mark.parametrize("which", ["stats", "data"])
+def test_merge_input_as_out_is_never_deleted(which, model, stats, data_dir):
+    folder = stats if which == "stats" else data_dir
+    before = snapshot(folder)
+    result = run(MERGE[0], model, "--stats", stats, *MERGE[1:], "--data", f"fr={data_dir}",
+                 "--out", folder, "--overwrite")
+    one_line(result, "overlaps the input")
+    assert snapshot(folder) == before
+
+
+def test_merge_out_inside_a_data_folder_is_refused(model, stats, data_dir):
+    result = run(MERGE[0], model, "--stats", stats, *MERGE[1:], "--data", f"fr={data_dir}",
+                 "--out", data_dir / "sub")
+    one_line(result, "overlaps the input")
+    assert not (data_dir / "sub").exists()
+
+
+def test_upcycle_data_folder_as_out_is_never_deleted(tiny_checkpoint, data_dir):
+    before = snapshot(data_dir)
+    result = run("upcycle", tiny_checkpoint("llama"), "-e", "4", "--router", "data", "--data",
+                 f"fr={data_dir}", "--out", data_dir, "--overwrite")
+    one_line(result, "overlaps the input")
+    assert snapshot(data_dir) == before
+
+
+def test_profile_data_and_merge_with_as_out_are_never_deleted(model, stats, data_dir):
+    for args, folder in [(("--data", f"fr={data_dir}"), data_dir), (("--merge-with", stats),
+                                                                      stats)]:
+        before = snapshot(folder)
+        result = run("profile", model, *args, "--out", folder, "--overwrite")
+        one_line(result, "overlaps the input")
+        assert snapshot(folder) == before
