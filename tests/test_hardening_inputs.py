@@ -129,3 +129,61 @@ def test_profile_data_and_merge_with_as_out_are_never_deleted(model, stats, data
         result = run("profile", model, *args, "--out", folder, "--overwrite")
         one_line(result, "overlaps the input")
         assert snapshot(folder) == before
+
+
+# ---- item 14 (and 24): a stats folder is read whole ----------------------------------------
+
+def test_prune_refuses_a_truncated_expert_stats_csv(model, stats, tmp_path):
+    csv = stats / "expert_stats.csv"
+    csv.write_text("".join(csv.read_text().splitlines(keepends=True)[:10]))
+    result = run("prune", model, "--stats", stats, "--ratio", "0.25", "--out", tmp_path / "o")
+    one_line(result, "expert_stats.csv has 9 rows where metadata.json describes 16")
+    assert "truncated or edited" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_prune_refuses_a_repeated_row(model, stats, tmp_path):
+    csv = stats / "expert_stats.csv"
+    lines = csv.read_text().splitlines(keepends=True)
+    csv.write_text("".join([*lines, lines[1]]))
+    result = run("prune", model, "--stats", stats, "--ratio", "0.25", "--out", tmp_path / "o")
+    one_line(result, "the row of layer 0 expert 0 domain 'all' 2 times")
+    assert not (tmp_path / "o").exists()
+
+
+def test_stats_show_refuses_an_incomplete_parquet(tmp_path):
+    import numpy as np
+    from synthetic_profile import synthetic_profile
+
+    from moekit.stats.profile_io import EXPERT_FILE, save_profile
+
+    profile, _ = synthetic_profile([np.ones(4)] * 2, k=2, tokens=64)
+    folder = tmp_path / "prof"
+    folder.mkdir()
+    save_profile(profile, folder)
+    profile.expert_stats.iloc[:5].to_parquet(folder / EXPERT_FILE, index=False)
+    one_line(run("stats", "show", folder), "expert_stats.parquet has 5 rows where")
+
+
+@pytest.mark.parametrize("content", ["5", "[1, 2]", '"x"'])
+def test_metadata_that_is_not_an_object_is_one_line(content, model, stats, tmp_path):
+    (stats / "metadata.json").write_text(content)
+    result = run("prune", model, "--stats", stats, "--ratio", "0.25", "--out", tmp_path / "o")
+    one_line(result, "not an object")
+
+
+def test_string_moe_layers_is_one_line(model, stats, tmp_path):
+    import json
+
+    meta = json.loads((stats / "metadata.json").read_text())
+    (stats / "metadata.json").write_text(json.dumps({**meta, "moe_layers": "ab"}))
+    result = run("prune", model, "--stats", stats, "--ratio", "0.25", "--out", tmp_path / "o")
+    one_line(result, "malformed moe_layers")
+
+
+def test_truncated_parquet_is_one_line(model, stats, tmp_path):
+    (stats / "expert_stats.csv").unlink()
+    parquet = stats / "expert_stats.parquet"
+    parquet.write_bytes(parquet.read_bytes()[:200])
+    result = run("prune", model, "--stats", stats, "--ratio", "0.25", "--out", tmp_path / "o")
+    one_line(result, "expert_stats.parquet is not a readable Parquet file")
+    assert "ArrowInvalid" not in result.output
