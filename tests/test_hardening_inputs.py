@@ -5,6 +5,7 @@ nothing is written or deleted."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
 
 RUNNER = CliRunner()
+SAMPLE = Path(__file__).parents[1] / "sample_data" / "en_docs.txt"
 
 
 def run(*args: object):
@@ -187,3 +189,74 @@ def test_truncated_parquet_is_one_line(model, stats, tmp_path):
     result = run("prune", model, "--stats", stats, "--ratio", "0.25", "--out", tmp_path / "o")
     one_line(result, "expert_stats.parquet is not a readable Parquet file")
     assert "ArrowInvalid" not in result.output
+
+
+# ---- items 17, 18: non-regular files, empty --data paths ------------------------------------
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import moekit.runtime.engine as engine
+
+    monkeypatch.setattr(engine, "open_model", lambda *a, **k: pytest.fail("model loaded"))
+
+
+def bounded(*args: object, seconds: int = 20):
+    """The CLI run, failed (not hung) when it blocks past `seconds` (SIGALRM)."""
+    import signal
+
+    def expire(signum, frame):  # noqa: ARG001
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        return run(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifo_as_data_is_refused(model, tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    result = bounded("eval", model, "--data", f"d={fifo}", "--max-tokens", "64")
+    one_line(result, "is a FIFO (named pipe), not a regular file")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_fifo_in_the_model_folder_is_refused(name, model, no_model_load):
+    (model / name).unlink()
+    os.mkfifo(model / name)
+    command = ("eval", model) if name == "tokenizer.json" else ("inspect", model)
+    one_line(bounded(*command), f"{name} is a FIFO (named pipe), not a regular file")
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_config_linked_to_dev_zero_is_refused_unread(model, no_model_load):
+    (model / "config.json").unlink()
+    (model / "config.json").symlink_to("/dev/zero")
+    one_line(bounded("inspect", model, seconds=10), "config.json is a character device")
+
+
+def test_tokenizer_folder_with_a_fifo_is_refused(model, tmp_path, no_model_load):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    os.mkfifo(folder / "tokenizer.json")
+    result = bounded("eval", model, "--tokenizer", folder, "--data", f"d={SAMPLE}")
+    one_line(result, "tokenizer.json is a FIFO")
+
+
+@pytest.mark.parametrize("value", ["x=", "x=  ", ""])
+@pytest.mark.parametrize("command", ["eval", "profile", "prune", "merge"])
+def test_empty_data_path_is_refused(command, value, model, tmp_path, monkeypatch,
+                                    no_model_load):
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "secret.txt").write_text("never read this " * 100)
+    monkeypatch.chdir(here)
+    extra = {"eval": (), "profile": ("--out", tmp_path / "p"),
+             "prune": ("--ratio", "0.5", "--out", tmp_path / "p"),
+             "merge": ("--ratio", "0.5", "--out", tmp_path / "p")}[command]
+    result = bounded(command, model, "--data", value, *extra)
+    one_line(result, "the path is empty")
+    assert not (tmp_path / "p").exists()

@@ -125,6 +125,10 @@ def load_tokenizer(model_path: Path, tokenizer: str | None = None,
     """The model's tokenizer, or `tokenizer` (folder or Hub id) when given."""
     from moekit.io.remote_code import check_remote_code
 
+    if tokenizer is not None and Path(tokenizer).is_dir():
+        from moekit.io.regular import check_model_folder
+
+        check_model_folder(Path(tokenizer), DataError)
     check_remote_code(tokenizer or model_path, trust_remote_code)
     quiet_transformers()
     from transformers import AutoTokenizer
