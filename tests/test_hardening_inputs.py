@@ -260,3 +260,54 @@ def test_empty_data_path_is_refused(command, value, model, tmp_path, monkeypatch
     result = bounded(command, model, "--data", value, *extra)
     one_line(result, "the path is empty")
     assert not (tmp_path / "p").exists()
+
+
+# ---- items 20, 24: option values refused before any work ------------------------------------
+
+def command_args(command: str, model: Path, tmp_path: Path) -> tuple:
+    data = ("--data", f"d={SAMPLE}")
+    return {"prune": ("prune", model, *data, "--ratio", "0.5", "--out", tmp_path / "o"),
+            "merge": ("merge", model, *data, "--ratio", "0.5", "--out", tmp_path / "o"),
+            "profile": ("profile", model, *data, "--out", tmp_path / "o"),
+            "eval": ("eval", model, *data)}[command]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1", "63"])
+@pytest.mark.parametrize("command", ["prune", "merge"])
+def test_calibration_max_tokens_below_the_minimum(command, value, model, tmp_path,
+                                                  no_model_load):
+    result = run(*command_args(command, model, tmp_path), "--max-tokens", value)
+    one_line(result, f"--max-tokens must be at least 64, got {value}")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option, value, minimum", [
+    ("--refit-tokens", "0", 64), ("--refit-tokens", "-1", 64),
+    ("--reconstruct-steps", "-1", 0)])
+def test_prune_refit_options_refused_up_front(option, value, minimum, model, tmp_path,
+                                              no_model_load):
+    result = run(*command_args("prune", model, tmp_path), option, value)
+    one_line(result, f"{option} must be at least {minimum}, got {value}")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "merge", "profile", "eval"])
+def test_huge_max_memory_is_one_line(command, model, tmp_path, no_model_load):
+    result = run(*command_args(command, model, tmp_path), "--max-memory", "9" * 401)
+    one_line(result, "--max-memory '99999999999999999999...' is too large")
+    assert "OverflowError" not in result.output and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "merge", "profile", "eval"])
+def test_unknown_device_is_one_line(command, model, tmp_path, no_model_load):
+    result = run(*command_args(command, model, tmp_path), "--device", "tpu")
+    one_line(result, "--device 'tpu' is not a device moekit can run on")
+    assert not (tmp_path / "o").exists()
+
+
+def test_pick_device_turns_torchs_error_into_one_line():
+    from moekit.errors import InvalidArgumentError
+    from moekit.runtime.loading import pick_device
+
+    with pytest.raises(InvalidArgumentError, match="not a device torch knows"):
+        pick_device("tpu")

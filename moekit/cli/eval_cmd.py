@@ -23,6 +23,7 @@ from moekit.cli.common import (
     TextFieldOpt,
     TokenizerOpt,
     TrustRemoteCodeOpt,
+    check_early,
     console,
     err_console,
     export_table,
@@ -67,6 +68,8 @@ def eval_model(
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.evaluate import evaluate
 
+    check_early(device, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2),
+                                     ("--batch-size", batch_size, 1)))
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     ref_path = load_model_path(ref, revision) if ref else None

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from moekit.cli.common import (
+    MIN_CALIB_TOKENS,
     BatchSizeOpt,
     DataOpt,
     DeviceOpt,
@@ -27,6 +28,7 @@ from moekit.cli.common import (
     SeqLenOpt,
     TextFieldOpt,
     TokenizerOpt,
+    check_early,
     console,
     err_console,
     handle_errors,
@@ -107,6 +109,8 @@ def merge(
     from moekit.errors import InvalidArgumentError
     from moekit.io.output import check_outputs
 
+    check_early(device, max_memory, (("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
+                                     ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)))
     source = load_model_path(model, revision)
     method = method or ("fit-layer" if router == "centre" else "fit-centre")
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")

@@ -23,6 +23,7 @@ from moekit.cli.common import (
     TextFieldOpt,
     TokenizerOpt,
     TrustRemoteCodeOpt,
+    check_early,
     console,
     err_console,
     export_table,
@@ -102,6 +103,8 @@ def profile(
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.profile import profile_model, write_output
 
+    check_early(device, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2),
+                                     ("--batch-size", batch_size, 1)))
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     sources = [DataSource.parse(v) for v in data] if data else None

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from moekit.cli.common import (
+    MIN_CALIB_TOKENS,
     DomainOpt,
     DtypeOpt,
     IgnoreFingerprintOpt,
@@ -23,6 +24,7 @@ from moekit.cli.common import (
     RangeOpt,
     RevisionOpt,
     SeqLenOpt,
+    check_early,
     console,
     err_console,
     export_table,
@@ -134,6 +136,12 @@ def prune(
     """
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
 
+    check_early(device, max_memory, (
+        ("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
+        ("--refit-tokens", refit_tokens, MIN_CALIB_TOKENS),
+        ("--reconstruct-steps", reconstruct_steps, 0), ("--beam", beam, 1),
+        ("--seq-len", seq_len, 2), ("--eval-seq-len", eval_seq_len, 2),
+        ("--eval-max-tokens", eval_max_tokens, 2)))
     source = load_model_path(model, revision)
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:

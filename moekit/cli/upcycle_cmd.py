@@ -15,6 +15,7 @@ from moekit.cli.common import (
     OverwriteOpt,
     RevisionOpt,
     TrustRemoteCodeOpt,
+    check_early,
     console,
     handle_errors,
     load_model_path,
@@ -83,6 +84,7 @@ def upcycle(
     from moekit.io.output import check_outputs
     from moekit.ops.upcycle import UpcycleOptions, output_tensors, plan_upcycle
 
+    check_early(None, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2)))
     options = UpcycleOptions(
         experts=experts, top_k=top_k, method=method, arch=arch, router=router,
         router_std=router_std, seed=seed, split_order=split_order, drop_ratio=drop_ratio,

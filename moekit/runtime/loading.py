@@ -38,7 +38,11 @@ def pick_device(device: str) -> Any:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA device",
                                    "use --device cpu or auto")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise InvalidArgumentError(f"--device {device!r} is not a device torch knows",
+                                   "use auto, cpu or cuda:N") from err
 
 
 def check_dtype(dtype: str) -> None:
