@@ -311,3 +311,24 @@ def test_pick_device_turns_torchs_error_into_one_line():
 
     with pytest.raises(InvalidArgumentError, match="not a device torch knows"):
         pick_device("tpu")
+
+
+# ---- item 21: eval --ref with another vocabulary ---------------------------------------------
+
+def test_eval_ref_with_another_vocabulary_size(model, tiny_checkpoint, no_model_load):
+    ref = tiny_checkpoint("mixtral", vocab_size=320)
+    result = run("eval", model, "--ref", ref, "--data", f"d={SAMPLE}", "--max-tokens", "64")
+    one_line(result, "has a vocabulary of 320 tokens but")
+
+
+def test_eval_ref_with_another_tokenizer(model, tmp_path, no_model_load):
+    import json
+
+    ref = Path(shutil.copytree(model, tmp_path / "ref"))
+    spec = json.loads((ref / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (ref / "tokenizer.json").write_text(json.dumps(spec))
+    result = run("eval", model, "--ref", ref, "--data", f"d={SAMPLE}", "--max-tokens", "64")
+    one_line(result, "has another tokenizer than")
