@@ -332,3 +332,17 @@ def test_eval_ref_with_another_tokenizer(model, tmp_path, no_model_load):
     (ref / "tokenizer.json").write_text(json.dumps(spec))
     result = run("eval", model, "--ref", ref, "--data", f"d={SAMPLE}", "--max-tokens", "64")
     one_line(result, "has another tokenizer than")
+
+
+@pytest.mark.parametrize("which", ["plan", "drop", "stats"])
+def test_fifo_as_plan_list_or_stats_file_is_refused(which, model, stats, tmp_path,
+                                                    no_model_load):
+    fifo = {"plan": tmp_path / "plan.json", "drop": tmp_path / "drop.txt",
+            "stats": stats / "metadata.json"}[which]
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    option = {"plan": ("--plan", fifo), "drop": ("--drop", fifo),
+              "stats": ("--stats", stats, "--ratio", "0.5")}[which]
+    result = bounded("prune", model, *option, "--out", tmp_path / "o")
+    one_line(result, f"input file {fifo} is a FIFO (named pipe)")
+    assert not (tmp_path / "o").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 from moekit.errors import MoekitError
 
 MODEL_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".tiktoken")
+INPUT_SUFFIXES = (".json", ".csv", ".parquet", ".npz", ".safetensors", ".txt", ".jsonl")
 KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
          (stat.S_ISDIR, "a folder"))
@@ -38,3 +39,15 @@ def check_model_folder(folder: Path, error: type[MoekitError]) -> None:
     for path in sorted(Path(folder).iterdir()):
         if path.name in AUX_NAMES or path.suffix.lower() in MODEL_SUFFIXES:
             check_regular(path, "model file", error)
+
+
+def check_inputs(paths: tuple[Path, ...], error: type[MoekitError]) -> None:
+    """Each input given as a file (plan, keep/drop list, data file), and the table, JSON and
+    weight files directly inside each input folder (a stats folder, a data folder)."""
+    for path in paths:
+        if Path(path).is_dir():
+            for child in sorted(Path(path).iterdir()):
+                if child.suffix.lower() in INPUT_SUFFIXES:
+                    check_regular(child, "input file", error)
+        else:
+            check_regular(path, "input file", error)
