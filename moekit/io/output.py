@@ -100,8 +100,12 @@ def check_outputs(inputs: Iterable[Path | None], out: Path | None = None,
                   overwrite: bool = False,
                   files: dict[str, tuple[Path | None, tuple[str, ...]]] | None = None) -> None:
     """Every output of a command, checked before any heavy work: the `--out` folder (when
-    given) and each side file `files[option] = (path or None, allowed suffixes)`."""
-    inputs = tuple(inputs)
+    given) and each side file `files[option] = (path or None, allowed suffixes)`; and every
+    input is a regular file (`moekit.io.regular.check_inputs`)."""
+    from moekit.io.regular import check_inputs
+
+    inputs = tuple(p for p in inputs if p is not None)
+    check_inputs(inputs, InvalidArgumentError)
     if out is not None:
         check_output(out, overwrite, inputs)
     for option, (path, suffixes) in (files or {}).items():

@@ -38,7 +38,11 @@ def pick_device(device: str) -> Any:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA device",
                                    "use --device cpu or auto")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise InvalidArgumentError(f"--device {device!r} is not a device torch knows",
+                                   "use auto, cpu or cuda:N") from err
 
 
 def check_dtype(dtype: str) -> None:
@@ -125,6 +129,10 @@ def load_tokenizer(model_path: Path, tokenizer: str | None = None,
     """The model's tokenizer, or `tokenizer` (folder or Hub id) when given."""
     from moekit.io.remote_code import check_remote_code
 
+    if tokenizer is not None and Path(tokenizer).is_dir():
+        from moekit.io.regular import check_model_folder
+
+        check_model_folder(Path(tokenizer), DataError)
     check_remote_code(tokenizer or model_path, trust_remote_code)
     quiet_transformers()
     from transformers import AutoTokenizer
