@@ -19,7 +19,12 @@ def parse_size(text: str, option: str = "--max-memory") -> int:
         raise InvalidArgumentError(f"{option} {text!r} is not a size",
                                    "write e.g. 700MB, 40GB or 1.5TiB (or a number of bytes)")
     base = 1024 if match[3] else 1000
-    size = int(float(match[1]) * base ** " KMGT".index(match[2].upper() or " "))
+    value = float(match[1]) * base ** " KMGT".index(match[2].upper() or " ")
+    if not math.isfinite(value) or value >= 2 ** 63:
+        shown = text if len(text) <= 20 else f"{text[:20]}..."
+        raise InvalidArgumentError(f"{option} {shown!r} is too large",
+                                   "write a size below 8 EiB, e.g. 40GB")
+    size = int(value)
     if size <= 0:
         raise InvalidArgumentError(f"{option} must be positive, got {text!r}")
     return size

@@ -30,9 +30,12 @@ class DataSource:
     def parse(value: str) -> DataSource:
         """`name=path` or `path` (the name is then the file or folder stem)."""
         name, sep, path = value.partition("=")
-        if sep and name and not Path(value).exists():
-            return DataSource(name.strip(), Path(path).expanduser())
-        return DataSource(Path(value).stem, Path(value).expanduser())
+        named = bool(sep and name and not Path(value).exists())
+        text = path if named else value
+        if not text.strip():  # Path("") is the current folder: never read it unasked
+            raise DataError(f"--data '{value}': the path is empty",
+                            "pass NAME=PATH of a file or folder")
+        return DataSource(name.strip() if named else Path(text).stem, Path(text).expanduser())
 
 
 @dataclass

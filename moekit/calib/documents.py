@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.errors import DataError
+from moekit.io.regular import check_regular
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 SUPPORTED = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet")
@@ -30,6 +31,8 @@ def source_files(path: Path) -> list[Path]:
         raise DataError(f"data file {path} does not exist", "check the --data path")
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED
                    ) if path.is_dir() else [path]
+    if not path.is_dir():
+        check_regular(path, "data file", DataError)
     if not files:
         raise DataError(f"folder {path} holds no {', '.join(SUPPORTED)} files")
     for file in files:

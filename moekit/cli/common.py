@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -133,3 +134,38 @@ def moe_layout(source: Path) -> tuple[Any, Any, str]:
         raise InvalidArgumentError(f"{source} is a dense model ({layout.resolved.family.name}): "
                                    "nothing to prune")
     return checkpoint, layout, model_fingerprint(checkpoint, layout)
+
+
+def local_inputs(*paths: Path | str | None, data: list[str] | None = None) -> tuple[Path, ...]:
+    """Every local input of a command for `moekit.io.output.check_outputs`: the given paths
+    (a string such as `--tokenizer` only when it names a local file or folder, not a repo id)
+    and each `--data` value's file or folder (parsed, so an empty path is refused here)."""
+    from moekit.calib.data import DataSource
+
+    found = [Path(p) for p in paths if p is not None and (not isinstance(p, str)
+                                                          or Path(p).exists())]
+    return (*found, *(DataSource.parse(v).path for v in data or ()))
+
+
+MIN_CALIB_TOKENS = 64  # `prune --data` / `merge --data`: fewer cannot rank experts
+DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def check_early(device: str | None = None, max_memory: str | None = None,
+                minimums: tuple[tuple[str, int | None, int], ...] = ()) -> None:
+    """Option values that need no model, checked before any work: `--device` names a device
+    moekit can run on, `--max-memory` is `auto` or a size, and every `(option, value,
+    minimum)` given (value not None) is at least its minimum."""
+    from moekit.errors import InvalidArgumentError
+    from moekit.units import parse_size
+
+    if device is not None and not DEVICE.fullmatch(device):
+        raise InvalidArgumentError(f"--device {device!r} is not a device moekit can run on",
+                                   "use auto, cpu, cuda, cuda:N, xpu or mps")
+    if max_memory is not None and max_memory != "auto":
+        parse_size(max_memory, "--max-memory")
+    for option, value, minimum in minimums:
+        if value is not None and value < minimum:
+            raise InvalidArgumentError(f"{option} must be at least {minimum}, got {value}",
+                                       f"pass {option} {minimum} or more, or leave it out "
+                                       "for the default")

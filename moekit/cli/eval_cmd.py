@@ -23,11 +23,13 @@ from moekit.cli.common import (
     TextFieldOpt,
     TokenizerOpt,
     TrustRemoteCodeOpt,
+    check_early,
     console,
     err_console,
     export_table,
     handle_errors,
     load_model_path,
+    local_inputs,
 )
 from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
@@ -66,11 +68,13 @@ def eval_model(
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.evaluate import evaluate
 
+    check_early(device, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2),
+                                     ("--batch-size", batch_size, 1)))
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     ref_path = load_model_path(ref, revision) if ref else None
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
-    check_outputs((path, ref_path, *(s.path for s in sources)),
+    check_outputs((*local_inputs(path, ref_path, tokenizer), *(s.path for s in sources)),
                   files={"--export": (export, TABLE_SUFFIXES)})
     with token_progress("evaluating") if is_writer() else nullcontext() as on_tokens:
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,

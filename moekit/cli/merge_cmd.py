@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from moekit.cli.common import (
+    MIN_CALIB_TOKENS,
     BatchSizeOpt,
     DataOpt,
     DeviceOpt,
@@ -27,10 +28,12 @@ from moekit.cli.common import (
     SeqLenOpt,
     TextFieldOpt,
     TokenizerOpt,
+    check_early,
     console,
     err_console,
     handle_errors,
     load_model_path,
+    local_inputs,
 )
 from moekit.cli.prune_cmd import _byte_progress
 from moekit.units import parse_size
@@ -104,15 +107,17 @@ def merge(
     Example: moekit merge ./Mixtral --stats prof/ --ratio 0.5 --dry-run --plan-out plan.json
     """
     from moekit.errors import InvalidArgumentError
-    from moekit.io.output import check_output
+    from moekit.io.output import check_outputs
 
+    check_early(device, max_memory, (("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
+                                     ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)))
     source = load_model_path(model, revision)
     method = method or ("fit-layer" if router == "centre" else "fit-centre")
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
-    if not dry_run:
-        if out is None:
-            raise InvalidArgumentError("--out is required (or use --dry-run)")
-        check_output(out, overwrite, (source,))
+    if not dry_run and out is None:
+        raise InvalidArgumentError("--out is required (or use --dry-run)")
+    check_outputs(local_inputs(source, stats, plan_in, tokenizer, data=data),
+                  None if dry_run else out, overwrite, {"--plan-out": (plan_out, (".json",))})
     max_tokens = _tokens(source, ratio, (group, method, router), bool(data), max_tokens,
                          dtype, device, max_memory)
     options = dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,

@@ -23,11 +23,13 @@ from moekit.cli.common import (
     TextFieldOpt,
     TokenizerOpt,
     TrustRemoteCodeOpt,
+    check_early,
     console,
     err_console,
     export_table,
     handle_errors,
     load_model_path,
+    local_inputs,
 )
 from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
@@ -101,10 +103,12 @@ def profile(
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.profile import profile_model, write_output
 
+    check_early(device, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2),
+                                     ("--batch-size", batch_size, 1)))
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     sources = [DataSource.parse(v) for v in data] if data else None
-    check_outputs((path, *(s.path for s in sources or [])), out, overwrite,
+    check_outputs(local_inputs(path, merge_with, tokenizer, data=data), out, overwrite,
                   {"--export-table": (export, TABLE_SUFFIXES),
                    "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     with TokenProgress() if is_writer() else nullcontext() as progress:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from moekit.cli.common import (
+    MIN_CALIB_TOKENS,
     DomainOpt,
     DtypeOpt,
     IgnoreFingerprintOpt,
@@ -23,11 +24,13 @@ from moekit.cli.common import (
     RangeOpt,
     RevisionOpt,
     SeqLenOpt,
+    check_early,
     console,
     err_console,
     export_table,
     handle_errors,
     load_model_path,
+    local_inputs,
     moe_layout,
 )
 from moekit.units import parse_size
@@ -134,13 +137,21 @@ def prune(
     """
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
 
+    check_early(device, max_memory, (
+        ("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
+        ("--refit-tokens", refit_tokens, MIN_CALIB_TOKENS),
+        ("--reconstruct-steps", reconstruct_steps, 0), ("--beam", beam, 1),
+        ("--seq-len", seq_len, 2), ("--eval-seq-len", eval_seq_len, 2),
+        ("--eval-max-tokens", eval_max_tokens, 2)))
     source = load_model_path(model, revision)
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         from moekit.errors import InvalidArgumentError
 
         raise InvalidArgumentError("--out is required (or use --dry-run)")
-    check_outputs((source, stats, plan_in, keep, drop), None if dry_run else out, overwrite,
+    check_outputs(local_inputs(source, stats, plan_in, keep, drop, data=[*(data or ()),
+                                                                       *(eval_data or ())]),
+                  None if dry_run else out, overwrite,
                   {"--plan-out": (plan_out, (".json",)), "--report": (report, TABLE_SUFFIXES)})
     options = dict(stats=stats, ratio=ratio, criterion=criterion, plan_in=plan_in, keep=keep,
                    drop=drop, protect=protect or [], min_experts=min_experts, seed=seed,

@@ -15,9 +15,11 @@ from moekit.cli.common import (
     OverwriteOpt,
     RevisionOpt,
     TrustRemoteCodeOpt,
+    check_early,
     console,
     handle_errors,
     load_model_path,
+    local_inputs,
 )
 from moekit.units import parse_size
 
@@ -79,8 +81,10 @@ def upcycle(
 
     Example: moekit upcycle ./Llama-dense --arch mixtral -e 8 -k 2 --method copy -o ./moe
     """
+    from moekit.io.output import check_outputs
     from moekit.ops.upcycle import UpcycleOptions, output_tensors, plan_upcycle
 
+    check_early(None, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2)))
     options = UpcycleOptions(
         experts=experts, top_k=top_k, method=method, arch=arch, router=router,
         router_std=router_std, seed=seed, split_order=split_order, drop_ratio=drop_ratio,
@@ -94,6 +98,7 @@ def upcycle(
 
         raise InvalidArgumentError("--out is required", "give an output folder, or --dry-run")
     source = load_model_path(model, revision)
+    check_outputs(local_inputs(source, data=data), None if dry_run else out, overwrite)
     if dry_run:
         from moekit.ops.upcycle import Prepared, summarize
         from moekit.ops.upcycle.config import validate_config

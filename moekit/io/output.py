@@ -28,6 +28,7 @@ from moekit.errors import (
     Terminated,
 )
 from moekit.io.config import write_config
+from moekit.io.regular import AUX_NAMES, check_inputs
 from moekit.io.writer import DEFAULT_SHARD_BYTES, write_checkpoint
 from moekit.units import human
 
@@ -36,14 +37,6 @@ if TYPE_CHECKING:
     from moekit.io.writer import OutTensor
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".json")
-# Regular files that belong to a checkpoint beside its weights (tokenizer, generation, chat
-# template, licence); copied into every output, never through a link that leaves the folder.
-AUX_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-             "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
-             "spiece.model", "sentencepiece.bpe.model", "tiktoken.model", "qwen.tiktoken",
-             "generation_config.json", "chat_template.json", "chat_template.jinja",
-             "preprocessor_config.json", "processor_config.json", "LICENSE", "LICENSE.txt",
-             "LICENSE.md", "NOTICE", "NOTICE.txt", "USE_POLICY.md")
 AUX_SUFFIXES = (".tiktoken", ".jinja", ".model")  # tokenizer data, never code
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
                      if s is not None)
@@ -102,8 +95,10 @@ def check_outputs(inputs: Iterable[Path | None], out: Path | None = None,
                   overwrite: bool = False,
                   files: dict[str, tuple[Path | None, tuple[str, ...]]] | None = None) -> None:
     """Every output of a command, checked before any heavy work: the `--out` folder (when
-    given) and each side file `files[option] = (path or None, allowed suffixes)`."""
-    inputs = tuple(inputs)
+    given) and each side file `files[option] = (path or None, allowed suffixes)`; and every
+    input is a regular file (`moekit.io.regular.check_inputs`)."""
+    inputs = tuple(p for p in inputs if p is not None)
+    check_inputs(inputs, InvalidArgumentError)
     if out is not None:
         check_output(out, overwrite, inputs)
     for option, (path, suffixes) in (files or {}).items():

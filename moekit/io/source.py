@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from moekit.errors import ModelSourceError
+from moekit.io.regular import check_model_folder
 
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
                 "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
@@ -23,12 +24,15 @@ def resolve_source(model: str | Path, revision: str | None = None) -> Path:
         if not path.is_dir():
             raise ModelSourceError(f"{model} is a file, not a checkpoint folder",
                                    "pass the folder that holds config.json")
+        check_model_folder(path, ModelSourceError)
         return path
     text = str(model)
     if not REPO_ID.match(text) or text.startswith((".", "/", "~")):
         raise ModelSourceError(f"model folder {model} does not exist",
                                "pass a checkpoint folder or a Hub repo id such as org/name")
-    return _download(text, revision)
+    folder = _download(text, revision)
+    check_model_folder(folder, ModelSourceError)
+    return folder
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

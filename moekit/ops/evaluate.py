@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import moekit.calib.data
 import moekit.runtime.engine
 from moekit.calib.data import DataSource, batches
-from moekit.io.reader import Checkpoint
+from moekit.errors import InvalidArgumentError
+from moekit.io.reader import Checkpoint, load_config
 from moekit.io.remote_code import check_remote_code
 from moekit.runtime.budget import free_memory
 from moekit.runtime.distributed import rank_device, reduce_eval_sums, shard_for_rank
@@ -97,6 +98,8 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
     tok = load_tokenizer(Path(ref if ref is not None and tokenizer is None
                               and not _has_tokenizer(model_path) else model_path), tokenizer,
                          trust_remote_code)
+    if ref is not None:
+        check_same_vocabulary(Path(model_path), Path(ref), tok, tokenizer, trust_remote_code)
     domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
                                              text_field=text_field, fraction=fraction)
     # this rank's share of the (dataset, batch) pairs (all of them outside torchrun)
@@ -197,3 +200,31 @@ def _fits_both(model_path: Path, ref: Path, options: dict[str, Any]) -> bool:
     scale = {"float32": 2.0, "bfloat16": 1.0, "float16": 1.0}.get(dtype, 1.0)
     need = scale * (Checkpoint(Path(model_path)).total_bytes + Checkpoint(Path(ref)).total_bytes)
     return need < 0.5 * free_memory(pick_device(options.get("device", "auto")))
+
+
+def check_same_vocabulary(model_path: Path, ref: Path, tok: Any, tokenizer: str | None,
+                          trust_remote_code: bool) -> None:
+    """KL and top-1 compare the two models' next-token distributions id by id, so refuse
+    (before any forward) a reference whose vocabulary size differs, or whose own tokenizer
+    gives any token another id than `tok` (the one both models are fed with)."""
+    sizes = (_vocab_size(model_path), _vocab_size(ref))
+    fix = "compare against a model with the same tokenizer, e.g. the one it was made from"
+    if None not in sizes and sizes[0] != sizes[1]:
+        raise InvalidArgumentError(f"--ref {ref} has a vocabulary of {sizes[1]} tokens but "
+                                   f"{model_path} has {sizes[0]}: KL and top-1 need the same "
+                                   "token ids", fix)
+    if tokenizer is not None or not (_has_tokenizer(model_path) and _has_tokenizer(ref)):
+        return  # both models read the same tokenizer
+    ours, theirs = tok.get_vocab(), load_tokenizer(ref, None, trust_remote_code).get_vocab()
+    if ours != theirs:
+        token = next(t for t in sorted(set(ours) | set(theirs)) if ours.get(t) != theirs.get(t))
+        raise InvalidArgumentError(f"--ref {ref} has another tokenizer than {model_path}: token "
+                                   f"{token!r} is id {theirs.get(token)} there and "
+                                   f"{ours.get(token)} here", fix)
+
+
+def _vocab_size(folder: Path) -> int | None:
+    """`vocab_size` of config.json (or of its `text_config`), or None when it has none."""
+    config = load_config(folder)
+    value = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return value if isinstance(value, int) else None

@@ -14,6 +14,7 @@ from typing import Any
 
 from moekit.errors import DataError, InvalidArgumentError, transformers_load_errors
 from moekit.io.dtypes import to_torch
+from moekit.io.regular import check_model_folder
 from moekit.io.remote_code import check_remote_code
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -40,7 +41,11 @@ def pick_device(device: str) -> Any:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidArgumentError("--device cuda asked for, but torch sees no CUDA device",
                                    "use --device cpu or auto")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise InvalidArgumentError(f"--device {device!r} is not a device torch knows",
+                                   "use auto, cpu or cuda:N") from err
 
 
 def check_dtype(dtype: str) -> None:
@@ -119,6 +124,8 @@ def build_skeleton(path: Path, dtype: Any, trust_remote_code: bool = False) -> A
 def load_tokenizer(model_path: Path, tokenizer: str | None = None,
                    trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, or `tokenizer` (folder or Hub id) when given."""
+    if tokenizer is not None and Path(tokenizer).is_dir():
+        check_model_folder(Path(tokenizer), DataError)
     check_remote_code(tokenizer or model_path, trust_remote_code)
     quiet_transformers()
     from transformers import AutoTokenizer

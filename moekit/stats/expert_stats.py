@@ -29,6 +29,7 @@ from moekit.stats.profile_io import (
     EXPERT_CSV,
     EXPERT_FILE,
     META_FILE,
+    check_complete,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ def load_stats(folder: Path, domain: str = "all") -> ExpertStats:
                          "run `moekit profile MODEL --out DIR` and pass --stats DIR")
     metadata = _metadata(folder)
     path, rows = _rows(folder)
+    check_complete([(r["layer"], r["expert"], r["domain"]) for r in rows], metadata, path.name)
     domains = tuple(sorted({r["domain"] for r in rows}))
     chosen = [r for r in rows if r["domain"] == domain]
     if not chosen:
@@ -100,9 +102,12 @@ def _metadata(folder: Path) -> dict[str, Any]:
         metadata = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise StatsError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(metadata, dict):
+        raise StatsError(f"{path} is a JSON {type(metadata).__name__}, not an object",
+                         "re-run `moekit profile`")
     missing = [k for k in ("moe_layers", "num_experts", "top_k") if k not in metadata]
-    if not isinstance(metadata, dict) or missing:
-        raise StatsError(f"{path} lacks {', '.join(missing) or 'a JSON object'}",
+    if missing:
+        raise StatsError(f"{path} lacks {', '.join(missing)}",
                          "re-run `moekit profile`")
     return metadata
 
@@ -127,7 +132,12 @@ def _rows(folder: Path) -> tuple[Path, list[dict[str, Any]]]:
     elif parquet_path.exists():
         import pyarrow.parquet as pq
 
-        table = pq.read_table(parquet_path)
+        try:
+            table = pq.read_table(parquet_path)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise StatsError(f"{parquet_path.name} is not a readable Parquet file "
+                             f"({str(err).splitlines()[0]})",
+                             "restore it or re-run moekit profile") from err
         header, raw, path = table.column_names, table.to_pylist(), parquet_path
     else:
         raise StatsError(f"{folder} has neither {STATS_CSV} nor {STATS_PARQUET}",

@@ -168,12 +168,61 @@ def load_profile(folder: Path) -> Profile:
                          "re-run moekit profile") from err
     missing = [c for c in EXPERT_COLUMNS if c not in experts.columns]
     missing += [c for c in LAYER_RAW_COLUMNS if c not in layers.columns]
+    if not isinstance(metadata, dict):
+        raise StatsError(f"{folder / META_FILE} is a JSON {type(metadata).__name__}, not an "
+                         "object", "re-run moekit profile")
     if missing or "model_fingerprint" not in metadata:
         raise StatsError(f"{folder}: profile files lack {missing or ['model_fingerprint']}",
                          "re-run moekit profile with this moekit version")
+    experts = _typed(experts)
+    check_complete(list(zip(experts["layer"], experts["expert"], experts["domain"],
+                            strict=True)),
+                   metadata, EXPERT_FILE if (folder / EXPERT_FILE).exists() else EXPERT_CSV)
     layers["domain"] = layers["domain"].astype(str)
-    return _finish(metadata, _typed(experts), layers[LAYER_RAW_COLUMNS], coact,
+    return _finish(metadata, experts, layers[LAYER_RAW_COLUMNS], coact,
                    windows=windows)
+
+
+def check_complete(keys: list[tuple[int, int, str]], metadata: Any, name: str) -> None:
+    """Refuse an expert table that does not hold exactly one row per (MoE layer, expert,
+    domain) that `metadata.json` describes: a truncated or edited file would otherwise count
+    its missing experts as never routed. `keys` are the table's (layer, expert, domain)."""
+    from collections import Counter
+
+    seen = Counter(keys)
+    expected = _expected_keys(metadata, {d for _, _, d in seen})
+    missing = [k for k in expected if k not in seen]
+    repeated = [k for k, n in seen.items() if n > 1]
+    if missing or repeated:
+        layer, expert, domain = (missing or repeated)[0]
+        what = f"no row for layer {layer} expert {expert} domain '{domain}'" if missing else (
+            f"the row of layer {layer} expert {expert} domain '{domain}' {seen[repeated[0]]} "
+            "times")
+        raise StatsError(f"{name} has {len(keys)} rows where {META_FILE} describes "
+                         f"{len(expected)} (one per MoE layer, expert and domain): {what}",
+                         f"{name} is truncated or edited: restore it or re-run moekit profile")
+
+
+def _expected_keys(metadata: Any, found_domains: set[str]) -> list[tuple[int, int, str]]:
+    """Every (layer, expert, domain) `metadata.json` describes, for `all` and each domain the
+    table holds (rows are sorted by layer first, so a cut file lacks whole layers)."""
+    if not isinstance(metadata, dict):
+        raise StatsError(f"{META_FILE} is a JSON {type(metadata).__name__}, not an object",
+                         "re-run moekit profile")
+    try:
+        layers = [int(x) for x in metadata["moe_layers"]]
+        counts = metadata["num_experts"]
+        counts = [int(c) for c in counts] if isinstance(counts, list) else [int(counts)] * len(
+            layers)
+        domains = sorted({ALL, *found_domains})
+    except (KeyError, TypeError, ValueError) as err:
+        raise StatsError(f"{META_FILE}: malformed moe_layers or num_experts ({err})",
+                         "re-run moekit profile") from err
+    if len(counts) != len(layers):
+        raise StatsError(f"{META_FILE}: num_experts has {len(counts)} entries for "
+                         f"{len(layers)} MoE layers", "re-run moekit profile")
+    return [(layer, e, str(d)) for layer, n in zip(layers, counts, strict=True)
+            for e in range(n) for d in domains]
 
 
 def merge_profiles(profiles: list[Profile], allow_duplicates: bool = False) -> Profile:
