@@ -23,6 +23,7 @@ COMMANDS = {"inspect": ("moekit.cli.inspect_cmd", "inspect"),
             "stats": ("moekit.cli.stats_cmd", "stats_app"),
             "prune": ("moekit.cli.prune_cmd", "prune"),
             "merge": ("moekit.cli.merge_cmd", "merge"),
+            "convert": ("moekit.cli.convert_cmd", "convert"),
             "eval": ("moekit.cli.eval_cmd", "eval_model"),
             "upcycle": ("moekit.cli.upcycle_cmd", "upcycle")}
 

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any
 
 from moekit.errors import UnsupportedModelError
 from moekit.io.dtypes import to_torch
+from moekit.io.header import TensorInfo
 
 if TYPE_CHECKING:
     import torch
 
     from moekit.families.layout import ModelLayout, MoeLayer
-    from moekit.io.reader import Checkpoint, TensorInfo
+    from moekit.io.reader import Checkpoint
 
 ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
@@ -134,24 +135,38 @@ def _unsupported(layout: ModelLayout, key: str) -> UnsupportedModelError:
 def read_float(info: TensorInfo, rows: list[int] | None = None) -> torch.Tensor:
     """`info` (or its rows `rows` on axis 0) as float32, read with plain file reads: no memory
     map, so nothing of the file stays mapped (and counted in RSS) after the call."""
+    row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
+    pieces = (info,) if rows is None else tuple(
+        byte_piece(info, info.start + r * row_bytes, row_bytes) for r in rows)
+    shape = info.shape if rows is None else (len(rows), *info.shape[1:])
+    return read_pieces(pieces, info.dtype, tuple(shape)).float()
+
+
+def byte_piece(info: TensorInfo, start: int, count: int) -> TensorInfo:
+    """Bytes [start, start + count) of `info`'s shard, as a shapeless TensorInfo piece."""
+    return TensorInfo(info.name, info.dtype, (), info.shard, start, start + count)
+
+
+def read_pieces(pieces: tuple[TensorInfo, ...], dtype: str, shape: tuple[int, ...]
+                ) -> torch.Tensor:
+    """The concatenated byte ranges `pieces` (any shards) as one tensor of safetensors `dtype`
+    and `shape`, in its stored dtype, read with plain file reads (no memory map)."""
     import torch
 
-    row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
-    ranges = [(info.start, info.nbytes)] if rows is None else [
-        (info.start + r * row_bytes, row_bytes) for r in rows]
-    buffer = bytearray(sum(n for _, n in ranges))
+    buffer = bytearray(sum(p.nbytes for p in pieces))
     view, offset = memoryview(buffer), 0
-    with open(info.shard, "rb", buffering=0) as handle:
-        for start, count in ranges:
-            handle.seek(start)
+    for piece in pieces:
+        with open(piece.shard, "rb", buffering=0) as handle:
+            handle.seek(piece.start)
+            count = piece.nbytes
             while count:
                 got = handle.readinto(view[offset:offset + count])
                 if not got:
-                    raise OSError(f"{info.shard.name} ended while reading '{info.name}'")
+                    raise OSError(f"{piece.shard.name} ended while reading '{piece.name}'")
                 offset, count = offset + got, count - got
-    shape = info.shape if rows is None else (len(rows), *info.shape[1:])
-    raw = torch.frombuffer(buffer, dtype=to_torch(info.dtype)) if buffer else torch.empty(0)
-    return raw.reshape(shape).float()
+    if not buffer:
+        return torch.empty(shape, dtype=to_torch(dtype))
+    return torch.frombuffer(buffer, dtype=to_torch(dtype)).reshape(shape)
 
 
 def read_experts(checkpoint: Checkpoint, fmt: ExpertFormat,

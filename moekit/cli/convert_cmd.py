@@ -1,0 +1,104 @@
+"""`moekit convert MODEL --out OUT --dtype bf16|fp16|fp32 --experts fused|per-expert`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from moekit.cli.common import (
+    JsonOpt,
+    MaxShardSizeOpt,
+    MaybeOutOpt,
+    ModelArg,
+    OverwriteOpt,
+    RevisionOpt,
+    check_early,
+    console,
+    handle_errors,
+    load_model_path,
+    local_inputs,
+)
+from moekit.units import human, parse_size
+
+
+@handle_errors
+def convert(
+    model: ModelArg,
+    out: MaybeOutOpt = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="bf16, fp16 or fp32: every float tensor in this dtype; quantized "
+        "tensors (FP8 blocks, MXFP4) are decoded and quantization_config removed.")] = None,
+    experts: Annotated[str | None, typer.Option(
+        "--experts", help="fused (transformers 5's gate_up_proj/down_proj) or per-expert (the "
+        "Hub's experts.{j}.* keys): the routed experts' layout, moved as bytes.")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print tensor count, bytes in/out and the config change; write "
+        "nothing.")] = False,
+    overwrite: OverwriteOpt = False,
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    revision: RevisionOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rewrite a checkpoint in another dtype or expert layout, tensor by tensor.
+
+    Streamed: one tensor is in memory at a time; tensors that do not change are byte copies.
+    Tokenizer and side files are copied; provenance and a model card are written.
+
+    Example: moekit convert ./DeepSeek-V3-FP8 --dtype bf16 --out ./dsv3-bf16
+
+    Example: moekit convert ./gpt-oss-20b --dtype bf16 --dry-run
+
+    Example: moekit convert ./mixtral-fused --experts per-expert --out ./mixtral
+    """
+    from moekit.errors import InvalidArgumentError
+    from moekit.io.output import check_outputs
+    from moekit.ops.convert import check_request
+
+    check_early()
+    target = check_request(dtype, experts)
+    shard_bytes = parse_size(max_shard_size, "--max-shard-size")
+    if not dry_run and out is None:
+        raise InvalidArgumentError("--out is required (or use --dry-run)")
+    source = load_model_path(model, revision)
+    check_outputs(local_inputs(source), None if dry_run else out, overwrite)
+    from moekit.io.reader import Checkpoint
+    from moekit.ops.convert import plan_convert
+
+    plan = plan_convert(Checkpoint(source), target, experts)
+    if dry_run:
+        _show(plan.summary(), None, as_json)
+        return
+    assert out is not None
+    result = _run(source, model, out, target, experts, overwrite, shard_bytes)
+    _show(result.plan.summary(), result.out, as_json)
+
+
+def _run(source: Path, model: str, out: Path, dtype: str | None, experts: str | None,
+         overwrite: bool, shard_bytes: int) -> Any:
+    from moekit.cli.prune_cmd import _byte_progress
+    from moekit.ops.convert import convert_checkpoint
+    from moekit.ops.convert.records import write_convert_records
+
+    def finish(folder: Path, result: Any) -> None:
+        write_convert_records(folder, model, result.plan, dtype=dtype, experts=experts,
+                              source_folder=source)
+
+    with _byte_progress() as on_bytes:
+        return convert_checkpoint(source, out, dtype=dtype, experts=experts,
+                                  overwrite=overwrite, max_shard_bytes=shard_bytes,
+                                  on_bytes=on_bytes, finish=finish)
+
+
+def _show(summary: dict[str, Any], out: Path | None, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"out": str(out) if out else None, **summary}, indent=2))
+        return
+    actions = ", ".join(f"{n} {a}" for a, n in summary["actions"].items())
+    verb = f"[bold green]wrote[/] {out}" if out else "[bold]would write[/]"
+    console.print(f"{verb}: {summary['tensors_out']} tensors ({actions}) from "
+                  f"{summary['tensors_in']}; {human(summary['bytes_in'])} in, "
+                  f"{human(summary['bytes_out'])} out")
+    console.print("config: " + ("; ".join(summary["config_changes"]) or "unchanged"))

@@ -1,0 +1,142 @@
+"""`moekit convert --dtype`: FP8-block and MXFP4 checkpoints decoded equal the independent
+dequantization of tests/quant_support.py bit for bit (fp32) and its bf16 cast (bf16), load in
+transformers with the same logits; a plain checkpoint is cast as `tensor.to(dtype)`; bad
+requests are refused in one line with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from quant_support import (
+    dequantize_fp8_block,
+    dequantize_mxfp4,
+    quantize_fp8_block,
+    quantize_mxfp4,
+)
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from moekit.cli.app import app
+
+CASES = {
+    "deepseek_v3-fp8": ("deepseek_v3", quantize_fp8_block, dequantize_fp8_block),
+    "qwen3_moe-fp8": ("qwen3_moe", lambda s, d: quantize_fp8_block(s, d, (16, 24)),
+                      dequantize_fp8_block),
+    "gpt_oss-mxfp4": ("gpt_oss", quantize_mxfp4, dequantize_mxfp4),
+}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoint, tmp_path_factory):
+    """{case: (quantized folder, its independent float32 dequantization)}."""
+    cache = {}
+
+    def build(case: str):
+        if case not in cache:
+            family, quantize, dequantize = CASES[case]
+            root = tmp_path_factory.mktemp(case)
+            q = quantize(tiny_checkpoint(family), root / "q")
+            cache[case] = (q, dequantize(q, root / "deq"))
+        return cache[case]
+
+    return build
+
+
+def convert(*args: str) -> str:
+    result = CliRunner().invoke(app, ["convert", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def same_tensors(ours: dict, theirs: dict) -> None:
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype, key
+        assert torch.equal(ours[key].view(torch.uint8), value.view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp32_and_bf16_equal_the_independent_dequantization(case, quantized, tmp_path):
+    q, deq = quantized(case)
+    reference = load_file(deq / "model.safetensors")
+    convert(q, "--dtype", "fp32", "--out", tmp_path / "f32")
+    same_tensors(load_file(tmp_path / "f32" / "model.safetensors"), reference)
+    convert(q, "--dtype", "bf16", "--out", tmp_path / "b16")
+    same_tensors(load_file(tmp_path / "b16" / "model.safetensors"),
+                 {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                  for k, v in reference.items()})
+    config = json.loads((tmp_path / "b16" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    for name in ("tokenizer.json", "moekit_provenance.json", "README.md"):
+        assert (tmp_path / "b16" / name).is_file(), name
+    provenance = json.loads((tmp_path / "b16" / "moekit_provenance.json").read_text())
+    assert provenance["operation"] == "convert" and provenance["dtype"] == "BF16"
+
+
+@pytest.mark.parametrize("case", ["deepseek_v3-fp8", "gpt_oss-mxfp4"])
+def test_output_loads_in_transformers_with_the_dequantized_logits(case, quantized, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    q, deq = quantized(case)
+    convert(q, "--dtype", "fp32", "--out", tmp_path / "out")
+    ids = torch.arange(3, 40).reshape(1, -1)
+    logits = []
+    for folder in (tmp_path / "out", deq):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(model(ids).logits)
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_plain_checkpoint_is_cast_like_torch(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("mixtral")
+    convert(source, "--dtype", "bf16", "--out", tmp_path / "out")
+    reference = load_file(source / "model.safetensors")
+    same_tensors(load_file(tmp_path / "out" / "model.safetensors"),
+                 {k: v.to(torch.bfloat16) for k, v in reference.items()})
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_dry_run_shows_counts_and_config_and_writes_nothing(quantized, tmp_path):
+    q, _ = quantized("deepseek_v3-fp8")
+    output = convert(q, "--dtype", "bf16", "--dry-run", "--json")
+    summary = json.loads(output)
+    assert summary["tensors_in"] > summary["tensors_out"] > 0
+    assert summary["actions"]["dequantized"] > 0
+    assert summary["bytes_out"] > summary["bytes_in"] > 0
+    assert any("quantization_config (fp8) removed" in c for c in summary["config_changes"])
+    assert "would write" in convert(q, "--dtype", "bf16", "--dry-run")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "int8"], "--dtype 'int8' is not a format convert writes"),
+    ([], "convert: nothing to do"),
+    (["--dtype", "fp32"], "nothing to do"),
+    (["--experts", "sideways"], "--experts 'sideways' is not a layout"),
+])
+def test_bad_requests_are_refused_in_one_line(args, message, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["convert", str(tiny_checkpoint("mixtral")), *args,
+                                      "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_quantization_is_refused(tiny_checkpoint, tmp_path):
+    import shutil
+
+    folder = tmp_path / "awq"
+    shutil.copytree(tiny_checkpoint("mixtral"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["convert", str(folder), "--dtype", "bf16", "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "quant_method 'awq' is not supported" in result.output
+    assert not (tmp_path / "out").exists()
