@@ -34,6 +34,12 @@ def convert(
     experts: Annotated[str | None, typer.Option(
         "--experts", help="fused (transformers 5's gate_up_proj/down_proj) or per-expert (the "
         "Hub's experts.{j}.* keys): the routed experts' layout, moved as bytes.")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="fp8: decoder linear weights as FP8 E4M3 with 128x128 block scales "
+        "(weight + weight_scale_inv, as DeepSeek-V3 ships).")] = None,
+    quantize_layers: Annotated[str, typer.Option(
+        "--quantize-layers", help="With --quantize: linear (every decoder linear layer but "
+        "the routers) or experts (routed experts only).")] = "linear",
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print tensor count, bytes in/out and the config change; write "
         "nothing.")] = False,
@@ -52,13 +58,15 @@ def convert(
     Example: moekit convert ./gpt-oss-20b --dtype bf16 --dry-run
 
     Example: moekit convert ./mixtral-fused --experts per-expert --out ./mixtral
+
+    Example: moekit convert ./Qwen3-30B-A3B --quantize fp8 --quantize-layers experts --out ./q8
     """
     from moekit.errors import InvalidArgumentError
     from moekit.io.output import check_outputs
     from moekit.ops.convert import check_request
 
     check_early()
-    target = check_request(dtype, experts)
+    target = check_request(dtype, experts, quantize)
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         raise InvalidArgumentError("--out is required (or use --dry-run)")
@@ -67,29 +75,29 @@ def convert(
     from moekit.io.reader import Checkpoint
     from moekit.ops.convert import plan_convert
 
-    plan = plan_convert(Checkpoint(source), target, experts)
+    plan = plan_convert(Checkpoint(source), target, experts, quantize, quantize_layers)
     if dry_run:
         _show(plan.summary(), None, as_json)
         return
     assert out is not None
-    result = _run(source, model, out, target, experts, overwrite, shard_bytes)
+    request = dict(dtype=target, experts=experts, quantize=quantize,
+                   scope=quantize_layers if quantize else None)
+    result = _run(source, model, out, request, overwrite, shard_bytes)
     _show(result.plan.summary(), result.out, as_json)
 
 
-def _run(source: Path, model: str, out: Path, dtype: str | None, experts: str | None,
-         overwrite: bool, shard_bytes: int) -> Any:
+def _run(source: Path, model: str, out: Path, request: dict[str, Any], overwrite: bool,
+         shard_bytes: int) -> Any:
     from moekit.cli.prune_cmd import _byte_progress
     from moekit.ops.convert import convert_checkpoint
     from moekit.ops.convert.records import write_convert_records
 
     def finish(folder: Path, result: Any) -> None:
-        write_convert_records(folder, model, result.plan, dtype=dtype, experts=experts,
-                              source_folder=source)
+        write_convert_records(folder, model, result.plan, request, source_folder=source)
 
     with _byte_progress() as on_bytes:
-        return convert_checkpoint(source, out, dtype=dtype, experts=experts,
-                                  overwrite=overwrite, max_shard_bytes=shard_bytes,
-                                  on_bytes=on_bytes, finish=finish)
+        return convert_checkpoint(source, out, **request, overwrite=overwrite,
+                                  max_shard_bytes=shard_bytes, on_bytes=on_bytes, finish=finish)
 
 
 def _show(summary: dict[str, Any], out: Path | None, as_json: bool) -> None:

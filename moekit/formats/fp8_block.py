@@ -30,6 +30,7 @@ NAME = "fp8-block"
 FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 SCALE = ".weight_scale_inv"
 INPUT_SCALE = ".input_scale"
+E4M3_MAX = 448.0
 
 
 def group(tensors: dict[str, TensorInfo], quantization: dict) -> dict[str, Logical]:
@@ -80,3 +81,27 @@ def decode(logical: Logical, weight: torch.Tensor, scale: torch.Tensor) -> torch
     grid = grid.repeat_interleave(bm, dim=-2)[..., :rows, :]
     grid = grid.repeat_interleave(bn, dim=-1)[..., :cols]
     return values.mul_(grid)
+
+
+def encode(values: torch.Tensor, block: tuple[int, int] = (128, 128)
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize [out, in] values to E4M3 with one scale per `block` (amax scaling, DeepSeek's
+    `act_quant` for weights): per block b, scale_inv_b = max(amax_b, 1e-12) / 448 (float32) and
+
+        weight[i, j] = E4M3(value[i, j] / scale_inv[i // bm, j // bn])   (round to nearest)
+
+    Returns (weight [out, in] float8_e4m3fn, scale_inv [ceil(out/bm), ceil(in/bn)] float32);
+    partial edge blocks take the amax of the values they hold."""
+    import torch
+
+    bm, bn = block
+    values = values.to(torch.float32)
+    rows, cols = values.shape
+    grid_rows, grid_cols = math.ceil(rows / bm), math.ceil(cols / bn)
+    padded = values.new_zeros(grid_rows * bm, grid_cols * bn)
+    padded[:rows, :cols] = values
+    tiles = padded.reshape(grid_rows, bm, grid_cols, bn)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
+    quantized = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    weight = quantized.reshape(grid_rows * bm, grid_cols * bn)[:rows, :cols].contiguous()
+    return weight, scale.contiguous()

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from moekit.io.card import provenance, write_model_card, write_provenance
 from moekit.ops.convert.run import ConvertPlan
 
 
-def write_convert_records(folder: Path, source: str, plan: ConvertPlan, *, dtype: str | None,
-                          experts: str | None, source_folder: Path | None = None) -> None:
-    """Write `moekit_provenance.json` and `README.md` into `folder`."""
-    write_provenance(folder, provenance("convert", source, dtype=dtype, experts=experts,
-                                        **plan.summary()))
+def write_convert_records(folder: Path, source: str, plan: ConvertPlan, request: dict[str, Any],
+                          source_folder: Path | None = None) -> None:
+    """Write `moekit_provenance.json` and `README.md` into `folder`; `request`: dtype,
+    experts, quantize, scope as given to `convert_checkpoint`."""
+    write_provenance(folder, provenance("convert", source, **request, **plan.summary()))
     name = Path(source).name if Path(source).exists() else source
-    what = ", ".join(x for x in (dtype and f"dtype {dtype}",
-                                 experts and f"experts {experts}") if x)
+    what = ", ".join(x for x in (
+        request.get("dtype") and f"dtype {request['dtype']}",
+        request.get("quantize") and f"{request['quantize']} {request.get('scope')} layers",
+        request.get("experts") and f"experts {request['experts']}") if x)
     actions = ", ".join(f"{n} {a}" for a, n in plan.actions.items())
     summary = (f"`{name}` converted ({what}): {plan.inputs} stored tensors in, "
                f"{len(plan.tensors)} out ({actions}). Values are unchanged up to the cast to "
-               "the new dtype; quantized tensors were decoded as their format specifies.")
+               "the new dtype or the FP8 block rounding; quantized tensors were decoded as "
+               "their format specifies.")
     body = "## Config changes\n\n" + "\n".join(
         f"- {c}" for c in plan.config_changes or ["none"]) + "\n"
     write_model_card(folder, base_model=source, title=f"{Path(name).name} ({what})",

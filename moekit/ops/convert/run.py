@@ -17,6 +17,13 @@ from moekit.io.output import write_model_folder
 from moekit.io.reader import Checkpoint
 from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor
 from moekit.ops.convert.items import CONFIG_DTYPES, DTYPES, checkpoint_items, out_tensors
+from moekit.ops.convert.quantize import (
+    BLOCK,
+    chosen,
+    fp8_tensors,
+    quantization_config,
+    unquantized_modules,
+)
 from moekit.ops.convert.relayout import LAYOUTS, relayout
 
 DTYPE_KEYS = ("dtype", "torch_dtype")
@@ -51,11 +58,19 @@ class ConvertResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def check_request(dtype: str | None, experts: str | None) -> str | None:
-    """The safetensors dtype asked for (None: kept); refuses unknown values and no request."""
-    if dtype is None and experts is None:
-        raise InvalidArgumentError("convert: nothing to do", "pass --dtype bf16|fp16|fp32 "
-                                   "and/or --experts fused|per-expert")
+def check_request(dtype: str | None, experts: str | None, quantize: str | None = None
+                  ) -> str | None:
+    """The safetensors dtype asked for (None: kept); refuses unknown values, --dtype with
+    --quantize, and no request at all."""
+    if dtype is None and experts is None and quantize is None:
+        raise InvalidArgumentError("convert: nothing to do", "pass --dtype bf16|fp16|fp32, "
+                                   "--quantize fp8 and/or --experts fused|per-expert")
+    if quantize is not None and quantize != "fp8":
+        raise InvalidArgumentError(f"--quantize {quantize!r} is not a format convert writes",
+                                   "use --quantize fp8 (128x128 blocks, E4M3)")
+    if quantize is not None and dtype is not None:
+        raise InvalidArgumentError("--dtype and --quantize are given together",
+                                   "--dtype dequantizes, --quantize quantizes: give one")
     if experts is not None and experts not in LAYOUTS:
         raise InvalidArgumentError(f"--experts {experts!r} is not a layout",
                                    "use fused or per-expert")
@@ -67,13 +82,20 @@ def check_request(dtype: str | None, experts: str | None) -> str | None:
     return DTYPES[dtype.lower()]
 
 
-def plan_convert(checkpoint: Checkpoint, dtype: str | None, experts: str | None) -> ConvertPlan:
+def plan_convert(checkpoint: Checkpoint, dtype: str | None, experts: str | None,
+                 quantize: str | None = None, scope: str = "linear") -> ConvertPlan:
     """Plan every output tensor and the config from headers only; refuses a conversion that
-    would change nothing."""
+    would change nothing. `quantize` "fp8": the `scope` weights (linear, experts) as FP8
+    blocks (`quantize.py`)."""
     quantization = check_quantization(checkpoint.config)
+    if quantize is not None and quantization is not None:
+        raise InvalidArgumentError(f"--quantize {quantize}: {checkpoint.folder.name} is already "
+                                   f"quantized ({quantization['quant_method']})",
+                                   "convert --dtype bf16 first, then --quantize the result")
     items = checkpoint_items(checkpoint)
     if experts is not None:
         items = relayout(checkpoint, items, experts)
+    to_fp8 = chosen(checkpoint, items, scope) if quantize is not None else set()
     consumed = {key for item in items.values() for key in item.inputs}
     missing = sorted(set(checkpoint.tensors) - consumed)
     if missing:
@@ -82,10 +104,14 @@ def plan_convert(checkpoint: Checkpoint, dtype: str | None, experts: str | None)
     tensors: list[OutTensor] = []
     actions: dict[str, int] = {}
     for item in ordered:
-        outs, how = out_tensors(item, dtype)
+        outs, how = (fp8_tensors(item), "quantized") if item.name in to_fp8 else \
+            out_tensors(item, dtype)
         tensors += outs
         actions[how] = actions.get(how, 0) + len(outs)
     config, changes = patch_config(checkpoint.config, dtype, quantization is not None)
+    if to_fp8:
+        config["quantization_config"] = quantization_config(unquantized_modules(items, to_fp8))
+        changes.append(f"quantization_config (fp8, blocks {BLOCK[0]}x{BLOCK[1]}) added")
     plan = ConvertPlan(tensors, len(checkpoint.tensors),
                        sum(i.nbytes for i in checkpoint.tensors.values()), config, changes,
                        dict(sorted(actions.items())))
@@ -116,16 +142,18 @@ def patch_config(config: dict[str, Any], dtype: str | None, quantized: bool
 
 
 def convert_checkpoint(source: Path, out: Path, *, dtype: str | None = None,
-                       experts: str | None = None, overwrite: bool = False,
+                       experts: str | None = None, quantize: str | None = None,
+                       scope: str | None = "linear", overwrite: bool = False,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                        on_bytes: Callable[[int, int], None] | None = None,
                        finish: Callable[[Path, ConvertResult], None] | None = None
                        ) -> ConvertResult:
     """Write `source` converted into `out` (staged: whole or nothing). `dtype`: a safetensors
-    float dtype (BF16, F16, F32) or None; `experts`: fused, per-expert or None.
+    float dtype (BF16, F16, F32) or None; `experts`: fused, per-expert or None; `quantize`:
+    "fp8" (the `scope` weights, linear or experts, as FP8 blocks) or None.
     `finish(staging_folder, result)` runs before the rename (provenance, model card)."""
     checkpoint = Checkpoint(source)
-    plan = plan_convert(checkpoint, dtype, experts)
+    plan = plan_convert(checkpoint, dtype, experts, quantize, scope or "linear")
     result = ConvertResult(Path(out), plan)
     write_model_folder(checkpoint, Path(out), plan.tensors, plan.config, overwrite=overwrite,
                        max_shard_bytes=max_shard_bytes, on_bytes=on_bytes,
