@@ -60,6 +60,8 @@ def command(name: str, tiny_checkpoint, tmp_path: Path) -> tuple[Path, list[str]
         return source, ["upcycle", str(source), "--arch", "mixtral", "-e", "4", "-k", "2",
                         "--method", "copy", "-o", out]
     source = tiny_checkpoint("mixtral")
+    if name == "convert":
+        return source, ["convert", str(source), "--dtype", "bf16", "--out", out]
     layout = describe(Checkpoint(source))
     tokens = {layer.index: [float(j + 1) for j in range(layer.num_experts)]
               for layer in layout.moe_layers}
@@ -70,7 +72,7 @@ def command(name: str, tiny_checkpoint, tmp_path: Path) -> tuple[Path, list[str]
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
-@pytest.mark.parametrize("name", ["prune", "merge", "upcycle"])
+@pytest.mark.parametrize("name", ["prune", "merge", "upcycle", "convert"])
 def test_disk_full_mid_write_is_one_line_exit_2_and_leaves_nothing(name, code, tiny_checkpoint,
                                                                   tmp_path, monkeypatch):
     source, args = command(name, tiny_checkpoint, tmp_path)
