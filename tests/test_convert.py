@@ -140,3 +140,22 @@ def test_unknown_quantization_is_refused(tiny_checkpoint, tmp_path):
     assert result.exit_code == 2
     assert "quant_method 'awq' is not supported" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_fp8_input_scales_are_dropped_when_decoded(quantized, tmp_path):
+    """Static activation scales (`X.input_scale`) are not part of the weight: decoding drops
+    them, as moekit.formats does when it reads."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    q, deq = quantized("qwen3_moe-fp8")
+    folder = tmp_path / "with-input-scale"
+    shutil.copytree(q, folder)
+    tensors = load_file(folder / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.input_scale"
+    tensors[key] = torch.tensor([0.5])
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    convert(folder, "--dtype", "fp32", "--out", tmp_path / "out")
+    same_tensors(load_file(tmp_path / "out" / "model.safetensors"),
+                 load_file(deq / "model.safetensors"))

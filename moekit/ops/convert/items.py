@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from moekit.formats import Logical, decode, logical_tensors
+from moekit.formats.fp8_block import INPUT_SCALE
+from moekit.formats.fp8_block import NAME as FP8
 from moekit.io.dtypes import to_torch
 from moekit.io.header import TensorInfo
 from moekit.io.writer import OutTensor
@@ -36,7 +38,9 @@ CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 class Item:
     """One output tensor: `name`, logical `shape`, and where its values come from (`logical`
     when quantized, else the byte ranges `pieces`, all of stored `dtype`, concatenated).
-    `inputs`: the stored keys it consumes; `how`: what was done (copied, fused, split)."""
+    `inputs`: the stored keys it consumes; `extras`: stored tensors that travel with a
+    quantized one (FP8 `input_scale`): copied when it is kept, dropped when it is decoded;
+    `how`: what was done (copied, fused, split)."""
 
     name: str
     shape: tuple[int, ...]
@@ -45,6 +49,7 @@ class Item:
     pieces: tuple[TensorInfo, ...] = ()
     logical: Logical | None = None
     how: str = "copied"
+    extras: tuple[TensorInfo, ...] = ()
 
     @property
     def first(self) -> TensorInfo:
@@ -62,7 +67,12 @@ def checkpoint_items(checkpoint: Checkpoint) -> dict[str, Item]:
     for name, logical in logical_tensors(checkpoint).items():
         inputs = tuple(s.name for s in logical.sources)
         if logical.quantized:
-            items[name] = Item(name, logical.shape, logical.format, inputs, logical=logical)
+            base = logical.sources[0].name.removesuffix(".weight")
+            extras = tuple(checkpoint.tensors[k] for k in (base + INPUT_SCALE,)
+                           if logical.format == FP8 and k in checkpoint.tensors)
+            items[name] = Item(name, logical.shape, logical.format,
+                               inputs + tuple(e.name for e in extras), logical=logical,
+                               extras=extras)
         else:
             info = logical.sources[0]
             items[name] = Item(name, tuple(info.shape), info.dtype, inputs, pieces=(info,))
@@ -74,7 +84,7 @@ def out_tensors(item: Item, dtype: str | None) -> tuple[list[OutTensor], str]:
     quantized tensors too), and what happened: copied, cast, dequantized, or `item.how`."""
     if item.logical is not None:
         if dtype is None:
-            return [OutTensor.copy(s) for s in item.logical.sources], "copied"
+            return [OutTensor.copy(s) for s in (*item.logical.sources, *item.extras)], "copied"
         logical = item.logical
         return [OutTensor.computed(item.name, dtype, item.shape,
                                    lambda: _decoded(logical, dtype))], "dequantized"
