@@ -48,20 +48,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_checkpoint(folder: Path, target_gb: float, hidden: int = 4096, inter: int = 4096,
-                     experts: int = 8) -> int:
-    """A Mixtral-shaped checkpoint of about `target_gb` GB of random bf16. Returns #layers."""
+                     experts: int = 8, dtype: str = "BF16") -> int:
+    """A Mixtral-shaped checkpoint of about `target_gb` GB of random bf16 bit patterns (or,
+    with dtype F32, normal values x 0.02). Returns #layers."""
     import torch
 
-    per_layer = 2 * (3 * experts * hidden * inter + 4 * hidden * hidden + experts * hidden)
+    size = 4 if dtype == "F32" else 2
+    per_layer = size * (3 * experts * hidden * inter + 4 * hidden * hidden + experts * hidden)
     layers = max(1, round(target_gb * 1e9 / per_layer))
     rng = np.random.default_rng(0)
 
     def random_bf16(name: str, shape: tuple[int, ...]) -> OutTensor:
         def produce():  # noqa: ANN202
+            if dtype == "F32":
+                return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 0.02)
             raw = rng.integers(0, 2**16, size=int(np.prod(shape)), dtype=np.uint16)
             raw &= 0xBFFF  # keep exponents finite-ish: no inf/nan patterns
             return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16).reshape(shape)
-        return OutTensor.computed(name, "BF16", shape, produce)
+        return OutTensor.computed(name, dtype, shape, produce)
 
     tensors = []
     for name, shape in [("model.embed_tokens.weight", (32000, hidden)),
@@ -85,7 +89,7 @@ def build_checkpoint(folder: Path, target_gb: float, hidden: int = 4096, inter: 
               "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
               "num_local_experts": experts, "num_experts_per_tok": 2,
               "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-              "torch_dtype": "bfloat16"}
+              "torch_dtype": "float32" if dtype == "F32" else "bfloat16"}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for path in folder.iterdir():
         _fsync(path)

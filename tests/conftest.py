@@ -16,6 +16,7 @@ os.environ.setdefault("USE_HUB_KERNELS", "0")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads on a busy CI machine
 sys.path.insert(0, str(Path(__file__).parent))
 
+from quant_support import CASES as QUANT_CASES  # noqa: E402
 from tiny_models import SAMPLE_DATA, TINY_DENSE, TINY_MOE, save_tiny, save_trained  # noqa: E402
 
 MOE_TYPES = list(TINY_MOE)
@@ -57,3 +58,21 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[st
 def sample_texts() -> dict[str, Path]:
     """{domain: path} of the three sample_data/ texts the trained models learnt from."""
     return {path.stem: path for path in sorted(SAMPLE_DATA.glob("*.txt"))}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoint: Callable[..., Path],
+              tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, Path]]:
+    """`quantized(case)` -> (quantized folder, its independent float32 dequantization), for
+    the cases of tests/quant_support.py `CASES`. Read-only."""
+    cache: dict[str, tuple[Path, Path]] = {}
+
+    def build(case: str) -> tuple[Path, Path]:
+        if case not in cache:
+            family, quantize, dequantize = QUANT_CASES[case]
+            root = tmp_path_factory.mktemp(case)
+            q = quantize(tiny_checkpoint(family), root / "q")
+            cache[case] = (q, dequantize(q, root / "deq"))
+        return cache[case]
+
+    return build

@@ -152,3 +152,14 @@ def dequantize_mxfp4(src: Path, dst: Path) -> Path:
     _copy_side_files(src, dst, None)
     save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
+
+
+# (family, quantizer, dequantizer) of the quantized tiny checkpoints the tests use (conftest
+# fixture `quantized`): deepseek_v3 with 16x16 blocks, qwen3_moe with 16x24 blocks (partial
+# blocks at the edges, as DeepSeek-V3's [576, 7168] kv_a_proj), gpt_oss in MXFP4.
+CASES = {
+    "deepseek_v3-fp8": ("deepseek_v3", quantize_fp8_block, dequantize_fp8_block),
+    "qwen3_moe-fp8": ("qwen3_moe", lambda s, d: quantize_fp8_block(s, d, (16, 24)),
+                      dequantize_fp8_block),
+    "gpt_oss-mxfp4": ("gpt_oss", quantize_mxfp4, dequantize_mxfp4),
+}

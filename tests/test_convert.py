@@ -9,39 +9,11 @@ import json
 
 import pytest
 import torch
-from quant_support import (
-    dequantize_fp8_block,
-    dequantize_mxfp4,
-    quantize_fp8_block,
-    quantize_mxfp4,
-)
+from quant_support import CASES
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
-
-CASES = {
-    "deepseek_v3-fp8": ("deepseek_v3", quantize_fp8_block, dequantize_fp8_block),
-    "qwen3_moe-fp8": ("qwen3_moe", lambda s, d: quantize_fp8_block(s, d, (16, 24)),
-                      dequantize_fp8_block),
-    "gpt_oss-mxfp4": ("gpt_oss", quantize_mxfp4, dequantize_mxfp4),
-}
-
-
-@pytest.fixture(scope="module")
-def quantized(tiny_checkpoint, tmp_path_factory):
-    """{case: (quantized folder, its independent float32 dequantization)}."""
-    cache = {}
-
-    def build(case: str):
-        if case not in cache:
-            family, quantize, dequantize = CASES[case]
-            root = tmp_path_factory.mktemp(case)
-            q = quantize(tiny_checkpoint(family), root / "q")
-            cache[case] = (q, dequantize(q, root / "deq"))
-        return cache[case]
-
-    return build
 
 
 def convert(*args: str) -> str:

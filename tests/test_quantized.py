@@ -10,12 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from quant_support import (
-    dequantize_fp8_block,
-    dequantize_mxfp4,
-    quantize_fp8_block,
-    quantize_mxfp4,
-)
+from quant_support import CASES
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -29,30 +24,6 @@ from moekit.ops.inspect import inspect_checkpoint
 from moekit.ops.profile import profile_model
 
 SETTINGS = dict(seq_len=24, max_tokens=150, batch_size=3, device="cpu", dtype="float32")
-# (family, quantizer, dequantizer): deepseek_v3 with 16x16 blocks, qwen3_moe with 16x24 blocks
-# (partial blocks at the edges, as DeepSeek-V3's [576, 7168] kv_a_proj), gpt_oss in MXFP4.
-CASES = {
-    "deepseek_v3-fp8": ("deepseek_v3", lambda s, d: quantize_fp8_block(s, d), dequantize_fp8_block),
-    "qwen3_moe-fp8": ("qwen3_moe", lambda s, d: quantize_fp8_block(s, d, (16, 24)),
-                      dequantize_fp8_block),
-    "gpt_oss-mxfp4": ("gpt_oss", quantize_mxfp4, dequantize_mxfp4),
-}
-
-
-@pytest.fixture(scope="module")
-def quantized(tiny_checkpoint, tmp_path_factory):
-    """{case: (quantized folder, its independent float32 dequantization)}."""
-    cache = {}
-
-    def build(case: str):
-        if case not in cache:
-            family, quantize, dequantize = CASES[case]
-            root = tmp_path_factory.mktemp(case)
-            q = quantize(tiny_checkpoint(family), root / "q")
-            cache[case] = (q, dequantize(q, root / "deq"))
-        return cache[case]
-
-    return build
 
 
 @pytest.fixture(scope="module")
