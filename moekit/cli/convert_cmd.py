@@ -15,7 +15,6 @@ from moekit.cli.common import (
     ModelArg,
     OverwriteOpt,
     RevisionOpt,
-    check_early,
     console,
     handle_errors,
     load_model_path,
@@ -65,7 +64,6 @@ def convert(
     from moekit.io.output import check_outputs
     from moekit.ops.convert import check_request
 
-    check_early()
     target = check_request(dtype, experts, quantize)
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:

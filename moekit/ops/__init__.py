@@ -1,3 +1,3 @@
-"""Library operations behind the CLI commands: prune/, merge/, upcycle/, ablation/ packages and
-profile, evaluate, inspect. Each is a recipe over `surgery/`, `layerfit/` and the floors below;
-`ops/prune` and `ops/merge` never import each other (docs/architecture.md)."""
+"""Library operations behind the CLI commands: prune/, merge/, upcycle/, ablation/, convert/
+packages and profile, evaluate, inspect. Each is a recipe over `surgery/`, `layerfit/` and the
+floors below; `ops/prune` and `ops/merge` never import each other (docs/architecture.md)."""
