@@ -101,6 +101,8 @@ def test_experts_only_keeps_attention_and_names_it(tiny_checkpoint, tmp_path):
      "--dtype and --quantize are given together"),
     ("mixtral", ["--quantize", "int4"], "--quantize 'int4' is not a format convert writes"),
     ("gpt_oss", ["--quantize", "fp8", "--quantize-layers", "experts"], "no experts weight"),
+    ("mixtral", ["--dtype", "bf16", "--quantize-layers", "experts"], "needs --quantize fp8"),
+    ("mixtral", ["--quantize", "fp8", "--quantize-layers", "mlp"], "is linear or experts"),
 ])
 def test_bad_quantize_requests_are_refused(family, args, message, tiny_checkpoint, tmp_path):
     result = CliRunner().invoke(app, ["convert", str(tiny_checkpoint(family)), *args,

@@ -36,9 +36,9 @@ def convert(
     quantize: Annotated[str | None, typer.Option(
         "--quantize", help="fp8: decoder linear weights as FP8 E4M3 with 128x128 block scales "
         "(weight + weight_scale_inv, as DeepSeek-V3 ships).")] = None,
-    quantize_layers: Annotated[str, typer.Option(
-        "--quantize-layers", help="With --quantize: linear (every decoder linear layer but "
-        "the routers) or experts (routed experts only).")] = "linear",
+    quantize_layers: Annotated[str | None, typer.Option(
+        "--quantize-layers", help="With --quantize: linear (default: every decoder linear "
+        "layer but the routers) or experts (routed experts only).")] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print tensor count, bytes in/out and the config change; write "
         "nothing.")] = False,
@@ -64,7 +64,7 @@ def convert(
     from moekit.io.output import check_outputs
     from moekit.ops.convert import check_request
 
-    target = check_request(dtype, experts, quantize)
+    target = check_request(dtype, experts, quantize, quantize_layers)
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         raise InvalidArgumentError("--out is required (or use --dry-run)")
@@ -73,13 +73,14 @@ def convert(
     from moekit.io.reader import Checkpoint
     from moekit.ops.convert import plan_convert
 
-    plan = plan_convert(Checkpoint(source), target, experts, quantize, quantize_layers)
+    scope = quantize_layers or "linear"
+    plan = plan_convert(Checkpoint(source), target, experts, quantize, scope)
     if dry_run:
         _show(plan.summary(), None, as_json)
         return
     assert out is not None
     request = dict(dtype=target, experts=experts, quantize=quantize,
-                   scope=quantize_layers if quantize else None)
+                   scope=scope if quantize else None)
     result = _run(source, model, out, request, overwrite, shard_bytes)
     _show(result.plan.summary(), result.out, as_json)
 

@@ -19,6 +19,7 @@ from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor
 from moekit.ops.convert.items import CONFIG_DTYPES, DTYPES, checkpoint_items, out_tensors
 from moekit.ops.convert.quantize import (
     BLOCK,
+    SCOPES,
     chosen,
     fp8_tensors,
     quantization_config,
@@ -58,10 +59,14 @@ class ConvertResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def check_request(dtype: str | None, experts: str | None, quantize: str | None = None
-                  ) -> str | None:
+def check_request(dtype: str | None, experts: str | None, quantize: str | None = None,
+                  scope: str | None = None) -> str | None:
     """The safetensors dtype asked for (None: kept); refuses unknown values, --dtype with
-    --quantize, and no request at all."""
+    --quantize, --quantize-layers without --quantize, and no request at all."""
+    if scope is not None and (quantize is None or scope not in SCOPES):
+        raise InvalidArgumentError(f"--quantize-layers {scope!r} needs --quantize fp8 and is "
+                                   "linear or experts", "pass --quantize fp8 --quantize-layers "
+                                   "linear|experts")
     if dtype is None and experts is None and quantize is None:
         raise InvalidArgumentError("convert: nothing to do", "pass --dtype bf16|fp16|fp32, "
                                    "--quantize fp8 and/or --experts fused|per-expert")
