@@ -47,7 +47,7 @@ def convert(
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rewrite a checkpoint in another dtype or expert layout, tensor by tensor.
+    """Rewrite a checkpoint in another dtype, as FP8 blocks or in another expert layout.
 
     Streamed: one tensor is in memory at a time; tensors that do not change are byte copies.
     Tokenizer and side files are copied; provenance and a model card are written.
