@@ -13,6 +13,7 @@ import torch
 from quant_support import (
     dequantize_fp8_block,
     dequantize_mxfp4,
+    quantize_compressed,
     quantize_fp8_block,
     quantize_mxfp4,
 )
@@ -29,14 +30,27 @@ from moekit.ops.inspect import inspect_checkpoint
 from moekit.ops.profile import profile_model
 
 SETTINGS = dict(seq_len=24, max_tokens=150, batch_size=3, device="cpu", dtype="float32")
-# (family, quantizer, dequantizer): deepseek_v3 with 16x16 blocks, qwen3_moe with 16x24 blocks
-# (partial blocks at the edges, as DeepSeek-V3's [576, 7168] kv_a_proj), gpt_oss in MXFP4.
+# (family, build(float source, folder) -> (quantized, independent float32 dequantization)):
+# deepseek_v3 FP8 with 16x16 blocks, qwen3_moe FP8 with 16x24 blocks (partial blocks at the
+# edges, as DeepSeek-V3's [576, 7168] kv_a_proj), gpt_oss MXFP4, qwen3_moe W4A16 stored by the
+# compressed-tensors library (its fake-quantization of the float weights is the reference).
+def _pair(quantize, dequantize):
+    def build(src, root):
+        q = quantize(src, root / "q")
+        return q, dequantize(q, root / "deq")
+
+    return build
+
+
 CASES = {
-    "deepseek_v3-fp8": ("deepseek_v3", lambda s, d: quantize_fp8_block(s, d), dequantize_fp8_block),
-    "qwen3_moe-fp8": ("qwen3_moe", lambda s, d: quantize_fp8_block(s, d, (16, 24)),
-                      dequantize_fp8_block),
-    "gpt_oss-mxfp4": ("gpt_oss", quantize_mxfp4, dequantize_mxfp4),
+    "deepseek_v3-fp8": ("deepseek_v3", _pair(quantize_fp8_block, dequantize_fp8_block)),
+    "qwen3_moe-fp8": ("qwen3_moe", _pair(lambda s, d: quantize_fp8_block(s, d, (16, 24)),
+                                         dequantize_fp8_block)),
+    "gpt_oss-mxfp4": ("gpt_oss", _pair(quantize_mxfp4, dequantize_mxfp4)),
+    "qwen3_moe-w4a16": ("qwen3_moe", quantize_compressed),
 }
+METHOD = {"fp8": "fp8", "mxfp4": "mxfp4", "w4a16": "compressed-tensors"}
+FORMAT = {"fp8": fp8.NAME, "mxfp4": "mxfp4", "w4a16": "compressed-tensors/pack-quantized"}
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +60,8 @@ def quantized(tiny_checkpoint, tmp_path_factory):
 
     def build(case: str):
         if case not in cache:
-            family, quantize, dequantize = CASES[case]
-            root = tmp_path_factory.mktemp(case)
-            q = quantize(tiny_checkpoint(family), root / "q")
-            cache[case] = (q, dequantize(q, root / "deq"))
+            family, make = CASES[case]
+            cache[case] = make(tiny_checkpoint(family), tmp_path_factory.mktemp(case))
         return cache[case]
 
     return build
@@ -105,16 +117,13 @@ def test_logical_view_and_inspect_count_values_not_bytes(case, quantized):
     assert {n: t.shape for n, t in logical.items()} == \
         {n: t.shape for n, t in logical_tensors(Checkpoint(deq)).items()}
     ours, plain = inspect_checkpoint(q), inspect_checkpoint(deq)
-    assert ours.quant_method == ("mxfp4" if "mxfp4" in case else "fp8")
+    kind = case.split("-")[1]
+    assert ours.quant_method == METHOD[kind]
     assert plain.quant_method is None
     for field in ("total_params", "active_params", "routed_expert_params"):
         assert getattr(ours, field) == getattr(plain, field), field
     assert sum(ours.dtypes.values()) == ours.total_params
-    assert ours.dtypes[logical_format(case)] > 0
-
-
-def logical_format(case: str) -> str:
-    return "mxfp4" if "mxfp4" in case else fp8.NAME
+    assert ours.dtypes[FORMAT[kind]] > 0
 
 
 @pytest.mark.parametrize("stream", [False, True])
