@@ -213,3 +213,16 @@ def test_unknown_quantization_is_refused_in_one_line(tiny_checkpoint, tmp_path):
     assert result.exit_code != 0
     assert "quant_method 'awq' is not supported" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("case", ["gpt_oss-mxfp4", "deepseek_v3-fp8"])
+def test_memory_budget_counts_the_decoded_weights(case, quantized):
+    """`--max-memory auto` decides on the bytes the model takes once decoded (gpt-oss-20b:
+    ~42 GB in bf16, not the 13 GB its MXFP4 files take)."""
+    from moekit.runtime.engine import open_model
+
+    q, deq = quantized(case)
+    ours = open_model(q, device="cpu", dtype="float32", stream=True).sizes
+    plain = open_model(deq, device="cpu", dtype="float32", stream=True).sizes
+    assert ours == plain
+    assert sum(ours.layers) > sum(p.stat().st_size for p in q.glob("*.safetensors"))
