@@ -115,6 +115,7 @@ def from_transformers(c: dict) -> Tensors:
 
 BUILDERS: dict[str, tuple[str, Callable[[dict], Tensors]]] = {
     "gpt-oss-20b": ("gpt-oss-20b.json", gpt_oss),
+    "gpt-oss-120b": ("gpt-oss-120b.json", gpt_oss),
     "deepseek-v3": ("deepseek-v3.json", deepseek_v3),
     **{name: (f"{name}.json", from_transformers) for name in (
         "mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a22b", "olmoe-1b-7b", "phi-3.5-moe")},

@@ -25,6 +25,7 @@ from moekit.ops.inspect import inspect_checkpoint
 # to two digits, hence 2 %.
 CATALOGUE = {
     "gpt-oss-20b": ("active_params_no_embedding", 0.01),
+    "gpt-oss-120b": ("active_params_no_embedding", 0.01),
     "deepseek-v3": ("active_params", 0.015),
     "mixtral-8x7b": ("active_params", 0.01),
     "qwen3-30b-a3b": ("active_params", 0.02),
