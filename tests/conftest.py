@@ -69,10 +69,8 @@ def quantized(tiny_checkpoint: Callable[..., Path],
 
     def build(case: str) -> tuple[Path, Path]:
         if case not in cache:
-            family, quantize, dequantize = QUANT_CASES[case]
-            root = tmp_path_factory.mktemp(case)
-            q = quantize(tiny_checkpoint(family), root / "q")
-            cache[case] = (q, dequantize(q, root / "deq"))
+            family, make = QUANT_CASES[case]
+            cache[case] = make(tiny_checkpoint(family), tmp_path_factory.mktemp(case))
         return cache[case]
 
     return build

@@ -154,12 +154,64 @@ def dequantize_mxfp4(src: Path, dst: Path) -> Path:
     return dst
 
 
-# (family, quantizer, dequantizer) of the quantized tiny checkpoints the tests use (conftest
-# fixture `quantized`): deepseek_v3 with 16x16 blocks, qwen3_moe with 16x24 blocks (partial
-# blocks at the edges, as DeepSeek-V3's [576, 7168] kv_a_proj), gpt_oss in MXFP4.
+W4A16 = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+         "quantization_status": "compressed", "ignore": ["lm_head", "re:.*mlp\\.gate$"],
+         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+             "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+             "group_size": 32}}}}
+
+
+def quantize_compressed(src: Path, dst: Path, quantization: dict = W4A16) -> tuple[Path, Path]:
+    """`src` -> (`dst`/q: every decoder linear but the router compressed by the
+    compressed-tensors library with `quantization`'s one scheme (scales amax / 7 per group),
+    `dst`/deq: the same weights fake-quantized by the library from the float originals)."""
+    import torch
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from safetensors.torch import load_file, save_file
+
+    config = QuantizationConfig.model_validate(quantization)
+    scheme = config.config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(config.format)
+    group = scheme.weights.group_size
+    tensors = load_file(src / "model.safetensors")
+    packed, fake = {}, {}
+    for key, value in tensors.items():
+        if not _is_fp8_target(key, tuple(value.shape)):
+            packed[key] = fake[key] = value
+            continue
+        grouped = value.float().reshape(value.shape[0], -1, group)
+        scale = (grouped.abs().amax(-1) / 7).clamp(min=1e-8)
+        base = key.removesuffix(".weight")
+        state = compressor.compress({"weight": value.float(), "weight_scale": scale}, scheme)
+        packed.update({f"{base}.{k}": v.contiguous() for k, v in state.items()})
+        fake[key] = fake_quantize(value.float(), scale, torch.zeros_like(scale, dtype=torch.int8),
+                                  scheme.weights)
+    q, deq = dst / "q", dst / "deq"
+    _copy_side_files(src, q, quantization)
+    _copy_side_files(src, deq, None)
+    save_file(packed, q / "model.safetensors", metadata={"format": "pt"})
+    save_file(fake, deq / "model.safetensors", metadata={"format": "pt"})
+    return q, deq
+
+
+# (family, build(float source, folder) -> (quantized, independent float32 dequantization)):
+# deepseek_v3 FP8 with 16x16 blocks, qwen3_moe FP8 with 16x24 blocks (partial blocks at the
+# edges, as DeepSeek-V3's [576, 7168] kv_a_proj), gpt_oss MXFP4, qwen3_moe W4A16 stored by the
+# compressed-tensors library (its fake-quantization of the float weights is the reference).
+def _pair(quantize, dequantize):  # noqa: ANN001, ANN202
+    def build(src, root):
+        q = quantize(src, root / "q")
+        return q, dequantize(q, root / "deq")
+
+    return build
+
+
 CASES = {
-    "deepseek_v3-fp8": ("deepseek_v3", quantize_fp8_block, dequantize_fp8_block),
-    "qwen3_moe-fp8": ("qwen3_moe", lambda s, d: quantize_fp8_block(s, d, (16, 24)),
-                      dequantize_fp8_block),
-    "gpt_oss-mxfp4": ("gpt_oss", quantize_mxfp4, dequantize_mxfp4),
+    "deepseek_v3-fp8": ("deepseek_v3", _pair(quantize_fp8_block, dequantize_fp8_block)),
+    "qwen3_moe-fp8": ("qwen3_moe", _pair(lambda s, d: quantize_fp8_block(s, d, (16, 24)),
+                                         dequantize_fp8_block)),
+    "gpt_oss-mxfp4": ("gpt_oss", _pair(quantize_mxfp4, dequantize_mxfp4)),
+    "qwen3_moe-w4a16": ("qwen3_moe", quantize_compressed),
 }

@@ -97,9 +97,28 @@ def _mla(c: dict, p: str) -> Tensors:
             **_fp8(f"{a}o_proj", h, heads * c["v_head_dim"])}
 
 
+def from_transformers(c: dict) -> Tensors:
+    """The Hub layout of any family transformers defines: the model built on the meta device
+    from the config (no memory), its state dict turned back into the on-disk names and shapes
+    by transformers' own `revert_weight_conversion` (what `save_pretrained` writes)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    params = {k: v for k, v in c.items() if k not in ("model_type", "architectures")}
+    config = AutoConfig.for_model(c["model_type"], **params)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    state = revert_weight_conversion(model, model.state_dict())
+    return {k: ("BF16", list(v.shape)) for k, v in state.items()}
+
+
 BUILDERS: dict[str, tuple[str, Callable[[dict], Tensors]]] = {
     "gpt-oss-20b": ("gpt-oss-20b.json", gpt_oss),
+    "gpt-oss-120b": ("gpt-oss-120b.json", gpt_oss),
     "deepseek-v3": ("deepseek-v3.json", deepseek_v3),
+    **{name: (f"{name}.json", from_transformers) for name in (
+        "mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a22b", "olmoe-1b-7b", "phi-3.5-moe")},
 }
 ITEM = {"BF16": 2, "F32": 4, "F8_E4M3": 1, "U8": 1}
 

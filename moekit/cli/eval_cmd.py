@@ -57,10 +57,20 @@ def eval_model(
     as_json: JsonOpt = False,
     export: Annotated[Path | None, typer.Option(
         "--export", help="Also write the table as .csv/.parquet/.json.")] = None,
+    generate: Annotated[str | None, typer.Option(
+        "--generate", help="Prompts (a text file, one per line, or - for stdin): greedy "
+        "continuations beside --ref's, the first differing token marked. Without --data, "
+        "only this runs.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", help="Tokens generated per prompt (--generate).")] = 32,
+    generate_out: Annotated[Path | None, typer.Option(
+        "--generate-out", help="Write the continuations as .md or .json.")] = None,
 ) -> None:
     """Perplexity and mean token loss (nats) per dataset; with --ref, KL and top-1 agreement.
 
     Example: moekit eval ./pruned --data code=code.txt --data-range 0.5:1 --ref ./original
+
+    Example: moekit eval ./pruned --ref ./original --generate prompts.txt --generate-out gen.md
 
     Data-parallel: torchrun --nproc-per-node N -m moekit eval ... (docs/scale-distributed.md).
     """
@@ -75,7 +85,16 @@ def eval_model(
     ref_path = load_model_path(ref, revision) if ref else None
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
     check_outputs((*local_inputs(path, ref_path, tokenizer), *(s.path for s in sources)),
-                  files={"--export": (export, TABLE_SUFFIXES)})
+                  files={"--export": (export, TABLE_SUFFIXES),
+                         "--generate-out": (generate_out, (".md", ".json"))})
+    if generate is not None:
+        from moekit.cli.generate_view import run_generate
+
+        run_generate(path, ref_path, generate, generate_out, max_new_tokens=max_new_tokens,
+                     device=device, dtype=dtype, tokenizer=tokenizer,
+                     trust_remote_code=trust_remote_code)
+        if not data:
+            return
     with token_progress("evaluating") if is_writer() else nullcontext() as on_tokens:
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,
                           batch_size=batch_size, device=device, dtype=dtype, fraction=fraction,

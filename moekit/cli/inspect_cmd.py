@@ -76,7 +76,7 @@ def _table(report):  # noqa: ANN001, ANN202 - rich Table
         ("stored as", _stored(report)),
         ("on disk", f"{_bytes(report.bytes_on_disk)} in {report.num_shards} shard(s)"),
         ("total params", f"{report.total_params:,} ({_human(report.total_params)})"),
-        ("active params / token", f"{report.active_params:,} ({_human(report.active_params)})"),
+        ("active params / token", _active(report)),
         ("routed-expert params", f"{report.routed_expert_params:,}"),
     ]
     if report.mtp_layers:
@@ -86,6 +86,15 @@ def _table(report):  # noqa: ANN001, ANN202 - rich Table
     for field, value in rows:
         table.add_row(field, value)
     return table
+
+
+def _active(report: InspectReport) -> str:
+    """Active parameters, and without the embedding rows a token does not read when that
+    differs (the count OpenAI publishes for gpt-oss)."""
+    text = f"{report.active_params:,} ({_human(report.active_params)})"
+    if report.active_params_no_embedding != report.active_params:
+        text += f"; {_human(report.active_params_no_embedding)} without the embedding table"
+    return text
 
 
 def _stored(report: InspectReport) -> str:

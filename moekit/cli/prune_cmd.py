@@ -204,7 +204,7 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     router weights (fingerprint) and statistics only."""
     from moekit.errors import InvalidArgumentError
     from moekit.ops.prune.select import build_plan, merge_protect, parse_protect, read_expert_lists
-    from moekit.stats.criteria import DEFAULT_CRITERION, super_experts
+    from moekit.stats.criteria import DEFAULT_CRITERION, super_experts, usage_criterion
     from moekit.stats.expert_stats import check_stats, load_stats
     from moekit.surgery.plan import PrunePlan, validate_plan
 
@@ -227,7 +227,10 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
         raise InvalidArgumentError("--criterion is given with --keep/--drop",
                                    "explicit lists replace the criterion: give one of them")
     guard = parse_protect(protect, layout)
-    if stats_data is not None and protect_super and keep is None and drop is None:
+    usage_only = stats_data is not None and bool(stats_data.metadata.get("usage_only"))
+    if usage_only and keep is None and drop is None:
+        criterion = usage_criterion(criterion, notes)
+    elif stats_data is not None and protect_super and keep is None and drop is None:
         guard = merge_protect(guard, super_experts(stats_data))
     plan = build_plan(
         layout, fingerprint, criterion=criterion or DEFAULT_CRITERION, ratio=ratio,

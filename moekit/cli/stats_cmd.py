@@ -1,4 +1,4 @@
-"""`moekit stats merge A B ... --out C` and `moekit stats show DIR`."""
+"""`moekit stats merge|show|export|import|uncertainty`: work with saved profiles."""
 
 from __future__ import annotations
 
@@ -93,6 +93,40 @@ def export(
     check_outputs((profile,), files={"--out": (out, suffixes)})
     path = export_loads(load_profile(profile), fmt, out, domain)
     console.print(f"wrote {path} ({fmt} expert loads, domain {domain})")
+
+
+@stats_app.command("import")
+@handle_errors
+def import_loads(
+    dump: Annotated[Path, typer.Argument(help="An SGLang (.json/.pt logical_count) or vLLM "
+                                         "(.safetensors global_expert_load_window) load dump.")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="Serving engine: sglang or vllm.")],
+    model: Annotated[Path, typer.Option("--model", "-m", help="The checkpoint folder the dump "
+                                        "was recorded on (headers and routers are read).")],
+    out: OutOpt,
+    domain: Annotated[str, typer.Option("--domain", help="Name of the imported traffic in the "
+                                        "profile.")] = "serving",
+    overwrite: OverwriteOpt = False,
+    plots: PlotsOpt = True,
+) -> None:
+    """Turn a serving engine's expert-load dump into a profile folder (usage counts only), so
+    `moekit prune --stats OUT --criterion frequency` and `stats merge` work on production traffic.
+
+    Example: moekit stats import loads.json --format sglang --model ./my-moe --out prof-serving
+    """
+    from moekit.cli.common import moe_layout
+    from moekit.io.output import check_outputs
+    from moekit.ops.profile import write_output
+    from moekit.stats.serving_import import moe_rows, profile_from_loads, read_loads
+
+    check_outputs((dump, model), out, overwrite)
+    counts = read_loads(dump, fmt)
+    _, layout, fingerprint = moe_layout(model)
+    loads = moe_rows(counts, fmt, layout, dump.name)
+    profile = profile_from_loads(loads, layout, fingerprint, fmt=fmt, source=dump, domain=domain)
+    names = write_output(profile, out, overwrite=overwrite, inputs=(dump, model), plots=plots)
+    console.print(f"wrote {out}: {', '.join(names)} (usage counts only: prune with "
+                  "--criterion frequency)")
 
 
 @stats_app.command("uncertainty")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import CheckpointError, UnsupportedModelError
-from moekit.formats import fp8_block, mxfp4
+from moekit.formats import compressed, fp8_block, mxfp4
 from moekit.formats.spec import PLAIN, Logical
 
 if TYPE_CHECKING:
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from moekit.io.reader import Checkpoint
 
-FORMATS = {"fp8": fp8_block, "mxfp4": mxfp4}
+FORMATS = {"fp8": fp8_block, "mxfp4": mxfp4, "compressed-tensors": compressed}
 DECODERS = {fp8_block.NAME: fp8_block.decode, mxfp4.NAME: mxfp4.decode}
 
 
@@ -66,7 +66,8 @@ def logical_tensors(checkpoint: Checkpoint) -> dict[str, Logical]:
 
 
 def quantized_formats(checkpoint: Checkpoint) -> dict[str, int]:
-    """{format: logical parameters stored in it}, plain dtypes by their safetensors name."""
+    """{format: logical parameters stored in it}, plain dtypes by their safetensors name
+    (compressed-tensors modules as `compressed-tensors/FORMAT`)."""
     counts: dict[str, int] = {}
     for logical in logical_tensors(checkpoint).values():
         name = logical.format if logical.quantized else logical.sources[0].dtype
@@ -78,4 +79,6 @@ def decode(logical: Logical, stored: list[torch.Tensor]) -> torch.Tensor:
     """The float32 values of `logical` from its stored tensors (in `logical.sources` order)."""
     if not logical.quantized:
         return stored[0]
+    if logical.format.startswith(compressed.NAME):
+        return compressed.decode(logical, *stored)
     return DECODERS[logical.format](logical, *stored[:2])

@@ -19,9 +19,10 @@ class InspectReport:
     quantized weight counts its values, not its packed bytes or scales: `moekit.formats`);
     `dtypes` gives them per stored format (`fp8-block`, `mxfp4`, or the plain dtype).
     active = total minus, in each MoE layer, the routed-expert parameters a token does not
-    use (routed x (1 - k/E)), and the input embedding table but the one row a token reads
-    (when the LM head is a separate matrix; tied, the head uses all of it), as OpenAI counts
-    gpt-oss (20.9 B total, 3.6 B active). Multi-token-prediction layers
+    use (routed x (1 - k/E)), as Mistral, Qwen, OLMoE and Phi count (Qwen3-30B-A3B: 30.5 B /
+    3.3 B). `active_params_no_embedding` also leaves out the input embedding rows a token does
+    not read (all but one, when the LM head is a separate matrix), as OpenAI counts gpt-oss
+    (20.9 B total, 3.6 B active). Multi-token-prediction layers
     (`ModelLayout.mtp_layers`) are counted apart in `mtp_params`, as the model cards do
     (DeepSeek-V3: 671 B + 14 B MTP)."""
 
@@ -45,6 +46,7 @@ class InspectReport:
     total_params: int
     active_params: int
     routed_expert_params: int
+    active_params_no_embedding: int = 0
     mtp_params: int = 0
     mtp_layers: list[int] = field(default_factory=list)
 
@@ -73,7 +75,9 @@ def inspect_checkpoint(folder: Path) -> InspectReport:
                 quant_method=(check_quantization(checkpoint.config) or {}).get("quant_method"),
                 bytes_on_disk=checkpoint.total_bytes, num_shards=len(checkpoint.shards),
                 total_params=total,
-                active_params=total - round(inactive) - _unread_embedding(checkpoint, logical),
+                active_params=total - round(inactive),
+                active_params_no_embedding=total - round(inactive)
+                - _unread_embedding(checkpoint, logical),
                 routed_expert_params=routed, mtp_params=mtp)
     if not layout.is_moe:
         return InspectReport(**base, is_moe=False, moe_layers=[], experts_per_layer=[],

@@ -103,3 +103,17 @@ def percentile(ordered: list[float], q: float) -> float:
     low = int(position)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (position - low) * (ordered[high] - ordered[low])
+
+
+def usage_criterion(criterion: str | None, notes: list[str]) -> str:
+    """The criterion for a usage-only profile (`stats import`: routed counts, no output norms):
+    `frequency` when none was asked (with a note), else refused unless it is `frequency`."""
+    if criterion is None:
+        notes.append("the statistics are usage counts only (imported from a serving engine): "
+                     "criterion frequency")
+        return "frequency"
+    if criterion not in ("frequency", "random"):
+        raise StatsError(f"--criterion {criterion} needs expert output norms, which a profile "
+                         "imported from a serving engine does not have",
+                         "use --criterion frequency, or profile the model with moekit profile")
+    return criterion
