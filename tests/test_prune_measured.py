@@ -227,26 +227,3 @@ def test_cached_candidates_keep_near_ties_the_softmax_rounds_together():
         keep = [e for e in range(8) if e not in dropped]
         ids, _ = route(logits, routing, None, keep)
         assert all(int(i) in cand[0].tolist() for i in ids[0])
-
-
-
-def test_search_final_candidates_are_the_last_steps_best_sets():
-    """`search_drop(final=K)` returns the K lowest-error sets of its last step, lowest first,
-    the chosen set first, each scored by `error` (checked against brute force over all sets)."""
-    import itertools
-
-    gen = torch.Generator().manual_seed(0)
-    cost = torch.rand(6, generator=gen).tolist()
-    pair = torch.rand(6, 6, generator=gen)
-
-    def error(keep):
-        gone = [e for e in range(6) if e not in keep]
-        return sum(cost[e] for e in gone) + sum(float(pair[a, b]) for a, b in
-                                                itertools.combinations(gone, 2))
-
-    found = search_drop(error, 6, 2, beam=15, final=4)
-    every = sorted((error([e for e in range(6) if e not in d]), d)
-                   for d in itertools.combinations(range(6), 2))
-    assert [d for _, d in found.candidates] == [tuple(sorted(d)) for _, d in every[:4]]
-    assert found.candidates[0] == (found.error, found.dropped)
-    assert len(search_drop(error, 6, 2, beam=2).candidates) == 1
