@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_merge_families import merge, stats_for
+from support import merge, stats_for
 from tiny_models import read_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
