@@ -99,9 +99,9 @@ class Search:
     compensate: bool = True
     width: int | None = None
     protect: dict[int, list[int]] = field(default_factory=dict)
-    kept: dict[int, list[int]] | None = None
     router: bool = True
     reconstruct: int = 0
+    kept: dict[int, list[int]] | None = None
 
 
 @dataclass
