@@ -102,12 +102,11 @@ def test_merge_cli_uses_the_lowered_default_and_keeps_an_explicit_count(tiny_che
                                                                         tmp_path):
     import json
 
-
     source = tiny_checkpoint("mixtral")
     layout = describe(Checkpoint(source))
     n_drop = layout.moe_layers[0].num_experts // 2
     budget = _weights(source) + 3 * 1024 * per_token_bytes(layout, n_drop, 4, False) + 1
-    stats = stats_for(source, tmp_path / "stats")
+    stats = stats_for(tmp_path, source)
     for extra, want in (((), 3072), (("--max-tokens", "512"), 512)):
         plan = tmp_path / f"plan{want}.json"
         result = run("merge", source, "--stats", stats, "--ratio", "0.5", "--group", "m-smoe",
