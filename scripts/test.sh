@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/env.sh
 export HF_HUB_OFFLINE=1 USE_HUB_KERNELS=0 TOKENIZERS_PARALLELISM=false
-.venv/bin/ruff check moekit tests benchmarks scripts
+.venv/bin/ruff check moekit tests benchmarks experiments scripts
 .venv/bin/pytest "$@"

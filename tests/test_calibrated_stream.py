@@ -10,9 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_merge_families import stats_for
-from test_prune_calibrated import _corpus, choose
-from test_prune_measured import _saved
+from support import choose, doc_corpus, saved_checkpoint, stats_for
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
@@ -68,8 +66,8 @@ def run_both(base: list, source: Path, tmp_path: Path) -> list[dict]:
     ("mixtral", []), ("qwen2_moe", ["--keep-params", "0.6"]), ("gpt_oss", []),
     ("deepseek_v3", ["--criterion", "auto"])])
 def test_streamed_calibrated_prune_equals_in_memory(model_type, extra, tmp_path):
-    source = _saved(model_type, tmp_path / "src")
-    data = _corpus(tmp_path)
+    source = saved_checkpoint(model_type, tmp_path / "src")
+    data = doc_corpus(tmp_path)
     ratio = [] if "--keep-params" in extra else ["--ratio", "0.25"]
     # the settings that depend on the memory are pinned (a one-layer budget leaves no room for
     # the default streamed refit or the reconstruction, which would then differ by design);
@@ -91,7 +89,7 @@ def test_streamed_calibrated_prune_equals_in_memory(model_type, extra, tmp_path)
 def test_streamed_calibrated_merge_equals_in_memory(model_type, group, method,
                                                     tiny_checkpoint, tmp_path):
     source = tiny_checkpoint(model_type)
-    data = _corpus(tmp_path)
+    data = doc_corpus(tmp_path)
     base = ["merge", source, "--stats", stats_for(tmp_path, source), "--ratio", "0.25",
             "--group", group, "--method", method, "--data", f"doc={data.path}", *CALIB]
     records = run_both(base, source, tmp_path)
@@ -109,7 +107,7 @@ def test_streamed_calibrated_prune_holds_one_layer(tmp_path, monkeypatch):
     from moekit.layerfit import lanes
     from moekit.runtime import weights
 
-    source = _saved("qwen2_moe", tmp_path / "src")
+    source = saved_checkpoint("qwen2_moe", tmp_path / "src")
     engines: list = []
     original_open = open_model
 
@@ -139,7 +137,7 @@ def test_streamed_calibrated_prune_holds_one_layer(tmp_path, monkeypatch):
     monkeypatch.setattr("moekit.runtime.engine.open_model", opening)
     monkeypatch.setattr(weights.WeightMap, "read", counting)
     monkeypatch.setattr(lanes, "measure_layer", measuring)
-    choice = choose(source, _corpus(tmp_path), 0.25, stream=True)
+    choice = choose(source, doc_corpus(tmp_path), 0.25, stream=True)
     assert engines and engines[0].mode == "stream"
     assert choice.chosen.plan.num_dropped == 2
     assert searched == [(layer, [layer]) for layer, _ in searched] and len(searched) == 2

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support import sharded_copy
 from typer.testing import CliRunner
 
 from moekit import __version__
@@ -62,16 +63,6 @@ def test_cli_import_and_help_stay_light():
 
 def copy_of(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
-    return dst
-
-
-def sharded_copy(src: Path, dst: Path) -> Path:
-    """`src` rewritten as several Hub-named shards + index (moekit's own writer)."""
-    dst.mkdir()
-    source = Checkpoint(src)
-    write_checkpoint(dst, [OutTensor.copy(i) for i in source.tensors.values()],
-                     max_shard_bytes=150_000)
-    shutil.copyfile(src / "config.json", dst / "config.json")
     return dst
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_cli_basics import sharded_copy
+from support import sharded_copy
 from typer.testing import CliRunner
 
 from moekit.cli.app import app

@@ -9,20 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from prune_support import write_synthetic_stats
+from support import run
 from tiny_models import VOCAB, read_config
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from moekit.cli.app import app
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
 
 RUNNER = CliRunner()
 IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
-
-
-def run(command: str, *args: object):
-    return RUNNER.invoke(app, [command, *map(str, args)])
 
 
 def stats_for(folder: Path, where: Path) -> Path:

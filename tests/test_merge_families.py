@@ -10,31 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from prune_support import write_synthetic_stats
 from safetensors.torch import load_file, save_file
+from support import merge, stats_for
 from tiny_models import TINY_MOE, VOCAB, read_config
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
-from moekit.cli.app import app
 from moekit.families.layout import describe
 from moekit.families.registry import first_value
 from moekit.io.reader import Checkpoint
 
-RUNNER = CliRunner()
 # Families whose routing replays from logits (calibrated grouping and fitting).
 CALIBRATED = sorted(t for t in TINY_MOE if t not in ("llama4_text", "phimoe"))
-
-
-def merge(*args: object):
-    return RUNNER.invoke(app, ["merge", *map(str, args)])
-
-
-def stats_for(tmp_path: Path, folder: Path) -> Path:
-    layout = describe(Checkpoint(folder))
-    tokens = {layer.index: [float((5 * j + 2) % 9 + 1) for j in range(layer.num_experts)]
-              for layer in layout.moe_layers}
-    return write_synthetic_stats(tmp_path / "stats", folder, tokens)
 
 
 def bytes_of(folder: Path) -> int:

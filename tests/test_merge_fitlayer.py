@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_merge_families import merge, stats_for
+from support import merge, stats_for
 from tiny_models import read_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,3 +121,23 @@ def test_other_router_policies_are_refused(tiny_checkpoint, tmp_path):
                    "fit-layer", "--router", "usage", "--out", out)
     assert result.exit_code == 2, result.output
     assert "--router centre" in result.output and not out.exists()
+
+
+def test_fixed_centres_are_kept_without_a_search():
+    """merge's refit keeps the plan's centres as given (`measure_layer(kept=...)`): the removal
+    set is their complement, scored by D(kept) once; a wrong count or a repeated id is refused."""
+    from moekit.layerfit.measured import fixed_drop
+
+    calls = []
+
+    class Replay:
+        def error(self, keep):
+            calls.append(list(keep))
+            return float(sum(keep))
+
+    found = fixed_drop(Replay(), 6, 2, [5, 0, 3, 1])
+    assert found.dropped == (2, 4) and found.error == 9.0 and found.single == ()
+    assert calls == [[0, 1, 3, 5]]  # one evaluation, no search
+    for bad in ([0, 1, 3], [0, 1, 1, 3], [0, 1, 3, 6]):
+        with pytest.raises(ValueError):
+            fixed_drop(Replay(), 6, 2, bad)

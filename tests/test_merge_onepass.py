@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_merge_families import stats_for
+from support import merge, stats_for
 
 from moekit.calib.data import DataSource
 from moekit.families.layout import describe
@@ -172,7 +172,6 @@ def test_unshared_methods_are_unchanged(group, method, tiny_checkpoint, tmp_path
 
 def test_cli_default_merge_shares_the_run_and_dry_run_refits_nothing(tiny_checkpoint, tmp_path,
                                                                       monkeypatch):
-    from test_merge_families import merge
 
     import moekit.ops.merge.refit
 

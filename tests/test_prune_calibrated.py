@@ -9,20 +9,14 @@ import json
 
 import pytest
 import torch
-from test_prune_measured import _saved
+from support import choose, doc_corpus, in_memory_logits, saved_checkpoint
 from tiny_models import _docstring_corpus
 
-from moekit.calib.capture import moe_blocks
 from moekit.calib.data import DataSource
-from moekit.calib.routing import Routing
 from moekit.errors import DataError
-from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
-from moekit.layerfit.measured import apply_fit, load_calibration
-from moekit.layerfit.override import PrunedLayers
-from moekit.layerfit.reconstruct import apply_gate_up, in_memory_interleaved
-from moekit.layerfit.router_fit import apply_router
+from moekit.layerfit.measured import load_calibration
 from moekit.ops.prune import prune_checkpoint
 from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 from moekit.ops.prune.rewrite import modified_tensors
@@ -30,49 +24,12 @@ from moekit.ops.prune.trim import budget_split, trimmed_tensors
 from moekit.runtime.loading import load_model
 
 
-def _corpus(tmp_path) -> DataSource:
-    text = tmp_path / "text.txt"
-    text.write_text("\n".join(_docstring_corpus()[:1500]))
-    return DataSource("doc", text)
-
-
-def choose(folder, source: DataSource, ratio: float, *, width=None, stream=False,
-           criterion="measured", compensate=True):
-    """Calibrated choice on a tiny model (float32, CPU), in memory or streamed."""
-    checkpoint = Checkpoint(folder)
-    layout = describe(checkpoint)
-    options = DataOptions([source], seq_len=64, max_tokens=1024, beam=2, compensate=compensate,
-                          router=True, protect_super=False, width=width, device="cpu",
-                          dtype="float32",
-                          stream=stream, hidden_ram=0 if stream else None)
-    return choose_with_data(folder, layout, model_fingerprint(checkpoint, layout),
-                            criterion=criterion, ratio=ratio, protect={}, min_experts=None,
-                            options=options, log=lambda _: None)
-
-
-def _in_memory_logits(folder, candidate, batch: torch.Tensor) -> torch.Tensor:
-    """The unpruned model with the candidate's re-routing and refits applied as hooks."""
-    layout = describe(Checkpoint(folder))
-    model = load_model(folder, "cpu", "float32")
-    blocks = {b.layer: b for b in moe_blocks(model, layout.family)}
-    routing = Routing.of(layout.family, layout.config).after_prune(
-        candidate.plan.config_changes)
-    with PrunedLayers() as pruned, torch.no_grad():
-        for p in candidate.plan.layers:
-            pruned.add(blocks[p.layer], p.kept, routing, layout.family.router.logits_index)
-            apply_fit(blocks[p.layer], candidate.weights.get(p.layer, {}))
-            apply_router(blocks[p.layer].router, candidate.routers.get(p.layer))
-            apply_gate_up(blocks[p.layer].experts, candidate.gate_up.get(p.layer, {}),
-                          in_memory_interleaved(layout))
-        return model(batch).logits
-
-
 @pytest.mark.parametrize("model_type,trim", [("mixtral", False), ("qwen2_moe", True),
                                              ("gpt_oss", True), ("mixtral", True),
                                              ("deepseek_v3", False), ("gpt_oss", False),
                                              ("qwen2_moe", False)])
 def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
-    folder = _saved(model_type, tmp_path / "src")
+    folder = saved_checkpoint(model_type, tmp_path / "src")
     checkpoint = Checkpoint(folder)
     layout = describe(checkpoint)
     num = layout.moe_layers[0].num_experts
@@ -83,7 +40,7 @@ def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
         assert (num - n_drop) * width <= 0.5 * num * old_width
     else:
         n_drop, width = 2, None
-    candidate = choose(folder, _corpus(tmp_path), n_drop / num, width=width).chosen
+    candidate = choose(folder, doc_corpus(tmp_path), n_drop / num, width=width).chosen
     assert candidate.plan.num_dropped == n_drop
     if trim:
         assert all(len(c) == width for layer in candidate.neurons.values()
@@ -103,7 +60,7 @@ def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config[width_key] == (width if trim else old_width)
     batch = torch.randint(3, 256, (1, 48), generator=torch.Generator().manual_seed(3))
-    expected = _in_memory_logits(folder, candidate, batch)
+    expected = in_memory_logits(folder, candidate, batch)
     with torch.no_grad():
         got = load_model(tmp_path / "out", "cpu", "float32")(batch).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -113,12 +70,12 @@ def test_written_checkpoint_equals_in_memory_plan(model_type, trim, tmp_path):
 def test_trimmed_expert_without_a_refit_keeps_its_own_down_columns(model_type, tmp_path):
     """A kept expert that got no refit (no calibration token reached it) is trimmed with its
     own down projection's chosen columns (it used to fail at the write: 'no tensor 3')."""
-    folder = _saved(model_type, tmp_path / "src")
+    folder = saved_checkpoint(model_type, tmp_path / "src")
     checkpoint = Checkpoint(folder)
     layout = describe(checkpoint)
     num, width_key = layout.moe_layers[0].num_experts, layout.family.keys.expert_width[0]
     n_drop, width = budget_split(num, int(layout.config[width_key]), 0.5, layout.top_k())
-    candidate = choose(folder, _corpus(tmp_path), n_drop / num, width=width).chosen
+    candidate = choose(folder, doc_corpus(tmp_path), n_drop / num, width=width).chosen
     layer = layout.moe_layers[0]
     kept = candidate.plan.layer(layer.index).kept
     e = kept[0]
@@ -141,7 +98,7 @@ def test_trimmed_expert_without_a_refit_keeps_its_own_down_columns(model_type, t
 def test_short_sources_still_hold_out_a_window_or_fail_in_one_line(tmp_path):
     """Each source yields 2 windows: one is held out (before, both were fitted and every
     candidate scored KL 0); sources of one window each cannot score candidates: DataError."""
-    folder = _saved("mixtral", tmp_path / "src")
+    folder = saved_checkpoint("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     words = " ".join(_docstring_corpus()).split()
     sources = []

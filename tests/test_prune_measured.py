@@ -15,16 +15,14 @@ import itertools
 
 import pytest
 import torch
-from tiny_models import build_model, tokenizer
+from support import block_output, keep_for, measured_setup, random_tokens
+from tiny_models import build_model
 
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, route, selection_bias
-from moekit.families.fingerprint import model_fingerprint
-from moekit.families.layout import describe
 from moekit.families.registry import resolve
 from moekit.io.reader import Checkpoint
 from moekit.layerfit.compensate import refit_layer, set_down_weight
-from moekit.layerfit.measured import grouping
 from moekit.layerfit.override import PrunedLayers
 from moekit.layerfit.replay import build_replay
 from moekit.layerfit.search import search_drop
@@ -37,72 +35,26 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "
             "olmoe", "glm4_moe"]
 
 
-def _saved(model_type: str, folder, seed: int = 0):
-    """A tiny checkpoint whose routers are sharpened and selection biases random."""
-    model = build_model(model_type, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 7)
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if name.endswith("e_score_correction_bias"):
-            tensor.data.copy_(torch.randn(tensor.shape, generator=gen) * 0.05)
-        elif name.endswith(("gate.weight", "router.weight")) and tensor.dim() == 2:
-            tensor.data.mul_(8.0)
-    model.save_pretrained(folder)
-    tokenizer().save_pretrained(folder)
-    return folder
-
-
-def _tokens(n: int, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 256, (1, 32), generator=gen) for _ in range(n)]
-
-
-def _block_out(block, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        y = block(x.unsqueeze(0))
-    y = y[0] if isinstance(y, tuple) else y
-    return y.reshape(-1, y.shape[-1])
-
-
-def _setup(model_type: str, tmp_path):
-    folder = _saved(model_type, tmp_path / "src")
-    model = load_model(folder, "cpu", "float32")
-    checkpoint = Checkpoint(folder)
-    layout = describe(checkpoint)
-    return folder, model, layout, model_fingerprint(checkpoint, layout)
-
-
-def _keep_for(layout, num: int, n_drop: int) -> dict[int, list[int]]:
-    """A removal set per layer (different per layer), balanced over routing groups."""
-    groups, _ = grouping(layout, num, n_drop)
-    size = num // groups
-    keep = {}
-    for i, layer in enumerate(layout.moe_layers):
-        per_group = n_drop // groups
-        dropped = [g * size + (i + j) % size for g in range(groups) for j in range(per_group)]
-        keep[layer.index] = [e for e in range(num) if e not in dropped]
-    return keep
-
-
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_replay_equals_pruned_checkpoint(model_type, tmp_path):
-    folder, model, layout, fingerprint = _setup(model_type, tmp_path)
+    folder, model, layout, fingerprint = measured_setup(model_type, tmp_path)
     family = layout.family
     num = layout.moe_layers[0].num_experts
     n_drop = 2
-    keep = _keep_for(layout, num, n_drop)
+    keep = keep_for(layout, num, n_drop)
     plan = build_plan(layout, fingerprint, keep=keep)
     prune_checkpoint(folder, plan, tmp_path / "out")
     pruned = load_model(tmp_path / "out", "cpu", "float32")
     routing = Routing.of(family, layout.config)
     after = routing.after_prune(plan.config_changes)
-    caps = capture_layers(model, family, _tokens(3), max_tokens=96)
+    caps = capture_layers(model, family, random_tokens(3), max_tokens=96)
     pruned_blocks = {b.layer: b for b in moe_blocks(pruned, family)}
     for block in moe_blocks(model, family):
         cap = caps[block.layer]
         replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                               routing, after, n_drop, keep_outputs=True)
         predicted = cap.outputs - replay.target + replay.output(keep[block.layer])
-        actual = _block_out(pruned_blocks[block.layer].block, cap.inputs)
+        actual = block_output(pruned_blocks[block.layer].block, cap.inputs)
         torch.testing.assert_close(predicted, actual, rtol=1e-4, atol=1e-5)
         direct = (actual - cap.outputs + replay.target)
         err = float((replay.target - direct).pow(2).sum(-1).mean())
@@ -111,16 +63,16 @@ def test_replay_equals_pruned_checkpoint(model_type, tmp_path):
 
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "deepseek_v3"])
 def test_refit_written_equals_refit_in_memory_and_helps_unseen_tokens(model_type, tmp_path):
-    folder, model, layout, fingerprint = _setup(model_type, tmp_path)
+    folder, model, layout, fingerprint = measured_setup(model_type, tmp_path)
     family, num, n_drop = layout.family, layout.moe_layers[0].num_experts, 2
-    keep = _keep_for(layout, num, n_drop)
+    keep = keep_for(layout, num, n_drop)
     plan = build_plan(layout, fingerprint, keep=keep)
     routing = Routing.of(family, layout.config)
     after = routing.after_prune(plan.config_changes)
     block = moe_blocks(model, family)[-1]
-    fit_cap = capture_layers(model, family, _tokens(40, seed=1), max_tokens=1280,
+    fit_cap = capture_layers(model, family, random_tokens(40, seed=1), max_tokens=1280,
                              layers=[block.layer])[block.layer]
-    new_cap = capture_layers(model, family, _tokens(10, seed=2), max_tokens=320,
+    new_cap = capture_layers(model, family, random_tokens(10, seed=2), max_tokens=320,
                              layers=[block.layer])[block.layer]
     bias = selection_bias(block.block)
     kept = keep[block.layer]
@@ -140,7 +92,7 @@ def test_refit_written_equals_refit_in_memory_and_helps_unseen_tokens(model_type
     assert unseen_after.error(kept) < before
     with PrunedLayers() as pruned:
         pruned.add(block, kept, after, family.router.logits_index)
-        in_memory = _block_out(block.block, new_cap.inputs)
+        in_memory = block_output(block.block, new_cap.inputs)
     for e, w in original.items():
         block.experts.down_proj.data[e] = w
     layers = {block.layer: fit.weights}
@@ -149,7 +101,7 @@ def test_refit_written_equals_refit_in_memory_and_helps_unseen_tokens(model_type
     assert {r["expert"] for r in rows} == set(fit.weights)
     prune_checkpoint(folder, plan, tmp_path / "out", modified=modified)
     pruned_model = load_model(tmp_path / "out", "cpu", "float32")
-    written = _block_out(moe_blocks(pruned_model, family)[-1].block, new_cap.inputs)
+    written = block_output(moe_blocks(pruned_model, family)[-1].block, new_cap.inputs)
     torch.testing.assert_close(written, in_memory, rtol=1e-4, atol=1e-5)
 
 
@@ -165,7 +117,7 @@ def test_beam_search_matches_brute_force():
                 tensor.data.mul_(8.0)
         routing = Routing.of(family, model.config.to_dict())
         block = moe_blocks(model, family)[0]
-        cap = capture_layers(model, family, _tokens(4, seed), max_tokens=128,
+        cap = capture_layers(model, family, random_tokens(4, seed), max_tokens=128,
                              layers=[block.layer])[block.layer]
         replay = build_replay(block.experts, cap.inputs, cap.logits, None, routing, routing, 3)
         brute = min(replay.error([e for e in range(8) if e not in s])
@@ -182,7 +134,7 @@ def test_beam_search_matches_brute_force():
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss",
                                         "deepseek_v2", "olmoe"])
 def test_route_matches_router_module(model_type, tmp_path):
-    _, model, layout, _ = _setup(model_type, tmp_path)
+    _, model, layout, _ = measured_setup(model_type, tmp_path)
     family = layout.family
     routing = Routing.of(family, layout.config)
     for block in moe_blocks(model, family):
@@ -227,26 +179,3 @@ def test_cached_candidates_keep_near_ties_the_softmax_rounds_together():
         keep = [e for e in range(8) if e not in dropped]
         ids, _ = route(logits, routing, None, keep)
         assert all(int(i) in cand[0].tolist() for i in ids[0])
-
-
-
-def test_search_final_candidates_are_the_last_steps_best_sets():
-    """`search_drop(final=K)` returns the K lowest-error sets of its last step, lowest first,
-    the chosen set first, each scored by `error` (checked against brute force over all sets)."""
-    import itertools
-
-    gen = torch.Generator().manual_seed(0)
-    cost = torch.rand(6, generator=gen).tolist()
-    pair = torch.rand(6, 6, generator=gen)
-
-    def error(keep):
-        gone = [e for e in range(6) if e not in keep]
-        return sum(cost[e] for e in gone) + sum(float(pair[a, b]) for a, b in
-                                                itertools.combinations(gone, 2))
-
-    found = search_drop(error, 6, 2, beam=15, final=4)
-    every = sorted((error([e for e in range(6) if e not in d]), d)
-                   for d in itertools.combinations(range(6), 2))
-    assert [d for _, d in found.candidates] == [tuple(sorted(d)) for _, d in every[:4]]
-    assert found.candidates[0] == (found.error, found.dropped)
-    assert len(search_drop(error, 6, 2, beam=2).candidates) == 1

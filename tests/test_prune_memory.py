@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_prune_measured import _setup, _tokens
+from support import measured_setup, random_tokens
 
 import moekit.layerfit.replay as replay_mod
 from moekit.calib.capture import capture_layers, moe_blocks
@@ -43,11 +43,11 @@ def _former(block, cap, routing, n_drop):
                                               ("gpt_oss", torch.float32),
                                               ("qwen2_moe", torch.bfloat16)])
 def test_chunked_replay_equals_the_former_whole_one(model_type, dtype, tmp_path, monkeypatch):
-    _, model, layout, _ = _setup(model_type, tmp_path)
+    _, model, layout, _ = measured_setup(model_type, tmp_path)
     model = model.to(dtype)
     routing = Routing.of(layout.family, layout.config)
     block = moe_blocks(model, layout.family)[-1]
-    cap = capture_layers(model, layout.family, _tokens(3), max_tokens=96,
+    cap = capture_layers(model, layout.family, random_tokens(3), max_tokens=96,
                          layers=[block.layer])[block.layer]
     outs, target, gram, cross, tnorm = _former(block, cap, routing, 2)
     hidden = outs.shape[-1]

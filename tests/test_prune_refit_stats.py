@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_prune_calibrated import _corpus
-from test_prune_measured import _keep_for, _setup, _tokens
+from support import doc_corpus, keep_for, measured_setup, random_tokens, saved_checkpoint
 
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
@@ -35,15 +34,15 @@ from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 
 def _layer(model_type: str, tmp_path, tokens: int = 1280):
     """(block, replay over `tokens` positions, kept ids, capture) of the last MoE layer."""
-    folder, model, layout, fingerprint = _setup(model_type, tmp_path)
+    folder, model, layout, fingerprint = measured_setup(model_type, tmp_path)
     family, num, n_drop = layout.family, layout.moe_layers[0].num_experts, 2
     routing = Routing.of(family, layout.config)
-    keep = _keep_for(layout, num, n_drop)
+    keep = keep_for(layout, num, n_drop)
     from moekit.ops.prune.select import build_plan
 
     plan = build_plan(layout, fingerprint, keep=keep)
     block = moe_blocks(model, family)[-1]
-    cap = capture_layers(model, family, _tokens(tokens // 32, seed=1), max_tokens=tokens,
+    cap = capture_layers(model, family, random_tokens(tokens // 32, seed=1), max_tokens=tokens,
                          layers=[block.layer])[block.layer]
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                           routing, routing.after_prune(plan.config_changes), n_drop)
@@ -144,13 +143,12 @@ def test_window_groups_cover_every_window_in_order():
 
 def test_load_calibration_reads_refit_windows_after_the_selection_and_scoring(tmp_path):
     """Selection and held-out windows unchanged; the extra windows follow them in the source."""
-    from test_prune_measured import _saved
     from tiny_models import tokenizer
 
     from moekit.calib.data import load_domains
 
-    folder = _saved("mixtral", tmp_path / "src")
-    source = _corpus(tmp_path)
+    folder = saved_checkpoint("mixtral", tmp_path / "src")
+    source = doc_corpus(tmp_path)
     layout = describe(Checkpoint(folder))
     args = dict(fraction=(0.0, 1.0), seq_len=32, max_tokens=256, device="cpu", dtype="float32")
     plain = load_calibration(folder, layout, [source], **args)
@@ -172,8 +170,8 @@ def test_prune_with_refit_tokens_refits_on_the_streamed_tokens(tmp_path):
     (selection + extra windows) by the unmodified model (no earlier layer is pruned there, so
     the pruned lane's inputs are the model's and the drift is zero), and differs from the refit
     on the selection's positions alone."""
-    folder, model, layout, fingerprint = _setup("mixtral", tmp_path)
-    source = _corpus(tmp_path)
+    folder, model, layout, fingerprint = measured_setup("mixtral", tmp_path)
+    source = doc_corpus(tmp_path)
     options = DataOptions([source], seq_len=64, max_tokens=512, beam=2, compensate=True,
                           protect_super=False, device="cpu", dtype="float32",
                           refit_tokens=2048, reconstruct_steps=0)
@@ -207,10 +205,9 @@ def test_prune_with_refit_tokens_refits_on_the_streamed_tokens(tmp_path):
 def test_refit_tokens_streamed_equals_in_memory(tmp_path):
     """`--max-memory` small (one layer at a time) gives the same plan, refits and reconstructed
     gate/up projections."""
-    from test_prune_measured import _saved
 
-    folder = _saved("qwen2_moe", tmp_path / "src")
-    source = _corpus(tmp_path)
+    folder = saved_checkpoint("qwen2_moe", tmp_path / "src")
+    source = doc_corpus(tmp_path)
     checkpoint = Checkpoint(folder)
     layout = describe(checkpoint)
     fingerprint = model_fingerprint(checkpoint, layout)
@@ -245,8 +242,8 @@ def test_reconstruction_uses_the_streamed_refit_positions(tmp_path, monkeypatch)
     model and that model's own routed output there (no earlier layer is pruned: zero drift)."""
     import moekit.layerfit.measured as measured
 
-    folder, model, layout, fingerprint = _setup("mixtral", tmp_path)
-    source = _corpus(tmp_path)
+    folder, model, layout, fingerprint = measured_setup("mixtral", tmp_path)
+    source = doc_corpus(tmp_path)
     seen = []
     real = measured.reconstruct_layer
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_prune_measured import _block_out, _keep_for, _setup, _tokens
+from support import block_output, keep_for, measured_setup, random_tokens
 
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
@@ -42,7 +42,7 @@ def _pruned_out(block, kept, routing, logits_index, x, fit=None):
     try:
         with PrunedLayers() as pruned:
             pruned.add(block, kept, routing, logits_index)
-            return _block_out(block.block, x)
+            return block_output(block.block, x)
     finally:
         restore_router(block.router, saved)
 
@@ -69,16 +69,16 @@ def test_router_refit_recovers_a_router_and_is_written(model_type, tmp_path):
     """The target is the pruned block under other router rows (a teacher); the refit, started
     from the block's own rows, must close most of the gap on tokens it never saw; the
     checkpoint written with the refitted rows computes what the in-memory model computes."""
-    folder, model, layout, fingerprint = _setup(model_type, tmp_path)
+    folder, model, layout, fingerprint = measured_setup(model_type, tmp_path)
     family, num = layout.family, layout.moe_layers[0].num_experts
-    keep = _keep_for(layout, num, num // 2)
+    keep = keep_for(layout, num, num // 2)
     plan = build_plan(layout, fingerprint, keep=keep)
     after = Routing.of(family, layout.config).after_prune(plan.config_changes)
     index = family.router.logits_index
     block = moe_blocks(model, family)[-1]
     kept = keep[block.layer]
     teacher = _teacher(block, kept, seed=3)
-    fit_cap, new_cap = (capture_layers(model, family, _tokens(n, seed=s), max_tokens=32 * n,
+    fit_cap, new_cap = (capture_layers(model, family, random_tokens(n, seed=s), max_tokens=32 * n,
                                        layers=[block.layer])[block.layer]
                         for n, s in ((48, 1), (12, 2)))
     replay = build_replay(block.experts, fit_cap.inputs, fit_cap.logits,
@@ -114,15 +114,15 @@ def test_router_refit_recovers_a_router_and_is_written(model_type, tmp_path):
     assert all(r["rel_change"] > 0 for r in rows)
     prune_checkpoint(folder, plan, tmp_path / "out", modified=modified)
     pruned_model = load_model(tmp_path / "out", "cpu", "float32")
-    written = _block_out(moe_blocks(pruned_model, family)[-1].block, new_cap.inputs)
+    written = block_output(moe_blocks(pruned_model, family)[-1].block, new_cap.inputs)
     torch.testing.assert_close(written, in_memory, rtol=1e-4, atol=1e-5)
 
 
 def test_router_with_other_logits_is_left_alone(tmp_path):
-    _, model, layout, _ = _setup("mixtral", tmp_path)
+    _, model, layout, _ = measured_setup("mixtral", tmp_path)
     family = layout.family
     block = moe_blocks(model, family)[0]
-    cap = capture_layers(model, family, _tokens(4), max_tokens=128, layers=[block.layer])
+    cap = capture_layers(model, family, random_tokens(4), max_tokens=128, layers=[block.layer])
     cap = cap[block.layer]
     assert not_refittable(block.router, cap.inputs, cap.logits) == ""
     assert "not x W^T + b" in not_refittable(block.router, cap.inputs, 3 * cap.logits + 1)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_prune_calibrated import _corpus, _in_memory_logits, choose
-from test_prune_measured import _saved
+from support import choose, doc_corpus, in_memory_logits, saved_checkpoint
 
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
@@ -32,7 +31,7 @@ def _finals(engine, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", [1, 7, None])
 def test_chunked_kl_equals_full_vocabulary(tmp_path, rows):
-    folder = _saved("mixtral", tmp_path / "src")
+    folder = saved_checkpoint("mixtral", tmp_path / "src")
     engine = open_model(folder, device="cpu", dtype="float32", max_memory=None)
     ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(1))
     final = _finals(engine, ids)
@@ -55,9 +54,9 @@ def test_chunked_kl_equals_full_vocabulary(tmp_path, rows):
 @pytest.mark.parametrize("stream", [False, True])
 def test_candidate_scores_equal_the_full_vocabulary_kl_of_the_pruned_model(tmp_path, stream):
     """Every candidate's held-out KL and top-1 equal those computed independently: the unpruned
-    model and the candidate applied as hooks (`_in_memory_logits`), on the held-out windows."""
-    folder = _saved("mixtral", tmp_path / "src")
-    source = _corpus(tmp_path)
+    model and the candidate applied as hooks (`in_memory_logits`), on the held-out windows."""
+    folder = saved_checkpoint("mixtral", tmp_path / "src")
+    source = doc_corpus(tmp_path)
     choice = choose(folder, source, 0.25, stream=stream, compensate=None)
     layout = describe(Checkpoint(folder))
     cal = load_calibration(folder, layout, [source], fraction=(0.0, 1.0), seq_len=64,
@@ -69,7 +68,7 @@ def test_candidate_scores_equal_the_full_vocabulary_kl_of_the_pruned_model(tmp_p
         kl = agree = count = 0.0
         for ids in cal.held:
             with torch.no_grad():
-                want = _full_vocab(model(ids).logits, _in_memory_logits(folder, candidate, ids))
+                want = _full_vocab(model(ids).logits, in_memory_logits(folder, candidate, ids))
             kl, agree, count = kl + want[0], agree + want[1], count + want[2]
         assert candidate.kl == pytest.approx(kl / count, rel=1e-4, abs=1e-7)
         assert candidate.top1 == pytest.approx(agree / count, abs=1.01 / count)

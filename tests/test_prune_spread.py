@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_prune_calibrated import _corpus
-from test_prune_measured import _saved
+from support import doc_corpus, saved_checkpoint
 from tiny_models import tokenizer
 
 from moekit.calib.data import load_domains
@@ -33,8 +32,8 @@ def test_spread_windows_are_evenly_spaced(total, need):
 
 
 def test_load_calibration_spreads_fit_and_held_windows(tmp_path):
-    folder = _saved("mixtral", tmp_path / "src")
-    source = _corpus(tmp_path)
+    folder = saved_checkpoint("mixtral", tmp_path / "src")
+    source = doc_corpus(tmp_path)
     layout = describe(Checkpoint(folder))
     seq_len, max_tokens, spread = 32, 256, 4
     cal = load_calibration(folder, layout, [source], fraction=(0.0, 1.0), seq_len=seq_len,

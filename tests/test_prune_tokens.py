@@ -6,8 +6,7 @@ for merge, PRUNE_TOKENS for prune)."""
 from __future__ import annotations
 
 import pytest
-from test_prune_calibrated import _corpus, choose
-from test_prune_measured import _saved
+from support import choose, doc_corpus, run, saved_checkpoint, stats_for
 
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
@@ -38,7 +37,7 @@ def _weights(folder) -> int:
 @pytest.mark.parametrize("default", [DEFAULT_TOKENS, PRUNE_TOKENS])
 @pytest.mark.parametrize("blocks", [0, 3, 20, 40])
 def test_default_fits_the_memory_beside_the_weights(tmp_path, blocks, default):
-    folder = _saved("mixtral", tmp_path / "src")
+    folder = saved_checkpoint("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     per = per_token_bytes(layout, 2, 4, False)
     budget = _weights(folder) + blocks * 1024 * per + per // 2
@@ -57,8 +56,8 @@ def test_default_fits_the_memory_beside_the_weights(tmp_path, blocks, default):
 def test_estimate_follows_the_cached_experts(tmp_path):
     """M = k + n_drop cached outputs per token where the ranking is stable; every expert under
     grouped routing, and then N x M x H outputs instead of Gram matrices beyond 64."""
-    mixtral = describe(Checkpoint(_saved("mixtral", tmp_path / "m")))
-    grouped = describe(Checkpoint(_saved("deepseek_v3", tmp_path / "d")))
+    mixtral = describe(Checkpoint(saved_checkpoint("mixtral", tmp_path / "m")))
+    grouped = describe(Checkpoint(saved_checkpoint("deepseek_v3", tmp_path / "d")))
     hidden = int(mixtral.config["hidden_size"])
     assert per_token_bytes(mixtral, 3, 2, False) - per_token_bytes(mixtral, 2, 2, False) == \
         8 * ((mixtral.top_k() + 3) ** 2 - (mixtral.top_k() + 2) ** 2) + 16
@@ -80,7 +79,7 @@ def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
     DataOptions pass max_tokens=1024; here the default is asked for)."""
     import moekit.ops.prune.calibrated as calibrated
 
-    folder = _saved("mixtral", tmp_path / "src")
+    folder = saved_checkpoint("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     per = per_token_bytes(layout, 2, 4, False)
     seen = {}
@@ -94,8 +93,8 @@ def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
         seen["options"] = made
         return made
 
-    monkeypatch.setattr("test_prune_calibrated.DataOptions", options)
-    choice = choose(folder, _corpus(tmp_path), 0.25, compensate=True)
+    monkeypatch.setattr("support.DataOptions", options)
+    choice = choose(folder, doc_corpus(tmp_path), 0.25, compensate=True)
     assert choice.info["max_tokens"] == seen["options"].max_tokens == 3072
 
 
@@ -103,13 +102,11 @@ def test_merge_cli_uses_the_lowered_default_and_keeps_an_explicit_count(tiny_che
                                                                         tmp_path):
     import json
 
-    from test_merge_cli import run, stats_for
-
     source = tiny_checkpoint("mixtral")
     layout = describe(Checkpoint(source))
     n_drop = layout.moe_layers[0].num_experts // 2
     budget = _weights(source) + 3 * 1024 * per_token_bytes(layout, n_drop, 4, False) + 1
-    stats = stats_for(source, tmp_path / "stats")
+    stats = stats_for(tmp_path, source)
     for extra, want in (((), 3072), (("--max-tokens", "512"), 512)):
         plan = tmp_path / f"plan{want}.json"
         result = run("merge", source, "--stats", stats, "--ratio", "0.5", "--group", "m-smoe",
@@ -125,7 +122,7 @@ def test_prune_resolves_its_own_default(tmp_path):
     so in one line (naming that default) where it does not."""
     from moekit.ops.prune.calibrated import DataOptions, _resolve_tokens
 
-    folder = _saved("mixtral", tmp_path / "src")
+    folder = saved_checkpoint("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     said: list[str] = []
     roomy = DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40)
@@ -154,7 +151,7 @@ def test_refit_sums_estimate_is_what_the_sums_hold(tmp_path):
     from moekit.layerfit.tokens import refit_sum_bytes
     from moekit.surgery.plan import drop_count
 
-    layout = describe(Checkpoint(_saved("mixtral", tmp_path / "m")))
+    layout = describe(Checkpoint(saved_checkpoint("mixtral", tmp_path / "m")))
     experts = layout.moe_layers[0].num_experts
     n_drop = drop_count(0.5, experts)
     keep = list(range(experts - n_drop))
@@ -179,7 +176,7 @@ def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
     from moekit.ops.prune.calibrated import DataOptions, _resolve_tokens
     from moekit.surgery.plan import drop_count
 
-    folder = _saved("mixtral", tmp_path / "src")
+    folder = saved_checkpoint("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     n_drop = drop_count(0.5, layout.moe_layers[0].num_experts)
     per, sums = per_token_bytes(layout, n_drop, 4, False), refit_sum_bytes(layout, n_drop)
@@ -218,7 +215,7 @@ def test_default_refit_streams_more_positions_when_the_memory_allows(tmp_path):
     from moekit.ops.prune.calibrated import DataOptions, _resolve_tokens
     from moekit.surgery.plan import drop_count
 
-    folder = _saved("mixtral", tmp_path / "src")
+    folder = saved_checkpoint("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     said: list[str] = []
     roomy = DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40, refit_auto=True)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from test_runtime_stream import SETTINGS, assert_same_profile, sources  # noqa: F401
+from support import SETTINGS, assert_same_profile, sources  # noqa: F401
 from typer.testing import CliRunner
 
 from moekit.cli.app import app

@@ -3,47 +3,19 @@ in-memory model gives, for every family: profile counts and sums, eval loss, lay
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from conftest import DENSE_TYPES, MOE_TYPES
+from support import SETTINGS, assert_same_profile, sources  # noqa: F401
 from transformers import AutoModelForCausalLM
 
-from moekit.calib.data import DataSource
 from moekit.ops.evaluate import evaluate
 from moekit.ops.profile import profile_model
 from moekit.runtime.engine import open_model
 
-SETTINGS = dict(seq_len=24, max_tokens=150, batch_size=3, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def sources(tmp_path_factory) -> list[DataSource]:
-    import json
-    import os
-
-    folder = tmp_path_factory.mktemp("stream-texts")
-    (folder / "a.txt").write_text((os.__doc__ or "") * 2)
-    (folder / "b.txt").write_text((json.__doc__ or "") * 2)
-    return [DataSource("a", folder / "a.txt"), DataSource("b", folder / "b.txt")]
-
-
-def assert_same_profile(streamed, memory) -> None:
-    s, m = streamed.expert_stats, memory.expert_stats
-    assert (s["tokens"].to_numpy() == m["tokens"].to_numpy()).all()
-    for column in ("weight_sum", "ean_sum", "reap_sum", "max_norm"):
-        np.testing.assert_allclose(s[column], m[column], rtol=1e-5, atol=1e-6, err_msg=column)
-    for column in ("tokens", "top1_pairs", "top1_repeats"):
-        assert (streamed.layer_stats[column] == memory.layer_stats[column]).all(), column
-    np.testing.assert_allclose(streamed.layer_stats["entropy_sum"],
-                               memory.layer_stats["entropy_sum"], rtol=1e-5)
-    assert streamed.coactivation.keys() == memory.coactivation.keys()
-    for key, value in memory.coactivation.items():
-        assert (streamed.coactivation[key] == value).all(), key
-
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
-def test_streamed_profile_equals_in_memory(model_type, tiny_checkpoint, sources):
+def test_streamed_profile_equals_in_memory(model_type, tiny_checkpoint, sources):  # noqa: F811
     folder = tiny_checkpoint(model_type)
     memory = profile_model(folder, sources, stream=False, **SETTINGS)
     streamed = profile_model(folder, sources, stream=True, **SETTINGS)
@@ -54,7 +26,7 @@ def test_streamed_profile_equals_in_memory(model_type, tiny_checkpoint, sources)
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)
-def test_streamed_eval_loss_equals_in_memory(model_type, tiny_checkpoint, sources):
+def test_streamed_eval_loss_equals_in_memory(model_type, tiny_checkpoint, sources):  # noqa: F811
     folder = tiny_checkpoint(model_type)
     memory = evaluate(folder, sources, stream=False, **SETTINGS)
     streamed = evaluate(folder, sources, stream=True, hidden_ram=0, **SETTINGS)
@@ -65,7 +37,7 @@ def test_streamed_eval_loss_equals_in_memory(model_type, tiny_checkpoint, source
         assert a.loss == pytest.approx(b.loss, abs=1e-4)
 
 
-def test_streamed_kl_against_a_streamed_reference(tiny_checkpoint, sources):
+def test_streamed_kl_against_a_streamed_reference(tiny_checkpoint, sources):  # noqa: F811
     model, ref = tiny_checkpoint("mixtral"), tiny_checkpoint("mixtral", seed=5)
     memory = evaluate(model, sources, ref, stream=False, **SETTINGS)
     streamed = evaluate(model, sources, ref, stream=True, keep_both=False, **SETTINGS)
@@ -135,7 +107,7 @@ def test_streamed_dense_logits_equal_in_memory(model_type, tiny_checkpoint):
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_upcycle_calibration_streamed_equals_in_memory(tiny_checkpoint, sources):
+def test_upcycle_calibration_streamed_equals_in_memory(tiny_checkpoint, sources):  # noqa: F811
     from moekit.ops.upcycle.calib import capture_ffn_inputs
 
     folder = tiny_checkpoint("llama")
@@ -147,7 +119,7 @@ def test_upcycle_calibration_streamed_equals_in_memory(tiny_checkpoint, sources)
         torch.testing.assert_close(streamed.inputs[layer], inputs, rtol=1e-5, atol=1e-5)
 
 
-def test_mtp_layers_on_disk_are_left_out_as_the_model_does(tiny_checkpoint, sources, tmp_path):
+def test_mtp_layers_on_disk_are_left_out_as_the_model_does(tiny_checkpoint, sources, tmp_path):  # noqa: F811
     """DeepSeek-V3 keeps its MTP block as `model.layers.{num_hidden_layers}.*`: transformers
     ignores it, and so does streaming."""
     import shutil

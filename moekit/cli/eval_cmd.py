@@ -65,12 +65,24 @@ def eval_model(
         "--max-new-tokens", help="Tokens generated per prompt (--generate).")] = 32,
     generate_out: Annotated[Path | None, typer.Option(
         "--generate-out", help="Write the continuations as .md or .json.")] = None,
+    tasks: Annotated[str | None, typer.Option(
+        "--tasks", help="lm-evaluation-harness tasks (names, or a task's .yaml), comma-"
+        "separated: scores beside --ref's. Without --data, only this runs. Needs "
+        "pip install 'moekit[tasks]'.")] = None,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", help="--tasks: at most this many examples per task (quick checks).")] = None,
+    include_path: Annotated[Path | None, typer.Option(
+        "--include-path", help="--tasks: a folder of your own lm-eval task YAMLs.")] = None,
+    tasks_out: Annotated[Path | None, typer.Option(
+        "--tasks-out", help="--tasks: write the scores as .csv/.parquet/.json.")] = None,
 ) -> None:
     """Perplexity and mean token loss (nats) per dataset; with --ref, KL and top-1 agreement.
 
     Example: moekit eval ./pruned --data code=code.txt --data-range 0.5:1 --ref ./original
 
     Example: moekit eval ./pruned --ref ./original --generate prompts.txt --generate-out gen.md
+
+    Example: moekit eval ./pruned --ref ./original --tasks ./my_task.yaml --limit 100
 
     Data-parallel: torchrun --nproc-per-node N -m moekit eval ... (docs/scale-distributed.md).
     """
@@ -86,15 +98,26 @@ def eval_model(
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
     check_outputs((*local_inputs(path, ref_path, tokenizer), *(s.path for s in sources)),
                   files={"--export": (export, TABLE_SUFFIXES),
-                         "--generate-out": (generate_out, (".md", ".json"))})
+                         "--generate-out": (generate_out, (".md", ".json")),
+                         "--tasks-out": (tasks_out, TABLE_SUFFIXES)})
+    if limit is not None and limit < 1:
+        from moekit.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"--limit {limit} is below 1")
+    if tasks is not None:
+        from moekit.cli.tasks_view import run_task_table
+
+        run_task_table(path, ref_path, tasks, tasks_out, limit=limit, include_path=include_path,
+                       batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
+                       trust_remote_code=trust_remote_code)
     if generate is not None:
         from moekit.cli.generate_view import run_generate
 
         run_generate(path, ref_path, generate, generate_out, max_new_tokens=max_new_tokens,
                      device=device, dtype=dtype, tokenizer=tokenizer,
                      trust_remote_code=trust_remote_code)
-        if not data:
-            return
+    if (generate is not None or tasks is not None) and not data:
+        return
     with token_progress("evaluating") if is_writer() else nullcontext() as on_tokens:
         result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,
                           batch_size=batch_size, device=device, dtype=dtype, fraction=fraction,

@@ -206,9 +206,12 @@ def clusters_table(plan: Any):  # noqa: ANN201 - rich Table
     """Per layer: the merged clusters (new id <- original ids, centre first)."""
     from rich.table import Table
 
+    from moekit.ops.merge.plan import WRITTEN
+
     title = (f"merge plan: {plan.group} / {plan.method} / router {plan.router}, "
              f"{plan.num_experts} -> {plan.num_kept} experts per layer (top-k {plan.top_k})")
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", caption=f"{WRITTEN[plan.method]}",
+                  caption_justify="left")
     table.add_column("layer", justify="right")
     table.add_column("merged clusters: new <- original (centre first)")
     for p in plan.layers:

@@ -18,7 +18,7 @@ from moekit.families.mixtral import MIXTRAL
 from moekit.families.olmoe import OLMOE
 from moekit.families.phimoe import PHIMOE
 from moekit.families.qwen import QWEN2_MOE, QWEN3_5_MOE, QWEN3_MOE, QWEN3_NEXT
-from moekit.families.spec import DenseFamily, Family, MoeFamily
+from moekit.families.spec import Family, MoeFamily
 
 MOE_FAMILIES: tuple[MoeFamily, ...] = (
     MIXTRAL, QWEN2_MOE, QWEN3_MOE, QWEN3_NEXT, QWEN3_5_MOE, DEEPSEEK_V2, DEEPSEEK_V3, GLM4_MOE,
@@ -94,7 +94,3 @@ def first_value(config: dict[str, Any], keys: tuple[str, ...], default: Any = No
 def first_key(config: dict[str, Any], keys: tuple[str, ...]) -> str | None:
     """The first alias in `keys` that `config` actually uses."""
     return next((k for k in keys if k in config), None)
-
-
-def is_dense(family: Family) -> bool:
-    return isinstance(family, DenseFamily)

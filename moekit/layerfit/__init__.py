@@ -1,6 +1,7 @@
 """Layer fitting on calibration captures: one MoE layer at a time, the model run by `runtime/`.
 
-    measured.py     calibration session (load_calibration), measure_layer: capture, search, fit
+    measured.py     calibration session (load_calibration), measure_layer: capture, search
+                    (or fixed kept ids, kept=), fit
     lanes.py        the layered run: lanes of windows, each seeing a differently modified model
     override.py     an in-memory model behaving like its pruned checkpoint, layer by layer
     replay.py       one MoE layer replayed on cached tokens with experts removed

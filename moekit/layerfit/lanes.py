@@ -90,7 +90,9 @@ class Lane:
 
 @dataclass
 class Search:
-    """Measured-selection settings (`n_drop` experts per layer)."""
+    """Measured-selection settings (`n_drop` experts per layer). With `kept` {layer: ids}
+    (every MoE layer's entry there by the time the run reaches it) each layer keeps exactly
+    those ids: no search, `measure_layer(kept=...)` measures and refits them."""
 
     n_drop: int
     beam: int = 4
@@ -99,6 +101,7 @@ class Search:
     protect: dict[int, list[int]] = field(default_factory=dict)
     router: bool = True
     reconstruct: int = 0
+    kept: dict[int, list[int]] | None = None
 
 
 @dataclass
@@ -201,7 +204,8 @@ class LaneRun:
                                reference=reference, router=search.router,
                                reference_logits=ref_logits,
                                refit=self._streamed(step, block) if refit and cal.streams_refit
-                               else None, reconstruct=search.reconstruct)
+                               else None, reconstruct=search.reconstruct,
+                               kept=None if search.kept is None else search.kept[block.layer])
         del cap, reference, ref_logits
         result.seconds = time.perf_counter() - start
         for lane in self.lanes:

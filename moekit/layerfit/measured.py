@@ -26,7 +26,7 @@ from moekit.layerfit.incremental import IncrementalError, local_routing
 from moekit.layerfit.reconstruct import Rebuild, apply_rebuild, reconstruct_layer, restore_rebuild
 from moekit.layerfit.replay import build_replay
 from moekit.layerfit.router_fit import RouterFit, refit_router
-from moekit.layerfit.search import search_drop
+from moekit.layerfit.search import SearchResult, search_drop
 from moekit.runtime.loading import load_tokenizer
 from moekit.surgery.plan import group_count, group_feasible
 
@@ -184,7 +184,7 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
                   reference: torch.Tensor | None, router: bool = False,
                   reference_logits: torch.Tensor | None = None,
                   refit: Callable[[LayerReplay, list[int]], LayerFit] | None = None,
-                  reconstruct: int = 0) -> MeasuredLayer:
+                  reconstruct: int = 0, kept: list[int] | None = None) -> MeasuredLayer:
     """Search (and refit) one layer whose weights are materialised, from its capture `cap`
     (inputs, logits; with a refit also the layer's output residual) and `reference`, the
     unmodified model's residual at the same positions [N, H] (the refit absorbs the drift) and
@@ -192,14 +192,21 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
     compensation), the kept router rows are refitted after the down projections
     (`router_fit`). `refit(replay, kept)`, when given, replaces the down refit on the capture
     (the streamed refit on more tokens, `refit_stream`; not with `width`). With `reconstruct`
-    > 0 the kept experts are then fitted whole for at most that many steps (`reconstruct`)."""
+    > 0 the kept experts are then fitted whole for at most that many steps (`reconstruct`).
+
+    With `kept` (the ids to keep, `num_experts - n_drop` of them; merge's centres) there is no
+    search: the layer is measured and refitted keeping exactly those (`error` is D(kept),
+    `single` is empty)."""
     num = int(block.experts.num_experts)
     groups, changes = grouping(cal.layout, num, n_drop)
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                           cal.routing, cal.routing.after_prune(changes), n_drop)
-    local = groups == 1 and local_routing(replay)  # its states are freed before the refit
-    found = search_drop(replay.error, num, n_drop, protected=protected, groups=groups, beam=beam,
-                        extend=IncrementalError(replay).extend if local else None)
+    if kept is not None:
+        found = fixed_drop(replay, num, n_drop, kept)
+    else:
+        local = groups == 1 and local_routing(replay)  # its states are freed before the refit
+        found = search_drop(replay.error, num, n_drop, protected=protected, groups=groups,
+                            beam=beam, extend=IncrementalError(replay).extend if local else None)
     kept = [e for e in range(num) if e not in found.dropped]
     fit = rfit = rebuild = None
     if needs_refit(n_drop, compensate, width):
@@ -222,6 +229,14 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
                 restore_weights(block, saved)
     return MeasuredLayer(block.layer, kept, sorted(found.dropped), found.error, found.single,
                          fit, 0.0, rfit, rebuild)
+
+
+def fixed_drop(replay: LayerReplay, num: int, n_drop: int, kept: list[int]) -> SearchResult:
+    """The removal set that keeps exactly `kept` (no search), with its error D(kept)."""
+    ids = sorted(set(kept))
+    if len(ids) != len(kept) or len(ids) != num - n_drop or not all(0 <= e < num for e in ids):
+        raise ValueError(f"kept {kept}: expected {num - n_drop} distinct ids below {num}")
+    return SearchResult(tuple(e for e in range(num) if e not in ids), replay.error(ids), ())
 
 
 def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kept: list[int],

@@ -16,19 +16,16 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The chosen removal set, its error, D({e}) of removing each expert alone, and the final
-    step's best (error, set) pairs, lowest first (`final` of them; the chosen one first)."""
+    """The chosen removal set, its error and D({e}) of removing each expert alone."""
 
     dropped: tuple[int, ...]
     error: float
     single: tuple[float, ...]
-    candidates: tuple[tuple[float, tuple[int, ...]], ...] = ()
 
 
 def search_drop(error: Callable[[list[int]], float], num_experts: int, n_drop: int, *,
                 protected: frozenset[int] = frozenset(), groups: int = 1, beam: int = 4,
-                extend: Callable[[tuple[int, ...], int], float] | None = None,
-                final: int = 1) -> SearchResult:
+                extend: Callable[[tuple[int, ...], int], float] | None = None) -> SearchResult:
     """Beam search for `n_drop` experts to remove; `error(keep)` scores a kept set, and
     `extend(dropped, e)` (default: `error` of the complement) the removal set dropped + e
     (`incremental.IncrementalError.extend`: the same D from the state of `dropped`).
@@ -39,8 +36,7 @@ def search_drop(error: Callable[[list[int]], float], num_experts: int, n_drop: i
     quota = n_drop // groups if groups > 1 else n_drop
     singles = tuple(error(_keep(num_experts, (e,))) for e in range(num_experts))
     states: list[tuple[float, tuple[int, ...]]] = [(0.0, ())]
-    for step in range(n_drop):
-        width = max(beam, final, 1) if step == n_drop - 1 else max(beam, 1)
+    for _ in range(n_drop):
         scored: dict[tuple[int, ...], float] = {}
         for _, dropped in states:
             for e in range(num_experts):
@@ -54,9 +50,9 @@ def search_drop(error: Callable[[list[int]], float], num_experts: int, n_drop: i
                         error(_keep(num_experts, key))
         if not scored:
             break
-        states = sorted(((v, k) for k, v in scored.items()))[:width]
+        states = sorted(((v, k) for k, v in scored.items()))[:max(beam, 1)]
     best_error, best = states[0]
-    return SearchResult(best, best_error, singles, tuple(states[:max(final, 1)]))
+    return SearchResult(best, best_error, singles)
 
 
 def _keep(num_experts: int, dropped: tuple[int, ...]) -> list[int]:

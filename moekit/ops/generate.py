@@ -90,8 +90,7 @@ def _continue(path: Path, encoded: list[Any], max_new_tokens: int, device: str, 
               trust_remote_code: bool) -> list[list[int]]:
     import torch
 
-    loaded = runtime_engine.open_model(path, device=device, dtype=dtype, stream=False,
-                                       trust_remote_code=trust_remote_code)
+    loaded = in_memory(path, device, dtype, trust_remote_code, "--generate")
     model = loaded.model
     out = []
     with torch.inference_mode():
@@ -102,6 +101,21 @@ def _continue(path: Path, encoded: list[Any], max_new_tokens: int, device: str, 
             out.append([int(t) for t in new[0, ids.shape[1]:]])
     del model, loaded
     return out
+
+
+def in_memory(path: Path, device: str, dtype: str, trust_remote_code: bool, option: str) -> Any:
+    """The model loaded whole (`--max-memory auto`); one that would be streamed is refused:
+    generation and lm-eval run the whole model at once."""
+    from moekit.errors import UnsupportedModelError
+
+    loaded = runtime_engine.open_model(path, device=device, dtype=dtype,
+                                       trust_remote_code=trust_remote_code)
+    if loaded.mode != "memory":
+        raise UnsupportedModelError(
+            f"{option} needs {path} in memory, and it does not fit ({loaded.plan.reason})",
+            "run on a machine (or GPU) with more memory; moekit streams only perplexity, "
+            "profiles and surgery")
+    return loaded
 
 
 def _pad(model: Any) -> int:

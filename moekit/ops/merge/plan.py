@@ -38,10 +38,25 @@ METHODS = {
            "what its cluster contributed to the original layer (under the merged router)",
     "fit-centre": "the centre's gate/up kept (dominant expert, as HC-SMoE's fix-dom); its down "
                   "projection re-fitted like `fit` to absorb the folded experts' output",
-    "fit-layer": "the centre's gate/up kept; the down projections of all merged experts "
-                 "re-fitted together to the unmerged layer's output (plus the residual-stream "
-                 "drift) under the merged router's routing, layer by layer on the hidden states "
-                 "of the model merged so far (prune --data's compensation; --router centre)",
+    "fit-layer": "each cluster is written as its centre expert (gate/up and router row "
+                 "unchanged) with its down projection refitted to absorb the cluster's "
+                 "function: the down projections of all merged experts are refitted together "
+                 "to the unmerged layer's output (plus the residual-stream drift) under the "
+                 "merged router's routing, layer by layer on the hidden states of the model "
+                 "merged so far (prune --data's compensation; --router centre); the refits are "
+                 "written only if they lower the held-out KL, else the centres as they are",
+}
+WRITTEN = {  # what each new expert is, in one line (plan table caption, model card)
+    "average": "each new expert is the usage-weighted average of its cluster's members",
+    "aligned": "each new expert is the usage-weighted average of its cluster's members, "
+               "neurons aligned to the centre's",
+    "fit": "each new expert is its cluster's aligned average with the down projection refitted "
+           "to reproduce the cluster's output",
+    "fit-centre": "each new expert is its cluster's centre (the first id) with the down "
+                  "projection refitted to absorb the cluster's output",
+    "fit-layer": "each new expert is its cluster's centre (the first id): gate/up and router row "
+                 "copied, the down projection refitted to absorb the cluster's function (all "
+                 "merged experts' down projections refitted together, layer by layer)",
 }
 FIT_METHODS = ("fit", "fit-centre")  # cluster-local fits on the unmodified model's activations
 LAYER_FITS = ("fit-layer",)  # whole-layer, sequential refit (`refit.py`)

@@ -23,8 +23,8 @@ mean next-token KL(unmerged || merged) there; otherwise the checkpoint is the ce
 
 Sequential: the layers are fitted in order in one layered run of `moekit.runtime` (in memory,
 or streamed one decoder layer at a time under `max_memory`), each on the hidden states of the
-model merged (and refitted) so far (`layerfit.lanes`: the `original` and `pruned` lanes; the
-centres are the only experts the search may keep, so the removal set is the plan's). Refitted
+model merged (and refitted) so far (`layerfit.lanes`: the `original` and `pruned` lanes; each
+layer keeps exactly the plan's centres, `measure_layer(kept=...)`, no search). Refitted
 down projections [H, I] (float32) are spilled to disk, one file per layer, and read back by the
 surgery one tensor at a time.
 """
@@ -121,7 +121,7 @@ def sequential_refit(cal: Any, n_drop: int, centres: dict[int, list[int]], *,
     {layer: ids}. `make_run(cal, lanes, search, spill, on_result)`: the `lanes.LaneRun` to
     use (default LaneRun itself; `onepass.SharedRun` fills in `centres` as each layer
     starts)."""
-    search = Search(n_drop, beam=1, compensate=True, protect=centres)
+    search = Search(n_drop, compensate=True, kept=centres)
     lanes = [Lane("original", held=False), Lane("reference", held=True),  # unrefitted first
              Lane("centres", held=True, measured=True),
              Lane("pruned", held=False, measured=True, refitted=True),
@@ -130,9 +130,6 @@ def sequential_refit(cal: Any, n_drop: int, centres: dict[int, list[int]], *,
                          runtime=cal.engine.describe())
 
     def on_result(result: Any) -> None:
-        if result.kept != centres[result.layer]:
-            raise RuntimeError(f"layer {result.layer}: refit kept {result.kept}, the plan's "
-                               f"centres are {centres[result.layer]} (internal error)")
         fit = result.fit
         refits.weights[result.layer] = fit.weights if fit.weights else {}
         refits.info[result.layer] = {"alpha": fit.alpha, "held_out_before": fit.held_before,

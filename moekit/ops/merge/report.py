@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.io.card import provenance, write_model_card, write_provenance
-from moekit.ops.merge.plan import GROUPINGS, METHODS, ROUTERS, MergePlan
+from moekit.ops.merge.plan import GROUPINGS, METHODS, ROUTERS, WRITTEN, MergePlan
 
 
 def merge_provenance(source: str, plan: MergePlan, *, config_keys: list[str],
@@ -66,8 +66,24 @@ def clusters_markdown(plan: MergePlan, reconstruction: dict[int, float]) -> str:
         error = reconstruction.get(p.layer)
         lines.append(f"| {p.layer} | {merged or '-'} | "
                      f"{'-' if error is None else f'{error:.2%}'} |")
-    lines += ["", "Experts not listed were kept alone (renumbered). The output error is the "
+    lines += ["", f"Written: {WRITTEN[plan.method]}.{refit_outcome(plan)}", "",
+              "Experts not listed were kept alone (renumbered). The output error is the "
               "gate-weighted relative squared error of the merged experts against their "
               "clusters' outputs on the calibration tokens (fit only). The full map and merge "
               "weights are in `moekit_provenance.json`."]
     return "\n".join(lines) + "\n"
+
+
+def refit_outcome(plan: MergePlan) -> str:
+    """`--method fit-layer`: whether the refitted down projections were written (the
+    calibration record's `refit`), with the held-out KLs that decided it; else ""."""
+    refit = (plan.calibration or {}).get("refit")
+    if plan.method != "fit-layer" or not refit:
+        return ""
+    kl = refit.get("kl_held_out") or {}
+    scores = (f" (held-out KL: centres {kl['centres']:.5f}, refitted {kl['refitted']:.5f})"
+              if {"centres", "refitted"} <= set(kl) else "")
+    if refit.get("kept"):
+        return f" The refitted down projections were written{scores}."
+    return (f" No refit was written{scores}: the new experts are the centres unchanged, i.e. "
+            "the model pruned to the centres.")

@@ -70,10 +70,6 @@ class UpcyclePlan:
     config: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def has_shared(self) -> bool:
-        return bool(self.shared_width)
-
-    @property
     def preservation(self) -> str:
         """When the upcycled model computes exactly what the dense one does at init."""
         opts = self.options

@@ -10,7 +10,7 @@ Per layer it prints each candidate's pre-refit error D (the search's score, all 
 its held-out squared layer error after the refit, and how much lower the best post-refit
 candidate is than today's. The prune itself is unchanged (today's set and refit are applied).
 
-    .venv/bin/python benchmarks/bench_postrefit.py --tokens 8192 --final 8
+    .venv/bin/python experiments/bench_postrefit.py --tokens 8192 --final 8
 """
 
 from __future__ import annotations

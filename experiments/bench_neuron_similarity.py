@@ -11,7 +11,7 @@ expert. Experts upcycled from one dense model start with shared neurons (similar
 upcycling); for unrelated random directions the expected best similarity is about
 sqrt(2 ln(E I) / 3H) (0.14 for 16 experts x 128 neurons, H = 256).
 
-    .venv/bin/python benchmarks/bench_neuron_similarity.py ../shared/fixtures/models/mixtral-e16k2
+    .venv/bin/python experiments/bench_neuron_similarity.py ../shared/fixtures/models/mixtral-e16k2
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ prune itself is unchanged (the absorbed weights are not applied). A variant is S
 `energy` or `obs` neuron choice from the pool of the COUNT dropped experts re-routed most to
 each kept expert, or `full` (the whole pool kept: width (COUNT + 1) I, a ceiling).
 
-    .venv/bin/python benchmarks/bench_absorb.py --tokens 8192 --variants energy:2,obs:2,full:2
+    .venv/bin/python experiments/bench_absorb.py --tokens 8192 --variants energy:2,obs:2,full:2
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Absorbing dropped experts' neurons into kept ones (`benchmarks/absorb_experiment.py`, an
-experiment kept for its benchmark), on one tiny layer."""
+"""Absorbing dropped experts' neurons into kept ones (`absorb_experiment.py`, an experiment kept
+for its benchmark), on one tiny layer. Not part of the suite: `pytest experiments/`."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build_model
 
-from moekit.calib.capture import moe_blocks
-from moekit.calib.routing import Routing, selection_bias
-from moekit.families.registry import resolve
-from moekit.layerfit.compensate import refit_layer
-from moekit.layerfit.replay import build_replay
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from absorb_experiment import _slots, absorb_layer, sources  # noqa: E402
+from tiny_models import build_model  # noqa: E402
+
+from moekit.calib.capture import moe_blocks  # noqa: E402
+from moekit.calib.routing import Routing, selection_bias  # noqa: E402
+from moekit.families.registry import resolve  # noqa: E402
+from moekit.layerfit.compensate import refit_layer  # noqa: E402
+from moekit.layerfit.replay import build_replay  # noqa: E402
 
 DROPPED = [0, 1]
 

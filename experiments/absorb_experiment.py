@@ -1,6 +1,6 @@
 """Absorbing dropped experts' neurons into the kept ones (after DERN, arXiv 2509.10377):
 an experiment kept beside its benchmark (`bench_absorb.py`), not part of moekit: it did not pay
-(docs/benchmarks.md, "Absorbing dropped experts").
+(docs/history/benchmarks-2026.md, "Absorbing dropped experts").
 
 A kept expert e keeps its width I, but each of its neuron slots (gate row, up row, down column)
 may hold a neuron of a dropped expert d instead of its own, so that the tokens the removal
