@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from moekit.calib import documents
+from moekit.calib.data import DataSource, load_domains
 from moekit.runtime import budget
 from moekit.runtime.budget import Sizes, decide
 
@@ -27,6 +29,7 @@ def _cgroup(root: Path, files: dict[str, str]) -> Path:
 def test_auto_memory_respects_a_cgroup_limit(tmp_path, monkeypatch, files, room):
     """`--max-memory auto` in a container: the cgroup's room, not the host's free RAM."""
     monkeypatch.setattr(budget, "CGROUP_ROOT", _cgroup(tmp_path, files), raising=False)
+    monkeypatch.setattr(budget, "host_available", lambda: 1e15, raising=False)
     assert budget.free_memory("cpu") == room
     sizes = Sizes(total=3 * room, resident=100, layers=(room, room), bases=(60, 60),
                   expert=(30, 30))
@@ -40,5 +43,52 @@ def test_auto_memory_respects_a_cgroup_limit(tmp_path, monkeypatch, files, room)
     {"memory/memory.limit_in_bytes": "9223372036854771712\n"}, {}])
 def test_no_cgroup_limit_leaves_the_host_figure(tmp_path, monkeypatch, files):
     monkeypatch.setattr(budget, "CGROUP_ROOT", _cgroup(tmp_path, files), raising=False)
-    assert budget.cgroup_room() is None
-    assert budget.free_memory("cpu") == budget.host_available()
+    monkeypatch.setattr(budget, "host_available", lambda: 123.0)
+    assert budget.cgroup_room() is None and budget.free_memory("cpu") == 123.0
+
+
+class _CharTokenizer:
+    """One token per character; records the longest text it was given."""
+
+    eos_token_id = 0
+
+    def __init__(self) -> None:
+        self.longest = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        self.longest = max(self.longest, len(text))
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_max_tokens_bounds_reading_text_without_whitespace(tmp_path, monkeypatch):
+    """A one-line CJK text (no space, no newline) is read only as far as --max-tokens needs
+    (a piece holds at most READ_BYTES characters, up to 4 bytes each), not whole."""
+    path = tmp_path / "cjk.txt"
+    path.write_text("字" * (4 << 20))  # 12 MB, one line
+    read: list[int] = []
+    real_open = open
+
+    class Counted:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def seek(self, offset):
+            return self.handle.seek(offset)
+
+        def read(self, size):
+            data = self.handle.read(size)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(documents, "open", lambda p, mode: Counted(real_open(p, mode)),
+                        raising=False)
+    tokenizer = _CharTokenizer()
+    [domain] = load_domains([DataSource("zh", path)], tokenizer, seq_len=64, max_tokens=1000)
+    assert sum(w.numel() for w in domain.windows) == 1000
+    assert sum(read) <= 4 * documents.READ_BYTES and tokenizer.longest <= documents.READ_BYTES
