@@ -3,9 +3,13 @@ full temp folders, context length and torchrun refusals, plan and tokenizer chec
 
 from __future__ import annotations
 
+import errno
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+from test_hardening_inputs import MERGE, data_dir, model, run, snapshot, stats  # noqa: F401
 
 from moekit.calib import documents
 from moekit.calib.data import DataSource, load_domains
@@ -92,3 +96,76 @@ def test_max_tokens_bounds_reading_text_without_whitespace(tmp_path, monkeypatch
     [domain] = load_domains([DataSource("zh", path)], tokenizer, seq_len=64, max_tokens=1000)
     assert sum(w.numel() for w in domain.windows) == 1000
     assert sum(read) <= 4 * documents.READ_BYTES and tokenizer.longest <= documents.READ_BYTES
+
+
+def ends_in_one_error(result, needle: str) -> None:
+    """Exit 2, the last stderr line is the one error (after the run's notes), no traceback."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], result.stderr
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def full_tmp(tmp_path, monkeypatch) -> Path:
+    """TMPDIR pointed at an empty folder (checked for leftovers afterwards)."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("command", ["prune", "merge"])
+def test_full_tmpdir_while_spilling_calibration_is_one_line(command, model, stats, data_dir,  # noqa: F811
+                                                           full_tmp, tmp_path, monkeypatch):
+    """safetensors' "No space left" while merge/prune --data spill layers to TMPDIR."""
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, path, metadata=None):
+        if Path(path).is_relative_to(full_tmp):
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space "
+                                              "left on device (os error 28)")
+        return real(tensors, path, metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    before = snapshot(model)
+    args = (["prune", model, "--criterion", "measured", "--compensate"] if command == "prune"
+            else [*MERGE[:1], model, "--stats", stats, *MERGE[1:]])
+    result = run(*args, "--ratio", "0.5", "--data", f"fr={data_dir}", "--max-tokens", "128",
+                 "--seq-len", "32", "--out", tmp_path / "out")
+    ends_in_one_error(result, f"to {full_tmp}")
+    assert "No space left on device" in result.stderr and "TMPDIR=" in result.stderr
+    assert "needs about" in result.stderr
+    assert list(full_tmp.iterdir()) == [] and not (tmp_path / "out").exists()
+    assert snapshot(model) == before
+
+
+def test_full_tmpdir_while_spilling_the_reference_is_one_line(model, data_dir, full_tmp,  # noqa: F811
+                                                              tiny_checkpoint, monkeypatch):
+    """eval --ref without room for both models spills the reference's log-probabilities."""
+    from moekit.ops import evaluate as evaluate_mod
+
+    class Full:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(evaluate_mod, "_fits_both", lambda *a: False)
+    monkeypatch.setattr(evaluate_mod, "open", Full, raising=False)
+    result = run("eval", model, "--ref", tiny_checkpoint("mixtral"), "--data", f"fr={data_dir}",
+                 "--max-tokens", "128", "--seq-len", "32", "--device", "cpu")
+    ends_in_one_error(result, f"cannot spill the reference's log-probabilities to {full_tmp}")
+    assert "No space left on device" in result.stderr and "needs about" in result.stderr
+    assert list(full_tmp.iterdir()) == []
