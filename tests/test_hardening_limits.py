@@ -169,3 +169,54 @@ def test_full_tmpdir_while_spilling_the_reference_is_one_line(model, data_dir, f
     ends_in_one_error(result, f"cannot spill the reference's log-probabilities to {full_tmp}")
     assert "No space left on device" in result.stderr and "needs about" in result.stderr
     assert list(full_tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["prune", "merge", "inspect", "upcycle", "stats"])
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_torchrun_refuses_a_command_that_is_not_data_parallel(command, rank, model, stats,  # noqa: F811
+                                                              tmp_path, monkeypatch):
+    """`torchrun ... -m moekit prune` would have every rank write the same output."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    args = {"prune": ["prune", model, "--stats", stats, "--ratio", "0.5", "--out", out],
+            "merge": [*MERGE[:1], model, "--stats", stats, *MERGE[1:], "--out", out],
+            "inspect": ["inspect", model],
+            "upcycle": ["upcycle", model, "--arch", "mixtral", "-e", "4", "-k", "2", "-o", out],
+            "stats": ["stats", "show", stats]}[command]
+    before = snapshot(model)
+    result = run(*args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    if rank == "0":
+        line = result.stderr.strip()
+        assert "\n" not in line and "does not run data-parallel" in line
+        assert "2 processes (WORLD_SIZE)" in line and command in line
+    else:
+        assert result.output == ""
+    assert not out.exists() and snapshot(model) == before
+
+
+@pytest.mark.parametrize("command", ["profile", "eval", "prune", "merge", "upcycle"])
+def test_seq_len_past_the_context_is_refused_before_any_forward(command, model, stats,  # noqa: F811
+                                                                data_dir, tiny_checkpoint,  # noqa: F811
+                                                                tmp_path, monkeypatch):
+    """The tiny models' context is 256 positions: --seq-len 300 would run untrained ones."""
+    import moekit.runtime.engine
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a model was opened")
+
+    monkeypatch.setattr(moekit.runtime.engine, "open_model", no_forward)
+    out, data = tmp_path / "out", ["--data", f"fr={data_dir}", "--seq-len", "300"]
+    args = {"profile": ["profile", model, *data, "--out", out],
+            "eval": ["eval", model, *data],
+            "prune": ["prune", model, "--ratio", "0.5", *data, "--out", out],
+            "merge": [*MERGE[:1], model, "--stats", stats, *MERGE[1:], *data, "--out", out],
+            "upcycle": ["upcycle", tiny_checkpoint("llama"), "--arch", "mixtral", "-e", "4",
+                        "-k", "2", "--router", "data", *data, "-o", out]}[command]
+    before = snapshot(model)
+    result = run(*args)
+    ends_in_one_error(result, "--seq-len 300 is past the context of")
+    assert "(max_position_embeddings 256)" in result.stderr
+    assert "pass --seq-len 256 or less" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not out.exists() and snapshot(model) == before

@@ -28,6 +28,7 @@ from moekit.cli.common import (
     SeqLenOpt,
     TextFieldOpt,
     TokenizerOpt,
+    check_context,
     check_early,
     console,
     err_console,
@@ -112,6 +113,7 @@ def merge(
     check_early(device, max_memory, (("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
                                      ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)))
     source = load_model_path(model, revision)
+    check_context(source, ("--seq-len", seq_len, 512))
     method = method or ("fit-layer" if router == "centre" else "fit-centre")
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:

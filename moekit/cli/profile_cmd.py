@@ -23,6 +23,7 @@ from moekit.cli.common import (
     TextFieldOpt,
     TokenizerOpt,
     TrustRemoteCodeOpt,
+    check_context,
     check_early,
     console,
     err_console,
@@ -107,6 +108,7 @@ def profile(
                                      ("--batch-size", batch_size, 1)))
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
+    check_context(path, ("--seq-len", seq_len, 512))
     sources = [DataSource.parse(v) for v in data] if data else None
     check_outputs(local_inputs(path, merge_with, tokenizer, data=data), out, overwrite,
                   {"--export-table": (export, TABLE_SUFFIXES),

@@ -24,6 +24,7 @@ from moekit.cli.common import (
     RangeOpt,
     RevisionOpt,
     SeqLenOpt,
+    check_context,
     check_early,
     console,
     err_console,
@@ -144,6 +145,7 @@ def prune(
         ("--seq-len", seq_len, 2), ("--eval-seq-len", eval_seq_len, 2),
         ("--eval-max-tokens", eval_max_tokens, 2)))
     source = load_model_path(model, revision)
+    check_context(source, ("--seq-len", seq_len, 256), ("--eval-seq-len", eval_seq_len, 512))
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         from moekit.errors import InvalidArgumentError

@@ -15,6 +15,7 @@ from moekit.cli.common import (
     OverwriteOpt,
     RevisionOpt,
     TrustRemoteCodeOpt,
+    check_context,
     check_early,
     console,
     handle_errors,
@@ -98,6 +99,7 @@ def upcycle(
 
         raise InvalidArgumentError("--out is required", "give an output folder, or --dry-run")
     source = load_model_path(model, revision)
+    check_context(source, ("--seq-len", seq_len, 256))
     check_outputs(local_inputs(source, data=data), None if dry_run else out, overwrite)
     if dry_run:
         from moekit.ops.upcycle import Prepared, summarize

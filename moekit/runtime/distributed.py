@@ -332,6 +332,7 @@ def distributed_command(func: F) -> F:
         finally:
             shutdown()
 
+    wrapper.data_parallel = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 
