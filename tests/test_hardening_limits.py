@@ -220,3 +220,10 @@ def test_seq_len_past_the_context_is_refused_before_any_forward(command, model, 
     assert "(max_position_embeddings 256)" in result.stderr
     assert "pass --seq-len 256 or less" in result.stderr and len(result.stderr.splitlines()) == 1
     assert not out.exists() and snapshot(model) == before
+
+
+def test_expert_group_note_names_the_embeddings_and_head():
+    """A budget below one whole layer: the note counts the resident part too (issue 24 item 10)."""
+    sizes = Sizes(total=1000, resident=100, layers=(300, 300), bases=(60, 60), expert=(30, 30))
+    reason = decide(sizes, 250, "cpu").reason
+    assert "embeddings/head 100 B + largest layer 300 B do not fit" in reason

@@ -163,5 +163,6 @@ def _groups(sizes: Sizes, budget: int, head: str) -> Plan:
             f"{human(smallest, up=True)} (embeddings/head {human(sizes.resident)} + {unit})",
             f"use --max-memory {human(smallest, up=True).replace(' ', '')} or more")
     group = max(1, (budget - sizes.resident - base) // expert)
-    return Plan("stream", f"{head}: largest layer {human(max(sizes.layers))} does not fit, "
-                f"experts read {group} at a time", budget, group=int(group), prefetch=False)
+    return Plan("stream", f"{head}: embeddings/head {human(sizes.resident)} + largest layer "
+                f"{human(max(sizes.layers))} do not fit, experts read {group} at a time",
+                budget, group=int(group), prefetch=False)
