@@ -227,3 +227,27 @@ def test_expert_group_note_names_the_embeddings_and_head():
     sizes = Sizes(total=1000, resident=100, layers=(300, 300), bases=(60, 60), expert=(30, 30))
     reason = decide(sizes, 250, "cpu").reason
     assert "embeddings/head 100 B + largest layer 300 B do not fit" in reason
+
+
+def test_profile_ablation_defaults_to_the_exact_method(model, data_dir, tmp_path,  # noqa: F811
+                                                        monkeypatch):
+    """The first-order estimate is anti-correlated with the exact one on trained routing: a
+    plain `--ablation` measures exactly (issue 24 item 11)."""
+    import inspect
+
+    import moekit.ops.profile
+    from moekit.errors import DataError
+
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise DataError("stop here")
+
+    library_default = inspect.signature(moekit.ops.profile.profile_model).parameters[
+        "ablation_method"].default
+    monkeypatch.setattr(moekit.ops.profile, "profile_model", capture)
+    result = run("profile", model, "--data", f"fr={data_dir}", "--ablation", "--out",
+                 tmp_path / "p")
+    assert result.exit_code == 2 and seen["ablation_method"] == "exact"
+    assert library_default == "exact"

@@ -49,8 +49,9 @@ AblationTokensOpt = Annotated[int, typer.Option(
     "--ablation-tokens", help="Tokens of the ablation sample (the first windows of every "
     "domain, an equal share each).")]
 AblationMethodOpt = Annotated[str, typer.Option(
-    "--ablation-method", help="exact (re-run the model per removed expert), first-order (one "
-    "forward+backward: an estimate of the loss change, no KL) or both.")]
+    "--ablation-method", help="exact (default: re-run the model per removed expert), "
+    "first-order (one forward+backward: an estimate of the loss change, no KL, a poor guide "
+    "on trained routing) or both.")]
 
 
 @handle_errors
@@ -83,7 +84,7 @@ def profile(
     export_coldest: ColdestOpt = None,
     ablation: AblationOpt = False,
     ablation_tokens: AblationTokensOpt = 4096,
-    ablation_method: AblationMethodOpt = "both",
+    ablation_method: AblationMethodOpt = "exact",
 ) -> None:
     """Record how the routers use their experts on calibration text, per domain.
 
