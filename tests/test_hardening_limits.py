@@ -251,3 +251,27 @@ def test_profile_ablation_defaults_to_the_exact_method(model, data_dir, tmp_path
                  tmp_path / "p")
     assert result.exit_code == 2 and seen["ablation_method"] == "exact"
     assert library_default == "exact"
+
+
+@pytest.mark.parametrize("command", ["prune", "merge"])
+def test_model_card_names_a_protected_super_expert(command, model, stats, tmp_path):  # noqa: F811
+    """A super expert kept by --protect-super is named in the output's README.md."""
+    import pandas as pd
+
+    from moekit.families.layout import describe
+    from moekit.io.reader import Checkpoint
+    from moekit.stats.expert_stats import STATS_CSV, STATS_PARQUET
+
+    first = describe(Checkpoint(model)).moe_layers[0].index
+    frame = pd.read_parquet(stats / STATS_PARQUET)
+    frame.loc[(frame["layer"] == first) & (frame["expert"] == 2), "max_norm"] = 1e3
+    frame.to_parquet(stats / STATS_PARQUET, index=False)
+    frame.to_csv(stats / STATS_CSV, index=False)
+    out = tmp_path / "out"
+    args = (["prune", model, "--stats", stats, "--ratio", "0.5"] if command == "prune" else
+            [*MERGE[:1], model, "--stats", stats, *MERGE[1:], "--method", "average"])
+    result = run(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    card = (out / "README.md").read_text()
+    assert "## Protected experts" in card and "super experts" in card
+    assert f"- layer {first}: expert 2\n" in card

@@ -56,6 +56,19 @@ def write_model_card(folder: Path, *, base_model: str, title: str, summary: str,
     return path
 
 
+def protected_markdown(protected: dict[int, list[int]], action: str, also: str = "") -> str:
+    """A card section naming the experts never `action` (super experts by default; `also`:
+    what else protects one, e.g. prune's `--protect`)."""
+    rows = [f"- layer {layer}: expert {', '.join(map(str, ids))}"
+            for layer, ids in sorted(protected.items()) if ids]
+    if not rows:
+        return ""
+    return ("\n## Protected experts\n\nNever " + action + ": super experts (an outstanding "
+            "max_norm, where a few activations carry the model; kept by default, "
+            f"`--no-protect-super` turns this off){also}.\n\n"
+            + "\n".join(rows) + "\n")
+
+
 def _is_hub_id(name: str) -> bool:
     """`org/name` that is not an existing local path (Hub ids have exactly one slash)."""
     return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None

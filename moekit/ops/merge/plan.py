@@ -91,6 +91,7 @@ class MergePlan:
     calibration: dict[str, Any] = field(default_factory=dict)
     config_changes: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    protected: dict[int, list[int]] = field(default_factory=dict)  # kept out of every cluster
 
     @property
     def num_experts(self) -> int:
@@ -131,7 +132,9 @@ class MergePlan:
                 stats_sha256=data.get("stats_sha256"),
                 calibration=dict(data.get("calibration") or {}),
                 config_changes=dict(data.get("config_changes") or {}),
-                warnings=list(data.get("warnings") or []))
+                warnings=list(data.get("warnings") or []),
+                protected={int(k): [int(j) for j in v]
+                           for k, v in (data.get("protected") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise InvalidArgumentError(f"{source} is not a moekit merge plan (bad or missing "
                                        f"field {err})", "write one with --dry-run --plan-out"

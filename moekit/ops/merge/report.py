@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moekit.io.card import provenance, write_model_card, write_provenance
+from moekit.io.card import protected_markdown, provenance, write_model_card, write_provenance
 from moekit.ops.merge.plan import GROUPINGS, METHODS, ROUTERS, MergePlan
 
 
@@ -28,7 +28,8 @@ def merge_provenance(source: str, plan: MergePlan, *, config_keys: list[str],
         stats={"folder": stats_folder, "sha256": plan.stats_sha256},
         calibration=plan.calibration,
         experts_per_layer={"before": plan.num_experts, "after": plan.num_kept},
-        top_k=plan.top_k, config_keys_changed=config_keys, config_changes=plan.config_changes,
+        top_k=plan.top_k, protected={str(k): v for k, v in plan.protected.items()},
+        config_keys_changed=config_keys, config_changes=plan.config_changes,
         warnings=warnings, layers=layers)
 
 
@@ -47,7 +48,8 @@ def write_merge_records(folder: Path, source: str, plan: MergePlan, *, config_ke
                f"({GROUPINGS[plan.group]}); merging: **{plan.method}** ({METHODS[plan.method]}); "
                f"router rows: **{plan.router}** ({ROUTERS[plan.router]}). Shared experts and "
                "all non-expert weights are unchanged.")
-    body = clusters_markdown(plan, reconstruction or {})
+    body = clusters_markdown(plan, reconstruction or {}) + protected_markdown(plan.protected,
+                                                                             "merged")
     if warnings:
         body += "\n## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"
     write_model_card(folder, base_model=name, title=f"{Path(name).name} (merged, "

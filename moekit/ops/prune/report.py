@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from moekit.io.card import provenance, write_model_card, write_provenance
+from moekit.io.card import protected_markdown, provenance, write_model_card, write_provenance
 from moekit.stats.criteria import CRITERIA
 from moekit.surgery.plan import PrunePlan
 
@@ -60,7 +60,8 @@ def write_prune_records(folder: Path, source: str, plan: PrunePlan, *, config_ke
                f"{plan.top_k} unchanged), chosen by the **{plan.criterion}** criterion"
                + (f" on routing statistics of domain `{plan.domain}`" if plan.domain else "")
                + ". Shared experts and all non-expert weights are unchanged.")
-    body = _budget_markdown(budget, plan)
+    body = _budget_markdown(budget, plan) + protected_markdown(plan.protected, "removed",
+                                                                  " and any given with --protect")
     if calibration:
         body += "\n" + _calibration_markdown(calibration)
     if warnings:
