@@ -275,3 +275,39 @@ def test_model_card_names_a_protected_super_expert(command, model, stats, tmp_pa
     card = (out / "README.md").read_text()
     assert "## Protected experts" in card and "super experts" in card
     assert f"- layer {first}: expert 2\n" in card
+
+
+def _edited_plan(command: str, model: Path, stats: Path, tmp_path: Path, edit) -> Path:  # noqa: F811, E501
+    """A --dry-run --plan-out plan of `command`, changed by `edit(dict)`."""
+    import json
+
+    plan = tmp_path / "plan.json"
+    args = (["prune", model, "--stats", stats, "--ratio", "0.5"] if command == "prune" else
+            [*MERGE[:1], model, "--stats", stats, *MERGE[1:], "--method", "average"])
+    assert run(*args, "--dry-run", "--plan-out", plan).exit_code == 0
+    data = json.loads(plan.read_text())
+    edit(data)
+    plan.write_text(json.dumps(data))
+    return plan
+
+
+def test_a_plan_listing_a_layer_twice_says_so(model, stats, tmp_path):  # noqa: F811
+    plan = _edited_plan("prune", model, stats, tmp_path,
+                        lambda d: d["layers"].append(dict(d["layers"][0])))
+    layer = __import__("json").loads(plan.read_text())["layers"][0]["layer"]
+    result = run("prune", model, "--plan", plan, "--out", tmp_path / "out")
+    ends_in_one_error(result, f"plan lists layer {layer} twice")
+    assert "missing []" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_nan_merge_weight_in_a_plan_is_refused(model, stats, tmp_path):  # noqa: F811
+    def poison(data):
+        cluster = next(i for i, c in enumerate(data["layers"][0]["clusters"]) if len(c) > 1)
+        data["layers"][0]["weights"][cluster][0] = float("nan")
+
+    plan = _edited_plan("merge", model, stats, tmp_path, poison)
+    before = snapshot(model)
+    result = run("merge", model, "--plan", plan, "--out", tmp_path / "out")
+    ends_in_one_error(result, "weights must give one finite non-negative number")
+    assert "got nan" in result.stderr
+    assert not (tmp_path / "out").exists() and snapshot(model) == before

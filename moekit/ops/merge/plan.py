@@ -10,6 +10,7 @@ the role of the kept experts).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,9 +176,13 @@ def validate_merge_plan(plan: MergePlan, layout: ModelLayout, fingerprint: str,
             raise InvalidArgumentError(f"plan layer {p.layer}: clusters must be ordered by "
                                        "their centre (first id)")
         if [len(w) for w in p.weights] != [len(c) for c in p.clusters] or any(
-                w < 0 for ws in p.weights for w in ws):
-            raise InvalidArgumentError(f"plan layer {p.layer}: weights must give one "
-                                       "non-negative number per cluster member")
+                not 0 <= w < math.inf for ws in p.weights for w in ws):  # NaN fails too
+            bad = [w for ws in p.weights for w in ws if not 0 <= w < math.inf]
+            raise InvalidArgumentError(f"plan layer {p.layer}: weights must give one finite "
+                                       "non-negative number per cluster member"
+                                       + (f", got {bad[0]}" if bad else ""),
+                                       "fix the plan's weights or write a new one with "
+                                       "--dry-run --plan-out")
     pruned = validate_plan(plan.as_prune_plan(), layout, fingerprint, ignore_fingerprint)
     plan.config_changes, plan.warnings = pruned.config_changes, pruned.warnings
     return plan
