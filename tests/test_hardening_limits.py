@@ -311,3 +311,25 @@ def test_a_nan_merge_weight_in_a_plan_is_refused(model, stats, tmp_path):  # noq
     ends_in_one_error(result, "weights must give one finite non-negative number")
     assert "got nan" in result.stderr
     assert not (tmp_path / "out").exists() and snapshot(model) == before
+
+
+def test_a_broken_tokenizer_is_named(model, data_dir):  # noqa: F811
+    """tokenizers' own errors (here a KeyError) come with the file they came from."""
+    (model / "tokenizer.json").write_text('{"version": "1.0", "model": 5}')
+    result = run("eval", model, "--data", f"fr={data_dir}", "--max-tokens", "64",
+                 "--device", "cpu")
+    ends_in_one_error(result, f"cannot load the tokenizer from {model / 'tokenizer.json'}")
+    assert "KeyError" in result.stderr
+
+
+def test_a_tokenizer_linked_outside_the_folder_is_announced(model, stats, tmp_path):  # noqa: F811
+    outside = tmp_path / "elsewhere.json"
+    (model / "tokenizer.json").rename(outside)
+    (model / "tokenizer.json").symlink_to(outside)
+    out = tmp_path / "out"
+    result = run("prune", model, "--stats", stats, "--ratio", "0.5", "--out", out)
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert any(f"{model / 'tokenizer.json'} links outside the model folder" in line
+               and "not copied" in line for line in warning), result.stderr
+    assert not (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()

@@ -118,6 +118,17 @@ def check_context(path: Path, *windows: tuple[str, int, int]) -> None:
                 f"pass {option} {context} or less")
 
 
+def warn_uncopied(source: Path) -> None:
+    """Announce the tokenizer/aux files the output will lack (links that leave `source`)."""
+    from moekit.io.output import uncopied_aux_files
+
+    for name in uncopied_aux_files(source):
+        err_console.print(f"[bold yellow]warning:[/] {escape(str(Path(source) / name))} links "
+                          "outside the model folder (or is not a regular file): it is not "
+                          "copied into the output; copy the file itself into the folder to keep "
+                          "it", soft_wrap=True)
+
+
 def single_process(func: Callable[..., Any]) -> None:
     """Refuse a command that is not data-parallel (all but profile and eval) under torchrun:
     rank 0 says so in one line, the other ranks leave with exit 2 silently."""

@@ -35,6 +35,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
     local_inputs,
+    warn_uncopied,
 )
 from moekit.cli.prune_cmd import _byte_progress
 from moekit.units import parse_size
@@ -118,6 +119,7 @@ def merge(
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         raise InvalidArgumentError("--out is required (or use --dry-run)")
+    warn_uncopied(source)
     check_outputs(local_inputs(source, stats, plan_in, tokenizer, data=data),
                   None if dry_run else out, overwrite, {"--plan-out": (plan_out, (".json",))})
     max_tokens = _tokens(source, ratio, (group, method, router), bool(data), max_tokens,

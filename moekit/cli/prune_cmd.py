@@ -33,6 +33,7 @@ from moekit.cli.common import (
     load_model_path,
     local_inputs,
     moe_layout,
+    warn_uncopied,
 )
 from moekit.units import parse_size
 
@@ -151,6 +152,7 @@ def prune(
         from moekit.errors import InvalidArgumentError
 
         raise InvalidArgumentError("--out is required (or use --dry-run)")
+    warn_uncopied(source)
     check_outputs(local_inputs(source, stats, plan_in, keep, drop, data=[*(data or ()),
                                                                        *(eval_data or ())]),
                   None if dry_run else out, overwrite,

@@ -21,6 +21,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
     local_inputs,
+    warn_uncopied,
 )
 from moekit.units import parse_size
 
@@ -100,6 +101,7 @@ def upcycle(
         raise InvalidArgumentError("--out is required", "give an output folder, or --dry-run")
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 256))
+    warn_uncopied(source)
     check_outputs(local_inputs(source, data=data), None if dry_run else out, overwrite)
     if dry_run:
         from moekit.ops.upcycle import Prepared, summarize
