@@ -333,3 +333,56 @@ def test_a_tokenizer_linked_outside_the_folder_is_announced(model, stats, tmp_pa
     assert any(f"{model / 'tokenizer.json'} links outside the model folder" in line
                and "not copied" in line for line in warning), result.stderr
     assert not (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+
+
+def _rendered(renderable, width: int) -> str:
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=width, file=io.StringIO(), record=True)
+    console.print(renderable)
+    return console.export_text()
+
+
+def test_layer_table_folds_at_80_columns_instead_of_dropping():
+    """Every column of the per-layer table is printed on an 80-column terminal (issue 24 item 9)."""
+    import numpy as np
+    from synthetic_profile import synthetic_profile
+
+    from moekit.stats.report import layer_rich_table
+
+    profile, _ = synthetic_profile([np.linspace(1, 2, 8)] * 2, k=2, tokens=300000)
+    for width in (80, 60, 200):
+        text = _rendered(layer_rich_table(profile), width)
+        assert all(len(line) <= width for line in text.splitlines())
+        for header in ("tokens", "entropy", "N@90%", "reuse"):
+            assert header in text, (width, text)
+        assert ("(continued)" in text) == (width < 100)
+
+
+def test_heatmap_never_labels_a_used_expert_zero():
+    from moekit.stats.plots import cell_label
+
+    assert [cell_label(v) for v in (0.0, 0.04, 0.00003, 0.06, 1.26)] == \
+        ["0.0", "0.04", "3e-05", "0.1", "1.3"]
+
+
+def test_uncertainty_explains_growth_and_counts_whole_slots(tmp_path):
+    import numpy as np
+    from synthetic_profile import synthetic_profile
+
+    from moekit.stats.profile_io import save_profile
+    from moekit.stats.uncertainty import profile_uncertainty
+
+    profile, _ = synthetic_profile([np.r_[1.0, 1.0, np.linspace(1.5, 3, 6)]] * 2, k=2,
+                                   tokens=1280, window=32)
+    _, layers = profile_uncertainty(profile, ratio=0.25, seed=3)
+    assert all(n is None or isinstance(n, int) for n in layers["more_slots"].tolist())
+    (tmp_path / "p").mkdir()
+    save_profile(profile, tmp_path / "p")
+    result = run("stats", "uncertainty", tmp_path / "p", "--ratio", "0.25")
+    assert result.exit_code == 0, result.output
+    assert "growth: how many times the calibration data must grow" in result.stdout
+    assert "more_slots: the routed slots to add" in result.stdout
+    assert not any(".0 |" in line for line in result.stdout.splitlines() if "|" in line)

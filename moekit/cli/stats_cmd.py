@@ -95,6 +95,14 @@ def export(
     console.print(f"wrote {path} ({fmt} expert loads, domain {domain})")
 
 
+UNCERTAINTY_CAPTION = (
+    "Pruning {ratio:.0%} of each layer's experts by {criterion}. slots: routed slots (tokens x "
+    "top-k) seen; unstable: experts whose keep/drop decision flips in more than 5% of the "
+    "resamples; growth: how many times the calibration data must grow for every decision of "
+    "the layer to settle (1.00x: already stable); more_slots: the routed slots to add for "
+    "that, (growth - 1) x slots, rounded up.")
+
+
 @stats_app.command("uncertainty")
 @handle_errors
 def uncertainty(
@@ -125,7 +133,12 @@ def uncertainty(
     experts, layers = profile_uncertainty(load_profile(profile), ratio=ratio,
                                           criterion=criterion, domain=domain,
                                           replicates=replicates, seed=seed)
-    console.print(markdown_table(layers), soft_wrap=True)
+    shown = layers.assign(
+        growth=[f"{g:.2f}x" if g < float("inf") else "inf" for g in layers["growth"]],
+        more_slots=["never (a tie at the cut)" if n is None or n != n else f"{int(n):,}"
+                    for n in layers["more_slots"]])
+    console.print(markdown_table(shown), soft_wrap=True)
+    console.print(UNCERTAINTY_CAPTION.format(ratio=ratio, criterion=criterion), soft_wrap=True)
     if export is not None:
         export_table(experts, export)
         console.print(f"wrote {export}")

@@ -200,9 +200,17 @@ def profile_uncertainty(profile: Profile, *, ratio: float = 0.25, criterion: str
         layers.append({"layer": layer, "windows": tokens.shape[0], "slots": routed,
                        "unstable": int(table["unstable"].sum()),
                        "dead": int(table["dead"].sum()), "unseen": int(table["unseen"].sum()),
-                       "growth": growth, "more_slots": (growth - 1.0) * routed})
+                       "growth": growth, "more_slots": extra_slots(growth, routed)})
     frame = pd.concat(experts, ignore_index=True)
     return frame[["layer", *[c for c in frame.columns if c != "layer"]]], pd.DataFrame(layers)
+
+
+def extra_slots(growth: float, routed: int) -> int | None:
+    """Whole routed slots to add so that every decision settles, (growth - 1) x routed rounded
+    up; None when no amount would (growth infinite: a tie at the cut)."""
+    import math
+
+    return math.ceil((growth - 1.0) * routed - 1e-9) if math.isfinite(growth) else None
 
 
 def dead_and_unseen(counts: np.ndarray, level: float = 0.95) -> tuple[int, int]:
