@@ -386,3 +386,24 @@ def test_uncertainty_explains_growth_and_counts_whole_slots(tmp_path):
     assert "growth: how many times the calibration data must grow" in result.stdout
     assert "more_slots: the routed slots to add" in result.stdout
     assert not any(".0 |" in line for line in result.stdout.splitlines() if "|" in line)
+
+
+def test_eval_warns_on_the_calibration_text(model, data_dir, tmp_path):  # noqa: F811
+    """A model pruned from a profile of fr.txt[0:0.8]: eval on it without a held-out range
+    says its loss is not held out; the last 10% is quiet (issue 24 item 6)."""
+    import json
+
+    profile = tmp_path / "prof"
+    profile.mkdir()
+    (profile / "metadata.json").write_text(json.dumps({"data_range": "0:0.8", "domains": {
+        "fr": {"sha256": "0" * 16, "files": [str(data_dir / "fr.txt")]}}}))
+    (model / "moekit_provenance.json").write_text(json.dumps(
+        {"operation": "prune", "stats": {"folder": str(profile), "sha256": "x"}}))
+    args = ("eval", model, "--data", f"fr={data_dir}", "--max-tokens", "64", "--seq-len", "32",
+            "--device", "cpu")
+    seen = run(*args)
+    assert seen.exit_code == 0, seen.output
+    assert "warning: eval data 'fr' overlaps the text model was calibrated on (profile " \
+        in seen.stderr and "range 0:0.8" in seen.stderr
+    held_out = run(*args, "--data-range", "0.9:1")
+    assert held_out.exit_code == 0 and "warning" not in held_out.stderr

@@ -86,6 +86,8 @@ def eval_model(
                           max_memory=max_memory, trust_remote_code=trust_remote_code)
     if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
         return
+    for warning in result.settings.get("warnings", []):
+        err_console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
     for who, info in result.settings.get("runtime", {}).items():
         err_console.print(f"{who}: {'streamed' if info['mode'] == 'stream' else 'in memory'} "
                           f"({info['reason']})", soft_wrap=True)

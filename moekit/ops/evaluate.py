@@ -24,6 +24,7 @@ from moekit.calib.data import DataSource, batches
 from moekit.errors import InvalidArgumentError
 from moekit.io.reader import Checkpoint, load_config
 from moekit.io.remote_code import check_remote_code
+from moekit.ops.heldout import calibration_overlap
 from moekit.runtime.budget import free_memory
 from moekit.runtime.distributed import rank_device, reduce_eval_sums, shard_for_rank
 from moekit.runtime.hidden import no_room
@@ -120,7 +121,8 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
     settings = {"seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
                 "device": device, "dtype": dtype, "data_range": list(fraction),
                 "data": {d.name: {"sha256": d.sha256, "files": d.files} for d in domains},
-                "runtime": runtime}
+                "runtime": runtime,
+                "warnings": calibration_overlap(Path(model_path), domains, fraction)}
     return EvalResult(str(model_path), str(ref) if ref is not None else None, results,
                       total.result("overall", ref is not None), settings)
 
