@@ -407,3 +407,27 @@ def test_eval_warns_on_the_calibration_text(model, data_dir, tmp_path):  # noqa:
         in seen.stderr and "range 0:0.8" in seen.stderr
     held_out = run(*args, "--data-range", "0.9:1")
     assert held_out.exit_code == 0 and "warning" not in held_out.stderr
+
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_readme_and_demo_are_followable_and_held_out():
+    """Items 2-6: the CLI is reached through .venv, timings say on what, profile.md's limits
+    are current, the demo prunes by the default criterion and evaluates on held-out text."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert "source .venv/bin/activate" in readme
+    using = readme[readme.index("## Using it"):]
+    block = using[using.index("```bash"):using.index("```", using.index("```bash") + 3)]
+    assert block.splitlines()[1].startswith("source .venv/bin/activate")
+    assert "`python scripts/build_demo_model.py" not in readme
+    for claim in re.findall(r"[^.]*(?:about a minute|under three minutes)[^.;)]*", readme):
+        assert "x86-64 cores" in " ".join(claim.split()), claim
+    limits = (ROOT / "docs" / "profile.md").read_text().split("## Limits")[1]
+    assert "not implemented yet" not in limits and "streamed layer by layer" in limits
+    demo = (ROOT / "scripts" / "demo.sh").read_text()
+    assert "--criterion reap" not in demo
+    evals = [line for line in demo.splitlines() if line.startswith("$M eval")]
+    assert evals and all("--data-range 0.9:1" in line for line in evals)
