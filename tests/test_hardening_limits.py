@@ -431,3 +431,39 @@ def test_readme_and_demo_are_followable_and_held_out():
     assert "--criterion reap" not in demo
     evals = [line for line in demo.splitlines() if line.startswith("$M eval")]
     assert evals and all("--data-range 0.9:1" in line for line in evals)
+
+
+def test_prune_with_data_shows_what_the_plan_removes(model, data_dir, tmp_path):  # noqa: F811
+    """The plan table of `prune --data` gives traffic/weight removed on the calibration tokens
+    (issue 24 item 8)."""
+    import json
+
+    result = run("prune", model, "--data", f"fr={data_dir}", "--ratio", "0.5", "--criterion",
+                 "frequency", "--max-tokens", "128", "--seq-len", "32", "--device", "cpu",
+                 "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    budget = json.loads(result.stdout[result.stdout.index("{"):])["budget"]
+    for row in budget:
+        assert 0 <= row["traffic_removed"] <= 1 and 0 <= row["weight_removed"] <= 1, row
+
+
+def test_merge_shows_the_experts_kept_alone(model, stats, tmp_path):  # noqa: F811
+    """8 -> 6 experts leaves singletons: the plan table and the model card list them."""
+    import json
+
+    from moekit.cli.merge_cmd import clusters_table
+    from moekit.ops.merge.plan import MergePlan
+
+    plan_file, out = tmp_path / "plan.json", tmp_path / "out"
+    args = [*MERGE[:1], model, "--stats", stats, "--ratio", "0.25", "--group", "weight",
+            "--method", "average"]
+    assert run(*args, "--dry-run", "--plan-out", plan_file).exit_code == 0
+    plan = MergePlan.load(plan_file)
+    text = _rendered(clusters_table(plan), 300)
+    card = run(*args, "--out", out)
+    assert card.exit_code == 0, card.output
+    card_text = (out / "README.md").read_text()
+    for p in json.loads(plan_file.read_text())["layers"]:
+        for i, cluster in enumerate(p["clusters"]):
+            if len(cluster) == 1:
+                assert f"{i}<-{cluster[0]}" in text and f"{i} <- {cluster[0]}" in card_text

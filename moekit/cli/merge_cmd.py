@@ -215,10 +215,11 @@ def clusters_table(plan: Any):  # noqa: ANN201 - rich Table
     table = Table(title=title, title_justify="left")
     table.add_column("layer", justify="right")
     table.add_column("merged clusters: new <- original (centre first)")
+    table.add_column("kept alone: new <- original")
     for p in plan.layers:
-        text = "; ".join(f"{i}<-{','.join(map(str, c))}" for i, c in enumerate(p.clusters)
-                         if len(c) > 1)
-        table.add_row(str(p.layer), text or "-")
+        merged, alone = ([f"{i}<-{','.join(map(str, c))}" for i, c in enumerate(p.clusters)
+                          if (len(c) > 1) == many] for many in (True, False))
+        table.add_row(str(p.layer), "; ".join(merged) or "-", "; ".join(alone) or "-")
     return table
 
 

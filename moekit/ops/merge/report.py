@@ -61,14 +61,15 @@ def write_merge_records(folder: Path, source: str, plan: MergePlan, *, config_ke
 def clusters_markdown(plan: MergePlan, reconstruction: dict[int, float]) -> str:
     """Per layer: new expert id <- original ids (centre first) and the output error."""
     lines = ["## What was merged", "", "| layer | new id <- original ids (centre first) | "
-             "calibration output error |", "|---|---|---|"]
+             "kept alone: new <- original | calibration output error |", "|---|---|---|---|"]
     for p in plan.layers:
-        merged = "; ".join(f"{i} <- {' '.join(map(str, c))}" for i, c in enumerate(p.clusters)
-                           if len(c) > 1)
+        merged, alone = ("; ".join(f"{i} <- {' '.join(map(str, c))}"
+                                   for i, c in enumerate(p.clusters) if (len(c) > 1) == many)
+                         for many in (True, False))
         error = reconstruction.get(p.layer)
-        lines.append(f"| {p.layer} | {merged or '-'} | "
+        lines.append(f"| {p.layer} | {merged or '-'} | {alone or '-'} | "
                      f"{'-' if error is None else f'{error:.2%}'} |")
-    lines += ["", "Experts not listed were kept alone (renumbered). The output error is the "
+    lines += ["", "The output error is the "
               "gate-weighted relative squared error of the merged experts against their "
               "clusters' outputs on the calibration tokens (fit only). The full map and merge "
               "weights are in `moekit_provenance.json`."]
