@@ -467,3 +467,22 @@ def test_merge_shows_the_experts_kept_alone(model, stats, tmp_path):  # noqa: F8
         for i, cluster in enumerate(p["clusters"]):
             if len(cluster) == 1:
                 assert f"{i}<-{cluster[0]}" in text and f"{i} <- {cluster[0]}" in card_text
+
+
+def test_merge_evaluates_its_output_with_eval_data(model, stats, data_dir, tmp_path):  # noqa: F811
+    """merge --eval-data, through prune's code path: numbers in the provenance and the card."""
+    import json
+
+    out = tmp_path / "out"
+    result = run(*MERGE[:1], model, "--stats", stats, *MERGE[1:], "--method", "average",
+                 "--eval-data", f"fr={data_dir}", "--eval-max-tokens", "64", "--eval-seq-len",
+                 "32", "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    evaluation = json.loads((out / "moekit_provenance.json").read_text())["evaluation"]
+    assert evaluation["ref"] == str(model) and evaluation["domains"][0]["name"] == "fr"
+    assert evaluation["overall"]["kl"] >= 0 and evaluation["model"] == str(out)
+    assert "## Evaluation" in (out / "README.md").read_text()
+    missing = run(*MERGE[:1], model, "--stats", stats, *MERGE[1:], "--eval-data",
+                  f"fr={tmp_path / 'nope.txt'}", "--out", tmp_path / "out2")
+    ends_in_one_error(missing, "does not exist")
+    assert not (tmp_path / "out2").exists()

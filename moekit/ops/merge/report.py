@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moekit.io.card import protected_markdown, provenance, write_model_card, write_provenance
+from moekit.io.card import (
+    eval_markdown,
+    protected_markdown,
+    provenance,
+    write_model_card,
+    write_provenance,
+)
 from moekit.ops.merge.plan import GROUPINGS, METHODS, ROUTERS, MergePlan
 
 
@@ -36,11 +42,12 @@ def merge_provenance(source: str, plan: MergePlan, *, config_keys: list[str],
 def write_merge_records(folder: Path, source: str, plan: MergePlan, *, config_keys: list[str],
                         warnings: list[str], stats_folder: str | None = None,
                         reconstruction: dict[int, float] | None = None,
-                        source_folder: Path | None = None) -> None:
+                        source_folder: Path | None = None,
+                        evaluation: dict[str, Any] | None = None) -> None:
     """Write `moekit_provenance.json` and `README.md` into `folder`."""
-    write_provenance(folder, merge_provenance(
-        source, plan, config_keys=config_keys, warnings=warnings, stats_folder=stats_folder,
-        reconstruction=reconstruction))
+    record = merge_provenance(source, plan, config_keys=config_keys, warnings=warnings,
+                              stats_folder=stats_folder, reconstruction=reconstruction)
+    write_provenance(folder, {**record, "evaluation": evaluation})
     name = Path(source).name if Path(source).exists() else source
     summary = (f"`{name}` with its {plan.num_experts} routed experts per MoE layer merged into "
                f"{plan.num_kept} in each of its {len(plan.layers)} MoE layers (top-k "
@@ -52,6 +59,8 @@ def write_merge_records(folder: Path, source: str, plan: MergePlan, *, config_ke
                                                                              "merged")
     if warnings:
         body += "\n## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"
+    if evaluation:
+        body += "\n" + eval_markdown(evaluation)
     write_model_card(folder, base_model=name, title=f"{Path(name).name} (merged, "
                      f"{plan.num_kept} experts per layer)", summary=summary,
                      tags=["merged", "moe", plan.family], body=body,
