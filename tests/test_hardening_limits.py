@@ -486,3 +486,37 @@ def test_merge_evaluates_its_output_with_eval_data(model, stats, data_dir, tmp_p
                   f"fr={tmp_path / 'nope.txt'}", "--out", tmp_path / "out2")
     ends_in_one_error(missing, "does not exist")
     assert not (tmp_path / "out2").exists()
+
+
+def test_uncertainty_covers_every_criterion_the_default_first(tiny_checkpoint, data_dir,  # noqa: F811
+                                                               tmp_path):
+    """Per-window weight and EAN sums are recorded, so `stats uncertainty` (default ean) and
+    the report's stability section cover prune's default criterion (issue 24 item 3)."""
+    import numpy as np
+
+    from moekit.stats.profile_io import load_profile
+    from moekit.stats.uncertainty import CRITERIA, profile_uncertainty
+
+    out = tmp_path / "p"
+    result = run("profile", tiny_checkpoint("qwen2_moe"), "--out", out, "--data",
+                 f"fr={data_dir}", "--seq-len", "32", "--max-tokens", "400", "--device", "cpu",
+                 "--no-plots")
+    assert result.exit_code == 0, result.output
+    profile = load_profile(out)
+    for layer in profile.moe_layers:
+        for column in ("weight_sum", "ean_sum"):
+            assert np.allclose(profile.windows[f"fr/{layer}/{column}"].sum(axis=0),
+                               profile.experts(layer, "fr")[column], rtol=1e-4)
+    assert CRITERIA[0] == "ean"
+    for criterion in CRITERIA:
+        _, layers = profile_uncertainty(profile, ratio=0.25, criterion=criterion,
+                                        replicates=200)
+        assert len(layers) == len(profile.moe_layers)
+    shown = run("stats", "uncertainty", out, "--replicates", "200")
+    assert shown.exit_code == 0 and "Pruning 25% of each layer's experts by ean" in shown.stdout
+    from moekit.stats.report import _uncertainty_section
+
+    report = "\n".join(_uncertainty_section(profile))
+    assert "by `ean` (the criterion `moekit prune` uses by default)" in report
+    ablation = run("stats", "uncertainty", out, "--criterion", "ablation")
+    ends_in_one_error(ablation, "criterion 'ablation' has no per-window values to resample")

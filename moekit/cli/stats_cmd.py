@@ -109,8 +109,9 @@ def uncertainty(
     profile: Annotated[Path, typer.Argument(help="A profile folder (with windows.npz).")],
     ratio: Annotated[float, typer.Option("--ratio", help="Share of each layer's experts a "
                                          "prune would drop.")] = 0.25,
-    criterion: Annotated[str, typer.Option("--criterion", help="frequency or reap.")
-                         ] = "frequency",
+    criterion: Annotated[str, typer.Option(
+        "--criterion", help="ean (the prune default), frequency, reap, reap-sum, weight or man.")
+    ] = "ean",
     domain: Annotated[str, typer.Option("--domain", help="Domain to resample.")] = "all",
     replicates: Annotated[int, typer.Option("--replicates", min=100,
                                             help="Bootstrap replicates.")] = 1000,
@@ -122,6 +123,7 @@ def uncertainty(
     how often each expert would be dropped, unstable decisions, tokens needed to settle them.
 
     Example: moekit stats uncertainty prof --ratio 0.5 --criterion reap --export-table ci.csv
+    (default: ean, the criterion prune uses by default)
     """
     from moekit.cli.common import export_table
     from moekit.io.output import TABLE_SUFFIXES, check_outputs

@@ -7,9 +7,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.stats.ablation import report_lines as ablation_lines
+from moekit.stats.criteria import DEFAULT_CRITERION
 from moekit.stats.html import write_html
 from moekit.stats.metrics import COLD_RATIO, coldest, specialisation, summary_table
-from moekit.stats.uncertainty import DEAD_FRACTION, UNSTABLE, profile_uncertainty
+from moekit.stats.uncertainty import (
+    DEAD_FRACTION,
+    UNSTABLE,
+    criterion_column,
+    profile_uncertainty,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -174,12 +180,15 @@ def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
     return path
 
 
-def _uncertainty_section(profile: Profile, ratio: float = 0.25, criterion: str = "frequency",
-                         shown: int = 15) -> list[str]:
+def _uncertainty_section(profile: Profile, ratio: float = 0.25,
+                         criterion: str = DEFAULT_CRITERION, shown: int = 15) -> list[str]:
     """Markdown lines for report.md: per-layer stability of pruning `ratio` of the experts by
-    `criterion`, and the least stable experts. Empty when the profile has no windows."""
+    `criterion` (prune's default; frequency for profiles without its per-window sums), and the
+    least stable experts. Empty when the profile has no windows."""
     if not profile.windows:
         return []
+    if not any(k.endswith(f"/{criterion_column(criterion)}") for k in profile.windows):
+        criterion = "frequency"
     experts, layers = profile_uncertainty(profile, ratio=ratio, criterion=criterion)
     k = profile.metadata.get("top_k", 1)
     top_k = dict(zip(profile.moe_layers, k if isinstance(k, list) else [k] * len(layers),
@@ -191,7 +200,11 @@ def _uncertainty_section(profile: Profile, ratio: float = 0.25, criterion: str =
     shaky = experts[experts["unstable"]].assign(
         margin=lambda f: (f["drop_freq"] - 0.5).abs()).sort_values("margin").head(shown)
     lines = ["## How sure are we (bootstrap over calibration windows)", "",
-             f"Pruning {ratio:.0%} of each layer's experts by `{criterion}`: an expert is "
+             f"Pruning {ratio:.0%} of each layer's experts by `{criterion}`"
+             + (" (the criterion `moekit prune` uses by default)"
+                if criterion == DEFAULT_CRITERION else "")
+             + "; these numbers cover that criterion only (`moekit stats uncertainty "
+             "--criterion C` for another): an expert is "
              f"*unstable* when resampling the windows flips its keep/drop decision more than "
              f"{UNSTABLE:.0%} of the time. `more_tokens` estimates the extra calibration tokens "
              "after which every decision of the layer would be stable (interval width ~ "
