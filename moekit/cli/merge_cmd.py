@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from moekit.cli import eval_after
 from moekit.cli.common import (
     MIN_CALIB_TOKENS,
     BatchSizeOpt,
@@ -36,14 +37,6 @@ from moekit.cli.common import (
     load_model_path,
     local_inputs,
     warn_uncopied,
-)
-from moekit.cli.eval_after import (
-    EvalDataOpt,
-    EvalMaxTokensOpt,
-    EvalRangeOpt,
-    EvalSeqLenOpt,
-    eval_options,
-    evaluate_output,
 )
 from moekit.cli.prune_cmd import _byte_progress
 from moekit.units import parse_size
@@ -102,10 +95,10 @@ def merge(
     ignore_fingerprint: IgnoreFingerprintOpt = False,
     protect_super: ProtectSuperOpt = True,
     max_shard_size: MaxShardSizeOpt = "5GB",
-    eval_data: EvalDataOpt = None,
-    eval_range: EvalRangeOpt = None,
-    eval_max_tokens: EvalMaxTokensOpt = 16384,
-    eval_seq_len: EvalSeqLenOpt = 512,
+    eval_data: eval_after.EvalDataOpt = None,
+    eval_range: eval_after.EvalRangeOpt = None,
+    eval_max_tokens: eval_after.EvalMaxTokensOpt = 16384,
+    eval_seq_len: eval_after.EvalSeqLenOpt = 512,
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -129,7 +122,8 @@ def merge(
                                      ("--eval-max-tokens", eval_max_tokens, 2)))
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 512), ("--eval-seq-len", eval_seq_len, 512))
-    eval_opts = eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens, device)
+    eval_opts = eval_after.eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens,
+                                        device)
     method = method or ("fit-layer" if router == "centre" else "fit-centre")
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
@@ -246,7 +240,7 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
     from moekit.ops.merge.report import write_merge_records
 
     def finish(folder: Path, result: Any) -> None:
-        evaluation = evaluate_output(folder, source, out, eval_opts, "merged")
+        evaluation = eval_after.evaluate_output(folder, source, out, eval_opts, "merged")
         result.extra["evaluation"] = evaluation
         write_merge_records(folder, model, plan, config_keys=result.config_keys,
                             warnings=result.warnings,
