@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The moekit tour on a small MoE trained here from sample_data/ (under three minutes on 2 cores):
+# The moekit tour on a small MoE trained here from sample_data/ (under three minutes on 2 idle
+# x86-64 cores):
 # build -> inspect -> profile -> prune -> eval -> report. Everything lands in demo_out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +23,8 @@ echo "== 3. profile: route the first 80% of each text, per domain"
 $M profile "$OUT/model" "${DATA[@]}" --data-range 0:0.8 --seq-len 128 --max-tokens 20000 \
   --out "$OUT/profile" --overwrite
 
-echo "== 4. prune: drop 25% of the experts of every layer by REAP saliency"
-$M prune "$OUT/model" --stats "$OUT/profile" --ratio 0.25 --criterion reap \
-  --out "$OUT/pruned" --overwrite
+echo "== 4. prune: drop 25% of the experts of every layer by the default criterion (EAN)"
+$M prune "$OUT/model" --stats "$OUT/profile" --ratio 0.25 --out "$OUT/pruned" --overwrite
 
 echo "== 5. eval: what did it cost, on the held-out last 10% of each text?"
 $M eval "$OUT/pruned" --ref "$OUT/model" "${DATA[@]}" --data-range 0.9:1 --seq-len 128 \

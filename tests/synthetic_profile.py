@@ -34,7 +34,9 @@ def layer_raw(layer: int, ids_per_domain: list[np.ndarray], num_experts: int,
                     positions=np.array([len(i) for i in ids_per_domain], dtype=np.int64),
                     entropy_sum=np.zeros(num_domains), top1_pairs=np.zeros(num_domains, np.int64),
                     top1_repeats=np.zeros(num_domains, np.int64), window_tokens=windows,
-                    window_reap=[w.astype(np.float32) / 2 for w in windows])
+                    window_reap=[w.astype(np.float32) / 2 for w in windows],
+                    window_weight=[w.astype(np.float32) / 4 for w in windows],
+                    window_ean=[w.astype(np.float32) for w in windows])
 
 
 def synthetic_profile(rates: list[np.ndarray], k: int, tokens: int, seed: int = 0,

@@ -177,7 +177,7 @@ def ablated(tmp_path_factory, tiny_checkpoint):
         out = folder / name
         result = run("profile", model, "--data", f"{name}={text}", "--data-range", span,
                      "--seq-len", "32", "--max-tokens", "128", "--device", "cpu", "--ablation",
-                     "--ablation-tokens", "64", "--out", out)
+                     "--ablation-method", "both", "--ablation-tokens", "64", "--out", out)
         assert result.exit_code == 0, result.output
         outs.append(out)
     return model, outs

@@ -2,7 +2,8 @@
 line by line, Parquet batch by batch, so that a token budget stops the reading early.
 
 A document is an iterator of text pieces (a large text file is one document of many pieces,
-cut before a newline or space so no word is split). Blank documents are skipped. With a
+cut before a newline or space so no word is split; text without whitespace at READ_BYTES
+characters). Blank documents are skipped. With a
 `fraction` (START, END): a source of one document keeps that part of its characters (bytes
 for a text file); a source of N documents keeps documents [int(START N), int(END N)).
 """
@@ -98,7 +99,8 @@ def _slice_one(files: list[Path], text_field: str, start: float, end: float) -> 
 
 def text_pieces(path: Path, begin: int = 0, stop: int | None = None) -> Iterator[str]:
     """Bytes [begin, stop) of a UTF-8 text file as text pieces of about READ_BYTES, each cut
-    before its last newline or space so that words stay whole. Bad bytes become U+FFFD."""
+    before its last newline or space so that words stay whole (text without whitespace is cut
+    at READ_BYTES characters). Bad bytes become U+FFFD."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     carry = ""
     with open(path, "rb") as handle:
@@ -114,13 +116,22 @@ def text_pieces(path: Path, begin: int = 0, stop: int | None = None) -> Iterator
             text = carry + decoder.decode(raw)
             if first:  # started inside a character: drop its continuation bytes
                 text, first = text.lstrip("\ufffd"), False
-            cut = max(text.rfind("\n"), text.rfind(" "))  # the next piece starts " word"
-            piece, carry = (text[:cut], text[cut:]) if cut > 0 else ("", text)
+            piece, carry = _cut(text)
             if piece:
                 yield piece
     rest = carry + decoder.decode(b"", final=True)
     if rest:
         yield rest
+
+
+def _cut(text: str) -> tuple[str, str]:
+    """(piece, carry): `text` cut before its last newline or space (the next piece starts
+    " word"); text without either (one-line CJK) is cut at READ_BYTES characters, so that a
+    token budget bounds the reading of it too."""
+    cut = max(text.rfind("\n"), text.rfind(" "))
+    if cut > 0:
+        return text[:cut], text[cut:]
+    return (text, "") if len(text) >= READ_BYTES else ("", text)
 
 
 def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:

@@ -23,6 +23,8 @@ Per calibration window (one row of a [B, S] batch; the whole batch when the hook
 
     window_tokens[d] [W_d, E] int32    routed slots of each expert in each window
     window_reap[d]   [W_d, E] float32  REAP numerator of each expert in each window
+    window_weight[d] [W_d, E] float32  gate-weight sum of each expert in each window
+    window_ean[d]    [W_d, E] float32  output-norm sum (EAN) of each expert in each window
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class LayerRaw:
     trace: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     window_tokens: list[np.ndarray] = field(default_factory=list)  # per domain [W_d, E] int32
     window_reap: list[np.ndarray] = field(default_factory=list)  # per domain [W_d, E] float32
+    window_weight: list[np.ndarray] = field(default_factory=list)  # per domain [W_d, E] float32
+    window_ean: list[np.ndarray] = field(default_factory=list)  # per domain [W_d, E] float32
 
 
 @dataclass
@@ -97,7 +101,7 @@ class LayerAccumulator:
         self.top1_pairs = [0] * num_domains
         self.trace_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
             [] for _ in range(num_domains)]
-        self.window_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [
+        self.window_parts: list[list[tuple[torch.Tensor, ...]]] = [
             [] for _ in range(num_domains)]
         self.queue: list[list[_Queued]] = [[] for _ in range(num_domains)]
         self.queued_slots = 0
@@ -166,8 +170,9 @@ class LayerAccumulator:
 
     def _add_windows(self, domain: int, queue: list[_Queued], ids: torch.Tensor,
                      src: torch.Tensor) -> None:
-        """Per-window slot counts and REAP sums of the queued batches, [rows, E] each, as one
-        float32 [rows * E, 2] index_add (window r of a batch: its tokens [r S, (r+1) S))."""
+        """Per-window slot counts, gate-weight, EAN and REAP sums of the queued batches,
+        [rows, E] each, as one float32 [rows * E, 4] index_add (window r of a batch: its tokens
+        [r S, (r+1) S))."""
         import torch
 
         num_experts, device = self.num_experts, ids.device
@@ -183,9 +188,9 @@ class LayerAccumulator:
                              for q, start in zip(queue, starts, strict=False)])
         rows = sum(q.rows for q in queue)
         slot = (row.unsqueeze(1) * num_experts + ids).reshape(-1)
-        part = torch.zeros((rows, num_experts, 2), dtype=torch.float32, device=device)
-        part.view(-1, 2).index_add_(0, slot, src[:, 0::3].to(torch.float32))
-        self.window_parts[domain].append((part[..., 0], part[..., 1]))
+        part = torch.zeros((rows, num_experts, 4), dtype=torch.float32, device=device)
+        part.view(-1, 4).index_add_(0, slot, src[:, (0, 3, 1, 2)].to(torch.float32))
+        self.window_parts[domain].append(part.unbind(-1))
 
     def add_entropy(self, domain: int, logits: torch.Tensor, scoring: Scoring) -> None:
         """Add sum_t H(p_t) for router logits [T, E]; p = softmax(z), or for sigmoid routers the
@@ -216,7 +221,8 @@ class LayerAccumulator:
         windows = [[torch.cat([p[i] for p in parts]).to(dtype).cpu().numpy() if parts else
                      np.zeros((0, num_experts), dtype=np.int32 if i == 0 else np.float32)
                      for parts in self.window_parts]
-                   for i, dtype in ((0, torch.int32), (1, torch.float32))]
+                   for i, dtype in ((0, torch.int32), (1, torch.float32), (2, torch.float32),
+                                    (3, torch.float32))]
         sums = self.sums.cpu().numpy()
         return LayerRaw(
             layer=self.layer, num_experts=num_experts,
@@ -228,7 +234,8 @@ class LayerAccumulator:
             entropy_sum=self.entropy_sum.cpu().numpy(),
             top1_pairs=np.asarray(self.top1_pairs, dtype=np.int64),
             top1_repeats=self.top1_repeats.cpu().numpy(), trace=trace,
-            window_tokens=windows[0], window_reap=windows[1])
+            window_tokens=windows[0], window_reap=windows[1], window_weight=windows[2],
+            window_ean=windows[3])
 
 
 class Recorder:

@@ -66,6 +66,7 @@ def handle_errors(func: F) -> F:
 
         try:
             with stop_signals_raise():
+                single_process(func)
                 result = func(*args, **kwargs)
                 sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
                 return result
@@ -95,6 +96,56 @@ def handle_errors(func: F) -> F:
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_context(path: Path, *windows: tuple[str, int, int]) -> None:
+    """Refuse each `(option, value, default)` window longer than the model's context
+    (`max_position_embeddings`), before any forward. A default is let through: the tiny test
+    models' context is below it, real ones are not."""
+    from moekit.errors import InvalidArgumentError
+    from moekit.io.reader import load_config
+
+    config = load_config(path)
+    context = config.get("max_position_embeddings",
+                         (config.get("text_config") or {}).get("max_position_embeddings"))
+    if not isinstance(context, int) or isinstance(context, bool):
+        return
+    for option, value, default in windows:
+        if value > context and value != default:
+            raise InvalidArgumentError(
+                f"{option} {value} is past the context of {path.name or path} "
+                f"(max_position_embeddings {context}): positions beyond it were never trained",
+                f"pass {option} {context} or less")
+
+
+def warn_uncopied(source: Path) -> None:
+    """Announce the tokenizer/aux files the output will lack (links that leave `source`)."""
+    from moekit.io.output import uncopied_aux_files
+
+    for name in uncopied_aux_files(source):
+        err_console.print(f"[bold yellow]warning:[/] {escape(str(Path(source) / name))} links "
+                          "outside the model folder (or is not a regular file): it is not "
+                          "copied into the output; copy the file itself into the folder to keep "
+                          "it", soft_wrap=True)
+
+
+def single_process(func: Callable[..., Any]) -> None:
+    """Refuse a command that is not data-parallel (all but profile and eval) under torchrun:
+    rank 0 says so in one line, the other ranks leave with exit 2 silently."""
+    from moekit.errors import InvalidArgumentError
+    from moekit.runtime.distributed import launched_by_torchrun
+
+    if getattr(func, "data_parallel", False) or not launched_by_torchrun():
+        return
+    if os.environ.get("RANK") != "0":
+        sys.exit(2)
+    group = func.__module__.rpartition(".")[2].removesuffix("_cmd")
+    name = " ".join(dict.fromkeys(["moekit", group, func.__name__]))
+    raise InvalidArgumentError(
+        f"{name} does not run data-parallel, but torchrun started it on "
+        f"{os.environ.get('WORLD_SIZE')} processes (WORLD_SIZE)",
+        "run it as one process: python -m moekit ...; only profile and eval split their "
+        "data across torchrun ranks")
 
 
 def load_model_path(model: str, revision: str | None = None) -> Path:

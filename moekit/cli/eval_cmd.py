@@ -23,6 +23,7 @@ from moekit.cli.common import (
     TextFieldOpt,
     TokenizerOpt,
     TrustRemoteCodeOpt,
+    check_context,
     check_early,
     console,
     err_console,
@@ -95,6 +96,8 @@ def eval_model(
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     ref_path = load_model_path(ref, revision) if ref else None
+    for folder in (path, ref_path) if ref_path else (path,):
+        check_context(folder, ("--seq-len", seq_len, 512))
     sources = [DataSource.parse(v) for v in data] if data else default_sources()
     check_outputs((*local_inputs(path, ref_path, tokenizer), *(s.path for s in sources)),
                   files={"--export": (export, TABLE_SUFFIXES),
@@ -125,6 +128,8 @@ def eval_model(
                           max_memory=max_memory, trust_remote_code=trust_remote_code)
     if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
         return
+    for warning in result.settings.get("warnings", []):
+        err_console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
     for who, info in result.settings.get("runtime", {}).items():
         err_console.print(f"{who}: {'streamed' if info['mode'] == 'stream' else 'in memory'} "
                           f"({info['reason']})", soft_wrap=True)

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from moekit.cli import eval_after
 from moekit.cli.common import (
     MIN_CALIB_TOKENS,
     BatchSizeOpt,
@@ -28,12 +29,14 @@ from moekit.cli.common import (
     SeqLenOpt,
     TextFieldOpt,
     TokenizerOpt,
+    check_context,
     check_early,
     console,
     err_console,
     handle_errors,
     load_model_path,
     local_inputs,
+    warn_uncopied,
 )
 from moekit.cli.prune_cmd import _byte_progress
 from moekit.units import parse_size
@@ -92,6 +95,10 @@ def merge(
     ignore_fingerprint: IgnoreFingerprintOpt = False,
     protect_super: ProtectSuperOpt = True,
     max_shard_size: MaxShardSizeOpt = "5GB",
+    eval_data: eval_after.EvalDataOpt = None,
+    eval_range: eval_after.EvalRangeOpt = None,
+    eval_max_tokens: eval_after.EvalMaxTokensOpt = 16384,
+    eval_seq_len: eval_after.EvalSeqLenOpt = 512,
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -110,13 +117,20 @@ def merge(
     from moekit.io.output import check_outputs
 
     check_early(device, max_memory, (("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
-                                     ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)))
+                                     ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1),
+                                     ("--eval-seq-len", eval_seq_len, 2),
+                                     ("--eval-max-tokens", eval_max_tokens, 2)))
     source = load_model_path(model, revision)
+    check_context(source, ("--seq-len", seq_len, 512), ("--eval-seq-len", eval_seq_len, 512))
+    eval_opts = eval_after.eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens,
+                                        device)
     method = method or ("fit-layer" if router == "centre" else "fit-centre")
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         raise InvalidArgumentError("--out is required (or use --dry-run)")
-    check_outputs(local_inputs(source, stats, plan_in, tokenizer, data=data),
+    warn_uncopied(source)
+    check_outputs(local_inputs(source, stats, plan_in, tokenizer,
+                               data=[*(data or ()), *(eval_data or ())]),
                   None if dry_run else out, overwrite, {"--plan-out": (plan_out, (".json",))})
     max_tokens = _tokens(source, ratio, (group, method, router), bool(data), max_tokens,
                          dtype, device, max_memory)
@@ -142,7 +156,7 @@ def merge(
         return
     assert out is not None
     result = _run(source, model, plan, out, overwrite, shard_bytes, ignore_fingerprint, stats,
-                  calib)
+                  calib, eval_opts)
     _summary(result, as_json)
 
 
@@ -214,23 +228,28 @@ def clusters_table(plan: Any):  # noqa: ANN201 - rich Table
                   caption_justify="left")
     table.add_column("layer", justify="right")
     table.add_column("merged clusters: new <- original (centre first)")
+    table.add_column("kept alone: new <- original")
     for p in plan.layers:
-        text = "; ".join(f"{i}<-{','.join(map(str, c))}" for i, c in enumerate(p.clusters)
-                         if len(c) > 1)
-        table.add_row(str(p.layer), text or "-")
+        merged, alone = ([f"{i}<-{','.join(map(str, c))}" for i, c in enumerate(p.clusters)
+                          if (len(c) > 1) == many] for many in (True, False))
+        table.add_row(str(p.layer), "; ".join(merged) or "-", "; ".join(alone) or "-")
     return table
 
 
 def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_bytes: int,
-         ignore_fingerprint: bool, stats: Path | None, calib: Any) -> Any:
+         ignore_fingerprint: bool, stats: Path | None, calib: Any,
+         eval_opts: dict[str, Any]) -> Any:
     from moekit.ops.merge import merge_checkpoint
     from moekit.ops.merge.report import write_merge_records
 
     def finish(folder: Path, result: Any) -> None:
+        evaluation = eval_after.evaluate_output(folder, source, out, eval_opts, "merged")
+        result.extra["evaluation"] = evaluation
         write_merge_records(folder, model, plan, config_keys=result.config_keys,
                             warnings=result.warnings,
                             stats_folder=str(stats) if stats else None,
-                            reconstruction=result.reconstruction, source_folder=source)
+                            reconstruction=result.reconstruction, source_folder=source,
+                            evaluation=evaluation)
 
     with _byte_progress() as on_bytes:
         return merge_checkpoint(source, plan, out, overwrite=overwrite, calib=calib,
@@ -240,11 +259,15 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
 
 
 def _summary(result: Any, as_json: bool) -> None:
+    from moekit.cli.eval_cmd import eval_table
+
+    evaluation = result.extra.get("evaluation")
     if as_json:
         print(json.dumps({"out": str(result.out), "bytes_written": result.bytes_written,
                           "tensors": result.actions, "config_keys": result.config_keys,
                           "warnings": result.warnings, "plan": result.plan.to_dict(),
-                          "reconstruction": result.reconstruction}, indent=2))
+                          "reconstruction": result.reconstruction, "evaluation": evaluation},
+                         indent=2))
         return
     for warning in result.warnings[len(result.plan.warnings):]:
         err_console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
@@ -252,6 +275,8 @@ def _summary(result: Any, as_json: bool) -> None:
     console.print(f"[bold green]wrote[/] {result.out}: {result.tensors_written} tensors, "
                   f"{result.bytes_written / 1e9:.2f} GB ({actions}); config: "
                   f"{', '.join(result.config_keys)}")
+    if evaluation:
+        console.print(eval_table(evaluation))
 
 
 def _tokens(source: Path, ratio: float | None, choices: tuple[str, str, str], data: bool,

@@ -23,6 +23,7 @@ from moekit.cli.common import (
     TextFieldOpt,
     TokenizerOpt,
     TrustRemoteCodeOpt,
+    check_context,
     check_early,
     console,
     err_console,
@@ -48,8 +49,9 @@ AblationTokensOpt = Annotated[int, typer.Option(
     "--ablation-tokens", help="Tokens of the ablation sample (the first windows of every "
     "domain, an equal share each).")]
 AblationMethodOpt = Annotated[str, typer.Option(
-    "--ablation-method", help="exact (re-run the model per removed expert), first-order (one "
-    "forward+backward: an estimate of the loss change, no KL) or both.")]
+    "--ablation-method", help="exact (default: re-run the model per removed expert), "
+    "first-order (one forward+backward: an estimate of the loss change, no KL, a poor guide "
+    "on trained routing) or both.")]
 
 
 @handle_errors
@@ -82,7 +84,7 @@ def profile(
     export_coldest: ColdestOpt = None,
     ablation: AblationOpt = False,
     ablation_tokens: AblationTokensOpt = 4096,
-    ablation_method: AblationMethodOpt = "both",
+    ablation_method: AblationMethodOpt = "exact",
 ) -> None:
     """Record how the routers use their experts on calibration text, per domain.
 
@@ -107,6 +109,7 @@ def profile(
                                      ("--batch-size", batch_size, 1)))
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
+    check_context(path, ("--seq-len", seq_len, 512))
     sources = [DataSource.parse(v) for v in data] if data else None
     check_outputs(local_inputs(path, merge_with, tokenizer, data=data), out, overwrite,
                   {"--export-table": (export, TABLE_SUFFIXES),

@@ -24,6 +24,7 @@ from moekit.cli.common import (
     RangeOpt,
     RevisionOpt,
     SeqLenOpt,
+    check_context,
     check_early,
     console,
     err_console,
@@ -32,6 +33,15 @@ from moekit.cli.common import (
     load_model_path,
     local_inputs,
     moe_layout,
+    warn_uncopied,
+)
+from moekit.cli.eval_after import (
+    EvalDataOpt,
+    EvalMaxTokensOpt,
+    EvalRangeOpt,
+    EvalSeqLenOpt,
+    eval_options,
+    evaluate_output,
 )
 from moekit.units import parse_size
 
@@ -76,15 +86,10 @@ def prune(
     max_shard_size: MaxShardSizeOpt = "5GB",
     report: Annotated[Path | None, typer.Option(
         "--report", help="Also write the budget table as .csv/.parquet/.json.")] = None,
-    eval_data: Annotated[list[str] | None, typer.Option(
-        "--eval-data", help="NAME=PATH: evaluate the result against the source (repeat).")
-    ] = None,
-    eval_range: Annotated[str | None, typer.Option("--eval-range", help="START:END of eval data.")
-                          ] = None,
-    eval_max_tokens: Annotated[int, typer.Option(
-        "--eval-max-tokens", help="At most this many --eval-data tokens per dataset.")] = 16384,
-    eval_seq_len: Annotated[int, typer.Option(
-        "--eval-seq-len", help="Tokens per --eval-data window.")] = 512,
+    eval_data: EvalDataOpt = None,
+    eval_range: EvalRangeOpt = None,
+    eval_max_tokens: EvalMaxTokensOpt = 16384,
+    eval_seq_len: EvalSeqLenOpt = 512,
     device: Annotated[str, typer.Option("--device", help="Device for --data/--eval-data.")
                       ] = "auto",
     data: Annotated[list[str] | None, typer.Option(
@@ -144,15 +149,18 @@ def prune(
         ("--seq-len", seq_len, 2), ("--eval-seq-len", eval_seq_len, 2),
         ("--eval-max-tokens", eval_max_tokens, 2)))
     source = load_model_path(model, revision)
+    check_context(source, ("--seq-len", seq_len, 256), ("--eval-seq-len", eval_seq_len, 512))
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         from moekit.errors import InvalidArgumentError
 
         raise InvalidArgumentError("--out is required (or use --dry-run)")
+    warn_uncopied(source)
     check_outputs(local_inputs(source, stats, plan_in, keep, drop, data=[*(data or ()),
                                                                        *(eval_data or ())]),
                   None if dry_run else out, overwrite,
                   {"--plan-out": (plan_out, (".json",)), "--report": (report, TABLE_SUFFIXES)})
+    eval_opts = eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens, device)
     options = dict(stats=stats, ratio=ratio, criterion=criterion, plan_in=plan_in, keep=keep,
                    drop=drop, protect=protect or [], min_experts=min_experts, seed=seed,
                    domain=domain, ignore_fingerprint=ignore_fingerprint)
@@ -177,7 +185,6 @@ def prune(
         stats_data = None
     else:
         plan, stats_data = choose_plan(source, protect_super=protect_super, **options)
-    eval_sources = _eval_sources(eval_data, eval_range)
     budget = _show_plan(plan, stats_data, report, quiet=as_json)
     if plan_out is not None:
         plan.save(plan_out)
@@ -189,8 +196,6 @@ def prune(
             print(json.dumps({"plan": plan.to_dict(), "budget": no_nan(budget)}, indent=2))
         return
     assert out is not None
-    eval_opts = dict(sources=eval_sources[0], fraction=eval_sources[1], seq_len=eval_seq_len,
-                     max_tokens=eval_max_tokens, device=device)
     result = _run(source, model, plan, out, overwrite, shard_bytes, ignore_fingerprint,
                   stats, budget, eval_opts, modified, calibration, width)
     _summary(result, as_json)
@@ -242,18 +247,6 @@ def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criter
     return plan, stats_data
 
 
-def _eval_sources(values: list[str] | None, data_range: str | None) -> tuple[list, tuple]:
-    """Parse --eval-data early so a typo fails before any work."""
-    from moekit.calib.data import DataSource, parse_fraction
-    from moekit.errors import DataError
-
-    sources = [DataSource.parse(v) for v in values or []]
-    for source in sources:
-        if not source.path.exists():
-            raise DataError(f"--eval-data file {source.path} does not exist")
-    return sources, parse_fraction(data_range)
-
-
 def _show_plan(plan: Any, stats: Any, report: Path | None, quiet: bool) -> list[dict[str, Any]]:
     from moekit.surgery.plan import budget_rows
 
@@ -294,23 +287,12 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
          ignore_fingerprint: bool, stats: Path | None, budget: list[dict[str, Any]],
          eval_opts: dict[str, Any], modified: Any = None,
          calibration: dict[str, Any] | None = None, width: int | None = None) -> Any:
-    from moekit.cli.eval_cmd import token_progress
     from moekit.ops.prune import prune_checkpoint
     from moekit.ops.prune.report import write_prune_records
 
     def finish(folder: Path, result: Any) -> None:
-        evaluation = None
-        if eval_opts["sources"]:
-            from moekit.ops.evaluate import evaluate
-
-            with token_progress("evaluating pruned vs source") as on_tokens:
-                evaluation = evaluate(folder, eval_opts["sources"], source,
-                                      seq_len=eval_opts["seq_len"],
-                                      max_tokens=eval_opts["max_tokens"],
-                                      device=eval_opts["device"], fraction=eval_opts["fraction"],
-                                      on_tokens=on_tokens).to_dict()
-            evaluation["model"] = str(out)
-            result.extra["evaluation"] = evaluation
+        evaluation = evaluate_output(folder, source, out, eval_opts, "pruned")
+        result.extra["evaluation"] = evaluation
         write_prune_records(folder, model, plan, config_keys=result.config_keys,
                             warnings=result.warnings, stats_folder=str(stats) if stats else None,
                             budget=budget, evaluation=evaluation, source_folder=source,

@@ -23,6 +23,7 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
     from moekit.ops.prune.calibrated import choose_with_data as choose
     from moekit.ops.prune.rewrite import modified_tensors
     from moekit.ops.prune.select import parse_protect
+    from moekit.surgery.plan import budget_rows
 
     if any(x is not None for x in (stats, plan_in, keep, drop)):
         raise InvalidArgumentError("--data is given with --stats/--plan/--keep/--drop",
@@ -44,6 +45,8 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
     if not quiet:
         console.print(candidates_table(choice.table()))
     chosen = choice.chosen
+    if choice.stats is not None:  # the plan table shows what the calibration tokens lose
+        chosen.plan.record_budget(budget_rows(chosen.plan, choice.stats))
     if chosen.width is not None:
         from moekit.ops.prune.trim import trimmed_tensors
 

@@ -129,14 +129,23 @@ def import_loads(
                   "--criterion frequency)")
 
 
+UNCERTAINTY_CAPTION = (
+    "Pruning {ratio:.0%} of each layer's experts by {criterion}. slots: routed slots (tokens x "
+    "top-k) seen; unstable: experts whose keep/drop decision flips in more than 5% of the "
+    "resamples; growth: how many times the calibration data must grow for every decision of "
+    "the layer to settle (1.00x: already stable); more_slots: the routed slots to add for "
+    "that, (growth - 1) x slots, rounded up.")
+
+
 @stats_app.command("uncertainty")
 @handle_errors
 def uncertainty(
     profile: Annotated[Path, typer.Argument(help="A profile folder (with windows.npz).")],
     ratio: Annotated[float, typer.Option("--ratio", help="Share of each layer's experts a "
                                          "prune would drop.")] = 0.25,
-    criterion: Annotated[str, typer.Option("--criterion", help="frequency or reap.")
-                         ] = "frequency",
+    criterion: Annotated[str, typer.Option(
+        "--criterion", help="ean (the prune default), frequency, reap, reap-sum, weight or man.")
+    ] = "ean",
     domain: Annotated[str, typer.Option("--domain", help="Domain to resample.")] = "all",
     replicates: Annotated[int, typer.Option("--replicates", min=100,
                                             help="Bootstrap replicates.")] = 1000,
@@ -148,6 +157,7 @@ def uncertainty(
     how often each expert would be dropped, unstable decisions, tokens needed to settle them.
 
     Example: moekit stats uncertainty prof --ratio 0.5 --criterion reap --export-table ci.csv
+    (default: ean, the criterion prune uses by default)
     """
     from moekit.cli.common import export_table
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
@@ -159,7 +169,12 @@ def uncertainty(
     experts, layers = profile_uncertainty(load_profile(profile), ratio=ratio,
                                           criterion=criterion, domain=domain,
                                           replicates=replicates, seed=seed)
-    console.print(markdown_table(layers), soft_wrap=True)
+    shown = layers.assign(
+        growth=[f"{g:.2f}x" if g < float("inf") else "inf" for g in layers["growth"]],
+        more_slots=["never (a tie at the cut)" if n is None or n != n else f"{int(n):,}"
+                    for n in layers["more_slots"]])
+    console.print(markdown_table(shown), soft_wrap=True)
+    console.print(UNCERTAINTY_CAPTION.format(ratio=ratio, criterion=criterion), soft_wrap=True)
     if export is not None:
         export_table(experts, export)
         console.print(f"wrote {export}")

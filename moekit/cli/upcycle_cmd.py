@@ -15,11 +15,13 @@ from moekit.cli.common import (
     OverwriteOpt,
     RevisionOpt,
     TrustRemoteCodeOpt,
+    check_context,
     check_early,
     console,
     handle_errors,
     load_model_path,
     local_inputs,
+    warn_uncopied,
 )
 from moekit.units import parse_size
 
@@ -98,6 +100,8 @@ def upcycle(
 
         raise InvalidArgumentError("--out is required", "give an output folder, or --dry-run")
     source = load_model_path(model, revision)
+    check_context(source, ("--seq-len", seq_len, 256))
+    warn_uncopied(source)
     check_outputs(local_inputs(source, data=data), None if dry_run else out, overwrite)
     if dry_run:
         from moekit.ops.upcycle import Prepared, summarize

@@ -56,6 +56,39 @@ def write_model_card(folder: Path, *, base_model: str, title: str, summary: str,
     return path
 
 
+def eval_markdown(evaluation: dict[str, Any]) -> str:
+    """A markdown table of an EvalResult dict (per domain and overall)."""
+    has_ref = evaluation.get("ref") is not None
+    head = "| data | tokens | loss (nats) | perplexity |" + (
+        " source perplexity | KL(ref‖model) | top-1 agree |" if has_ref else "")
+    lines = ["## Evaluation", "", head, "|---" * (7 if has_ref else 4) + "|"]
+    for row in [*evaluation["domains"], evaluation["overall"]]:
+        cells = [row["name"], f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.3f}"]
+        if has_ref:
+            ref_ppl = row.get("ref_ppl")
+            cells += ["-" if ref_ppl is None else f"{ref_ppl:.3f}",
+                      f"{max(row['kl'], 0.0) + 0.0:.4f}", f"{row['top1']:.2%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if has_ref:
+        lines.append("")
+        lines.append(f"Reference: the source `{evaluation['ref']}` (before the change), same "
+                     "token windows.")
+    return "\n".join(lines) + "\n"
+
+
+def protected_markdown(protected: dict[int, list[int]], action: str, also: str = "") -> str:
+    """A card section naming the experts never `action` (super experts by default; `also`:
+    what else protects one, e.g. prune's `--protect`)."""
+    rows = [f"- layer {layer}: expert {', '.join(map(str, ids))}"
+            for layer, ids in sorted(protected.items()) if ids]
+    if not rows:
+        return ""
+    return ("\n## Protected experts\n\nNever " + action + ": super experts (an outstanding "
+            "max_norm, where a few activations carry the model; kept by default, "
+            f"`--no-protect-super` turns this off){also}.\n\n"
+            + "\n".join(rows) + "\n")
+
+
 def _is_hub_id(name: str) -> bool:
     """`org/name` that is not an existing local path (Hub ids have exactly one slash)."""
     return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None

@@ -334,6 +334,16 @@ def copy_aux_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
+def uncopied_aux_files(source: Path) -> list[str]:
+    """Aux files (tokenizer, ...) of `source` that `copy_aux_files` leaves out: links whose
+    target leaves the folder, or that are not regular files."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return []
+    return [p.name for p in sorted(folder.iterdir())
+            if (p.name in AUX_NAMES or p.suffix in AUX_SUFFIXES) and not _regular_inside(p, folder)]
+
+
 def _regular_inside(path: Path, folder: Path) -> bool:
     """A regular file, reached directly or through links that stay inside `folder` (or, for
     a Hub snapshot, inside the repo's cache folder that holds `snapshots/` and `blobs/`)."""

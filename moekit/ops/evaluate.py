@@ -24,8 +24,10 @@ from moekit.calib.data import DataSource, batches
 from moekit.errors import InvalidArgumentError
 from moekit.io.reader import Checkpoint, load_config
 from moekit.io.remote_code import check_remote_code
+from moekit.ops.heldout import calibration_overlap
 from moekit.runtime.budget import free_memory
 from moekit.runtime.distributed import rank_device, reduce_eval_sums, shard_for_rank
+from moekit.runtime.hidden import no_room
 from moekit.runtime.loading import load_tokenizer, pick_device
 
 if TYPE_CHECKING:
@@ -119,7 +121,8 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
     settings = {"seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
                 "device": device, "dtype": dtype, "data_range": list(fraction),
                 "data": {d.name: {"sha256": d.sha256, "files": d.files} for d in domains},
-                "runtime": runtime}
+                "runtime": runtime,
+                "warnings": calibration_overlap(Path(model_path), domains, fraction)}
     return EvalResult(str(model_path), str(ref) if ref is not None else None, results,
                       total.result("overall", ref is not None), settings)
 
@@ -159,15 +162,31 @@ def _spilled(model_path: Path, ref: Path, work: list[tuple[str, torch.Tensor]],
     ids = [batch for _, batch in work]
     with tempfile.TemporaryDirectory(prefix="moekit-eval-") as tmp:
         reference = moekit.runtime.engine.open_model(Path(ref), **options)
-        for i, logits in reference.run(ids, head=True):
-            torch.save(_logprobs(logits), Path(tmp) / f"{i}.pt")
+        shapes = {i: _save_logprobs(Path(tmp), i, _logprobs(logits), ids)
+                  for i, logits in reference.run(ids, head=True)}
         described = reference.describe()
         del reference
         gc.collect()
         model = moekit.runtime.engine.open_model(Path(model_path), **options)
         for i, logits in model.run(ids, head=True, progress=progress):
-            _add(sums[work[i][0]], _logprobs(logits), ids[i], torch.load(Path(tmp) / f"{i}.pt"))
+            ref_logp = torch.from_file(str(Path(tmp) / f"{i}.f32"), size=math.prod(shapes[i]),
+                                       dtype=torch.float32).view(shapes[i])
+            _add(sums[work[i][0]], _logprobs(logits), ids[i], ref_logp)
     return {"model": model.describe(), "ref": described}
+
+
+def _save_logprobs(folder: Path, index: int, logp: torch.Tensor,
+                   ids: list[torch.Tensor]) -> tuple[int, ...]:
+    """Write batch `index`'s reference log-probabilities as raw float32; a full disk ends in
+    one SpillError naming the folder and the space all batches need."""
+    try:
+        with open(folder / f"{index}.f32", "wb") as handle:
+            handle.write(memoryview(logp.contiguous().numpy()).cast("B"))
+    except OSError as err:
+        predicted = sum(b.shape[0] * (b.shape[1] - 1) for b in ids)
+        raise no_room("the reference's log-probabilities", folder, err,
+                      predicted * logp.shape[-1] * 4) from err
+    return tuple(logp.shape)
 
 
 def _logprobs(logits: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
                   dtype: str = "auto", trace: bool = False, merge_with: Path | None = None,
                   revision: str | None = None, progress: Progress | None = None,
                   max_memory: str | int | None = "auto", trust_remote_code: bool = False,
-                  ablation_tokens: int | None = None, ablation_method: str = "both",
+                  ablation_tokens: int | None = None, ablation_method: str = "exact",
                   **engine: Any) -> Profile:
     """Profile `model` on `sources` (default: sample_data/), one domain per source.
 

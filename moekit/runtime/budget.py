@@ -11,8 +11,9 @@ Memory arithmetic (bytes in the load dtype; `resident` = embeddings + final norm
     groups    : resident + layer base + G x expert   <= budget      (base = attention, norms,
                                                                      router, shared experts)
 
-`auto` takes 80% of the free RAM (CPU) or VRAM (CUDA): the whole model when it fits there,
-else streaming within that budget. Below `resident + largest base + one expert` nothing can run.
+`auto` takes 80% of the free RAM (CPU; bounded by a cgroup v1/v2 memory limit, as in a
+container) or VRAM (CUDA): the whole model when it fits there, else streaming within that budget.
+Below `resident + largest base + one expert` nothing can run.
 """
 
 from __future__ import annotations
@@ -26,14 +27,59 @@ from moekit.errors import InvalidArgumentError
 from moekit.units import human, parse_size
 
 AUTO_FRACTION = 0.8
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
 def free_memory(device: Any) -> float:
-    """Free bytes on `device`: VRAM (cuda) or MemAvailable (cpu)."""
+    """Free bytes on `device`: VRAM (cuda), or MemAvailable bounded by the cgroup limit (cpu)."""
     import torch
 
     if getattr(device, "type", str(device)) == "cuda":
         return float(torch.cuda.mem_get_info(device)[0])
+    room = cgroup_room()
+    return min(host_available(), room) if room is not None else host_available()
+
+
+def _read_int(path: Path) -> int | None:
+    """The integer in a cgroup file; None when absent, unreadable or "max"."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _inactive_file(stat: Path, key: str) -> int:
+    """Reclaimable page cache from a cgroup memory.stat (0 when absent)."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return 0
+    values = {k: v for k, _, v in (line.partition(" ") for line in lines)}
+    return int(values[key]) if values.get(key, "").isdigit() else 0
+
+
+def cgroup_room(root: Path | None = None) -> float | None:
+    """Bytes left under this process's cgroup memory limit (v2 `memory.max` - `memory.current`,
+    or v1 `memory.limit_in_bytes` - `memory.usage_in_bytes`), counting reclaimable page cache as
+    free; None when no limit is set."""
+    root = CGROUP_ROOT if root is None else root
+    for limit_name, usage_name, stat_key, folder in (
+            ("memory.max", "memory.current", "inactive_file", root),
+            ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file",
+             root / "memory")):
+        limit = _read_int(folder / limit_name)
+        if limit is None or limit >= UNLIMITED:
+            continue
+        usage = _read_int(folder / usage_name) or 0
+        usage -= min(usage, _inactive_file(folder / "memory.stat", stat_key))
+        return float(max(0, limit - usage))
+    return None
+
+
+def host_available() -> float:
+    """MemAvailable of the host (or the free pages when /proc/meminfo cannot be read)."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -77,7 +123,7 @@ def decide(sizes: Sizes, max_memory: str | int | None, device: Any,
     if auto:
         free = free_memory(device)
         budget = int(AUTO_FRACTION * free)
-        where = f"80% of free {'VRAM' if getattr(device, 'type', '') == 'cuda' else 'RAM'}"
+        where = f"80% of free {'VRAM' if getattr(device, 'type', '') == 'cuda' else _ram()}"
         label = f"{where} ({human(budget)})"
     else:
         budget = max_memory if isinstance(max_memory, int) else parse_size(str(max_memory))
@@ -97,6 +143,12 @@ def decide(sizes: Sizes, max_memory: str | int | None, device: Any,
     return _groups(sizes, budget, head)
 
 
+def _ram() -> str:
+    """"RAM", or "RAM under the cgroup limit" when a container's limit is what binds."""
+    room = cgroup_room()
+    return "RAM under the cgroup limit" if room is not None and room < host_available() else "RAM"
+
+
 def _groups(sizes: Sizes, budget: int, head: str) -> Plan:
     dense = max((b for b, e in zip(sizes.layers, sizes.expert, strict=True) if not e), default=0)
     base = max((b for b, e in zip(sizes.bases, sizes.expert, strict=True) if e), default=0)
@@ -111,5 +163,6 @@ def _groups(sizes: Sizes, budget: int, head: str) -> Plan:
             f"{human(smallest, up=True)} (embeddings/head {human(sizes.resident)} + {unit})",
             f"use --max-memory {human(smallest, up=True).replace(' ', '')} or more")
     group = max(1, (budget - sizes.resident - base) // expert)
-    return Plan("stream", f"{head}: largest layer {human(max(sizes.layers))} does not fit, "
-                f"experts read {group} at a time", budget, group=int(group), prefetch=False)
+    return Plan("stream", f"{head}: embeddings/head {human(sizes.resident)} + largest layer "
+                f"{human(max(sizes.layers))} do not fit, experts read {group} at a time",
+                budget, group=int(group), prefetch=False)

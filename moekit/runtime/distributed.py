@@ -266,14 +266,14 @@ def reduce_layer(acc: LayerAccumulator) -> None:
     acc.reduced_across_ranks = True
 
 
-def _gather_parts(parts: list[list[tuple[Any, Any]]]) -> list[list[tuple[Any, Any]]]:
-    """Per-domain lists of tensor pairs (trace parts, per-window sums): rank 0 receives every
+def _gather_parts(parts: list[list[tuple[Any, ...]]]) -> list[list[tuple[Any, ...]]]:
+    """Per-domain lists of tensor tuples (trace parts, per-window sums): rank 0 receives every
     rank's, in rank order (= the single-process order, shares being contiguous); the other
     ranks drop theirs (they write nothing)."""
     import torch.distributed as dist
 
     ctx = dist_context()
-    local = [[(a.cpu(), b.cpu()) for a, b in domain] for domain in parts]
+    local = [[tuple(t.cpu() for t in part) for part in domain] for domain in parts]
     gathered: list[Any] | None = [None] * ctx.world_size if ctx.is_writer else None
     dist.gather_object(local, gathered, dst=0)
     if gathered is None:
@@ -332,6 +332,7 @@ def distributed_command(func: F) -> F:
         finally:
             shutdown()
 
+    wrapper.data_parallel = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 
 

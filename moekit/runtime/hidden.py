@@ -17,6 +17,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import MoekitError
+from moekit.units import human
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +25,15 @@ if TYPE_CHECKING:
 
 class SpillError(MoekitError):
     """The disk filled up (or failed) while hidden states were spilled."""
+
+
+def no_room(what: str, folder: object, err: BaseException, needed: float) -> SpillError:
+    """One line for a temporary folder that filled up: the folder, TMPDIR, the space needed."""
+    reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
+    tmpdir = os.environ.get("TMPDIR") or "unset"
+    return SpillError(
+        f"cannot spill {what} to {folder}: {reason} (needs about {human(needed, up=True)}; "
+        f"TMPDIR={tmpdir})", "free space there, or set TMPDIR to a folder on a larger disk")
 
 
 class HiddenStore:

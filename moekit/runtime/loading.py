@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from moekit.errors import DataError, InvalidArgumentError, transformers_load_errors
+from moekit.errors import DataError, InvalidArgumentError, MoekitError, transformers_load_errors
 from moekit.io.dtypes import to_torch
 from moekit.io.regular import check_model_folder
 from moekit.io.remote_code import check_remote_code
@@ -121,6 +121,9 @@ def build_skeleton(path: Path, dtype: Any, trust_remote_code: bool = False) -> A
     return runnable_experts(model.eval())
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(model_path: Path, tokenizer: str | None = None,
                    trust_remote_code: bool = False) -> Any:
     """The model's tokenizer, or `tokenizer` (folder or Hub id) when given."""
@@ -132,13 +135,24 @@ def load_tokenizer(model_path: Path, tokenizer: str | None = None,
 
     source = tokenizer or str(model_path)
     has_files = tokenizer is not None or any(
-        (Path(model_path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json",
-                                                  "tokenizer.model", "vocab.json"))
+        (Path(model_path) / n).exists() for n in TOKENIZER_FILES)
     if not has_files:
         raise DataError(f"{model_path} has no tokenizer files",
                         "pass --tokenizer FOLDER_OR_REPO with the model's tokenizer")
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot load a tokenizer from {source}: {err}".splitlines()[0],
-                        "pass --tokenizer FOLDER_OR_REPO") from err
+    except MoekitError:
+        raise
+    except Exception as err:  # noqa: BLE001 - tokenizers raise KeyError, Exception, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DataError(f"cannot load the tokenizer from {_tokenizer_files(source)}: "
+                        f"{type(err).__name__}: {first}",
+                        "fix or re-download those files, or pass --tokenizer FOLDER_OR_REPO"
+                        ) from err
+
+
+def _tokenizer_files(source: str) -> str:
+    """The tokenizer files of a local folder, named (else the folder or repo id itself)."""
+    folder = Path(source)
+    found = [str(folder / n) for n in TOKENIZER_FILES if (folder / n).is_file()]
+    return ", ".join(found) if folder.is_dir() and found else source

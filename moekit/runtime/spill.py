@@ -6,11 +6,12 @@ the checkpoint, grouping). Holding all layers would cost `layers x (that layer's
 RAM, so each layer's tensors go to one safetensors file in a temporary folder (`$TMPDIR`, or
 the `folder` given) as soon as the layer is done, and come back one layer (or one tensor) at a
 time. The folder is removed by `close()` or, at the latest, when the spill is garbage
-collected or the interpreter exits.
+collected or the interpreter exits; a full disk removes it and raises one-line SpillError.
 """
 
 from __future__ import annotations
 
+import errno
 import shutil
 import tempfile
 import weakref
@@ -18,8 +19,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from moekit.runtime.hidden import no_room
+
 if TYPE_CHECKING:
     import torch
+
+
+def _out_of_space(err: BaseException) -> bool:
+    """A full disk or quota, however the writing library words it."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(s in str(err) for s in ("No space left", "Disk quota exceeded", "ENOSPC"))
 
 
 class TensorSpill:
@@ -29,6 +39,7 @@ class TensorSpill:
     def __init__(self, prefix: str = "moekit-spill-", folder: str | None = None):
         self.path = Path(tempfile.mkdtemp(prefix=prefix, dir=folder))
         self.names: dict[int, tuple[str, ...]] = {}
+        self.written = 0
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.path), True)
 
     def _file(self, key: int) -> Path:
@@ -37,8 +48,17 @@ class TensorSpill:
     def put(self, key: int, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()},
-                  str(self._file(key)))
+        held = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+        try:
+            save_file(held, str(self._file(key)))
+        except Exception as err:  # safetensors raises SafetensorError, not OSError
+            if not _out_of_space(err):
+                raise
+            needed = self.written + sum(t.numel() * t.element_size() for t in held.values())
+            folder = self.path
+            self.close()
+            raise no_room("calibration tensors", folder, err, needed) from err
+        self.written += self._file(key).stat().st_size
         self.names[key] = tuple(tensors)
 
     def get(self, key: int) -> dict[str, torch.Tensor]:

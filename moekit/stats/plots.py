@@ -73,8 +73,14 @@ def _expert_ticks(ax: Any, num_experts: int) -> None:
     ax.set_xticklabels([str(i) for i in range(0, num_experts, step)], fontsize=8)
 
 
-def _annotate(ax: Any, image: Any, values: np.ndarray, dead: np.ndarray | None = None,
-              fmt: str = "{:.1f}") -> bool:
+def cell_label(value: float) -> str:
+    """One decimal, but a positive value that would read 0.0 keeps one significant digit
+    (0.04, 3e-05): a used expert never looks dead."""
+    text = f"{value:.1f}"
+    return f"{value:.1g}" if value > 0 and float(text) == 0 else text
+
+
+def _annotate(ax: Any, image: Any, values: np.ndarray, dead: np.ndarray | None = None) -> bool:
     """Write each cell's value (white on dark cells, black on light ones; `dead` cells get a
     cross). Returns False when the grid is too large to annotate."""
     rows, cols = values.shape
@@ -88,7 +94,7 @@ def _annotate(ax: Any, image: Any, values: np.ndarray, dead: np.ndarray | None =
             red, green, blue, _ = image.cmap(image.norm(value))
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.55
             is_dead = dead is not None and dead[i, j]
-            ax.text(j, i, "\u00d7" if is_dead else fmt.format(value), ha="center",
+            ax.text(j, i, "\u00d7" if is_dead else cell_label(value), ha="center",
                     va="center", fontsize=11 if is_dead else 7,
                     color="white" if dark else "black")
     return True

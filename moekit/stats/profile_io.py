@@ -77,7 +77,9 @@ def profile_from_raw(raw: list[LayerRaw], domains: list[str],
     windows = {f"{name}/{layer.layer}/{key}": arrays[d]
                for layer in raw if layer.window_tokens
                for key, arrays in (("tokens", layer.window_tokens),
-                                   ("reap_sum", layer.window_reap))
+                                   ("reap_sum", layer.window_reap),
+                                   ("weight_sum", layer.window_weight),
+                                   ("ean_sum", layer.window_ean)) if arrays
                for d, name in enumerate(domains)}
     return _finish(metadata, experts, pd.DataFrame(layer_rows, columns=LAYER_RAW_COLUMNS), coact,
                    windows=windows or None)
@@ -279,7 +281,9 @@ def _merged_windows(profiles: list[Profile]) -> dict[str, np.ndarray] | None:
 
     if not all(p.windows for p in profiles):
         return None
-    keys = dict.fromkeys(k for p in profiles for k in p.windows)
+    columns = set.intersection(*({k.rsplit("/", 1)[1] for k in p.windows} for p in profiles))
+    keys = dict.fromkeys(k for p in profiles for k in p.windows
+                         if k.rsplit("/", 1)[1] in columns)  # older inputs: tokens, reap only
     return {k: np.concatenate([p.windows[k] for p in profiles if k in p.windows]) for k in keys}
 
 

@@ -7,9 +7,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moekit.stats.ablation import report_lines as ablation_lines
+from moekit.stats.criteria import DEFAULT_CRITERION
 from moekit.stats.html import write_html
 from moekit.stats.metrics import COLD_RATIO, coldest, specialisation, summary_table
-from moekit.stats.uncertainty import DEAD_FRACTION, UNSTABLE, profile_uncertainty
+from moekit.stats.uncertainty import (
+    DEAD_FRACTION,
+    UNSTABLE,
+    criterion_column,
+    profile_uncertainty,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -21,13 +27,8 @@ UNDERSAMPLED = 20  # expected slots per expert below this: "dead" may just mean 
 
 def layer_rich_table(profile: Profile) -> Any:
     """Per-layer summary: tokens, dead/cold experts, max and min relative load, CV, entropy."""
-    from rich import box
-    from rich.table import Table
-
     frame = summary_table(profile)
     experts = "/".join(str(e) for e in sorted(set(frame["num_experts"])))
-    table = Table(title=f"Routing per MoE layer, all domains ({experts} experts; load = L/(S/E), "
-                        f"cold < {COLD_RATIO:g}x)", title_justify="left", box=box.SIMPLE_HEAD)
     rows = [[str(row["layer"]), f"{row['tokens']:,}", _red(row["dead_experts"]),
              str(row["unseen_experts"]), str(row["cold_experts"]), f"{row['max_load']:.2f}x",
              f"{row['min_load']:.2f}x", f"{row['cv']:.2f}", f"{row['entropy_norm']:.2f}",
@@ -35,20 +36,44 @@ def layer_rich_table(profile: Profile) -> Any:
             for row in frame.to_dict("records")]
     headers = ("layer", "tokens", "dead", "unseen", "cold", "max\nload", "min\nload", "CV",
                "entropy", "N@90%", "top-1\nreuse")
-    _fill(table, headers, rows)
-    return table
+    return FoldedTable(f"Routing per MoE layer, all domains ({experts} experts; load = "
+                       f"L/(S/E), cold < {COLD_RATIO:g}x)", headers, rows)
 
 
-def _fill(table: Any, headers: tuple[str, ...], rows: list[list[str]]) -> None:
-    """Add right-aligned columns wide enough never to be truncated, then the rows."""
-    from rich.text import Text
+class FoldedTable:
+    """Right-aligned columns never truncated; on a terminal too narrow for all of them, the
+    table is printed in parts (each with the first column) rather than dropping columns."""
 
-    for i, header in enumerate(headers):
-        cells = [len(Text.from_markup(row[i]).plain) for row in rows]
-        width = max([*cells, *(len(part) for part in header.split("\n"))])
-        table.add_column(header, justify="right", no_wrap=True, min_width=width)
-    for row in rows:
-        table.add_row(*row)
+    def __init__(self, title: str, headers: tuple[str, ...], rows: list[list[str]]):
+        self.title, self.headers, self.rows = title, headers, rows
+
+    def table(self, columns: list[int], title: str | None) -> Any:
+        from rich import box
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+        for i in columns:
+            cells = [len(Text.from_markup(row[i]).plain) for row in self.rows]
+            width = max([*cells, *(len(part) for part in self.headers[i].split("\n"))])
+            table.add_column(self.headers[i], justify="right", no_wrap=True, min_width=width)
+        for row in self.rows:
+            table.add_row(*(row[i] for i in columns))
+        return table
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        chunks: list[list[int]] = [[0]]
+        unbounded = options.update_width(1 << 16)
+        for i in range(1, len(self.headers)):
+            wider = self.table([*chunks[-1], i], None)
+            if len(chunks[-1]) > 1 and console.measure(wider, options=unbounded).maximum > \
+                    options.max_width:
+                chunks.append([0])
+            chunks[-1].append(i)
+        for n, chunk in enumerate(chunks):
+            title = self.title if n == 0 else "(continued)"
+            yield self.table(chunk, title + (f" ({n + 1}/{len(chunks)})" if len(chunks) > 1
+                                             else ""))
 
 
 def _red(value: int) -> str:
@@ -56,18 +81,13 @@ def _red(value: int) -> str:
 
 
 def coldest_rich_table(profile: Profile, count: int = 10) -> Any:
-    from rich import box
-    from rich.table import Table
-
     frame = coldest(profile, count)
-    table = Table(title=f"The {len(frame)} coldest experts, all domains (EAN, REAP: means per "
-                        "routed token)", title_justify="left", box=box.SIMPLE_HEAD)
     rows = [[str(row["layer"]), str(row["expert"]), f"{row['tokens']:,}",
              f"{row['share']:.4f}", f"{row['relative_load']:.3f}x", _num(row["weight_mean"]),
              _num(row["ean_mean"]), _num(row["reap"])] for row in frame.to_dict("records")]
-    _fill(table, ("layer", "expert", "tokens", "share", "load", "mean\nweight", "EAN", "REAP"),
-          rows)
-    return table
+    return FoldedTable(f"The {len(frame)} coldest experts, all domains (EAN, REAP: means per "
+                       "routed token)", ("layer", "expert", "tokens", "share", "load",
+                                         "mean\nweight", "EAN", "REAP"), rows)
 
 
 def _num(value: float) -> str:
@@ -160,12 +180,15 @@ def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
     return path
 
 
-def _uncertainty_section(profile: Profile, ratio: float = 0.25, criterion: str = "frequency",
-                         shown: int = 15) -> list[str]:
+def _uncertainty_section(profile: Profile, ratio: float = 0.25,
+                         criterion: str = DEFAULT_CRITERION, shown: int = 15) -> list[str]:
     """Markdown lines for report.md: per-layer stability of pruning `ratio` of the experts by
-    `criterion`, and the least stable experts. Empty when the profile has no windows."""
+    `criterion` (prune's default; frequency for profiles without its per-window sums), and the
+    least stable experts. Empty when the profile has no windows."""
     if not profile.windows:
         return []
+    if not any(k.endswith(f"/{criterion_column(criterion)}") for k in profile.windows):
+        criterion = "frequency"
     experts, layers = profile_uncertainty(profile, ratio=ratio, criterion=criterion)
     k = profile.metadata.get("top_k", 1)
     top_k = dict(zip(profile.moe_layers, k if isinstance(k, list) else [k] * len(layers),
@@ -177,7 +200,11 @@ def _uncertainty_section(profile: Profile, ratio: float = 0.25, criterion: str =
     shaky = experts[experts["unstable"]].assign(
         margin=lambda f: (f["drop_freq"] - 0.5).abs()).sort_values("margin").head(shown)
     lines = ["## How sure are we (bootstrap over calibration windows)", "",
-             f"Pruning {ratio:.0%} of each layer's experts by `{criterion}`: an expert is "
+             f"Pruning {ratio:.0%} of each layer's experts by `{criterion}`"
+             + (" (the criterion `moekit prune` uses by default)"
+                if criterion == DEFAULT_CRITERION else "")
+             + "; these numbers cover that criterion only (`moekit stats uncertainty "
+             "--criterion C` for another): an expert is "
              f"*unstable* when resampling the windows flips its keep/drop decision more than "
              f"{UNSTABLE:.0%} of the time. `more_tokens` estimates the extra calibration tokens "
              "after which every decision of the layer would be stable (interval width ~ "

@@ -12,7 +12,8 @@ One bootstrap replicate b draws W windows with replacement, i.e. multiplicities
 
 The interval is the *expanded* percentile interval over B replicates (see `expanded_tail`:
 the plain percentile interval covers 93% instead of 95% with 20-40 windows).
-Pruning decision for ratio rho and criterion c ("frequency" = s, "reap" = a): drop the
+Pruning decision for ratio rho and criterion c ("frequency" = s, "reap" = a, "man" = EAN / n;
+"ean", "weight", "reap-sum" = the window sums of ean_sum, weight_sum, reap_sum): drop the
 `n_drop = round(rho E)` lowest scores; `drop_freq_e` = share of replicates in which e is dropped.
 An expert's decision is *unstable* when min(drop_freq, 1 - drop_freq) > `UNSTABLE` (5%).
 
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 UNSTABLE = 0.05
 DEAD_FRACTION = 0.05
-CRITERIA = ("frequency", "reap")
+CRITERIA = ("ean", "frequency", "reap", "reap-sum", "weight", "man")  # the default first
+_EXTRA = {"ean": "ean_sum", "man": "ean_sum", "weight": "weight_sum"}  # per-window columns
 
 
 def windows_of(profile: Profile, layer: int, domain: str = "all") -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +63,35 @@ def windows_of(profile: Profile, layer: int, domain: str = "all") -> tuple[np.nd
     return tokens, reap
 
 
+def extra_windows(profile: Profile, layer: int, domain: str, criterion: str
+                  ) -> dict[str, np.ndarray]:
+    """The per-window column [W, E] `criterion` needs beyond slots and REAP ({} for none)."""
+    import numpy as np
+
+    check_criterion(criterion)
+    column = _EXTRA.get(criterion)
+    if column is None:
+        return {}
+    names = profile.domains if domain == "all" else [domain]
+    keys = [f"{name}/{layer}/{column}" for name in names]
+    if any(k not in profile.windows for k in keys):
+        raise StatsError(f"the profile has no per-window {column} (written by an older moekit)",
+                         "re-run moekit profile, or use --criterion frequency or reap")
+    return {column: np.concatenate([profile.windows[k] for k in keys]).astype(np.float64)}
+
+
+def criterion_column(criterion: str) -> str:
+    """The per-window column `criterion` reads (tokens for frequency, reap_sum for REAP)."""
+    return _EXTRA.get(criterion, "tokens" if criterion == "frequency" else "reap_sum")
+
+
+def check_criterion(criterion: str) -> None:
+    """A criterion with per-window values; ablation is measured once, not per window."""
+    if criterion not in CRITERIA:
+        raise StatsError(f"criterion '{criterion}' has no per-window values to resample",
+                         f"choose one of {', '.join(CRITERIA)}")
+
+
 def multiplicities(num_windows: int, replicates: int, seed: int) -> np.ndarray:
     """[B, W] window multiplicities of B bootstrap replicates (rows sum to W)."""
     import numpy as np
@@ -72,16 +103,21 @@ def multiplicities(num_windows: int, replicates: int, seed: int) -> np.ndarray:
     return rng.multinomial(num_windows, np.full(num_windows, 1.0 / num_windows), size=replicates)
 
 
-def scores(tokens: np.ndarray, reap: np.ndarray, criterion: str) -> np.ndarray:
-    """Criterion values from summed slots/REAP, any leading shape [..., E]."""
+def scores(tokens: np.ndarray, reap: np.ndarray, criterion: str,
+           extra: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Criterion values from summed slots/REAP (and `extra` weight/EAN sums), any leading
+    shape [..., E]; as `stats.criteria` ranks them (frequency as the share of slots)."""
     import numpy as np
 
+    check_criterion(criterion)
+    extra = extra or {}
     if criterion == "frequency":
         total = tokens.sum(axis=-1, keepdims=True)
         return tokens / np.maximum(total, 1)
-    if criterion == "reap":
-        return np.where(tokens > 0, reap / np.maximum(tokens, 1), 0.0)
-    raise StatsError(f"unknown criterion '{criterion}'", f"choose one of {list(CRITERIA)}")
+    if criterion in ("reap", "man"):
+        summed = reap if criterion == "reap" else extra["ean_sum"]
+        return np.where(tokens > 0, summed / np.maximum(tokens, 1), 0.0)
+    return reap if criterion == "reap-sum" else extra[_EXTRA[criterion]]
 
 
 def student_t_quantile(p: float, df: int) -> float:
@@ -150,7 +186,8 @@ def growth_to_stabilise(point: np.ndarray, lo: np.ndarray, hi: np.ndarray, n_dro
 
 def layer_uncertainty(tokens: np.ndarray, reap: np.ndarray, *, ratio: float,
                       criterion: str = "frequency", replicates: int = 1000, seed: int = 0,
-                      level: float = 0.95) -> tuple[pd.DataFrame, float]:
+                      level: float = 0.95, extra: dict[str, np.ndarray] | None = None
+                      ) -> tuple[pd.DataFrame, float]:
     """Per-expert intervals and drop frequencies of one layer from its windows N, R [W, E].
     Returns the table and the token growth factor that would settle every decision."""
     import numpy as np
@@ -161,8 +198,9 @@ def layer_uncertainty(tokens: np.ndarray, reap: np.ndarray, *, ratio: float,
     total_n, total_r = tokens.sum(axis=0), reap.sum(axis=0)
     tail = expanded_tail(level, tokens.shape[0])
     share_lo, share_hi = percentile_ci(scores(boot_n, boot_r, "frequency"), tail)
-    samples = scores(boot_n, boot_r, criterion)
-    point = scores(total_n, total_r, criterion)
+    extra = extra or {}
+    samples = scores(boot_n, boot_r, criterion, {k: weights @ v for k, v in extra.items()})
+    point = scores(total_n, total_r, criterion, {k: v.sum(axis=0) for k, v in extra.items()})
     score_lo, score_hi = percentile_ci(samples, tail)
     n_drop = int(round(ratio * tokens.shape[1]))
     freq = drop_frequency(samples, n_drop)
@@ -194,15 +232,24 @@ def profile_uncertainty(profile: Profile, *, ratio: float = 0.25, criterion: str
     for i, layer in enumerate(profile.moe_layers):
         tokens, reap = windows_of(profile, layer, domain)
         table, growth = layer_uncertainty(tokens, reap, ratio=ratio, criterion=criterion,
-                                          replicates=replicates, seed=seed + i, level=level)
+                                          replicates=replicates, seed=seed + i, level=level,
+                                          extra=extra_windows(profile, layer, domain, criterion))
         experts.append(table.assign(layer=layer))
         routed = int(tokens.sum())
         layers.append({"layer": layer, "windows": tokens.shape[0], "slots": routed,
                        "unstable": int(table["unstable"].sum()),
                        "dead": int(table["dead"].sum()), "unseen": int(table["unseen"].sum()),
-                       "growth": growth, "more_slots": (growth - 1.0) * routed})
+                       "growth": growth, "more_slots": extra_slots(growth, routed)})
     frame = pd.concat(experts, ignore_index=True)
     return frame[["layer", *[c for c in frame.columns if c != "layer"]]], pd.DataFrame(layers)
+
+
+def extra_slots(growth: float, routed: int) -> int | None:
+    """Whole routed slots to add so that every decision settles, (growth - 1) x routed rounded
+    up; None when no amount would (growth infinite: a tie at the cut)."""
+    import math
+
+    return math.ceil((growth - 1.0) * routed - 1e-9) if math.isfinite(growth) else None
 
 
 def dead_and_unseen(counts: np.ndarray, level: float = 0.95) -> tuple[int, int]:

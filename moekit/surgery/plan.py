@@ -214,8 +214,12 @@ def validate_plan(plan: PrunePlan, layout: ModelLayout, fingerprint: str,
         if index not in model_layers:
             raise InvalidArgumentError(f"plan names layer {index}, which is not a MoE layer of "
                                        f"this model (MoE layers: {sorted(model_layers)})")
+    twice = sorted({index for index in planned if planned.count(index) > 1})
+    if twice:
+        raise InvalidArgumentError(f"plan lists layer {', '.join(map(str, twice))} twice",
+                                   "give each MoE layer one entry")
     missing = sorted(set(model_layers) - set(planned))
-    if missing or len(set(planned)) != len(planned):
+    if missing:
         raise InvalidArgumentError(f"plan must list every MoE layer once; missing {missing}")
     for p in plan.layers:
         _check_layer(p, model_layers[p.layer].num_experts)

@@ -10,6 +10,7 @@ the role of the kept experts).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,7 @@ class MergePlan:
     calibration: dict[str, Any] = field(default_factory=dict)
     config_changes: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    protected: dict[int, list[int]] = field(default_factory=dict)  # kept out of every cluster
 
     @property
     def num_experts(self) -> int:
@@ -146,7 +148,9 @@ class MergePlan:
                 stats_sha256=data.get("stats_sha256"),
                 calibration=dict(data.get("calibration") or {}),
                 config_changes=dict(data.get("config_changes") or {}),
-                warnings=list(data.get("warnings") or []))
+                warnings=list(data.get("warnings") or []),
+                protected={int(k): [int(j) for j in v]
+                           for k, v in (data.get("protected") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise InvalidArgumentError(f"{source} is not a moekit merge plan (bad or missing "
                                        f"field {err})", "write one with --dry-run --plan-out"
@@ -187,9 +191,13 @@ def validate_merge_plan(plan: MergePlan, layout: ModelLayout, fingerprint: str,
             raise InvalidArgumentError(f"plan layer {p.layer}: clusters must be ordered by "
                                        "their centre (first id)")
         if [len(w) for w in p.weights] != [len(c) for c in p.clusters] or any(
-                w < 0 for ws in p.weights for w in ws):
-            raise InvalidArgumentError(f"plan layer {p.layer}: weights must give one "
-                                       "non-negative number per cluster member")
+                not 0 <= w < math.inf for ws in p.weights for w in ws):  # NaN fails too
+            bad = [w for ws in p.weights for w in ws if not 0 <= w < math.inf]
+            raise InvalidArgumentError(f"plan layer {p.layer}: weights must give one finite "
+                                       "non-negative number per cluster member"
+                                       + (f", got {bad[0]}" if bad else ""),
+                                       "fix the plan's weights or write a new one with "
+                                       "--dry-run --plan-out")
     pruned = validate_plan(plan.as_prune_plan(), layout, fingerprint, ignore_fingerprint)
     plan.config_changes, plan.warnings = pruned.config_changes, pruned.warnings
     return plan

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moekit.io.card import provenance, write_model_card, write_provenance
+from moekit.io.card import (
+    eval_markdown,
+    protected_markdown,
+    provenance,
+    write_model_card,
+    write_provenance,
+)
 from moekit.ops.merge.plan import GROUPINGS, METHODS, ROUTERS, WRITTEN, MergePlan
 
 
@@ -28,18 +34,20 @@ def merge_provenance(source: str, plan: MergePlan, *, config_keys: list[str],
         stats={"folder": stats_folder, "sha256": plan.stats_sha256},
         calibration=plan.calibration,
         experts_per_layer={"before": plan.num_experts, "after": plan.num_kept},
-        top_k=plan.top_k, config_keys_changed=config_keys, config_changes=plan.config_changes,
+        top_k=plan.top_k, protected={str(k): v for k, v in plan.protected.items()},
+        config_keys_changed=config_keys, config_changes=plan.config_changes,
         warnings=warnings, layers=layers)
 
 
 def write_merge_records(folder: Path, source: str, plan: MergePlan, *, config_keys: list[str],
                         warnings: list[str], stats_folder: str | None = None,
                         reconstruction: dict[int, float] | None = None,
-                        source_folder: Path | None = None) -> None:
+                        source_folder: Path | None = None,
+                        evaluation: dict[str, Any] | None = None) -> None:
     """Write `moekit_provenance.json` and `README.md` into `folder`."""
-    write_provenance(folder, merge_provenance(
-        source, plan, config_keys=config_keys, warnings=warnings, stats_folder=stats_folder,
-        reconstruction=reconstruction))
+    record = merge_provenance(source, plan, config_keys=config_keys, warnings=warnings,
+                              stats_folder=stats_folder, reconstruction=reconstruction)
+    write_provenance(folder, {**record, "evaluation": evaluation})
     name = Path(source).name if Path(source).exists() else source
     summary = (f"`{name}` with its {plan.num_experts} routed experts per MoE layer merged into "
                f"{plan.num_kept} in each of its {len(plan.layers)} MoE layers (top-k "
@@ -47,9 +55,12 @@ def write_merge_records(folder: Path, source: str, plan: MergePlan, *, config_ke
                f"({GROUPINGS[plan.group]}); merging: **{plan.method}** ({METHODS[plan.method]}); "
                f"router rows: **{plan.router}** ({ROUTERS[plan.router]}). Shared experts and "
                "all non-expert weights are unchanged.")
-    body = clusters_markdown(plan, reconstruction or {})
+    body = clusters_markdown(plan, reconstruction or {}) + protected_markdown(plan.protected,
+                                                                             "merged")
     if warnings:
         body += "\n## Warnings\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"
+    if evaluation:
+        body += "\n" + eval_markdown(evaluation)
     write_model_card(folder, base_model=name, title=f"{Path(name).name} (merged, "
                      f"{plan.num_kept} experts per layer)", summary=summary,
                      tags=["merged", "moe", plan.family], body=body,
@@ -59,15 +70,16 @@ def write_merge_records(folder: Path, source: str, plan: MergePlan, *, config_ke
 def clusters_markdown(plan: MergePlan, reconstruction: dict[int, float]) -> str:
     """Per layer: new expert id <- original ids (centre first) and the output error."""
     lines = ["## What was merged", "", "| layer | new id <- original ids (centre first) | "
-             "calibration output error |", "|---|---|---|"]
+             "kept alone: new <- original | calibration output error |", "|---|---|---|---|"]
     for p in plan.layers:
-        merged = "; ".join(f"{i} <- {' '.join(map(str, c))}" for i, c in enumerate(p.clusters)
-                           if len(c) > 1)
+        merged, alone = ("; ".join(f"{i} <- {' '.join(map(str, c))}"
+                                   for i, c in enumerate(p.clusters) if (len(c) > 1) == many)
+                         for many in (True, False))
         error = reconstruction.get(p.layer)
-        lines.append(f"| {p.layer} | {merged or '-'} | "
+        lines.append(f"| {p.layer} | {merged or '-'} | {alone or '-'} | "
                      f"{'-' if error is None else f'{error:.2%}'} |")
     lines += ["", f"Written: {WRITTEN[plan.method]}.{refit_outcome(plan)}", "",
-              "Experts not listed were kept alone (renumbered). The output error is the "
+              "The output error is the "
               "gate-weighted relative squared error of the merged experts against their "
               "clusters' outputs on the calibration tokens (fit only). The full map and merge "
               "weights are in `moekit_provenance.json`."]

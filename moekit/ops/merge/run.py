@@ -187,6 +187,7 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
         plan = grouper.plan([grouper.layer(layer, distance) for layer in layout.moe_layers])
     if calib is not None and (calib.layers is not None or calib.shared is not None):
         plan.calibration = calib.describe()
+    plan.protected = {layer: sorted(ids) for layer, ids in protect.items() if ids}
     return validate_merge_plan(plan, layout, fingerprint, ignore_fingerprint), stats_data
 
 

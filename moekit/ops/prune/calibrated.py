@@ -94,6 +94,7 @@ class DataChoice:
     chosen: Candidate
     candidates: list[Candidate]
     info: dict[str, Any] = field(default_factory=dict)
+    stats: Any = None  # ExpertStats of the calibration tokens (traffic/weight removed)
 
     def table(self) -> list[dict[str, Any]]:
         return [{"candidate": c.name, "kl_held_out": round(c.kl, 6), "top1_held_out":
@@ -147,7 +148,7 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
     for c in candidates:
         c.plan.stats_sha256, c.plan.domain = stats.sha256, None
     info = _info(cal, options, found, start)
-    return DataChoice(chosen, candidates, info)
+    return DataChoice(chosen, candidates, info, stats)
 
 
 def _check_held(cal: Any, lanes: list[Lane]) -> None:

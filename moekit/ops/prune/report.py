@@ -6,7 +6,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from moekit.io.card import provenance, write_model_card, write_provenance
+from moekit.io.card import (
+    eval_markdown,
+    protected_markdown,
+    provenance,
+    write_model_card,
+    write_provenance,
+)
 from moekit.stats.criteria import CRITERIA
 from moekit.surgery.plan import PrunePlan
 
@@ -60,7 +66,8 @@ def write_prune_records(folder: Path, source: str, plan: PrunePlan, *, config_ke
                f"{plan.top_k} unchanged), chosen by the **{plan.criterion}** criterion"
                + (f" on routing statistics of domain `{plan.domain}`" if plan.domain else "")
                + ". Shared experts and all non-expert weights are unchanged.")
-    body = _budget_markdown(budget, plan)
+    body = _budget_markdown(budget, plan) + protected_markdown(plan.protected, "removed",
+                                                                  " and any given with --protect")
     if calibration:
         body += "\n" + _calibration_markdown(calibration)
     if warnings:
@@ -109,25 +116,6 @@ def _budget_markdown(budget: list[dict[str, Any]] | None, plan: PrunePlan) -> st
     lines.append("Shares are of the layer's routed tokens, gate-weight mass and criterion "
                  "saliency on the calibration data. The full old-to-new id map is in "
                  "`moekit_provenance.json`.")
-    return "\n".join(lines) + "\n"
-
-
-def eval_markdown(evaluation: dict[str, Any]) -> str:
-    """A markdown table of an EvalResult dict (per domain and overall)."""
-    has_ref = evaluation.get("ref") is not None
-    head = "| data | tokens | loss (nats) | perplexity |" + (
-        " source perplexity | KL(ref‖model) | top-1 agree |" if has_ref else "")
-    lines = ["## Evaluation", "", head, "|---" * (7 if has_ref else 4) + "|"]
-    for row in [*evaluation["domains"], evaluation["overall"]]:
-        cells = [row["name"], f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.3f}"]
-        if has_ref:
-            ref_ppl = row.get("ref_ppl")
-            cells += ["-" if ref_ppl is None else f"{ref_ppl:.3f}",
-                      f"{max(row['kl'], 0.0) + 0.0:.4f}", f"{row['top1']:.2%}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    if has_ref:
-        lines.append("")
-        lines.append(f"Reference: the unpruned source `{evaluation['ref']}`, same token windows.")
     return "\n".join(lines) + "\n"
 
 
