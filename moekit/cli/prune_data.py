@@ -60,6 +60,41 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
     return chosen.plan, modified, record, chosen.width
 
 
+def estimate_data_run(source: Path, options: Any, *, quiet: bool, stats: Path | None,
+                      ratio: float | None, criterion: str | None, plan_in: Path | None,
+                      keep: Path | None, drop: Path | None, protect: list[str],
+                      min_experts: int | None, seed: int, domain: str,
+                      ignore_fingerprint: bool, keep_params: float | None = None) -> Any:
+    """`--data --dry-run`: the predicted time and peak memory (printed; also as JSON with
+    `quiet`) from a short probe, without the selection."""
+    import json
+
+    from moekit.errors import InvalidArgumentError
+    from moekit.ops.prune.calibrated import estimate_run
+    from moekit.ops.prune.select import parse_protect
+
+    if any(x is not None for x in (stats, plan_in, keep, drop)):
+        raise InvalidArgumentError("--data is given with --stats/--plan/--keep/--drop",
+                                   "--data chooses the experts itself: drop the others")
+    if (ratio is None) == (keep_params is None):
+        raise InvalidArgumentError("give exactly one of --ratio and --keep-params",
+                                   "e.g. --ratio 0.5 or --keep-params 0.5")
+    checkpoint, layout, fingerprint = moe_layout(source)
+    options = _stored_experts_only(checkpoint, layout, options, keep_params, quiet)
+    if keep_params is not None:
+        ratio = _trim_budget(layout, keep_params, options)
+    found = estimate_run(source, layout, fingerprint, criterion=criterion or "measured",
+                         ratio=ratio, protect=parse_protect(protect, layout),
+                         min_experts=min_experts, options=options,
+                         log=err_console.print if not quiet else _mode_only)
+    if quiet:
+        print(json.dumps({"estimate": {"seconds": round(found.seconds, 1),
+                                       "peak_bytes": found.peak_bytes,
+                                       "stages": {k: round(v, 2) for k, v in
+                                                  found.stages.items()}}}, indent=2))
+    return found
+
+
 def _stored_experts_only(checkpoint: Any, layout: Any, options: Any,
                          keep_params: float | None, quiet: bool) -> Any:
     """Quantized experts are kept as stored (byte for byte): no refit is written into them.

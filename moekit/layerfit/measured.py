@@ -184,7 +184,8 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
                   reference: torch.Tensor | None, router: bool = False,
                   reference_logits: torch.Tensor | None = None,
                   refit: Callable[[LayerReplay, list[int]], LayerFit] | None = None,
-                  reconstruct: int = 0) -> MeasuredLayer:
+                  reconstruct: int = 0,
+                  reconstruct_limit: tuple[float | None, float] = (None, 0.0)) -> MeasuredLayer:
     """Search (and refit) one layer whose weights are materialised, from its capture `cap`
     (inputs, logits; with a refit also the layer's output residual) and `reference`, the
     unmodified model's residual at the same positions [N, H] (the refit absorbs the drift) and
@@ -192,7 +193,8 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
     compensation), the kept router rows are refitted after the down projections
     (`router_fit`). `refit(replay, kept)`, when given, replaces the down refit on the capture
     (the streamed refit on more tokens, `refit_stream`; not with `width`). With `reconstruct`
-    > 0 the kept experts are then fitted whole for at most that many steps (`reconstruct`)."""
+    > 0 the kept experts are then fitted whole for at most that many steps (`reconstruct`),
+    and at most `reconstruct_limit` = (seconds or None, progress) (`reconstruct_layer`)."""
     num = int(block.experts.num_experts)
     groups, changes = grouping(cal.layout, num, n_drop)
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
@@ -209,7 +211,8 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
         fit = refit(replay, kept) if refit is not None and width is None else \
             refit_layer(block.layer, replay, block.experts, cap.inputs, kept, width, drift)
         if reconstruct > 0 and width is None:
-            rebuild = _reconstruct(block, replay, cap.inputs, kept, drift, fit, reconstruct)
+            rebuild = _reconstruct(block, replay, cap.inputs, kept, drift, fit, reconstruct,
+                                   reconstruct_limit)
         if router and width is None:
             saved = apply_fit(block, fit.weights)
             rows = apply_rebuild(block.experts, rebuild)
@@ -225,7 +228,8 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
 
 
 def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kept: list[int],
-                 drift: torch.Tensor, fit: LayerFit, steps: int) -> Rebuild | None:
+                 drift: torch.Tensor, fit: LayerFit, steps: int,
+                 limit: tuple[float | None, float] = (None, 0.0)) -> Rebuild | None:
     """Fit the kept experts whole, starting from the down refit, on the streamed refit's
     positions when there are (`fit.sample`), else the selection's; when it helps on the held-out
     tokens, its down rows replace the refit's in `fit` (weights, relative changes)."""
@@ -238,7 +242,7 @@ def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kep
             ids, gates = replay.routed(kept)
             target = replay.target + drift.float().cpu()
         rebuild = reconstruct_layer(block.layer, block.experts, inputs, ids, gates, target,
-                                    kept, steps)
+                                    kept, steps, seconds=limit[0], progress=limit[1])
     finally:
         restore_weights(block, saved)
     if not rebuild.changed:
