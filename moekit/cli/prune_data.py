@@ -19,25 +19,12 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
     with `keep_params`, measured selection plus uniform trimming to the byte budget.
     Returns (plan, modified tensors for the surgery, calibration record for provenance,
     new expert width or None)."""
-    from moekit.errors import InvalidArgumentError
     from moekit.ops.prune.calibrated import choose_with_data as choose
     from moekit.ops.prune.rewrite import modified_tensors
     from moekit.ops.prune.select import parse_protect
 
-    if any(x is not None for x in (stats, plan_in, keep, drop)):
-        raise InvalidArgumentError("--data is given with --stats/--plan/--keep/--drop",
-                                   "--data chooses the experts itself: drop the others")
-    if (ratio is None) == (keep_params is None):
-        raise InvalidArgumentError("give exactly one of --ratio and --keep-params",
-                                   "e.g. --ratio 0.5 or --keep-params 0.5")
-    checkpoint, layout, fingerprint = moe_layout(source)
-    options = _stored_experts_only(checkpoint, layout, options, keep_params, quiet)
-    if keep_params is not None:
-        ratio = _trim_budget(layout, keep_params, options)
-        criterion = criterion or "measured"
-        if criterion != "measured":
-            raise InvalidArgumentError(f"--keep-params works with --criterion measured, not "
-                                       f"'{criterion}'")
+    checkpoint, layout, fingerprint, options, ratio = _checked(
+        source, options, quiet, (stats, plan_in, keep, drop), ratio, criterion, keep_params)
     choice = choose(source, layout, fingerprint, criterion=criterion or "measured", ratio=ratio,
                     protect=parse_protect(protect, layout), min_experts=min_experts,
                     options=options, log=err_console.print if not quiet else _mode_only)
@@ -69,20 +56,11 @@ def estimate_data_run(source: Path, options: Any, *, quiet: bool, stats: Path | 
     `quiet`) from a short probe, without the selection."""
     import json
 
-    from moekit.errors import InvalidArgumentError
     from moekit.ops.prune.calibrated import estimate_run
     from moekit.ops.prune.select import parse_protect
 
-    if any(x is not None for x in (stats, plan_in, keep, drop)):
-        raise InvalidArgumentError("--data is given with --stats/--plan/--keep/--drop",
-                                   "--data chooses the experts itself: drop the others")
-    if (ratio is None) == (keep_params is None):
-        raise InvalidArgumentError("give exactly one of --ratio and --keep-params",
-                                   "e.g. --ratio 0.5 or --keep-params 0.5")
-    checkpoint, layout, fingerprint = moe_layout(source)
-    options = _stored_experts_only(checkpoint, layout, options, keep_params, quiet)
-    if keep_params is not None:
-        ratio = _trim_budget(layout, keep_params, options)
+    _, layout, fingerprint, options, ratio = _checked(
+        source, options, quiet, (stats, plan_in, keep, drop), ratio, criterion, keep_params)
     found = estimate_run(source, layout, fingerprint, criterion=criterion or "measured",
                          ratio=ratio, protect=parse_protect(protect, layout),
                          min_experts=min_experts, options=options,
@@ -93,6 +71,30 @@ def estimate_data_run(source: Path, options: Any, *, quiet: bool, stats: Path | 
                                        "stages": {k: round(v, 2) for k, v in
                                                   found.stages.items()}}}, indent=2))
     return found
+
+
+def _checked(source: Path, options: Any, quiet: bool, others: tuple[Any, ...],
+             ratio: float | None, criterion: str | None, keep_params: float | None
+             ) -> tuple[Any, Any, str, Any, float]:
+    """The option checks of `--data` and the model: (checkpoint, layout, fingerprint, options
+    (refits off for quantized experts), ratio (from --keep-params when given))."""
+    from moekit.errors import InvalidArgumentError
+
+    if any(x is not None for x in others):
+        raise InvalidArgumentError("--data is given with --stats/--plan/--keep/--drop",
+                                   "--data chooses the experts itself: drop the others")
+    if (ratio is None) == (keep_params is None):
+        raise InvalidArgumentError("give exactly one of --ratio and --keep-params",
+                                   "e.g. --ratio 0.5 or --keep-params 0.5")
+    checkpoint, layout, fingerprint = moe_layout(source)
+    options = _stored_experts_only(checkpoint, layout, options, keep_params, quiet)
+    if keep_params is not None:
+        ratio = _trim_budget(layout, keep_params, options)
+        if (criterion or "measured") != "measured":
+            raise InvalidArgumentError(f"--keep-params works with --criterion measured, not "
+                                       f"'{criterion}'")
+    assert ratio is not None
+    return checkpoint, layout, fingerprint, options, ratio
 
 
 def _stored_experts_only(checkpoint: Any, layout: Any, options: Any,
