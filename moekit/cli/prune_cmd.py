@@ -103,9 +103,9 @@ def prune(
         "each source; default with --effort best: 4 x --max-tokens when the memory allows, "
         "else the selection's).")] = None,
     effort: Annotated[str, typer.Option(
-        "--effort", help="With --data: fast (about 3 forward passes: few positions, greedy "
-        "search, no refits), default (the down refit's positions, beam 2, a reconstruction "
-        "limited in time), best (32768 positions, beam 4, 4x streamed refit, 1000 "
+        "--effort", help="With --data: fast (few positions, greedy search, no refits), "
+        "default (the down refit's positions, beam 2, a reconstruction limited in time: about "
+        "30 forward passes), best (32768 positions, beam 4, 4x streamed refit, 1000 "
         "reconstruction steps). Explicit --max-tokens/--beam/--refit-tokens/"
         "--reconstruct-steps/--compensate override it.")] = "default",
     beam: Annotated[int | None, typer.Option(
