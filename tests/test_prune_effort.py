@@ -75,10 +75,12 @@ def test_explicit_options_override_the_level(tiny_checkpoint):
             options.reconstruct_steps) == (3, 4096, True, 50)
     assert options.reconstruct_share is None and options.reconstruct_progress == 0.0
     assert options.refit_auto is False  # fast streams nothing unless --refit-tokens is given
-    options = _options(effort="default", refit_tokens=8192, refit_auto=False)
+    options = _options(effort="default", refit_tokens=8192, refit_auto=False, beam=None,
+                       reconstruct_steps=None)  # as the CLI passes options not given
     apply_effort(options, layout, 2)
     assert options.refit_tokens == 8192 and options.token_default is not None
     assert options.reconstruct_steps == 1000 and options.reconstruct_share is not None
+    assert options.beam == 2
 
 
 def test_library_default_is_best(tiny_checkpoint):

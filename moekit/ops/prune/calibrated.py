@@ -25,6 +25,7 @@ from moekit.calib.data import DataSource
 from moekit.errors import DataError, InvalidArgumentError, UnsupportedModelError
 from moekit.layerfit.lanes import Lane, LaneRun, Search
 from moekit.layerfit.measured import load_calibration, needs_refit
+from moekit.layerfit.reconstruct import STEPS as RECONSTRUCT_STEPS
 from moekit.layerfit.tokens import (
     MIN_TOKENS,
     PRUNE_TOKENS,
@@ -67,17 +68,18 @@ class DataOptions:
     whole-expert reconstruction after the down refit (`reconstruct`; 0: off); `refit_auto`
     (the CLI's default): without `refit_tokens`, stream `tokens.REFIT_FACTOR` times the
     selection's positions for both when the memory allows (`_auto_refit`). `effort`
-    (`effort.EFFORTS`) fills the fields left None (`beam`, `reconstruct_steps`, `compensate`
-    when unset, `token_default`: the default count instead of 32768, still lowered to fit the
-    memory) and the reconstruction's `reconstruct_share` (at most that many times the layer's
-    capture time; None: no limit) and `reconstruct_progress` (`effort.apply_effort`); the
-    library default `best` is the settings before the effort levels."""
+    (`effort.EFFORTS`) fills the fields set to None (`beam`, `reconstruct_steps`: the CLI
+    passes None when the option is not given; the library defaults are `best`'s values;
+    `compensate` when unset; `token_default`: the default count instead of 32768, still
+    lowered to fit the memory) and the reconstruction's `reconstruct_share` (at most that
+    many times the layer's capture time; None: no limit) and `reconstruct_progress`
+    (`effort.apply_effort`); the library default `best` is the settings before the levels."""
 
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
     seq_len: int = 256
     max_tokens: int | None = None
-    beam: int | None = None
+    beam: int | None = 4
     compensate: bool | None = None
     router: bool = False
     held_out: float = 0.2
@@ -90,7 +92,7 @@ class DataOptions:
     stream: bool | None = None
     hidden_ram: int | None = None
     refit_tokens: int | None = None
-    reconstruct_steps: int | None = None
+    reconstruct_steps: int | None = RECONSTRUCT_STEPS
     refit_auto: bool = False
     effort: str = "best"
     token_default: int | None = None
