@@ -197,7 +197,7 @@ def _estimate(source: Path, cal: Any, criterion: str, n_drop: int,
     refit = search is not None and needs_refit(n_drop, search.compensate, search.width)
     steps = search.reconstruct if search is not None and refit else 0
     found = probe(cal, n_drop=n_drop, beam=options.beam or 1, refit=refit,
-                  reconstruct=bool(steps))
+                  reconstruct=bool(steps), select=measured)
     positions = sum(int(w.numel()) for w in cal.fit)
     held = sum(lane.held for lane in lanes) + stats_lanes
     shape = RunShape(positions, sum(int(w.numel()) for w in cal.extra),

@@ -78,9 +78,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def probe(cal: Any, *, n_drop: int, beam: int, refit: bool, reconstruct: bool) -> Probe:
+def probe(cal: Any, *, n_drop: int, beam: int, refit: bool, reconstruct: bool,
+          select: bool = True) -> Probe:
     """Time the first PROBE_POSITIONS calibration positions through the model and one MoE
-    layer's capture, selection (+ down refit) and reconstruction steps (module docstring)."""
+    layer's capture, selection (+ down refit) and reconstruction steps (module docstring);
+    without `select` (a stats criterion) only the forward and the capture."""
     began = time.perf_counter()
     windows = _probe_windows(cal.fit)
     positions = sum(int(w.numel()) for w in windows)
@@ -94,7 +96,8 @@ def probe(cal: Any, *, n_drop: int, beam: int, refit: bool, reconstruct: bool) -
         cap = capture_step(step, first, range(len(windows)), max_tokens=positions,
                            logits_index=cal.family.router.logits_index, residual=refit)
         got["capture"] = time.perf_counter() - start
-        got.update(_time_layer(cal, first, cap, n_drop, beam, refit, reconstruct))
+        if select:
+            got.update(_time_layer(cal, first, cap, n_drop, beam, refit, reconstruct))
 
     start = time.perf_counter()
     for _ in cal.engine.run(windows, on_layer=on_layer):
