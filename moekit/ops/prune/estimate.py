@@ -14,8 +14,9 @@ held-out positions, L the MoE layers):
     reconstruction    L x min(steps x step time + checks, share x the layer's capture time)
     write             checkpoint bytes / WRITE_RATE
 
-Everything but the reconstruction's early stop scales linearly with the positions, so the
-estimate is an upper bound where the reconstruction stops early on held-out patience. Peak
+Everything but the reconstruction's early stop scales linearly with the positions; the
+reconstruction is counted at its step cap or time share (an early stop shortens the run). On
+the fixture the estimate was 1.3-1.5x low (docs/benchmarks.md). Peak
 memory: the resident set after the probe plus one MoE layer's working set at N positions
 (`layerfit.tokens`) and the lanes' hidden states (N·H values per lane and layer boundary).
 """
