@@ -182,7 +182,8 @@ def _prepare(source: Path, layout: Any, fingerprint: str, criterion: str, ratio:
                            spread=options.spread, refit_tokens=_refit_tokens(options))
     found = _estimate(source, cal, criterion, n_drop, options)
     log(found.line())
-    log(described(settings, options))
+    log(described(settings, options) if criterion in DATA_CRITERIA else
+        f"effort {settings.name}: {options.max_tokens} positions for the '{criterion}' statistics")
     log(mode_line(cal.engine))
     return cal, found
 
