@@ -1,7 +1,9 @@
 """The time and memory of a calibrated prune, predicted before the work from a measured probe.
 
 The probe (`probe`) runs PROBE_POSITIONS calibration positions (whole windows, at least two)
-through the model once, layer by layer, with the first MoE layer captured on the way; on that
+through the model once, layer by layer (streamed: only up to the first MoE layer, so the
+checkpoint is not read once more, its time scaled to all layers), with that layer captured on
+the way; on that
 capture it times the layer's measured selection (and down refit, when the run refits) and a few
 reconstruction steps. From these per-position and per-step times and the run's counts, `predict`
 adds up (seconds; N the selection's positions, N_e the streamed refit's extra positions, N_h the
@@ -100,14 +102,40 @@ def probe(cal: Any, *, n_drop: int, beam: int, refit: bool, reconstruct: bool,
         if select:
             got.update(_time_layer(cal, first, cap, n_drop, beam, refit, reconstruct))
 
+    streamed = cal.engine.mode == "stream"
     start = time.perf_counter()
-    for _ in cal.engine.run(windows, on_layer=on_layer):
+    try:
+        for _ in cal.engine.run(windows, on_layer=on_layer,
+                                after_layer=_stop_after(first.layer) if streamed else None):
+            pass
+    except _ProbeDone:
         pass
     whole = time.perf_counter() - start
     spent = got.get("capture", 0.0) + got.get("select", 0.0) + got.get("rebuild", 0.0)
-    return Probe(max(whole - spent, 1e-9) / positions, got.get("capture", 0.0) / positions,
+    share = _layer_count(cal) / (first.layer + 1) if streamed else 1.0
+    return Probe(max(whole - spent, 1e-9) * share / positions, got.get("capture", 0.0) / positions,
                  got.get("select", 0.0) / positions, got.get("step", 0.0),
                  time.perf_counter() - began)
+
+
+class _ProbeDone(Exception):
+    """Ends a streamed probe after its MoE layer (the engine frees the layer on the way out)."""
+
+
+def _stop_after(layer: int) -> Any:
+    """Streamed: stop the probe's run after `layer`, so that it reads only the layers up to
+    it (and the one prefetched), not the whole checkpoint once more; the forward time of the
+    layers run is scaled to all layers."""
+    def after(step: Any) -> None:
+        if step.index >= layer:
+            raise _ProbeDone
+    return after
+
+
+def _layer_count(cal: Any) -> int:
+    from moekit.runtime.layers import find_stack
+
+    return len(find_stack(cal.model).layers)
 
 
 def _probe_windows(fit: list[Any]) -> list[Any]:
