@@ -103,7 +103,8 @@ def test_streamed_calibrated_merge_equals_in_memory(model_type, group, method,
 def test_streamed_calibrated_prune_holds_one_layer(tmp_path, monkeypatch):
     """Every layer read finds no other layer's experts in memory; while a layer is searched
     and refitted, exactly its own experts are materialised; each layer is read once per run
-    (statistics, then selection and scoring)."""
+    (statistics, then selection and scoring), plus the estimate's probe: the layers up to the
+    first MoE layer and the one prefetched after it."""
     from moekit.layerfit import lanes
     from moekit.runtime import weights
 
@@ -142,4 +143,7 @@ def test_streamed_calibrated_prune_holds_one_layer(tmp_path, monkeypatch):
     assert choice.chosen.plan.num_dropped == 2
     assert searched == [(layer, [layer]) for layer, _ in searched] and len(searched) == 2
     layer_keys = [n for n in engines[0].weights.targets if ".layers." in n]
-    assert sorted(n for n in reads if ".layers." in n) == sorted(layer_keys * 2)
+    counts = {n: reads.count(n) for n in layer_keys}
+    probe = {n for n in layer_keys if counts[n] == 3}  # the estimate's probe: the first layers
+    assert set(counts.values()) <= {2, 3} and all(".layers.0." in n or ".layers.1." in n
+                                                 for n in probe)

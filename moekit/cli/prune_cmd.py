@@ -67,7 +67,8 @@ def prune(
     out: MaybeOutOpt = None,
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Print the plan and its cost; write nothing but --plan-out.")] = False,
+        "--dry-run", help="Print the plan and its cost; write nothing but --plan-out. With "
+        "--data: print the predicted time and peak memory (a short probe) and stop.")] = False,
     plan_out: PlanOutOpt = None,
     plan_in: Annotated[Path | None, typer.Option(
         "--plan", help="Apply a plan JSON (from --plan-out) instead of choosing.")] = None,
@@ -99,14 +100,21 @@ def prune(
     seq_len: SeqLenOpt = 256,
     max_tokens: Annotated[int | None, typer.Option(
         "--max-tokens", help="Calibration token positions per layer (selection and refit; "
-        "default 32768, fewer when their working set would not fit --max-memory).")
+        "default: set by --effort, fewer when their working set would not fit --max-memory).")
     ] = None,
     refit_tokens: Annotated[int | None, typer.Option(
         "--refit-tokens", help="Calibration positions per layer for the down refit and the "
         "reconstruction, streamed through the layer (more than --max-tokens: read further into "
-        "each source; default: 4 x --max-tokens when the memory allows, else the "
-        "selection's).")] = None,
-    beam: Annotated[int, typer.Option("--beam", help="Beam width of the measured search.")] = 4,
+        "each source; default with --effort best: 4 x --max-tokens when the memory allows, "
+        "else the selection's).")] = None,
+    effort: Annotated[str, typer.Option(
+        "--effort", help="With --data: fast (few positions, greedy search, no refits), "
+        "default (the down refit's positions, beam 2, a reconstruction limited in time: about "
+        "30 forward passes), best (32768 positions, beam 4, 4x streamed refit, 1000 "
+        "reconstruction steps). Explicit --max-tokens/--beam/--refit-tokens/"
+        "--reconstruct-steps/--compensate override it.")] = "default",
+    beam: Annotated[int | None, typer.Option(
+        "--beam", help="Beam width of the measured search (default: set by --effort).")] = None,
     compensate: Annotated[bool | None, typer.Option(
         "--compensate/--no-compensate", help="Refit kept experts' down projections (default: "
         "tried, kept if held-out KL is lower).")] = None,
@@ -114,10 +122,10 @@ def prune(
         "--refit-router/--no-refit-router", help="With compensation, also refit the kept "
         "router rows (per layer where held-out error is lower; then also scored against the "
         "down refits alone by held-out KL). Off by default: it measured neutral.")] = False,
-    reconstruct_steps: Annotated[int, typer.Option(
+    reconstruct_steps: Annotated[int | None, typer.Option(
         "--reconstruct-steps", help="With compensation: after the down refit, fit each "
         "layer's kept experts whole (gate/up and down) for at most this many steps, kept where "
-        "held-out error is lower; 0 turns it off.")] = 1000,
+        "held-out error is lower; 0 turns it off (default: set by --effort).")] = None,
     protect_super: ProtectSuperOpt = True,
     keep_params: Annotated[float | None, typer.Option(
         "--keep-params", help="With --data: share of routed-expert bytes to keep, reached by "
@@ -148,6 +156,7 @@ def prune(
         ("--reconstruct-steps", reconstruct_steps, 0), ("--beam", beam, 1),
         ("--seq-len", seq_len, 2), ("--eval-seq-len", eval_seq_len, 2),
         ("--eval-max-tokens", eval_max_tokens, 2)))
+    check_effort(effort)
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 256), ("--eval-seq-len", eval_seq_len, 512))
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
@@ -171,7 +180,12 @@ def prune(
         raise InvalidArgumentError("--keep-params needs --data", "neurons are chosen and "
                                    "refitted on calibration data: add --data NAME=PATH")
     if data:
-        from moekit.cli.prune_data import choose_with_data, data_sources, fraction
+        from moekit.cli.prune_data import (
+            choose_with_data,
+            data_sources,
+            estimate_data_run,
+            fraction,
+        )
         from moekit.ops.prune.calibrated import DataOptions
 
         data_opts = DataOptions(data_sources(data, "--data"), fraction(data_range),
@@ -179,7 +193,11 @@ def prune(
                                 protect_super=protect_super, device=device, dtype=dtype,
                                 max_memory=max_memory, refit_tokens=refit_tokens,
                                 reconstruct_steps=reconstruct_steps,
-                                refit_auto=refit_tokens is None)
+                                refit_auto=refit_tokens is None, effort=effort)
+        if dry_run:
+            estimate_data_run(source, data_opts, quiet=as_json, keep_params=keep_params,
+                              **options)
+            return
         plan, modified, calibration, width = choose_with_data(
             source, data_opts, quiet=as_json, keep_params=keep_params, **options)
         stats_data = None
@@ -199,6 +217,16 @@ def prune(
     result = _run(source, model, plan, out, overwrite, shard_bytes, ignore_fingerprint,
                   stats, budget, eval_opts, modified, calibration, width)
     _summary(result, as_json)
+
+
+def check_effort(effort: str) -> None:
+    """`--effort` names a level, checked before any work."""
+    from moekit.errors import InvalidArgumentError
+    from moekit.ops.prune.effort import EFFORTS
+
+    if effort not in EFFORTS:
+        raise InvalidArgumentError(f"unknown --effort '{effort}'",
+                                   f"use one of {', '.join(EFFORTS)}")
 
 
 def choose_plan(source: Path, *, stats: Path | None, ratio: float | None, criterion: str | None,

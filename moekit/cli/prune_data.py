@@ -19,26 +19,13 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
     with `keep_params`, measured selection plus uniform trimming to the byte budget.
     Returns (plan, modified tensors for the surgery, calibration record for provenance,
     new expert width or None)."""
-    from moekit.errors import InvalidArgumentError
     from moekit.ops.prune.calibrated import choose_with_data as choose
     from moekit.ops.prune.rewrite import modified_tensors
     from moekit.ops.prune.select import parse_protect
     from moekit.surgery.plan import budget_rows
 
-    if any(x is not None for x in (stats, plan_in, keep, drop)):
-        raise InvalidArgumentError("--data is given with --stats/--plan/--keep/--drop",
-                                   "--data chooses the experts itself: drop the others")
-    if (ratio is None) == (keep_params is None):
-        raise InvalidArgumentError("give exactly one of --ratio and --keep-params",
-                                   "e.g. --ratio 0.5 or --keep-params 0.5")
-    checkpoint, layout, fingerprint = moe_layout(source)
-    options = _stored_experts_only(checkpoint, layout, options, keep_params, quiet)
-    if keep_params is not None:
-        ratio = _trim_budget(layout, keep_params, options)
-        criterion = criterion or "measured"
-        if criterion != "measured":
-            raise InvalidArgumentError(f"--keep-params works with --criterion measured, not "
-                                       f"'{criterion}'")
+    checkpoint, layout, fingerprint, options, ratio = _checked(
+        source, options, quiet, (stats, plan_in, keep, drop), ratio, criterion, keep_params)
     choice = choose(source, layout, fingerprint, criterion=criterion or "measured", ratio=ratio,
                     protect=parse_protect(protect, layout), min_experts=min_experts,
                     options=options, log=err_console.print if not quiet else _mode_only)
@@ -61,6 +48,56 @@ def choose_with_data(source: Path, options: Any, *, quiet: bool, stats: Path | N
               "modified_tensors": rows, "keep_params": keep_params,
               "expert_width": chosen.width}
     return chosen.plan, modified, record, chosen.width
+
+
+def estimate_data_run(source: Path, options: Any, *, quiet: bool, stats: Path | None,
+                      ratio: float | None, criterion: str | None, plan_in: Path | None,
+                      keep: Path | None, drop: Path | None, protect: list[str],
+                      min_experts: int | None, seed: int, domain: str,
+                      ignore_fingerprint: bool, keep_params: float | None = None) -> Any:
+    """`--data --dry-run`: the predicted time and peak memory (printed; also as JSON with
+    `quiet`) from a short probe, without the selection."""
+    import json
+
+    from moekit.ops.prune.calibrated import estimate_run
+    from moekit.ops.prune.select import parse_protect
+
+    _, layout, fingerprint, options, ratio = _checked(
+        source, options, quiet, (stats, plan_in, keep, drop), ratio, criterion, keep_params)
+    found = estimate_run(source, layout, fingerprint, criterion=criterion or "measured",
+                         ratio=ratio, protect=parse_protect(protect, layout),
+                         min_experts=min_experts, options=options,
+                         log=err_console.print if not quiet else _mode_only)
+    if quiet:
+        print(json.dumps({"estimate": {"seconds": round(found.seconds, 1),
+                                       "peak_bytes": found.peak_bytes,
+                                       "stages": {k: round(v, 2) for k, v in
+                                                  found.stages.items()}}}, indent=2))
+    return found
+
+
+def _checked(source: Path, options: Any, quiet: bool, others: tuple[Any, ...],
+             ratio: float | None, criterion: str | None, keep_params: float | None
+             ) -> tuple[Any, Any, str, Any, float]:
+    """The option checks of `--data` and the model: (checkpoint, layout, fingerprint, options
+    (refits off for quantized experts), ratio (from --keep-params when given))."""
+    from moekit.errors import InvalidArgumentError
+
+    if any(x is not None for x in others):
+        raise InvalidArgumentError("--data is given with --stats/--plan/--keep/--drop",
+                                   "--data chooses the experts itself: drop the others")
+    if (ratio is None) == (keep_params is None):
+        raise InvalidArgumentError("give exactly one of --ratio and --keep-params",
+                                   "e.g. --ratio 0.5 or --keep-params 0.5")
+    checkpoint, layout, fingerprint = moe_layout(source)
+    options = _stored_experts_only(checkpoint, layout, options, keep_params, quiet)
+    if keep_params is not None:
+        ratio = _trim_budget(layout, keep_params, options)
+        if (criterion or "measured") != "measured":
+            raise InvalidArgumentError(f"--keep-params works with --criterion measured, not "
+                                       f"'{criterion}'")
+    assert ratio is not None
+    return checkpoint, layout, fingerprint, options, ratio
 
 
 def _stored_experts_only(checkpoint: Any, layout: Any, options: Any,

@@ -101,6 +101,8 @@ class Search:
     protect: dict[int, list[int]] = field(default_factory=dict)
     router: bool = True
     reconstruct: int = 0
+    reconstruct_share: float | None = None  # reconstruction seconds per capture second
+    reconstruct_progress: float = 0.0  # `reconstruct.reconstruct_layer`'s `progress`
     kept: dict[int, list[int]] | None = None
 
 
@@ -198,6 +200,8 @@ class LaneRun:
             reference, ref_logits = original.residual, original.logits
             del original
         cap = self._capture(step, block, "pruned", residual=refit)
+        budget = None if search.reconstruct_share is None else \
+            search.reconstruct_share * (time.perf_counter() - start)
         result = measure_layer(cal, block, cap, search.n_drop, beam=search.beam,
                                compensate=search.compensate, width=search.width,
                                protected=frozenset(search.protect.get(block.layer, ())),
@@ -205,6 +209,7 @@ class LaneRun:
                                reference_logits=ref_logits,
                                refit=self._streamed(step, block) if refit and cal.streams_refit
                                else None, reconstruct=search.reconstruct,
+                               reconstruct_limit=(budget, search.reconstruct_progress),
                                kept=None if search.kept is None else search.kept[block.layer])
         del cap, reference, ref_logits
         result.seconds = time.perf_counter() - start

@@ -184,7 +184,9 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
                   reference: torch.Tensor | None, router: bool = False,
                   reference_logits: torch.Tensor | None = None,
                   refit: Callable[[LayerReplay, list[int]], LayerFit] | None = None,
-                  reconstruct: int = 0, kept: list[int] | None = None) -> MeasuredLayer:
+                  reconstruct: int = 0,
+                  reconstruct_limit: tuple[float | None, float] = (None, 0.0),
+                  kept: list[int] | None = None) -> MeasuredLayer:
     """Search (and refit) one layer whose weights are materialised, from its capture `cap`
     (inputs, logits; with a refit also the layer's output residual) and `reference`, the
     unmodified model's residual at the same positions [N, H] (the refit absorbs the drift) and
@@ -192,7 +194,8 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
     compensation), the kept router rows are refitted after the down projections
     (`router_fit`). `refit(replay, kept)`, when given, replaces the down refit on the capture
     (the streamed refit on more tokens, `refit_stream`; not with `width`). With `reconstruct`
-    > 0 the kept experts are then fitted whole for at most that many steps (`reconstruct`).
+    > 0 the kept experts are then fitted whole for at most that many steps (`reconstruct`),
+    and at most `reconstruct_limit` = (seconds or None, progress) (`reconstruct_layer`).
 
     With `kept` (the ids to keep, `num_experts - n_drop` of them; merge's centres) there is no
     search: the layer is measured and refitted keeping exactly those (`error` is D(kept),
@@ -216,7 +219,8 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
         fit = refit(replay, kept) if refit is not None and width is None else \
             refit_layer(block.layer, replay, block.experts, cap.inputs, kept, width, drift)
         if reconstruct > 0 and width is None:
-            rebuild = _reconstruct(block, replay, cap.inputs, kept, drift, fit, reconstruct)
+            rebuild = _reconstruct(block, replay, cap.inputs, kept, drift, fit, reconstruct,
+                                   reconstruct_limit)
         if router and width is None:
             saved = apply_fit(block, fit.weights)
             rows = apply_rebuild(block.experts, rebuild)
@@ -240,7 +244,8 @@ def fixed_drop(replay: LayerReplay, num: int, n_drop: int, kept: list[int]) -> S
 
 
 def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kept: list[int],
-                 drift: torch.Tensor, fit: LayerFit, steps: int) -> Rebuild | None:
+                 drift: torch.Tensor, fit: LayerFit, steps: int,
+                 limit: tuple[float | None, float] = (None, 0.0)) -> Rebuild | None:
     """Fit the kept experts whole, starting from the down refit, on the streamed refit's
     positions when there are (`fit.sample`), else the selection's; when it helps on the held-out
     tokens, its down rows replace the refit's in `fit` (weights, relative changes)."""
@@ -253,7 +258,7 @@ def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kep
             ids, gates = replay.routed(kept)
             target = replay.target + drift.float().cpu()
         rebuild = reconstruct_layer(block.layer, block.experts, inputs, ids, gates, target,
-                                    kept, steps)
+                                    kept, steps, seconds=limit[0], progress=limit[1])
     finally:
         restore_weights(block, saved)
     if not rebuild.changed:

@@ -34,7 +34,10 @@ from moekit.layerfit.tokens import (
     reconstruct_bytes,
     refit_sum_bytes,
 )
+from moekit.ops.prune.effort import apply_effort, described
+from moekit.ops.prune.estimate import Estimate, RunShape, peak_memory, predict, probe
 from moekit.ops.prune.quality import (
+    AUTO_CRITERIA,
     Candidate,
     calibration_stats,
     measured_plan,
@@ -64,13 +67,19 @@ class DataOptions:
     into each source, `refit_stream`); `reconstruct_steps`: at most this many steps of the
     whole-expert reconstruction after the down refit (`reconstruct`; 0: off); `refit_auto`
     (the CLI's default): without `refit_tokens`, stream `tokens.REFIT_FACTOR` times the
-    selection's positions for both when the memory allows (`_auto_refit`)."""
+    selection's positions for both when the memory allows (`_auto_refit`). `effort`
+    (`effort.EFFORTS`) fills the fields set to None (`beam`, `reconstruct_steps`: the CLI
+    passes None when the option is not given; the library defaults are `best`'s values;
+    `compensate` when unset; `token_default`: the default count instead of 32768, still
+    lowered to fit the memory) and the reconstruction's `reconstruct_share` (at most that
+    many times the layer's capture time; None: no limit) and `reconstruct_progress`
+    (`effort.apply_effort`); the library default `best` is the settings before the levels."""
 
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
     seq_len: int = 256
     max_tokens: int | None = None
-    beam: int = 4
+    beam: int | None = 4
     compensate: bool | None = None
     router: bool = False
     held_out: float = 0.2
@@ -83,8 +92,12 @@ class DataOptions:
     stream: bool | None = None
     hidden_ram: int | None = None
     refit_tokens: int | None = None
-    reconstruct_steps: int = RECONSTRUCT_STEPS
+    reconstruct_steps: int | None = RECONSTRUCT_STEPS
     refit_auto: bool = False
+    effort: str = "best"
+    token_default: int | None = None
+    reconstruct_share: float | None = None
+    reconstruct_progress: float = 0.0
 
 
 @dataclass
@@ -108,22 +121,9 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                      ratio: float, protect: dict[int, list[int]], min_experts: int | None,
                      options: DataOptions, log: Callable[[str], None] = print) -> DataChoice:
     """Open the model once (memory or streamed), pick the plan (module docstring)."""
-    if criterion not in (*DATA_CRITERIA, *CRITERIA):
-        raise InvalidArgumentError(f"unknown --criterion '{criterion}'",
-                                   f"use one of {', '.join((*DATA_CRITERIA, *CRITERIA))}")
-    if options.beam < 1:
-        raise InvalidArgumentError(f"--beam must be at least 1, got {options.beam}")
-    build_plan(layout, fingerprint, criterion="random", ratio=ratio, protect=protect,
-               min_experts=min_experts)  # validates ratio/top-k/protection before heavy work
-    _resolve_tokens(source, layout, ratio, options, log)
     start = time.perf_counter()
-    cal = load_calibration(source, layout, options.sources, fraction=options.fraction,
-                           seq_len=options.seq_len, max_tokens=options.max_tokens,
-                           held_out=options.held_out, device=options.device,
-                           dtype=options.dtype, max_memory=options.max_memory,
-                           stream=options.stream, hidden_ram=options.hidden_ram,
-                           spread=options.spread, refit_tokens=_refit_tokens(options))
-    log(mode_line(cal.engine))
+    cal, _ = _prepare(source, layout, fingerprint, criterion, ratio, protect, min_experts,
+                      options, log)
     require_whole_layers(cal.engine, "a calibrated prune")
     stats = calibration_stats(cal, fingerprint)
     found = super_experts(stats) if options.protect_super else {}
@@ -151,6 +151,70 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
     return DataChoice(chosen, candidates, info, stats)
 
 
+def estimate_run(source: Path, layout: Any, fingerprint: str, *, criterion: str,
+                 ratio: float, protect: dict[int, list[int]], min_experts: int | None,
+                 options: DataOptions, log: Callable[[str], None] = print) -> Estimate:
+    """What `choose_with_data` does up to its estimate (model opened, data tokenised, the
+    probe), without the work: the predicted time and peak memory (`estimate`)."""
+    return _prepare(source, layout, fingerprint, criterion, ratio, protect, min_experts,
+                    options, log)[1]
+
+
+def _prepare(source: Path, layout: Any, fingerprint: str, criterion: str, ratio: float,
+             protect: dict[int, list[int]], min_experts: int | None, options: DataOptions,
+             log: Callable[[str], None]) -> tuple[Any, Estimate]:
+    """Check the options, apply the effort level, open the model and tokenise the data, probe
+    and log the estimate (the first line), the effort's settings and the runtime mode."""
+    if criterion not in (*DATA_CRITERIA, *CRITERIA):
+        raise InvalidArgumentError(f"unknown --criterion '{criterion}'",
+                                   f"use one of {', '.join((*DATA_CRITERIA, *CRITERIA))}")
+    build_plan(layout, fingerprint, criterion="random", ratio=ratio, protect=protect,
+               min_experts=min_experts)  # validates ratio/top-k/protection before heavy work
+    n_drop = drop_count(ratio, layout.moe_layers[0].num_experts)
+    settings = apply_effort(options, layout, n_drop)
+    if options.beam is None or options.beam < 1:
+        raise InvalidArgumentError(f"--beam must be at least 1, got {options.beam}")
+    _resolve_tokens(source, layout, ratio, options, log)
+    cal = load_calibration(source, layout, options.sources, fraction=options.fraction,
+                           seq_len=options.seq_len, max_tokens=options.max_tokens,
+                           held_out=options.held_out, device=options.device,
+                           dtype=options.dtype, max_memory=options.max_memory,
+                           stream=options.stream, hidden_ram=options.hidden_ram,
+                           spread=options.spread, refit_tokens=_refit_tokens(options))
+    found = _estimate(source, cal, criterion, n_drop, options)
+    log(found.line())
+    log(described(settings, options) if criterion in DATA_CRITERIA else
+        f"effort {settings.name}: {options.max_tokens} positions for the '{criterion}' statistics")
+    log(mode_line(cal.engine))
+    return cal, found
+
+
+def _estimate(source: Path, cal: Any, criterion: str, n_drop: int,
+              options: DataOptions) -> Estimate:
+    """Probe the model on a few positions and predict the run (`estimate`)."""
+    measured = criterion in DATA_CRITERIA
+    search = _search(cal.layout, n_drop, {}, options) if measured else None
+    lanes = _lanes([], search, options)
+    stats_lanes = len(AUTO_CRITERIA) if criterion == "auto" else 0 if measured else 1
+    refit = search is not None and needs_refit(n_drop, search.compensate, search.width)
+    steps = search.reconstruct if search is not None and refit else 0
+    found = probe(cal, n_drop=n_drop, beam=options.beam or 1, refit=refit,
+                  reconstruct=bool(steps), select=measured)
+    positions = sum(int(w.numel()) for w in cal.fit)
+    held = sum(lane.held for lane in lanes) + stats_lanes
+    shape = RunShape(positions, sum(int(w.numel()) for w in cal.extra),
+                     sum(int(w.numel()) for w in cal.held), sum(not lane.held for lane in lanes),
+                     held,
+                     (2 if refit else 1) if measured else 0, steps, options.reconstruct_share,
+                     len(cal.layout.moe_layers), _checkpoint_bytes(source))
+    itemsize = int(getattr(cal.model.dtype, "itemsize", 4))
+    return Estimate(predict(found, shape), peak_memory(cal, shape, n_drop, itemsize), found)
+
+
+def _checkpoint_bytes(source: Path) -> int:
+    return sum(p.stat().st_size for p in Path(source).glob("*.safetensors"))
+
+
 def _check_held(cal: Any, lanes: list[Lane]) -> None:
     """Candidates are told apart on held-out windows: with none, every KL would read 0."""
     if not cal.held and sum(lane.held for lane in lanes) > 2:  # reference + 2+ candidates
@@ -171,6 +235,7 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
             _reconstruct_steps(layout, options):
         _auto_refit(source, layout, n_drop, options, log)
     refit = _refit_tokens(options)
+    default = options.token_default or PRUNE_TOKENS
     sums = refit_sum_bytes(layout, n_drop) if refit is not None and refit > (
         options.max_tokens or 0) else 0
     if options.max_tokens is not None and not sums:
@@ -179,7 +244,7 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
         if _reconstruct_steps(layout, options) else 0
     found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
                                device=options.device, max_memory=options.max_memory,
-                               requested=options.max_tokens, default=PRUNE_TOKENS,
+                               requested=options.max_tokens, default=default,
                                fixed=sums + rebuild, experts_call=True)
     if rebuild and found.fixed + MIN_TOKENS * found.per_token > found.allowance:
         log(f"the experts' reconstruction ({human(rebuild)} per MoE layer) does not fit beside "
@@ -187,7 +252,7 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
         options.reconstruct_steps = 0
         found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
                                    device=options.device, max_memory=options.max_memory,
-                                   requested=options.max_tokens, default=PRUNE_TOKENS,
+                                   requested=options.max_tokens, default=default,
                                    fixed=sums, experts_call=True)
     need = found.fixed + MIN_TOKENS * found.per_token
     if sums and need > found.allowance:
@@ -206,7 +271,7 @@ def _auto_refit(source: Path, layout: Any, n_drop: int, options: DataOptions,
     """The default streamed positions of the down refit and the reconstruction: REFIT_FACTOR
     times the selection's (given or default) count, when their sums and sample leave that
     selection room beside the weights; else the selection's own, said in one line."""
-    selection = options.max_tokens or PRUNE_TOKENS
+    selection = options.max_tokens or options.token_default or PRUNE_TOKENS
     refit = REFIT_FACTOR * selection
     fixed = refit_sum_bytes(layout, n_drop) + reconstruct_bytes(layout, n_drop, refit)
     found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
@@ -238,16 +303,24 @@ def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
             min_experts=min_experts))], None
     stats_plans = stats_candidates(cal, stats, fingerprint, ratio, guard, min_experts) \
         if criterion == "auto" else []
-    search = Search(drop_count(ratio, layout.moe_layers[0].num_experts), options.beam,
-                    options.compensate is not False, options.width, guard, options.router,
-                    _reconstruct_steps(layout, options))
+    search = _search(layout, drop_count(ratio, layout.moe_layers[0].num_experts), guard,
+                     options)
     return stats_plans, search
+
+
+def _search(layout: Any, n_drop: int, guard: dict[int, list[int]],
+            options: DataOptions) -> Search:
+    """The measured search's settings from the options."""
+    return Search(n_drop, options.beam or 1, options.compensate is not False, options.width,
+                  guard, options.router, _reconstruct_steps(layout, options),
+                  options.reconstruct_share, options.reconstruct_progress)
 
 
 def _reconstruct_steps(layout: Any, options: DataOptions) -> int:
     """Steps of the whole-expert reconstruction: with the down refit, when every MoE layer's
     gate/up tensors can be written back (`surgery.experts.expert_format`)."""
-    if options.compensate is False or options.width is not None or options.reconstruct_steps <= 0:
+    if options.compensate is False or options.width is not None or \
+            not options.reconstruct_steps:
         return 0
     try:
         for layer in layout.moe_layers:
@@ -264,6 +337,7 @@ def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
             "seq_len": options.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
             "spread": options.spread, "refit_tokens": cal.refit_tokens or options.max_tokens,
             "refit_router": options.router, "reconstruct_steps": options.reconstruct_steps,
+            "effort": options.effort, "reconstruct_share": options.reconstruct_share,
             "held_out_windows": len(cal.held),
             "super_experts": {str(k): v for k, v in found.items()},
             "runtime": cal.engine.describe(), "seconds": round(time.perf_counter() - start, 1)}

@@ -1,0 +1,131 @@
+"""`prune --data --effort fast|default|best`: one knob for the calibrated path's cost.
+
+An effort level sets the selection's positions (`--max-tokens`), the beam (`--beam`), the
+refit's streamed positions (`--refit-tokens`), the down refit (`--compensate`) and the
+whole-expert reconstruction (`--reconstruct-steps`, plus a time share and a progress stop that
+only effort levels set); an explicit option overrides its part. The constants follow from what
+each step needs, not from one model:
+
+- `best`: today's settings, unchanged (32768 positions or fewer to fit the memory, beam 4,
+  4 x the positions streamed for the refit and the reconstruction, up to 1000 steps, stopped
+  only by held-out patience).
+- `default`: as many positions as make the down refit well determined, N = 20 I E' / (k 3/4)
+  (20 routed pairs per fitted parameter of an output row, I per kept expert, E' kept experts,
+  k routed per token, 3/4 of the positions fit; docs/prune.md), rounded up to 1024, between
+  2048 and 32768; beam 2; the refit and reconstruction on the selection's own positions (no
+  streamed lanes); the reconstruction stops when it has spent RECONSTRUCT_SHARE times the
+  layer's capture time, or when a held-out check gains less than PROGRESS of what the fit has
+  gained so far. The share is taken from the cost target: the two captured lanes cost ~2
+  forward passes of one layer, so the reconstruction is at most ~20 forward-pass equivalents
+  of the whole run, the rest (statistics pass, lanes, capture, search, refit) ~10.
+- `fast`: the anchors' cost (one calibration pass plus the measured selection): ~256 routed
+  tokens per expert, N = 256 E / k (rounded up to 1024, between 2048 and 32768), greedy
+  search, no down refit (it would need its own reference lane, and is not determined at so
+  few positions), no reconstruction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from moekit.errors import InvalidArgumentError
+from moekit.families.registry import first_value
+
+EFFORTS = ("fast", "default", "best")
+DEFAULT_EFFORT = "default"
+MIN_POSITIONS, MAX_POSITIONS = 2048, 32768  # as `layerfit.tokens` MIN_TOKENS, PRUNE_TOKENS
+PAIRS_PER_PARAMETER = 20  # routed (token, expert) pairs per fitted parameter of a down row
+FIT_SHARE = 0.75  # the rest of the positions choose the ridge strength
+TOKENS_PER_EXPERT = 256  # routed tokens per expert for the measured damage of `fast`
+RECONSTRUCT_SHARE = 10.0  # reconstruction seconds per second of the layer's capture
+PROGRESS = 0.01  # stop when a check gains less than this share of the gain so far
+BEST_STEPS = 1000  # as `layerfit.reconstruct.STEPS`
+
+
+@dataclass(frozen=True)
+class EffortSettings:
+    """What an effort level sets. `max_tokens` None: the memory-adaptive 32768 default;
+    `refit_auto`: stream REFIT_FACTOR x the positions for the refit when the memory allows;
+    `compensate` None: with and without the down refit, the better kept; `reconstruct_share`
+    None: no time limit; `reconstruct_progress` 0: no progress stop."""
+
+    name: str
+    max_tokens: int | None
+    beam: int
+    refit_auto: bool
+    compensate: bool | None
+    reconstruct_steps: int
+    reconstruct_share: float | None = None
+    reconstruct_progress: float = 0.0
+
+
+def _round_positions(value: float) -> int:
+    """Up to a multiple of 1024, within [MIN_POSITIONS, MAX_POSITIONS]."""
+    return int(min(MAX_POSITIONS, max(MIN_POSITIONS, math.ceil(value / 1024) * 1024)))
+
+
+def _shape(layout: Any, n_drop: int) -> tuple[int, int, int, int]:
+    """(experts E, kept E', top-k, expert width I) of the first MoE layer."""
+    num = layout.moe_layers[0].num_experts
+    hidden = int(first_value(layout.config, ("hidden_size", "d_model", "n_embd")))
+    width = int(first_value(layout.config, layout.family.keys.expert_width, hidden) or hidden)
+    return num, num - n_drop, max(1, layout.top_k()), width
+
+
+def refit_positions(layout: Any, n_drop: int) -> int:
+    """`default`'s positions: the down refit well determined (module docstring)."""
+    _, kept, k, width = _shape(layout, n_drop)
+    return _round_positions(PAIRS_PER_PARAMETER * width * kept / (k * FIT_SHARE))
+
+
+def selection_positions(layout: Any, n_drop: int) -> int:
+    """`fast`'s positions: TOKENS_PER_EXPERT routed tokens per expert on average."""
+    num, _, k, _ = _shape(layout, n_drop)
+    return _round_positions(TOKENS_PER_EXPERT * num / k)
+
+
+def effort_settings(effort: str, layout: Any, n_drop: int) -> EffortSettings:
+    """The settings of `effort` for this model and removal count (module docstring)."""
+    if effort == "best":
+        return EffortSettings("best", None, 4, True, None, BEST_STEPS)
+    if effort == "default":
+        return EffortSettings("default", refit_positions(layout, n_drop), 2, False, None,
+                              BEST_STEPS, RECONSTRUCT_SHARE, PROGRESS)
+    if effort == "fast":
+        return EffortSettings("fast", selection_positions(layout, n_drop), 1, False, False, 0)
+    raise InvalidArgumentError(f"unknown --effort '{effort}'", f"use one of {', '.join(EFFORTS)}")
+
+
+def apply_effort(options: Any, layout: Any, n_drop: int) -> EffortSettings:
+    """Fill the options an effort level sets and the user left unset (None) in `options`
+    (`calibrated.DataOptions`, changed in place); returns the level's settings."""
+    found = effort_settings(options.effort, layout, n_drop)
+    if options.max_tokens is None and found.max_tokens is not None:
+        options.token_default = found.max_tokens
+    if options.beam is None:
+        options.beam = found.beam
+    if options.compensate is None and options.width is None:
+        options.compensate = found.compensate
+    if options.reconstruct_steps is None:
+        options.reconstruct_steps = found.reconstruct_steps
+        options.reconstruct_share = found.reconstruct_share
+        options.reconstruct_progress = found.reconstruct_progress
+    if options.refit_tokens is None and options.refit_auto:
+        options.refit_auto = found.refit_auto
+    return found
+
+
+def described(settings: EffortSettings, options: Any) -> str:
+    """One line: the level and the settings the run uses."""
+    tokens = options.max_tokens or options.token_default or "32768 (memory-adaptive)"
+    refit = options.refit_tokens or ("4x streamed" if options.refit_auto else "the selection's")
+    steps = options.reconstruct_steps
+    limit = (f", stopped at {options.reconstruct_share:g}x the layer's capture time or "
+             f"<{options.reconstruct_progress:.0%} held-out progress"
+             if steps and options.reconstruct_share else "")
+    fit = {None: "tried", True: "on", False: "off"}[options.compensate]
+    return (f"effort {settings.name}: {tokens} positions, beam {options.beam}, down refit "
+            f"{fit}, refit positions {refit}, reconstruction {steps} steps{limit}")
+

@@ -1,0 +1,181 @@
+"""`prune --data --effort`: the levels resolve to their documented settings and explicit options
+override them; `best` is the settings before the levels (same written tensors as those set by
+hand); the estimate comes from a probe, is positive, and `--dry-run` prints it without the work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from moekit.calib.data import DataSource
+from moekit.cli.app import app
+from moekit.families.fingerprint import model_fingerprint
+from moekit.families.layout import describe
+from moekit.io.reader import Checkpoint
+from moekit.ops.prune import effort as effort_mod
+from moekit.ops.prune.calibrated import DataOptions, choose_with_data, estimate_run
+from moekit.ops.prune.effort import EFFORTS, apply_effort, effort_settings
+
+RUNNER = CliRunner()
+
+
+def _layout(tiny_checkpoint) -> object:
+    return describe(Checkpoint(tiny_checkpoint("mixtral")))
+
+
+def _options(**kw) -> DataOptions:
+    return DataOptions([DataSource("doc", Path("unused.txt"))], **kw)
+
+
+def test_levels_resolve_to_their_documented_settings(tiny_checkpoint):
+    layout = _layout(tiny_checkpoint)
+    num, k = layout.moe_layers[0].num_experts, layout.top_k()
+    best = effort_settings("best", layout, 2)
+    assert (best.max_tokens, best.beam, best.refit_auto, best.compensate,
+            best.reconstruct_steps, best.reconstruct_share, best.reconstruct_progress) == \
+        (None, 4, True, None, 1000, None, 0.0)
+    default = effort_settings("default", layout, 2)
+    assert default.beam == 2 and not default.refit_auto and default.compensate is None
+    assert default.reconstruct_share == effort_mod.RECONSTRUCT_SHARE
+    assert default.reconstruct_progress == effort_mod.PROGRESS
+    assert default.max_tokens == effort_mod.refit_positions(layout, 2)
+    fast = effort_settings("fast", layout, 2)
+    assert (fast.beam, fast.refit_auto, fast.compensate, fast.reconstruct_steps) == \
+        (1, False, False, 0)
+    assert fast.max_tokens == max(2048, -(-256 * num // k // 1024) * 1024)
+    for name in EFFORTS:
+        found = effort_settings(name, layout, 2).max_tokens
+        assert found is None or (2048 <= found <= 32768 and found % 1024 == 0)
+
+
+def test_refit_positions_follow_the_rule():
+    class Layout:  # Qwen3-30B-A3B's shape: 128 experts of width 768, top-8
+        config = {"hidden_size": 2048, "moe_intermediate_size": 768}
+        moe_layers = [type("L", (), {"num_experts": 128})()]
+        family = type("F", (), {"keys": type("K", (), {"expert_width": (
+            "moe_intermediate_size",)})()})()
+
+        def top_k(self) -> int:
+            return 8
+
+    # 20 * 768 * 64 / (8 * 0.75) = 163840 -> capped at 32768; 256 * 128 / 8 = 4096
+    assert effort_mod.refit_positions(Layout(), 64) == 32768
+    assert effort_mod.selection_positions(Layout(), 64) == 4096
+
+
+def test_explicit_options_override_the_level(tiny_checkpoint):
+    layout = _layout(tiny_checkpoint)
+    options = _options(effort="fast", beam=3, max_tokens=4096, compensate=True,
+                       reconstruct_steps=50, refit_auto=True)
+    apply_effort(options, layout, 2)
+    assert (options.beam, options.max_tokens, options.compensate,
+            options.reconstruct_steps) == (3, 4096, True, 50)
+    assert options.reconstruct_share is None and options.reconstruct_progress == 0.0
+    assert options.refit_auto is False  # fast streams nothing unless --refit-tokens is given
+    options = _options(effort="default", refit_tokens=8192, refit_auto=False, beam=None,
+                       reconstruct_steps=None)  # as the CLI passes options not given
+    apply_effort(options, layout, 2)
+    assert options.refit_tokens == 8192 and options.token_default is not None
+    assert options.reconstruct_steps == 1000 and options.reconstruct_share is not None
+    assert options.beam == 2
+
+
+def test_library_default_is_best(tiny_checkpoint):
+    options = _options(refit_auto=True)
+    apply_effort(options, _layout(tiny_checkpoint), 2)
+    assert (options.beam, options.reconstruct_steps, options.token_default, options.refit_auto,
+            options.compensate, options.reconstruct_share) == (4, 1000, None, True, None, None)
+
+
+def test_unknown_effort_is_refused_before_any_work(tiny_checkpoint, tmp_path):
+    result = RUNNER.invoke(app, ["prune", str(tiny_checkpoint("mixtral")), "--data",
+                                 f"x={tmp_path / 'missing.txt'}", "--ratio", "0.5",
+                                 "--effort", "quick", "--dry-run"])
+    assert result.exit_code != 0 and "unknown --effort 'quick'" in result.output
+
+
+def _data_args(texts: dict[str, Path]) -> list[str]:
+    return [x for name, path in texts.items() for x in ("--data", f"{name}={path}")]
+
+
+def test_dry_run_prints_the_estimate_and_does_no_heavy_work(trained_checkpoint, sample_texts,
+                                                            monkeypatch):
+    from moekit.layerfit import lanes
+    from moekit.ops.prune import calibrated
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the work ran in a dry run")
+
+    monkeypatch.setattr(lanes.LaneRun, "run", refuse)
+    monkeypatch.setattr(calibrated, "calibration_stats", refuse)
+    folder = trained_checkpoint("moe")
+    result = RUNNER.invoke(app, ["prune", str(folder), *_data_args(sample_texts), "--ratio",
+                                 "0.5", "--effort", "fast", "--seq-len", "64", "--dry-run",
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout[result.stdout.index("{"):])["estimate"]
+    assert found["seconds"] > 0 and found["peak_bytes"] > 0
+    assert found["stages"]["lanes"] > 0
+    result = RUNNER.invoke(app, ["prune", str(folder), *_data_args(sample_texts), "--ratio",
+                                 "0.5", "--seq-len", "64", "--dry-run", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "estimate: about" in result.output and "effort default" in result.output
+
+
+def test_estimate_comes_from_a_probe_and_bounds_a_measured_run(trained_checkpoint,
+                                                               sample_texts):
+    """On a tiny model the estimate is positive, built from the probe's measured times, and of
+    the order of the measured run (a generous factor: timings on a shared CPU are noisy)."""
+    import time
+
+    folder = trained_checkpoint("moe")
+    checkpoint = Checkpoint(folder)
+    layout = describe(checkpoint)
+    sources = [DataSource(name, path) for name, path in sample_texts.items()]
+
+    def options() -> DataOptions:
+        return DataOptions(sources, seq_len=64, max_tokens=2048, device="cpu",
+                           dtype="float32", effort="default", protect_super=False)
+
+    args = dict(criterion="measured", ratio=0.5, protect={}, min_experts=None,
+                log=lambda _: None)
+    fingerprint = model_fingerprint(checkpoint, layout)
+    found = estimate_run(folder, layout, fingerprint, options=options(), **args)
+    assert found.probe is not None and found.probe.forward > 0 and found.probe.select > 0
+    assert found.probe.capture > 0 and found.seconds > 0 and found.peak_bytes > 0
+    start = time.perf_counter()
+    choose_with_data(folder, layout, fingerprint, options=options(), **args)
+    measured = time.perf_counter() - start
+    assert found.seconds / 50 < measured < 50 * found.seconds + 30
+
+
+def _tensors(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_best_equals_the_settings_before_the_levels(trained_checkpoint, sample_texts,
+                                                    tmp_path):
+    """`--effort best` writes the same tensors and plan as the former defaults set by hand
+    (beam 4, 1000 reconstruction steps, 4x streamed refit, no time limit)."""
+    folder = trained_checkpoint("moe")
+    common = ["prune", str(folder), *_data_args(sample_texts), "--ratio", "0.5",
+              "--seq-len", "64", "--device", "cpu", "--dtype", "float32", "--max-tokens",
+              "2048", "--reconstruct-steps", "1000"]
+    outs = []
+    for name, extra in (("best", ["--effort", "best"]),
+                        ("hand", ["--effort", "default", "--beam", "4", "--refit-tokens",
+                                  "8192"])):
+        out = tmp_path / name
+        result = RUNNER.invoke(app, [*common, *extra, "--out", str(out),
+                                     "--plan-out", str(tmp_path / f"{name}.json")])
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    assert _tensors(outs[0]) == _tensors(outs[1])
+    plans = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("best", "hand")]
+    assert [p["layers"] for p in plans] == [plans[0]["layers"]] * 2
