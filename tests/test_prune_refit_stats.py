@@ -247,9 +247,9 @@ def test_reconstruction_uses_the_streamed_refit_positions(tmp_path, monkeypatch)
     seen = []
     real = measured.reconstruct_layer
 
-    def spy(layer, experts, inputs, ids, gates, target, kept, steps):
+    def spy(layer, experts, inputs, ids, gates, target, kept, steps, **limits):
         seen.append((layer, inputs.clone(), target.clone()))
-        return real(layer, experts, inputs, ids, gates, target, kept, steps)
+        return real(layer, experts, inputs, ids, gates, target, kept, steps, **limits)
 
     monkeypatch.setattr(measured, "reconstruct_layer", spy)
     options = DataOptions([source], seq_len=64, max_tokens=512, beam=2, compensate=True,
