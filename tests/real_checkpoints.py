@@ -129,16 +129,22 @@ def write_real(name: str, folder: Path) -> tuple[Path, dict]:
     config = json.loads((CONFIGS / file).read_text())
     published = config.pop("_published")
     folder.mkdir(parents=True, exist_ok=True)
+    write_sparse(folder / "model.safetensors", builder(config))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, published
+
+
+def write_sparse(path: Path, tensors: Tensors) -> int:
+    """A safetensors file with a valid header and a hole where the data would be; returns
+    the number of parameters it declares."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for key, (dtype, shape) in builder(config).items():
+    for key, (dtype, shape) in tensors.items():
         size = math.prod(shape) * ITEM[dtype]
         header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    path = folder / "model.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
     os.truncate(path, 8 + len(raw) + offset)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder, published
+    return sum(math.prod(shape) for _, shape in tensors.values())

@@ -178,3 +178,17 @@ def assert_same_profile(streamed, memory) -> None:
     assert streamed.coactivation.keys() == memory.coactivation.keys()
     for key, value in memory.coactivation.items():
         assert (streamed.coactivation[key] == value).all(), key
+
+
+def with_mtp_layer(source: Path, folder: Path) -> Path:
+    """A copy of the tiny DeepSeek-V3 `source` (3 layers) with an MTP block stored as layer 3,
+    as the Hub stores DeepSeek-V3's (`model.layers.{num_hidden_layers}.*`, plus `eh_proj`)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder)
+    weights = load_file(folder / "model.safetensors")
+    mtp = {k.replace("layers.2.", "layers.3."): v.clone() for k, v in weights.items()
+           if k.startswith("model.layers.2.")}
+    mtp["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file({**weights, **mtp}, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

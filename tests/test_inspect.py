@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
 from conftest import DENSE_TYPES, MOE_TYPES
+from real_checkpoints import write_sparse
 from tiny_models import TINY_MOE, build_model, read_config, unread_embedding
 from typer.testing import CliRunner
 
@@ -225,22 +224,13 @@ def write_sparse_checkpoint(folder: Path, hidden: int = 4096, inter: int = 14336
             shapes[f"{base}.w1.weight"] = [inter, hidden]
             shapes[f"{base}.w3.weight"] = [inter, hidden]
             shapes[f"{base}.w2.weight"] = [hidden, inter]
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in shapes.items():
-        size = math.prod(shape) * 2
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
     path = folder / "model.safetensors"
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
-    os.truncate(path, 8 + len(raw) + offset)
+    numel = write_sparse(path, {name: ("BF16", shape) for name, shape in shapes.items()})
     config = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
               "num_hidden_layers": layers, "num_local_experts": experts,
               "num_experts_per_tok": 2, "intermediate_size": inter, "hidden_size": hidden}
     (folder / "config.json").write_text(json.dumps(config))
-    return path, sum(math.prod(s) for s in shapes.values())
+    return path, numel
 
 
 def bytes_read() -> int | None:

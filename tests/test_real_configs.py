@@ -5,12 +5,11 @@ multi-token-prediction layer is counted apart and dropped, with the config, by p
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-import torch
 from real_checkpoints import write_real
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from support import with_mtp_layer
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
@@ -55,13 +54,7 @@ def test_inspect_matches_published_counts(name, tmp_path):
 @pytest.fixture()
 def with_mtp(tiny_checkpoint, tmp_path):
     """A tiny DeepSeek-V3 (3 layers) with an MTP block stored as layer 3, as the Hub does."""
-    folder = tmp_path / "with-mtp"
-    shutil.copytree(tiny_checkpoint("deepseek_v3"), folder)
-    weights = load_file(folder / "model.safetensors")
-    mtp = {k.replace("layers.2.", "layers.3."): v.clone() for k, v in weights.items()
-           if k.startswith("model.layers.2.")}
-    mtp["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
-    save_file({**weights, **mtp}, folder / "model.safetensors", metadata={"format": "pt"})
+    folder = with_mtp_layer(tiny_checkpoint("deepseek_v3"), tmp_path / "with-mtp")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
     return folder

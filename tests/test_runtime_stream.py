@@ -122,17 +122,9 @@ def test_upcycle_calibration_streamed_equals_in_memory(tiny_checkpoint, sources)
 def test_mtp_layers_on_disk_are_left_out_as_the_model_does(tiny_checkpoint, sources, tmp_path):  # noqa: F811
     """DeepSeek-V3 keeps its MTP block as `model.layers.{num_hidden_layers}.*`: transformers
     ignores it, and so does streaming."""
-    import shutil
+    from support import with_mtp_layer
 
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path / "with-mtp"
-    shutil.copytree(tiny_checkpoint("deepseek_v3"), folder)
-    weights = load_file(folder / "model.safetensors")
-    mtp = {k.replace("layers.2.", "layers.3."): v.clone() for k, v in weights.items()
-           if k.startswith("model.layers.2.")}
-    mtp["model.layers.3.eh_proj.weight"] = torch.zeros(64, 128)
-    save_file({**weights, **mtp}, folder / "model.safetensors", metadata={"format": "pt"})
+    folder = with_mtp_layer(tiny_checkpoint("deepseek_v3"), tmp_path / "with-mtp")
     engine = open_model(folder, device="cpu", stream=True)
     assert len(engine.model.model.layers) == 3
     assert any(k.startswith("model.layers.3.") for k in engine.weights.unused)
