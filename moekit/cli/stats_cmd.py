@@ -81,7 +81,7 @@ def export(
     domain: Annotated[str, typer.Option("--domain", help="Domain whose loads to write.")] = "all",
 ) -> None:
     """Write measured per-layer expert loads for an expert-parallel load balancer
-    (see docs/profile.md, "Export for serving").
+    (see docs/serving.md).
 
     Example: moekit stats export prof --format sglang --out loads.json
     """
