@@ -438,11 +438,13 @@ def test_prune_with_data_shows_what_the_plan_removes(model, data_dir, tmp_path):
     (issue 24 item 8)."""
     import json
 
+    out = tmp_path / "pruned"  # `--data --dry-run` stops at the cost estimate: run it whole
     result = run("prune", model, "--data", f"fr={data_dir}", "--ratio", "0.5", "--criterion",
                  "frequency", "--max-tokens", "128", "--seq-len", "32", "--device", "cpu",
-                 "--dry-run", "--json")
+                 "--out", out)
     assert result.exit_code == 0, result.output
-    budget = json.loads(result.stdout[result.stdout.index("{"):])["budget"]
+    budget = json.loads((out / "moekit_provenance.json").read_text())["budget"]
+    assert budget
     for row in budget:
         assert 0 <= row["traffic_removed"] <= 1 and 0 <= row["weight_removed"] <= 1, row
 
