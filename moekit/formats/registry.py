@@ -65,13 +65,13 @@ def logical_tensors(checkpoint: Checkpoint) -> dict[str, Logical]:
     return out
 
 
-def quantized_formats(checkpoint: Checkpoint) -> dict[str, int]:
-    """{format: logical parameters stored in it}, plain dtypes by their safetensors name
-    (compressed-tensors modules as `compressed-tensors/FORMAT`)."""
+def quantized_formats(logical: dict[str, Logical]) -> dict[str, int]:
+    """{format: logical parameters stored in it} of `logical_tensors(...)`, plain dtypes by
+    their safetensors name (compressed-tensors modules as `compressed-tensors/FORMAT`)."""
     counts: dict[str, int] = {}
-    for logical in logical_tensors(checkpoint).values():
-        name = logical.format if logical.quantized else logical.sources[0].dtype
-        counts[name] = counts.get(name, 0) + logical.numel
+    for tensor in logical.values():
+        name = tensor.format if tensor.quantized else tensor.sources[0].dtype
+        counts[name] = counts.get(name, 0) + tensor.numel
     return counts
 
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from moekit.errors import DataError, InvalidArgumentError
+from moekit.errors import DataError, InvalidArgumentError, UnsupportedModelError
 from moekit.runtime import engine as runtime_engine
 from moekit.runtime.loading import load_tokenizer
 
@@ -106,8 +106,6 @@ def _continue(path: Path, encoded: list[Any], max_new_tokens: int, device: str, 
 def in_memory(path: Path, device: str, dtype: str, trust_remote_code: bool, option: str) -> Any:
     """The model loaded whole (`--max-memory auto`); one that would be streamed is refused:
     generation and lm-eval run the whole model at once."""
-    from moekit.errors import UnsupportedModelError
-
     loaded = runtime_engine.open_model(path, device=device, dtype=dtype,
                                        trust_remote_code=trust_remote_code)
     if loaded.mode != "memory":

@@ -71,7 +71,7 @@ def inspect_checkpoint(folder: Path) -> InspectReport:
     base = dict(path=str(folder), family=layout.resolved.family.name,
                 model_type=str(config.get("model_type", "")),
                 architecture=", ".join(checkpoint.config.get("architectures") or []),
-                num_layers=layout.num_layers, dtypes=quantized_formats(checkpoint),
+                num_layers=layout.num_layers, dtypes=quantized_formats(logical),
                 quant_method=(check_quantization(checkpoint.config) or {}).get("quant_method"),
                 bytes_on_disk=checkpoint.total_bytes, num_shards=len(checkpoint.shards),
                 total_params=total,

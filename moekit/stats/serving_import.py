@@ -21,7 +21,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.recorder import LayerRaw
 from moekit.errors import StatsError
+from moekit.stats.profile_io import profile_from_raw
 from moekit.stats.serving import FORMATS, SGLANG_KEY, VLLM_KEY
 
 if TYPE_CHECKING:
@@ -107,9 +109,6 @@ def profile_from_loads(loads: np.ndarray, layout: ModelLayout, fingerprint: str,
                        fmt: str, source: Path, domain: str) -> Any:
     """A usage-only Profile of `loads` `[num_moe_layers, E]` (see the module docstring)."""
     import numpy as np
-
-    from moekit.calib.recorder import LayerRaw
-    from moekit.stats.profile_io import profile_from_raw
 
     top_k = [layout.top_k(i) for i in range(len(layout.moe_layers))]
     raw = []
