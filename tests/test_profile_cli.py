@@ -100,7 +100,8 @@ def test_merge_of_disjoint_data_equals_profile_of_both(tiny_checkpoint, texts, t
     model = tiny_checkpoint("olmoe")
     a = profile_dir(model, tmp_path / "a", f"a={texts['osdoc']}")
     b = profile_dir(model, tmp_path / "b", f"b={texts['coll']}")
-    both = profile_dir(model, tmp_path / "ab", f"a={texts['osdoc']}", f"b={texts['coll']}")
+    both = profile_dir(model, tmp_path / "ab", f"a={texts['osdoc']}", f"b={texts['coll']}",
+                       extra=("--max-tokens", "400"))  # in total: 200 from each, as a and b
     result = run("stats", "merge", a, b, "--out", tmp_path / "m", "--no-plots")
     assert result.exit_code == 0, result.output
     merged, expected = load_profile(tmp_path / "m"), load_profile(both)

@@ -34,26 +34,33 @@ MaxShardSizeOpt = Annotated[str, typer.Option("--max-shard-size", help="e.g. 5GB
 ProtectSuperOpt = Annotated[bool, typer.Option(
     "--protect-super/--no-protect-super", help="Never drop or fold super experts (outstanding "
     "max_norm).")]
+# The run/data options every command that runs a model takes, with one name, help text and
+# meaning each (docs/options.md; tests/test_cli_options.py checks commands and table agree).
 DataOpt = Annotated[list[str] | None, typer.Option(
     "--data", "-d", help="NAME=PATH of a text/JSONL/JSON/Parquet file or folder, one dataset "
-    "each; repeat for several. Default: the texts in sample_data/.")]
+    "each; repeat for several. Default: the texts in sample_data/ (prune: none, it then "
+    "decides on --stats).")]
 RangeOpt = Annotated[str | None, typer.Option(
     "--data-range", help="START:END fraction of each dataset, e.g. 0:0.5 (first half).")]
 TextFieldOpt = Annotated[str, typer.Option(
     "--text-field", help="Field holding the text in JSON/JSONL/Parquet.")]
+TokenizerOpt = Annotated[str | None, typer.Option(
+    "--tokenizer", help="Tokenizer folder or repo when the model has none.")]
 SeqLenOpt = Annotated[int, typer.Option("--seq-len", help="Tokens per window.")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward.")]
+MaxTokensOpt = Annotated[int | None, typer.Option(
+    "--max-tokens", help="Tokens read in total over all --data sources, an equal share from "
+    "each. Default: the command's budget (docs/options.md).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", help="auto (the checkpoint's), float32, bfloat16, float16.")]
+    "--dtype", help="Dtype the model runs in: auto (the checkpoint's), float32, bfloat16, "
+    "float16.")]
 MaxMemoryOpt = Annotated[str, typer.Option(
     "--max-memory", help="Weight memory the run may hold on its device, e.g. 700MB, 40GB: "
     "larger checkpoints are streamed layer by layer. auto: 80% of the free RAM/VRAM.")]
-TokenizerOpt = Annotated[str | None, typer.Option(
-    "--tokenizer", help="Tokenizer folder or repo when the model has none.")]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow running Python code shipped inside the checkpoint "
     "(auto_map). Off by default: moekit refuses such checkpoints in one line.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward.")]
 
 
 def handle_errors(func: F) -> F:
@@ -220,3 +227,53 @@ def check_early(device: str | None = None, max_memory: str | None = None,
             raise InvalidArgumentError(f"{option} must be at least {minimum}, got {value}",
                                        f"pass {option} {minimum} or more, or leave it out "
                                        "for the default")
+
+
+# Commands whose --max-tokens counted per source (or fitted positions) until 0.1.0: the note of
+# `run_data_options`, printed when the option is given, for one release.
+OLD_MAX_TOKENS = {
+    "profile": "per data source", "eval": "per dataset", "upcycle": "per data source",
+    "prune": "the fitted positions per layer (the held-out scoring slice came on top)"}
+
+
+def run_data_options(command: str, *, device: str, dtype: str, max_memory: str,
+                     trust_remote_code: bool, data: list[str] | None, data_range: str | None,
+                     text_field: str, tokenizer: str | None, seq_len: int,
+                     max_tokens: int | None, min_tokens: int = 2) -> tuple[Any, Any]:
+    """The (RunOptions, DataSpec) records of a command that runs a model, built once from the
+    shared options and checked before any work: `--device`, `--dtype`, `--max-memory`, each
+    `--data` path present, `--data-range`, `--seq-len` >= 2 and `--max-tokens` >= `min_tokens`.
+    A `--max-tokens` given on the command line of a command whose meaning changed gets a
+    one-line note (`OLD_MAX_TOKENS`)."""
+    from moekit.calib.data import DataSource, parse_fraction
+    from moekit.calib.spec import DataSpec
+    from moekit.errors import DataError, InvalidArgumentError
+    from moekit.runtime.loading import DTYPES
+    from moekit.runtime.options import RunOptions
+
+    check_early(device, max_memory, (("--max-tokens", max_tokens, min_tokens),
+                                     ("--seq-len", seq_len, 2)))
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    fraction = parse_fraction(data_range)
+    sources = tuple(DataSource.parse(v) for v in data or ())
+    for source in sources:
+        if not source.path.exists():
+            raise DataError(f"--data file {source.path} does not exist")
+    spec = DataSpec(sources, fraction, text_field, tokenizer, seq_len, max_tokens)
+    if max_tokens is not None and command in OLD_MAX_TOKENS and _given("max_tokens"):
+        err_console.print(f"note: --max-tokens {max_tokens} counts the tokens read in total "
+                          f"over all --data sources, an equal share from each; until moekit "
+                          f"0.1.0 {command} counted {OLD_MAX_TOKENS[command]} (docs/options.md)",
+                          soft_wrap=True)
+    return RunOptions(device, dtype, max_memory, trust_remote_code), spec
+
+
+def _given(name: str) -> bool:
+    """Whether the option `name` of the running command came from its command line."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    source = context.get_parameter_source(name) if context is not None else None
+    return source in (click.core.ParameterSource.COMMANDLINE,
+                      click.core.ParameterSource.ENVIRONMENT)

@@ -16,6 +16,7 @@ from moekit.cli.common import (
     DtypeOpt,
     JsonOpt,
     MaxMemoryOpt,
+    MaxTokensOpt,
     ModelArg,
     RangeOpt,
     RevisionOpt,
@@ -31,6 +32,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
     local_inputs,
+    run_data_options,
 )
 from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
@@ -45,8 +47,7 @@ def eval_model(
         "--ref", help="Reference checkpoint (e.g. the unpruned source): adds KL(ref||model) "
         "and top-1 agreement on the same windows.")] = None,
     seq_len: SeqLenOpt = 512,
-    max_tokens: Annotated[int, typer.Option("--max-tokens",
-                                            help="At most this many tokens per dataset.")] = 32768,
+    max_tokens: MaxTokensOpt = None,
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -87,18 +88,19 @@ def eval_model(
 
     Data-parallel: torchrun --nproc-per-node N -m moekit eval ... (docs/scale-distributed.md).
     """
-    from moekit.calib.data import DataSource, default_sources, parse_fraction
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
-    from moekit.ops.evaluate import evaluate
+    from moekit.ops.evaluate import EVAL_TOKENS, evaluate
 
-    check_early(device, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2),
-                                     ("--batch-size", batch_size, 1)))
-    fraction = parse_fraction(data_range)
+    check_early(minimums=(("--batch-size", batch_size, 1),))
+    run, spec = run_data_options(
+        "eval", device=device, dtype=dtype, max_memory=max_memory,
+        trust_remote_code=trust_remote_code, data=data, data_range=data_range,
+        text_field=text_field, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens)
     path = load_model_path(model, revision)
     ref_path = load_model_path(ref, revision) if ref else None
     for folder in (path, ref_path) if ref_path else (path,):
         check_context(folder, ("--seq-len", seq_len, 512))
-    sources = [DataSource.parse(v) for v in data] if data else default_sources()
+    sources = spec.resolved_sources()
     check_outputs((*local_inputs(path, ref_path, tokenizer), *(s.path for s in sources)),
                   files={"--export": (export, TABLE_SUFFIXES),
                          "--generate-out": (generate_out, (".md", ".json")),
@@ -122,10 +124,10 @@ def eval_model(
     if (generate is not None or tasks is not None) and not data:
         return
     with token_progress("evaluating") if is_writer() else nullcontext() as on_tokens:
-        result = evaluate(path, sources, ref_path, seq_len=seq_len, max_tokens=max_tokens,
-                          batch_size=batch_size, device=device, dtype=dtype, fraction=fraction,
-                          tokenizer=tokenizer, text_field=text_field, on_tokens=on_tokens,
-                          max_memory=max_memory, trust_remote_code=trust_remote_code)
+        result = evaluate(path, sources, ref_path, seq_len=spec.seq_len,
+                          max_tokens=spec.total(EVAL_TOKENS), batch_size=batch_size,
+                          fraction=spec.fraction, tokenizer=spec.tokenizer,
+                          text_field=spec.text_field, on_tokens=on_tokens, **run.engine())
     if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
         return
     for warning in result.settings.get("warnings", []):

@@ -15,10 +15,12 @@ from moekit.cli.common import (
     DataOpt,
     DeviceOpt,
     DomainOpt,
+    DtypeOpt,
     IgnoreFingerprintOpt,
     JsonOpt,
     MaxMemoryOpt,
     MaxShardSizeOpt,
+    MaxTokensOpt,
     MaybeOutOpt,
     ModelArg,
     OverwriteOpt,
@@ -29,6 +31,7 @@ from moekit.cli.common import (
     SeqLenOpt,
     TextFieldOpt,
     TokenizerOpt,
+    TrustRemoteCodeOpt,
     check_context,
     check_early,
     console,
@@ -36,6 +39,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
     local_inputs,
+    run_data_options,
     warn_uncopied,
 )
 from moekit.cli.prune_cmd import _byte_progress
@@ -73,18 +77,14 @@ def merge(
     data: DataOpt = None,
     text_field: TextFieldOpt = "text",
     data_range: RangeOpt = None,
-    max_tokens: Annotated[int | None, typer.Option(
-        "--max-tokens", help="Calibration tokens in all (held in memory per MoE layer; "
-        "default 16384, fewer when their working set would not fit --max-memory).")
-    ] = None,
+    max_tokens: MaxTokensOpt = None,
     seq_len: SeqLenOpt = 512,
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option(
-        "--dtype", help="Calibration run dtype: float32 (default, exact activations), auto "
-        "(the checkpoint's: half the memory), bfloat16, float16.")] = "float32",
+    dtype: DtypeOpt = "float32",
     max_memory: MaxMemoryOpt = "auto",
     tokenizer: TokenizerOpt = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the clusters; write nothing but --plan-out.")] = False,
@@ -116,10 +116,13 @@ def merge(
     from moekit.errors import InvalidArgumentError
     from moekit.io.output import check_outputs
 
-    check_early(device, max_memory, (("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
-                                     ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1),
-                                     ("--eval-seq-len", eval_seq_len, 2),
-                                     ("--eval-max-tokens", eval_max_tokens, 2)))
+    check_early(minimums=(("--batch-size", batch_size, 1), ("--eval-seq-len", eval_seq_len, 2),
+                          ("--eval-max-tokens", eval_max_tokens, 2)))
+    run, spec = run_data_options(
+        "merge", device=device, dtype=dtype, max_memory=max_memory,
+        trust_remote_code=trust_remote_code, data=data, data_range=data_range,
+        text_field=text_field, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens,
+        min_tokens=MIN_CALIB_TOKENS)
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 512), ("--eval-seq-len", eval_seq_len, 512))
     eval_opts = eval_after.eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens,
@@ -133,13 +136,14 @@ def merge(
                                data=[*(data or ()), *(eval_data or ())]),
                   None if dry_run else out, overwrite, {"--plan-out": (plan_out, (".json",))})
     max_tokens = _tokens(source, ratio, (group, method, router), bool(data), max_tokens,
-                         dtype, device, max_memory)
-    options = dict(max_tokens=max_tokens, seq_len=seq_len, batch_size=batch_size,
-                   device=device, tokenizer=tokenizer, dtype=dtype, max_memory=max_memory)
-    calib = _calibration(source, group, method, router, plan_in, data, data_range, text_field,
-                         options, one_pass=not dry_run)
-    recorded = calib or (_calibration(source, group, method, router, plan_in, data, data_range,
-                                      text_field, options, required=True) if data else None)
+                         run)
+    options = dict(max_tokens=max_tokens, seq_len=spec.seq_len, batch_size=batch_size,
+                   tokenizer=spec.tokenizer, text_field=spec.text_field,
+                   fraction=spec.fraction, **run.engine())
+    calib = _calibration(source, group, method, router, plan_in, spec, options,
+                         one_pass=not dry_run)
+    recorded = calib or (_calibration(source, group, method, router, plan_in, spec, options,
+                                      required=True) if data else None)
     with _stats_folder(stats, recorded, plan_in, criterion) as stats_used:
         plan = _choose(source, stats_used, ratio, group, method, router, criterion, plan_in,
                        domain, ignore_fingerprint, calib, protect_super)
@@ -173,13 +177,11 @@ def _stats_folder(stats: Path | None, calib: Any, plan_in: Path | None, criterio
 
 
 def _calibration(source: Path, group: str, method: str, router: str, plan_in: Path | None,
-                 data: list[str] | None, data_range: str | None, text_field: str,
-                 options: dict[str, Any], one_pass: bool = True, required: bool = False) -> Any:
+                 spec: Any, options: dict[str, Any], one_pass: bool = True,
+                 required: bool = False) -> Any:
     """A lazy Calibration when the grouping or the method needs tokens, or when `required`
     (the data only records statistics); `one_pass`: with fit-layer, group inside the refit's
     run (not for --dry-run: no refit)."""
-    from moekit.calib.data import DataSource, default_sources, parse_fraction
-    from moekit.errors import DataError
     from moekit.families.layout import describe
     from moekit.io.reader import Checkpoint
     from moekit.ops.merge.run import Calibration, needs_calibration
@@ -191,13 +193,8 @@ def _calibration(source: Path, group: str, method: str, router: str, plan_in: Pa
         group, method, router = "weight", loaded.method, loaded.router
     if not required and not needs_calibration(group, method, router):
         return None
-    sources = [DataSource.parse(v) for v in data] if data else default_sources()
-    for item in sources:
-        if not item.path.exists():
-            raise DataError(f"--data file {item.path} does not exist")
     layout = describe(Checkpoint(source))
-    return Calibration(source, layout, sources, dict(options, text_field=text_field,
-                                                     fraction=parse_fraction(data_range)),
+    return Calibration(source, layout, spec.resolved_sources(), options,
                        log=err_console.print, one_pass=one_pass)
 
 
@@ -280,7 +277,7 @@ def _summary(result: Any, as_json: bool) -> None:
 
 
 def _tokens(source: Path, ratio: float | None, choices: tuple[str, str, str], data: bool,
-            requested: int | None, dtype: str, device: str, max_memory: str) -> int:
+            requested: int | None, run: Any) -> int:
     """--max-tokens, or when (group, method, router) calibrate, or --data records statistics,
     the memory-aware default (`layerfit.tokens`)."""
     from moekit.layerfit.tokens import DEFAULT_TOKENS, calibration_tokens
@@ -297,8 +294,8 @@ def _tokens(source: Path, ratio: float | None, choices: tuple[str, str, str], da
         return DEFAULT_TOKENS
     num = layout.moe_layers[0].num_experts
     n_drop = drop_count(ratio, num) if ratio is not None and 0 < ratio < 1 else num // 2
-    found = calibration_tokens(source, layout, n_drop=n_drop, dtype=dtype, device=device,
-                               max_memory=max_memory)
+    found = calibration_tokens(source, layout, n_drop=n_drop, dtype=run.dtype,
+                               device=run.device, max_memory=run.max_memory)
     if found.note():
         err_console.print(found.note(), soft_wrap=True)
     return found.tokens

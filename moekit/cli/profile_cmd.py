@@ -14,6 +14,7 @@ from moekit.cli.common import (
     DeviceOpt,
     DtypeOpt,
     MaxMemoryOpt,
+    MaxTokensOpt,
     ModelArg,
     OutOpt,
     OverwriteOpt,
@@ -31,6 +32,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
     local_inputs,
+    run_data_options,
 )
 from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
@@ -63,8 +65,7 @@ def profile(
     text_field: TextFieldOpt = "text",
     data_range: RangeOpt = None,
     seq_len: SeqLenOpt = 512,
-    max_tokens: Annotated[int, typer.Option(
-        "--max-tokens", help="At most this many tokens per data source.")] = 100_000,
+    max_tokens: MaxTokensOpt = None,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -101,25 +102,25 @@ def profile(
 
     Data-parallel: torchrun --nproc-per-node N -m moekit profile ... (docs/scale-distributed.md).
     """
-    from moekit.calib.data import DataSource, parse_fraction
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
-    from moekit.ops.profile import profile_model, write_output
+    from moekit.ops.profile import PROFILE_TOKENS, profile_model, write_output
 
-    check_early(device, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2),
-                                     ("--batch-size", batch_size, 1)))
-    fraction = parse_fraction(data_range)
+    check_early(minimums=(("--batch-size", batch_size, 1),))
+    run, spec = run_data_options(
+        "profile", device=device, dtype=dtype, max_memory=max_memory,
+        trust_remote_code=trust_remote_code, data=data, data_range=data_range,
+        text_field=text_field, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens)
     path = load_model_path(model, revision)
     check_context(path, ("--seq-len", seq_len, 512))
-    sources = [DataSource.parse(v) for v in data] if data else None
     check_outputs(local_inputs(path, merge_with, tokenizer, data=data), out, overwrite,
                   {"--export-table": (export, TABLE_SUFFIXES),
                    "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     with TokenProgress() if is_writer() else nullcontext() as progress:
-        result = profile_model(model, sources, tokenizer=tokenizer, text_field=text_field,
-                               fraction=fraction, seq_len=seq_len, max_tokens=max_tokens,
-                               batch_size=batch_size, device=device, dtype=dtype, trace=trace,
-                               merge_with=merge_with, revision=revision, progress=progress,
-                               max_memory=max_memory, trust_remote_code=trust_remote_code,
+        result = profile_model(model, list(spec.sources) or None, tokenizer=spec.tokenizer,
+                               text_field=spec.text_field, fraction=spec.fraction,
+                               seq_len=spec.seq_len, max_tokens=spec.total(PROFILE_TOKENS),
+                               batch_size=batch_size, trace=trace, merge_with=merge_with,
+                               revision=revision, progress=progress, **run.engine(),
                                ablation_tokens=ablation_tokens if ablation else None,
                                ablation_method=ablation_method)
     if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0

@@ -10,12 +10,15 @@ import typer
 
 from moekit.cli.common import (
     MIN_CALIB_TOKENS,
+    DataOpt,
+    DeviceOpt,
     DomainOpt,
     DtypeOpt,
     IgnoreFingerprintOpt,
     JsonOpt,
     MaxMemoryOpt,
     MaxShardSizeOpt,
+    MaxTokensOpt,
     MaybeOutOpt,
     ModelArg,
     OverwriteOpt,
@@ -24,6 +27,9 @@ from moekit.cli.common import (
     RangeOpt,
     RevisionOpt,
     SeqLenOpt,
+    TextFieldOpt,
+    TokenizerOpt,
+    TrustRemoteCodeOpt,
     check_context,
     check_early,
     console,
@@ -33,6 +39,7 @@ from moekit.cli.common import (
     load_model_path,
     local_inputs,
     moe_layout,
+    run_data_options,
     warn_uncopied,
 )
 from moekit.cli.eval_after import (
@@ -91,17 +98,13 @@ def prune(
     eval_range: EvalRangeOpt = None,
     eval_max_tokens: EvalMaxTokensOpt = 16384,
     eval_seq_len: EvalSeqLenOpt = 512,
-    device: Annotated[str, typer.Option("--device", help="Device for --data/--eval-data.")
-                      ] = "auto",
-    data: Annotated[list[str] | None, typer.Option(
-        "--data", "-d", help="NAME=PATH calibration data (repeat): choose by measured damage.")
-    ] = None,
+    device: DeviceOpt = "auto",
+    data: DataOpt = None,
     data_range: RangeOpt = None,
+    text_field: TextFieldOpt = "text",
+    tokenizer: TokenizerOpt = None,
     seq_len: SeqLenOpt = 256,
-    max_tokens: Annotated[int | None, typer.Option(
-        "--max-tokens", help="Calibration token positions per layer (selection and refit; "
-        "default: set by --effort, fewer when their working set would not fit --max-memory).")
-    ] = None,
+    max_tokens: MaxTokensOpt = None,
     refit_tokens: Annotated[int | None, typer.Option(
         "--refit-tokens", help="Calibration positions per layer for the down refit and the "
         "reconstruction, streamed through the layer (more than --max-tokens: read further into "
@@ -132,6 +135,7 @@ def prune(
         "removing fewer experts and trimming all survivors to one narrower width.")] = None,
     dtype: DtypeOpt = "auto",
     max_memory: MaxMemoryOpt = "auto",
+    trust_remote_code: TrustRemoteCodeOpt = False,
     revision: RevisionOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -150,12 +154,15 @@ def prune(
     """
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
 
-    check_early(device, max_memory, (
-        ("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
+    check_early(minimums=(
         ("--refit-tokens", refit_tokens, MIN_CALIB_TOKENS),
         ("--reconstruct-steps", reconstruct_steps, 0), ("--beam", beam, 1),
-        ("--seq-len", seq_len, 2), ("--eval-seq-len", eval_seq_len, 2),
-        ("--eval-max-tokens", eval_max_tokens, 2)))
+        ("--eval-seq-len", eval_seq_len, 2), ("--eval-max-tokens", eval_max_tokens, 2)))
+    run, spec = run_data_options(
+        "prune", device=device, dtype=dtype,
+        max_memory=max_memory, trust_remote_code=trust_remote_code, data=data,
+        data_range=data_range, text_field=text_field, tokenizer=tokenizer, seq_len=seq_len,
+        max_tokens=max_tokens, min_tokens=MIN_CALIB_TOKENS)
     check_effort(effort)
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 256), ("--eval-seq-len", eval_seq_len, 512))
@@ -165,7 +172,8 @@ def prune(
 
         raise InvalidArgumentError("--out is required (or use --dry-run)")
     warn_uncopied(source)
-    check_outputs(local_inputs(source, stats, plan_in, keep, drop, data=[*(data or ()),
+    check_outputs(local_inputs(source, stats, plan_in, keep, drop, tokenizer,
+                               data=[*(data or ()),
                                                                        *(eval_data or ())]),
                   None if dry_run else out, overwrite,
                   {"--plan-out": (plan_out, (".json",)), "--report": (report, TABLE_SUFFIXES)})
@@ -180,20 +188,19 @@ def prune(
         raise InvalidArgumentError("--keep-params needs --data", "neurons are chosen and "
                                    "refitted on calibration data: add --data NAME=PATH")
     if data:
-        from moekit.cli.prune_data import (
-            choose_with_data,
-            data_sources,
-            estimate_data_run,
-            fraction,
-        )
+        from moekit.cli.prune_data import choose_with_data, estimate_data_run
+        from moekit.layerfit.measured import fit_tokens
         from moekit.ops.prune.calibrated import DataOptions
 
-        data_opts = DataOptions(data_sources(data, "--data"), fraction(data_range),
-                                seq_len, max_tokens, beam, compensate, refit_router,
-                                protect_super=protect_super, device=device, dtype=dtype,
-                                max_memory=max_memory, refit_tokens=refit_tokens,
-                                reconstruct_steps=reconstruct_steps,
-                                refit_auto=refit_tokens is None, effort=effort)
+        held_out = DataOptions.held_out
+        data_opts = DataOptions(list(spec.sources), spec.fraction, spec.seq_len,
+                                None if max_tokens is None else fit_tokens(max_tokens, held_out),
+                                beam, compensate, refit_router, protect_super=protect_super,
+                                device=run.device, dtype=run.dtype, max_memory=run.max_memory,
+                                refit_tokens=refit_tokens, reconstruct_steps=reconstruct_steps,
+                                refit_auto=refit_tokens is None, effort=effort,
+                                text_field=spec.text_field, tokenizer=spec.tokenizer,
+                                trust_remote_code=run.trust_remote_code)
         if dry_run:
             estimate_data_run(source, data_opts, quiet=as_json, keep_params=keep_params,
                               **options)

@@ -160,20 +160,3 @@ def candidates_table(rows: list[dict[str, Any]]):  # noqa: ANN201 - rich Table
                       f"{row['top1_held_out']:.2%}", str(row["refitted_experts"]),
                       f"{row['seconds']:.0f}")
     return table
-
-
-def data_sources(values: list[str], option: str) -> list[Any]:
-    from moekit.calib.data import DataSource
-    from moekit.errors import DataError
-
-    sources = [DataSource.parse(v) for v in values]
-    for source in sources:
-        if not source.path.exists():
-            raise DataError(f"{option} file {source.path} does not exist")
-    return sources
-
-
-def fraction(value: str | None) -> tuple[float, float]:
-    from moekit.calib.data import parse_fraction
-
-    return parse_fraction(value)

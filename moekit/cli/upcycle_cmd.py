@@ -9,18 +9,26 @@ from typing import Annotated
 import typer
 
 from moekit.cli.common import (
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
     JsonOpt,
     MaxMemoryOpt,
+    MaxTokensOpt,
     ModelArg,
     OverwriteOpt,
+    RangeOpt,
     RevisionOpt,
+    SeqLenOpt,
+    TextFieldOpt,
+    TokenizerOpt,
     TrustRemoteCodeOpt,
     check_context,
-    check_early,
     console,
     handle_errors,
     load_model_path,
     local_inputs,
+    run_data_options,
     warn_uncopied,
 )
 from moekit.units import parse_size
@@ -54,13 +62,14 @@ def upcycle(
     )] = False,
     shared_neurons: Annotated[int | None, typer.Option(
         "--shared-neurons", help="split: neurons given to the shared expert.")] = None,
-    data: Annotated[list[str] | None, typer.Option(
-        "--data", help="Calibration text (repeatable; name=path allowed).")] = None,
-    data_range: Annotated[str | None, typer.Option(
-        "--data-range", help="Part of each source to use, e.g. 0:0.5.")] = None,
-    max_tokens: Annotated[int, typer.Option(
-        "--max-tokens", help="Calibration tokens per data source.")] = 2048,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration window.")] = 256,
+    data: DataOpt = None,
+    data_range: RangeOpt = None,
+    text_field: TextFieldOpt = "text",
+    tokenizer: TokenizerOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    seq_len: SeqLenOpt = 512,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     norm_topk_prob: Annotated[bool, typer.Option(
         "--norm-topk-prob/--no-norm-topk-prob", help="qwen targets: renormalise top-k weights."
     )] = True,
@@ -85,24 +94,28 @@ def upcycle(
     """
     from moekit.io.output import check_outputs
     from moekit.ops.upcycle import UpcycleOptions, output_tensors, plan_upcycle
+    from moekit.ops.upcycle.plan import UPCYCLE_TOKENS
 
-    check_early(None, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2)))
+    run, spec = run_data_options(
+        "upcycle", device=device, dtype=dtype, max_memory=max_memory,
+        trust_remote_code=trust_remote_code, data=data, data_range=data_range,
+        text_field=text_field, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens)
     options = UpcycleOptions(
         experts=experts, top_k=top_k, method=method, arch=arch, router=router,
         router_std=router_std, seed=seed, split_order=split_order, drop_ratio=drop_ratio,
         shared_expert=shared_expert, shared_neurons=shared_neurons, data=tuple(data or ()),
-        data_range=data_range, max_tokens=max_tokens, seq_len=seq_len,
+        data_range=data_range, max_tokens=spec.total(UPCYCLE_TOKENS), seq_len=spec.seq_len,
         norm_topk_prob=norm_topk_prob, aux_loss_coef=aux_loss_coef,
-        max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), max_memory=max_memory,
-        trust_remote_code=trust_remote_code)
+        max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), **run.engine(),
+        text_field=spec.text_field, tokenizer=spec.tokenizer)
     if out is None and not dry_run:
         from moekit.errors import InvalidArgumentError
 
         raise InvalidArgumentError("--out is required", "give an output folder, or --dry-run")
     source = load_model_path(model, revision)
-    check_context(source, ("--seq-len", seq_len, 256))
+    check_context(source, ("--seq-len", seq_len, 512))
     warn_uncopied(source)
-    check_outputs(local_inputs(source, data=data), None if dry_run else out, overwrite)
+    check_outputs(local_inputs(source, tokenizer, data=data), None if dry_run else out, overwrite)
     if dry_run:
         from moekit.ops.upcycle import Prepared, summarize
         from moekit.ops.upcycle.config import validate_config

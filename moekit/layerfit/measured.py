@@ -12,6 +12,7 @@ streamed under `max_memory`) and tokenises the calibration data.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,10 +95,13 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
                      max_memory: str | int | None = "auto", stream: bool | None = None,
                      hidden_ram: int | None = None, text_field: str = "text",
                      tokenizer: str | None = None, spread: int = 1,
-                     refit_tokens: int | None = None) -> Calibration:
+                     refit_tokens: int | None = None,
+                     trust_remote_code: bool = False) -> Calibration:
     """Open the model (`runtime.engine.open_model`: memory or streamed by the budget; `stream`
     forces it), tokenise the data, interleave the domains' windows, keep the last `held_out`
-    share of each domain's windows apart for scoring.
+    share of each domain's windows apart for scoring. `max_tokens` positions are fitted on:
+    `read_tokens(max_tokens, held_out)` tokens are read in total (fitted and held out), an equal
+    share from each source.
 
     With `spread` > 1, up to `spread` times the needed tokens of each source are read and the
     windows used are spaced evenly over them (`spread_windows`), so that a small sample covers
@@ -108,8 +112,8 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
     with the selection's), which only the streamed refit sees (`refit_stream`)."""
     import hashlib
 
-    tok = load_tokenizer(source, tokenizer)
-    per_source = max(2 * seq_len, int(max_tokens / (1 - held_out) / len(sources)) + seq_len)
+    tok = load_tokenizer(source, tokenizer, trust_remote_code)
+    per_source = read_tokens(max_tokens, held_out) // len(sources)
     more = max(0, (refit_tokens or 0) - max_tokens)
     more_per_source = -(-more // len(sources)) + seq_len if more else 0
     domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len,
@@ -127,7 +131,8 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
         extra.append(domain.windows[first:])
     engine = moekit.runtime.engine.open_model(source, device=device, dtype=dtype,
                                               max_memory=max_memory, stream=stream,
-                                              hidden_ram=hidden_ram)
+                                              hidden_ram=hidden_ram,
+                                              trust_remote_code=trust_remote_code)
     family = layout.family
     digest = hashlib.sha256("".join(d.sha256 for d in domains).encode()).hexdigest()[:16]
     fit_windows = _needed(_interleave(fit), max_tokens)
@@ -137,6 +142,18 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
                        Routing.of(family, layout.config), fit_windows, _interleave(held),
                        max_tokens, digest, domains, extra_windows,
                        seen + sum(int(w.numel()) for w in extra_windows) if more else 0)
+
+
+def read_tokens(fit: int, held_out: float) -> int:
+    """The tokens read in total so that `fit` positions remain after the held-out share:
+    ceil(fit / (1 - held_out)); the inverse of `fit_tokens`."""
+    return math.ceil(fit / (1 - held_out) - 1e-9)
+
+
+def fit_tokens(total: int, held_out: float) -> int:
+    """The positions fitted on when `total` tokens are read in total (`--max-tokens`):
+    floor(total x (1 - held_out)), so that `read_tokens` of it is at most `total`."""
+    return math.floor(total * (1 - held_out) + 1e-9)
 
 
 def spread_windows(windows: list[torch.Tensor], need: int) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import moekit.calib.data
 import moekit.runtime.engine
 from moekit.calib.data import DataSource, batches
+from moekit.calib.spec import per_source
 from moekit.errors import InvalidArgumentError
 from moekit.io.reader import Checkpoint, load_config
 from moekit.io.remote_code import check_remote_code
@@ -32,6 +33,8 @@ from moekit.runtime.loading import load_tokenizer, pick_device
 
 if TYPE_CHECKING:
     import torch
+
+EVAL_TOKENS = 32768  # the default --max-tokens, in total over the sources
 
 
 @dataclass
@@ -78,14 +81,15 @@ class _Sums:
 
 
 def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = None, *,
-             seq_len: int = 512, max_tokens: int = 32768, batch_size: int = 4,
+             seq_len: int = 512, max_tokens: int = EVAL_TOKENS, batch_size: int = 4,
              device: str = "auto", dtype: str = "auto",
              fraction: tuple[float, float] = (0.0, 1.0), tokenizer: str | None = None,
              text_field: str = "text", keep_both: bool | None = None,
              on_tokens: Callable[[int, int], None] | None = None,
              max_memory: str | int | None = "auto", trust_remote_code: bool = False,
              **engine: Any) -> EvalResult:
-    """Evaluate `model_path` on each source (and against `ref` when given).
+    """Evaluate `model_path` on each source (and against `ref` when given), on at most
+    `max_tokens` tokens in total, an equal share from each source.
 
     `on_tokens(advance, total)` reports progress in input tokens. Models run through
     `moekit.runtime` (in memory or streamed under `max_memory`; `engine`: `open_model` options).
@@ -102,7 +106,8 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
                          trust_remote_code)
     if ref is not None:
         check_same_vocabulary(Path(model_path), Path(ref), tok, tokenizer, trust_remote_code)
-    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
+    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len,
+                                             max_tokens=per_source(max_tokens, len(sources)),
                                              text_field=text_field, fraction=fraction)
     # this rank's share of the (dataset, batch) pairs (all of them outside torchrun)
     work = shard_for_rank([(d.name, batch) for d in domains for batch in batches(d, batch_size)])

@@ -20,6 +20,7 @@ from moekit import __version__
 from moekit.calib.data import DataSource, Domain, batches, default_sources
 from moekit.calib.hooks import RoutingHooks
 from moekit.calib.recorder import Recorder
+from moekit.calib.spec import per_source
 from moekit.errors import InvalidArgumentError, StatsError, UnsupportedModelError
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import ModelLayout, describe
@@ -52,13 +53,14 @@ if TYPE_CHECKING:
     from moekit.calib.recorder import Recorder
     from moekit.runtime.engine import Engine
 
+PROFILE_TOKENS = 100_000  # the default --max-tokens, in total over the sources
 Progress = Callable[[str, int, str], None]  # (event "start" | "batch", tokens, domain name)
 
 
 def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
                   tokenizer: str | None = None, text_field: str = "text",
                   fraction: tuple[float, float] = (0.0, 1.0), seq_len: int = 512,
-                  max_tokens: int = 100_000, batch_size: int = 8, device: str = "auto",
+                  max_tokens: int = PROFILE_TOKENS, batch_size: int = 8, device: str = "auto",
                   dtype: str = "auto", trace: bool = False, merge_with: Path | None = None,
                   revision: str | None = None, progress: Progress | None = None,
                   max_memory: str | int | None = "auto", trust_remote_code: bool = False,
@@ -66,7 +68,8 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
                   **engine: Any) -> Profile:
     """Profile `model` on `sources` (default: sample_data/), one domain per source.
 
-    max_tokens applies per source. With `merge_with`, the result is that profile plus this run
+    `max_tokens` counts in total over the sources, an equal share from each. With
+    `merge_with`, the result is that profile plus this run
     (same model fingerprint required, checked before any forward pass). The model runs through
     `moekit.runtime` (in memory or streamed under `max_memory`; `engine` options go to
     `open_model`); metadata["runtime"] says which mode ran and why. Under torchrun each rank
@@ -99,7 +102,8 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
         raise InvalidArgumentError(f"a data source is named '{ALL}', which is reserved for totals",
                                    "name it differently: --data NAME=PATH")
     tok = load_tokenizer(path, tokenizer, trust_remote_code)
-    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len, max_tokens=max_tokens,
+    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len,
+                                             max_tokens=per_source(max_tokens, len(sources)),
                                              text_field=text_field, fraction=fraction)
     loaded = moekit.runtime.engine.open_model(path, device=device, dtype=dtype,
                                               max_memory=max_memory,

@@ -29,16 +29,17 @@ def stats_from_calibration(calib: Calibration,
     over them, at most `max_tokens` in all); deleted on exit."""
     opts = calib.options
     total = opts.get("max_tokens") or DEFAULT_TOKENS
-    per_source = max(total // max(len(calib.sources), 1), 2)
+    per_source = total // max(len(calib.sources), 1)
     if log is not None:
         log(f"no --stats: recording routing statistics on the calibration data "
             f"({per_source} tokens per source, one forward pass)")
     profile = profile_model(
         calib.source, calib.sources, tokenizer=opts.get("tokenizer"),
         text_field=opts.get("text_field", "text"), fraction=opts.get("fraction", (0.0, 1.0)),
-        seq_len=opts.get("seq_len", 512), max_tokens=per_source,
+        seq_len=opts.get("seq_len", 512), max_tokens=total,
         batch_size=opts.get("batch_size", 4), device=opts.get("device", "auto"),
-        dtype=opts.get("dtype", "auto"), max_memory=opts.get("max_memory", "auto"))
+        dtype=opts.get("dtype", "auto"), max_memory=opts.get("max_memory", "auto"),
+        trust_remote_code=opts.get("trust_remote_code", False))
     with tempfile.TemporaryDirectory(prefix="moekit-merge-stats-") as folder:
         save_profile(profile, Path(folder))
         yield Path(folder)

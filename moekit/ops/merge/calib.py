@@ -104,19 +104,20 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
                         device: str = "cpu", tokenizer: str | None = None,
                         dtype: str = "float32", max_memory: str | int | None = "auto",
                         stream: bool | None = None, hidden_ram: int | None = None,
-                        log: Any = None) -> CapturedLayers:
+                        trust_remote_code: bool = False, log: Any = None) -> CapturedLayers:
     """LayerCalib for every MoE layer on at most `max_tokens` tokens of `sources` (tokens are
     drawn from the domains in turn, `max_tokens / len(sources)` each). `log(line)` gets the
     runtime's mode line."""
     check_calibrated(layout)
-    tok = load_tokenizer(source, tokenizer)
+    tok = load_tokenizer(source, tokenizer, trust_remote_code)
     per_domain = domain_tokens(max_tokens, len(sources))
     domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len, max_tokens=per_domain,
                                              fraction=fraction, text_field=text_field)
     work = sample_batches(domains, batch_size, per_domain)
     engine = moekit.runtime.engine.open_model(source, device=device, dtype=dtype,
                                               max_memory=max_memory, stream=stream,
-                                              hidden_ram=hidden_ram)
+                                              hidden_ram=hidden_ram,
+                                              trust_remote_code=trust_remote_code)
     if log is not None:
         log(mode_line(engine))
     require_whole_layers(engine, "calibrated merging")

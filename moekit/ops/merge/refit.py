@@ -78,7 +78,8 @@ class LayerRefits:
 REFIT_DEFAULTS: dict[str, Any] = {"fraction": (0.0, 1.0), "seq_len": SEQ_LEN,
                                   "max_tokens": MAX_TOKENS, "device": "cpu",
                                   "dtype": "float32", "max_memory": "auto",
-                                  "text_field": "text", "tokenizer": None}
+                                  "text_field": "text", "tokenizer": None,
+                                  "trust_remote_code": False}
 
 
 def refit_merged(source: Path, layout: ModelLayout, plan: MergePlan, sources: list[DataSource],

@@ -59,11 +59,12 @@ DOWN_ONLY = "measured+compensate-router"  # the down refits without the router r
 @dataclass
 class DataOptions:
     """Calibration settings. `max_tokens`: token positions per layer for selection/refit
-    (None: `tokens.calibration_tokens`, 32768 or fewer to fit the memory); `held_out`: share
-    of each source's windows kept apart for scoring candidates; `spread`: the windows are
-    spaced evenly over up to `spread` times the needed tokens of each source
-    (`measured.spread_windows`; 1: its first windows); `refit_tokens`: positions per layer
-    the down refit streams (None or <= max_tokens: the selection's own; more: read further
+    (None: `tokens.calibration_tokens`, 32768 or fewer to fit the memory; the CLI's
+    `--max-tokens N` counts the tokens read in total, `measured.fit_tokens(N, held_out)` of
+    them fitted); `held_out`: share of each source's windows kept apart for scoring
+    candidates; `spread`: the windows are spaced evenly over up to `spread` times the needed
+    tokens of each source (`measured.spread_windows`; 1: its first windows); `refit_tokens`:
+    positions per layer the down refit streams (None or <= max_tokens: the selection's own; more: read further
     into each source, `refit_stream`); `reconstruct_steps`: at most this many steps of the
     whole-expert reconstruction after the down refit (`reconstruct`; 0: off); `refit_auto`
     (the CLI's default): without `refit_tokens`, stream `tokens.REFIT_FACTOR` times the
@@ -98,6 +99,9 @@ class DataOptions:
     token_default: int | None = None
     reconstruct_share: float | None = None
     reconstruct_progress: float = 0.0
+    text_field: str = "text"
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -180,7 +184,9 @@ def _prepare(source: Path, layout: Any, fingerprint: str, criterion: str, ratio:
                            held_out=options.held_out, device=options.device,
                            dtype=options.dtype, max_memory=options.max_memory,
                            stream=options.stream, hidden_ram=options.hidden_ram,
-                           spread=options.spread, refit_tokens=_refit_tokens(options))
+                           spread=options.spread, refit_tokens=_refit_tokens(options),
+                           text_field=options.text_field, tokenizer=options.tokenizer,
+                           trust_remote_code=options.trust_remote_code)
     found = _estimate(source, cal, criterion, n_drop, options)
     log(found.line())
     log(described(settings, options) if criterion in DATA_CRITERIA else

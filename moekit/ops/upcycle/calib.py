@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING
 import moekit.calib.data
 import moekit.runtime.engine
 from moekit.calib.data import DataSource, batches, parse_fraction
+from moekit.calib.spec import per_source
 from moekit.errors import DataError
 from moekit.io.dtypes import ITEM_SIZE
 from moekit.io.reader import Checkpoint
 from moekit.io.remote_code import check_remote_code
-from moekit.runtime.loading import quiet_transformers
+from moekit.runtime.loading import load_tokenizer, quiet_transformers
 
 if TYPE_CHECKING:
     import torch
@@ -35,34 +36,30 @@ class FfnInputs:
 def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_len: int,
                        data_range: str | None = None, batch_size: int = 8,
                        max_memory: str | int | None = "auto", trust_remote_code: bool = False,
-                       **engine: object) -> FfnInputs:
+                       device: str = "cpu", dtype: str = "auto", text_field: str = "text",
+                       tokenizer: str | None = None, **engine: object) -> FfnInputs:
     """Run the dense model once over the calibration text through `moekit.runtime` (CPU, in
     memory or streamed under `max_memory`) and record each layer's FFN input with a forward
     pre-hook on `model.layers[i].mlp`.
 
-    `max_tokens` is per data source (as `moekit.calib.data.load_domains` counts). Memory: the
-    model (or its streaming budget) plus T x H x 4 bytes per layer. Code shipped in the
-    checkpoint runs only with `trust_remote_code`.
+    `max_tokens` counts in total over the sources, an equal share from each. `dtype` auto:
+    float32 below FLOAT32_LIMIT bytes, else the checkpoint's (`_calibration_dtype`). Memory:
+    the model (or its streaming budget) plus T x H x 4 bytes per layer. Code shipped in the
+    checkpoint runs only with `trust_remote_code`; `tokenizer` replaces the model's.
     """
     import torch
 
     check_remote_code(folder, trust_remote_code)
-    quiet_transformers()
-    from transformers import AutoTokenizer
-
     from moekit.runtime.layers import find_stack
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot load the dense model's tokenizer from {folder}: {err}",
-                        "the checkpoint needs tokenizer files for --router data / cluster"
-                        ) from err
+    tok = _tokenizer(folder, tokenizer, trust_remote_code)
     sources = [DataSource.parse(value) for value in data]
-    domains = moekit.calib.data.load_domains(sources, tokenizer, seq_len=seq_len,
-                                             max_tokens=max_tokens,
-                                             fraction=parse_fraction(data_range))
-    model = moekit.runtime.engine.open_model(folder, device="cpu", dtype=_calibration_dtype(folder),
+    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len,
+                                             max_tokens=per_source(max_tokens, len(sources)),
+                                             fraction=parse_fraction(data_range),
+                                             text_field=text_field)
+    dtype = _calibration_dtype(folder) if dtype == "auto" else dtype
+    model = moekit.runtime.engine.open_model(folder, device=device, dtype=dtype,
                                              max_memory=max_memory,
                                              trust_remote_code=trust_remote_code, **engine)  # type: ignore[arg-type]
     layers = find_stack(model.model).layers
@@ -80,6 +77,21 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     record = [{"name": d.name, "sha256": d.sha256, "files": d.files, "tokens": d.num_tokens}
               for d in domains]
     return FfnInputs(inputs, tokens, record)
+
+
+def _tokenizer(folder: Path, tokenizer: str | None, trust_remote_code: bool) -> object:
+    """`tokenizer` when given (`runtime.loading.load_tokenizer`), else the dense model's."""
+    if tokenizer is not None:
+        return load_tokenizer(folder, tokenizer, trust_remote_code)
+    quiet_transformers()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot load the dense model's tokenizer from {folder}: {err}",
+                        "the checkpoint needs tokenizer files for --router data / cluster, "
+                        "or pass --tokenizer") from err
 
 
 def _calibration_dtype(folder: Path) -> str:

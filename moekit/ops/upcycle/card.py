@@ -54,7 +54,7 @@ def provenance_details(plan: UpcyclePlan, prepared: Prepared,
         details["drop_init"] = "N(mean, std) of the dense matrix; one neuron set per expert"
     if prepared.calibration is not None:
         details["calibration"] = {"tokens": prepared.calibration.tokens,
-                                  "max_tokens_per_source": opts.max_tokens,
+                                  "max_tokens": opts.max_tokens,
                                   "seq_len": opts.seq_len, "data_range": opts.data_range,
                                   "sources": prepared.calibration.sources}
     return {k: v for k, v in details.items() if v is not None}

@@ -21,6 +21,8 @@ ROUTERS = ("random", "zero", "data")
 SPLIT_ORDERS = ("contiguous", "random", "cluster")
 
 
+UPCYCLE_TOKENS = 2048  # the default --max-tokens of --router data / --split-order cluster
+
 @dataclass(frozen=True)
 class UpcycleOptions:
     """What the user asked for (CLI flags one to one)."""
@@ -38,13 +40,17 @@ class UpcycleOptions:
     shared_neurons: int | None = None
     data: tuple[str, ...] = ()
     data_range: str | None = None
-    max_tokens: int = 2048
-    seq_len: int = 256
+    max_tokens: int = UPCYCLE_TOKENS  # in total over the --data sources, equal shares
+    seq_len: int = 512
     norm_topk_prob: bool = True
     aux_loss_coef: float = 0.001
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     trust_remote_code: bool = False
     max_memory: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"  # auto: float32 below calib.FLOAT32_LIMIT bytes, else the checkpoint's
+    text_field: str = "text"
+    tokenizer: str | None = None
 
 
 @dataclass
