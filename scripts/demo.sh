@@ -20,7 +20,7 @@ echo "== 2. inspect: what is this checkpoint?"
 $M inspect "$OUT/model"
 
 echo "== 3. profile: route the first 80% of each text, per domain"
-$M profile "$OUT/model" "${DATA[@]}" --data-range 0:0.8 --seq-len 128 --max-tokens 20000 \
+$M profile "$OUT/model" "${DATA[@]}" --data-range 0:0.8 --seq-len 128 --max-tokens 60000 \
   --out "$OUT/profile" --overwrite
 
 echo "== 4. prune: drop 25% of the experts of every layer by the default criterion (EAN)"

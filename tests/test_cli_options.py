@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 import moekit.calib.data
 from moekit.cli.app import app
-from moekit.layerfit.measured import read_tokens
+from moekit.layerfit.measured import default_read
 from moekit.layerfit.tokens import DEFAULT_TOKENS, PRUNE_TOKENS
 from moekit.ops.evaluate import EVAL_TOKENS
 from moekit.ops.profile import PROFILE_TOKENS
+from moekit.ops.prune.calibrated import DataOptions
 from moekit.ops.upcycle.plan import UPCYCLE_TOKENS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "options.md"
@@ -87,10 +88,11 @@ def test_every_command_takes_the_option_as_documented(option):
 
 
 def test_the_budget_table_matches_the_code():
-    budgets = {row[0]: _value(row[1]) for row in _tables()[1]}
-    assert budgets == {"profile": PROFILE_TOKENS, "eval": EVAL_TOKENS,
-                       "prune": read_tokens(PRUNE_TOKENS, 0.2), "merge": DEFAULT_TOKENS,
-                       "upcycle": UPCYCLE_TOKENS}
+    budgets = {row[0]: _value(row[1].split()[0]) for row in _tables()[1]}
+    assert budgets == {"profile": PROFILE_TOKENS, "eval": EVAL_TOKENS, "prune": PRUNE_TOKENS,
+                       "merge": DEFAULT_TOKENS, "upcycle": UPCYCLE_TOKENS}
+    read = default_read(PRUNE_TOKENS, DataOptions.held_out, 256, 1)
+    assert f"{read} tokens read from one source at `--seq-len 256`" in DOC.read_text()
 
 
 # ---- --max-tokens N reads at most N tokens, in equal shares --------------------------------
@@ -162,3 +164,26 @@ def test_merge_data_reads_max_tokens_in_total(tiny_checkpoint, sample_texts, loa
     assert result.exit_code == 0, result.output
     _check(loaded, N, len(sample_texts))
     assert "note:" not in result.output  # merge's --max-tokens always counted in total
+
+
+# ---- --export: one spelling; the old ones work for one release, with a note ----------------
+
+@pytest.mark.parametrize(("old", "argv"), [
+    ("--report", ["prune", "{m}", "--stats", "{s}", "--ratio", "0.5", "--dry-run"]),
+    ("--export-table", ["profile", "{m}", "--data", "{d}", "--max-tokens", "256", "--seq-len",
+                        "32", "--device", "cpu", "--no-plots", "--overwrite", "--out", "{o}"]),
+])
+def test_old_export_spellings_still_work_with_a_note(old, argv, tiny_checkpoint, sample_texts,
+                                                     tmp_path):
+    model = tiny_checkpoint("mixtral")
+    stats = stats_for(tmp_path, model)
+    args = [a.format(m=model, s=stats, d=sample_texts["en_docs"], o=tmp_path / "p")
+            for a in argv]
+    table = tmp_path / "table.csv"
+    result = RUNNER.invoke(app, [*args, old, str(table)])
+    assert result.exit_code == 0, result.output
+    assert table.stat().st_size > 0
+    assert f"note: {old} is now --export" in result.output
+    both = RUNNER.invoke(app, [*args, old, str(table), "--export", str(tmp_path / "t2.csv")])
+    assert both.exit_code == 2 and f"{old} and --export are both given" in both.output
+    assert not (tmp_path / "t2.csv").exists()

@@ -84,7 +84,7 @@ def test_the_driver_would_see_a_heavy_import(model_and_stats, tmp_path):
     """The check can fail: a prune that writes its budget table as Parquet needs pandas."""
     model, stats = model_and_stats
     loaded = imported_heavy("prune", model, "--stats", stats, "--ratio", "0.5", "--dry-run",
-                            "--report", tmp_path / "budget.parquet")
+                            "--export", tmp_path / "budget.parquet")
     assert "pandas" in loaded
 
 

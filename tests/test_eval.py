@@ -42,8 +42,8 @@ def _windows(folder, path, max_tokens):
 def test_loss_and_kl_match_independent_computation(tiny_checkpoint, texts):
     model_dir, other_dir = tiny_checkpoint("qwen3_moe"), tiny_checkpoint("qwen3_moe", seed=3)
     sources = [DataSource(name, path) for name, path in texts.items()]
-    result = evaluate(model_dir, sources, other_dir, seq_len=SEQ, max_tokens=200, batch_size=3,
-                      keep_both=True, device="cpu")  # compared with CPU forwards below
+    result = evaluate(model_dir, sources, other_dir, seq_len=SEQ, max_tokens=400, batch_size=3,
+                      keep_both=True, device="cpu")  # 200 from each; CPU forwards below
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ref = AutoModelForCausalLM.from_pretrained(other_dir).eval()
     totals = [0.0, 0.0, 0.0, 0]
@@ -72,7 +72,7 @@ def test_loss_and_kl_match_independent_computation(tiny_checkpoint, texts):
     assert result.overall.tokens == totals[3]
     assert result.overall.loss == pytest.approx(totals[0] / totals[3], rel=1e-5)
     assert result.overall.kl == pytest.approx(totals[1] / totals[3], rel=1e-4)
-    spilled = evaluate(model_dir, sources, other_dir, seq_len=SEQ, max_tokens=200,
+    spilled = evaluate(model_dir, sources, other_dir, seq_len=SEQ, max_tokens=400,
                        batch_size=3, keep_both=False, device="cpu")
     assert spilled.overall.kl == pytest.approx(result.overall.kl, rel=1e-6)
     assert spilled.overall.top1 == result.overall.top1

@@ -140,7 +140,7 @@ def _protected_copy(tiny_checkpoint, tmp_path: Path) -> tuple[Path, bytes]:
     return src, (src / "config.json").read_bytes()
 
 
-@pytest.mark.parametrize("option", ["--plan-out", "--report"])
+@pytest.mark.parametrize("option", ["--plan-out", "--export"])
 def test_prune_side_files_inside_the_input_are_refused(option, tiny_checkpoint, tmp_path):
     src, config = _protected_copy(tiny_checkpoint, tmp_path)
     result = RUNNER.invoke(app, ["prune", str(src), "--drop", str(drop_list(tmp_path)),
@@ -158,7 +158,7 @@ def test_eval_export_extension_checked_before_the_work(tiny_checkpoint, tmp_path
     assert result.exit_code == 2 and "'.txt'" in result.stderr, result.output
 
 
-@pytest.mark.parametrize("option", ["--export-table", "--export-coldest"])
+@pytest.mark.parametrize("option", ["--export", "--export-coldest"])
 def test_profile_exports_checked_before_the_work(option, tiny_checkpoint, tmp_path, monkeypatch):
     import moekit.runtime.engine as engine
 

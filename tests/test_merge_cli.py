@@ -178,7 +178,7 @@ def test_data_without_stats_records_them_as_profile_would(tiny_checkpoint, tmp_p
 
     left = set(Path(tempfile.gettempdir()).glob("moekit-merge-stats-*"))
     prof = tmp_path / "prof"
-    result = run("profile", source, *data, "--max-tokens", 256, "--seq-len", 64,
+    result = run("profile", source, *data, "--max-tokens", 512, "--seq-len", 64,
                  "--batch-size", 4, "--dtype", "float32", "--device", "cpu", "--out", prof,
                  "--no-plots")
     assert result.exit_code == 0, result.output

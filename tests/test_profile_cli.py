@@ -52,7 +52,7 @@ def profile_dir(model: Path, out: Path, *data: str, extra: tuple[str, ...] = ())
 def test_profile_writes_the_contract(tiny_checkpoint, texts, tmp_path):
     model = tiny_checkpoint("qwen3_moe")
     out = profile_dir(model, tmp_path / "p", f"a={texts['osdoc']}", f"b={texts['jsondoc']}",
-                      extra=("--export-table", str(tmp_path / "layers.csv"), "--export-coldest",
+                      extra=("--export", str(tmp_path / "layers.csv"), "--export-coldest",
                              str(tmp_path / "cold.json")))
     for name in ("expert_stats.csv", "expert_stats.parquet", "layer_stats.csv",
                  "coactivation.npz", "metadata.json"):

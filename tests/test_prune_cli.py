@@ -162,7 +162,7 @@ def test_budget_report_export_matches_stats(mixtral, tmp_path):
     stats = _stats(tmp_path, mixtral)
     report = tmp_path / "budget.csv"
     result = _run(mixtral, "--stats", stats, "--ratio", 0.5, "--criterion", "frequency",
-                  "--dry-run", "--report", report)
+                  "--dry-run", "--export", report)
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(report)
     for layer in (0, 1):

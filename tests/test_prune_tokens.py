@@ -95,7 +95,8 @@ def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
 
     monkeypatch.setattr("support.DataOptions", options)
     choice = choose(folder, doc_corpus(tmp_path), 0.25, compensate=True)
-    assert choice.info["max_tokens"] == seen["options"].max_tokens == 3072
+    assert choice.info["max_tokens"] == 3072
+    assert seen["options"].max_tokens is None  # resolved into a new record, not written back
 
 
 def test_merge_cli_uses_the_lowered_default_and_keeps_an_explicit_count(tiny_checkpoint,
@@ -126,7 +127,7 @@ def test_prune_resolves_its_own_default(tmp_path):
     layout = describe(Checkpoint(folder))
     said: list[str] = []
     roomy = DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40)
-    _resolve_tokens(folder, layout, 0.5, roomy, said.append)
+    roomy = _resolve_tokens(folder, layout, 0.5, roomy, said.append)
     assert roomy.max_tokens == PRUNE_TOKENS > DEFAULT_TOKENS and said == []
     from moekit.surgery.plan import drop_count
 
@@ -134,7 +135,7 @@ def test_prune_resolves_its_own_default(tmp_path):
     tight = DataOptions([], dtype="float32", device="cpu",
                         max_memory=_weights(folder) + _call(layout) + 20 * 1024 * per + per // 2
                         + reconstruct_bytes(layout, drop_count(0.5, 8)))
-    _resolve_tokens(folder, layout, 0.5, tight, said.append)
+    tight = _resolve_tokens(folder, layout, 0.5, tight, said.append)
     assert tight.max_tokens == 20 * 1024
     assert len(said) == 1 and f"not the default {PRUNE_TOKENS}:" in said[0]
 
@@ -184,10 +185,10 @@ def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
     budget = _weights(folder) + fixed + 20 * 1024 * per + per // 2
     said: list[str] = []
     plain = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu", max_memory=budget)
-    _resolve_tokens(folder, layout, 0.5, plain, said.append)
+    plain = _resolve_tokens(folder, layout, 0.5, plain, said.append)
     refit = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu", max_memory=budget,
                         refit_tokens=131072)
-    _resolve_tokens(folder, layout, 0.5, refit, said.append)
+    refit = _resolve_tokens(folder, layout, 0.5, refit, said.append)
     assert refit.max_tokens == 20 * 1024 < plain.max_tokens
     from moekit.units import human
 
@@ -195,15 +196,16 @@ def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
     short = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu", refit_tokens=131072,
                         max_memory=_weights(folder) + fixed + MIN_TOKENS * per - 1)
     with pytest.raises(InvalidArgumentError, match="--refit-tokens 131072: its sums"):
-        _resolve_tokens(folder, layout, 0.5, short, said.append)
+        short = _resolve_tokens(folder, layout, 0.5, short, said.append)
     explicit = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu",
                            max_memory=short.max_memory, max_tokens=4096)
-    _resolve_tokens(folder, layout, 0.5, explicit, said.append)  # no refit: as given
+    explicit = _resolve_tokens(folder, layout, 0.5, explicit, said.append)  # no refit: as given
     assert explicit.max_tokens == 4096
     heard = len(said)
     with_refit = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu",
                              max_memory=budget, max_tokens=4096, refit_tokens=131072)
-    _resolve_tokens(folder, layout, 0.5, with_refit, said.append)  # fits: as given, silent
+    with_refit = _resolve_tokens(folder, layout, 0.5, with_refit,
+                                 said.append)  # fits: as given, silent
     assert with_refit.max_tokens == 4096 and len(said) == heard
 
 
@@ -218,9 +220,11 @@ def test_default_refit_streams_more_positions_when_the_memory_allows(tmp_path):
     folder = saved_checkpoint("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     said: list[str] = []
-    roomy = DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40, refit_auto=True)
-    _resolve_tokens(folder, layout, 0.5, roomy, said.append)
+    given = DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40, refit_auto=True)
+    roomy = _resolve_tokens(folder, layout, 0.5, given, said.append)
     assert roomy.refit_tokens == REFIT_FACTOR * PRUNE_TOKENS and roomy.max_tokens == PRUNE_TOKENS
+    assert given == DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40,
+                                refit_auto=True)  # the resolved counts are a new record
     assert said == []
     n_drop = drop_count(0.5, layout.moe_layers[0].num_experts)
     per = per_token_bytes(layout, n_drop, 4, False)
@@ -228,10 +232,10 @@ def test_default_refit_streams_more_positions_when_the_memory_allows(tmp_path):
         layout, n_drop, REFIT_FACTOR * PRUNE_TOKENS)
     budget = _weights(folder) + _call(layout) + PRUNE_TOKENS * per + streamed
     fits = DataOptions([], dtype="float32", device="cpu", max_memory=budget, refit_auto=True)
-    _resolve_tokens(folder, layout, 0.5, fits, said.append)
+    fits = _resolve_tokens(folder, layout, 0.5, fits, said.append)
     assert fits.refit_tokens == REFIT_FACTOR * PRUNE_TOKENS and said == []
     short = DataOptions([], dtype="float32", device="cpu", max_memory=budget - per,
                         refit_auto=True)
-    _resolve_tokens(folder, layout, 0.5, short, said.append)
+    short = _resolve_tokens(folder, layout, 0.5, short, said.append)
     assert short.refit_tokens is None and short.max_tokens == PRUNE_TOKENS
     assert len(said) == 1 and "selection's positions only" in said[0]

@@ -128,7 +128,7 @@ def test_cli_uncertainty_and_report_section(tmp_path):
     save_profile(profile, folder)
     out = tmp_path / "ci.csv"
     result = CliRunner().invoke(app, ["stats", "uncertainty", str(folder), "--ratio", "0.5",
-                                      "--seed", "3", "--export-table", str(out)])
+                                      "--seed", "3", "--export", str(out)])
     assert result.exit_code == 0, result.output
     import pandas as pd
 
@@ -170,7 +170,7 @@ def test_student_t_quantile_matches_tables(df, expected):
 
 
 def test_layer_table_says_dead_only_when_the_upper_bound_allows():
-    """The per-layer table (terminal, --export-table) applies the same rule as the findings:
+    """The per-layer table (terminal, --export) applies the same rule as the findings:
     an expert with no token is `dead` with enough slots, `unseen` with too few."""
     from moekit.stats.metrics import summary_table
     from moekit.stats.report import findings

@@ -226,7 +226,8 @@ def test_data_router_balances_better_than_random(trained_checkpoint, sample_text
     cvs, windows = {}, held_out_windows(dense, texts)
     for router in ("random", "data"):
         out = tmp_path / router
-        extra = data + ["--data-range", "0:0.5", "--max-tokens", "1024"] if router == "data" else []
+        extra = data + ["--data-range", "0:0.5", "--max-tokens", str(len(texts) * 1024)
+                        ] if router == "data" else []  # in total: 1024 from each text
         upcycle_ok(str(dense), "-e", "8", "-k", "2", "--router", router, *extra, "-o", str(out))
         cvs[router] = routing_cv(out, windows)
     with capsys.disabled():

@@ -61,6 +61,12 @@ TrustRemoteCodeOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow running Python code shipped inside the checkpoint "
     "(auto_map). Off by default: moekit refuses such checkpoints in one line.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Windows per forward.")]
+# Exports: `--export FILE` in every command that prints a table (the old spellings still work
+# for one release, hidden, with a note: `renamed`).
+OldExportTableOpt = Annotated[Path | None, typer.Option(
+    "--export-table", hidden=True, help="Old spelling of --export.")]
+OldReportOpt = Annotated[Path | None, typer.Option(
+    "--report", hidden=True, help="Old spelling of --export.")]
 
 
 def handle_errors(func: F) -> F:
@@ -236,7 +242,7 @@ OLD_MAX_TOKENS = {
     "prune": "the fitted positions per layer (the held-out scoring slice came on top)"}
 
 
-def run_data_options(command: str, *, device: str, dtype: str, max_memory: str,
+def run_data_options(ctx: typer.Context, *, device: str, dtype: str, max_memory: str,
                      trust_remote_code: bool, data: list[str] | None, data_range: str | None,
                      text_field: str, tokenizer: str | None, seq_len: int,
                      max_tokens: int | None, min_tokens: int = 2) -> tuple[Any, Any]:
@@ -244,7 +250,7 @@ def run_data_options(command: str, *, device: str, dtype: str, max_memory: str,
     shared options and checked before any work: `--device`, `--dtype`, `--max-memory`, each
     `--data` path present, `--data-range`, `--seq-len` >= 2 and `--max-tokens` >= `min_tokens`.
     A `--max-tokens` given on the command line of a command whose meaning changed gets a
-    one-line note (`OLD_MAX_TOKENS`)."""
+    one-line note (`OLD_MAX_TOKENS`); `ctx`: the running command's context."""
     from moekit.calib.data import DataSource, parse_fraction
     from moekit.calib.spec import DataSpec
     from moekit.errors import DataError, InvalidArgumentError
@@ -261,7 +267,10 @@ def run_data_options(command: str, *, device: str, dtype: str, max_memory: str,
         if not source.path.exists():
             raise DataError(f"--data file {source.path} does not exist")
     spec = DataSpec(sources, fraction, text_field, tokenizer, seq_len, max_tokens)
-    if max_tokens is not None and command in OLD_MAX_TOKENS and _given("max_tokens"):
+    command = ctx.info_name or ""
+    source = ctx.get_parameter_source("max_tokens")
+    given = getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+    if max_tokens is not None and command in OLD_MAX_TOKENS and given:
         err_console.print(f"note: --max-tokens {max_tokens} counts the tokens read in total "
                           f"over all --data sources, an equal share from each; until moekit "
                           f"0.1.0 {command} counted {OLD_MAX_TOKENS[command]} (docs/options.md)",
@@ -269,11 +278,16 @@ def run_data_options(command: str, *, device: str, dtype: str, max_memory: str,
     return RunOptions(device, dtype, max_memory, trust_remote_code), spec
 
 
-def _given(name: str) -> bool:
-    """Whether the option `name` of the running command came from its command line."""
-    import click
+def renamed(value: Any, old_value: Any, old: str, new: str = "--export") -> Any:
+    """The value of option `new`, given under its old spelling `old` (kept for one release,
+    with a one-line note); both at once are refused."""
+    from moekit.errors import InvalidArgumentError
 
-    context = click.get_current_context(silent=True)
-    source = context.get_parameter_source(name) if context is not None else None
-    return source in (click.core.ParameterSource.COMMANDLINE,
-                      click.core.ParameterSource.ENVIRONMENT)
+    if old_value is None:
+        return value
+    if value is not None:
+        raise InvalidArgumentError(f"{old} and {new} are both given",
+                                   f"{old} is the old spelling of {new}: give {new} only")
+    err_console.print(f"note: {old} is now {new}; the old spelling still works in this release",
+                      soft_wrap=True)
+    return old_value

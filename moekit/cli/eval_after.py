@@ -13,7 +13,8 @@ EvalDataOpt = Annotated[list[str] | None, typer.Option(
 EvalRangeOpt = Annotated[str | None, typer.Option("--eval-range",
                                                    help="START:END of eval data.")]
 EvalMaxTokensOpt = Annotated[int, typer.Option(
-    "--eval-max-tokens", help="At most this many --eval-data tokens per dataset.")]
+    "--eval-max-tokens", help="--eval-data tokens read in total, an equal share from "
+    "each dataset.")]
 EvalSeqLenOpt = Annotated[int, typer.Option("--eval-seq-len",
                                             help="Tokens per --eval-data window.")]
 

@@ -40,6 +40,7 @@ from moekit.runtime.distributed import distributed_command, is_writer, ready_to_
 @handle_errors
 @distributed_command
 def eval_model(
+    ctx: typer.Context,
     model: ModelArg,
     data: DataOpt = None,
     data_range: RangeOpt = None,
@@ -93,7 +94,7 @@ def eval_model(
 
     check_early(minimums=(("--batch-size", batch_size, 1),))
     run, spec = run_data_options(
-        "eval", device=device, dtype=dtype, max_memory=max_memory,
+        ctx, device=device, dtype=dtype, max_memory=max_memory,
         trust_remote_code=trust_remote_code, data=data, data_range=data_range,
         text_field=text_field, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens)
     path = load_model_path(model, revision)

@@ -57,6 +57,7 @@ METHOD_HELP = ("fit-layer (default with --router centre; centre's gate/up, every
 
 @handle_errors
 def merge(
+    ctx: typer.Context,
     model: ModelArg,
     stats: Annotated[Path | None, typer.Option(
         "--stats", help="Folder from `moekit profile` (usage weights, centre criterion).")
@@ -119,7 +120,7 @@ def merge(
     check_early(minimums=(("--batch-size", batch_size, 1), ("--eval-seq-len", eval_seq_len, 2),
                           ("--eval-max-tokens", eval_max_tokens, 2)))
     run, spec = run_data_options(
-        "merge", device=device, dtype=dtype, max_memory=max_memory,
+        ctx, device=device, dtype=dtype, max_memory=max_memory,
         trust_remote_code=trust_remote_code, data=data, data_range=data_range,
         text_field=text_field, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens,
         min_tokens=MIN_CALIB_TOKENS)

@@ -16,6 +16,7 @@ from moekit.cli.common import (
     MaxMemoryOpt,
     MaxTokensOpt,
     ModelArg,
+    OldExportTableOpt,
     OutOpt,
     OverwriteOpt,
     RangeOpt,
@@ -32,6 +33,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
     local_inputs,
+    renamed,
     run_data_options,
 )
 from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
@@ -41,7 +43,7 @@ PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots",
 PlotLayerOpt = Annotated[int | None, typer.Option(
     "--plot-layer", help="Layer for the co-activation plot (default: the most uneven).")]
 ExportOpt = Annotated[Path | None, typer.Option(
-    "--export-table", help="Also write the per-layer table as .csv/.parquet/.json.")]
+    "--export", help="Also write the per-layer table as .csv/.parquet/.json.")]
 ColdestOpt = Annotated[Path | None, typer.Option(
     "--export-coldest", help="Also write the coldest-experts table as .csv/.parquet/.json.")]
 AblationOpt = Annotated[bool, typer.Option(
@@ -59,6 +61,7 @@ AblationMethodOpt = Annotated[str, typer.Option(
 @handle_errors
 @distributed_command
 def profile(
+    ctx: typer.Context,
     model: ModelArg,
     out: OutOpt,
     data: DataOpt = None,
@@ -83,6 +86,7 @@ def profile(
     plot_layer: PlotLayerOpt = None,
     export: ExportOpt = None,
     export_coldest: ColdestOpt = None,
+    old_export: OldExportTableOpt = None,
     ablation: AblationOpt = False,
     ablation_tokens: AblationTokensOpt = 4096,
     ablation_method: AblationMethodOpt = "exact",
@@ -105,15 +109,16 @@ def profile(
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.profile import PROFILE_TOKENS, profile_model, write_output
 
+    export = renamed(export, old_export, "--export-table")
     check_early(minimums=(("--batch-size", batch_size, 1),))
     run, spec = run_data_options(
-        "profile", device=device, dtype=dtype, max_memory=max_memory,
+        ctx, device=device, dtype=dtype, max_memory=max_memory,
         trust_remote_code=trust_remote_code, data=data, data_range=data_range,
         text_field=text_field, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens)
     path = load_model_path(model, revision)
     check_context(path, ("--seq-len", seq_len, 512))
     check_outputs(local_inputs(path, merge_with, tokenizer, data=data), out, overwrite,
-                  {"--export-table": (export, TABLE_SUFFIXES),
+                  {"--export": (export, TABLE_SUFFIXES),
                    "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     with TokenProgress() if is_writer() else nullcontext() as progress:
         result = profile_model(model, list(spec.sources) or None, tokenizer=spec.tokenizer,

@@ -21,6 +21,7 @@ from moekit.cli.common import (
     MaxTokensOpt,
     MaybeOutOpt,
     ModelArg,
+    OldReportOpt,
     OverwriteOpt,
     PlanOutOpt,
     ProtectSuperOpt,
@@ -39,6 +40,7 @@ from moekit.cli.common import (
     load_model_path,
     local_inputs,
     moe_layout,
+    renamed,
     run_data_options,
     warn_uncopied,
 )
@@ -63,6 +65,7 @@ CRITERION_HELP = ("Stats: ean (default without --data; output-norm sum), reap-su
 
 @handle_errors
 def prune(
+    ctx: typer.Context,
     model: ModelArg,
     stats: Annotated[Path | None, typer.Option(
         "--stats", help="Folder from `moekit profile` (expert_stats.csv + metadata.json).")] = None,
@@ -93,7 +96,8 @@ def prune(
     ignore_fingerprint: IgnoreFingerprintOpt = False,
     max_shard_size: MaxShardSizeOpt = "5GB",
     report: Annotated[Path | None, typer.Option(
-        "--report", help="Also write the budget table as .csv/.parquet/.json.")] = None,
+        "--export", help="Also write the budget table as .csv/.parquet/.json.")] = None,
+    old_report: OldReportOpt = None,
     eval_data: EvalDataOpt = None,
     eval_range: EvalRangeOpt = None,
     eval_max_tokens: EvalMaxTokensOpt = 16384,
@@ -154,16 +158,17 @@ def prune(
     """
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
 
+    report = renamed(report, old_report, "--report")
+    check_effort(effort)
     check_early(minimums=(
         ("--refit-tokens", refit_tokens, MIN_CALIB_TOKENS),
         ("--reconstruct-steps", reconstruct_steps, 0), ("--beam", beam, 1),
         ("--eval-seq-len", eval_seq_len, 2), ("--eval-max-tokens", eval_max_tokens, 2)))
     run, spec = run_data_options(
-        "prune", device=device, dtype=dtype,
+        ctx, device=device, dtype=dtype,
         max_memory=max_memory, trust_remote_code=trust_remote_code, data=data,
         data_range=data_range, text_field=text_field, tokenizer=tokenizer, seq_len=seq_len,
         max_tokens=max_tokens, min_tokens=MIN_CALIB_TOKENS)
-    check_effort(effort)
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 256), ("--eval-seq-len", eval_seq_len, 512))
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
@@ -176,7 +181,7 @@ def prune(
                                data=[*(data or ()),
                                                                        *(eval_data or ())]),
                   None if dry_run else out, overwrite,
-                  {"--plan-out": (plan_out, (".json",)), "--report": (report, TABLE_SUFFIXES)})
+                  {"--plan-out": (plan_out, (".json",)), "--export": (report, TABLE_SUFFIXES)})
     eval_opts = eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens, device)
     options = dict(stats=stats, ratio=ratio, criterion=criterion, plan_in=plan_in, keep=keep,
                    drop=drop, protect=protect or [], min_experts=min_experts, seed=seed,
@@ -200,7 +205,8 @@ def prune(
                                 refit_tokens=refit_tokens, reconstruct_steps=reconstruct_steps,
                                 refit_auto=refit_tokens is None, effort=effort,
                                 text_field=spec.text_field, tokenizer=spec.tokenizer,
-                                trust_remote_code=run.trust_remote_code)
+                                trust_remote_code=run.trust_remote_code,
+                                read_tokens=max_tokens)
         if dry_run:
             estimate_data_run(source, data_opts, quiet=as_json, keep_params=keep_params,
                               **options)

@@ -92,7 +92,7 @@ def _checked(source: Path, options: Any, quiet: bool, others: tuple[Any, ...],
     checkpoint, layout, fingerprint = moe_layout(source)
     options = _stored_experts_only(checkpoint, layout, options, keep_params, quiet)
     if keep_params is not None:
-        ratio = _trim_budget(layout, keep_params, options)
+        ratio, options = _trim_budget(layout, keep_params, options)
         if (criterion or "measured") != "measured":
             raise InvalidArgumentError(f"--keep-params works with --criterion measured, not "
                                        f"'{criterion}'")
@@ -132,19 +132,22 @@ def _mode_only(line: str) -> None:
         err_console.print(line)
 
 
-def _trim_budget(layout: Any, keep_params: float, options: Any) -> float:
-    """Set options.width for --keep-params and return the matching expert ratio."""
+def _trim_budget(layout: Any, keep_params: float, options: Any) -> tuple[float, Any]:
+    """The expert ratio of --keep-params and `options` with the trimmed width (a new
+    record)."""
+    import dataclasses
+
     from moekit.families.registry import first_value
     from moekit.ops.prune.trim import budget_split, check_trimmable
 
     check_trimmable(layout)
     num = layout.moe_layers[0].num_experts
     width = int(first_value(layout.config, layout.family.keys.expert_width))
-    n_drop, options.width = budget_split(num, width, keep_params, layout.top_k())
+    n_drop, narrow = budget_split(num, width, keep_params, layout.top_k())
     err_console.print(f"--keep-params {keep_params}: remove {n_drop} of {num} experts per layer "
-                      f"and trim every survivor from {width} to {options.width} neurons "
-                      f"({(num - n_drop) * options.width / (num * width):.1%} of the bytes)")
-    return n_drop / num
+                      f"and trim every survivor from {width} to {narrow} neurons "
+                      f"({(num - n_drop) * narrow / (num * width):.1%} of the bytes)")
+    return n_drop / num, dataclasses.replace(options, width=narrow)
 
 
 def candidates_table(rows: list[dict[str, Any]]):  # noqa: ANN201 - rich Table

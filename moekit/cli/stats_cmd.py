@@ -7,7 +7,15 @@ from typing import Annotated
 
 import typer
 
-from moekit.cli.common import OutOpt, OverwriteOpt, console, err_console, handle_errors
+from moekit.cli.common import (
+    OldExportTableOpt,
+    OutOpt,
+    OverwriteOpt,
+    console,
+    err_console,
+    handle_errors,
+    renamed,
+)
 from moekit.cli.profile_cmd import ColdestOpt, ExportOpt, PlotLayerOpt, PlotsOpt, show_profile
 
 stats_app = typer.Typer(name="stats", no_args_is_help=True,
@@ -26,6 +34,7 @@ def merge(
     plot_layer: PlotLayerOpt = None,
     export: ExportOpt = None,
     export_coldest: ColdestOpt = None,
+    old_export: OldExportTableOpt = None,
     allow_duplicates: Annotated[bool, typer.Option(
         "--allow-duplicates", help="Merge even when inputs hold the same data (its counts then "
         "add twice); refused by default.")] = False,
@@ -39,7 +48,8 @@ def merge(
     from moekit.ops.profile import write_output
     from moekit.stats.profile_io import load_profile, merge_profiles
 
-    check_outputs(profiles, out, overwrite, {"--export-table": (export, TABLE_SUFFIXES),
+    export = renamed(export, old_export, "--export-table")
+    check_outputs(profiles, out, overwrite, {"--export": (export, TABLE_SUFFIXES),
                                              "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     merged = merge_profiles([load_profile(p) for p in profiles], allow_duplicates)
     for line in merged.metadata.get("duplicates", []):
@@ -57,15 +67,17 @@ def show(
     profile: Annotated[Path, typer.Argument(help="A profile folder.")],
     export: ExportOpt = None,
     export_coldest: ColdestOpt = None,
+    old_export: OldExportTableOpt = None,
 ) -> None:
     """Print a saved profile's per-layer table, coldest experts and findings.
 
-    Example: moekit stats show prof --export-table layers.csv
+    Example: moekit stats show prof --export layers.csv
     """
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.stats.profile_io import load_profile
 
-    check_outputs((profile,), files={"--export-table": (export, TABLE_SUFFIXES),
+    export = renamed(export, old_export, "--export-table")
+    check_outputs((profile,), files={"--export": (export, TABLE_SUFFIXES),
                                      "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     show_profile(load_profile(profile), export, export_coldest)
 
@@ -150,13 +162,14 @@ def uncertainty(
     replicates: Annotated[int, typer.Option("--replicates", min=100,
                                             help="Bootstrap replicates.")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed (results repeat).")] = 0,
-    export: Annotated[Path | None, typer.Option("--export-table", help="Write the per-expert "
+    export: Annotated[Path | None, typer.Option("--export", help="Write the per-expert "
                                                 "intervals (.csv/.parquet/.json).")] = None,
+    old_export: OldExportTableOpt = None,
 ) -> None:
     """Bootstrap 95% intervals over calibration windows: per-expert usage share and criterion,
     how often each expert would be dropped, unstable decisions, tokens needed to settle them.
 
-    Example: moekit stats uncertainty prof --ratio 0.5 --criterion reap --export-table ci.csv
+    Example: moekit stats uncertainty prof --ratio 0.5 --criterion reap --export ci.csv
     (default: ean, the criterion prune uses by default)
     """
     from moekit.cli.common import export_table
@@ -165,7 +178,8 @@ def uncertainty(
     from moekit.stats.report import markdown_table
     from moekit.stats.uncertainty import profile_uncertainty
 
-    check_outputs((profile,), files={"--export-table": (export, TABLE_SUFFIXES)})
+    export = renamed(export, old_export, "--export-table")
+    check_outputs((profile,), files={"--export": (export, TABLE_SUFFIXES)})
     experts, layers = profile_uncertainty(load_profile(profile), ratio=ratio,
                                           criterion=criterion, domain=domain,
                                           replicates=replicates, seed=seed)

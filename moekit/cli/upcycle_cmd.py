@@ -36,6 +36,7 @@ from moekit.units import parse_size
 
 @handle_errors
 def upcycle(
+    ctx: typer.Context,
     model: ModelArg,
     experts: Annotated[int, typer.Option("--experts", "-e", help="Routed experts per layer.")],
     out: Annotated[Path | None, typer.Option(
@@ -97,7 +98,7 @@ def upcycle(
     from moekit.ops.upcycle.plan import UPCYCLE_TOKENS
 
     run, spec = run_data_options(
-        "upcycle", device=device, dtype=dtype, max_memory=max_memory,
+        ctx, device=device, dtype=dtype, max_memory=max_memory,
         trust_remote_code=trust_remote_code, data=data, data_range=data_range,
         text_field=text_field, tokenizer=tokenizer, seq_len=seq_len, max_tokens=max_tokens)
     options = UpcycleOptions(

@@ -95,13 +95,15 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
                      max_memory: str | int | None = "auto", stream: bool | None = None,
                      hidden_ram: int | None = None, text_field: str = "text",
                      tokenizer: str | None = None, spread: int = 1,
-                     refit_tokens: int | None = None,
+                     refit_tokens: int | None = None, read: int | None = None,
                      trust_remote_code: bool = False) -> Calibration:
     """Open the model (`runtime.engine.open_model`: memory or streamed by the budget; `stream`
     forces it), tokenise the data, interleave the domains' windows, keep the last `held_out`
-    share of each domain's windows apart for scoring. `max_tokens` positions are fitted on:
-    `read_tokens(max_tokens, held_out)` tokens are read in total (fitted and held out), an equal
-    share from each source.
+    share of each domain's windows apart for scoring. `max_tokens` positions are fitted on.
+    Each source gives `read // len(sources)` tokens (the CLI's `--max-tokens`: `read` in total,
+    fitted and held out, `max_tokens` = `fit_tokens(read, held_out)`); without `read`, as many
+    as hold its share of `max_tokens` after the held-out one, plus a window (at least two
+    windows).
 
     With `spread` > 1, up to `spread` times the needed tokens of each source are read and the
     windows used are spaced evenly over them (`spread_windows`), so that a small sample covers
@@ -113,7 +115,8 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
     import hashlib
 
     tok = load_tokenizer(source, tokenizer, trust_remote_code)
-    per_source = read_tokens(max_tokens, held_out) // len(sources)
+    per_source = max(2 * seq_len, int(max_tokens / (1 - held_out) / len(sources)) + seq_len) \
+        if read is None else read // len(sources)
     more = max(0, (refit_tokens or 0) - max_tokens)
     more_per_source = -(-more // len(sources)) + seq_len if more else 0
     domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len,
@@ -144,16 +147,16 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
                        seen + sum(int(w.numel()) for w in extra_windows) if more else 0)
 
 
-def read_tokens(fit: int, held_out: float) -> int:
-    """The tokens read in total so that `fit` positions remain after the held-out share:
-    ceil(fit / (1 - held_out)); the inverse of `fit_tokens`."""
-    return math.ceil(fit / (1 - held_out) - 1e-9)
-
-
 def fit_tokens(total: int, held_out: float) -> int:
-    """The positions fitted on when `total` tokens are read in total (`--max-tokens`):
-    floor(total x (1 - held_out)), so that `read_tokens` of it is at most `total`."""
+    """The positions fitted on when `total` tokens are read in total (`--max-tokens`), the
+    `held_out` share of them kept apart: floor(total x (1 - held_out))."""
     return math.floor(total * (1 - held_out) + 1e-9)
+
+
+def default_read(fit: int, held_out: float, seq_len: int, sources: int) -> int:
+    """The tokens `load_calibration` reads in total without `read`: per source
+    max(2 seq_len, int(fit / (1 - held_out) / sources) + seq_len)."""
+    return sources * max(2 * seq_len, int(fit / (1 - held_out) / sources) + seq_len)
 
 
 def spread_windows(windows: list[torch.Tensor], need: int) -> list[torch.Tensor]:

@@ -14,16 +14,16 @@ re-routed to: k + n_drop, or E under grouped/biased-softmax routing, `replay.cac
     refit     k H s + 4 k I + 4 H + 11 k H + 3 H    inputs per routed pair, h_e, targets, the
                                                  Gauss-Seidel residuals and one expert's block
 
-The memory left for them is the run's budget minus the weights it holds: `--max-memory` (or
-80 % of the free RAM under `auto`) minus the checkpoint (in memory) or minus embeddings + head +
-the largest layer (streamed; `runtime.budget`). The default is the largest multiple of 1024
-positions, at most the command's default and at least MIN_TOKENS, that fits. An explicit
-`--max-tokens` is always used as given.
+The memory left for them is the run's budget minus the weights it holds, both from `runtime.budget`:
+`--max-memory` (or `AUTO_FRACTION` of the free RAM under `auto`, `budget_bytes`) minus the
+checkpoint (in memory) or minus embeddings + head + the largest layer (streamed; `held_weights` of
+the headers' `header_sizes`). The default is the largest multiple of 1024 positions, at most the
+command's default and at least MIN_TOKENS, that fits. An explicit `--max-tokens` is always used as
+given.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,16 +35,14 @@ from moekit.io.reader import Checkpoint
 from moekit.layerfit.reconstruct import CHUNK_BYTES as RECONSTRUCT_CHUNK
 from moekit.layerfit.refit_stats import PAIR_BYTES
 from moekit.layerfit.refit_stream import REFIT_BYTES
-from moekit.runtime.budget import AUTO_FRACTION, free_memory
-from moekit.units import human, parse_size
+from moekit.layerfit.replay import CHUNK_BYTES, EXPERT_BYTES, GRAM_MAX
+from moekit.runtime.budget import budget_bytes, header_sizes, held_weights
+from moekit.units import human
 
 DEFAULT_TOKENS = 16384
 PRUNE_TOKENS = 32768
 MIN_TOKENS = 2048
 REFIT_FACTOR = 4  # `prune --data` streams this many times the selection's positions to refit
-GRAM_MAX = 64  # as `replay.GRAM_MAX` (not imported: replay needs torch)
-EXPERT_BYTES, CHUNK_BYTES = 128 << 20, 32 << 20  # as `replay.EXPERT_BYTES`, `replay.CHUNK_BYTES`
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -159,22 +157,12 @@ def _itemsize(checkpoint: Any, dtype: str) -> int:
 
 def _allowance(checkpoint: Any, device: str, max_memory: str | int | None,
                itemsize: int) -> int:
-    """Bytes of RAM left for calibration (module docstring); weights on a GPU take none."""
-    free = int(AUTO_FRACTION * free_memory("cpu"))
+    """Bytes of RAM left for calibration (module docstring; `runtime.budget`): the RAM
+    budget less the weights a CPU run holds under it; weights on a GPU take none."""
     if device not in ("cpu", "auto") or (device == "auto" and _has_cuda()):
-        return free
-    budget = free if max_memory in (None, "auto") else (
-        max_memory if isinstance(max_memory, int) else parse_size(str(max_memory)))
-    layers: dict[int, int] = {}
-    total = 0
-    for name, info in checkpoint.tensors.items():
-        size = info.numel * itemsize if info.dtype in ("F32", "F16", "BF16") else info.nbytes
-        total += size
-        found = _LAYER.search("." + name)
-        if found:
-            layers[int(found.group(1))] = layers.get(int(found.group(1)), 0) + size
-    streamed = total - sum(layers.values()) + max(layers.values(), default=0)
-    return budget - (total if total <= budget else streamed)
+        return budget_bytes("auto", "cpu")
+    budget = budget_bytes(max_memory, "cpu")
+    return budget - held_weights(header_sizes(checkpoint, itemsize), budget)
 
 
 def _has_cuda() -> bool:

@@ -26,7 +26,7 @@ from moekit.errors import InvalidArgumentError
 from moekit.io.reader import Checkpoint, load_config
 from moekit.io.remote_code import check_remote_code
 from moekit.ops.heldout import calibration_overlap
-from moekit.runtime.budget import free_memory
+from moekit.runtime.budget import PAIR_FRACTION, free_memory
 from moekit.runtime.distributed import rank_device, reduce_eval_sums, shard_for_rank
 from moekit.runtime.hidden import no_room
 from moekit.runtime.loading import load_tokenizer, pick_device
@@ -93,9 +93,10 @@ def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = Non
 
     `on_tokens(advance, total)` reports progress in input tokens. Models run through
     `moekit.runtime` (in memory or streamed under `max_memory`; `engine`: `open_model` options).
-    `keep_both`: hold model and reference in memory together (None: when both fit in half of
-    the free memory); otherwise the reference runs first and its log-probabilities are spilled
-    to a temporary folder (float32, tokens x vocab x 4 bytes) and read back batch by batch.
+    `keep_both`: hold model and reference in memory together (None: when both fit in
+    `runtime.budget.PAIR_FRACTION` of the free memory); otherwise the reference runs first and its
+    log-probabilities are spilled to a temporary folder (float32, tokens x vocab x 4 bytes) and read
+    back batch by batch.
     Code shipped in a checkpoint runs only with `trust_remote_code`."""
     for folder in (model_path, ref, tokenizer):
         if folder is not None:
@@ -219,11 +220,12 @@ def _has_tokenizer(path: Path) -> bool:
 
 
 def _fits_both(model_path: Path, ref: Path, options: dict[str, Any]) -> bool:
-    """Both checkpoints (scaled to the load dtype) fit in half the free memory."""
+    """Both checkpoints (scaled to the load dtype) fit in PAIR_FRACTION of the free memory
+    (`runtime.budget`)."""
     dtype = options.get("dtype", "auto")
     scale = {"float32": 2.0, "bfloat16": 1.0, "float16": 1.0}.get(dtype, 1.0)
     need = scale * (Checkpoint(Path(model_path)).total_bytes + Checkpoint(Path(ref)).total_bytes)
-    return need < 0.5 * free_memory(pick_device(options.get("device", "auto")))
+    return need < PAIR_FRACTION * free_memory(pick_device(options.get("device", "auto")))
 
 
 def check_same_vocabulary(model_path: Path, ref: Path, tok: Any, tokenizer: str | None,

@@ -14,11 +14,20 @@ Memory arithmetic (bytes in the load dtype; `resident` = embeddings + final norm
 `auto` takes 80% of the free RAM (CPU; bounded by a cgroup v1/v2 memory limit, as in a
 container) or VRAM (CUDA): the whole model when it fits there, else streaming within that budget.
 Below `resident + largest base + one expert` nothing can run.
+
+This module is the one place that turns free memory into budgets; other shares of it:
+
+    hidden states between layers   <= HIDDEN_FRACTION x free RAM (else a spill file), and on CUDA
+                                      <= HIDDEN_FRACTION x free VRAM (else in RAM)
+    eval --ref, both models held   <= PAIR_FRACTION x free memory of the device
+    calibration working set        <= budget - weights held on the host (`held_weights`;
+                                      `layerfit.tokens` sizes its token count by it)
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +35,12 @@ from typing import Any
 from moekit.errors import InvalidArgumentError
 from moekit.units import human, parse_size
 
-AUTO_FRACTION = 0.8
+AUTO_FRACTION = 0.8  # --max-memory auto: this share of the free RAM/VRAM
+HIDDEN_FRACTION = 0.25  # hidden states kept in RAM (VRAM) up to this share of the free memory
+PAIR_FRACTION = 0.5  # eval --ref holds model and reference together under this share
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNLIMITED = 2**60  # cgroup v1 writes "no limit" as a number near 2**63
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def free_memory(device: Any) -> float:
@@ -116,17 +128,48 @@ class Plan:
                 "expert_group": self.group or None, "prefetch": self.prefetch}
 
 
+def budget_bytes(max_memory: str | int | None, device: Any) -> int:
+    """The run's weight budget in bytes: `--max-memory` (a size or bytes), or under `auto`
+    (or None) AUTO_FRACTION of the free memory of `device` (`free_memory`)."""
+    if max_memory in (None, "auto"):
+        return int(AUTO_FRACTION * free_memory(device))
+    return max_memory if isinstance(max_memory, int) else parse_size(str(max_memory))
+
+
+def held_weights(sizes: Sizes, budget: int) -> int:
+    """Bytes of weights a CPU run holds under `budget`: the whole checkpoint when it fits,
+    else resident + the largest layer (streamed, the next layer left to the page cache)."""
+    if sizes.total <= budget:
+        return sizes.total
+    return sizes.resident + max(sizes.layers, default=0)
+
+
+def header_sizes(checkpoint: Any, itemsize: int) -> Sizes:
+    """`Sizes` estimated from the safetensors headers alone (no model built): floating
+    tensors at `itemsize` bytes per element, others as stored; a tensor named
+    `...layers.<i>....` belongs to decoder layer i, the rest is resident. `bases` and `expert`
+    are left empty (only `decide`'s expert groups need them)."""
+    layers: dict[int, int] = {}
+    total = 0
+    for name, info in checkpoint.tensors.items():
+        size = info.numel * itemsize if info.dtype in ("F32", "F16", "BF16") else info.nbytes
+        total += size
+        found = _LAYER.search("." + name)
+        if found:
+            layers[int(found.group(1))] = layers.get(int(found.group(1)), 0) + size
+    ordered = tuple(layers[i] for i in sorted(layers))
+    return Sizes(total, total - sum(ordered), ordered, (), ())
+
+
 def decide(sizes: Sizes, max_memory: str | int | None, device: Any,
            stream: bool | None = None) -> Plan:
     """Memory or streaming, whole layers or expert groups (see the module docstring)."""
     auto = max_memory in (None, "auto")
+    budget = budget_bytes(max_memory, device)
     if auto:
-        free = free_memory(device)
-        budget = int(AUTO_FRACTION * free)
         where = f"80% of free {'VRAM' if getattr(device, 'type', '') == 'cuda' else _ram()}"
         label = f"{where} ({human(budget)})"
     else:
-        budget = max_memory if isinstance(max_memory, int) else parse_size(str(max_memory))
         label = f"--max-memory {human(budget)}"
     if stream is False or (stream is None and sizes.total <= budget):
         why = "forced" if stream is False else f"fits in {label}"

@@ -44,7 +44,7 @@ from moekit.families.layout import describe
 from moekit.formats import is_quantized
 from moekit.io.reader import Checkpoint
 from moekit.io.remote_code import check_remote_code
-from moekit.runtime.budget import Plan, Sizes, decide, free_memory
+from moekit.runtime.budget import HIDDEN_FRACTION, Plan, Sizes, decide, free_memory
 from moekit.runtime.caches import bound
 from moekit.runtime.groups import mark_grouped, routed_experts, run_grouped, split_experts
 from moekit.runtime.hidden import HiddenStore
@@ -258,15 +258,18 @@ class Engine:
 
     def _placement(self, batches: Sequence[Any]) -> tuple[bool, bool]:
         """(spill, offload) for the hidden states, sum of B x S x H x itemsize over batches:
-        on the compute device while under a quarter of its free memory (CUDA), else in host
-        RAM while under `hidden_ram` (default: a quarter of the free RAM), else in a file."""
+        on the compute device while under HIDDEN_FRACTION of its free memory (CUDA), else in
+        host RAM while under `hidden_ram` (default: HIDDEN_FRACTION of the free RAM), else in a
+        file (`runtime.budget`)."""
         hidden = int(self.model.config.get_text_config().hidden_size)
         need = sum(int(b.numel()) for b in batches) * hidden * self.dtype.itemsize
-        allowance = self.hidden_ram if self.hidden_ram is not None else free_memory("cpu") / 4
+        allowance = self.hidden_ram if self.hidden_ram is not None else \
+            HIDDEN_FRACTION * free_memory("cpu")
         self.info["hidden_bytes"] = need
         if need > allowance:
             return True, False
-        return False, self.device.type != "cpu" and need > free_memory(self.device) / 4
+        return False, self.device.type != "cpu" and need > HIDDEN_FRACTION * free_memory(
+            self.device)
 
 
 def forward_routing(model: Any, input_ids: Any) -> Any:

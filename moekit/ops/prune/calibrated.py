@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,22 +58,22 @@ DOWN_ONLY = "measured+compensate-router"  # the down refits without the router r
 
 @dataclass
 class DataOptions:
-    """Calibration settings. `max_tokens`: token positions per layer for selection/refit
-    (None: `tokens.calibration_tokens`, 32768 or fewer to fit the memory; the CLI's
-    `--max-tokens N` counts the tokens read in total, `measured.fit_tokens(N, held_out)` of
-    them fitted); `held_out`: share of each source's windows kept apart for scoring
-    candidates; `spread`: the windows are spaced evenly over up to `spread` times the needed
-    tokens of each source (`measured.spread_windows`; 1: its first windows); `refit_tokens`:
-    positions per layer the down refit streams (None or <= max_tokens: the selection's own; more: read further
-    into each source, `refit_stream`); `reconstruct_steps`: at most this many steps of the
-    whole-expert reconstruction after the down refit (`reconstruct`; 0: off); `refit_auto`
-    (the CLI's default): without `refit_tokens`, stream `tokens.REFIT_FACTOR` times the
-    selection's positions for both when the memory allows (`_auto_refit`). `effort`
-    (`effort.EFFORTS`) fills the fields set to None (`beam`, `reconstruct_steps`: the CLI
-    passes None when the option is not given; the library defaults are `best`'s values;
-    `compensate` when unset; `token_default`: the default count instead of 32768, still
-    lowered to fit the memory) and the reconstruction's `reconstruct_share` (at most that
-    many times the layer's capture time; None: no limit) and `reconstruct_progress`
+    """Calibration settings. `max_tokens`: token positions per layer for selection/refit (None:
+    `tokens.calibration_tokens`, 32768 or fewer to fit the memory; the CLI's `--max-tokens N` is
+    `read_tokens`, the tokens read in total, `measured.fit_tokens(N, held_out)` of them fitted;
+    without it, `measured.default_read`); `held_out`: share
+    of each source's windows kept apart for scoring candidates; `spread`: the windows are spaced
+    evenly over up to `spread` times the needed tokens of each source (`measured.spread_windows`; 1:
+    its first windows); `refit_tokens`: positions per layer the down refit streams (None or <=
+    max_tokens: the selection's own; more: read further into each source, `refit_stream`);
+    `reconstruct_steps`: at most this many steps of the whole-expert reconstruction after the down
+    refit (`reconstruct`; 0: off); `refit_auto` (the CLI's default): without `refit_tokens`, stream
+    `tokens.REFIT_FACTOR` times the selection's positions for both when the memory allows
+    (`_auto_refit`). `effort` (`effort.EFFORTS`) fills the fields set to None (`beam`,
+    `reconstruct_steps`: the CLI passes None when the option is not given; the library defaults are
+    `best`'s values; `compensate` when unset; `token_default`: the default count instead of 32768,
+    still lowered to fit the memory) and the reconstruction's `reconstruct_share` (at most that many
+    times the layer's capture time; None: no limit) and `reconstruct_progress`
     (`effort.apply_effort`); the library default `best` is the settings before the levels."""
 
     sources: list[DataSource]
@@ -102,6 +102,7 @@ class DataOptions:
     text_field: str = "text"
     tokenizer: str | None = None
     trust_remote_code: bool = False
+    read_tokens: int | None = None
 
 
 @dataclass
@@ -126,8 +127,8 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
                      options: DataOptions, log: Callable[[str], None] = print) -> DataChoice:
     """Open the model once (memory or streamed), pick the plan (module docstring)."""
     start = time.perf_counter()
-    cal, _ = _prepare(source, layout, fingerprint, criterion, ratio, protect, min_experts,
-                      options, log)
+    cal, _, options = _prepare(source, layout, fingerprint, criterion, ratio, protect,
+                               min_experts, options, log)
     require_whole_layers(cal.engine, "a calibrated prune")
     stats = calibration_stats(cal, fingerprint)
     found = super_experts(stats) if options.protect_super else {}
@@ -166,19 +167,21 @@ def estimate_run(source: Path, layout: Any, fingerprint: str, *, criterion: str,
 
 def _prepare(source: Path, layout: Any, fingerprint: str, criterion: str, ratio: float,
              protect: dict[int, list[int]], min_experts: int | None, options: DataOptions,
-             log: Callable[[str], None]) -> tuple[Any, Estimate]:
+             log: Callable[[str], None]) -> tuple[Any, Estimate, DataOptions]:
     """Check the options, apply the effort level, open the model and tokenise the data, probe
-    and log the estimate (the first line), the effort's settings and the runtime mode."""
+    and log the estimate (the first line), the effort's settings and the runtime mode. Returns
+    the calibration, the estimate and the options as resolved (effort level, token counts: a
+    new record, `options` is left as given)."""
     if criterion not in (*DATA_CRITERIA, *CRITERIA):
         raise InvalidArgumentError(f"unknown --criterion '{criterion}'",
                                    f"use one of {', '.join((*DATA_CRITERIA, *CRITERIA))}")
     build_plan(layout, fingerprint, criterion="random", ratio=ratio, protect=protect,
                min_experts=min_experts)  # validates ratio/top-k/protection before heavy work
     n_drop = drop_count(ratio, layout.moe_layers[0].num_experts)
-    settings = apply_effort(options, layout, n_drop)
+    settings, options = apply_effort(options, layout, n_drop)
     if options.beam is None or options.beam < 1:
         raise InvalidArgumentError(f"--beam must be at least 1, got {options.beam}")
-    _resolve_tokens(source, layout, ratio, options, log)
+    options = _resolve_tokens(source, layout, ratio, options, log)
     cal = load_calibration(source, layout, options.sources, fraction=options.fraction,
                            seq_len=options.seq_len, max_tokens=options.max_tokens,
                            held_out=options.held_out, device=options.device,
@@ -186,13 +189,14 @@ def _prepare(source: Path, layout: Any, fingerprint: str, criterion: str, ratio:
                            stream=options.stream, hidden_ram=options.hidden_ram,
                            spread=options.spread, refit_tokens=_refit_tokens(options),
                            text_field=options.text_field, tokenizer=options.tokenizer,
-                           trust_remote_code=options.trust_remote_code)
+                           trust_remote_code=options.trust_remote_code,
+                           read=options.read_tokens)
     found = _estimate(source, cal, criterion, n_drop, options)
     log(found.line())
     log(described(settings, options) if criterion in DATA_CRITERIA else
         f"effort {settings.name}: {options.max_tokens} positions for the '{criterion}' statistics")
     log(mode_line(cal.engine))
-    return cal, found
+    return cal, found, options
 
 
 def _estimate(source: Path, cal: Any, criterion: str, n_drop: int,
@@ -231,21 +235,24 @@ def _check_held(cal: Any, lanes: list[Lane]) -> None:
 
 
 def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOptions,
-                    log: Callable[[str], None]) -> None:
-    """The default token count when none was given (`tokens.calibration_tokens`): the memory
-    that does not depend on it (one experts call's transient; with `--refit-tokens`, its sums)
-    comes first, and a `--refit-tokens` run whose sums would not fit beside the weights is
-    refused before any work."""
+                    log: Callable[[str], None]) -> DataOptions:
+    """`options` with the token counts resolved (a new record; `options` is left as given):
+    the default count when none was given (`tokens.calibration_tokens`), the memory that does
+    not depend on it (one experts call's transient; with `--refit-tokens`, its sums) coming
+    first; the automatic refit positions (`_auto_refit`); the reconstruction off when it does
+    not fit. A `--refit-tokens` run whose sums would not fit beside the weights is refused
+    before any work."""
     n_drop = drop_count(ratio, layout.moe_layers[0].num_experts)
     if options.refit_auto and options.refit_tokens is None and \
             _reconstruct_steps(layout, options):
-        _auto_refit(source, layout, n_drop, options, log)
+        options = replace(options, refit_tokens=_auto_refit(source, layout, n_drop, options,
+                                                            log))
     refit = _refit_tokens(options)
     default = options.token_default or PRUNE_TOKENS
     sums = refit_sum_bytes(layout, n_drop) if refit is not None and refit > (
         options.max_tokens or 0) else 0
     if options.max_tokens is not None and not sums:
-        return
+        return options
     rebuild = reconstruct_bytes(layout, n_drop, refit if sums else 0) \
         if _reconstruct_steps(layout, options) else 0
     found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
@@ -255,7 +262,7 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
     if rebuild and found.fixed + MIN_TOKENS * found.per_token > found.allowance:
         log(f"the experts' reconstruction ({human(rebuild)} per MoE layer) does not fit beside "
             "the weights: off (allow more with --max-memory)")
-        options.reconstruct_steps = 0
+        options = replace(options, reconstruct_steps=0)
         found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
                                    device=options.device, max_memory=options.max_memory,
                                    requested=options.max_tokens, default=default,
@@ -266,17 +273,18 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
             f"--refit-tokens {refit}: its sums ({human(sums)}) and the smallest selection "
             f"need about {human(need)} per MoE layer, {human(max(found.allowance, 0))} is left "
             "beside the weights", "drop --refit-tokens, or allow more with --max-memory")
-    if options.max_tokens is None:  # an explicit count is used as given, without a note
-        options.max_tokens = found.tokens
-        if found.note():
-            log(found.note())
+    if options.max_tokens is not None:  # an explicit count is used as given, without a note
+        return options
+    if found.note():
+        log(found.note())
+    return replace(options, max_tokens=found.tokens)
 
 
 def _auto_refit(source: Path, layout: Any, n_drop: int, options: DataOptions,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None]) -> int | None:
     """The default streamed positions of the down refit and the reconstruction: REFIT_FACTOR
     times the selection's (given or default) count, when their sums and sample leave that
-    selection room beside the weights; else the selection's own, said in one line."""
+    selection room beside the weights; else None (the selection's own), said in one line."""
     selection = options.max_tokens or options.token_default or PRUNE_TOKENS
     refit = REFIT_FACTOR * selection
     fixed = refit_sum_bytes(layout, n_drop) + reconstruct_bytes(layout, n_drop, refit)
@@ -284,11 +292,11 @@ def _auto_refit(source: Path, layout: Any, n_drop: int, options: DataOptions,
                                device=options.device, max_memory=options.max_memory,
                                requested=selection, fixed=fixed, experts_call=True)
     if found.fixed + selection * found.per_token <= found.allowance:
-        options.refit_tokens = refit
-        return
+        return refit
     log(f"refit and reconstruction on the selection's positions only: streaming {refit} "
         f"would need {human(fixed)} per MoE layer beside the weights (allow more with "
         "--max-memory, or set --refit-tokens)")
+    return None
 
 
 def _refit_tokens(options: DataOptions) -> int | None:

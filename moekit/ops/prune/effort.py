@@ -26,6 +26,7 @@ each step needs, not from one model:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -98,23 +99,24 @@ def effort_settings(effort: str, layout: Any, n_drop: int) -> EffortSettings:
     raise InvalidArgumentError(f"unknown --effort '{effort}'", f"use one of {', '.join(EFFORTS)}")
 
 
-def apply_effort(options: Any, layout: Any, n_drop: int) -> EffortSettings:
-    """Fill the options an effort level sets and the user left unset (None) in `options`
-    (`calibrated.DataOptions`, changed in place); returns the level's settings."""
+def apply_effort(options: Any, layout: Any, n_drop: int) -> tuple[EffortSettings, Any]:
+    """The level's settings, and `options` (`calibrated.DataOptions`) with what the level
+    sets filled where the user left it unset (None): a new record, `options` is left as is."""
     found = effort_settings(options.effort, layout, n_drop)
+    changes: dict[str, Any] = {}
     if options.max_tokens is None and found.max_tokens is not None:
-        options.token_default = found.max_tokens
+        changes["token_default"] = found.max_tokens
     if options.beam is None:
-        options.beam = found.beam
+        changes["beam"] = found.beam
     if options.compensate is None and options.width is None:
-        options.compensate = found.compensate
+        changes["compensate"] = found.compensate
     if options.reconstruct_steps is None:
-        options.reconstruct_steps = found.reconstruct_steps
-        options.reconstruct_share = found.reconstruct_share
-        options.reconstruct_progress = found.reconstruct_progress
+        changes.update(reconstruct_steps=found.reconstruct_steps,
+                       reconstruct_share=found.reconstruct_share,
+                       reconstruct_progress=found.reconstruct_progress)
     if options.refit_tokens is None and options.refit_auto:
-        options.refit_auto = found.refit_auto
-    return found
+        changes["refit_auto"] = found.refit_auto
+    return found, dataclasses.replace(options, **changes)
 
 
 def described(settings: EffortSettings, options: Any) -> str:
