@@ -143,3 +143,21 @@ def test_without_room_for_two_layers_the_next_one_is_only_hinted(tiny_checkpoint
     engine = open_model(folder, device="cpu", stream=True)
     later = [n for n in engine.weights.targets if ".layers." in n and ".layers.0." not in n]
     assert sorted(set(advised)) == sorted(later)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_header_sizes_agree_with_the_engine(tiny_checkpoint, model_type):
+    """The token budget's weights (`header_sizes`, headers only) are the engine's (`sizes`, the
+    built model): the same total, resident bytes and layers, so `held_weights` is what a
+    streamed CPU run holds."""
+    from moekit.io.reader import Checkpoint
+    from moekit.runtime.budget import header_sizes, held_weights
+
+    folder = tiny_checkpoint(model_type)
+    engine = open_model(folder, device="cpu", dtype="float32", stream=True)
+    found = header_sizes(Checkpoint(folder), 4)
+    assert (found.total, found.resident, found.layers) == (
+        engine.sizes.total, engine.sizes.resident, engine.sizes.layers)
+    largest = max(found.layers)
+    assert held_weights(found, found.total) == found.total
+    assert held_weights(found, found.total - 1) == found.resident + largest

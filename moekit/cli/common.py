@@ -17,7 +17,8 @@ from rich.markup import escape
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
-STATE = {"debug": False}
+STATE: dict[str, Any] = {"debug": False}
+NOTES: list[str] = []  # printed after a command succeeds (`handle_errors`), e.g. renamed meanings
 F = TypeVar("F", bound=Callable[..., Any])
 
 ModelArg = Annotated[str, typer.Argument(help="Checkpoint folder or Hub repo id (org/name).")]
@@ -38,8 +39,8 @@ ProtectSuperOpt = Annotated[bool, typer.Option(
 # meaning each (docs/options.md; tests/test_cli_options.py checks commands and table agree).
 DataOpt = Annotated[list[str] | None, typer.Option(
     "--data", "-d", help="NAME=PATH of a text/JSONL/JSON/Parquet file or folder, one dataset "
-    "each; repeat for several. Default: the texts in sample_data/ (prune: none, it then "
-    "decides on --stats).")]
+    "each; repeat for several. Default (profile, eval, merge): the texts in sample_data/ "
+    "(docs/options.md).")]
 RangeOpt = Annotated[str | None, typer.Option(
     "--data-range", help="START:END fraction of each dataset, e.g. 0:0.5 (first half).")]
 TextFieldOpt = Annotated[str, typer.Option(
@@ -77,10 +78,13 @@ def handle_errors(func: F) -> F:
         from moekit.errors import MoekitError
         from moekit.io.output import stop_signals_raise
 
+        NOTES.clear()
         try:
             with stop_signals_raise():
                 single_process(func)
                 result = func(*args, **kwargs)
+                for note in NOTES:  # after the work: an error stays the one line on stderr
+                    err_console.print(f"note: {note}", soft_wrap=True)
                 sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
                 return result
         except BrokenPipeError:  # `moekit ... | head`: the reader left; say nothing more
@@ -250,7 +254,9 @@ def run_data_options(ctx: typer.Context, *, device: str, dtype: str, max_memory:
     shared options and checked before any work: `--device`, `--dtype`, `--max-memory`, each
     `--data` path present, `--data-range`, `--seq-len` >= 2 and `--max-tokens` >= `min_tokens`.
     A `--max-tokens` given on the command line of a command whose meaning changed gets a
-    one-line note (`OLD_MAX_TOKENS`); `ctx`: the running command's context."""
+    one-line note once the command succeeded, where the change alters what is read (`prune`;
+    the others with several sources; `OLD_MAX_TOKENS`); `ctx`: the running command's
+    context."""
     from moekit.calib.data import DataSource, parse_fraction
     from moekit.calib.spec import DataSpec
     from moekit.errors import DataError, InvalidArgumentError
@@ -270,17 +276,17 @@ def run_data_options(ctx: typer.Context, *, device: str, dtype: str, max_memory:
     command = ctx.info_name or ""
     source = ctx.get_parameter_source("max_tokens")
     given = getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
-    if max_tokens is not None and command in OLD_MAX_TOKENS and given:
-        err_console.print(f"note: --max-tokens {max_tokens} counts the tokens read in total "
-                          f"over all --data sources, an equal share from each; until moekit "
-                          f"0.1.0 {command} counted {OLD_MAX_TOKENS[command]} (docs/options.md)",
-                          soft_wrap=True)
+    changed = command == "prune" or len(spec.sources or (None, None)) > 1
+    if max_tokens is not None and command in OLD_MAX_TOKENS and given and changed:
+        NOTES.append(f"--max-tokens {max_tokens} counted the tokens read in total over all "
+                     f"--data sources, an equal share from each; until moekit 0.1.0 {command} "
+                     f"counted {OLD_MAX_TOKENS[command]} (docs/options.md)")
     return RunOptions(device, dtype, max_memory, trust_remote_code), spec
 
 
 def renamed(value: Any, old_value: Any, old: str, new: str = "--export") -> Any:
     """The value of option `new`, given under its old spelling `old` (kept for one release,
-    with a one-line note); both at once are refused."""
+    with a one-line note once the command succeeded); both at once are refused."""
     from moekit.errors import InvalidArgumentError
 
     if old_value is None:
@@ -288,6 +294,5 @@ def renamed(value: Any, old_value: Any, old: str, new: str = "--export") -> Any:
     if value is not None:
         raise InvalidArgumentError(f"{old} and {new} are both given",
                                    f"{old} is the old spelling of {new}: give {new} only")
-    err_console.print(f"note: {old} is now {new}; the old spelling still works in this release",
-                      soft_wrap=True)
+    NOTES.append(f"{old} is now {new}; the old spelling still works in this release")
     return old_value

@@ -20,8 +20,10 @@ EvalSeqLenOpt = Annotated[int, typer.Option("--eval-seq-len",
 
 
 def eval_options(values: list[str] | None, data_range: str | None, seq_len: int,
-                 max_tokens: int, device: str) -> dict[str, Any]:
-    """Parse --eval-data early so a typo fails before any work."""
+                 max_tokens: int, run: Any) -> dict[str, Any]:
+    """Parse --eval-data early so a typo fails before any work. `run`: the command's
+    `RunOptions`; the evaluation takes its device, memory budget and remote-code permission
+    and runs in the checkpoints' own dtype."""
     from moekit.calib.data import DataSource, parse_fraction
     from moekit.errors import DataError
 
@@ -30,7 +32,8 @@ def eval_options(values: list[str] | None, data_range: str | None, seq_len: int,
         if not source.path.exists():
             raise DataError(f"--eval-data file {source.path} does not exist")
     return dict(sources=sources, fraction=parse_fraction(data_range), seq_len=seq_len,
-                max_tokens=max_tokens, device=device)
+                max_tokens=max_tokens, engine=dict(device=run.device, max_memory=run.max_memory,
+                                                   trust_remote_code=run.trust_remote_code))
 
 
 def evaluate_output(folder: Path, source: Path, out: Path, options: dict[str, Any],
@@ -43,7 +46,7 @@ def evaluate_output(folder: Path, source: Path, out: Path, options: dict[str, An
 
     with token_progress(f"evaluating {what} vs source") as on_tokens:
         evaluation = evaluate(folder, options["sources"], source, seq_len=options["seq_len"],
-                              max_tokens=options["max_tokens"], device=options["device"],
-                              fraction=options["fraction"], on_tokens=on_tokens).to_dict()
+                              max_tokens=options["max_tokens"], fraction=options["fraction"],
+                              on_tokens=on_tokens, **options["engine"]).to_dict()
     evaluation["model"] = str(out)
     return evaluation

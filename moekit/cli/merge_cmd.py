@@ -127,7 +127,7 @@ def merge(
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 512), ("--eval-seq-len", eval_seq_len, 512))
     eval_opts = eval_after.eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens,
-                                        device)
+                                        run)
     method = method or ("fit-layer" if router == "centre" else "fit-centre")
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:

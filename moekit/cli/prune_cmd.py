@@ -182,7 +182,7 @@ def prune(
                                                                        *(eval_data or ())]),
                   None if dry_run else out, overwrite,
                   {"--plan-out": (plan_out, (".json",)), "--export": (report, TABLE_SUFFIXES)})
-    eval_opts = eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens, device)
+    eval_opts = eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens, run)
     options = dict(stats=stats, ratio=ratio, criterion=criterion, plan_in=plan_in, keep=keep,
                    drop=drop, protect=protect or [], min_experts=min_experts, seed=seed,
                    domain=domain, ignore_fingerprint=ignore_fingerprint)
