@@ -72,8 +72,9 @@ def test_streamed_calibrated_prune_equals_in_memory(model_type, extra, tmp_path)
     # the settings that depend on the memory are pinned (a one-layer budget leaves no room for
     # the default streamed refit or the reconstruction, which would then differ by design);
     # the reconstruction streamed vs in memory: test_prune_refit_stats
+    # --refit-tokens 409: the positions --max-tokens 512 fits on (80%), so nothing is streamed
     base = ["prune", source, "--data", f"doc={data.path}", *ratio, *extra, *CALIB, "--beam", "2",
-            "--refit-tokens", "512", "--reconstruct-steps", "0"]
+            "--refit-tokens", "409", "--reconstruct-steps", "0"]
     records = run_both(base, source, tmp_path)
     rows = [[{k: v for k, v in row.items() if k != "seconds"}
              for row in r["calibration"]["candidates"]] for r in records]

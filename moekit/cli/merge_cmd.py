@@ -139,8 +139,11 @@ def merge(
     max_tokens = _tokens(source, ratio, (group, method, router), bool(data), max_tokens,
                          run)
     options = dict(max_tokens=max_tokens, seq_len=spec.seq_len, batch_size=batch_size,
-                   tokenizer=spec.tokenizer, text_field=spec.text_field,
-                   fraction=spec.fraction, **run.engine())
+                   device=run.device, tokenizer=spec.tokenizer, dtype=run.dtype,
+                   max_memory=run.max_memory, text_field=spec.text_field,
+                   fraction=spec.fraction)
+    if run.trust_remote_code:  # recorded in the plan's calibration only when given
+        options["trust_remote_code"] = True
     calib = _calibration(source, group, method, router, plan_in, spec, options,
                          one_pass=not dry_run)
     recorded = calib or (_calibration(source, group, method, router, plan_in, spec, options,

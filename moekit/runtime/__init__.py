@@ -2,7 +2,9 @@
 layer by layer under a memory budget, for every command that runs a model.
 
     engine.py   open_model, Engine.run (batches in, logits or hook side effects out), LayerStep
-    budget.py   --max-memory: sizes, the memory / stream / expert-group decision
+    options.py  RunOptions: device, dtype, --max-memory, trust_remote_code, one frozen record
+    budget.py   --max-memory and every other share of the free memory: sizes (also from the
+                headers alone), the memory / stream / expert-group decision, the weights held
     weights.py  checkpoint keys -> in-memory tensors (fused experts), read into place
     staging.py  checkpoint bytes straight into device memory through reused host buffers
     layers.py   the decoder stack, per-layer call arguments, the head replay (imports torch)
