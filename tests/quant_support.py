@@ -103,7 +103,7 @@ def quantize_mxfp4(src: Path, dst: Path) -> Path:
         if not key.endswith(("experts.gate_up_proj", "experts.down_proj")):
             out[key] = value
             continue
-        blocks, scales = _mxfp4_pack(value.float().transpose(1, 2).contiguous())
+        blocks, scales = mxfp4_reference(value.float().transpose(1, 2).contiguous())
         out[key + "_blocks"], out[key + "_scales"] = blocks, scales
     _copy_side_files(src, dst, {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
@@ -111,21 +111,29 @@ def quantize_mxfp4(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _mxfp4_pack(matrix):
-    """[E, R, C] float -> (blocks [E, R, C/32, 16] u8, scales [E, R, C/32] u8): per 32 values,
-    the shared exponent floor(log2(amax)) - 2 (E2M1's largest exponent), values rounded to the
-    nearest E2M1 code."""
+def mxfp4_reference(matrix):
+    """[E, R, C] float -> (blocks [E, R, C/32, 16] u8, scales [E, R, C/32] u8), per the OCP MX
+    spec: per 32 values, the shared exponent X = floor(log2(amax)) - 2 (E2M1's largest exponent;
+    -127 for an all-zero group, clamped to [-127, 127]); each value / 2^X rounded to the nearest
+    E2M1 value (ties to the even code; magnitudes over 6 saturate), its sign kept."""
     import torch
 
     e, r, c = matrix.shape
-    groups = matrix.reshape(e, r, c // 32, 32)
-    amax = groups.abs().amax(-1).clamp(min=2.0 ** -120)
-    exponent = torch.floor(torch.log2(amax)) - 2
-    scaled = groups / torch.exp2(exponent)[..., None]
-    grid = torch.tensor(E2M1)
-    codes = (scaled[..., None] - grid).abs().argmin(-1).to(torch.uint8)
+    groups = matrix.float().reshape(e, r, c // 32, 32)
+    exponents = torch.tensor([
+        -127 if amax == 0 else max(-127, min(127, math.frexp(amax)[1] - 1 - 2))
+        for amax in groups.abs().amax(-1).flatten().tolist()]).reshape(e, r, c // 32)
+    scaled = groups * torch.pow(2.0, -exponents.double())[..., None].float()
+    grid = torch.tensor(E2M1[:8])
+    distance = (scaled.abs()[..., None] - grid).abs()
+    nearest = distance.min(-1, keepdim=True).values
+    # rank: 0 = nearest with an even code, 1 = nearest with an odd code, 2 = not nearest; a
+    # tie between two neighbours thus goes to the even code (round half to even)
+    rank = torch.where(distance == nearest, torch.arange(8) % 2, 2)
+    codes = rank.argmin(-1)
+    codes = codes.to(torch.uint8) | (torch.signbit(scaled).to(torch.uint8) << 3)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return blocks.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
+    return blocks.contiguous(), (exponents + 127).to(torch.uint8).contiguous()
 
 
 def dequantize_mxfp4(src: Path, dst: Path) -> Path:

@@ -1,7 +1,8 @@
 """Quantized checkpoints (moekit.formats): FP8 blocks and MXFP4 are decoded as transformers and
 the formats' specifications decode them; profile/eval, streamed and in memory, equal those of
 an independent dequantization (tests/quant_support.py); inspect counts logical parameters;
-prune keeps every kept expert byte for byte and writes no refit into a quantized expert."""
+prune keeps every kept expert byte for byte and writes no refit into a format it cannot
+re-encode."""
 
 from __future__ import annotations
 
@@ -142,19 +143,25 @@ def _same_expert(src: dict, dst: dict, layer: int, old: int, new: int) -> int:
     return count
 
 
-def test_prune_data_writes_no_refit_into_quantized_experts(quantized, sources, tmp_path):
-    q, _ = quantized("deepseek_v3-fp8")
+def test_prune_data_keeps_experts_it_cannot_reencode_as_stored(quantized, sources, tmp_path):
+    """compressed-tensors experts are not re-encoded (tests/test_quantized_write.py covers the
+    FP8-block and MXFP4 refits): refits off with a note, asking for them refused."""
+    q, _ = quantized("qwen3_moe-w4a16")
     runner = CliRunner()
     base = ["prune", str(q), "--data", f"a={sources[0].path}", "--max-tokens", "512",
             "--seq-len", "32",
             "--ratio", "0.25"]
     refused = runner.invoke(app, [*base, "--compensate", "--out", str(tmp_path / "x")])
     assert refused.exit_code != 0
-    assert "stored quantized (fp8-block)" in refused.output
+    assert "stored quantized (compressed-tensors/pack-quantized)" in \
+        " ".join(refused.output.split())
     assert not (tmp_path / "x").exists()
+    trim = runner.invoke(app, [*base[:-2], "--keep-params", "0.5", "--out", str(tmp_path / "t")])
+    assert trim.exit_code != 0
+    assert "does not trim quantized experts" in " ".join(trim.output.split())
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "y")])
     assert result.exit_code == 0, result.output
-    assert "refits of the kept experts are off" in result.output
+    assert "refits of the kept experts are off" in " ".join(result.output.split())
     provenance = json.loads((tmp_path / "y" / "moekit_provenance.json").read_text())
     src, dst = load_file(q / "model.safetensors"), load_file(tmp_path / "y" / "model.safetensors")
     for layer in provenance["layers"]:

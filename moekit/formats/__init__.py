@@ -10,6 +10,8 @@ values, exactly as transformers' dequantization does. One module per format:
     fp8_block   quant_method "fp8": E4M3/E5M2 weights, `weight_scale_inv` per block
     mxfp4       quant_method "mxfp4" (gpt-oss): `*_blocks` (E2M1 pairs) + `*_scales` (E8M0)
 
+Each format also encodes (`fp8_block.encode`, `mxfp4.encode`), so experts changed by merge or
+a refit are written back as the source stores them (`surgery/stored.py`).
 `registry.check_quantization(config)` refuses a `quantization_config` moekit cannot read.
 """
 
@@ -20,8 +22,9 @@ from moekit.formats.registry import (
     logical_tensors,
     quantized_formats,
     quantized_keys,
+    quantized_parts,
 )
 from moekit.formats.spec import Logical
 
 __all__ = ["Logical", "check_quantization", "decode", "is_quantized", "logical_tensors",
-           "quantized_formats", "quantized_keys"]
+           "quantized_formats", "quantized_keys", "quantized_parts"]

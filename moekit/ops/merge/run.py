@@ -41,7 +41,13 @@ from moekit.ops.merge.plan import (
 from moekit.ops.merge.refit import REFIT_DEFAULTS, open_refit, refit_merged
 from moekit.stats.criteria import super_experts
 from moekit.stats.expert_stats import check_stats, load_stats
-from moekit.surgery.experts import activation, expert_format, expert_output, read_experts
+from moekit.surgery.experts import (
+    activation,
+    expert_format,
+    expert_output,
+    read_experts,
+    writable_format,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +126,7 @@ def distance_fn(group: str, checkpoint: Checkpoint, layout: ModelLayout,
     layers = {m.index: m for m in layout.moe_layers}
 
     def distance(index: int) -> torch.Tensor:
-        fmt = expert_format(layout, layers[index])
+        fmt = expert_format(layout, layers[index], checkpoint)
         if group == "weight":
             return gram_cosine_distance(read_experts(checkpoint, fmt).gram())
         data = calib(index) if calib is not None else None
@@ -175,7 +181,7 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
                          "pass --stats DIR from `moekit profile`, or --data NAME=PATH to "
                          "record them on that text")
     for layer in layout.moe_layers:
-        expert_format(layout, layer)  # unsupported layouts fail before any work
+        writable_format(layout, layer, checkpoint)  # unsupported layouts fail before work
 
     protect = super_experts(stats_data) if protect_super and stats_data is not None else {}
     grouper = Grouper(layout, fingerprint, group=group, method=method, router=router,

@@ -37,11 +37,12 @@ from moekit.ops.merge.plan import (
 from moekit.surgery.experts import (
     Experts,
     activation,
-    expert_format,
     fused_tensors,
     read_experts,
     stack,
+    writable_format,
 )
+from moekit.surgery.stored import encoded, replaced_rows
 from moekit.surgery.tensors import check_accounted, patch_config, renamed_expert_key, take_rows
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ class LayerMerger:
                  plan: MergePlan, calib: CalibFn | None, errors: dict[int, float],
                  refits: Mapping[int, torch.Tensor] | None = None):
         self.checkpoint, self.layout, self.layer, self.plan = checkpoint, layout, layer, plan
-        self.fmt = expert_format(layout, layer)
+        self.fmt = writable_format(layout, layer, checkpoint)
         self.plan_layer = plan.layer(layer.index)
         self.calib, self.errors, self.refits = calib, errors, refits or {}
         self.names: set[str] = set()
@@ -121,7 +122,10 @@ class LayerMerger:
                 self.plan.router, self.plan.config_changes, activation(self.layout), bias,
                 rows=router)
             merged = {i: stacked.select([i]) for i in merged}
-        tensors = self._tensors(merged)
+        fitted = method in FIT_METHODS and calib is not None
+        changed = {i for i, c in enumerate(p.clusters)
+                   if len(c) > 1 or c[0] in self.refits or fitted}
+        tensors = self._tensors(merged, changed)
         if router is not None:
             keys = self.layer.router_keys
             tensors[keys[0]] = router[0].to(to_torch(self.checkpoint.tensors[keys[0]].dtype))
@@ -135,20 +139,34 @@ class LayerMerger:
         bias = self.checkpoint.read(keys[1]).float() if len(keys) > 1 else None
         return fit_router(weight, bias, self.plan_layer, calib)
 
-    def _tensors(self, merged: dict[int, Experts]) -> dict[str, torch.Tensor]:
-        tensors = self.checkpoint.tensors
-        if self.fmt.fused:
-            out = fused_tensors(self.fmt, stack([merged[i] for i in range(len(merged))]))
-            return {k: v.to(to_torch(tensors[k].dtype)) for k, v in out.items()}
-        assert self.fmt.per_expert is not None
+    def _tensors(self, merged: dict[int, Experts], changed: set[int]
+                 ) -> dict[str, torch.Tensor]:
+        """{output name: tensor} of the merged experts, in the source's stored format:
+        quantized ones re-encoded (`surgery/stored.py`), except the rows of unchanged
+        experts (`changed` lacks them) of a quantized fused stack, kept as stored bytes."""
+        tensors, fmt = self.checkpoint.tensors, self.fmt
+        if fmt.fused:
+            out = fused_tensors(fmt, stack([merged[i] for i in range(len(merged))]))
+            centres = [c[0] for c in self.plan_layer.clusters]
+            result = {}
+            for name, value in out.items():
+                logical = fmt.stored(name, tensors.get(name))
+                if logical.quantized:
+                    result.update(replaced_rows(logical, centres, {
+                        i: value[i] for i in sorted(changed)}))
+                else:
+                    result.update(encoded(logical, name, value))
+            return result
+        assert fmt.per_expert is not None
         result = {}
         for i, expert in merged.items():
             centre = self.plan_layer.clusters[i][0]
             for role in ("gate", "up", "down"):
-                key = self.fmt.per_expert[role][centre]
+                key = fmt.per_expert[role][centre]
                 name = renamed_expert_key(self.layout, key, centre, i)
-                if name in self.names:
-                    result[name] = getattr(expert, role)[0].to(to_torch(tensors[key].dtype))
+                stored = encoded(fmt.stored(key, tensors.get(key)), name,
+                                 getattr(expert, role)[0])
+                result.update((k, v) for k, v in stored.items() if k in self.names)
         return result
 
 
@@ -208,7 +226,8 @@ def _layer_tensors(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
                     continue
                 i = new_of[old]
                 name = renamed_expert_key(layout, key, old, i)
-                refitted = old in merger.refits and key == fmt.per_expert["down"][old]
+                refitted = (old in merger.refits
+                            and fmt.logical_name(key) == fmt.per_expert["down"][old])
                 if len(p.clusters[i]) == 1 and not refitted:
                     result.append((key, "renamed", OutTensor.copy(tensors[key], name)))
                 else:
