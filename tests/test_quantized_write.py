@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
-from moekit.formats import Logical, decode
-from moekit.formats import fp8_block, mxfp4
+from moekit.formats import Logical, decode, fp8_block, mxfp4
 
 CASES = ["deepseek_v3-fp8", "qwen3_moe-fp8", "gpt_oss-mxfp4"]
 
@@ -104,7 +103,8 @@ def test_merge_writes_merged_experts_in_the_source_format(case, quantized, sampl
     ours_config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert ours_config["quantization_config"] == \
         json.loads((q / "config.json").read_text())["quantization_config"]
-    src, ours = load_file(q / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors")
+    src = load_file(q / "model.safetensors")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
     ref = load_file(theirs / "model.safetensors")
     layers = json.loads(plan.read_text())["layers"]
     merged_rows = kept_rows = 0
@@ -159,7 +159,8 @@ def test_prune_data_refits_are_written_requantized(case, quantized, sample_texts
         [layer["kept"] for layer in plain["layers"]]
     modified = provenance["calibration"]["modified_tensors"]
     assert modified and all(row["stored"].startswith("re-encoded as") for row in modified)
-    src, ours = load_file(q / "model.safetensors"), load_file(tmp_path / "ours" / "model.safetensors")
+    src = load_file(q / "model.safetensors")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
     ref = load_file(theirs / "model.safetensors")
     # (layer, new id, projection) of every refitted (down) or reconstructed (gate/up) tensor
     refitted = {(row["layer"], row["new_id"], _projection(row["tensor"])) for row in modified}

@@ -22,7 +22,7 @@ def write_convert_records(folder: Path, source: str, plan: ConvertPlan, request:
     actions = ", ".join(f"{n} {a}" for a, n in plan.actions.items())
     summary = (f"`{name}` converted ({what}): {plan.inputs} stored tensors in, "
                f"{len(plan.tensors)} out ({actions}). Values are unchanged up to the cast to "
-               "the new dtype or the FP8 block rounding; quantized tensors were decoded as "
+               "the new dtype or the FP8-block / MXFP4 rounding; quantized tensors were decoded as "
                "their format specifies.")
     body = "## Config changes\n\n" + "\n".join(
         f"- {c}" for c in plan.config_changes or ["none"]) + "\n"
