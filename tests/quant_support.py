@@ -169,11 +169,41 @@ W4A16 = {"quant_method": "compressed-tensors", "format": "pack-quantized",
              "group_size": 32}}}}
 
 
+# llm-compressor's NVFP4 preset as its config.json stores it (FP4 E2M1 values, an FP8 E4M3
+# scale per 16 values, a float32 global scale per tensor; activations dynamic)
+NVFP4 = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+         "quantization_status": "compressed", "ignore": ["lm_head", "re:.*mlp\\.gate$"],
+         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+             "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+             "group_size": 16, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"},
+             "input_activations": {
+                 "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+                 "group_size": 16, "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn",
+                 "observer": "static_minmax"}}}}
+
+
+def _library_qparams(value, args):
+    """(scale, zero point, global scale or None) of one weight as llm-compressor's min-max
+    observer computes them with the library (NVFP4: `generate_gparam`, then per group
+    `calculate_qparams`); int groups: amax / 7 per group."""
+    import torch
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    grouped = value.float().reshape(value.shape[0], -1, args.group_size)
+    if args.type != "float":
+        scale = (grouped.abs().amax(-1) / 7).clamp(min=1e-8)
+        return scale, torch.zeros_like(scale, dtype=torch.int8), None
+    global_scale = generate_gparam(value.float().min(), value.float().max())
+    scale, zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args,
+                                    global_scale=global_scale)
+    return scale, zero, global_scale
+
+
 def quantize_compressed(src: Path, dst: Path, quantization: dict = W4A16) -> tuple[Path, Path]:
     """`src` -> (`dst`/q: every decoder linear but the router compressed by the
-    compressed-tensors library with `quantization`'s one scheme (scales amax / 7 per group),
-    `dst`/deq: the same weights fake-quantized by the library from the float originals)."""
-    import torch
+    compressed-tensors library with `quantization`'s one scheme (`_library_qparams`),
+    `dst`/deq: the same weights fake-quantized by the library from the float originals, or
+    for NVFP4 decompressed by the library's own decompressor)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -182,20 +212,23 @@ def quantize_compressed(src: Path, dst: Path, quantization: dict = W4A16) -> tup
     config = QuantizationConfig.model_validate(quantization)
     scheme = config.config_groups["group_0"]
     compressor = BaseCompressor.get_value_from_registry(config.format)
-    group = scheme.weights.group_size
     tensors = load_file(src / "model.safetensors")
     packed, fake = {}, {}
     for key, value in tensors.items():
         if not _is_fp8_target(key, tuple(value.shape)):
             packed[key] = fake[key] = value
             continue
-        grouped = value.float().reshape(value.shape[0], -1, group)
-        scale = (grouped.abs().amax(-1) / 7).clamp(min=1e-8)
+        scale, zero, global_scale = _library_qparams(value, scheme.weights)
         base = key.removesuffix(".weight")
-        state = compressor.compress({"weight": value.float(), "weight_scale": scale}, scheme)
+        state = {"weight": value.float(), "weight_scale": scale}
+        if global_scale is not None:
+            state["weight_global_scale"] = global_scale
+        state = compressor.compress(state, scheme)
         packed.update({f"{base}.{k}": v.contiguous() for k, v in state.items()})
-        fake[key] = fake_quantize(value.float(), scale, torch.zeros_like(scale, dtype=torch.int8),
-                                  scheme.weights)
+        if global_scale is None:
+            fake[key] = fake_quantize(value.float(), scale, zero, scheme.weights)
+        else:  # NVFP4: the library's decompression (it computes in bf16; see test_quantized)
+            fake[key] = compressor.decompress(state, scheme)["weight"].float()
     q, deq = dst / "q", dst / "deq"
     _copy_side_files(src, q, quantization)
     _copy_side_files(src, deq, None)
@@ -222,4 +255,5 @@ CASES = {
                                          dequantize_fp8_block)),
     "gpt_oss-mxfp4": ("gpt_oss", _pair(quantize_mxfp4, dequantize_mxfp4)),
     "qwen3_moe-w4a16": ("qwen3_moe", quantize_compressed),
+    "qwen3_moe-nvfp4": ("qwen3_moe", lambda s, d: quantize_compressed(s, d, NVFP4)),
 }

@@ -11,13 +11,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from quant_support import CASES
+from quant_support import CASES, E2M1
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moekit.calib.data import DataSource
 from moekit.cli.app import app
-from moekit.formats import Logical, decode, logical_tensors
+from moekit.formats import Logical, compressed, decode, logical_tensors
 from moekit.formats import fp8_block as fp8
 from moekit.io.reader import Checkpoint
 from moekit.ops.evaluate import evaluate
@@ -25,8 +25,10 @@ from moekit.ops.inspect import inspect_checkpoint
 from moekit.ops.profile import profile_model
 
 SETTINGS = dict(seq_len=24, max_tokens=150, batch_size=3, device="cpu", dtype="float32")
-METHOD = {"fp8": "fp8", "mxfp4": "mxfp4", "w4a16": "compressed-tensors"}
-FORMAT = {"fp8": fp8.NAME, "mxfp4": "mxfp4", "w4a16": "compressed-tensors/pack-quantized"}
+METHOD = {"fp8": "fp8", "mxfp4": "mxfp4", "w4a16": "compressed-tensors",
+          "nvfp4": "compressed-tensors"}
+FORMAT = {"fp8": fp8.NAME, "mxfp4": "mxfp4", "w4a16": "compressed-tensors/pack-quantized",
+          "nvfp4": "compressed-tensors/nvfp4-pack-quantized"}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,34 @@ def test_mxfp4_decode_equals_transformers_dequantization():
     theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
     assert ours.shape == (3, 64, 10)
     assert torch.equal(ours, theirs)
+
+
+def test_nvfp4_decode_is_the_library_decompression_within_bf16_of_its_fake_quantization(
+        quantized):
+    """NVFP4 (compressed-tensors `nvfp4-pack-quantized`): moekit's decode of every module
+    equals the library's own decompressor called on the stored tensors, and is within bf16
+    rounding (the decompressor unpacks to bf16) of the library's float32 fake quantization
+    E2M1 x FP8 scale / global scale."""
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    q, _ = quantized("qwen3_moe-nvfp4")
+    checkpoint = Checkpoint(q)
+    modules = [t for t in logical_tensors(checkpoint).values()
+               if t.format.endswith("nvfp4-pack-quantized")]
+    assert modules
+    for logical in modules:
+        stored = [checkpoint.read(s.name) for s in logical.sources]
+        ours = decode(logical, stored)
+        state = dict(zip(logical.params, stored, strict=True))
+        library = compressed._compressor("nvfp4-pack-quantized").decompress(state,
+                                                                             logical.scheme)
+        assert torch.equal(ours, library["weight"].float()), logical.name
+        codes = torch.tensor(E2M1)[torch.stack(
+            [state["weight_packed"] & 15, state["weight_packed"] >> 4], -1).long()]
+        exact = dequantize(codes.reshape(logical.shape), state["weight_scale"].float(),
+                           args=logical.scheme.weights,
+                           global_scale=state["weight_global_scale"].float())
+        assert ((ours - exact).abs() <= exact.abs() * 2 ** -8).all(), logical.name
 
 
 @pytest.mark.parametrize("case", list(CASES))
