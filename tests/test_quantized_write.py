@@ -100,6 +100,9 @@ def test_merge_writes_merged_experts_in_the_source_format(case, quantized, sampl
         "average", "--plan-out", plan, "--out", tmp_path / "ours")
     run("merge", deq, "--plan", plan, "--ignore-fingerprint", "--out", tmp_path / "plain")
     theirs = _independent(case, tmp_path / "plain", tmp_path / "theirs")
+    provenance = json.loads((tmp_path / "ours" / "moekit_provenance.json").read_text())
+    assert any("re-encoded as" in w for w in provenance["warnings"])
+    assert "re-encoded as" in (tmp_path / "ours" / "README.md").read_text()
     ours_config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert ours_config["quantization_config"] == \
         json.loads((q / "config.json").read_text())["quantization_config"]
@@ -159,6 +162,7 @@ def test_prune_data_refits_are_written_requantized(case, quantized, sample_texts
         [layer["kept"] for layer in plain["layers"]]
     modified = provenance["calibration"]["modified_tensors"]
     assert modified and all(row["stored"].startswith("re-encoded as") for row in modified)
+    assert "quantized like the source" in (tmp_path / "ours" / "README.md").read_text()
     src = load_file(q / "model.safetensors")
     ours = load_file(tmp_path / "ours" / "model.safetensors")
     ref = load_file(theirs / "model.safetensors")
@@ -187,3 +191,33 @@ def test_prune_data_refits_are_written_requantized(case, quantized, sample_texts
 def _projection(key: str) -> str:
     """'down_proj' of '...experts.3.down_proj.weight_scale_inv' or '...experts.down_proj_blocks'."""
     return next(p for p in ("gate_up_proj", "gate_proj", "up_proj", "down_proj") if p in key)
+
+
+def _fail(*args: object) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    return " ".join(result.output.split())
+
+
+def test_merge_refuses_experts_it_cannot_reencode(quantized, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    q, _ = quantized("qwen3_moe-w4a16")
+    merge = ["--criterion", "random", "--ratio", "0.25", "--group", "weight", "--method",
+             "average"]
+    output = _fail("merge", q, *merge, "--out", tmp_path / "o")
+    assert "which moekit cannot re-encode after changing it" in output
+    assert not (tmp_path / "o").exists()
+    # FP8 with static activation scales: the merged experts' input_scale cannot be recomputed
+    fp8, _ = quantized("qwen3_moe-fp8")
+    static = tmp_path / "static"
+    shutil.copytree(fp8, static)
+    tensors = load_file(static / "model.safetensors")
+    tensors.update({k.replace("weight_scale_inv", "input_scale"): torch.ones(1)
+                    for k in list(tensors) if k.endswith("weight_scale_inv")})
+    save_file(tensors, static / "model.safetensors", metadata={"format": "pt"})
+    output = _fail("merge", static, *merge, "--out", tmp_path / "o")
+    assert "is an activation parameter of the quantized" in output
+    assert not (tmp_path / "o").exists()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from moekit.errors import CheckpointError, InvalidArgumentError
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import ModelLayout, MoeLayer, describe
+from moekit.formats import quantized_keys
 from moekit.io.dtypes import to_torch
 from moekit.io.output import write_model_folder
 from moekit.io.reader import Checkpoint, TensorInfo
@@ -281,6 +282,7 @@ def merge_checkpoint(source: Path, plan: MergePlan, out: Path, *, overwrite: boo
     refits = layer_refits(plan, calib)
     tensors, actions = plan_tensors(checkpoint, layout, plan, calib, errors, refits)
     config, config_keys, warnings = patch_config(checkpoint.config, layout, plan.as_prune_plan())
+    warnings += requantized_note(checkpoint, layout, actions)
     counts = {a: sum(1 for v in actions.values() if v == a) for a in sorted(set(actions.values()))}
     result = MergeResult(Path(out), plan, sum(t.nbytes for t in tensors), len(tensors), counts,
                          config_keys, [*plan.warnings, *warnings], errors)
@@ -288,6 +290,19 @@ def merge_checkpoint(source: Path, plan: MergePlan, out: Path, *, overwrite: boo
                        max_shard_bytes=max_shard_bytes, on_bytes=on_bytes,
                        finish=(lambda folder: finish(folder, result)) if finish else None)
     return result
+
+
+def requantized_note(checkpoint: Checkpoint, layout: ModelLayout, actions: dict[str, str]
+                     ) -> list[str]:
+    """The line provenance and model card carry when merged experts were re-encoded in the
+    source's quantized format (`surgery/stored.py`)."""
+    merged = [k for k, a in actions.items() if a == "merged"]
+    formats = quantized_keys(checkpoint, merged)
+    if not formats:
+        return []
+    return [f"the merged experts are quantized like the source: re-encoded as {formats} "
+            "(new scales computed from the merged values); unmerged experts are copied as "
+            "stored"]
 
 
 def layer_refits(plan: MergePlan, calib: Any) -> RefitFn | None:
