@@ -15,7 +15,7 @@ values, exactly as transformers' dequantization does. One module per format:
                 compressed-tensors library itself
 
 Each format also encodes (`fp8_block.encode`, `mxfp4.encode`), so experts changed by merge or
-a refit are written back as the source stores them (`surgery/stored.py`).
+a refit are written back as the source stores them (`moekit.surgery.stored`).
 `registry.check_quantization(config)` refuses a `quantization_config` moekit cannot read.
 """
 

@@ -8,5 +8,6 @@ rename per-expert keys, patch the config, account for every source tensor).
                 ones decoded, changed ones re-encoded: FP8 blocks, MXFP4), byte reads
     tensors.py  take_rows, renamed_expert_key, patch_config, the accounting check
 
-Imports only `io/`, `families/`, `formats/`, `stats/` (and `errors`, `units`); see docs/architecture.md.
+Imports only `io/`, `families/`, `formats/`, `stats/` (and `errors`, `units`); see
+docs/architecture.md.
 """
