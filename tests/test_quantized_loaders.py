@@ -24,7 +24,8 @@ def run(*args: object) -> None:
     assert result.exit_code == 0, result.output
 
 
-def logits(folder, quantized: str | None = None) -> torch.Tensor:
+def load(folder, quantized: str | None = None):
+    """The model of `folder` in transformers, through its FP8 / MXFP4 loader when asked."""
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
 
     extra = {}
@@ -32,9 +33,16 @@ def logits(folder, quantized: str | None = None) -> torch.Tensor:
         extra["quantization_config"] = FineGrainedFP8Config(dequantize=True)
     elif quantized == "mxfp4":
         extra["quantization_config"] = Mxfp4Config(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+
+
+def logits(folder, quantized: str | None = None) -> torch.Tensor:
     with torch.no_grad():
-        return model(IDS).logits
+        return load(folder, quantized)(IDS).logits
+
+
+def parameters(folder, quantized: str | None = None) -> list[torch.Tensor]:
+    return [p.detach() for _, p in sorted(load(folder, quantized).named_parameters())]
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +71,42 @@ def test_output_loads_in_the_transformers_loader_of_its_format(fmt, operation, s
     ours = logits(tmp_path / "fp32")
     theirs = logits(out, fmt)
     assert torch.allclose(theirs, ours, rtol=0, atol=1e-5), (theirs - ours).abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_merge_bf16_experts_loads_and_equals_the_plain_merge(fmt, sources, tmp_path):
+    """`merge --bf16-experts`: every expert of a merged layer written as bf16, equal to the
+    bf16 cast of the same merge on the dequantized copy; the config names the expert modules
+    as not converted, and transformers' own loader takes the mixed checkpoint."""
+    import json
+
+    from safetensors.torch import load_file
+
+    _, quantized = sources[fmt]
+    plan = tmp_path / "plan.json"
+    run("merge", quantized, "--criterion", "random", "--ratio", "0.25", "--group", "weight",
+        "--method", "average", "--plan-out", plan, "--bf16-experts", "--out", tmp_path / "out")
+    run("convert", quantized, "--dtype", "fp32", "--out", tmp_path / "deq")
+    run("merge", tmp_path / "deq", "--plan", plan, "--ignore-fingerprint",
+        "--out", tmp_path / "plain")
+    ours = load_file(tmp_path / "out" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    experts = [k for k in plain if ".mlp.experts." in k and "layers.0." not in k
+               or k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert experts
+    for key in experts:
+        assert ours[key].dtype == (torch.bfloat16 if "bias" not in key else plain[key].dtype)
+        assert torch.equal(ours[key].float(), plain[key].to(ours[key].dtype).float()), key
+    assert not any(k.endswith(("weight_scale_inv", "_blocks", "_scales")) and ".experts." in k
+                   for k in ours)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    layers = {p["layer"] for p in json.loads(plan.read_text())["layers"]}
+    assert {f"model.layers.{i}.mlp.experts" for i in layers} <= \
+        set(config["modules_to_not_convert"])
+    # transformers keeps the not-converted experts in bf16 and computes them so: equal
+    # parameters, logits within bf16 rounding of the float32 conversion's
+    run("convert", tmp_path / "out", "--dtype", "fp32", "--out", tmp_path / "fp32")
+    assert all(torch.equal(a.float(), b.float()) for a, b in
+               zip(parameters(tmp_path / "out", fmt), parameters(tmp_path / "fp32"), strict=True))
+    ours_logits, theirs = logits(tmp_path / "fp32"), logits(tmp_path / "out", fmt)
+    assert torch.allclose(theirs, ours_logits, rtol=0, atol=2e-3)

@@ -221,3 +221,27 @@ def test_merge_refuses_experts_it_cannot_reencode(quantized, tmp_path):
     output = _fail("merge", static, *merge, "--out", tmp_path / "o")
     assert "is an activation parameter of the quantized" in output
     assert not (tmp_path / "o").exists()
+
+
+def test_merge_bf16_experts_of_a_compressed_checkpoint(quantized, sample_texts, tmp_path):
+    """compressed-tensors experts cannot be re-encoded, but `--bf16-experts` merges them: the
+    merged layers' experts as bf16, equal to the bf16 cast of the same merge on the library's
+    dequantization, named in the config's `ignore` list; moekit profiles the output."""
+    q, deq = quantized("qwen3_moe-w4a16")
+    plan = tmp_path / "plan.json"
+    run("merge", q, "--criterion", "random", "--ratio", "0.25", "--group", "weight", "--method",
+        "average", "--bf16-experts", "--plan-out", plan, "--out", tmp_path / "ours")
+    run("merge", deq, "--plan", plan, "--ignore-fingerprint", "--out", tmp_path / "plain")
+    ours = load_file(tmp_path / "ours" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    experts = [k for k in plain if ".mlp.experts." in k]
+    assert experts
+    for key in experts:
+        assert ours[key].dtype == torch.bfloat16, key
+        assert torch.equal(ours[key], plain[key].to(torch.bfloat16)), key
+    ignore = json.loads((tmp_path / "ours" / "config.json").read_text())["quantization_config"][
+        "ignore"]
+    assert "re:^model\\.layers\\.0\\.mlp\\.experts\\." in ignore
+    text = next(iter(sample_texts.values()))
+    run("profile", tmp_path / "ours", "--data", f"a={text}", "--max-tokens", "256",
+        "--seq-len", "32", "--out", tmp_path / "prof")

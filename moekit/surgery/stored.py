@@ -20,8 +20,9 @@ decompression path): changed experts in that format are refused with the fix.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moekit.errors import UnsupportedModelError
 from moekit.formats import fp8_block, mxfp4
@@ -169,6 +170,24 @@ def rows_replaced(logical: Logical, kept: list[int], new: Callable[[], dict[int,
     names = {s.name: s.name for s in logical.sources}
     return _computed_once(logical, names, len(kept),
                           lambda: replaced_rows(logical, kept, new()))
+
+
+def keep_unquantized(config: dict[str, Any], modules: list[str]) -> list[str]:
+    """Name `modules` (expert modules written dequantized, e.g. `model.layers.1.mlp.experts`)
+    in `config`'s `quantization_config` so that stock loaders keep them as plain layers: the
+    `modules_to_not_convert` list of FP8 and MXFP4 configs, the `ignore` list of
+    compressed-tensors ones (as `re:` patterns of the modules' children). Changes `config` in
+    place; returns the config keys changed."""
+    quantization = config.get("quantization_config")
+    if not modules or not isinstance(quantization, dict):
+        return []
+    if quantization.get("quant_method") == "compressed-tensors":
+        key, new = "ignore", [f"re:^{re.escape(m)}\\." for m in modules]
+    else:
+        key, new = "modules_to_not_convert", list(modules)
+    listed = list(quantization.get(key) or [])
+    quantization[key] = listed + [m for m in new if m not in listed]
+    return [f"quantization_config.{key}"]
 
 
 def describe_format(logical: Logical) -> str:

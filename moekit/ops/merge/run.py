@@ -155,9 +155,11 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
                       method: str, router: str, criterion: str, plan_in: Path | None,
                       domain: str = "all", ignore_fingerprint: bool = False,
                       calib: Calibration | None = None,
-                      protect_super: bool = True) -> tuple[MergePlan, Any]:
+                      protect_super: bool = True,
+                      bf16_experts: bool = False) -> tuple[MergePlan, Any]:
     """Validate everything cheap first (choices, ratio, statistics), then group; super
-    experts (`stats.criteria.super_experts`) stay unmerged unless `protect_super` is off."""
+    experts (`stats.criteria.super_experts`) stay unmerged unless `protect_super` is off;
+    `bf16_experts`: quantized experts will be written as bf16, so any stored format is fine."""
     check_choices(group, method, router)
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
@@ -180,8 +182,8 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
         raise StatsError("merge needs routing statistics (usage weights, centres)",
                          "pass --stats DIR from `moekit profile`, or --data NAME=PATH to "
                          "record them on that text")
-    for layer in layout.moe_layers:
-        writable_format(layout, layer, checkpoint)  # unsupported layouts fail before work
+    for layer in layout.moe_layers:  # unsupported layouts fail before work
+        (expert_format if bf16_experts else writable_format)(layout, layer, checkpoint)
 
     protect = super_experts(stats_data) if protect_super and stats_data is not None else {}
     grouper = Grouper(layout, fingerprint, group=group, method=method, router=router,
