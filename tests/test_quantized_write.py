@@ -221,6 +221,9 @@ def test_merge_refuses_experts_it_cannot_reencode(quantized, tmp_path):
     output = _fail("merge", static, *merge, "--out", tmp_path / "o")
     assert "is an activation parameter of the quantized" in output
     assert not (tmp_path / "o").exists()
+    run("merge", static, *merge, "--bf16-experts", "--out", tmp_path / "b")  # written as bf16
+    written = load_file(tmp_path / "b" / "model.safetensors")
+    assert not any(".mlp.experts." in k and k.endswith("input_scale") for k in written)
 
 
 def test_merge_bf16_experts_of_a_compressed_checkpoint(quantized, sample_texts, tmp_path):

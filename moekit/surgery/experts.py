@@ -122,12 +122,6 @@ def expert_format(layout: ModelLayout, layer: MoeLayer,
     parts = quantized_parts(checkpoint, layer.routed_keys)
     if not parts:
         return _plain_format(layout, layer)
-    for key, logical in parts.items():
-        if key != logical.name and key not in {s.name for s in logical.sources}:
-            raise UnsupportedModelError(
-                f"expert tensor '{key}' is an activation parameter of the quantized "
-                f"'{logical.name}', which moekit cannot recompute for changed experts",
-                "convert the checkpoint with `moekit convert --dtype bf16` first")
     names = {k: logical.name for k, logical in parts.items()}
 
     def renamed(keys: tuple[str, ...]) -> tuple[str, ...]:
@@ -144,7 +138,14 @@ def writable_format(layout: ModelLayout, layer: MoeLayer, checkpoint: Checkpoint
     """`expert_format` of a layer whose experts will be changed and written back: refuses
     stored formats moekit cannot re-encode (`surgery.stored.check_writable`)."""
     fmt = expert_format(layout, layer, checkpoint)
-    for logical in fmt.logical.values():
+    for key, name in fmt.parts.items():
+        logical = fmt.logical[name]
+        if key != name and key not in {s.name for s in logical.sources}:
+            raise UnsupportedModelError(
+                f"expert tensor '{key}' is an activation parameter of the quantized "
+                f"'{logical.name}', which moekit cannot recompute for changed experts",
+                "convert the checkpoint with `moekit convert --dtype bf16` first (or, for "
+                "merge, pass --bf16-experts)")
         check_writable(logical)
     return fmt
 

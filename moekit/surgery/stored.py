@@ -14,7 +14,9 @@ the source's format*, under the names the source uses:
 A stored name is the new logical name plus the source's suffix (`X.weight` + `_scale_inv`,
 `P` + `_blocks`). Experts that do not change stay byte copies (rows of fused stacks included).
 compressed-tensors modules are not re-encoded (the library's observers are not part of its
-decompression path): changed experts in that format are refused with the fix.
+decompression path): changed experts in that format are refused with the fix, unless the
+caller writes them as bf16 (`merge --bf16-experts`), naming their modules in the config's
+quantization (`keep_unquantized`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ if TYPE_CHECKING:
     import torch
 
 
-
 def plain(info: TensorInfo) -> Logical:
     """A plain stored tensor as its own logical tensor."""
     return Logical(info.name, tuple(info.shape), PLAIN, (info,))
@@ -52,11 +53,13 @@ def check_writable(logical: Logical) -> None:
         return
     if logical.format == mxfp4.NAME:
         return
-    if logical.format == fp8_block.NAME and logical.sources[0].dtype == "F8_E4M3":
+    if logical.format == fp8_block.NAME and logical.sources[0].dtype == "F8_E4M3" and \
+            logical.sources[1].dtype in ("F32", "BF16", "F16"):
         return
     raise UnsupportedModelError(
         f"'{logical.name}' is stored as {logical.format} ({logical.sources[0].dtype}), which "
-        "moekit cannot re-encode after changing it (it writes FP8-block E4M3 and MXFP4)",
+        "moekit cannot re-encode after changing it (it writes FP8-block E4M3 with float "
+        "scales, and MXFP4)",
         "convert the checkpoint with `moekit convert --dtype bf16` first")
 
 
