@@ -9,11 +9,15 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    from moekit.calib.spec import DataSpec
+    from moekit.runtime.options import RunOptions
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -249,7 +253,8 @@ OLD_MAX_TOKENS = {
 def run_data_options(ctx: typer.Context, *, device: str, dtype: str, max_memory: str,
                      trust_remote_code: bool, data: list[str] | None, data_range: str | None,
                      text_field: str, tokenizer: str | None, seq_len: int,
-                     max_tokens: int | None, min_tokens: int = 2) -> tuple[Any, Any]:
+                     max_tokens: int | None, min_tokens: int = 2
+                     ) -> tuple[RunOptions, DataSpec]:
     """The (RunOptions, DataSpec) records of a command that runs a model, built once from the
     shared options and checked before any work: `--device`, `--dtype`, `--max-memory`, each
     `--data` path present, `--data-range`, `--seq-len` >= 2 and `--max-tokens` >= `min_tokens`.
@@ -274,8 +279,8 @@ def run_data_options(ctx: typer.Context, *, device: str, dtype: str, max_memory:
             raise DataError(f"--data file {source.path} does not exist")
     spec = DataSpec(sources, fraction, text_field, tokenizer, seq_len, max_tokens)
     command = ctx.info_name or ""
-    source = ctx.get_parameter_source("max_tokens")
-    given = getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+    origin = ctx.get_parameter_source("max_tokens")
+    given = getattr(origin, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
     changed = command == "prune" or len(spec.sources or (None, None)) > 1
     if max_tokens is not None and command in OLD_MAX_TOKENS and given and changed:
         NOTES.append(f"--max-tokens {max_tokens} counted the tokens read in total over all "
