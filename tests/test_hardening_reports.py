@@ -112,3 +112,36 @@ def test_merged_card_without_a_measured_error_has_no_error_column(model, stats, 
     header, _, *rows = _card_rows(card)
     assert len(header) == 3 and all(len(row) == 3 for row in rows), (header, rows)
     assert "No output error was measured: `--method average`" in card
+
+
+# ---- item 9: one meaning of "share", named in every header -----------------------------------
+
+def test_share_is_the_share_of_routed_slots_in_every_table(tmp_path):
+    """The coldest-experts table, the domain specialisation and the uncertainty table give one
+    number for one expert: its routed slots / all the layer's routed slots (counted here from
+    the routing ids), and every printed header calls it "slot share"."""
+    import numpy as np
+    from synthetic_profile import synthetic_profile
+
+    from moekit.stats.metrics import coldest, specialisation
+    from moekit.stats.report import coldest_rich_table, write_report
+    from moekit.stats.uncertainty import profile_uncertainty
+
+    profile, ids = synthetic_profile([np.linspace(1, 3, 8)] * 2, k=2, tokens=2560, window=32)
+    counts = {layer: np.bincount(ids[i][0].ravel(), minlength=8)
+              for i, layer in enumerate(profile.moe_layers)}
+    expected = {(layer, e): c[e] / c.sum() for layer, c in counts.items() for e in range(8)}
+    cold = coldest(profile, 16)
+    spec = specialisation(profile)
+    experts, _ = profile_uncertainty(profile, ratio=0.25, seed=1)
+    for frame in (cold, spec, experts):
+        for row in frame.to_dict("records"):
+            assert row["share"] == pytest.approx(expected[(row["layer"], row["expert"])]), row
+    headers = coldest_rich_table(profile).headers
+    assert "slot\nshare" in headers and "share" not in headers
+    write_report(profile, tmp_path, {})
+    report = (tmp_path / "report.md").read_text()
+    for line in report.splitlines():
+        if line.startswith("| layer"):
+            assert "| share" not in line, line
+    assert "| slot_share |" in report
