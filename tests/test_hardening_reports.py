@@ -145,3 +145,36 @@ def test_share_is_the_share_of_routed_slots_in_every_table(tmp_path):
         if line.startswith("| layer"):
             assert "| share" not in line, line
     assert "| slot_share |" in report
+
+
+# ---- item 9: a path in a table title is broken only at a separator ---------------------------
+
+def test_eval_title_breaks_paths_only_at_separators():
+    """rich folds a long title inside a word (`.../prun` + `ed`); the heading breaks after
+    `/` or a space, and every path component stays whole on one line."""
+    import io
+
+    from rich.console import Console
+
+    from moekit.cli.eval_cmd import eval_table
+
+    model = "/tmp/pytest-of-someone/pytest-1234/test_a_long_test_name0/pruned_checkpoint"
+    ref = "/tmp/pytest-of-someone/pytest-1234/test_a_long_test_name0/original_checkpoint"
+    row = dict(name="d", tokens=10, loss=1.0, ppl=2.7, kl=0.01, top1=0.9, ref_loss=1.0,
+               ref_ppl=2.7)
+    for width in (40, 80):
+        console = Console(width=width, file=io.StringIO(), record=True)
+        console.print(eval_table({"model": model, "ref": ref, "domains": [row],
+                                  "overall": row}))
+        lines = console.export_text().splitlines()
+        assert all(len(line) <= width for line in lines)
+        words = {w for line in lines for w in line.replace("/", " ").split()}
+        for part in (*model.split("/"), *ref.split("/")):
+            assert not part or part in words, (part, lines)
+
+
+def test_wrap_at_separators():
+    from moekit.cli.heading import wrap_at_separators
+
+    assert wrap_at_separators("/a/bb/ccc vs /dd", 6) == ["/a/bb/", "ccc vs", "/dd"]
+    assert wrap_at_separators("/a/" + "x" * 10 + "/b", 5) == ["/a/", "x" * 10 + "/", "b"]
