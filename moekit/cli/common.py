@@ -81,7 +81,9 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt as err:  # Ctrl-C, and SIGTERM/SIGHUP as moekit.errors.Terminated
             signum = getattr(err, "signum", 2)
             name = {1: "SIGHUP", 2: "Ctrl-C", 15: "SIGTERM"}.get(signum, f"signal {signum}")
-            err_console.print(f"[bold red]interrupted[/] ({name}): no output was left behind")
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone says so
+                err_console.print(f"[bold red]interrupted[/] ({name}): no output was left "
+                                  "behind")
             sys.exit(128 + signum)
         except Exception as err:  # noqa: BLE001 - last resort: one line, details with --debug
             if STATE["debug"]:
