@@ -205,10 +205,12 @@ DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 
 def check_early(device: str | None = None, max_memory: str | None = None,
-                minimums: tuple[tuple[str, int | None, int], ...] = ()) -> None:
+                minimums: tuple[tuple[str, int | None, int], ...] = (),
+                choices: tuple[tuple[str, str | None, tuple[str, ...]], ...] = ()) -> None:
     """Option values that need no model, checked before any work: `--device` names a device
-    moekit can run on, `--max-memory` is `auto` or a size, and every `(option, value,
-    minimum)` given (value not None) is at least its minimum."""
+    moekit can run on, `--max-memory` is `auto` or a size, every `(option, value, minimum)`
+    given (value not None) is at least its minimum, and every `(option, value, allowed)` given
+    is one of the allowed names."""
     from moekit.errors import InvalidArgumentError
     from moekit.units import parse_size
 
@@ -217,6 +219,10 @@ def check_early(device: str | None = None, max_memory: str | None = None,
                                    "use auto, cpu, cuda, cuda:N, xpu or mps")
     if max_memory is not None and max_memory != "auto":
         parse_size(max_memory, "--max-memory")
+    for option, name, allowed in choices:
+        if name is not None and name not in allowed:
+            raise InvalidArgumentError(f"unknown {option} {name!r}",
+                                       f"use one of {', '.join(allowed)}")
     for option, value, minimum in minimums:
         if value is not None and value < minimum:
             raise InvalidArgumentError(f"{option} must be at least {minimum}, got {value}",

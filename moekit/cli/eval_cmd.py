@@ -90,9 +90,11 @@ def eval_model(
     from moekit.calib.data import DataSource, default_sources, parse_fraction
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.evaluate import evaluate
+    from moekit.runtime.loading import DTYPES
 
     check_early(device, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2),
-                                     ("--batch-size", batch_size, 1)))
+                                     ("--batch-size", batch_size, 1)),
+                (("--dtype", dtype, DTYPES),))
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     ref_path = load_model_path(ref, revision) if ref else None

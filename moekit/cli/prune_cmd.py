@@ -149,13 +149,14 @@ def prune(
     Example: moekit prune ./Mixtral --data web=c4.jsonl --ratio 0.5 --out ./pruned
     """
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
+    from moekit.runtime.loading import DTYPES
 
     check_early(device, max_memory, (
         ("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
         ("--refit-tokens", refit_tokens, MIN_CALIB_TOKENS),
         ("--reconstruct-steps", reconstruct_steps, 0), ("--beam", beam, 1),
         ("--seq-len", seq_len, 2), ("--eval-seq-len", eval_seq_len, 2),
-        ("--eval-max-tokens", eval_max_tokens, 2)))
+        ("--eval-max-tokens", eval_max_tokens, 2)), (("--dtype", dtype, DTYPES),))
     check_effort(effort)
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 256), ("--eval-seq-len", eval_seq_len, 512))
