@@ -73,3 +73,24 @@ def test_a_bad_choice_is_refused_before_any_work(case, option, inputs, monkeypat
         result.stderr
     assert time.monotonic() - started < 10
     assert not (tmp_path / "o").exists()
+
+
+# ---- item 24: random binary data is not profiled as if it were text ---------------------------
+
+def test_binary_data_is_refused_and_latin1_text_is_not(tmp_path):
+    import random
+
+    from tiny_models import tokenizer
+
+    from moekit.calib.data import DataSource, load_domains
+    from moekit.errors import DataError
+
+    rng = random.Random(0)
+    (tmp_path / "rand.txt").write_bytes(bytes(rng.randrange(256) for _ in range(100_000)))
+    french = "Les élèves étaient à l'école; où était-il? " * 500
+    (tmp_path / "latin1.txt").write_bytes(french.encode("latin-1"))  # invalid UTF-8 here and there
+    options = dict(seq_len=32, max_tokens=512)
+    with pytest.raises(DataError, match=r"rand.txt does not look like text: \d+% of its first"):
+        load_domains([DataSource("r", tmp_path / "rand.txt")], tokenizer(), **options)
+    assert load_domains([DataSource("f", tmp_path / "latin1.txt")], tokenizer(), **options)
+    assert load_domains([DataSource("d", SAMPLE)], tokenizer(), **options)

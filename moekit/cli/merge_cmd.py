@@ -124,7 +124,7 @@ def merge(
                                      ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1),
                                      ("--eval-seq-len", eval_seq_len, 2),
                                      ("--eval-max-tokens", eval_max_tokens, 2)),
-                (("--dtype", dtype, DTYPES), ("--criterion", criterion, (*CRITERIA, "random"))))
+                (("--dtype", dtype, DTYPES), ("--criterion", criterion, tuple(CRITERIA))))
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 512), ("--eval-seq-len", eval_seq_len, 512))
     eval_opts = eval_after.eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens,
