@@ -94,3 +94,20 @@ def test_binary_data_is_refused_and_latin1_text_is_not(tmp_path):
         load_domains([DataSource("r", tmp_path / "rand.txt")], tokenizer(), **options)
     assert load_domains([DataSource("f", tmp_path / "latin1.txt")], tokenizer(), **options)
     assert load_domains([DataSource("d", SAMPLE)], tokenizer(), **options)
+
+
+# ---- item 24: --criterion ablation on a first-order profile names the fix that works ----------
+
+@pytest.mark.parametrize("criterion", ["ablation", "ablation-kl"])
+def test_exact_ablation_criterion_on_a_first_order_profile(criterion, inputs, tmp_path):
+    runner, prof = CliRunner(), tmp_path / "fo"
+    made = runner.invoke(app, [str(a) for a in (
+        "profile", inputs["model"], *DATA, "--max-tokens", "128", "--seq-len", "32", "--device",
+        "cpu", "--no-plots", "--ablation", "--ablation-method", "first-order", "--out", prof)])
+    assert made.exit_code == 0, made.output
+    result = runner.invoke(app, [str(a) for a in (
+        "prune", inputs["model"], "--stats", prof, "--criterion", criterion, "--ratio", "0.5",
+        "--dry-run")])
+    assert result.exit_code == 2, result.output
+    assert "re-run `moekit profile MODEL --ablation --ablation-method exact --out DIR`" in \
+        result.stderr and "or use --criterion ablation-fo" in result.stderr, result.stderr

@@ -2,8 +2,8 @@
 shell blocks of README.md and docs/*.md parses against the real CLI (commands, options, value
 types), every repository path they name exists, the set-up says how to reach the installed CLI
 before the first bare `moekit`, and in a fresh `git clone` of this repository (its committed
-tree) the reduced demo
-and the README's "Using it" block run as written, on tiny stand-ins for their inputs.
+tree) the reduced demo and the README's "Using it" block run as written, on tiny stand-ins
+for their inputs.
 
 Only the set-up itself (`scripts/env.sh`: a virtual environment and `pip install`, network) is
 replaced: by a `.venv` whose `moekit` and `python` run this interpreter on the clone."""
