@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from prune_support import write_synthetic_stats
+from support import stats_for
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
@@ -68,13 +68,7 @@ def model(tiny_checkpoint, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def stats(model: Path, tmp_path: Path) -> Path:
-    from moekit.families.layout import describe
-    from moekit.io.reader import Checkpoint
-
-    layout = describe(Checkpoint(model))
-    tokens = {layer.index: [float((3 * j + 1) % 7 + 1) for j in range(layer.num_experts)]
-              for layer in layout.moe_layers}
-    return write_synthetic_stats(tmp_path / "stats", model, tokens, domains={"a": 0.5})
+    return stats_for(tmp_path, model)
 
 
 def _card_rows(card: str) -> list[list[str]]:
