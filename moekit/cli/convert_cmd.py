@@ -89,14 +89,11 @@ def _run(source: Path, model: str, out: Path, request: dict[str, Any], overwrite
          shard_bytes: int) -> Any:
     from moekit.cli.prune_cmd import _byte_progress
     from moekit.ops.convert import convert_checkpoint
-    from moekit.ops.convert.records import write_convert_records
-
-    def finish(folder: Path, result: Any) -> None:
-        write_convert_records(folder, model, result.plan, request, source_folder=source)
 
     with _byte_progress() as on_bytes:
         return convert_checkpoint(source, out, **request, overwrite=overwrite,
-                                  max_shard_bytes=shard_bytes, on_bytes=on_bytes, finish=finish)
+                                  max_shard_bytes=shard_bytes, on_bytes=on_bytes,
+                                  source_name=model)
 
 
 def _show(summary: dict[str, Any], out: Path | None, as_json: bool) -> None:

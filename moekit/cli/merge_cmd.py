@@ -250,23 +250,16 @@ def clusters_table(plan: Any):  # noqa: ANN201 - rich Table
 def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_bytes: int,
          ignore_fingerprint: bool, stats: Path | None, calib: Any,
          eval_opts: dict[str, Any]) -> Any:
+    """The library writes the checkpoint, provenance and card; the CLI adds --eval-data."""
     from moekit.ops.merge import merge_checkpoint
-    from moekit.ops.merge.report import write_merge_records
-
-    def finish(folder: Path, result: Any) -> None:
-        evaluation = eval_after.evaluate_output(folder, source, out, eval_opts, "merged")
-        result.extra["evaluation"] = evaluation
-        write_merge_records(folder, model, plan, config_keys=result.config_keys,
-                            warnings=result.warnings,
-                            stats_folder=str(stats) if stats else None,
-                            reconstruction=result.reconstruction, source_folder=source,
-                            evaluation=evaluation)
 
     with _byte_progress() as on_bytes:
-        return merge_checkpoint(source, plan, out, overwrite=overwrite, calib=calib,
-                                max_shard_bytes=shard_bytes,
-                                ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes,
-                                finish=finish)
+        return merge_checkpoint(
+            source, plan, out, overwrite=overwrite, calib=calib, max_shard_bytes=shard_bytes,
+            ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes, source_name=model,
+            stats_folder=stats,
+            evaluate=lambda folder: eval_after.evaluate_output(folder, source, out, eval_opts,
+                                                               "merged"))
 
 
 def _summary(result: Any, as_json: bool) -> None:

@@ -316,22 +316,16 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
          ignore_fingerprint: bool, stats: Path | None, budget: list[dict[str, Any]],
          eval_opts: dict[str, Any], modified: Any = None,
          calibration: dict[str, Any] | None = None, width: int | None = None) -> Any:
+    """The library writes the checkpoint, provenance and card; the CLI adds --eval-data."""
     from moekit.ops.prune import prune_checkpoint
-    from moekit.ops.prune.report import write_prune_records
-
-    def finish(folder: Path, result: Any) -> None:
-        evaluation = evaluate_output(folder, source, out, eval_opts, "pruned")
-        result.extra["evaluation"] = evaluation
-        write_prune_records(folder, model, plan, config_keys=result.config_keys,
-                            warnings=result.warnings, stats_folder=str(stats) if stats else None,
-                            budget=budget, evaluation=evaluation, source_folder=source,
-                            calibration=calibration)
 
     with _byte_progress() as on_bytes:
-        return prune_checkpoint(source, plan, out, overwrite=overwrite,
-                                max_shard_bytes=shard_bytes,
-                                ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes,
-                                finish=finish, modified=modified, expert_width=width)
+        return prune_checkpoint(
+            source, plan, out, overwrite=overwrite, max_shard_bytes=shard_bytes,
+            ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes, modified=modified,
+            expert_width=width, source_name=model, stats_folder=stats, budget=budget,
+            calibration=calibration,
+            evaluate=lambda folder: evaluate_output(folder, source, out, eval_opts, "pruned"))
 
 
 class _byte_progress:  # noqa: N801 - used like a function in `with`

@@ -7,8 +7,12 @@ under the same name, e.g. `...experts.3.w1.weight` [I, H] or gpt-oss `...experts
 and `decode(logical, stored)` turns the stored tensors of one logical tensor into its float32
 values, exactly as transformers' dequantization does. One module per format:
 
+    spec        Logical: one logical tensor, its stored parts and its format
+    registry    formats by quant_method; logical_tensors, decode, quantized_keys, checks
     fp8_block   quant_method "fp8": E4M3/E5M2 weights, `weight_scale_inv` per block
     mxfp4       quant_method "mxfp4" (gpt-oss): `*_blocks` (E2M1 pairs) + `*_scales` (E8M0)
+    compressed  quant_method "compressed-tensors" (llm-compressor outputs), decoded by the
+                compressed-tensors library itself
 
 `registry.check_quantization(config)` refuses a `quantization_config` moekit cannot read.
 """

@@ -25,6 +25,7 @@ from moekit.ops.convert.quantize import (
     quantization_config,
     unquantized_modules,
 )
+from moekit.ops.convert.records import write_convert_records
 from moekit.ops.convert.relayout import LAYOUTS, relayout
 
 DTYPE_KEYS = ("dtype", "torch_dtype")
@@ -151,16 +152,20 @@ def convert_checkpoint(source: Path, out: Path, *, dtype: str | None = None,
                        scope: str | None = "linear", overwrite: bool = False,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                        on_bytes: Callable[[int, int], None] | None = None,
-                       finish: Callable[[Path, ConvertResult], None] | None = None
-                       ) -> ConvertResult:
+                       source_name: str | None = None) -> ConvertResult:
     """Write `source` converted into `out` (staged: whole or nothing). `dtype`: a safetensors
     float dtype (BF16, F16, F32) or None; `experts`: fused, per-expert or None; `quantize`:
     "fp8" (the `scope` weights, linear or experts, as FP8 blocks) or None.
-    `finish(staging_folder, result)` runs before the rename (provenance, model card)."""
+    Provenance and model card name the model as `source_name` (the user's folder or repo
+    id; default `source`)."""
     checkpoint = Checkpoint(source)
     plan = plan_convert(checkpoint, dtype, experts, quantize, scope or "linear")
     result = ConvertResult(Path(out), plan)
     write_model_folder(checkpoint, Path(out), plan.tensors, plan.config, overwrite=overwrite,
                        max_shard_bytes=max_shard_bytes, on_bytes=on_bytes,
-                       finish=(lambda folder: finish(folder, result)) if finish else None)
+                       finish=lambda folder: write_convert_records(
+                           folder, source_name or str(source), plan.summary(),
+                           dict(dtype=dtype, experts=experts, quantize=quantize,
+                                scope=scope if quantize else None),
+                           source_folder=Path(source)))
     return result

@@ -34,6 +34,7 @@ from moekit.ops.merge.plan import (
     MergePlan,
     validate_merge_plan,
 )
+from moekit.ops.merge.report import write_merge_records
 from moekit.surgery.experts import (
     Experts,
     activation,
@@ -247,10 +248,16 @@ def merge_checkpoint(source: Path, plan: MergePlan, out: Path, *, overwrite: boo
                      calib: CalibFn | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                      ignore_fingerprint: bool = False,
                      on_bytes: Callable[[int, int], None] | None = None,
-                     finish: Callable[[Path, MergeResult], None] | None = None) -> MergeResult:
-    """Write the merged checkpoint of `source` into `out` (staged: whole or nothing).
+                     source_name: str | None = None, stats_folder: Path | None = None,
+                     evaluate: Callable[[Path], dict[str, Any] | None] | None = None
+                     ) -> MergeResult:
+    """Write the merged checkpoint of `source` into `out` (staged: whole or nothing), with its
+    `moekit_provenance.json` and model card.
     `calib(layer)` gives the layer's calibration tokens (needed by `--method fit`); with
-    `--method fit-layer`, `calib.refits(plan)` runs the sequential refit (`refit.py`) first."""
+    `--method fit-layer`, `calib.refits(plan)` runs the sequential refit (`refit.py`) first.
+    The records name the model as `source_name` (the user's folder or repo id; default
+    `source`) and its `stats_folder`; `evaluate(staging_folder)`, run after the weights are
+    written and before the rename, adds its numbers (result.extra["evaluation"])."""
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
     if not layout.is_moe:
@@ -265,9 +272,18 @@ def merge_checkpoint(source: Path, plan: MergePlan, out: Path, *, overwrite: boo
     counts = {a: sum(1 for v in actions.values() if v == a) for a in sorted(set(actions.values()))}
     result = MergeResult(Path(out), plan, sum(t.nbytes for t in tensors), len(tensors), counts,
                          config_keys, [*plan.warnings, *warnings], errors)
+
+    def records(folder: Path) -> None:
+        evaluation = evaluate(folder) if evaluate is not None else None
+        result.extra["evaluation"] = evaluation
+        write_merge_records(folder, source_name or str(source), plan, config_keys=config_keys,
+                            warnings=result.warnings,
+                            stats_folder=str(stats_folder) if stats_folder else None,
+                            reconstruction=result.reconstruction, source_folder=Path(source),
+                            evaluation=evaluation)
+
     write_model_folder(checkpoint, Path(out), tensors, config, overwrite=overwrite,
-                       max_shard_bytes=max_shard_bytes, on_bytes=on_bytes,
-                       finish=(lambda folder: finish(folder, result)) if finish else None)
+                       max_shard_bytes=max_shard_bytes, on_bytes=on_bytes, finish=records)
     return result
 
 
