@@ -271,6 +271,10 @@ def test_quiet_launcher_exit_codes() -> None:
     assert outcome({0: Failure(exitcode=2, timestamp=2), 1: Failure(exitcode=1, timestamp=1)}) \
         == (2, None)  # rank 0 printed the run's line
     assert outcome({1: Failure(exitcode=1, timestamp=1)}) == (2, None)
+    assert outcome({1: Failure(exitcode=-15, timestamp=1), 0: Failure(exitcode=2, timestamp=2)}) \
+        == (2, None)  # rank 1 was stopped by torchrun after rank 0 exited with the error
+    assert outcome({1: Failure(exitcode=-15, timestamp=1), 2: Failure(exitcode=1, timestamp=2)}) \
+        == (2, None)
     assert outcome({0: Failure(exitcode=143, timestamp=1)}) == (143, None)
     assert outcome({1: Failure(exitcode=9, timestamp=1), 0: Failure(exitcode=-15, timestamp=2)}) \
         == (9, "error: rank 1 exited with code 9 unannounced (every rank stopped; nothing was "

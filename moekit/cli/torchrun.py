@@ -22,19 +22,23 @@ MOEKIT_EXITS = (1, 2)  # a failure moekit handled: rank 0 printed its line (rank
 
 def outcome(failures: dict[int, Any]) -> tuple[int, str | None]:
     """(exit code, line to print or None) from torchrun's {global rank: ProcessFailure} (only
-    the ranks that had failed when torchrun looked). A failure moekit handled gives rank 0's
-    code (2 when rank 0 is not listed: it printed the run's error) or, for a signal, 128 + N;
-    a rank killed (torchrun's exitcode -N) or dead with another code is named here."""
-    rank = min(failures, key=lambda r: failures[r].timestamp)
-    code = int(failures[rank].exitcode)
+    the ranks that had failed when torchrun looked). Ranks that exited with a code come first
+    (a rank killed by a signal is most often one torchrun stopped after another failed): rank
+    0's code, else a code moekit gives (1, 2: rank 0 printed the run's error; 128 + N: a
+    signal, said on rank 0), else the first such rank is named here; with only signals, the
+    first rank killed is named (torchrun's exitcode -N: 128 + N)."""
+    exited = {rank: int(f.exitcode) for rank, f in failures.items() if f.exitcode > 0}
+    if 0 in exited:
+        return exited[0], None
+    first = min(exited or failures, key=lambda r: failures[r].timestamp)
+    code = int(failures[first].exitcode)
     if code in MOEKIT_EXITS:
-        zero = failures.get(0)
-        return (int(zero.exitcode) if zero is not None and zero.exitcode > 0 else 2), None
+        return 2, None
     if code >= 128:
         return code, None
     how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code} unannounced"
     return (128 - code if code < 0 else code), (
-        f"error: rank {rank} {how} (every rank stopped; nothing was written)")
+        f"error: rank {first} {how} (every rank stopped; nothing was written)")
 
 
 def main(argv: list[str] | None = None) -> None:
