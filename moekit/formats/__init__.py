@@ -14,6 +14,8 @@ values, exactly as transformers' dequantization does. One module per format:
     compressed  quant_method "compressed-tensors" (llm-compressor outputs), decoded by the
                 compressed-tensors library itself
 
+Each format also encodes (`fp8_block.encode`, `mxfp4.encode`), so experts changed by merge or
+a refit are written back as the source stores them (`moekit.surgery.stored`).
 `registry.check_quantization(config)` refuses a `quantization_config` moekit cannot read.
 """
 
@@ -24,8 +26,9 @@ from moekit.formats.registry import (
     logical_tensors,
     quantized_formats,
     quantized_keys,
+    quantized_parts,
 )
 from moekit.formats.spec import Logical
 
 __all__ = ["Logical", "check_quantization", "decode", "is_quantized", "logical_tensors",
-           "quantized_formats", "quantized_keys"]
+           "quantized_formats", "quantized_keys", "quantized_parts"]

@@ -22,8 +22,8 @@ def write_convert_records(folder: Path, source: str, summary: dict[str, Any],
     actions = ", ".join(f"{n} {a}" for a, n in summary["actions"].items())
     text = (f"`{name}` converted ({what}): {summary['tensors_in']} stored tensors in, "
             f"{summary['tensors_out']} out ({actions}). Values are unchanged up to the cast to "
-            "the new dtype or the FP8 block rounding; quantized tensors were decoded as "
-            "their format specifies.")
+            "the new dtype or the FP8-block / MXFP4 rounding; quantized tensors were decoded "
+            "as their format specifies.")
     body = "## Config changes\n\n" + "\n".join(
         f"- {c}" for c in summary["config_changes"] or ["none"]) + "\n"
     write_model_card(folder, base_model=source, title=f"{Path(name).name} ({what})",
