@@ -157,6 +157,8 @@ def eval_table(result: dict[str, Any]):  # noqa: ANN201 - rich Table
     from rich import box
     from rich.table import Table
 
+    from moekit.cli.heading import headed
+
     has_ref = result.get("ref") is not None
     title = f"{result['model']}" + (f" vs reference {result['ref']}" if has_ref else "")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
@@ -173,7 +175,7 @@ def eval_table(result: dict[str, Any]):  # noqa: ANN201 - rich Table
                       _change(row["ppl"], row.get("ref_ppl")),
                       f"{nonnegative(row['kl']):.4f}", f"{row['top1']:.1%}"]
         table.add_row(*cells, style="bold" if i == len(rows) - 1 else None)
-    return table
+    return headed(table)
 
 
 def nonnegative(value: float) -> float:

@@ -118,11 +118,15 @@ def merge(
 
     Example: moekit merge ./Mixtral --stats prof/ --ratio 0.5 --dry-run --plan-out plan.json
     """
+    from moekit.calib.data import DataSource
     from moekit.errors import InvalidArgumentError
     from moekit.io.output import check_outputs
+    from moekit.ops.merge.plan import check_choices
+    from moekit.stats.criteria import CRITERIA
 
     check_early(minimums=(("--batch-size", batch_size, 1), ("--eval-seq-len", eval_seq_len, 2),
-                          ("--eval-max-tokens", eval_max_tokens, 2)))
+                          ("--eval-max-tokens", eval_max_tokens, 2)),
+                choices=(("--criterion", criterion, tuple(CRITERIA)),))
     run, spec = run_data_options(
         ctx, device=device, dtype=dtype, max_memory=max_memory,
         trust_remote_code=trust_remote_code, data=data, data_range=data_range,
@@ -133,6 +137,11 @@ def merge(
     eval_opts = eval_after.eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens,
                                         run)
     method = method or ("fit-layer" if router == "centre" else "fit-centre")
+    if plan_in is None:
+        check_choices(group, method, router)
+    if stats is None and plan_in is None and data:  # statistics recorded on the --data names
+        names = ("all", *(DataSource.parse(v).name for v in data))
+        check_early(choices=(("--domain", domain, names),))
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         raise InvalidArgumentError("--out is required (or use --dry-run)")

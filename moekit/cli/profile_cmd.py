@@ -108,9 +108,11 @@ def profile(
     """
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.profile import PROFILE_TOKENS, profile_model, write_output
+    from moekit.stats.ablation import METHODS
 
     export = renamed(export, old_export, "--export-table")
-    check_early(minimums=(("--batch-size", batch_size, 1),))
+    check_early(minimums=(("--batch-size", batch_size, 1),),
+                choices=(("--ablation-method", ablation_method, METHODS),))
     run, spec = run_data_options(
         ctx, device=device, dtype=dtype, max_memory=max_memory,
         trust_remote_code=trust_remote_code, data=data, data_range=data_range,

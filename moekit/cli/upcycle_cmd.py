@@ -31,6 +31,7 @@ from moekit.cli.common import (
     run_data_options,
     warn_uncopied,
 )
+from moekit.cli.heading import headed
 from moekit.units import parse_size
 
 
@@ -178,6 +179,6 @@ def _show(report, as_json: bool, title: str) -> None:  # noqa: ANN001
         rows.append(("calibration tokens", f"{report.calibration_tokens:,}"))
     for field, value in rows:
         table.add_row(field, value)
-    console.print(table)
+    console.print(headed(table))
     if report.kernel_note:
         console.print(f"[yellow]note:[/] {report.kernel_note}")
