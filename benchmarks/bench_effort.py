@@ -139,7 +139,7 @@ def child(args: argparse.Namespace) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         _cli(["prune", str(args.model), *_data_args(args.text), "--data-range", "0:0.5",
               "--ratio", str(args.ratio), "--seq-len", str(args.seq_len), "--out", str(out),
-              *extra])
+              *extra, *args.args.split()])
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         loss = evaluate(out, args)
@@ -175,6 +175,8 @@ def main() -> None:
     parser.add_argument("--stats", nargs="*", default=[], help="stats criteria rows")
     parser.add_argument("--effort", help=argparse.SUPPRESS)
     parser.add_argument("--criterion", help=argparse.SUPPRESS)
+    parser.add_argument("--args", default="", help="more prune options for every row, e.g. "
+                        "'--dtype float32'")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     if args.effort or args.criterion:
@@ -192,7 +194,7 @@ def main() -> None:
 def _run_child(args: argparse.Namespace, flag: str, value: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--model", str(args.model), "--text", str(args.text),
            "--ratio", str(args.ratio), "--seq-len", str(args.seq_len), "--eval-tokens",
-           str(args.eval_tokens), flag, value]
+           str(args.eval_tokens), "--args=" + args.args, flag, value]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     sys.stderr.write(proc.stderr[-3000:])
