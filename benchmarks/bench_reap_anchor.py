@@ -12,7 +12,8 @@ first, then `pip install llmcompressor`). This script, run with moekit's interpr
    windows, recipe=REAPPruningModifier(sparsity=R))`, on the CPU, then `save_pretrained`; the
    child prints its own wall and CPU seconds (model loading excluded, `oneshot` to saved folder
    included) and the resident peak;
-3. evaluates the output with `moekit eval` on `--data-range 0.5:1` (the same command as
+3. (Mixtral) renames the saved expert tensors to the Hub's names (`hub_names`), then
+   evaluates the output with `moekit eval` on `--data-range 0.5:1` (the same command as
    `bench_effort.py`) and prints one JSON row per ratio.
 
     .venv/bin/python benchmarks/bench_reap_anchor.py --llmc-python /work/venv-llmc/bin/python \
@@ -82,6 +83,31 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({"wall": wall, "cpu": cpu, "peak_rss": peak}), flush=True)
 
 
+RENAME = {".gate_proj.": ".w1.", ".up_proj.": ".w3.", ".down_proj.": ".w2."}
+
+
+def hub_names(folder: Path) -> int:
+    """llm-compressor saves Mixtral's experts as it linearised them (`experts.N.gate_proj`,
+    `up_proj`, `down_proj`), which transformers' Mixtral loader does not read (it expects the
+    Hub's `w1`, `w3`, `w2`: loaded as is, those experts stay randomly initialised); rename
+    them in place. Returns the tensors renamed."""
+    from safetensors.torch import load_file, save_file
+
+    renamed = 0
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        out = {}
+        for name, tensor in tensors.items():
+            new = name
+            if ".experts." in name:
+                for old, hub in RENAME.items():
+                    new = new.replace(old, hub)
+            renamed += new != name
+            out[new] = tensor
+        save_file(out, path, metadata={"format": "pt"})
+    return renamed
+
+
 def evaluate(model: Path, args: argparse.Namespace) -> float:
     code = "import sys; from moekit.cli.app import main; sys.argv = sys.argv[1:]; main()"
     data = [x for d in DOMAINS for x in ("--data", f"{d}={args.text / f'{d}.txt'}")]
@@ -104,6 +130,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--all-experts", action=argparse.BooleanOptionalAction, default=True,
                         help="llm-compressor's moe_calibrate_all_experts (its default: on)")
+    parser.add_argument("--keep", type=Path, help="keep the pruned folders under this folder")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--windows", help=argparse.SUPPRESS)
     parser.add_argument("--ratio", type=float, help=argparse.SUPPRESS)
@@ -119,7 +146,7 @@ def main() -> None:
         path = Path(tmp) / "windows.json"
         path.write_text(json.dumps(found))
         for ratio in args.ratios:
-            out = Path(tmp) / f"reap-{ratio}"
+            out = (args.keep or Path(tmp)) / f"reap-{ratio}"
             cmd = [args.llmc_python, __file__, "--child", "--model", str(args.model),
                    "--windows", str(path), "--ratio", str(ratio), "--out", str(out),
                    "--seq-len", str(args.seq_len),
@@ -131,8 +158,9 @@ def main() -> None:
                 continue
             row = json.loads(line[7:])
             row.update(ratio=ratio, positions=sum(len(w) for w in found),
-                       kept=json.loads((Path(tmp) / "reap_report.json").read_text()),
-                       loss=evaluate(out, args))
+                       kept=json.loads((out.parent / "reap_report.json").read_text()),
+                       renamed=hub_names(out) if "mixtral" in str(args.model) else 0)
+            row["loss"] = evaluate(out, args)
             row["increase"] = row["loss"] - base
             print(json.dumps(row), flush=True)
 
