@@ -1,17 +1,20 @@
 """A torchrun entry script for tests: the moekit CLI, with one function made to raise on one
-rank after some calls. Environment: FAIL_RANK (int), FAIL_TARGET ("module:Qualified.name"),
-FAIL_AFTER (calls that succeed first, default 1), FAIL_MODE ("raise", default, or "exit": the
-process dies at once, as if killed)."""
+rank after some calls. Environment: FAIL_RANK (int, or "all"), FAIL_TARGET
+("module:Qualified.name"), FAIL_AFTER (calls that succeed first, default 1), FAIL_MODE ("raise",
+default; "exit": the process dies at once, as if killed; "sleep": it creates the file
+FAIL_MARK.RANK and sleeps, to be stopped by a signal)."""
 
 from __future__ import annotations
 
 import functools
 import importlib
 import os
+import time
+from pathlib import Path
 
 
 def inject() -> None:
-    if os.environ.get("RANK") != os.environ["FAIL_RANK"]:
+    if os.environ["FAIL_RANK"] not in ("all", os.environ.get("RANK")):
         return
     module_name, _, qualname = os.environ["FAIL_TARGET"].partition(":")
     owner = importlib.import_module(module_name)
@@ -26,6 +29,9 @@ def inject() -> None:
         if calls[0] > after:
             if os.environ.get("FAIL_MODE") == "exit":
                 os._exit(9)
+            if os.environ.get("FAIL_MODE") == "sleep":
+                Path(f"{os.environ['FAIL_MARK']}.{os.environ['RANK']}").touch()
+                time.sleep(600)
             raise RuntimeError(f"injected failure on call {calls[0]}")
         return original(*args, **kwargs)
 

@@ -103,7 +103,7 @@ def quantize_mxfp4(src: Path, dst: Path) -> Path:
         if not key.endswith(("experts.gate_up_proj", "experts.down_proj")):
             out[key] = value
             continue
-        blocks, scales = _mxfp4_pack(value.float().transpose(1, 2).contiguous())
+        blocks, scales = mxfp4_reference(value.float().transpose(1, 2).contiguous())
         out[key + "_blocks"], out[key + "_scales"] = blocks, scales
     _copy_side_files(src, dst, {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
@@ -111,21 +111,29 @@ def quantize_mxfp4(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _mxfp4_pack(matrix):
-    """[E, R, C] float -> (blocks [E, R, C/32, 16] u8, scales [E, R, C/32] u8): per 32 values,
-    the shared exponent floor(log2(amax)) - 2 (E2M1's largest exponent), values rounded to the
-    nearest E2M1 code."""
+def mxfp4_reference(matrix):
+    """[E, R, C] float -> (blocks [E, R, C/32, 16] u8, scales [E, R, C/32] u8), per the OCP MX
+    spec: per 32 values, the shared exponent X = floor(log2(amax)) - 2 (E2M1's largest exponent;
+    -127 for an all-zero group, clamped to [-127, 127]); each value / 2^X rounded to the nearest
+    E2M1 value (ties to the even code; magnitudes over 6 saturate), its sign kept."""
     import torch
 
     e, r, c = matrix.shape
-    groups = matrix.reshape(e, r, c // 32, 32)
-    amax = groups.abs().amax(-1).clamp(min=2.0 ** -120)
-    exponent = torch.floor(torch.log2(amax)) - 2
-    scaled = groups / torch.exp2(exponent)[..., None]
-    grid = torch.tensor(E2M1)
-    codes = (scaled[..., None] - grid).abs().argmin(-1).to(torch.uint8)
+    groups = matrix.float().reshape(e, r, c // 32, 32)
+    exponents = torch.tensor([
+        -127 if amax == 0 else max(-127, min(127, math.frexp(amax)[1] - 1 - 2))
+        for amax in groups.abs().amax(-1).flatten().tolist()]).reshape(e, r, c // 32)
+    scaled = groups * torch.pow(2.0, -exponents.double())[..., None].float()
+    grid = torch.tensor(E2M1[:8])
+    distance = (scaled.abs()[..., None] - grid).abs()
+    nearest = distance.min(-1, keepdim=True).values
+    # rank: 0 = nearest with an even code, 1 = nearest with an odd code, 2 = not nearest; a
+    # tie between two neighbours thus goes to the even code (round half to even)
+    rank = torch.where(distance == nearest, torch.arange(8) % 2, 2)
+    codes = rank.argmin(-1)
+    codes = codes.to(torch.uint8) | (torch.signbit(scaled).to(torch.uint8) << 3)
     blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return blocks.contiguous(), (exponent + 127).to(torch.uint8).contiguous()
+    return blocks.contiguous(), (exponents + 127).to(torch.uint8).contiguous()
 
 
 def dequantize_mxfp4(src: Path, dst: Path) -> Path:
@@ -161,11 +169,41 @@ W4A16 = {"quant_method": "compressed-tensors", "format": "pack-quantized",
              "group_size": 32}}}}
 
 
+# llm-compressor's NVFP4 preset as its config.json stores it (FP4 E2M1 values, an FP8 E4M3
+# scale per 16 values, a float32 global scale per tensor; activations dynamic)
+NVFP4 = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+         "quantization_status": "compressed", "ignore": ["lm_head", "re:.*mlp\\.gate$"],
+         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+             "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+             "group_size": 16, "dynamic": False, "scale_dtype": "torch.float8_e4m3fn"},
+             "input_activations": {
+                 "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+                 "group_size": 16, "dynamic": "local", "scale_dtype": "torch.float8_e4m3fn",
+                 "observer": "static_minmax"}}}}
+
+
+def _library_qparams(value, args):
+    """(scale, zero point, global scale or None) of one weight as llm-compressor's min-max
+    observer computes them with the library (NVFP4: `generate_gparam`, then per group
+    `calculate_qparams`); int groups: amax / 7 per group."""
+    import torch
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    grouped = value.float().reshape(value.shape[0], -1, args.group_size)
+    if args.type != "float":
+        scale = (grouped.abs().amax(-1) / 7).clamp(min=1e-8)
+        return scale, torch.zeros_like(scale, dtype=torch.int8), None
+    global_scale = generate_gparam(value.float().min(), value.float().max())
+    scale, zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args,
+                                    global_scale=global_scale)
+    return scale, zero, global_scale
+
+
 def quantize_compressed(src: Path, dst: Path, quantization: dict = W4A16) -> tuple[Path, Path]:
     """`src` -> (`dst`/q: every decoder linear but the router compressed by the
-    compressed-tensors library with `quantization`'s one scheme (scales amax / 7 per group),
-    `dst`/deq: the same weights fake-quantized by the library from the float originals)."""
-    import torch
+    compressed-tensors library with `quantization`'s one scheme (`_library_qparams`),
+    `dst`/deq: the same weights fake-quantized by the library from the float originals, or
+    for NVFP4 decompressed by the library's own decompressor)."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -174,20 +212,23 @@ def quantize_compressed(src: Path, dst: Path, quantization: dict = W4A16) -> tup
     config = QuantizationConfig.model_validate(quantization)
     scheme = config.config_groups["group_0"]
     compressor = BaseCompressor.get_value_from_registry(config.format)
-    group = scheme.weights.group_size
     tensors = load_file(src / "model.safetensors")
     packed, fake = {}, {}
     for key, value in tensors.items():
         if not _is_fp8_target(key, tuple(value.shape)):
             packed[key] = fake[key] = value
             continue
-        grouped = value.float().reshape(value.shape[0], -1, group)
-        scale = (grouped.abs().amax(-1) / 7).clamp(min=1e-8)
+        scale, zero, global_scale = _library_qparams(value, scheme.weights)
         base = key.removesuffix(".weight")
-        state = compressor.compress({"weight": value.float(), "weight_scale": scale}, scheme)
+        state = {"weight": value.float(), "weight_scale": scale}
+        if global_scale is not None:
+            state["weight_global_scale"] = global_scale
+        state = compressor.compress(state, scheme)
         packed.update({f"{base}.{k}": v.contiguous() for k, v in state.items()})
-        fake[key] = fake_quantize(value.float(), scale, torch.zeros_like(scale, dtype=torch.int8),
-                                  scheme.weights)
+        if global_scale is None:
+            fake[key] = fake_quantize(value.float(), scale, zero, scheme.weights)
+        else:  # NVFP4: the library's decompression (it computes in bf16; see test_quantized)
+            fake[key] = compressor.decompress(state, scheme)["weight"].float()
     q, deq = dst / "q", dst / "deq"
     _copy_side_files(src, q, quantization)
     _copy_side_files(src, deq, None)
@@ -214,4 +255,5 @@ CASES = {
                                          dequantize_fp8_block)),
     "gpt_oss-mxfp4": ("gpt_oss", _pair(quantize_mxfp4, dequantize_mxfp4)),
     "qwen3_moe-w4a16": ("qwen3_moe", quantize_compressed),
+    "qwen3_moe-nvfp4": ("qwen3_moe", lambda s, d: quantize_compressed(s, d, NVFP4)),
 }

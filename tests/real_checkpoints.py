@@ -107,18 +107,51 @@ def from_transformers(c: dict) -> Tensors:
 
     params = {k: v for k, v in c.items() if k not in ("model_type", "architectures")}
     config = AutoConfig.for_model(c["model_type"], **params)
+    auto = AutoModelForCausalLM
+    if "vision_config" in c:  # a multimodal checkpoint (Llama-4): the whole model, vision too
+        from transformers import AutoModelForImageTextToText as auto
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = auto.from_config(config, dtype=torch.bfloat16)
     state = revert_weight_conversion(model, model.state_dict())
+    if c.get("tie_word_embeddings"):  # the Hub stores a tied head once, as the embedding
+        state.pop("lm_head.weight", None)
     return {k: ("BF16", list(v.shape)) for k, v in state.items()}
+
+
+def with_mtp_block(c: dict) -> Tensors:
+    """transformers' Hub layout plus the multi-token-prediction block it does not build: GLM-4.5
+    stores it as layer `num_hidden_layers` (a copy of the last decoder layer's tensors with
+    `eh_proj` [H, 2H], `enorm`, `hnorm`, `shared_head.norm`, the names vLLM's GLM-4.5 MTP loader
+    reads); Qwen3-Next under `mtp.` (one full-attention MoE decoder layer `mtp.layers.0`,
+    `mtp.fc` [H, 2H], `mtp.norm`, `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`)."""
+    out = from_transformers(c)
+    h, n = c["hidden_size"], c["num_hidden_layers"]
+    if c["model_type"] == "qwen3_next":
+        source, block = f"model.layers.{c['full_attention_interval'] - 1}.", "mtp."
+        out.update({f"{block}layers.0.{k[len(source):]}": v for k, v in list(out.items())
+                    if k.startswith(source)})
+        extras = {"fc.weight": [h, 2 * h], "norm.weight": [h],
+                  "pre_fc_norm_embedding.weight": [h], "pre_fc_norm_hidden.weight": [h]}
+    else:
+        source, block = f"model.layers.{n - 1}.", f"model.layers.{n}."
+        out.update({block + k[len(source):]: v for k, v in list(out.items())
+                    if k.startswith(source)})
+        extras = {"eh_proj.weight": [h, 2 * h], "enorm.weight": [h], "hnorm.weight": [h],
+                  "shared_head.norm.weight": [h]}
+    out.update({block + k: ("BF16", shape) for k, shape in extras.items()})
+    return out
 
 
 BUILDERS: dict[str, tuple[str, Callable[[dict], Tensors]]] = {
     "gpt-oss-20b": ("gpt-oss-20b.json", gpt_oss),
     "gpt-oss-120b": ("gpt-oss-120b.json", gpt_oss),
     "deepseek-v3": ("deepseek-v3.json", deepseek_v3),
+    "kimi-k2": ("kimi-k2.json", deepseek_v3),
+    "glm-4.5-air": ("glm-4.5-air.json", with_mtp_block),
+    "qwen3-next-80b-a3b": ("qwen3-next-80b-a3b.json", with_mtp_block),
     **{name: (f"{name}.json", from_transformers) for name in (
-        "mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a22b", "olmoe-1b-7b", "phi-3.5-moe")},
+        "mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a22b", "olmoe-1b-7b", "phi-3.5-moe",
+        "granite-3.1-3b-a800m", "llama-4-scout-17b-16e")},
 }
 ITEM = {"BF16": 2, "F32": 4, "F8_E4M3": 1, "U8": 1}
 

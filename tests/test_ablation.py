@@ -252,7 +252,7 @@ def test_first_order_only_has_no_kl(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (("--ablation-tokens", "1"), "--ablation-tokens must be at least 2"),
-    (("--ablation-method", "guess"), "--ablation-method guess is not one of"),
+    (("--ablation-method", "guess"), "unknown --ablation-method 'guess' (use one of"),
     (("--max-memory", "300KB"), "needs the whole model in memory"),
 ])
 def test_bad_ablation_requests_fail_in_one_line(tiny_checkpoint, tmp_path, args, message):

@@ -46,14 +46,20 @@ def data_args(sources: list[str]) -> list[str]:
 
 
 def torchrun(*args: object, nproc: int = 2, entry: tuple[str, ...] = ("-m", "moekit"),
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`torchrun --standalone` (a free port chosen by the launcher) on this checkout."""
+             env: dict[str, str] | None = None,
+             launcher: tuple[str, ...] = ("-m", "torch.distributed.run"), wait: bool = True
+             ) -> subprocess.CompletedProcess | subprocess.Popen:
+    """`torchrun --standalone` (a free port chosen by the launcher) on this checkout; with
+    `wait=False`, the running launcher (text pipes)."""
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     full_env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", USE_HUB_KERNELS="0",
                     TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **(env or {}))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", *entry, *map(str, args)]
+    command = [sys.executable, *launcher, "--standalone", f"--nproc-per-node={nproc}", *entry,
+               *map(str, args)]
+    if not wait:
+        return subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
 
@@ -200,3 +206,77 @@ def test_a_killed_rank_stops_all_and_nothing_is_written(tiny_checkpoint, texts,
     assert all("lost the other ranks" in line for line in errors), failure(run)
     assert "MarkupError" not in run.stderr  # if rank 0 reports the lost peer, in one line
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---- issue 24 item 23: a failed or stopped torchrun run ends in one line, with a clean code ---
+
+def quiet_torchrun(*args: object, **kw: object) -> subprocess.CompletedProcess:
+    """`torchrun` through moekit's quiet launcher (moekit.cli.torchrun), same arguments."""
+    return torchrun(*args, launcher=("-m", "moekit.cli.torchrun"), **kw)
+
+
+def test_quiet_launcher_ends_a_refused_command_in_one_line(tiny_checkpoint, tmp_path) -> None:
+    run = quiet_torchrun("prune", tiny_checkpoint("qwen3_moe"), "--ratio", "0.5", "--out",
+                         tmp_path / "o")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: moekit prune does not run data-parallel, but torchrun started it on 2 processes"
+        " (WORLD_SIZE) (run it as one process: python -m moekit ...; only profile and eval "
+        "split their data across torchrun ranks)"], run.stderr
+
+
+def test_quiet_launcher_ends_a_rank_failure_in_one_line(tiny_checkpoint, texts,
+                                                        tmp_path) -> None:
+    entry, env = _failing("moekit.calib.recorder:Recorder.set_batch", rank=1, after=2)
+    run = quiet_torchrun("profile", tiny_checkpoint("qwen3_moe"), "--out", tmp_path / "p",
+                         *data_args(texts), *FAST, "--no-plots", entry=entry, env=env)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()  # moekit's own "in memory: ..." line first
+    assert lines[-1].startswith("error: rank 1 of 2 failed: RuntimeError: injected failure")
+    assert len(lines) == 2 and "Traceback" not in run.stderr, run.stderr
+
+
+def test_sigterm_stops_every_rank_with_one_line(tiny_checkpoint, texts, tmp_path) -> None:
+    """SIGTERM to the launcher while both ranks compute: it stops them; rank 0 alone says
+    "interrupted", no traceback, exit 128 + 15, nothing written."""
+    import signal
+    import time
+
+    entry, env = _failing("moekit.calib.recorder:Recorder.set_batch", rank=-1, after=1)
+    mark = tmp_path / "mark"
+    env.update(FAIL_RANK="all", FAIL_MODE="sleep", FAIL_MARK=str(mark))
+    out = tmp_path / "p"
+    launcher = torchrun("profile", tiny_checkpoint("qwen3_moe"), "--out", out,
+                        *data_args(texts), *FAST, "--no-plots", entry=entry, env=env,
+                        launcher=("-m", "moekit.cli.torchrun"), wait=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not all(Path(f"{mark}.{r}").exists() for r in (0, 1)):
+        assert launcher.poll() is None, launcher.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=TIMEOUT_S)
+    assert launcher.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.count("interrupted (SIGTERM)") == 1, stderr
+    assert "Traceback" not in stderr and not out.exists(), stderr
+    assert not [line for line in stderr.splitlines()  # nothing from the launcher either
+                if not line.startswith(("in memory", "interrupted"))], stderr
+
+
+def test_quiet_launcher_exit_codes() -> None:
+    from types import SimpleNamespace as Failure
+
+    from moekit.cli.torchrun import outcome
+
+    assert outcome({0: Failure(exitcode=2, timestamp=2), 1: Failure(exitcode=1, timestamp=1)}) \
+        == (2, None)  # rank 0 printed the run's line
+    assert outcome({1: Failure(exitcode=1, timestamp=1)}) == (2, None)
+    assert outcome({1: Failure(exitcode=-15, timestamp=1), 0: Failure(exitcode=2, timestamp=2)}) \
+        == (2, None)  # rank 1 was stopped by torchrun after rank 0 exited with the error
+    assert outcome({1: Failure(exitcode=-15, timestamp=1), 2: Failure(exitcode=1, timestamp=2)}) \
+        == (2, None)
+    assert outcome({0: Failure(exitcode=143, timestamp=1)}) == (143, None)
+    assert outcome({1: Failure(exitcode=9, timestamp=1), 0: Failure(exitcode=-15, timestamp=2)}) \
+        == (9, "error: rank 1 exited with code 9 unannounced (every rank stopped; nothing was "
+            "written)")
+    assert outcome({1: Failure(exitcode=-9, timestamp=1)})[0] == 137

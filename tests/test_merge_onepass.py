@@ -45,7 +45,6 @@ def merge_with(source: Path, sources: list[DataSource], stats: Path, out: Path, 
                options: dict | None = None) -> dict:
     """choose_merge_plan + merge_checkpoint as the CLI calls them; returns the plan dict."""
     from moekit.ops.merge import merge_checkpoint
-    from moekit.ops.merge.report import write_merge_records
     from moekit.ops.merge.run import Calibration, choose_merge_plan
 
     calib = Calibration(source, describe(Checkpoint(source)), sources,
@@ -54,12 +53,7 @@ def merge_with(source: Path, sources: list[DataSource], stats: Path, out: Path, 
                                 router="centre", criterion="ean", plan_in=None, calib=calib)
     saved = plan.to_dict()
 
-    def finish(folder: Path, result) -> None:  # noqa: ANN001
-        write_merge_records(folder, str(source), plan, config_keys=result.config_keys,
-                            warnings=result.warnings, stats_folder=str(stats),
-                            reconstruction=result.reconstruction, source_folder=source)
-
-    merge_checkpoint(source, plan, out, calib=calib, finish=finish)
+    merge_checkpoint(source, plan, out, calib=calib, stats_folder=stats)
     return saved
 
 

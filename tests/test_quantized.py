@@ -1,7 +1,8 @@
 """Quantized checkpoints (moekit.formats): FP8 blocks and MXFP4 are decoded as transformers and
 the formats' specifications decode them; profile/eval, streamed and in memory, equal those of
 an independent dequantization (tests/quant_support.py); inspect counts logical parameters;
-prune keeps every kept expert byte for byte and writes no refit into a quantized expert."""
+prune keeps every kept expert byte for byte and writes no refit into a format it cannot
+re-encode."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from quant_support import CASES
+from quant_support import CASES, E2M1
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moekit.calib.data import DataSource
 from moekit.cli.app import app
-from moekit.formats import Logical, decode, logical_tensors
+from moekit.formats import Logical, compressed, decode, logical_tensors
 from moekit.formats import fp8_block as fp8
 from moekit.io.reader import Checkpoint
 from moekit.ops.evaluate import evaluate
@@ -24,8 +25,10 @@ from moekit.ops.inspect import inspect_checkpoint
 from moekit.ops.profile import profile_model
 
 SETTINGS = dict(seq_len=24, max_tokens=150, batch_size=3, device="cpu", dtype="float32")
-METHOD = {"fp8": "fp8", "mxfp4": "mxfp4", "w4a16": "compressed-tensors"}
-FORMAT = {"fp8": fp8.NAME, "mxfp4": "mxfp4", "w4a16": "compressed-tensors/pack-quantized"}
+METHOD = {"fp8": "fp8", "mxfp4": "mxfp4", "w4a16": "compressed-tensors",
+          "nvfp4": "compressed-tensors"}
+FORMAT = {"fp8": fp8.NAME, "mxfp4": "mxfp4", "w4a16": "compressed-tensors/pack-quantized",
+          "nvfp4": "compressed-tensors/nvfp4-pack-quantized"}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +72,34 @@ def test_mxfp4_decode_equals_transformers_dequantization():
     theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
     assert ours.shape == (3, 64, 10)
     assert torch.equal(ours, theirs)
+
+
+def test_nvfp4_decode_is_the_library_decompression_within_bf16_of_its_fake_quantization(
+        quantized):
+    """NVFP4 (compressed-tensors `nvfp4-pack-quantized`): moekit's decode of every module
+    equals the library's own decompressor called on the stored tensors, and is within bf16
+    rounding (the decompressor unpacks to bf16) of the library's float32 fake quantization
+    E2M1 x FP8 scale / global scale."""
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    q, _ = quantized("qwen3_moe-nvfp4")
+    checkpoint = Checkpoint(q)
+    modules = [t for t in logical_tensors(checkpoint).values()
+               if t.format.endswith("nvfp4-pack-quantized")]
+    assert modules
+    for logical in modules:
+        stored = [checkpoint.read(s.name) for s in logical.sources]
+        ours = decode(logical, stored)
+        state = dict(zip(logical.params, stored, strict=True))
+        library = compressed._compressor("nvfp4-pack-quantized").decompress(state,
+                                                                             logical.scheme)
+        assert torch.equal(ours, library["weight"].float()), logical.name
+        codes = torch.tensor(E2M1)[torch.stack(
+            [state["weight_packed"] & 15, state["weight_packed"] >> 4], -1).long()]
+        exact = dequantize(codes.reshape(logical.shape), state["weight_scale"].float(),
+                           args=logical.scheme.weights,
+                           global_scale=state["weight_global_scale"].float())
+        assert ((ours - exact).abs() <= exact.abs() * 2 ** -8).all(), logical.name
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -142,19 +173,25 @@ def _same_expert(src: dict, dst: dict, layer: int, old: int, new: int) -> int:
     return count
 
 
-def test_prune_data_writes_no_refit_into_quantized_experts(quantized, sources, tmp_path):
-    q, _ = quantized("deepseek_v3-fp8")
+def test_prune_data_keeps_experts_it_cannot_reencode_as_stored(quantized, sources, tmp_path):
+    """compressed-tensors experts are not re-encoded (tests/test_quantized_write.py covers the
+    FP8-block and MXFP4 refits): refits off with a note, asking for them refused."""
+    q, _ = quantized("qwen3_moe-w4a16")
     runner = CliRunner()
     base = ["prune", str(q), "--data", f"a={sources[0].path}", "--max-tokens", "512",
             "--seq-len", "32",
             "--ratio", "0.25"]
     refused = runner.invoke(app, [*base, "--compensate", "--out", str(tmp_path / "x")])
     assert refused.exit_code != 0
-    assert "stored quantized (fp8-block)" in refused.output
+    assert "stored quantized (compressed-tensors/pack-quantized)" in \
+        " ".join(refused.output.split())
     assert not (tmp_path / "x").exists()
+    trim = runner.invoke(app, [*base[:-2], "--keep-params", "0.5", "--out", str(tmp_path / "t")])
+    assert trim.exit_code != 0
+    assert "does not trim quantized experts" in " ".join(trim.output.split())
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "y")])
     assert result.exit_code == 0, result.output
-    assert "refits of the kept experts are off" in result.output
+    assert "refits of the kept experts are off" in " ".join(result.output.split())
     provenance = json.loads((tmp_path / "y" / "moekit_provenance.json").read_text())
     src, dst = load_file(q / "model.safetensors"), load_file(tmp_path / "y" / "model.safetensors")
     for layer in provenance["layers"]:

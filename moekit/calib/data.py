@@ -5,6 +5,7 @@ fixed-length windows. Windows are never padded, so padding never counts."""
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,21 @@ class Domain:
         return sum(int(w.numel()) for w in self.windows)
 
 
+def check_text(source: DataSource, piece: str, seen: list[int], final: bool = False) -> None:
+    """Count `piece`'s control characters and U+FFFD (invalid UTF-8) into `seen` = [checked,
+    not text] while fewer than NOT_TEXT_SAMPLE were checked; refuse the source once the sample
+    is full (or at its end, `final`) when more than NOT_TEXT_SHARE of it is not text."""
+    if seen[0] < NOT_TEXT_SAMPLE and piece:
+        piece = piece[:NOT_TEXT_SAMPLE - seen[0]]
+        seen[0] += len(piece)
+        seen[1] += len(NOT_TEXT.findall(piece))
+    if (final or seen[0] >= NOT_TEXT_SAMPLE) and seen[0] and seen[1] > NOT_TEXT_SHARE * seen[0]:
+        raise DataError(f"data source {source.path} does not look like text: "
+                        f"{seen[1] / seen[0]:.0%} of its first {seen[0]:,} characters are control "
+                        "characters or invalid UTF-8",
+                        "give UTF-8 text (convert another encoding first, e.g. iconv -t utf-8)")
+
+
 def default_sources() -> list[DataSource]:
     """The texts shipped in sample_data/, one domain each."""
     files = sorted(p for p in SAMPLE_DATA.glob("*") if p.suffix in SUPPORTED and
@@ -93,9 +109,16 @@ def load_domains(sources: list[DataSource], tokenizer: Any, *, seq_len: int, max
     return [_domain(s, tokenizer, seq_len, max_tokens, text_field, fraction) for s in sources]
 
 
+NOT_TEXT = re.compile(r"[\x00-\x08\x0e-\x1f\ufffd]")  # control characters, invalid UTF-8
+NOT_TEXT_SHARE = 0.3  # above this share of the first NOT_TEXT_SAMPLE characters: not text
+NOT_TEXT_SAMPLE = 1 << 20
+
+
 def _domain(source: DataSource, tokenizer: Any, seq_len: int, max_tokens: int, text_field: str,
             fraction: tuple[float, float]) -> Domain:
-    """Read and tokenise piece by piece until `max_tokens`; the sha256 covers the text read."""
+    """Read and tokenise piece by piece until `max_tokens`; the sha256 covers the text read.
+    A source whose first characters are mostly control characters or invalid UTF-8 (binary
+    data) is refused (`check_text`)."""
     import torch
 
     files = source_files(source.path)
@@ -103,9 +126,11 @@ def _domain(source: DataSource, tokenizer: Any, seq_len: int, max_tokens: int, t
     ids: list[int] = []
     eos = tokenizer.eos_token_id
     read_any = False
+    seen = [0, 0]  # characters checked, of which not text
     for document in documents(files, text_field, fraction):
         read_any = True
         for piece in document:
+            check_text(source, piece, seen)
             digest.update(piece.encode())
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
             if len(ids) >= max_tokens:
@@ -116,6 +141,7 @@ def _domain(source: DataSource, tokenizer: Any, seq_len: int, max_tokens: int, t
             ids.append(eos)
     if not read_any:
         raise DataError(f"data source {source.path} is empty", "give a file with some text in it")
+    check_text(source, "", seen, final=True)
     ids = ids[:max_tokens]
     if len(ids) < 2:
         raise DataError(f"data source {source.path} gives fewer than 2 tokens")

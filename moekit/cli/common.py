@@ -81,7 +81,9 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt as err:  # Ctrl-C, and SIGTERM/SIGHUP as moekit.errors.Terminated
             signum = getattr(err, "signum", 2)
             name = {1: "SIGHUP", 2: "Ctrl-C", 15: "SIGTERM"}.get(signum, f"signal {signum}")
-            err_console.print(f"[bold red]interrupted[/] ({name}): no output was left behind")
+            if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone says so
+                err_console.print(f"[bold red]interrupted[/] ({name}): no output was left "
+                                  "behind")
             sys.exit(128 + signum)
         except Exception as err:  # noqa: BLE001 - last resort: one line, details with --debug
             if STATE["debug"]:
@@ -203,10 +205,12 @@ DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 
 def check_early(device: str | None = None, max_memory: str | None = None,
-                minimums: tuple[tuple[str, int | None, int], ...] = ()) -> None:
+                minimums: tuple[tuple[str, int | None, int], ...] = (),
+                choices: tuple[tuple[str, str | None, tuple[str, ...]], ...] = ()) -> None:
     """Option values that need no model, checked before any work: `--device` names a device
-    moekit can run on, `--max-memory` is `auto` or a size, and every `(option, value,
-    minimum)` given (value not None) is at least its minimum."""
+    moekit can run on, `--max-memory` is `auto` or a size, every `(option, value, minimum)`
+    given (value not None) is at least its minimum, and every `(option, value, allowed)` given
+    is one of the allowed names."""
     from moekit.errors import InvalidArgumentError
     from moekit.units import parse_size
 
@@ -215,6 +219,10 @@ def check_early(device: str | None = None, max_memory: str | None = None,
                                    "use auto, cpu, cuda, cuda:N, xpu or mps")
     if max_memory is not None and max_memory != "auto":
         parse_size(max_memory, "--max-memory")
+    for option, name, allowed in choices:
+        if name is not None and name not in allowed:
+            raise InvalidArgumentError(f"unknown {option} {name!r}",
+                                       f"use one of {', '.join(allowed)}")
     for option, value, minimum in minimums:
         if value is not None and value < minimum:
             raise InvalidArgumentError(f"{option} must be at least {minimum}, got {value}",

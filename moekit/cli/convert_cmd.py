@@ -35,7 +35,8 @@ def convert(
         "Hub's experts.{j}.* keys): the routed experts' layout, moved as bytes.")] = None,
     quantize: Annotated[str | None, typer.Option(
         "--quantize", help="fp8: decoder linear weights as FP8 E4M3 with 128x128 block scales "
-        "(weight + weight_scale_inv, as DeepSeek-V3 ships).")] = None,
+        "(weight + weight_scale_inv, as DeepSeek-V3 ships); mxfp4: the routed experts as "
+        "MXFP4 blocks + scales (as gpt-oss ships).")] = None,
     quantize_layers: Annotated[str | None, typer.Option(
         "--quantize-layers", help="With --quantize: linear (default: every decoder linear "
         "layer but the routers) or experts (routed experts only).")] = None,
@@ -73,7 +74,7 @@ def convert(
     from moekit.io.reader import Checkpoint
     from moekit.ops.convert import plan_convert
 
-    scope = quantize_layers or "linear"
+    scope = quantize_layers or ("experts" if quantize == "mxfp4" else "linear")
     plan = plan_convert(Checkpoint(source), target, experts, quantize, scope)
     if dry_run:
         _show(plan.summary(), None, as_json)
@@ -89,14 +90,11 @@ def _run(source: Path, model: str, out: Path, request: dict[str, Any], overwrite
          shard_bytes: int) -> Any:
     from moekit.cli.prune_cmd import _byte_progress
     from moekit.ops.convert import convert_checkpoint
-    from moekit.ops.convert.records import write_convert_records
-
-    def finish(folder: Path, result: Any) -> None:
-        write_convert_records(folder, model, result.plan, request, source_folder=source)
 
     with _byte_progress() as on_bytes:
         return convert_checkpoint(source, out, **request, overwrite=overwrite,
-                                  max_shard_bytes=shard_bytes, on_bytes=on_bytes, finish=finish)
+                                  max_shard_bytes=shard_bytes, on_bytes=on_bytes,
+                                  source_name=model)
 
 
 def _show(summary: dict[str, Any], out: Path | None, as_json: bool) -> None:

@@ -90,9 +90,11 @@ def eval_model(
     from moekit.calib.data import DataSource, default_sources, parse_fraction
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.evaluate import evaluate
+    from moekit.runtime.loading import DTYPES
 
     check_early(device, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2),
-                                     ("--batch-size", batch_size, 1)))
+                                     ("--batch-size", batch_size, 1)),
+                (("--dtype", dtype, DTYPES),))
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     ref_path = load_model_path(ref, revision) if ref else None
@@ -154,6 +156,8 @@ def eval_table(result: dict[str, Any]):  # noqa: ANN201 - rich Table
     from rich import box
     from rich.table import Table
 
+    from moekit.cli.heading import headed
+
     has_ref = result.get("ref") is not None
     title = f"{result['model']}" + (f" vs reference {result['ref']}" if has_ref else "")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
@@ -170,7 +174,7 @@ def eval_table(result: dict[str, Any]):  # noqa: ANN201 - rich Table
                       _change(row["ppl"], row.get("ref_ppl")),
                       f"{nonnegative(row['kl']):.4f}", f"{row['top1']:.1%}"]
         table.add_row(*cells, style="bold" if i == len(rows) - 1 else None)
-    return table
+    return headed(table)
 
 
 def nonnegative(value: float) -> float:

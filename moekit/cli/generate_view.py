@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moekit.cli.common import console, err_console
+from moekit.cli.heading import headed
 
 
 def run_generate(path: Path, ref: Path | None, prompts: str, out: Path | None, *,
@@ -30,7 +31,7 @@ def run_generate(path: Path, ref: Path | None, prompts: str, out: Path | None, *
         if ref:
             row += [item.ref_marked or "", "-" if item.diverge is None else str(item.diverge)]
         table.add_row(*row)
-    console.print(table)
+    console.print(headed(table))
     if ref:
         same = sum(item.diverge is None for item in items)
         err_console.print(f"{same} of {len(items)} continuations identical to the reference")

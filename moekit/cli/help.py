@@ -54,6 +54,22 @@ def example_lines(paragraph: str, width: int) -> str:
     return "\n".join(out)
 
 
+_ABBREVIATIONS = ("e.g", "i.e", "etc", "vs", "cf")
+
+
+def summary(help_text: str | None) -> str:
+    """The first sentence of a command's help, whole (click cuts it at ~45 characters with
+    `...`): up to the first `.` outside parentheses that ends a sentence, not an abbreviation."""
+    text = " ".join(inspect.cleandoc(help_text or "").partition("\f")[0].split("\n\n")[0].split())
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if (char == "." and depth <= 0 and (i + 1 == len(text) or text[i + 1] == " ")
+                and text[:i].rsplit(" ", 1)[-1].lstrip("(").lower() not in _ABBREVIATIONS):
+            return _unescape(text[:i + 1])
+    return _unescape(text)
+
+
 def _argument_name(param: Any) -> str:
     return (param.name or "").upper() + ("..." if param.nargs != 1 else "")
 
@@ -112,6 +128,15 @@ class MoekitGroup(TyperGroup):
     def format_options(self, ctx: Any, formatter: Any) -> None:
         MoekitCommand.format_options(self, ctx, formatter)  # type: ignore[arg-type]
         self.format_commands(ctx, formatter)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """Each command with its whole first sentence (`summary`), wrapped, never cut."""
+        rows = [(name, command.short_help or summary(command.help))
+                for name in self.list_commands(ctx)
+                if (command := self.get_command(ctx, name)) is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         """At the top level, move `--debug` from anywhere before `--` to the front."""

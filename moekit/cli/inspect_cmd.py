@@ -17,6 +17,7 @@ from moekit.cli.common import (
     handle_errors,
     load_model_path,
 )
+from moekit.cli.heading import headed
 
 if TYPE_CHECKING:
     from moekit.ops.inspect import InspectReport
@@ -48,7 +49,7 @@ def inspect(model: ModelArg, revision: RevisionOpt = None, as_json: JsonOpt = Fa
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
         return
-    console.print(_table(report))
+    console.print(headed(_table(report)))
 
 
 def _table(report):  # noqa: ANN001, ANN202 - rich Table

@@ -89,6 +89,10 @@ def merge(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the clusters; write nothing but --plan-out.")] = False,
     plan_out: PlanOutOpt = None,
+    bf16_experts: Annotated[bool, typer.Option(
+        "--bf16-experts", help="Quantized checkpoints: write the experts of the merged layers "
+        "as bf16 (quantization_config lists them as not converted) instead of re-encoding "
+        "the merged ones in the source's format.")] = False,
     plan_in: Annotated[Path | None, typer.Option(
         "--plan", help="Apply a plan JSON (from --plan-out) instead of grouping.")] = None,
     domain: DomainOpt = "all",
@@ -113,18 +117,29 @@ def merge(
 
     Example: moekit merge ./Mixtral --stats prof/ --ratio 0.5 --dry-run --plan-out plan.json
     """
+    from moekit.calib.data import DataSource, parse_fraction
     from moekit.errors import InvalidArgumentError
     from moekit.io.output import check_outputs
+    from moekit.ops.merge.plan import check_choices
+    from moekit.runtime.loading import DTYPES
+    from moekit.stats.criteria import CRITERIA
 
     check_early(device, max_memory, (("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
                                      ("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1),
                                      ("--eval-seq-len", eval_seq_len, 2),
-                                     ("--eval-max-tokens", eval_max_tokens, 2)))
+                                     ("--eval-max-tokens", eval_max_tokens, 2)),
+                (("--dtype", dtype, DTYPES), ("--criterion", criterion, tuple(CRITERIA))))
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 512), ("--eval-seq-len", eval_seq_len, 512))
     eval_opts = eval_after.eval_options(eval_data, eval_range, eval_seq_len, eval_max_tokens,
                                         device)
     method = method or ("fit-layer" if router == "centre" else "fit-centre")
+    parse_fraction(data_range)
+    if plan_in is None:
+        check_choices(group, method, router)
+    if stats is None and plan_in is None and data:  # statistics recorded on the --data names
+        names = ("all", *(DataSource.parse(v).name for v in data))
+        check_early(choices=(("--domain", domain, names),))
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         raise InvalidArgumentError("--out is required (or use --dry-run)")
@@ -142,7 +157,7 @@ def merge(
                                       text_field, options, required=True) if data else None)
     with _stats_folder(stats, recorded, plan_in, criterion) as stats_used:
         plan = _choose(source, stats_used, ratio, group, method, router, criterion, plan_in,
-                       domain, ignore_fingerprint, calib, protect_super)
+                       domain, ignore_fingerprint, calib, protect_super, bf16_experts)
     if not as_json:
         console.print(clusters_table(plan))
     for warning in plan.warnings:
@@ -156,7 +171,7 @@ def merge(
         return
     assert out is not None
     result = _run(source, model, plan, out, overwrite, shard_bytes, ignore_fingerprint, stats,
-                  calib, eval_opts)
+                  calib, eval_opts, bf16_experts)
     _summary(result, as_json)
 
 
@@ -203,7 +218,8 @@ def _calibration(source: Path, group: str, method: str, router: str, plan_in: Pa
 
 def _choose(source: Path, stats: Path | None, ratio: float | None, group: str, method: str,
             router: str, criterion: str, plan_in: Path | None, domain: str,
-            ignore_fingerprint: bool, calib: Any, protect_super: bool) -> Any:
+            ignore_fingerprint: bool, calib: Any, protect_super: bool,
+            bf16_experts: bool = False) -> Any:
     from moekit.ops.merge.run import choose_merge_plan
 
     with err_console.status("grouping experts (calibrating, and refitting with fit-layer, "
@@ -212,7 +228,7 @@ def _choose(source: Path, stats: Path | None, ratio: float | None, group: str, m
                                     method=method, router=router, criterion=criterion,
                                     plan_in=plan_in, domain=domain,
                                     ignore_fingerprint=ignore_fingerprint, calib=calib,
-                                    protect_super=protect_super)
+                                    protect_super=protect_super, bf16_experts=bf16_experts)
     return plan
 
 
@@ -238,24 +254,17 @@ def clusters_table(plan: Any):  # noqa: ANN201 - rich Table
 
 def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_bytes: int,
          ignore_fingerprint: bool, stats: Path | None, calib: Any,
-         eval_opts: dict[str, Any]) -> Any:
+         eval_opts: dict[str, Any], bf16_experts: bool = False) -> Any:
+    """The library writes the checkpoint, provenance and card; the CLI adds --eval-data."""
     from moekit.ops.merge import merge_checkpoint
-    from moekit.ops.merge.report import write_merge_records
-
-    def finish(folder: Path, result: Any) -> None:
-        evaluation = eval_after.evaluate_output(folder, source, out, eval_opts, "merged")
-        result.extra["evaluation"] = evaluation
-        write_merge_records(folder, model, plan, config_keys=result.config_keys,
-                            warnings=result.warnings,
-                            stats_folder=str(stats) if stats else None,
-                            reconstruction=result.reconstruction, source_folder=source,
-                            evaluation=evaluation)
 
     with _byte_progress() as on_bytes:
-        return merge_checkpoint(source, plan, out, overwrite=overwrite, calib=calib,
-                                max_shard_bytes=shard_bytes,
-                                ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes,
-                                finish=finish)
+        return merge_checkpoint(
+            source, plan, out, overwrite=overwrite, calib=calib, max_shard_bytes=shard_bytes,
+            ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes, source_name=model,
+            stats_folder=stats, bf16_experts=bf16_experts,
+            evaluate=lambda folder: eval_after.evaluate_output(folder, source, out, eval_opts,
+                                                               "merged"))
 
 
 def _summary(result: Any, as_json: bool) -> None:

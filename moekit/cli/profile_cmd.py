@@ -104,9 +104,12 @@ def profile(
     from moekit.calib.data import DataSource, parse_fraction
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
     from moekit.ops.profile import profile_model, write_output
+    from moekit.runtime.loading import DTYPES
+    from moekit.stats.ablation import METHODS
 
     check_early(device, max_memory, (("--max-tokens", max_tokens, 2), ("--seq-len", seq_len, 2),
-                                     ("--batch-size", batch_size, 1)))
+                                     ("--batch-size", batch_size, 1)),
+                (("--dtype", dtype, DTYPES), ("--ablation-method", ablation_method, METHODS)))
     fraction = parse_fraction(data_range)
     path = load_model_path(model, revision)
     check_context(path, ("--seq-len", seq_len, 512))

@@ -150,13 +150,14 @@ def prune(
     Example: moekit prune ./Mixtral --data web=c4.jsonl --ratio 0.5 --out ./pruned
     """
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
+    from moekit.runtime.loading import DTYPES
 
     check_early(device, max_memory, (
         ("--max-tokens", max_tokens, MIN_CALIB_TOKENS),
         ("--refit-tokens", refit_tokens, MIN_CALIB_TOKENS),
         ("--reconstruct-steps", reconstruct_steps, 0), ("--beam", beam, 1),
         ("--seq-len", seq_len, 2), ("--eval-seq-len", eval_seq_len, 2),
-        ("--eval-max-tokens", eval_max_tokens, 2)))
+        ("--eval-max-tokens", eval_max_tokens, 2)), (("--dtype", dtype, DTYPES),))
     check_effort(effort)
     source = load_model_path(model, revision)
     check_context(source, ("--seq-len", seq_len, 256), ("--eval-seq-len", eval_seq_len, 512))
@@ -316,22 +317,16 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
          ignore_fingerprint: bool, stats: Path | None, budget: list[dict[str, Any]],
          eval_opts: dict[str, Any], modified: Any = None,
          calibration: dict[str, Any] | None = None, width: int | None = None) -> Any:
+    """The library writes the checkpoint, provenance and card; the CLI adds --eval-data."""
     from moekit.ops.prune import prune_checkpoint
-    from moekit.ops.prune.report import write_prune_records
-
-    def finish(folder: Path, result: Any) -> None:
-        evaluation = evaluate_output(folder, source, out, eval_opts, "pruned")
-        result.extra["evaluation"] = evaluation
-        write_prune_records(folder, model, plan, config_keys=result.config_keys,
-                            warnings=result.warnings, stats_folder=str(stats) if stats else None,
-                            budget=budget, evaluation=evaluation, source_folder=source,
-                            calibration=calibration)
 
     with _byte_progress() as on_bytes:
-        return prune_checkpoint(source, plan, out, overwrite=overwrite,
-                                max_shard_bytes=shard_bytes,
-                                ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes,
-                                finish=finish, modified=modified, expert_width=width)
+        return prune_checkpoint(
+            source, plan, out, overwrite=overwrite, max_shard_bytes=shard_bytes,
+            ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes, modified=modified,
+            expert_width=width, source_name=model, stats_folder=stats, budget=budget,
+            calibration=calibration,
+            evaluate=lambda folder: evaluate_output(folder, source, out, eval_opts, "pruned"))
 
 
 class _byte_progress:  # noqa: N801 - used like a function in `with`

@@ -102,28 +102,45 @@ def _checked(source: Path, options: Any, quiet: bool, others: tuple[Any, ...],
 
 def _stored_experts_only(checkpoint: Any, layout: Any, options: Any,
                          keep_params: float | None, quiet: bool) -> Any:
-    """Quantized experts are kept as stored (byte for byte): no refit is written into them.
-    The default (compensate unset) turns the refits off with a note; asking for them, or for
-    --keep-params (trimming rewrites experts), is refused before any calibration."""
+    """Quantized experts: refitted ones are written re-encoded in their stored format (FP8
+    blocks, MXFP4: `surgery/stored.py`), with a note. A format moekit cannot re-encode
+    (compressed-tensors) keeps the experts as stored: the refits are turned off (asking for
+    them is refused), and --keep-params (trimming) is refused for every quantized format,
+    before any calibration."""
     import dataclasses
 
     from moekit.errors import UnsupportedModelError
     from moekit.formats import quantized_keys
+    from moekit.surgery.experts import writable_format
 
     quantized = quantized_keys(checkpoint, [k for layer in layout.moe_layers
                                             for k in layer.routed_keys])
     if not quantized:
         return options
-    if options.compensate or keep_params is not None:
+    if keep_params is not None:
         raise UnsupportedModelError(
-            f"the experts are stored quantized ({quantized}): moekit keeps them as stored and "
-            "cannot write refitted or trimmed experts into that format yet",
-            "drop --compensate/--keep-params (selection by measured damage still runs), or "
-            "prune the unquantized checkpoint")
+            f"--keep-params: the experts are stored quantized ({quantized}) and moekit does "
+            "not trim quantized experts", "use --ratio, or convert --dtype bf16 first")
+    try:
+        for layer in layout.moe_layers:
+            writable_format(layout, layer, checkpoint)
+    except UnsupportedModelError as err:
+        if options.compensate:
+            raise UnsupportedModelError(
+                f"the experts are stored quantized ({quantized}): {err.message}",
+                "drop --compensate (selection by measured damage still runs), or prune the "
+                "unquantized checkpoint") from err
+        if not quiet:
+            err_console.print(f"note: the experts are stored quantized ({quantized}), a "
+                              "format moekit does not re-encode: kept experts are copied as "
+                              "stored; the refits of the kept experts are off")
+        return dataclasses.replace(options, compensate=False, router=False,
+                                   reconstruct_steps=0)
     if not quiet:
-        err_console.print(f"note: the experts are stored quantized ({quantized}): kept experts "
-                          "are copied as stored; the refits of the kept experts are off")
-    return dataclasses.replace(options, compensate=False, router=False, reconstruct_steps=0)
+        err_console.print(f"note: the experts are stored quantized ({quantized}): refitted "
+                          "experts are written re-encoded in that format (new scales); the "
+                          "others are copied as stored")
+    return options
 
 
 def _mode_only(line: str) -> None:

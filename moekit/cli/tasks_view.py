@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moekit.cli.common import console, export_table
+from moekit.cli.heading import headed
 
 
 def run_task_table(path: Path, ref: Path | None, tasks: str, out: Path | None, *,
@@ -37,7 +38,7 @@ def run_task_table(path: Path, ref: Path | None, tasks: str, out: Path | None, *
             cells += [_num(row.ref), _num(row.delta, "+.4f"),
                       "-" if row.retained is None else f"{row.retained:.1%}"]
         table.add_row(*cells)
-    console.print(table)
+    console.print(headed(table))
     if out is not None:
         import pandas as pd
 

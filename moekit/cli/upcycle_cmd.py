@@ -23,6 +23,7 @@ from moekit.cli.common import (
     local_inputs,
     warn_uncopied,
 )
+from moekit.cli.heading import headed
 from moekit.units import parse_size
 
 
@@ -164,6 +165,6 @@ def _show(report, as_json: bool, title: str) -> None:  # noqa: ANN001
         rows.append(("calibration tokens", f"{report.calibration_tokens:,}"))
     for field, value in rows:
         table.add_row(field, value)
-    console.print(table)
+    console.print(headed(table))
     if report.kernel_note:
         console.print(f"[yellow]note:[/] {report.kernel_note}")

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 FIX = "config.json and the weights disagree: re-download the checkpoint or fix config.json"
+MTP_ROOT = "mtp."  # Qwen3-Next's multi-token-prediction block (`mtp.layers.0.*`, `mtp.fc`, ...)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class ModelLayout:
     """A checkpoint seen through its family record. `mtp_layers`: MoE layers stored past the
     decoder's `num_hidden_layers` (DeepSeek-V3's and GLM-4.5's multi-token-prediction block,
     `model.layers.{num_hidden_layers}.*`), which transformers does not run: no profile sees
-    them, so surgery never chooses their experts (it drops them whole, `mtp_keys`)."""
+    them, so surgery never chooses their experts (it drops them whole, `mtp_keys`). Qwen3-Next
+    keeps its MTP block apart, under `mtp.` (`mtp.layers.0.*` with `mtp.fc`, norms)."""
 
     resolved: Resolved
     num_layers: int
@@ -66,8 +68,10 @@ class ModelLayout:
     mtp_layers: tuple[MoeLayer, ...] = ()
 
     def mtp_keys(self, keys: list[str]) -> list[str]:
-        """The `keys` that lie in an MTP layer (its whole block, not only the experts)."""
-        prefixes = tuple(layer.prefix for layer in self.mtp_layers)
+        """The `keys` that lie in an MTP block (the whole block, not only the experts: a
+        `layers.N.` block, or everything under `mtp.` for Qwen3-Next's `mtp.layers.0`)."""
+        prefixes = tuple(MTP_ROOT if layer.prefix.startswith(MTP_ROOT) else layer.prefix
+                         for layer in self.mtp_layers)
         return [k for k in keys if prefixes and k.startswith(prefixes)]
 
     @property
@@ -101,7 +105,8 @@ def describe(checkpoint: Checkpoint) -> ModelLayout:
     if not isinstance(resolved.family, MoeFamily):
         return ModelLayout(resolved, num_layers, ())
     found = tuple(_moe_layers(checkpoint, resolved.family))
-    mtp = tuple(layer for layer in found if 0 < num_layers <= layer.index)
+    mtp = tuple(layer for layer in found
+                if 0 < num_layers <= layer.index or layer.prefix.startswith(MTP_ROOT))
     layers = tuple(layer for layer in found if layer not in mtp)
     if not layers:
         raise CheckpointError(

@@ -83,25 +83,30 @@ def decode(logical: Logical, weight: torch.Tensor, scale: torch.Tensor) -> torch
     return values.mul_(grid)
 
 
-def encode(values: torch.Tensor, block: tuple[int, int] = (128, 128)
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize [out, in] values to E4M3 with one scale per `block` (amax scaling, DeepSeek's
-    `act_quant` for weights): per block b, scale_inv_b = max(amax_b, 1e-12) / 448 (float32) and
+def encode(values: torch.Tensor, block: tuple[int, int] = (128, 128),
+           scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize [..., out, in] values to E4M3 with one scale per `block` of each matrix (amax
+    scaling, DeepSeek's `act_quant` for weights): per block b, scale_inv_b = max(amax_b,
+    1e-12) / 448 (float32, then rounded to `scale_dtype` when the scales are stored so, e.g.
+    bfloat16) and
 
-        weight[i, j] = E4M3(value[i, j] / scale_inv[i // bm, j // bn])   (round to nearest)
+        weight[..., i, j] = E4M3(value[..., i, j] / scale_inv[..., i // bm, j // bn])
 
-    Returns (weight [out, in] float8_e4m3fn, scale_inv [ceil(out/bm), ceil(in/bn)] float32);
-    partial edge blocks take the amax of the values they hold."""
+    (round to nearest even, clamped to +-448 so a scale rounded down never overflows).
+    Returns (weight [..., out, in] float8_e4m3fn, scale_inv [..., ceil(out/bm), ceil(in/bn)]
+    float32 or `scale_dtype`); partial edge blocks take the amax of the values they hold."""
     import torch
 
     bm, bn = block
     values = values.to(torch.float32)
-    rows, cols = values.shape
+    *lead, rows, cols = values.shape
     grid_rows, grid_cols = math.ceil(rows / bm), math.ceil(cols / bn)
-    padded = values.new_zeros(grid_rows * bm, grid_cols * bn)
-    padded[:rows, :cols] = values
-    tiles = padded.reshape(grid_rows, bm, grid_cols, bn)
-    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
-    quantized = (tiles / scale[:, None, :, None]).to(torch.float8_e4m3fn)
-    weight = quantized.reshape(grid_rows * bm, grid_cols * bn)[:rows, :cols].contiguous()
-    return weight, scale.contiguous()
+    padded = values.new_zeros(*lead, grid_rows * bm, grid_cols * bn)
+    padded[..., :rows, :cols] = values
+    tiles = padded.reshape(*lead, grid_rows, bm, grid_cols, bn)
+    scale = tiles.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / E4M3_MAX
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype)
+    quantized = (tiles / scale.float()[..., :, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    weight = quantized.to(torch.float8_e4m3fn).reshape(*lead, grid_rows * bm, grid_cols * bn)
+    return weight[..., :rows, :cols].contiguous(), scale.contiguous()

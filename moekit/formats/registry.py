@@ -3,6 +3,7 @@ and the stored tensors' names and dtypes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import CheckpointError, UnsupportedModelError
@@ -47,6 +48,16 @@ def quantized_keys(checkpoint: Checkpoint, keys: list[str]) -> str:
         if logical.quantized:
             formats.update((source.name, logical.format) for source in logical.sources)
     return ", ".join(sorted({formats[k] for k in keys if k in formats}))
+
+
+def quantized_parts(checkpoint: Checkpoint, keys: Iterable[str]) -> dict[str, Logical]:
+    """{stored key: its quantized logical tensor} among `keys` (headers only; a logical
+    tensor's stored tensors must all be among `keys`, as one MoE layer's routed keys are)."""
+    quantization = check_quantization(checkpoint.config)
+    if quantization is None:
+        return {}
+    subset = {k: checkpoint.tensors[k] for k in keys}
+    return FORMATS[quantization["quant_method"]].group(subset, quantization)
 
 
 def logical_tensors(checkpoint: Checkpoint) -> dict[str, Logical]:

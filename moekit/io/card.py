@@ -21,10 +21,20 @@ def provenance(operation: str, source: str, **details: Any) -> dict[str, Any]:
         "operation": operation,
         "source": source,
         "moekit_version": __version__,
-        "command": shlex.join(["moekit", *sys.argv[1:]]),
+        "command": command_line(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **details,
     }
+
+
+def command_line() -> str | None:
+    """The `moekit ...` command line of this process, or None when the library was called
+    from other Python code (its argv says nothing about the operation)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if Path(sys.argv[0]).name != "moekit" and getattr(spec, "name", "") != "moekit.__main__":
+        return None
+    return shlex.join(["moekit", *sys.argv[1:]])
 
 
 def write_provenance(folder: Path, record: dict[str, Any]) -> Path:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from moekit.stats.profile import Profile
 
 PLOT_FILE = "ablation_scatter.png"
+METHODS = ("both", "exact", "first-order")  # --ablation-method
 
 
 @dataclass

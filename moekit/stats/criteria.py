@@ -70,9 +70,14 @@ def _check_ablation(stats: ExpertStats, layer: int, column: str, criterion: str)
             v != v for v in values[column]):  # all NaN: e.g. KL of a first-order-only run
         what = "have no ablation columns" if "ablation_tokens" not in values else \
             f"have no {column} values for domain '{stats.domain}', layer {layer}"
-        how = "--ablation-method exact or both" if criterion == "ablation-kl" else "--ablation"
+        measured = "ablation_tokens" in values  # ablated, by another method
+        how = "--ablation --ablation-method exact" if measured else "--ablation"
+        first_order = any(v == v for v in values.get(_COLUMN["ablation-fo"], ()))
+        other = (", or use --criterion ablation-fo (the first-order estimate these stats hold)"
+                 if first_order and criterion != "ablation-fo" else "")
         raise StatsError(f"--criterion {criterion}: the stats in {stats.folder} {what}",
-                         f"re-run `moekit profile MODEL {how} --out DIR` and pass --stats DIR")
+                         f"re-run `moekit profile MODEL {how} --out DIR` and pass --stats DIR"
+                         f"{other}")
 
 
 SUPER_PERCENTILE, SUPER_FRACTION, SUPER_LAYERS = 99.5, 0.1, 0.75

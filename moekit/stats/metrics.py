@@ -2,7 +2,8 @@
 
 Notation per layer and domain: E experts, T tokens, L_e routed slots of expert e,
 S = sum_e L_e = T * k slots, mean load L_bar = S / E, relative load r_e = L_e / L_bar
-(1 = fair share; the share of tokens c_e = L_e / T has uniform value k / E).
+(1 = fair share). `share` has one meaning in every table, file and plot (SHARE): the share of
+the layer's routed slots s_e = L_e / S (sums to 1 over the layer's experts; uniform 1 / E).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
 
     from moekit.stats.profile import Profile
 
+SHARE = "share of the layer's routed slots, L_e / S (uniform 1/E)"
+SHARE_HEADER = "slot share"  # the printed name of the `share` column, in every table
 COLD_RATIO = 0.25  # an expert is cold when it gets less than a quarter of its fair share
 COVERAGE = 0.9
 LAYER_COLUMNS = ["layer", "domain", "tokens", "slots", "num_experts", "top_k", "entropy_sum",
@@ -85,7 +88,7 @@ def layer_table(experts: pd.DataFrame, layer_raw: pd.DataFrame,
 
 
 def expert_table(profile: Profile, domain: str = "all") -> pd.DataFrame:
-    """Per (layer, expert) of one domain: share c_e = L_e / T, relative load r_e = L_e / L_bar,
+    """Per (layer, expert) of one domain: share s_e = L_e / S, relative load r_e = L_e / L_bar,
     mean weight, EAN mean = ean_sum / L_e, REAP = reap_sum / L_e, max norm."""
     import numpy as np
 
@@ -93,12 +96,11 @@ def expert_table(profile: Profile, domain: str = "all") -> pd.DataFrame:
     frame = frame[frame["domain"] == domain].copy()
     layers = profile.layer_stats
     layers = layers[layers["domain"] == domain].set_index("layer")
-    tokens = frame["layer"].map(layers["tokens"]).to_numpy(dtype=float)
     slots = frame["layer"].map(layers["slots"]).to_numpy(dtype=float)
     experts = frame["layer"].map(layers["num_experts"]).to_numpy(dtype=float)
     count = frame["tokens"].to_numpy(dtype=float)
     with np.errstate(divide="ignore", invalid="ignore"):
-        frame["share"] = count / tokens
+        frame["share"] = count / slots
         frame["relative_load"] = count * experts / slots
         frame["weight_mean"] = frame["weight_sum"] / count
         frame["ean_mean"] = frame["ean_sum"] / count
@@ -107,8 +109,9 @@ def expert_table(profile: Profile, domain: str = "all") -> pd.DataFrame:
 
 
 def specialisation(profile: Profile) -> pd.DataFrame:
-    """OLMoE-style domain specialisation per (layer, domain, expert): share = L_{e,D} / T_D and
-    relative = share / (k / E) = L_{e,D} / (S_D / E); 1 = the uniform share."""
+    """OLMoE-style domain specialisation per (layer, domain, expert): share = L_{e,D} / S_D
+    (of the domain's routed slots) and relative = share / (1 / E) = L_{e,D} / (S_D / E); 1 = the
+    uniform share (OLMoE's L_{e,D} / T_D over k / E is the same relative)."""
     import pandas as pd
 
     parts = [expert_table(profile, name).assign(domain=name) for name in profile.domains]

@@ -131,7 +131,7 @@ def usage_heatmap(profile: Profile, path: Path) -> None:
 
 
 def specialisation_plot(profile: Profile, path: Path, layers: list[int]) -> None:
-    """One panel per layer: domain x expert heatmap of share_{e,D} / (k/E)."""
+    """One panel per layer: domain x expert heatmap of share_{e,D} / (1/E) (slot shares)."""
     import matplotlib.pyplot as plt
 
     frame = specialisation(profile)
@@ -158,10 +158,10 @@ def specialisation_plot(profile: Profile, path: Path, layers: list[int]) -> None
     axes[-1, 0].set_xlabel("expert")
     span = profile.metadata.get("data_range", "0:1")
     fig.suptitle(f"Domain specialisation: {_title(profile)} (data range {span} of each source)\n"
-                 "share of each domain's tokens routed to the expert / uniform share k/E",
+                 "slot share: the expert's share of each domain's routed slots / uniform 1/E",
                  fontsize=11)
     bar = fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.03, pad=0.01, aspect=40)
-    bar.set_label("share / (k/E)   (1 = uniform, >1 = preferred)")
+    bar.set_label("slot share / (1/E)   (1 = uniform, >1 = preferred)")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 

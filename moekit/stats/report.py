@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Any
 from moekit.stats.ablation import report_lines as ablation_lines
 from moekit.stats.criteria import DEFAULT_CRITERION
 from moekit.stats.html import write_html
-from moekit.stats.metrics import COLD_RATIO, coldest, specialisation, summary_table
+from moekit.stats.metrics import (
+    COLD_RATIO,
+    SHARE_HEADER,
+    coldest,
+    specialisation,
+    summary_table,
+)
 from moekit.stats.uncertainty import (
     DEAD_FRACTION,
     UNSTABLE,
@@ -86,7 +92,7 @@ def coldest_rich_table(profile: Profile, count: int = 10) -> Any:
              f"{row['share']:.4f}", f"{row['relative_load']:.3f}x", _num(row["weight_mean"]),
              _num(row["ean_mean"]), _num(row["reap"])] for row in frame.to_dict("records")]
     return FoldedTable(f"The {len(frame)} coldest experts, all domains (EAN, REAP: means per "
-                       "routed token)", ("layer", "expert", "tokens", "share", "load",
+                       "routed token)", ("layer", "expert", "tokens", "slot\nshare", "load",
                                          "mean\nweight", "EAN", "REAP"), rows)
 
 
@@ -130,6 +136,14 @@ def findings(profile: Profile) -> list[str]:
     return lines
 
 
+def named_share(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with its `share*` columns headed by their printed name (`slot share`,
+    metrics.SHARE): one meaning of share in every table."""
+    head = SHARE_HEADER.replace(" ", "_")
+    return frame.rename(columns={c: head + c[len("share"):] for c in frame.columns
+                                 if c.startswith("share")})
+
+
 def markdown_table(frame: pd.DataFrame, floats: str = "{:.3f}") -> str:
     """A GitHub-flavoured Markdown table (no tabulate dependency)."""
     head = "| " + " | ".join(map(str, frame.columns)) + " |"
@@ -164,7 +178,7 @@ def write_report(profile: Profile, folder: Path, plots: dict[str, str]) -> Path:
             parts += [f"## {title}", "", f"![{title}]({plots[kind]})", ""]
     table = summary_table(profile)
     parts += ["## Per-layer statistics (all domains)", "", markdown_table(table), "",
-              "## Coldest experts", "", markdown_table(coldest(profile)), "",
+              "## Coldest experts", "", markdown_table(named_share(coldest(profile))), "",
               *_uncertainty_section(profile),
               *ablation_lines(profile, plots, markdown_table),
               "## Notes", "",
@@ -215,8 +229,9 @@ def _uncertainty_section(profile: Profile, ratio: float = 0.25,
                                     "more_tokens"]]), ""]
     if len(shaky):
         cols = ["layer", "expert", "share", "share_lo", "share_hi", "drop_freq"]
-        lines += ["Least stable decisions (share of routed slots, 95% interval, how often "
-                  "dropped under resampling):", "", markdown_table(shaky[cols], "{:.4f}"), ""]
+        lines += ["Least stable decisions (slot share: the share of the layer's routed slots, "
+                  "95% interval, how often dropped under resampling):", "",
+                  markdown_table(named_share(shaky[cols]), "{:.4f}"), ""]
     else:
         lines += ["Every pruning decision is stable under resampling.", ""]
     return lines

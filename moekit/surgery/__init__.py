@@ -4,7 +4,10 @@ rename per-expert keys, patch the config, account for every source tensor).
 
     plan.py     PrunePlan / LayerPlan: which experts each layer keeps, JSON round trip, checks
     experts.py  canonical float32 experts <-> per-expert / fused / transposed / interleaved layouts
+    stored.py   expert tensors read from / written back into their stored format (quantized
+                ones decoded, changed ones re-encoded: FP8 blocks, MXFP4), byte reads
     tensors.py  take_rows, renamed_expert_key, patch_config, the accounting check
 
-Imports only `io/`, `families/`, `stats/` (and `errors`, `units`); see docs/architecture.md.
+Imports only `io/`, `families/`, `formats/`, `stats/` (and `errors`, `units`); see
+docs/architecture.md.
 """

@@ -8,17 +8,31 @@ family has no expert biases). Expert j computes
     f_j(x) = down_j · act(gate_j x + b_g, up_j x + b_u) + b_d,
 with act(g, u) = silu(g) * u (config `hidden_act`), or gpt-oss's clamped
 (u + 1) * g * sigmoid(alpha * g) with g <= limit, |u| <= limit.
+
+Quantized experts (`expert_format(..., checkpoint)`): the format names *logical* tensors
+(`moekit.formats`: FP8 `...w1.weight` with its `weight_scale_inv`, MXFP4 `...gate_up_proj` for
+its `_blocks`/`_scales`), `read_experts` decodes them, and `surgery/stored.py` writes changed
+ones back in the stored format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import UnsupportedModelError
-from moekit.io.dtypes import to_torch
+from moekit.formats import Logical, quantized_parts
 from moekit.io.header import TensorInfo
+from moekit.surgery.stored import (
+    byte_piece,
+    check_writable,
+    plain,
+    read_pieces,
+    read_stored,
+    read_values,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -26,6 +40,7 @@ if TYPE_CHECKING:
     from moekit.families.layout import ModelLayout, MoeLayer
     from moekit.io.reader import Checkpoint
 
+__all__ = ["byte_piece", "read_pieces"]  # re-exported: their home is surgery/stored.py
 ROLES = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
 
@@ -86,11 +101,56 @@ class ExpertFormat:
     down: str | None = None
     gate_up_bias: str | None = None
     down_bias: str | None = None
+    logical: Mapping[str, Logical] = field(default_factory=dict, compare=False)
+    parts: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def stored(self, name: str, info: TensorInfo) -> Logical:
+        """The logical tensor `name` (quantized, or the plain stored tensor `info`)."""
+        return self.logical.get(name) or plain(info)
+
+    def logical_name(self, key: str) -> str:
+        """The logical tensor a stored key belongs to (itself when plain)."""
+        return self.parts.get(key, key)
 
 
-def expert_format(layout: ModelLayout, layer: MoeLayer) -> ExpertFormat:
+def expert_format(layout: ModelLayout, layer: MoeLayer,
+                  checkpoint: Checkpoint | None = None) -> ExpertFormat:
     """Recognise the layer's expert tensors; UnsupportedModelError for anything else
-    (quantised blocks/scales, unknown per-expert tensors)."""
+    (unknown per-expert tensors; quantized ones unless `checkpoint` is given to decode them)."""
+    if checkpoint is None:
+        return _plain_format(layout, layer)
+    parts = quantized_parts(checkpoint, layer.routed_keys)
+    if not parts:
+        return _plain_format(layout, layer)
+    names = {k: logical.name for k, logical in parts.items()}
+
+    def renamed(keys: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(names.get(k, k) for k in keys))
+
+    logical_layer = dataclasses.replace(
+        layer, expert_keys=tuple(renamed(keys) for keys in layer.expert_keys),
+        fused_keys=renamed(layer.fused_keys))
+    fmt = _plain_format(layout, logical_layer)
+    return dataclasses.replace(fmt, logical={v.name: v for v in parts.values()}, parts=names)
+
+
+def writable_format(layout: ModelLayout, layer: MoeLayer, checkpoint: Checkpoint) -> ExpertFormat:
+    """`expert_format` of a layer whose experts will be changed and written back: refuses
+    stored formats moekit cannot re-encode (`surgery.stored.check_writable`)."""
+    fmt = expert_format(layout, layer, checkpoint)
+    for key, name in fmt.parts.items():
+        logical = fmt.logical[name]
+        if key != name and key not in {s.name for s in logical.sources}:
+            raise UnsupportedModelError(
+                f"expert tensor '{key}' is an activation parameter of the quantized "
+                f"'{logical.name}', which moekit cannot recompute for changed experts",
+                "convert the checkpoint with `moekit convert --dtype bf16` first (or, for "
+                "merge, pass --bf16-experts)")
+        check_writable(logical)
+    return fmt
+
+
+def _plain_format(layout: ModelLayout, layer: MoeLayer) -> ExpertFormat:
     spec = layout.family.experts
     if layer.expert_keys:
         base = layer.prefix + spec.prefixes[0].rstrip(".") + "."
@@ -135,38 +195,16 @@ def _unsupported(layout: ModelLayout, key: str) -> UnsupportedModelError:
 def read_float(info: TensorInfo, rows: list[int] | None = None) -> torch.Tensor:
     """`info` (or its rows `rows` on axis 0) as float32, read with plain file reads: no memory
     map, so nothing of the file stays mapped (and counted in RSS) after the call."""
-    row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else info.nbytes
-    pieces = (info,) if rows is None else tuple(
-        byte_piece(info, info.start + r * row_bytes, row_bytes) for r in rows)
-    shape = info.shape if rows is None else (len(rows), *info.shape[1:])
-    return read_pieces(pieces, info.dtype, tuple(shape)).float()
+    return read_stored(info, rows).float()
 
 
-def byte_piece(info: TensorInfo, start: int, count: int) -> TensorInfo:
-    """Bytes [start, start + count) of `info`'s shard, as a shapeless TensorInfo piece."""
-    return TensorInfo(info.name, info.dtype, (), info.shard, start, start + count)
-
-
-def read_pieces(pieces: tuple[TensorInfo, ...], dtype: str, shape: tuple[int, ...]
-                ) -> torch.Tensor:
-    """The concatenated byte ranges `pieces` (any shards) as one tensor of safetensors `dtype`
-    and `shape`, in its stored dtype, read with plain file reads (no memory map)."""
-    import torch
-
-    buffer = bytearray(sum(p.nbytes for p in pieces))
-    view, offset = memoryview(buffer), 0
-    for piece in pieces:
-        with open(piece.shard, "rb", buffering=0) as handle:
-            handle.seek(piece.start)
-            count = piece.nbytes
-            while count:
-                got = handle.readinto(view[offset:offset + count])
-                if not got:
-                    raise OSError(f"{piece.shard.name} ended while reading '{piece.name}'")
-                offset, count = offset + got, count - got
-    if not buffer:
-        return torch.empty(shape, dtype=to_torch(dtype))
-    return torch.frombuffer(buffer, dtype=to_torch(dtype)).reshape(shape)
+def _values(checkpoint: Checkpoint, fmt: ExpertFormat, name: str,
+            rows: list[int] | None = None) -> torch.Tensor:
+    """float32 values of logical tensor `name` (rows on axis 0), decoded when quantized."""
+    logical = fmt.logical.get(name)
+    if logical is None:
+        return read_float(checkpoint.tensors[name], rows)
+    return read_values(logical, rows)
 
 
 def read_experts(checkpoint: Checkpoint, fmt: ExpertFormat,
@@ -174,16 +212,15 @@ def read_experts(checkpoint: Checkpoint, fmt: ExpertFormat,
     """Experts `ids` (all when None) of one layer, float32, canonical shapes."""
     import torch
 
-    tensors = checkpoint.tensors
     if not fmt.fused:
         assert fmt.per_expert is not None
         chosen = ids if ids is not None else list(range(len(fmt.per_expert["gate"])))
-        stack = {r: torch.stack([read_float(tensors[fmt.per_expert[r][j]]) for j in chosen])
-                 for r in ("gate", "up", "down")}
+        stack = {r: torch.stack([_values(checkpoint, fmt, fmt.per_expert[r][j])
+                                 for j in chosen]) for r in ("gate", "up", "down")}
         return Experts(stack["gate"], stack["up"], stack["down"])
 
     def rows(key: str) -> torch.Tensor:
-        return read_float(tensors[key], ids)
+        return _values(checkpoint, fmt, key, ids)
 
     gate_up = rows(fmt.gate_up)  # type: ignore[arg-type]
     down = rows(fmt.down)  # type: ignore[arg-type]

@@ -85,11 +85,13 @@ def patch_config(config: dict[str, Any], layout: ModelLayout, plan: PrunePlan,
         changed += set_existing(sub, aliases.get(name, (name,)), value)
     warnings = []
     if layout.mtp_layers and plan.num_dropped:
-        changed += set_existing(sub, ("num_nextn_predict_layers",), 0)
+        mtp_keys = ("num_nextn_predict_layers", "mtp_num_hidden_layers")
+        changed += set_existing(sub, mtp_keys, 0)
         warnings.append(f"the multi-token-prediction layer(s) "
-                        f"{', '.join(str(m.index) for m in layout.mtp_layers)} were dropped: "
-                        "their experts have no statistics (transformers never runs them) and "
-                        "would not fit the new expert count; num_nextn_predict_layers = 0")
+                        f"{', '.join(m.prefix.rstrip('.') for m in layout.mtp_layers)} were "
+                        "dropped: their experts have no statistics (transformers never runs "
+                        "them) and would not fit the new expert count; "
+                        f"{' / '.join(k for k in mtp_keys if k in sub)} = 0")
     for key, value in sub.items():
         if key in changed or key in keys.num_experts:
             continue

@@ -19,7 +19,7 @@ from moekit.ops.ablation.exact import exact_layer, layer_inputs
 from moekit.ops.ablation.first_order import first_order_batch
 from moekit.ops.ablation.variants import layer_routing
 from moekit.runtime.distributed import dist_context
-from moekit.stats.ablation import AblationSums, ablation_frame
+from moekit.stats.ablation import METHODS, AblationSums, ablation_frame
 
 if TYPE_CHECKING:
     import torch
@@ -154,9 +154,6 @@ class _Run:
         self.done += 1
         if self.progress:
             self.progress(what, self.done, self.steps)
-
-
-METHODS = ("both", "exact", "first-order")
 
 
 def check_request(layout: ModelLayout, method: str, tokens: int) -> None:

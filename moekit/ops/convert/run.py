@@ -19,12 +19,16 @@ from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor
 from moekit.ops.convert.items import CONFIG_DTYPES, DTYPES, checkpoint_items, out_tensors
 from moekit.ops.convert.quantize import (
     BLOCK,
+    FORMATS,
     SCOPES,
     chosen,
+    chosen_mxfp4,
     fp8_tensors,
+    mxfp4_tensors,
     quantization_config,
     unquantized_modules,
 )
+from moekit.ops.convert.records import write_convert_records
 from moekit.ops.convert.relayout import LAYOUTS, relayout
 
 DTYPE_KEYS = ("dtype", "torch_dtype")
@@ -70,9 +74,13 @@ def check_request(dtype: str | None, experts: str | None, quantize: str | None =
     if dtype is None and experts is None and quantize is None:
         raise InvalidArgumentError("convert: nothing to do", "pass --dtype bf16|fp16|fp32, "
                                    "--quantize fp8 and/or --experts fused|per-expert")
-    if quantize is not None and quantize != "fp8":
+    if quantize is not None and quantize not in FORMATS:
         raise InvalidArgumentError(f"--quantize {quantize!r} is not a format convert writes",
-                                   "use --quantize fp8 (128x128 blocks, E4M3)")
+                                   "use --quantize fp8 (128x128 blocks, E4M3) or mxfp4 "
+                                   "(gpt-oss experts)")
+    if quantize == "mxfp4" and scope not in (None, "experts"):
+        raise InvalidArgumentError("--quantize mxfp4 stores the routed experts only",
+                                   "drop --quantize-layers or pass experts")
     if quantize is not None and dtype is not None:
         raise InvalidArgumentError("--dtype and --quantize are given together",
                                    "--dtype dequantizes, --quantize quantizes: give one")
@@ -91,7 +99,7 @@ def plan_convert(checkpoint: Checkpoint, dtype: str | None, experts: str | None,
                  quantize: str | None = None, scope: str = "linear") -> ConvertPlan:
     """Plan every output tensor and the config from headers only; refuses a conversion that
     would change nothing. `quantize` "fp8": the `scope` weights (linear, experts) as FP8
-    blocks (`quantize.py`)."""
+    blocks; "mxfp4": the fused expert stacks as MXFP4 (`quantize.py`)."""
     quantization = check_quantization(checkpoint.config)
     if quantize is not None and quantization is not None:
         raise InvalidArgumentError(f"--quantize {quantize}: {checkpoint.folder.name} is already "
@@ -100,7 +108,8 @@ def plan_convert(checkpoint: Checkpoint, dtype: str | None, experts: str | None,
     items = checkpoint_items(checkpoint)
     if experts is not None:
         items = relayout(checkpoint, items, experts)
-    to_fp8 = chosen(checkpoint, items, scope) if quantize is not None else set()
+    to_fp8 = chosen(checkpoint, items, scope) if quantize == "fp8" else set()
+    to_mxfp4 = chosen_mxfp4(checkpoint, items) if quantize == "mxfp4" else set()
     consumed = {key for item in items.values() for key in item.inputs}
     missing = sorted(set(checkpoint.tensors) - consumed)
     if missing:
@@ -109,14 +118,21 @@ def plan_convert(checkpoint: Checkpoint, dtype: str | None, experts: str | None,
     tensors: list[OutTensor] = []
     actions: dict[str, int] = {}
     for item in ordered:
-        outs, how = (fp8_tensors(item), "quantized") if item.name in to_fp8 else \
-            out_tensors(item, dtype)
+        if item.name in to_fp8 or item.name in to_mxfp4:
+            outs = fp8_tensors(item) if item.name in to_fp8 else mxfp4_tensors(item)
+            how = "quantized"
+        else:
+            outs, how = out_tensors(item, dtype)
         tensors += outs
         actions[how] = actions.get(how, 0) + len(outs)
     config, changes = patch_config(checkpoint.config, dtype, quantization is not None)
     if to_fp8:
         config["quantization_config"] = quantization_config(unquantized_modules(items, to_fp8))
         changes.append(f"quantization_config (fp8, blocks {BLOCK[0]}x{BLOCK[1]}) added")
+    if to_mxfp4:
+        config["quantization_config"] = quantization_config(
+            unquantized_modules(items, to_mxfp4), "mxfp4")
+        changes.append("quantization_config (mxfp4, experts) added")
     plan = ConvertPlan(tensors, len(checkpoint.tensors),
                        sum(i.nbytes for i in checkpoint.tensors.values()), config, changes,
                        dict(sorted(actions.items())))
@@ -151,16 +167,20 @@ def convert_checkpoint(source: Path, out: Path, *, dtype: str | None = None,
                        scope: str | None = "linear", overwrite: bool = False,
                        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                        on_bytes: Callable[[int, int], None] | None = None,
-                       finish: Callable[[Path, ConvertResult], None] | None = None
-                       ) -> ConvertResult:
+                       source_name: str | None = None) -> ConvertResult:
     """Write `source` converted into `out` (staged: whole or nothing). `dtype`: a safetensors
     float dtype (BF16, F16, F32) or None; `experts`: fused, per-expert or None; `quantize`:
     "fp8" (the `scope` weights, linear or experts, as FP8 blocks) or None.
-    `finish(staging_folder, result)` runs before the rename (provenance, model card)."""
+    Provenance and model card name the model as `source_name` (the user's folder or repo
+    id; default `source`)."""
     checkpoint = Checkpoint(source)
     plan = plan_convert(checkpoint, dtype, experts, quantize, scope or "linear")
     result = ConvertResult(Path(out), plan)
     write_model_folder(checkpoint, Path(out), plan.tensors, plan.config, overwrite=overwrite,
                        max_shard_bytes=max_shard_bytes, on_bytes=on_bytes,
-                       finish=(lambda folder: finish(folder, result)) if finish else None)
+                       finish=lambda folder: write_convert_records(
+                           folder, source_name or str(source), plan.summary(),
+                           dict(dtype=dtype, experts=experts, quantize=quantize,
+                                scope=scope if quantize else None),
+                           source_folder=Path(source)))
     return result

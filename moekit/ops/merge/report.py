@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,14 @@ from moekit.io.card import (
     write_model_card,
     write_provenance,
 )
-from moekit.ops.merge.plan import GROUPINGS, METHODS, ROUTERS, WRITTEN, MergePlan
+from moekit.ops.merge.plan import (
+    GROUPINGS,
+    LAYER_FITS,
+    METHODS,
+    ROUTERS,
+    WRITTEN,
+    MergePlan,
+)
 
 
 def merge_provenance(source: str, plan: MergePlan, *, config_keys: list[str],
@@ -68,22 +76,53 @@ def write_merge_records(folder: Path, source: str, plan: MergePlan, *, config_ke
 
 
 def clusters_markdown(plan: MergePlan, reconstruction: dict[int, float]) -> str:
-    """Per layer: new expert id <- original ids (centre first) and the output error."""
+    """Per layer: new expert id <- original ids (centre first) and the output error merge
+    measured (`error_column`); no error column when it measured none."""
+    header, cell, note = error_column(plan, reconstruction)
     lines = ["## What was merged", "", "| layer | new id <- original ids (centre first) | "
-             "kept alone: new <- original | calibration output error |", "|---|---|---|---|"]
+             f"kept alone: new <- original |{f' {header} |' if header else ''}",
+             "|---|---|---|" + ("---|" if header else "")]
     for p in plan.layers:
         merged, alone = ("; ".join(f"{i} <- {' '.join(map(str, c))}"
                                    for i, c in enumerate(p.clusters) if (len(c) > 1) == many)
                          for many in (True, False))
-        error = reconstruction.get(p.layer)
-        lines.append(f"| {p.layer} | {merged or '-'} | {alone or '-'} | "
-                     f"{'-' if error is None else f'{error:.2%}'} |")
+        lines.append(f"| {p.layer} | {merged or '-'} | {alone or '-'} |"
+                     + (f" {cell(p.layer)} |" if header else ""))
     lines += ["", f"Written: {WRITTEN[plan.method]}.{refit_outcome(plan)}", "",
-              "The output error is the "
-              "gate-weighted relative squared error of the merged experts against their "
-              "clusters' outputs on the calibration tokens (fit only). The full map and merge "
-              "weights are in `moekit_provenance.json`."]
+              f"{note} The full map and merge weights are in `moekit_provenance.json`."]
     return "\n".join(lines) + "\n"
+
+
+def error_column(plan: MergePlan, reconstruction: dict[int, float]
+                 ) -> tuple[str, Callable[[int], str], str]:
+    """(header, cell(layer), note) of the card's output-error column: `fit-layer` the
+    refit's held-out layer errors (centres -> refitted), `fit`/`fit-centre` the relative error
+    on the calibration tokens; header "" when merge measured no error (average, aligned)."""
+    layers = ((plan.calibration or {}).get("refit") or {}).get("layers") or {}
+    if plan.method in LAYER_FITS and layers:
+        def refit_cell(layer: int) -> str:
+            info = layers.get(str(layer))
+            if not info:
+                return "-"
+            before, after = info["held_out_before"], info["held_out_after"]
+            change = f" ({after / before - 1:+.0%})" if before > 0 else ""
+            return f"{before:.4g} -> {after:.4g}{change}"
+
+        return ("held-out output error: centres -> refitted", refit_cell,
+                "The output error is the mean squared error per token of the layer's routed "
+                "output against the unmerged layer's (plus the drift of the residual stream "
+                "from the layers merged before it), on the held-out quarter of the layer's "
+                "calibration tokens (never fitted on): with the centres alone, then with the "
+                "refitted down projections.")
+    if reconstruction:
+        return ("calibration output error",
+                lambda layer: ("-" if reconstruction.get(layer) is None
+                               else f"{reconstruction[layer]:.2%}"),
+                "The output error is the gate-weighted relative squared error of the merged "
+                "experts against their clusters' outputs on the calibration tokens (fit only).")
+    return ("", lambda layer: "",
+            f"No output error was measured: `--method {plan.method}` merges the weights "
+            "without calibration tokens (`moekit eval --ref` measures the merged model).")
 
 
 def refit_outcome(plan: MergePlan) -> str:

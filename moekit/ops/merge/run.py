@@ -41,7 +41,13 @@ from moekit.ops.merge.plan import (
 from moekit.ops.merge.refit import REFIT_DEFAULTS, open_refit, refit_merged
 from moekit.stats.criteria import super_experts
 from moekit.stats.expert_stats import check_stats, load_stats
-from moekit.surgery.experts import activation, expert_format, expert_output, read_experts
+from moekit.surgery.experts import (
+    activation,
+    expert_format,
+    expert_output,
+    read_experts,
+    writable_format,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +126,7 @@ def distance_fn(group: str, checkpoint: Checkpoint, layout: ModelLayout,
     layers = {m.index: m for m in layout.moe_layers}
 
     def distance(index: int) -> torch.Tensor:
-        fmt = expert_format(layout, layers[index])
+        fmt = expert_format(layout, layers[index], checkpoint)
         if group == "weight":
             return gram_cosine_distance(read_experts(checkpoint, fmt).gram())
         data = calib(index) if calib is not None else None
@@ -149,9 +155,11 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
                       method: str, router: str, criterion: str, plan_in: Path | None,
                       domain: str = "all", ignore_fingerprint: bool = False,
                       calib: Calibration | None = None,
-                      protect_super: bool = True) -> tuple[MergePlan, Any]:
+                      protect_super: bool = True,
+                      bf16_experts: bool = False) -> tuple[MergePlan, Any]:
     """Validate everything cheap first (choices, ratio, statistics), then group; super
-    experts (`stats.criteria.super_experts`) stay unmerged unless `protect_super` is off."""
+    experts (`stats.criteria.super_experts`) stay unmerged unless `protect_super` is off;
+    `bf16_experts`: quantized experts will be written as bf16, so any stored format is fine."""
     check_choices(group, method, router)
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
@@ -174,8 +182,8 @@ def choose_merge_plan(source: Path, *, stats: Path | None, ratio: float | None, 
         raise StatsError("merge needs routing statistics (usage weights, centres)",
                          "pass --stats DIR from `moekit profile`, or --data NAME=PATH to "
                          "record them on that text")
-    for layer in layout.moe_layers:
-        expert_format(layout, layer)  # unsupported layouts fail before any work
+    for layer in layout.moe_layers:  # unsupported layouts fail before work
+        (expert_format if bf16_experts else writable_format)(layout, layer, checkpoint)
 
     protect = super_experts(stats_data) if protect_super and stats_data is not None else {}
     grouper = Grouper(layout, fingerprint, group=group, method=method, router=router,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from moekit.errors import CheckpointError, InvalidArgumentError
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import ModelLayout, MoeLayer, describe
+from moekit.formats import quantized_keys
 from moekit.io.dtypes import to_torch
 from moekit.io.output import write_model_folder
 from moekit.io.reader import Checkpoint, TensorInfo
@@ -34,6 +35,7 @@ from moekit.ops.merge.plan import (
     MergePlan,
     validate_merge_plan,
 )
+from moekit.ops.merge.report import write_merge_records
 from moekit.surgery.experts import (
     Experts,
     activation,
@@ -41,7 +43,9 @@ from moekit.surgery.experts import (
     fused_tensors,
     read_experts,
     stack,
+    writable_format,
 )
+from moekit.surgery.stored import encoded, keep_unquantized, replaced_rows
 from moekit.surgery.tensors import check_accounted, patch_config, renamed_expert_key, take_rows
 
 if TYPE_CHECKING:
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
 
     from moekit.ops.merge.calib import LayerCalib
 
+BF16 = "BF16"
 CalibFn = Callable[[int], "LayerCalib | None"]
 RefitFn = Callable[[int], "Mapping[int, torch.Tensor]"]  # layer -> {centre id: down [H, I]}
 
@@ -76,9 +81,11 @@ class LayerMerger:
 
     def __init__(self, checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
                  plan: MergePlan, calib: CalibFn | None, errors: dict[int, float],
-                 refits: Mapping[int, torch.Tensor] | None = None):
+                 refits: Mapping[int, torch.Tensor] | None = None, bf16: bool = False):
         self.checkpoint, self.layout, self.layer, self.plan = checkpoint, layout, layer, plan
-        self.fmt = expert_format(layout, layer)
+        self.fmt = expert_format(layout, layer, checkpoint) if bf16 else \
+            writable_format(layout, layer, checkpoint)
+        self.bf16 = bf16 and bool(self.fmt.logical)  # quantized experts written as bf16
         self.plan_layer = plan.layer(layer.index)
         self.calib, self.errors, self.refits = calib, errors, refits or {}
         self.names: set[str] = set()
@@ -102,7 +109,7 @@ class LayerMerger:
                                        f"calibration tokens for layer {p.layer}",
                                        "pass --data NAME=PATH")
         router = self._router_rows(calib) if self.plan.router == "fit" else None
-        whole = self.fmt.fused or calib is not None or bool(self.refits)
+        whole = self.fmt.fused or calib is not None or bool(self.refits) or self.bf16
         ids = sorted({j for c in p.clusters if len(c) > 1 or whole for j in c})
         experts = read_experts(self.checkpoint, self.fmt, ids)
         row = {j: r for r, j in enumerate(ids)}
@@ -121,7 +128,10 @@ class LayerMerger:
                 self.plan.router, self.plan.config_changes, activation(self.layout), bias,
                 rows=router)
             merged = {i: stacked.select([i]) for i in merged}
-        tensors = self._tensors(merged)
+        fitted = method in FIT_METHODS and calib is not None
+        changed = {i for i, c in enumerate(p.clusters)
+                   if len(c) > 1 or c[0] in self.refits or fitted}
+        tensors = self._tensors(merged, changed)
         if router is not None:
             keys = self.layer.router_keys
             tensors[keys[0]] = router[0].to(to_torch(self.checkpoint.tensors[keys[0]].dtype))
@@ -135,29 +145,49 @@ class LayerMerger:
         bias = self.checkpoint.read(keys[1]).float() if len(keys) > 1 else None
         return fit_router(weight, bias, self.plan_layer, calib)
 
-    def _tensors(self, merged: dict[int, Experts]) -> dict[str, torch.Tensor]:
-        tensors = self.checkpoint.tensors
-        if self.fmt.fused:
-            out = fused_tensors(self.fmt, stack([merged[i] for i in range(len(merged))]))
-            return {k: v.to(to_torch(tensors[k].dtype)) for k, v in out.items()}
-        assert self.fmt.per_expert is not None
+    def _tensors(self, merged: dict[int, Experts], changed: set[int]
+                 ) -> dict[str, torch.Tensor]:
+        """{output name: tensor} of the merged experts, in the source's stored format:
+        quantized ones re-encoded (`surgery/stored.py`), except the rows of unchanged
+        experts (`changed` lacks them) of a quantized fused stack, kept as stored bytes."""
+        tensors, fmt = self.checkpoint.tensors, self.fmt
+        if fmt.fused:
+            out = fused_tensors(fmt, stack([merged[i] for i in range(len(merged))]))
+            centres = [c[0] for c in self.plan_layer.clusters]
+            result = {}
+            for name, value in out.items():
+                logical = fmt.stored(name, tensors.get(name))
+                if logical.quantized and self.bf16:
+                    result[name] = value.to(to_torch(BF16))
+                elif logical.quantized:
+                    result.update(replaced_rows(logical, centres, {
+                        i: value[i] for i in sorted(changed)}))
+                else:
+                    result.update(encoded(logical, name, value))
+            return result
+        assert fmt.per_expert is not None
         result = {}
         for i, expert in merged.items():
             centre = self.plan_layer.clusters[i][0]
             for role in ("gate", "up", "down"):
-                key = self.fmt.per_expert[role][centre]
+                key = fmt.per_expert[role][centre]
                 name = renamed_expert_key(self.layout, key, centre, i)
-                if name in self.names:
-                    result[name] = getattr(expert, role)[0].to(to_torch(tensors[key].dtype))
+                logical, value = fmt.stored(key, tensors.get(key)), getattr(expert, role)[0]
+                stored = {name: value.to(to_torch(BF16))} if self.bf16 else \
+                    encoded(logical, name, value)
+                result.update((k, v) for k, v in stored.items() if k in self.names)
         return result
 
 
 def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: MergePlan,
                  calib: CalibFn | None = None, errors: dict[int, float] | None = None,
-                 refits: RefitFn | None = None) -> tuple[list[OutTensor], dict[str, str]]:
+                 refits: RefitFn | None = None, bf16: bool = False
+                 ) -> tuple[list[OutTensor], dict[str, str]]:
     """Output tensors (source byte order) and, for every input key, what happened to it:
-    `copied`, `renamed`, `sliced`, `merged` or `folded`. Raises if any key is unaccounted.
-    `refits(layer)`: refitted down projections by centre id (`--method fit-layer`)."""
+    `copied`, `renamed`, `sliced`, `merged`, `folded` or `dequantized` (`bf16`: every expert
+    of a changed layer stored quantized is written as bf16, its scales dropped). Raises if any
+    key is unaccounted. `refits(layer)`: refitted down projections by centre id
+    (`--method fit-layer`)."""
     actions: dict[str, str] = {}
     outputs: dict[str, OutTensor] = {}
     for layer in layout.moe_layers:
@@ -166,7 +196,7 @@ def plan_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: MergePlan,
             continue
         merger = LayerMerger(checkpoint, layout, layer, plan, calib,
                              errors if errors is not None else {},
-                             refits(layer.index) if refits is not None else None)
+                             refits(layer.index) if refits is not None else None, bf16)
         for key, action, out in _layer_tensors(checkpoint, layout, layer, p, plan.router,
                                                merger):
             if key in actions:
@@ -192,7 +222,9 @@ def _layer_tensors(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
     result: list[tuple[str, str, OutTensor | None]] = []
     fmt = merger.fmt
     new_count = len(p.clusters)
-    if fmt.fused:
+    if merger.bf16:
+        result += _bf16_experts(layout, layer, p, merger)
+    elif fmt.fused:
         for key in layer.fused_keys:
             info = tensors[key]
             shape = (new_count, *info.shape[1:])
@@ -208,7 +240,8 @@ def _layer_tensors(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
                     continue
                 i = new_of[old]
                 name = renamed_expert_key(layout, key, old, i)
-                refitted = old in merger.refits and key == fmt.per_expert["down"][old]
+                refitted = (old in merger.refits
+                            and fmt.logical_name(key) == fmt.per_expert["down"][old])
                 if len(p.clusters[i]) == 1 and not refitted:
                     result.append((key, "renamed", OutTensor.copy(tensors[key], name)))
                 else:
@@ -225,6 +258,31 @@ def _layer_tensors(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
         info = tensors[layer.selection_bias]
         result.append((layer.selection_bias, *_router_tensor(
             checkpoint, info, p, "centre" if router == "fit" else router, len(info.shape) - 1)))
+    return result
+
+
+def _bf16_experts(layout: ModelLayout, layer: MoeLayer, p: MergeLayer, merger: LayerMerger
+                  ) -> list[tuple[str, str, OutTensor | None]]:
+    """`merge --bf16-experts` on a layer of quantized experts: every expert of the layer (new
+    id i = cluster i) written as its bf16 logical tensors; scales and the folded experts'
+    tensors written nowhere."""
+    fmt, result = merger.fmt, []
+    new_of = {c[0]: i for i, c in enumerate(p.clusters)}
+    keys = [(None, k) for k in layer.fused_keys] or \
+        [(old, k) for old, ks in enumerate(layer.expert_keys) for k in ks]
+    for old, key in keys:
+        name = fmt.logical_name(key)
+        logical = fmt.stored(name, merger.checkpoint.tensors.get(key))
+        if old is not None and old not in new_of:
+            result.append((key, "folded", None))
+        elif key != logical.sources[0].name:  # scales, activation parameters
+            result.append((key, "dequantized", None))
+        else:
+            shape = (len(p.clusters), *logical.shape[1:]) if old is None else logical.shape
+            new = name if old is None else renamed_expert_key(layout, name, old, new_of[old])
+            dtype = BF16 if logical.quantized else logical.sources[0].dtype
+            result.append((key, "merged", OutTensor.computed(new, dtype, shape,
+                                                             merger.want(new))))
     return result
 
 
@@ -247,10 +305,18 @@ def merge_checkpoint(source: Path, plan: MergePlan, out: Path, *, overwrite: boo
                      calib: CalibFn | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                      ignore_fingerprint: bool = False,
                      on_bytes: Callable[[int, int], None] | None = None,
-                     finish: Callable[[Path, MergeResult], None] | None = None) -> MergeResult:
-    """Write the merged checkpoint of `source` into `out` (staged: whole or nothing).
+                     source_name: str | None = None, stats_folder: Path | None = None,
+                     evaluate: Callable[[Path], dict[str, Any] | None] | None = None,
+                     bf16_experts: bool = False) -> MergeResult:
+    """Write the merged checkpoint of `source` into `out` (staged: whole or nothing), with its
+    `moekit_provenance.json` and model card.
     `calib(layer)` gives the layer's calibration tokens (needed by `--method fit`); with
-    `--method fit-layer`, `calib.refits(plan)` runs the sequential refit (`refit.py`) first."""
+    `--method fit-layer`, `calib.refits(plan)` runs the sequential refit (`refit.py`) first.
+    The records name the model as `source_name` (the user's folder or repo id; default
+    `source`) and its `stats_folder`; `evaluate(staging_folder)`, run after the weights are
+    written and before the rename, adds its numbers (result.extra["evaluation"]).
+    `bf16_experts`: quantized experts of the changed layers are written as bf16 (the config's
+    quantization lists their modules as not converted) instead of re-encoded."""
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
     if not layout.is_moe:
@@ -260,15 +326,57 @@ def merge_checkpoint(source: Path, plan: MergePlan, out: Path, *, overwrite: boo
                                ignore_fingerprint)
     errors: dict[int, float] = {}
     refits = layer_refits(plan, calib)
-    tensors, actions = plan_tensors(checkpoint, layout, plan, calib, errors, refits)
+    tensors, actions = plan_tensors(checkpoint, layout, plan, calib, errors, refits,
+                                    bf16_experts)
     config, config_keys, warnings = patch_config(checkpoint.config, layout, plan.as_prune_plan())
+    warnings += requantized_note(checkpoint, layout, actions)
+    if bf16_experts:
+        config_keys += _bf16_config(config, layout, plan, actions, warnings)
     counts = {a: sum(1 for v in actions.values() if v == a) for a in sorted(set(actions.values()))}
     result = MergeResult(Path(out), plan, sum(t.nbytes for t in tensors), len(tensors), counts,
                          config_keys, [*plan.warnings, *warnings], errors)
+
+    def records(folder: Path) -> None:
+        evaluation = evaluate(folder) if evaluate is not None else None
+        result.extra["evaluation"] = evaluation
+        write_merge_records(folder, source_name or str(source), plan, config_keys=config_keys,
+                            warnings=result.warnings,
+                            stats_folder=str(stats_folder) if stats_folder else None,
+                            reconstruction=result.reconstruction, source_folder=Path(source),
+                            evaluation=evaluation)
+
     write_model_folder(checkpoint, Path(out), tensors, config, overwrite=overwrite,
-                       max_shard_bytes=max_shard_bytes, on_bytes=on_bytes,
-                       finish=(lambda folder: finish(folder, result)) if finish else None)
+                       max_shard_bytes=max_shard_bytes, on_bytes=on_bytes, finish=records)
     return result
+
+
+def requantized_note(checkpoint: Checkpoint, layout: ModelLayout, actions: dict[str, str]
+                     ) -> list[str]:
+    """The line provenance and model card carry when merged experts were re-encoded in the
+    source's quantized format (`surgery/stored.py`)."""
+    merged = [k for k, a in actions.items() if a == "merged"]
+    formats = quantized_keys(checkpoint, merged)
+    if not formats:
+        return []
+    return [f"the merged experts are quantized like the source: re-encoded as {formats} "
+            "(new scales computed from the merged values); unmerged experts are copied as "
+            "stored"]
+
+
+def _bf16_config(config: dict[str, Any], layout: ModelLayout, plan: MergePlan,
+                 actions: dict[str, str], warnings: list[str]) -> list[str]:
+    """`--bf16-experts`: the expert modules of the layers written dequantized, named in the
+    config's quantization (`surgery.stored.keep_unquantized`) and in a warning."""
+    done = {k for k, a in actions.items() if a == "dequantized"}
+    modules = [layer.prefix + layout.family.experts.prefixes[0].rstrip(".")
+               for layer in layout.moe_layers
+               if done & set(layer.routed_keys)]
+    if not modules:
+        return []
+    warnings.append(f"the experts of {len(modules)} merged layer(s) are written dequantized to "
+                    "bf16 (--bf16-experts); quantization_config names their modules as not "
+                    f"converted: {', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''}")
+    return keep_unquantized(config, modules)
 
 
 def layer_refits(plan: MergePlan, calib: Any) -> RefitFn | None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from moekit.calib.data import DataSource
 from moekit.errors import DataError, InvalidArgumentError, UnsupportedModelError
+from moekit.io.reader import Checkpoint
 from moekit.layerfit.lanes import Lane, LaneRun, Search
 from moekit.layerfit.measured import grouping, load_calibration, needs_refit
 from moekit.layerfit.reconstruct import STEPS as RECONSTRUCT_STEPS
@@ -48,7 +49,7 @@ from moekit.runtime.engine import mode_line
 from moekit.runtime.groups import require_whole_layers
 from moekit.runtime.spill import TensorSpill
 from moekit.stats.criteria import CRITERIA, super_experts
-from moekit.surgery.experts import expert_format
+from moekit.surgery.experts import writable_format
 from moekit.surgery.plan import PrunePlan, drop_count
 from moekit.units import human
 
@@ -207,7 +208,7 @@ def _estimate(source: Path, cal: Any, criterion: str, n_drop: int,
               options: DataOptions) -> Estimate:
     """Probe the model on a few positions and predict the run (`estimate`)."""
     measured = criterion in DATA_CRITERIA
-    search = _search(cal.layout, n_drop, {}, options) if measured else None
+    search = _search(cal.layout, n_drop, {}, options, source) if measured else None
     lanes = _lanes([], search, options)
     stats_lanes = len(AUTO_CRITERIA) if criterion == "auto" else 0 if measured else 1
     refit = search is not None and needs_refit(n_drop, search.compensate, search.width)
@@ -301,7 +302,7 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
     refused before any work."""
     n_drop = drop_count(ratio, layout.moe_layers[0].num_experts)
     if options.refit_auto and options.refit_tokens is None and \
-            _reconstruct_steps(layout, options):
+            _reconstruct_steps(layout, options, source):
         _auto_refit(source, layout, n_drop, options, log)
     refit = _refit_tokens(options)
     default = options.token_default or PRUNE_TOKENS
@@ -310,7 +311,7 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
     if options.max_tokens is not None and not sums:
         return
     rebuild = reconstruct_bytes(layout, n_drop, refit if sums else 0) \
-        if _reconstruct_steps(layout, options) else 0
+        if _reconstruct_steps(layout, options, source) else 0
     found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
                                device=options.device, max_memory=options.max_memory,
                                requested=options.max_tokens, default=default,
@@ -373,27 +374,29 @@ def _setup(cal: Any, stats: Any, fingerprint: str, criterion: str, ratio: float,
     stats_plans = stats_candidates(cal, stats, fingerprint, ratio, guard, min_experts) \
         if criterion == "auto" else []
     search = _search(layout, drop_count(ratio, layout.moe_layers[0].num_experts), guard,
-                     options)
+                     options, cal.engine.path)
     return stats_plans, search
 
 
 def _search(layout: Any, n_drop: int, guard: dict[int, list[int]],
-            options: DataOptions) -> Search:
+            options: DataOptions, source: Path) -> Search:
     """The measured search's settings from the options."""
     return Search(n_drop, options.beam or 1, options.compensate is not False, options.width,
-                  guard, options.router, _reconstruct_steps(layout, options),
+                  guard, options.router, _reconstruct_steps(layout, options, source),
                   options.reconstruct_share, options.reconstruct_progress)
 
 
-def _reconstruct_steps(layout: Any, options: DataOptions) -> int:
+def _reconstruct_steps(layout: Any, options: DataOptions, source: Path) -> int:
     """Steps of the whole-expert reconstruction: with the down refit, when every MoE layer's
-    gate/up tensors can be written back (`surgery.experts.expert_format`)."""
+    gate/up tensors can be written back (`surgery.experts.writable_format`: plain, or a
+    quantized format moekit re-encodes)."""
     if options.compensate is False or options.width is not None or \
             not options.reconstruct_steps:
         return 0
+    checkpoint = Checkpoint(source)
     try:
         for layer in layout.moe_layers:
-            expert_format(layout, layer)
+            writable_format(layout, layer, checkpoint)
     except UnsupportedModelError:
         return 0
     return options.reconstruct_steps

@@ -98,6 +98,12 @@ def _calibration_markdown(calibration: dict[str, Any]) -> str:
         lines += ["", f"{experts} expert down projections{whole} and {routers} router "
                   "tensors were refitted on calibration activations; see "
                   "`moekit_provenance.json`."]
+        stored = sorted({row["stored"] for row in modified
+                         if str(row.get("stored", "")).startswith("re-encoded")})
+        if stored:
+            lines += ["", f"The refitted experts are quantized like the source: "
+                      f"{', '.join(stored)} (new scales computed from the refitted values); "
+                      "every other expert is copied as stored."]
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,9 @@ experts (a mapping per layer; read only when the tensor is written, so refits sp
 `...{down}.weight` [H, I] replaced (under its new id); fused checkpoints get the kept rows of
 the fused down tensor ([E', H, I], or [E', I, H] when transposed) with the refitted experts'
 rows replaced. Everything else stays a
-byte copy. Refitted router rows (`router_fit`) replace the kept rows of the router weight [E', H]
+byte copy. Quantized experts (FP8 blocks, MXFP4) are written re-encoded in their stored format
+with new scales (`surgery/stored.py`), the other rows of a fused stack kept as stored bytes.
+Refitted router rows (`router_fit`) replace the kept rows of the router weight [E', H]
 (and bias). Each modified tensor is reported with its relative change ||W - W0|| / ||W0||.
 """
 
@@ -15,10 +17,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import UnsupportedModelError
-from moekit.formats import quantized_keys
 from moekit.io.dtypes import to_torch
 from moekit.io.writer import OutTensor
-from moekit.surgery.experts import expert_format, join_halves
+from moekit.surgery.experts import ExpertFormat, join_halves, writable_format
+from moekit.surgery.stored import describe_format, rows_replaced, stored_outputs
 from moekit.surgery.tensors import renamed_expert_key
 
 if TYPE_CHECKING:
@@ -40,29 +42,30 @@ def modified_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePla
     """({source key: OutTensor replacing its normal output}, provenance rows); `routers`
     {layer: refitted router rows} replace the kept rows of the router weight (and bias);
     `gate_up` {layer: {expert: GateUp}} the reconstructed experts' gate and up projections
-    (`reconstruct`)."""
+    (`reconstruct`). Quantized experts are re-encoded in their stored format
+    (`surgery/stored.py`; the row says `stored`)."""
     out, rows = router_tensors(checkpoint, layout, plan, routers or {})
-    _refuse_quantized(checkpoint, layout, [i for i, w in {**weights, **(gate_up or {})}.items()
-                                           if w])
     for index, pairs in sorted((gate_up or {}).items()):
         kept = plan.layer(index).kept
-        for e, key, tensor in gate_up_tensors(checkpoint, layout, plan, index, pairs):
-            out[key] = tensor
+        for e, key, tensors, how in gate_up_tensors(checkpoint, layout, plan, index, pairs):
+            out.update(tensors)
             rows.append({"layer": index, "expert": e, "new_id": kept.index(e), "tensor": key,
-                         "rel_change": round(pairs[e].rel_change, 6), "reconstructed": True})
+                         "rel_change": round(pairs[e].rel_change, 6), "reconstructed": True,
+                         "stored": how})
     layers = {layer.index: layer for layer in layout.moe_layers}
     for index, per_expert in sorted(weights.items()):
         if not per_expert:
             continue
         layer, kept = layers[index], plan.layer(index).kept
-        if layer.expert_keys:
-            found = _per_expert(checkpoint, layout, layer, kept, per_expert)
+        fmt = writable_format(layout, layer, checkpoint)
+        if not fmt.fused:
+            found = _per_expert(checkpoint, layout, fmt, layer, kept, per_expert)
         else:
-            found = _fused(checkpoint, layout, layer, kept, per_expert)
-        for e, key, tensor in found:
-            out[key] = tensor
+            found = _fused(checkpoint, layout, fmt, layer, kept, per_expert)
+        for e, key, tensors, how in found:
+            out.update(tensors)
             rows.append({"layer": index, "expert": e, "new_id": kept.index(e), "tensor": key,
-                         "rel_change": round(rel_change[index][e], 6)})
+                         "rel_change": round(rel_change[index][e], 6), "stored": how})
     return out, rows
 
 
@@ -106,98 +109,75 @@ def _router_rows(fit: RouterFit, part: int, kept: list[int]) -> torch.Tensor:
     return tensor.index_select(0, torch.as_tensor(kept)).contiguous()
 
 
-def _refuse_quantized(checkpoint: Checkpoint, layout: ModelLayout, indices: list[int]) -> None:
-    """Refits are written in the source dtype: never into quantized experts, whose scales
-    would no longer match (the CLI turns the refits off for them before calibrating)."""
-    keys = [k for layer in layout.moe_layers if layer.index in indices for k in layer.routed_keys]
-    formats = quantized_keys(checkpoint, keys)
-    if formats:
-        raise UnsupportedModelError(f"refitted experts cannot be written as {formats}",
-                                    "use --no-compensate on quantized experts")
-
-
 def shape_of(weights: Any, e: int) -> tuple[int, ...]:
     """Shape of refit `e` (read from the spill header when the refits lie on disk)."""
     lazy = getattr(weights, "shape_of", None)
     return tuple(lazy(e)) if lazy is not None else tuple(weights[e].shape)
 
 
-def _down_name(layout: ModelLayout) -> str:
-    return layout.family.experts.projections.get("down", "down_proj").split(".")[-1]
-
-
-def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, kept: list[int],
-                weights: dict[int, torch.Tensor]) -> list[tuple[int, str, OutTensor]]:
-    down = _down_name(layout)
+def _per_expert(checkpoint: Checkpoint, layout: ModelLayout, fmt: ExpertFormat,
+                layer: MoeLayer, kept: list[int], weights: dict[int, torch.Tensor]
+                ) -> list[tuple[int, str, dict[str, OutTensor], str]]:
+    assert fmt.per_expert is not None
     found = []
     for e in weights:
-        key = next((k for k in layer.expert_keys[e] if k.endswith(f".{down}.weight")), None)
-        if key is None:
-            raise UnsupportedModelError(f"layer {layer.index} expert {e} has no "
-                                        f"'{down}.weight' tensor to refit", "use --no-compensate")
-        info = checkpoint.tensors[key]
+        key = fmt.per_expert["down"][e]
+        logical = fmt.stored(key, checkpoint.tensors.get(key))
         shape = shape_of(weights, e)
-        if tuple(info.shape) != shape:
-            raise UnsupportedModelError(f"'{key}' is {list(info.shape)}, the refit gives "
+        if tuple(logical.shape) != shape:
+            raise UnsupportedModelError(f"'{key}' is {list(logical.shape)}, the refit gives "
                                         f"{list(shape)}", "use --no-compensate")
         name = renamed_expert_key(layout, key, e, kept.index(e))
-        dtype = to_torch(info.dtype)
-        found.append((e, key, OutTensor.computed(name, info.dtype, info.shape,
-                                                 lambda e=e, d=dtype: weights[e].to(d))))
+        found.append((e, key, stored_outputs(logical, name, lambda e=e: weights[e]),
+                      describe_format(logical)))
     return found
 
 
-def _fused(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer, kept: list[int],
-           weights: dict[int, torch.Tensor]) -> list[tuple[int, str, OutTensor]]:
-    down = _down_name(layout)
-    key = next((k for k in layer.fused_keys if k.endswith(f".{down}")), None)
-    if key is None:
-        raise UnsupportedModelError(f"layer {layer.index} has no fused '{down}' tensor to refit "
-                                    "(quantised experts?)", "use --no-compensate")
-    info = checkpoint.tensors[key]
-    transposed = layout.family.experts.transposed
-    shape = (len(kept), *info.shape[1:])
+def _fused(checkpoint: Checkpoint, layout: ModelLayout, fmt: ExpertFormat, layer: MoeLayer,
+           kept: list[int], weights: dict[int, torch.Tensor]
+           ) -> list[tuple[int, str, dict[str, OutTensor], str]]:
+    key = fmt.down
+    assert key is not None
+    logical = fmt.stored(key, checkpoint.tensors.get(key))
+    transposed = fmt.transposed
 
-    def produce() -> torch.Tensor:
-        rows = checkpoint.read_rows(key, kept).clone()
-        for e, weight in weights.items():
-            rows[kept.index(e)] = (weight.T if transposed else weight).to(rows.dtype)
-        return rows
+    def new() -> dict[int, torch.Tensor]:
+        return {kept.index(e): (w.T if transposed else w).float() for e, w in weights.items()}
 
-    tensor = OutTensor.computed(key, info.dtype, shape, produce)
-    return [(e, key, tensor) for e in sorted(weights)]
+    tensors = rows_replaced(logical, kept, new)
+    return [(e, key, tensors, describe_format(logical)) for e in sorted(weights)]
 
 
 def gate_up_tensors(checkpoint: Checkpoint, layout: ModelLayout, plan: PrunePlan, index: int,
-                    pairs: dict[int, GateUp]) -> list[tuple[int, str, OutTensor]]:
-    """(expert, source key, tensor) of the gate/up tensors of layer `index` holding the
-    reconstructed experts `pairs`, in the source's layout and dtype (per-expert keys renamed
-    to the new ids; fused: the kept rows, one tensor for all)."""
+                    pairs: dict[int, GateUp]) -> list[tuple[int, str, dict[str, OutTensor], str]]:
+    """(expert, logical key, {source key: tensor}, how stored) of the gate/up tensors of layer
+    `index` holding the reconstructed experts `pairs`, in the source's layout and stored format
+    (per-expert keys renamed to the new ids; fused: the kept rows, one tensor for all)."""
     layer = next(m for m in layout.moe_layers if m.index == index)
     kept = plan.layer(index).kept
-    fmt = expert_format(layout, layer)
-    out: list[tuple[int, str, OutTensor]] = []
+    fmt = writable_format(layout, layer, checkpoint)
+    out: list[tuple[int, str, dict[str, OutTensor], str]] = []
     if fmt.per_expert is not None:
         for e, pair in pairs.items():
             for part, role in enumerate(("gate", "up")):
                 key = fmt.per_expert[role][e]
-                info = checkpoint.tensors[key]
+                logical = fmt.stored(key, checkpoint.tensors.get(key))
                 name = renamed_expert_key(layout, key, e, kept.index(e))
-                out.append((e, key, OutTensor.computed(
-                    name, info.dtype, info.shape,
-                    lambda p=pair, i=part, d=to_torch(info.dtype): p.read()[i].to(d))))
+                out.append((e, key, stored_outputs(
+                    logical, name, lambda p=pair, i=part: p.read()[i].float()),
+                    describe_format(logical)))
         return out
     key = fmt.gate_up
     assert key is not None
-    info = checkpoint.tensors[key]
+    logical = fmt.stored(key, checkpoint.tensors.get(key))
 
-    def produce() -> torch.Tensor:
-        rows = checkpoint.read_rows(key, kept).clone()
+    def new() -> dict[int, torch.Tensor]:
+        joined = {}
         for e, pair in pairs.items():
             gate, up = pair.read()
-            joined = join_halves(gate[None], up[None], fmt.interleaved)[0]
-            rows[kept.index(e)] = (joined.T if fmt.transposed else joined).to(rows.dtype)
-        return rows
+            value = join_halves(gate[None].float(), up[None].float(), fmt.interleaved)[0]
+            joined[kept.index(e)] = value.T if fmt.transposed else value
+        return joined
 
-    tensor = OutTensor.computed(key, info.dtype, (len(kept), *info.shape[1:]), produce)
-    return [(e, key, tensor) for e in sorted(pairs)]
+    tensors = rows_replaced(logical, kept, new)
+    return [(e, key, tensors, describe_format(logical)) for e in sorted(pairs)]

@@ -23,6 +23,7 @@ from moekit.families.layout import ModelLayout, MoeLayer, describe
 from moekit.io.output import write_model_folder
 from moekit.io.reader import Checkpoint
 from moekit.io.writer import DEFAULT_SHARD_BYTES, OutTensor
+from moekit.ops.prune.report import write_prune_records
 from moekit.surgery.plan import PrunePlan, validate_plan
 from moekit.surgery.tensors import account, check_accounted, patch_config, take_rows
 
@@ -98,16 +99,23 @@ def _layer_tensors(checkpoint: Checkpoint, layout: ModelLayout, layer: MoeLayer,
 def prune_checkpoint(source: Path, plan: PrunePlan, out: Path, *, overwrite: bool = False,
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, ignore_fingerprint: bool = False,
                      on_bytes: Callable[[int, int], None] | None = None,
-                     finish: Callable[[Path, PruneResult], None] | None = None,
                      modified: dict[str, OutTensor] | None = None,
-                     expert_width: int | None = None) -> PruneResult:
-    """Write the pruned checkpoint of `source` into `out` (staged: whole or nothing).
+                     expert_width: int | None = None, source_name: str | None = None,
+                     stats_folder: Path | None = None,
+                     budget: list[dict[str, Any]] | None = None,
+                     calibration: dict[str, Any] | None = None,
+                     evaluate: Callable[[Path], dict[str, Any] | None] | None = None
+                     ) -> PruneResult:
+    """Write the pruned checkpoint of `source` into `out` (staged: whole or nothing), with its
+    `moekit_provenance.json` and model card.
 
     `on_bytes(written, total)` is called once with written=0 and after every tensor (progress).
-    `finish(staging_folder, result)` runs after the weights, config and tokenizer are written
-    and before the folder is renamed into place (evaluation, provenance, model card).
     `modified` replaces the output of some input keys (refitted experts, `rewrite.py`;
-    trimmed experts, `trim.py`, with `expert_width` their new width for config.json)."""
+    trimmed experts, `trim.py`, with `expert_width` their new width for config.json).
+    The records name the model as `source_name` (the user's folder or repo id; default
+    `source`) and carry `stats_folder`, the plan's `budget` rows and the `--data`
+    `calibration` record; `evaluate(staging_folder)`, run after the weights are written and
+    before the rename, adds its numbers (result.extra["evaluation"])."""
     checkpoint = Checkpoint(source)
     layout = describe(checkpoint)
     if not layout.is_moe:
@@ -119,7 +127,16 @@ def prune_checkpoint(source: Path, plan: PrunePlan, out: Path, *, overwrite: boo
     counts = {a: sum(1 for v in actions.values() if v == a) for a in sorted(set(actions.values()))}
     result = PruneResult(Path(out), plan, sum(t.nbytes for t in tensors), len(tensors), counts,
                          config_keys, [*plan.warnings, *warnings])
+
+    def records(folder: Path) -> None:
+        evaluation = evaluate(folder) if evaluate is not None else None
+        result.extra["evaluation"] = evaluation
+        write_prune_records(folder, source_name or str(source), plan, config_keys=config_keys,
+                            warnings=result.warnings,
+                            stats_folder=str(stats_folder) if stats_folder else None,
+                            budget=budget, evaluation=evaluation, source_folder=Path(source),
+                            calibration=calibration)
+
     write_model_folder(checkpoint, Path(out), tensors, config, overwrite=overwrite,
-                       max_shard_bytes=max_shard_bytes, on_bytes=on_bytes,
-                       finish=(lambda folder: finish(folder, result)) if finish else None)
+                       max_shard_bytes=max_shard_bytes, on_bytes=on_bytes, finish=records)
     return result
