@@ -139,10 +139,10 @@ def child(args: argparse.Namespace) -> None:
         wall, cpu = time.perf_counter(), time.process_time()
         _cli(["prune", str(args.model), *_data_args(args.text), "--data-range", "0:0.5",
               "--ratio", str(args.ratio), "--seq-len", str(args.seq_len), "--out", str(out),
-              *extra])
+              *extra, *args.args.split()])
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        loss = evaluate(out, args)
+        loss = evaluate(out, args) if args.eval else float("nan")
     work_wall = sum(clock.wall.values())
     work_cpu = sum(clock.cpu.values())
     print("RESULT " + json.dumps({
@@ -175,12 +175,16 @@ def main() -> None:
     parser.add_argument("--stats", nargs="*", default=[], help="stats criteria rows")
     parser.add_argument("--effort", help=argparse.SUPPRESS)
     parser.add_argument("--criterion", help=argparse.SUPPRESS)
+    parser.add_argument("--args", default="", help="more prune options for every row, e.g. "
+                        "'--dtype float32'")
+    parser.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                        help="evaluate the outputs (--no-eval: cost only, e.g. random weights)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     if args.effort or args.criterion:
         child(args)
         return
-    base = evaluate(args.model, args)
+    base = evaluate(args.model, args) if args.eval else float("nan")
     print(f"unpruned loss {base:.4f} (load average {os.getloadavg()[0]:.2f})", flush=True)
     rows = [_run_child(args, "--effort", e) for e in args.efforts]
     rows += [_run_child(args, "--criterion", c) for c in args.stats]
@@ -192,7 +196,8 @@ def main() -> None:
 def _run_child(args: argparse.Namespace, flag: str, value: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--model", str(args.model), "--text", str(args.text),
            "--ratio", str(args.ratio), "--seq-len", str(args.seq_len), "--eval-tokens",
-           str(args.eval_tokens), flag, value]
+           str(args.eval_tokens), "--args=" + args.args, "--eval" if args.eval else "--no-eval",
+           flag, value]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     sys.stderr.write(proc.stderr[-3000:])

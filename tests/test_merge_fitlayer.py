@@ -141,3 +141,16 @@ def test_fixed_centres_are_kept_without_a_search():
     for bad in ([0, 1, 3], [0, 1, 1, 3], [0, 1, 3, 6]):
         with pytest.raises(ValueError):
             fixed_drop(Replay(), 6, 2, bad)
+
+
+def test_refit_scores_the_router_the_merge_writes(tiny_checkpoint, tmp_path, monkeypatch):
+    """The merge writes its centres' original router rows, so its layered refit must not refit
+    the router for the lanes it scores (it did: `Search`'s default router refit was on)."""
+    from moekit.layerfit import measured
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("merge's refit refitted the router rows it does not write")
+
+    monkeypatch.setattr(measured, "refit_router", refuse)
+    out, plan = fit_layer_merge(tiny_checkpoint("mixtral"), tmp_path)
+    assert (out / "config.json").exists() and plan["layers"]

@@ -32,7 +32,6 @@ def _options(**kw) -> DataOptions:
 
 def test_levels_resolve_to_their_documented_settings(tiny_checkpoint):
     layout = _layout(tiny_checkpoint)
-    num, k = layout.moe_layers[0].num_experts, layout.top_k()
     best = effort_settings("best", layout, 2)
     assert (best.max_tokens, best.beam, best.refit_auto, best.compensate,
             best.reconstruct_steps, best.reconstruct_share, best.reconstruct_progress) == \
@@ -43,9 +42,9 @@ def test_levels_resolve_to_their_documented_settings(tiny_checkpoint):
     assert default.reconstruct_progress == effort_mod.PROGRESS
     assert default.max_tokens == effort_mod.refit_positions(layout, 2)
     fast = effort_settings("fast", layout, 2)
-    assert (fast.beam, fast.refit_auto, fast.compensate, fast.reconstruct_steps) == \
-        (1, False, False, 0)
-    assert fast.max_tokens == max(2048, -(-256 * num // k // 1024) * 1024)
+    assert (fast.beam, fast.refit_auto, fast.compensate, fast.reconstruct_steps,
+            fast.selection, fast.refit_share) == (1, False, True, 0, "ean", 0.25)
+    assert fast.max_tokens == default.max_tokens  # statistics of default's positions
     for name in EFFORTS:
         found = effort_settings(name, layout, 2).max_tokens
         assert found is None or (2048 <= found <= 32768 and found % 1024 == 0)
@@ -61,9 +60,13 @@ def test_refit_positions_follow_the_rule():
         def top_k(self) -> int:
             return 8
 
-    # 20 * 768 * 64 / (8 * 0.75) = 163840 -> capped at 32768; 256 * 128 / 8 = 4096
+    # 20 * 768 * 64 / (8 * 0.75) = 163840 -> capped at 32768
     assert effort_mod.refit_positions(Layout(), 64) == 32768
-    assert effort_mod.selection_positions(Layout(), 64) == 4096
+    # the fixture (16 experts of width 128, top-2) at 50 %: 20 * 128 * 8 / 1.5 = 13653.3
+    Layout.config = {"hidden_size": 256, "moe_intermediate_size": 128}
+    Layout.moe_layers = [type("L", (), {"num_experts": 16})()]
+    Layout.top_k = lambda self: 2
+    assert effort_mod.refit_positions(Layout(), 8) == 14336
 
 
 def test_explicit_options_override_the_level(tiny_checkpoint):
@@ -75,6 +78,10 @@ def test_explicit_options_override_the_level(tiny_checkpoint):
             options.reconstruct_steps) == (3, 4096, True, 50)
     assert options.reconstruct_share is None and options.reconstruct_progress == 0.0
     assert options.refit_auto is False  # fast streams nothing unless --refit-tokens is given
+    assert options.selection is None  # a beam or reconstruction asked for: the search runs
+    options = _options(effort="fast", beam=None, reconstruct_steps=None)  # as the CLI does
+    _, options = apply_effort(options, layout, 2)
+    assert (options.selection, options.refit_share, options.compensate) == ("ean", 0.25, True)
     options = _options(effort="default", refit_tokens=8192, refit_auto=False, beam=None,
                        reconstruct_steps=None)  # as the CLI passes options not given
     _, options = apply_effort(options, layout, 2)
@@ -179,3 +186,45 @@ def test_best_equals_the_settings_before_the_levels(trained_checkpoint, sample_t
     assert _tensors(outs[0]) == _tensors(outs[1])
     plans = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("best", "hand")]
     assert [p["layers"] for p in plans] == [plans[0]["layers"]] * 2
+
+
+def test_fast_refits_the_stats_plan_on_a_quarter_without_scoring_lanes(
+        trained_checkpoint, sample_texts, monkeypatch):
+    """`--effort fast`: the experts are those `ean` chooses on the run's own statistics (super
+    experts protected), the layered run has only the original and pruned lanes over the first
+    quarter of the positions, and the kept experts' down projections are refitted."""
+    from moekit.layerfit import lanes
+    from moekit.ops.prune.select import build_plan, merge_protect
+    from moekit.stats.criteria import super_experts
+
+    seen = []
+    original = lanes.LaneRun.__init__
+
+    def spy(self, cal, run_lanes, search, *args, **kwargs):
+        seen.append(([lane.name for lane in run_lanes], sum(int(w.numel()) for w in cal.fit),
+                     len(cal.held), search.kept))
+        original(self, cal, run_lanes, search, *args, **kwargs)
+
+    monkeypatch.setattr(lanes.LaneRun, "__init__", spy)
+    folder = trained_checkpoint("moe")
+    checkpoint = Checkpoint(folder)
+    layout = describe(checkpoint)
+    fingerprint = model_fingerprint(checkpoint, layout)
+    sources = [DataSource(name, path) for name, path in sample_texts.items()]
+    options = DataOptions(sources, seq_len=64, max_tokens=4096, device="cpu", dtype="float32",
+                          effort="fast", beam=None, reconstruct_steps=None)
+    choice = choose_with_data(folder, layout, fingerprint, criterion="measured", ratio=0.5,
+                              protect={}, min_experts=None, options=options,
+                              log=lambda _: None)
+    assert choice.chosen.name == "ean+compensate" and len(choice.candidates) == 1
+    names, positions, held, kept = seen[0]
+    assert names == ["original", "pruned"] and held == 0
+    assert positions <= 4096 // 4 + 64 and choice.info["refit_positions"] == positions
+    guard = merge_protect({}, super_experts(choice.stats))
+    plan = build_plan(layout, fingerprint, criterion="ean", ratio=0.5, stats=choice.stats,
+                      protect=guard)
+    assert {p.layer: list(p.kept) for p in plan.layers} == kept
+    assert [list(p.kept) for p in choice.chosen.plan.layers] == [list(p.kept)
+                                                                for p in plan.layers]
+    assert choice.chosen.weights and all(
+        v > 0 for layer in choice.chosen.rel_change.values() for v in layer.values())

@@ -35,8 +35,11 @@ FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "deepseek_v2", "
             "olmoe", "glm4_moe"]
 
 
+@pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_replay_equals_pruned_checkpoint(model_type, tmp_path):
+def test_replay_equals_pruned_checkpoint(model_type, fixed, tmp_path):
+    """`fixed`: the replay of one kept set (`build_replay(keep=...)`, 2k cached experts per
+    token, merge's and `--effort fast`'s refit) answers for it as the search's replay does."""
     folder, model, layout, fingerprint = measured_setup(model_type, tmp_path)
     family = layout.family
     num = layout.moe_layers[0].num_experts
@@ -52,7 +55,10 @@ def test_replay_equals_pruned_checkpoint(model_type, tmp_path):
     for block in moe_blocks(model, family):
         cap = caps[block.layer]
         replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
-                              routing, after, n_drop, keep_outputs=True)
+                              routing, after, n_drop, keep_outputs=True,
+                              keep=keep[block.layer] if fixed else None)
+        if fixed:
+            assert replay.cand.shape[1] == 2 * routing.top_k
         predicted = cap.outputs - replay.target + replay.output(keep[block.layer])
         actual = block_output(pruned_blocks[block.layer].block, cap.inputs)
         torch.testing.assert_close(predicted, actual, rtol=1e-4, atol=1e-5)

@@ -115,7 +115,8 @@ def prune(
         "each source; default with --effort best: 4 x --max-tokens when the memory allows, "
         "else the selection's).")] = None,
     effort: Annotated[str, typer.Option(
-        "--effort", help="With --data: fast (few positions, greedy search, no refits), "
+        "--effort", help="With --data: fast (ean on the statistics, then the kept experts' down "
+        "refit on a quarter of the positions: about 3 forward passes), "
         "default (the down refit's positions, beam 2, a reconstruction limited in time: about "
         "30 forward passes), best (32768 positions, beam 4, 4x streamed refit, 1000 "
         "reconstruction steps). Explicit --max-tokens/--beam/--refit-tokens/"

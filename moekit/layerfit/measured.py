@@ -223,7 +223,7 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
     num = int(block.experts.num_experts)
     groups, changes = grouping(cal.layout, num, n_drop)
     replay = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
-                          cal.routing, cal.routing.after_prune(changes), n_drop)
+                          cal.routing, cal.routing.after_prune(changes), n_drop, keep=kept)
     if kept is not None:
         found = fixed_drop(replay, num, n_drop, kept)
     else:

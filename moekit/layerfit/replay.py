@@ -72,10 +72,7 @@ class LayerReplay:
 
     def routing_for(self, keep: list[int] | None) -> Routing:
         """The routing among `keep` (see `routed`)."""
-        routing = self.routing if keep is None else self.pruned_routing
-        if keep is not None and len(keep) % routing.n_group:
-            routing = replace(routing, n_group=1, topk_group=1)  # unbalanced: plain top-k
-        return routing
+        return routing_among(self.routing, self.pruned_routing, keep)
 
     def output(self, keep: list[int] | None, rows: slice = slice(None)) -> torch.Tensor:
         """y_K [n, H] for the cached tokens `rows` (keep=None: all experts); needs the outputs
@@ -115,6 +112,15 @@ class LayerReplay:
         pair = self.gram.view(-1)[(index * m * m).unsqueeze(1) + pairs].view(num, k, k)
         sq = self.tnorm[index] - 2 * (w * cross).sum(1) + torch_einsum(w, pair)
         return sq.clamp(min=0)
+
+def routing_among(routing: Routing, pruned_routing: Routing, keep: list[int] | None) -> Routing:
+    """`routing` unpruned (keep None), else `pruned_routing`, as plain top-k when `keep` cannot
+    be split evenly over its groups."""
+    chosen = routing if keep is None else pruned_routing
+    if keep is not None and len(keep) % chosen.n_group:
+        chosen = replace(chosen, n_group=1, topk_group=1)  # unbalanced: plain top-k
+    return chosen
+
 
 def _combine(outs: torch.Tensor, slot: torch.Tensor, ids: torch.Tensor,
              weights: torch.Tensor) -> torch.Tensor:
@@ -158,6 +164,17 @@ def cached_candidates(logits: torch.Tensor, routing: Routing, bias: torch.Tensor
     return torch.topk(score, m, dim=-1)[1]
 
 
+def kept_candidates(logits: torch.Tensor, bias: torch.Tensor | None, routing: Routing,
+                    pruned_routing: Routing, keep: list[int]) -> torch.Tensor:
+    """Ids [N, 2k] of the experts token t uses unpruned and when only `keep` exist (as
+    `LayerReplay.routed` routes them; an expert in both appears twice, harmlessly)."""
+    import torch
+
+    full, _ = route(logits, routing, bias, None)
+    pruned, _ = route(logits, routing_among(routing, pruned_routing, keep), bias, keep)
+    return torch.cat([full, pruned], dim=1)
+
+
 def expert_outputs(experts: Any, inputs: torch.Tensor, cand: torch.Tensor,
                    dtype: Any = "float32") -> torch.Tensor:
     """f_e(x_t) for every (t, e = cand[t, m]) as [N, M, H] on the CPU, computed by the
@@ -190,15 +207,20 @@ def chunks(num: int, row_values: int, values: int) -> list[tuple[int, int]]:
 
 def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
                  bias: torch.Tensor | None, routing: Routing, pruned_routing: Routing,
-                 n_drop: int, keep_outputs: bool = False) -> LayerReplay:
+                 n_drop: int, keep_outputs: bool = False,
+                 keep: list[int] | None = None) -> LayerReplay:
     """Cache what `LayerReplay` needs for tokens `inputs` [N, H] with router `logits` [N, E]:
     chunk by chunk, the outputs f [n, M, H] give y_E and (M <= GRAM_MAX) G, c, ||y_E||^2; f
-    itself is kept only when M > GRAM_MAX or with `keep_outputs` (module docstring)."""
+    itself is kept only when M > GRAM_MAX or with `keep_outputs` (module docstring). With
+    `keep` (a fixed kept set, no search) only the 2k experts each token can use are cached:
+    its unpruned top-k and its top-k among `keep` (`kept_candidates`); the replay then
+    answers for `keep` and the unpruned layer only."""
     import torch
 
     logits = logits.float().cpu()
     bias = bias.float().cpu() if bias is not None else None
-    cand = cached_candidates(logits, routing, bias, n_drop)
+    cand = cached_candidates(logits, routing, bias, n_drop) if keep is None else \
+        kept_candidates(logits, bias, routing, pruned_routing, keep)
     num, m = cand.shape
     slot = torch.full(logits.shape, -1, dtype=torch.long)
     slot.scatter_(1, cand, torch.arange(m).expand_as(cand).contiguous())

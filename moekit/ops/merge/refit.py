@@ -122,7 +122,7 @@ def sequential_refit(cal: Any, n_drop: int, centres: dict[int, list[int]], *,
     {layer: ids}. `make_run(cal, lanes, search, spill, on_result)`: the `lanes.LaneRun` to
     use (default LaneRun itself; `onepass.SharedRun` fills in `centres` as each layer
     starts)."""
-    search = Search(n_drop, compensate=True, kept=centres)
+    search = Search(n_drop, compensate=True, router=False, kept=centres)
     lanes = [Lane("original", held=False), Lane("reference", held=True),  # unrefitted first
              Lane("centres", held=True, measured=True),
              Lane("pruned", held=False, measured=True, refitted=True),

@@ -25,7 +25,7 @@ from moekit.calib.data import DataSource
 from moekit.errors import DataError, InvalidArgumentError, UnsupportedModelError
 from moekit.io.reader import Checkpoint
 from moekit.layerfit.lanes import Lane, LaneRun, Search
-from moekit.layerfit.measured import load_calibration, needs_refit
+from moekit.layerfit.measured import grouping, load_calibration, needs_refit
 from moekit.layerfit.reconstruct import STEPS as RECONSTRUCT_STEPS
 from moekit.layerfit.tokens import (
     MIN_TOKENS,
@@ -59,23 +59,28 @@ DOWN_ONLY = "measured+compensate-router"  # the down refits without the router r
 
 @dataclass
 class DataOptions:
-    """Calibration settings. `max_tokens`: token positions per layer for selection/refit (None:
-    `tokens.calibration_tokens`, 32768 or fewer to fit the memory; the CLI's `--max-tokens N` is
-    `read_tokens`, the tokens read in total, `measured.fit_tokens(N, held_out)` of them fitted;
-    without it, `measured.default_read`); `held_out`: share
-    of each source's windows kept apart for scoring candidates; `spread`: the windows are spaced
-    evenly over up to `spread` times the needed tokens of each source (`measured.spread_windows`; 1:
-    its first windows); `refit_tokens`: positions per layer the down refit streams (None or <=
-    max_tokens: the selection's own; more: read further into each source, `refit_stream`);
-    `reconstruct_steps`: at most this many steps of the whole-expert reconstruction after the down
-    refit (`reconstruct`; 0: off); `refit_auto` (the CLI's default): without `refit_tokens`, stream
-    `tokens.REFIT_FACTOR` times the selection's positions for both when the memory allows
-    (`_auto_refit`). `effort` (`effort.EFFORTS`) fills the fields set to None (`beam`,
-    `reconstruct_steps`: the CLI passes None when the option is not given; the library defaults are
-    `best`'s values; `compensate` when unset; `token_default`: the default count instead of 32768,
-    still lowered to fit the memory) and the reconstruction's `reconstruct_share` (at most that many
-    times the layer's capture time; None: no limit) and `reconstruct_progress`
-    (`effort.apply_effort`); the library default `best` is the settings before the levels."""
+    """Calibration settings. `max_tokens`: token positions per layer for selection/refit
+    (None: `tokens.calibration_tokens`, 32768 or fewer to fit the memory; the CLI's
+    `--max-tokens N` is `read_tokens`, the tokens read in total, `measured.fit_tokens(N,
+    held_out)` of them fitted; without it, `measured.default_read`); `held_out`: share
+    of each source's windows kept apart for scoring candidates; `spread`: the windows are
+    spaced evenly over up to `spread` times the needed tokens of each source
+    (`measured.spread_windows`; 1: its first windows); `refit_tokens`: positions per layer
+    the down refit streams (None or <= max_tokens: the selection's own; more: read further
+    into each source, `refit_stream`); `reconstruct_steps`: at most this many steps of the
+    whole-expert reconstruction after the down refit (`reconstruct`; 0: off); `refit_auto`
+    (the CLI's default): without `refit_tokens`, stream `tokens.REFIT_FACTOR` times the
+    selection's positions for both when the memory allows (`_auto_refit`). `effort`
+    (`effort.EFFORTS`) fills the fields set to None (`beam`, `reconstruct_steps`: the CLI
+    passes None when the option is not given; the library defaults are `best`'s values;
+    `compensate` when unset; `token_default`: the default count instead of 32768, still
+    lowered to fit the memory) and the reconstruction's `reconstruct_share` (at most that
+    many times the layer's capture time; None: no limit) and `reconstruct_progress`
+    (`effort.apply_effort`, a new record); the library default `best` is the settings before
+    the levels. `selection` (a stats criterion, set by `--effort fast` for `measured`): the
+    statistics choose the experts and one layered run over the first `refit_share` of the
+    positions refits their down projections (`_refit_selection`), with no search and no
+    scoring lanes."""
 
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
@@ -104,6 +109,8 @@ class DataOptions:
     tokenizer: str | None = None
     trust_remote_code: bool = False
     read_tokens: int | None = None
+    selection: str | None = None
+    refit_share: float = 1.0
 
 
 @dataclass
@@ -138,6 +145,12 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
         if cal.streams_refit else ""
     log(f"calibration: {len(cal.fit)} windows{refit}, held out {len(cal.held)}; super experts "
         f"protected: {found or 'none'} ({time.perf_counter() - start:.0f} s)")
+    if options.selection is not None:
+        chosen = _refit_selection(cal, stats, fingerprint, ratio, guard, min_experts, options,
+                                  log)
+        for c in chosen:
+            c.plan.stats_sha256, c.plan.domain = stats.sha256, None
+        return DataChoice(chosen[0], chosen, _info(cal, options, found, start), stats)
     stats_plans, search = _setup(cal, stats, fingerprint, criterion, ratio, guard, min_experts,
                                  options)
     lanes = _lanes(stats_plans, search, options)
@@ -180,12 +193,15 @@ def _prepare(source: Path, layout: Any, fingerprint: str, criterion: str, ratio:
                min_experts=min_experts)  # validates ratio/top-k/protection before heavy work
     n_drop = drop_count(ratio, layout.moe_layers[0].num_experts)
     settings, options = apply_effort(options, layout, n_drop)
+    if criterion != "measured" or grouping(layout, layout.moe_layers[0].num_experts, n_drop)[1]:
+        options = replace(options, selection=None)  # a stats plan's refit: measured, balanced
     if options.beam is None or options.beam < 1:
         raise InvalidArgumentError(f"--beam must be at least 1, got {options.beam}")
     options = _resolve_tokens(source, layout, ratio, options, log)
     cal = load_calibration(source, layout, options.sources, fraction=options.fraction,
                            seq_len=options.seq_len, max_tokens=options.max_tokens,
-                           held_out=options.held_out, device=options.device,
+                           held_out=0.0 if options.selection else options.held_out,
+                           device=options.device,
                            dtype=options.dtype, max_memory=options.max_memory,
                            stream=options.stream, hidden_ram=options.hidden_ram,
                            spread=options.spread, refit_tokens=_refit_tokens(options),
@@ -209,17 +225,72 @@ def _estimate(source: Path, cal: Any, criterion: str, n_drop: int,
     stats_lanes = len(AUTO_CRITERIA) if criterion == "auto" else 0 if measured else 1
     refit = search is not None and needs_refit(n_drop, search.compensate, search.width)
     steps = search.reconstruct if search is not None and refit else 0
+    fixed = options.selection is not None
     found = probe(cal, n_drop=n_drop, beam=options.beam or 1, refit=refit,
-                  reconstruct=bool(steps), select=measured)
+                  reconstruct=bool(steps), select=measured, fixed=fixed)
     positions = sum(int(w.numel()) for w in cal.fit)
     held = sum(lane.held for lane in lanes) + stats_lanes
-    shape = RunShape(positions, sum(int(w.numel()) for w in cal.extra),
+    if fixed:
+        lanes, held = lanes[:1] + lanes[-2:-1], 0  # `_refit_selection`'s original and pruned
+    shape = RunShape(_leading(cal.fit, options.refit_share) if fixed else positions,
+                     sum(int(w.numel()) for w in cal.extra),
                      sum(int(w.numel()) for w in cal.held), sum(not lane.held for lane in lanes),
                      held,
                      (2 if refit else 1) if measured else 0, steps, options.reconstruct_share,
-                     len(cal.layout.moe_layers), _checkpoint_bytes(source))
+                     len(cal.layout.moe_layers), _checkpoint_bytes(source), positions)
     itemsize = int(getattr(cal.model.dtype, "itemsize", 4))
     return Estimate(predict(found, shape), peak_memory(cal, shape, n_drop, itemsize), found)
+
+
+def _leading(windows: list[Any], share: float) -> int:
+    """Positions in the leading windows that hold `share` of all their positions."""
+    return sum(int(w.numel()) for w in _first_share(windows, share))
+
+
+def _first_share(windows: list[Any], share: float) -> list[Any]:
+    """The leading windows holding `share` of all their positions (interleaved: every source
+    is there), at least one."""
+    need = share * sum(int(w.numel()) for w in windows)
+    out, seen = [], 0
+    for window in windows:
+        if out and seen >= need:
+            break
+        out.append(window)
+        seen += int(window.numel())
+    return out
+
+
+def _refit_selection(cal: Any, stats: Any, fingerprint: str, ratio: float,
+                     guard: dict[int, list[int]], min_experts: int | None, options: DataOptions,
+                     log: Callable[[str], None]) -> list[Candidate]:
+    """`--effort fast`: the plan of the stats criterion `options.selection` (with the guard's
+    protection), then one layered run over the first `refit_share` of the positions with
+    that plan fixed (`Search(kept=...)`, merge's refit path): the original lane gives each
+    layer's reference residual, the pruned lane the inputs the refit sees; the kept experts'
+    down projections are refitted to the unpruned layer's output plus the drift
+    (`layerfit.compensate`, each layer's own held-out quarter decides). One candidate, so no
+    held-out scoring lanes (its KL is not measured: NaN)."""
+    layout = cal.layout
+    plan = build_plan(layout, fingerprint, criterion=options.selection, ratio=ratio,
+                      stats=stats, protect=guard, min_experts=min_experts)
+    cal.fit, cal.held = _first_share(cal.fit, options.refit_share), []
+    cal.max_tokens = sum(int(w.numel()) for w in cal.fit)
+    search = Search(drop_count(ratio, layout.moe_layers[0].num_experts), beam=1,
+                    compensate=True, protect=guard, router=False,
+                    kept={p.layer: list(p.kept) for p in plan.layers})
+    lanes = [Lane("original", held=False),
+             Lane("pruned", held=False, measured=True, refitted=True)]
+    run = LaneRun(cal, lanes, search, TensorSpill("moekit-refits-", cal.engine.spill_dir),
+                  lambda r: _log_layer(r, log))
+    run.run()
+    found = measured_plan(cal, fingerprint, run.results, compensate=True, protect=guard,
+                          min_experts=min_experts)
+    found.name = found.plan.criterion = f"{options.selection}+compensate"
+    for mine, theirs in zip(found.plan.layers, plan.layers, strict=True):
+        mine.scores = theirs.scores
+    log(f"  {found.name}: chosen by '{options.selection}' on {stats.metadata['tokens']} positions, "
+        f"down projections refitted on {cal.max_tokens}")
+    return [found]
 
 
 def _checkpoint_bytes(source: Path) -> int:
@@ -355,6 +426,8 @@ def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
             "spread": options.spread, "refit_tokens": cal.refit_tokens or options.max_tokens,
             "refit_router": options.router, "reconstruct_steps": options.reconstruct_steps,
             "effort": options.effort, "reconstruct_share": options.reconstruct_share,
+            "selection": options.selection, "refit_positions": cal.max_tokens
+            if options.selection else None,
             "held_out_windows": len(cal.held),
             "super_experts": {str(k): v for k, v in found.items()},
             "runtime": cal.engine.describe(), "seconds": round(time.perf_counter() - start, 1)}

@@ -18,10 +18,16 @@ each step needs, not from one model:
   gained so far. The share is taken from the cost target: the two captured lanes cost ~2
   forward passes of one layer, so the reconstruction is at most ~20 forward-pass equivalents
   of the whole run, the rest (statistics pass, lanes, capture, search, refit) ~10.
-- `fast`: the anchors' cost (one calibration pass plus the measured selection): ~256 routed
-  tokens per expert, N = 256 E / k (rounded up to 1024, between 2048 and 32768), greedy
-  search, no down refit (it would need its own reference lane, and is not determined at so
-  few positions), no reconstruction.
+- `fast`: the anchors' cost, one statistics pass plus one measured pass over a quarter of
+  its positions: the statistics of `default`'s N positions choose the experts with
+  STATS_CRITERION (`ean`, with super-expert protection: the stats-only default of `prune`), and
+  one layered run over the first REFIT_SHARE of those positions (the reference and pruned
+  lanes, no held-out scoring lanes: there is one candidate) refits the kept experts' down
+  projections to absorb the removed ones (`layerfit.compensate`; a layer whose own held-out
+  quarter no ridge weight improves keeps its weights). No search, no reconstruction. The
+  measured pass costs about 4 forward passes of its own positions (two lanes, two captures,
+  the replay of the 2k experts each token can use, the refit), so over a quarter it is ~1
+  forward pass of the statistics' positions, ~2-3 in all with the statistics pass.
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ DEFAULT_EFFORT = "default"
 MIN_POSITIONS, MAX_POSITIONS = 2048, 32768  # as `layerfit.tokens` MIN_TOKENS, PRUNE_TOKENS
 PAIRS_PER_PARAMETER = 20  # routed (token, expert) pairs per fitted parameter of a down row
 FIT_SHARE = 0.75  # the rest of the positions choose the ridge strength
-TOKENS_PER_EXPERT = 256  # routed tokens per expert for the measured damage of `fast`
 RECONSTRUCT_SHARE = 10.0  # reconstruction seconds per second of the layer's capture
 PROGRESS = 0.01  # stop when a check gains less than this share of the gain so far
 BEST_STEPS = 1000  # as `layerfit.reconstruct.STEPS`
+STATS_CRITERION = "ean"  # `fast`'s selection (the stats-only default)
+REFIT_SHARE = 0.25  # `fast`'s measured pass: this share of the statistics' positions
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,9 @@ class EffortSettings:
     """What an effort level sets. `max_tokens` None: the memory-adaptive 32768 default;
     `refit_auto`: stream REFIT_FACTOR x the positions for the refit when the memory allows;
     `compensate` None: with and without the down refit, the better kept; `reconstruct_share`
-    None: no time limit; `reconstruct_progress` 0: no progress stop."""
+    None: no time limit; `reconstruct_progress` 0: no progress stop; `selection` a stats
+    criterion: the experts are chosen by it and the measured pass only refits them, on
+    `refit_share` of the positions (None: the search on all of them)."""
 
     name: str
     max_tokens: int | None
@@ -60,6 +69,8 @@ class EffortSettings:
     reconstruct_steps: int
     reconstruct_share: float | None = None
     reconstruct_progress: float = 0.0
+    selection: str | None = None
+    refit_share: float = 1.0
 
 
 def _round_positions(value: float) -> int:
@@ -81,12 +92,6 @@ def refit_positions(layout: Any, n_drop: int) -> int:
     return _round_positions(PAIRS_PER_PARAMETER * width * kept / (k * FIT_SHARE))
 
 
-def selection_positions(layout: Any, n_drop: int) -> int:
-    """`fast`'s positions: TOKENS_PER_EXPERT routed tokens per expert on average."""
-    num, _, k, _ = _shape(layout, n_drop)
-    return _round_positions(TOKENS_PER_EXPERT * num / k)
-
-
 def effort_settings(effort: str, layout: Any, n_drop: int) -> EffortSettings:
     """The settings of `effort` for this model and removal count (module docstring)."""
     if effort == "best":
@@ -95,7 +100,8 @@ def effort_settings(effort: str, layout: Any, n_drop: int) -> EffortSettings:
         return EffortSettings("default", refit_positions(layout, n_drop), 2, False, None,
                               BEST_STEPS, RECONSTRUCT_SHARE, PROGRESS)
     if effort == "fast":
-        return EffortSettings("fast", selection_positions(layout, n_drop), 1, False, False, 0)
+        return EffortSettings("fast", refit_positions(layout, n_drop), 1, False, True, 0,
+                              selection=STATS_CRITERION, refit_share=REFIT_SHARE)
     raise InvalidArgumentError(f"unknown --effort '{effort}'", f"use one of {', '.join(EFFORTS)}")
 
 
@@ -116,7 +122,13 @@ def apply_effort(options: Any, layout: Any, n_drop: int) -> tuple[EffortSettings
                        reconstruct_progress=found.reconstruct_progress)
     if options.refit_tokens is None and options.refit_auto:
         changes["refit_auto"] = found.refit_auto
-    return found, dataclasses.replace(options, **changes)
+    resolved = dataclasses.replace(options, **changes)
+    if found.selection is not None and resolved.beam == found.beam and \
+            resolved.compensate is True and resolved.width is None and \
+            resolved.router is False and not resolved.reconstruct_steps:
+        resolved = dataclasses.replace(resolved, selection=found.selection,
+                                       refit_share=found.refit_share)
+    return found, resolved
 
 
 def described(settings: EffortSettings, options: Any) -> str:
@@ -128,6 +140,10 @@ def described(settings: EffortSettings, options: Any) -> str:
              f"<{options.reconstruct_progress:.0%} held-out progress"
              if steps and options.reconstruct_share else "")
     fit = {None: "tried", True: "on", False: "off"}[options.compensate]
+    if getattr(options, "selection", None):
+        return (f"effort {settings.name}: '{options.selection}' on the statistics of {tokens} "
+                f"positions, down refit on the first {options.refit_share:.0%} of them, no "
+                "search, no reconstruction")
     return (f"effort {settings.name}: {tokens} positions, beam {options.beam}, down refit "
             f"{fit}, refit positions {refit}, reconstruction {steps} steps{limit}")
 

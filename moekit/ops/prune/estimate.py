@@ -9,7 +9,7 @@ reconstruction steps. From these per-position and per-step times and the run's c
 adds up (seconds; N the selection's positions, N_e the streamed refit's extra positions, N_h the
 held-out positions, L the MoE layers):
 
-    statistics pass   N x forward
+    statistics pass   N_s x forward (N_s: the statistics' positions, N unless `--effort fast`)
     lanes             (fit lanes x (N + N_e) + held lanes x N_h) x forward
     captures          L x (captured lanes x N + 2 N_e) x one layer's capture
     search, refit     L x (N + N_e) x the probe's per-position selection (+ refit) time
@@ -82,10 +82,11 @@ def _duration(seconds: float) -> str:
 
 
 def probe(cal: Any, *, n_drop: int, beam: int, refit: bool, reconstruct: bool,
-          select: bool = True) -> Probe:
+          select: bool = True, fixed: bool = False) -> Probe:
     """Time the first PROBE_POSITIONS calibration positions through the model and one MoE
     layer's capture, selection (+ down refit) and reconstruction steps (module docstring);
-    without `select` (a stats criterion) only the forward and the capture."""
+    without `select` (a stats criterion) only the forward and the capture; with `fixed` the
+    layer keeps its first E - n_drop experts (no search: the refit of a stats plan)."""
     began = time.perf_counter()
     windows = _probe_windows(cal.fit)
     positions = sum(int(w.numel()) for w in windows)
@@ -100,7 +101,7 @@ def probe(cal: Any, *, n_drop: int, beam: int, refit: bool, reconstruct: bool,
                            logits_index=cal.family.router.logits_index, residual=refit)
         got["capture"] = time.perf_counter() - start
         if select:
-            got.update(_time_layer(cal, first, cap, n_drop, beam, refit, reconstruct))
+            got.update(_time_layer(cal, first, cap, n_drop, beam, refit, reconstruct, fixed))
 
     streamed = cal.engine.mode == "stream"
     start = time.perf_counter()
@@ -150,12 +151,13 @@ def _probe_windows(fit: list[Any]) -> list[Any]:
 
 
 def _time_layer(cal: Any, block: Any, cap: Any, n_drop: int, beam: int, refit: bool,
-                reconstruct: bool) -> dict[str, float]:
+                reconstruct: bool, fixed: bool = False) -> dict[str, float]:
     """Seconds of one layer's selection (+ refit) on the capture, and per reconstruction step
     (scaled to BATCH positions)."""
     start = time.perf_counter()
     found = measure_layer(cal, block, cap, n_drop, beam=beam, compensate=refit,
-                          protected=frozenset(), width=None, reference=cap.residual)
+                          protected=frozenset(), width=None, reference=cap.residual,
+                          kept=list(range(block.experts.num_experts - n_drop)) if fixed else None)
     out = {"select": time.perf_counter() - start}
     if not (reconstruct and refit and n_drop):
         return out
@@ -184,7 +186,7 @@ def _time_layer(cal: Any, block: Any, cap: Any, n_drop: int, beam: int, refit: b
 class RunShape:
     """What the run will do: positions (selection N, extra streamed N_e, held out N_h), lanes
     (fit lanes, held lanes, lanes captured per MoE layer), reconstruction (step cap, time
-    share or None), MoE layers, checkpoint bytes."""
+    share or None), MoE layers, checkpoint bytes, the statistics pass's positions (0: N)."""
 
     positions: int
     extra: int
@@ -196,6 +198,7 @@ class RunShape:
     share: float | None
     moe_layers: int
     checkpoint_bytes: int
+    stats_positions: int = 0
 
 
 def predict(found: Probe, shape: RunShape) -> dict[str, float]:
@@ -208,7 +211,7 @@ def predict(found: Probe, shape: RunShape) -> dict[str, float]:
         rebuild = shape.steps * found.step + checks
         if shape.share is not None:
             rebuild = min(rebuild, shape.share * capture_layer + found.step)
-    return {"statistics": found.forward * n,
+    return {"statistics": found.forward * (shape.stats_positions or n),
             "lanes": found.forward * (shape.fit_lanes * (n + extra) + shape.held_lanes *
                                       shape.held),
             "capture": layers * (capture_layer + 2 * found.capture * extra),
