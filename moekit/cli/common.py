@@ -40,7 +40,7 @@ ProtectSuperOpt = Annotated[bool, typer.Option(
     "--protect-super/--no-protect-super", help="Never drop or fold super experts (outstanding "
     "max_norm).")]
 # The run/data options every command that runs a model takes, with one name, help text and
-# meaning each (docs/options.md; tests/test_cli_options.py checks commands and table agree).
+# meaning each (docs/options.md; tests/cli/test_cli_options.py checks commands and table agree).
 DataOpt = Annotated[list[str] | None, typer.Option(
     "--data", "-d", help="NAME=PATH of a text/JSONL/JSON/Parquet file or folder, one dataset "
     "each; repeat for several. Default (profile, eval, merge): the texts in sample_data/ "

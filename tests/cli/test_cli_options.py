@@ -21,7 +21,7 @@ from moekit.ops.profile import PROFILE_TOKENS
 from moekit.ops.prune.calibrated import DataOptions
 from moekit.ops.upcycle.plan import UPCYCLE_TOKENS
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "options.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "options.md"
 COMMANDS = ("profile", "eval", "prune", "merge", "upcycle")
 RUNNER = CliRunner()
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from moekit.cli.app import app
 
-SAMPLE = Path(__file__).parents[1] / "sample_data" / "en_docs.txt"
+SAMPLE = Path(__file__).parents[2] / "sample_data" / "en_docs.txt"
 DATA = ("--data", f"d={SAMPLE}")
 OPTIONS = {
     "merge": ("--criterion", "--group", "--method", "--router", "--dtype", "--domain",

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from moekit.cli.app import app
 from moekit.errors import MoekitError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUNNER = CliRunner()
 FAST = ["--seq-len", "32", "--max-tokens", "256", "--batch-size", "4", "--device", "cpu"]
 

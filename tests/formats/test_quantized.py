@@ -174,8 +174,8 @@ def _same_expert(src: dict, dst: dict, layer: int, old: int, new: int) -> int:
 
 
 def test_prune_data_keeps_experts_it_cannot_reencode_as_stored(quantized, sources, tmp_path):
-    """compressed-tensors experts are not re-encoded (tests/test_quantized_write.py covers the
-    FP8-block and MXFP4 refits): refits off with a note, asking for them refused."""
+    """compressed-tensors experts are not re-encoded (tests/formats/test_quantized_write.py covers
+    the FP8-block and MXFP4 refits): refits off with a note, asking for them refused."""
     q, _ = quantized("qwen3_moe-w4a16")
     runner = CliRunner()
     base = ["prune", str(q), "--data", f"a={sources[0].path}", "--max-tokens", "512",

@@ -13,7 +13,7 @@ from moekit.cli.app import app
 from moekit.errors import DataError
 from moekit.runtime.engine import open_model
 
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "en_docs.txt"
+SAMPLE = Path(__file__).resolve().parents[2] / "sample_data" / "en_docs.txt"
 
 
 @pytest.mark.parametrize("stream", [False, True])

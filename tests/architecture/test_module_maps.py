@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "moekit"
 MAPPED = [p.parent for p in sorted(PACKAGE.rglob("__init__.py")) if "__pycache__" not in str(p)]
 

@@ -171,7 +171,7 @@ def test_data_without_stats_records_them_as_profile_would(tiny_checkpoint, tmp_p
     """`merge --data` and no `--stats`: the grouping uses statistics recorded on that data,
     the same a `moekit profile` of the same tokens gives (same clusters and centres)."""
     source = tiny_checkpoint("mixtral")
-    sample = Path(__file__).resolve().parents[1] / "sample_data"
+    sample = Path(__file__).resolve().parents[2] / "sample_data"
     data = [a for f in ("en_docs", "code_py") for a in ("--data", f"{f}={sample / f}.txt")]
     settings = ["--max-tokens", 512, "--seq-len", 64, "--device", "cpu"]
     import tempfile

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from moekit.cli.app import app
 
 RUNNER = CliRunner()
-SAMPLE = Path(__file__).parents[1] / "sample_data" / "en_docs.txt"
+SAMPLE = Path(__file__).parents[2] / "sample_data" / "en_docs.txt"
 
 
 def run(*args: object, **kw):  # noqa: ANN201 - click Result

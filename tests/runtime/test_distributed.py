@@ -19,7 +19,7 @@ from moekit.cli.app import app
 from moekit.errors import InvalidArgumentError
 from moekit.runtime.distributed import dist_context, shard_for_rank
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--seq-len", "32", "--max-tokens", "300", "--batch-size", "3", "--device", "cpu"]
 TIMEOUT_S = 300
 

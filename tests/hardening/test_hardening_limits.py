@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_hardening_inputs import MERGE, data_dir, model, run, snapshot, stats  # noqa: F401
+from hardening_support import MERGE, run, snapshot
 
 from moekit.calib import documents
 from moekit.calib.data import DataSource, load_domains
@@ -409,7 +409,7 @@ def test_eval_warns_on_the_calibration_text(model, data_dir, tmp_path):  # noqa:
     assert held_out.exit_code == 0 and "warning" not in held_out.stderr
 
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def test_readme_and_demo_are_followable_and_held_out():

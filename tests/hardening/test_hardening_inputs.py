@@ -10,57 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from prune_support import write_synthetic_stats
-from typer.testing import CliRunner
-
-from moekit.cli.app import app
-from moekit.families.layout import describe
-from moekit.io.reader import Checkpoint
-
-RUNNER = CliRunner()
-SAMPLE = Path(__file__).parents[1] / "sample_data" / "en_docs.txt"
-
-
-def run(*args: object):
-    return RUNNER.invoke(app, [str(a) for a in args])
-
-
-def one_line(result, needle: str) -> None:
-    """Exit 2 with exactly one stderr line holding `needle`, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], result.stderr
-    assert "Traceback" not in result.output
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file()}
-
-
-@pytest.fixture
-def model(tiny_checkpoint, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(tiny_checkpoint("mixtral"), tmp_path / "model"))
-
-
-@pytest.fixture
-def stats(model: Path, tmp_path: Path) -> Path:
-    layout = describe(Checkpoint(model))
-    tokens = {layer.index: [float((3 * j + 1) % 7 + 1) for j in range(layer.num_experts)]
-              for layer in layout.moe_layers}
-    return write_synthetic_stats(tmp_path / "stats", model, tokens, domains={"a": 0.5})
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "fr.txt").write_text("bonjour le monde " * 200)
-    return folder
-
-
-MERGE = ("merge", "--ratio", "0.5", "--group", "weight")
-
+from hardening_support import MERGE, SAMPLE, one_line, run, snapshot
 
 # ---- item 13: merge's side file goes through check_outputs ----------------------------------
 
