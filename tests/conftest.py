@@ -18,10 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads on a 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from quant_support import CASES as QUANT_CASES  # noqa: E402
-from tiny_models import SAMPLE_DATA, TINY_DENSE, TINY_MOE, save_tiny, save_trained  # noqa: E402
-
-MOE_TYPES = list(TINY_MOE)
-DENSE_TYPES = list(TINY_DENSE)
+from tiny_models import SAMPLE_DATA, save_tiny, save_trained  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -75,6 +75,8 @@ TINY_DENSE: dict[str, dict] = {
     "gemma2": dict(COMMON, num_hidden_layers=2, intermediate_size=64),
     "gemma3_text": dict(COMMON, num_hidden_layers=2, intermediate_size=64),
 }
+MOE_TYPES = list(TINY_MOE)
+DENSE_TYPES = list(TINY_DENSE)
 
 
 def build_model(model_type: str, seed: int = 0, **overrides):

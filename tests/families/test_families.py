@@ -9,8 +9,7 @@ import re
 
 import pytest
 import torch
-from conftest import DENSE_TYPES, MOE_TYPES
-from tiny_models import build_model, read_config
+from tiny_models import DENSE_TYPES, MOE_TYPES, build_model, read_config
 
 from moekit.errors import UnsupportedModelError
 from moekit.families.layout import describe

@@ -11,9 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import DENSE_TYPES, MOE_TYPES
 from real_checkpoints import write_sparse
-from tiny_models import TINY_MOE, build_model, read_config, unread_embedding
+from tiny_models import DENSE_TYPES, MOE_TYPES, TINY_MOE, build_model, read_config, unread_embedding
 from typer.testing import CliRunner
 
 from moekit.cli.app import app

@@ -162,3 +162,21 @@ def test_qwen3_next_mtp_block_is_apart_and_dropped_whole(command, next_with_mtp,
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)  # loads: config and tensors agree
+
+
+@pytest.mark.parametrize("name", list(CATALOGUE))
+def test_prune_dry_run_plans_every_catalogue_model(name, tmp_path):
+    """`prune --dry-run` plans the real layouts from headers and router rows alone: every MoE
+    layer (never an MTP layer) loses the same number of its experts, the rest are kept."""
+    folder, _ = write_real(name, tmp_path / name)
+    report = inspect_checkpoint(folder)
+    result = CliRunner().invoke(app, ["prune", str(folder), "--ratio", "0.25", "--criterion",
+                                      "random", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["plan"]
+    assert [p["layer"] for p in plan["layers"]] == report.moe_layers  # inspect: MTP apart
+    experts = describe(Checkpoint(folder)).moe_layers[0].num_experts
+    dropped = {len(p["dropped"]) for p in plan["layers"]}
+    assert dropped == {round(0.25 * experts)}
+    assert all(sorted(p["kept"] + p["dropped"]) == list(range(p["num_experts"]))
+               for p in plan["layers"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DENSE_TYPES, MOE_TYPES
 from support import SETTINGS, assert_same_profile, sources  # noqa: F401
+from tiny_models import DENSE_TYPES, MOE_TYPES
 from transformers import AutoModelForCausalLM
 
 from moekit.ops.evaluate import evaluate
