@@ -73,6 +73,15 @@ OldExportTableOpt = Annotated[Path | None, typer.Option(
 OldReportOpt = Annotated[Path | None, typer.Option(
     "--report", hidden=True, help="Old spelling of --export.")]
 
+PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots",
+                                        help="Write PNG plots, report.md and report.html.")]
+PlotLayerOpt = Annotated[int | None, typer.Option(
+    "--plot-layer", help="Layer for the co-activation plot (default: the most uneven).")]
+ExportOpt = Annotated[Path | None, typer.Option(
+    "--export", help="Also write the per-layer table as .csv/.parquet/.json.")]
+ColdestOpt = Annotated[Path | None, typer.Option(
+    "--export-coldest", help="Also write the coldest-experts table as .csv/.parquet/.json.")]
+
 
 def handle_errors(func: F) -> F:
     """Turn library errors into one red line and exit code 2 (traceback only with --debug)."""

@@ -88,10 +88,10 @@ def convert(
 
 def _run(source: Path, model: str, out: Path, request: dict[str, Any], overwrite: bool,
          shard_bytes: int) -> Any:
-    from moekit.cli.prune_cmd import _byte_progress
+    from moekit.cli.progress import byte_progress
     from moekit.ops.convert import convert_checkpoint
 
-    with _byte_progress() as on_bytes:
+    with byte_progress() as on_bytes:
         return convert_checkpoint(source, out, **request, overwrite=overwrite,
                                   max_shard_bytes=shard_bytes, on_bytes=on_bytes,
                                   source_name=model)

@@ -41,7 +41,7 @@ def evaluate_output(folder: Path, source: Path, out: Path, options: dict[str, An
     """The staged output `folder` against `source` on the --eval-data (None without)."""
     if not options["sources"]:
         return None
-    from moekit.cli.eval_cmd import token_progress
+    from moekit.cli.progress import token_progress
     from moekit.ops.evaluate import evaluate
 
     with token_progress(f"evaluating {what} vs source") as on_tokens:

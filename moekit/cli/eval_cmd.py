@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -34,6 +34,8 @@ from moekit.cli.common import (
     local_inputs,
     run_data_options,
 )
+from moekit.cli.progress import token_progress
+from moekit.cli.render import eval_rows, eval_table
 from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
 
@@ -144,76 +146,3 @@ def eval_model(
         print(json.dumps(result.to_dict(), indent=2))
         return
     console.print(eval_table(result.to_dict()))
-
-
-def eval_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per dataset plus `overall`, for export."""
-    return [dict(row) for row in [*result["domains"], result["overall"]]]
-
-
-def eval_table(result: dict[str, Any]):  # noqa: ANN201 - rich Table
-    """Loss and perplexity per dataset; with a reference also the reference's own loss and
-    perplexity, the change (model ppl / ref ppl - 1), KL(ref||model) and top-1 agreement."""
-    from rich import box
-    from rich.table import Table
-
-    from moekit.cli.heading import headed
-
-    has_ref = result.get("ref") is not None
-    title = f"{result['model']}" + (f" vs reference {result['ref']}" if has_ref else "")
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
-                  caption="loss in nats per token; KL = KL(ref||model); Δ ppl = ppl / ref ppl - 1"
-                  if has_ref else None, caption_justify="left")
-    for name in ["data", "tokens", "loss", "ppl"] + (
-            ["ref loss", "ref ppl", "Δ ppl", "KL", "top-1"] if has_ref else []):
-        table.add_column(name, justify="left" if name == "data" else "right", no_wrap=True)
-    rows = eval_rows(result)
-    for i, row in enumerate(rows):
-        cells = [row["name"], f"{row['tokens']:,}", f"{row['loss']:.4f}", f"{row['ppl']:.2f}"]
-        if has_ref:
-            cells += [_num(row.get("ref_loss"), ".4f"), _num(row.get("ref_ppl"), ".2f"),
-                      _change(row["ppl"], row.get("ref_ppl")),
-                      f"{nonnegative(row['kl']):.4f}", f"{row['top1']:.1%}"]
-        table.add_row(*cells, style="bold" if i == len(rows) - 1 else None)
-    return headed(table)
-
-
-def nonnegative(value: float) -> float:
-    """KL is >= 0; float round-off can give -1e-9, printed as `-0.0000`: show 0 instead."""
-    return max(value, 0.0) + 0.0  # + 0.0 turns -0.0 into 0.0
-
-
-def _num(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _change(value: float, ref: float | None) -> str:
-    """Relative change of `value` against `ref`, e.g. `+12.3%` (`-` without a reference)."""
-    return "-" if not ref else f"{value / ref - 1:+.1%}"
-
-
-class token_progress:  # noqa: N801 - used like a function in `with`
-    """A rich progress bar fed by `on_tokens(advance, total)` callbacks (stderr)."""
-
-    def __init__(self, label: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        from moekit.cli.common import err_console
-
-        self.progress = Progress("[progress.description]{task.description}", BarColumn(),
-                                 MofNCompleteColumn(), "tokens", TimeElapsedColumn(),
-                                 console=err_console, transient=True,
-                                 disable=not err_console.is_terminal)
-        self.label = label
-        self.task = self.progress.add_task(f"{label} (loading model and data)", total=None)
-
-    def __enter__(self):  # noqa: ANN204
-        self.progress.start()
-        return self.update
-
-    def update(self, advance: int, total: int) -> None:
-        label = self.label if advance else None  # tokens flow: loading is over
-        self.progress.update(self.task, advance=advance, total=total, description=label)
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()

@@ -42,7 +42,7 @@ from moekit.cli.common import (
     run_data_options,
     warn_uncopied,
 )
-from moekit.cli.prune_cmd import _byte_progress
+from moekit.cli.progress import byte_progress
 from moekit.units import parse_size
 
 GROUP_HELP = ("hc-smoe (average-linkage clustering of mean expert outputs), m-smoe (default; "
@@ -257,7 +257,7 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
     """The library writes the checkpoint, provenance and card; the CLI adds --eval-data."""
     from moekit.ops.merge import merge_checkpoint
 
-    with _byte_progress() as on_bytes:
+    with byte_progress() as on_bytes:
         return merge_checkpoint(
             source, plan, out, overwrite=overwrite, calib=calib, max_shard_bytes=shard_bytes,
             ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes, source_name=model,
@@ -267,7 +267,7 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
 
 
 def _summary(result: Any, as_json: bool) -> None:
-    from moekit.cli.eval_cmd import eval_table
+    from moekit.cli.render import eval_table
 
     evaluation = result.extra.get("evaluation")
     if as_json:

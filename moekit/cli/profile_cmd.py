@@ -4,21 +4,25 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from moekit.cli.common import (
     BatchSizeOpt,
+    ColdestOpt,
     DataOpt,
     DeviceOpt,
     DtypeOpt,
+    ExportOpt,
     MaxMemoryOpt,
     MaxTokensOpt,
     ModelArg,
     OldExportTableOpt,
     OutOpt,
     OverwriteOpt,
+    PlotLayerOpt,
+    PlotsOpt,
     RangeOpt,
     RevisionOpt,
     SeqLenOpt,
@@ -28,24 +32,16 @@ from moekit.cli.common import (
     check_context,
     check_early,
     console,
-    err_console,
-    export_table,
     handle_errors,
     load_model_path,
     local_inputs,
     renamed,
     run_data_options,
 )
+from moekit.cli.progress import TokenProgress
+from moekit.cli.render import show_profile
 from moekit.runtime.distributed import distributed_command, is_writer, ready_to_write
 
-PlotsOpt = Annotated[bool, typer.Option("--plots/--no-plots",
-                                        help="Write PNG plots, report.md and report.html.")]
-PlotLayerOpt = Annotated[int | None, typer.Option(
-    "--plot-layer", help="Layer for the co-activation plot (default: the most uneven).")]
-ExportOpt = Annotated[Path | None, typer.Option(
-    "--export", help="Also write the per-layer table as .csv/.parquet/.json.")]
-ColdestOpt = Annotated[Path | None, typer.Option(
-    "--export-coldest", help="Also write the coldest-experts table as .csv/.parquet/.json.")]
 AblationOpt = Annotated[bool, typer.Option(
     "--ablation", help="Also measure each expert's ablation importance: the mean loss change "
     "and KL when it is removed from one layer's routing (columns ablation_*; in memory only).")]
@@ -143,61 +139,3 @@ def profile(
     console.print(f"wrote {out}: {', '.join(names)}")
 
 
-def show_profile(profile: Any, export: Path | None, export_coldest: Path | None) -> None:
-    """Print the per-layer table, the coldest experts and the findings; export on request."""
-    from moekit.stats.metrics import coldest, summary_table
-    from moekit.stats.report import coldest_rich_table, findings, layer_rich_table
-
-    console.print(layer_rich_table(profile))
-    console.print(coldest_rich_table(profile))
-    for line in findings(profile):
-        console.print(f"- {line}")
-    if export is not None:
-        export_table(summary_table(profile), export)
-    if export_coldest is not None:
-        export_table(coldest(profile), export_coldest)
-
-
-class TokenProgress:
-    """A rich progress bar with tokens/s, fed by profile_model's progress callback (stderr)."""
-
-    def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[progress.description]{task.description}"), BarColumn(),
-            MofNCompleteColumn(), TextColumn("tokens"),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=err_console, transient=True, disable=not err_console.is_terminal)
-        self.task = self.progress.add_task("loading model and data", total=None, rate="")
-
-    def __enter__(self) -> TokenProgress:
-        self.progress.start()
-        return self
-
-    def __call__(self, event: str, tokens: int, domain: str) -> None:
-        if event == "start":
-            self.progress.update(self.task, total=tokens, description="profiling")
-            return
-        if event == "mode":
-            self.progress.console.print(domain)
-            return
-        if event == "ablation":  # domain = "<method> <steps in all>"
-            what, steps = domain.rsplit(" ", 1)
-            self.progress.update(self.task, completed=tokens, total=int(steps),
-                                 description=f"ablation ({what})", rate="")
-            return
-        self.progress.update(self.task, advance=tokens, description=f"profiling {domain}")
-        speed = self.progress.tasks[0].speed
-        if speed:
-            self.progress.update(self.task, rate=f"{speed:,.0f} tok/s")
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()

@@ -330,9 +330,10 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
          eval_opts: dict[str, Any], modified: Any = None,
          calibration: dict[str, Any] | None = None, width: int | None = None) -> Any:
     """The library writes the checkpoint, provenance and card; the CLI adds --eval-data."""
+    from moekit.cli.progress import byte_progress
     from moekit.ops.prune import prune_checkpoint
 
-    with _byte_progress() as on_bytes:
+    with byte_progress() as on_bytes:
         return prune_checkpoint(
             source, plan, out, overwrite=overwrite, max_shard_bytes=shard_bytes,
             ignore_fingerprint=ignore_fingerprint, on_bytes=on_bytes, modified=modified,
@@ -341,32 +342,8 @@ def _run(source: Path, model: str, plan: Any, out: Path, overwrite: bool, shard_
             evaluate=lambda folder: evaluate_output(folder, source, out, eval_opts, "pruned"))
 
 
-class _byte_progress:  # noqa: N801 - used like a function in `with`
-    def __init__(self) -> None:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self.progress = Progress("writing", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                 TimeRemainingColumn(), console=err_console, transient=True,
-                                 disable=not err_console.is_terminal)
-        self.task = self.progress.add_task("write", total=None)
-
-    def __enter__(self):  # noqa: ANN204
-        self.progress.start()
-        return lambda advance, total: self.progress.update(self.task, advance=advance,
-                                                           total=total)
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
-
 def _summary(result: Any, as_json: bool) -> None:
-    from moekit.cli.eval_cmd import eval_table
+    from moekit.cli.render import eval_table
 
     evaluation = result.extra.get("evaluation")
     if as_json:

@@ -8,15 +8,19 @@ from typing import Annotated
 import typer
 
 from moekit.cli.common import (
+    ColdestOpt,
+    ExportOpt,
     OldExportTableOpt,
     OutOpt,
     OverwriteOpt,
+    PlotLayerOpt,
+    PlotsOpt,
     console,
     err_console,
     handle_errors,
     renamed,
 )
-from moekit.cli.profile_cmd import ColdestOpt, ExportOpt, PlotLayerOpt, PlotsOpt, show_profile
+from moekit.cli.render import show_profile
 
 stats_app = typer.Typer(name="stats", no_args_is_help=True,
                         help="Work with saved routing profiles (moekit profile --out).")

@@ -179,6 +179,21 @@ def test_prune_and_merge_never_import_each_other(edges):
     assert crossings(edges) == []
 
 
+def command_imports(edges: dict[str, dict[str, int]]) -> list[str]:
+    """`a -> b` where one command module (`cli/*_cmd.py`) imports another: what two commands
+    share lives in cli/common, cli/progress or cli/render."""
+    def command(module: str) -> bool:
+        return module.startswith("moekit.cli.") and module.endswith("_cmd")
+
+    return [f"{a} -> {b}" for a, targets in sorted(edges.items()) if command(a)
+            for b in sorted(targets) if command(b) and b != a]
+
+
+def test_no_command_imports_another(edges):
+    assert command_imports(edges) == []
+    assert command_imports({"moekit.cli.merge_cmd": {"moekit.cli.prune_cmd": 1}}) != []
+
+
 def test_the_checks_see_what_they_look_for(tmp_path):
     """On a small package with one circle (in a function), one upward import and a crossing,
     each check reports it."""

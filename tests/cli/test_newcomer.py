@@ -130,7 +130,7 @@ def test_eval_ref_reports_the_reference_loss(tiny_checkpoint, tmp_path):
 def test_kl_is_never_printed_as_minus_zero():
     from rich.console import Console
 
-    from moekit.cli.eval_cmd import eval_table
+    from moekit.cli.render import eval_table
 
     row = dict(name="x", tokens=10, loss=1.0, ppl=2.718, kl=-3e-9, top1=1.0, ref_loss=1.0,
                ref_ppl=2.718)

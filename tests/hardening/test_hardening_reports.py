@@ -150,7 +150,7 @@ def test_eval_title_breaks_paths_only_at_separators():
 
     from rich.console import Console
 
-    from moekit.cli.eval_cmd import eval_table
+    from moekit.cli.render import eval_table
 
     model = "/tmp/pytest-of-someone/pytest-1234/test_a_long_test_name0/pruned_checkpoint"
     ref = "/tmp/pytest-of-someone/pytest-1234/test_a_long_test_name0/original_checkpoint"
