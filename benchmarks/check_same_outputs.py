@@ -43,7 +43,7 @@ def commands(model: Path, dense: Path, texts: Path, out: Path) -> dict[str, list
         "prune-stats": ["prune", str(model), "--stats", str(prof), "--ratio", "0.5",
                         "--out", str(out / "pruned")],
         "prune-data": ["prune", str(model), *data, "--data-range", "0:0.5", "--ratio", "0.5",
-                       "--max-tokens", "2048", "--beam", "2", "--compensate",
+                       "--beam", "2", "--compensate",
                        "--reconstruct-steps", "20", "--refit-tokens", "4096", "--device", "cpu",
                        "--out", str(out / "pruned-data")],
         "merge-average": ["merge", str(model), "--stats", str(prof), "--ratio", "0.5",
@@ -55,12 +55,15 @@ def commands(model: Path, dense: Path, texts: Path, out: Path) -> dict[str, list
     }
 
 
-def run_all(tree: Path, model: Path, dense: Path, texts: Path, out: Path) -> dict[str, str]:
-    """Run every command with the code of `tree`; stdout of each by name."""
+def run_all(tree: Path, model: Path, dense: Path, texts: Path, out: Path,
+            replace: dict[tuple[str, str], str] | None = None) -> dict[str, str]:
+    """Run every command with the code of `tree`; stdout of each by name. `replace`:
+    {(command name, argument): new argument} for an option whose meaning changed on purpose."""
     out.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     printed = {}
     for name, args in commands(model, dense, texts, out).items():
+        args = [b for a in args for b in (replace or {}).get((name, a), a).split(" ")]
         done = subprocess.run([sys.executable, "-m", "moekit", *args], env=env, cwd=tree,
                               capture_output=True, text=True)
         if done.returncode != 0:
@@ -139,6 +142,10 @@ def main() -> None:
     parser.add_argument("--after", default=str(ROOT), help="tree to test (default: this one)")
     parser.add_argument("--fixtures", type=Path, default=ROOT.parent / "shared" / "fixtures")
     parser.add_argument("--keep", type=Path, help="copy both runs' outputs here to look at")
+    parser.add_argument("--replace", action="append", default=[], metavar="NAME:OLD=NEW",
+                        help="in the newer tree's command NAME, argument OLD becomes NEW (one "
+                        "or more, space-separated: an option whose meaning or default changed "
+                        "on purpose), e.g. 'prune-data:--compensate=--compensate --effort best'")
     args = parser.parse_args()
     model = args.fixtures / "models" / "mixtral-e16k2"
     dense = args.fixtures / "models" / "qwen3-dense"
@@ -149,8 +156,11 @@ def main() -> None:
                         args.before], check=True, capture_output=True)
         try:
             outs = {}
+            replace = {(r.split(":", 1)[0], r.split(":", 1)[1].split("=", 1)[0]):
+                       r.split("=", 1)[1] for r in args.replace}
             for name, tree in (("before", before), ("after", Path(args.after))):
-                printed = run_all(tree, model, dense, texts, Path(tmp) / f"out-{name}")
+                printed = run_all(tree, model, dense, texts, Path(tmp) / f"out-{name}",
+                                  replace if name == "after" else None)
                 for cmd, text in printed.items():
                     (Path(tmp) / f"out-{name}" / f"{cmd}.stdout").write_text(text)
                 outs[name] = (printed, files(Path(tmp) / f"out-{name}"))
