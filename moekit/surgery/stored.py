@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from moekit.errors import UnsupportedModelError
-from moekit.formats import fp8_block, mxfp4
+from moekit.formats import decode, fp8_block, mxfp4
 from moekit.formats.spec import PLAIN, Logical
 from moekit.io.dtypes import to_torch
 from moekit.io.header import TensorInfo
@@ -119,8 +119,6 @@ def read_stored(info: TensorInfo, rows: list[int] | None = None) -> torch.Tensor
 
 def read_values(logical: Logical, rows: list[int] | None = None) -> torch.Tensor:
     """float32 values of `logical` (rows `rows` of axis 0 for fused stacks), decoded."""
-    from moekit.formats import decode
-
     stored = [read_stored(s, rows) for s in logical.sources]
     return decode(logical, stored).float()
 
