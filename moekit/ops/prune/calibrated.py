@@ -84,7 +84,7 @@ class DataOptions:
 
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
-    seq_len: int = 256
+    seq_len: int = 512
     max_tokens: int | None = None
     beam: int | None = 4
     compensate: bool | None = None
