@@ -4,10 +4,10 @@ The probe (`probe`) runs PROBE_POSITIONS calibration positions (whole windows, a
 through the model once, layer by layer (streamed: only up to the first MoE layer, so the
 checkpoint is not read once more, its time scaled to all layers; `--effort fast`:
 FAST_PROBE_POSITIONS, and only up to the first MoE layer in memory too), with that layer
-captured on the way; on that capture it times the layer's measured selection (and down refit, when the run refits) and a few
-reconstruction steps. From these per-position and per-step times and the run's counts, `predict`
-adds up (seconds; N the selection's positions, N_e the streamed refit's extra positions, N_h the
-held-out positions, L the MoE layers):
+captured on the way; on that capture it times the layer's measured selection (and down
+refit, when the run refits) and a few reconstruction steps. From these per-position and
+per-step times and the run's counts, `predict` adds up (seconds; N the selection's positions,
+N_e the streamed refit's extra positions, N_h the held-out positions, L the MoE layers):
 
     statistics pass   N_s x forward (N_s: the statistics' positions, N unless `--effort fast`)
     lanes             (fit lanes x (N + N_e) + held lanes x N_h) x forward
