@@ -126,9 +126,9 @@ def choose(folder, source: DataSource, ratio: float, *, width=None, stream=False
     """Calibrated choice on a tiny model (float32, CPU), in memory or streamed."""
     checkpoint = Checkpoint(folder)
     layout = describe(checkpoint)
-    options = DataOptions([source], seq_len=64, max_tokens=1024, beam=2, compensate=compensate,
-                          router=True, protect_super=False, width=width, device="cpu",
-                          dtype="float32",
+    options = DataOptions(DataSpec((source,), seq_len=64), max_tokens=1024, beam=2,
+                          compensate=compensate, router=True, protect_super=False, width=width,
+                          run=RunOptions(device="cpu", dtype="float32"),
                           stream=stream, hidden_ram=0 if stream else None)
     return choose_with_data(folder, layout, model_fingerprint(checkpoint, layout),
                             criterion=criterion, ratio=ratio, protect={}, min_experts=None,
