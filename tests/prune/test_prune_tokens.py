@@ -93,8 +93,8 @@ def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
 
     def options(*args, **kwargs):
         kwargs.update(max_tokens=None,
-                      max_memory=_weights(folder) + _call(layout) + reconstruct_bytes(layout, 2)
-                      + 3 * 1024 * per + 1)
+                      run=_cpu(_weights(folder) + _call(layout) + reconstruct_bytes(layout, 2)
+                               + 3 * 1024 * per + 1))
         made = original(*args, **kwargs)
         seen["options"] = made
         return made
