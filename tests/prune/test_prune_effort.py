@@ -29,7 +29,7 @@ def _layout(tiny_checkpoint) -> object:
 
 
 def _options(**kw) -> DataOptions:
-    return DataOptions(DataSpec((DataSource("doc", Path("unused.txt")),), seq_len=256), **kw)
+    return DataOptions(DataSpec((DataSource("doc", Path("unused.txt")),)), **kw)
 
 
 def test_levels_resolve_to_their_documented_settings(tiny_checkpoint):

@@ -56,7 +56,6 @@ from moekit.units import human
 
 DATA_CRITERIA = ("measured", "auto")
 DOWN_ONLY = "measured+compensate-router"  # the down refits without the router refits
-PRUNE_DATA = DataSpec(seq_len=256)  # prune's default window (docs/options.md)
 
 
 @dataclass
@@ -86,7 +85,7 @@ class DataOptions:
     positions refits their down projections (`_refit_selection`), with no search and no
     scoring lanes."""
 
-    data: DataSpec = PRUNE_DATA
+    data: DataSpec = DataSpec()
     max_tokens: int | None = None
     beam: int | None = 4
     compensate: bool | None = None

@@ -3,7 +3,7 @@ dense FFN (the post-attention-norm hidden states) on calibration text, captured 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,8 +12,6 @@ import moekit.runtime.engine
 from moekit.calib.data import batches
 from moekit.calib.spec import DataSpec, per_source
 from moekit.errors import DataError
-from moekit.io.dtypes import ITEM_SIZE
-from moekit.io.reader import Checkpoint
 from moekit.io.remote_code import check_remote_code
 from moekit.ops.upcycle.plan import UPCYCLE_TOKENS
 from moekit.runtime.loading import load_tokenizer, quiet_transformers
@@ -23,7 +21,6 @@ if TYPE_CHECKING:
     import torch
 
 
-FLOAT32_LIMIT = 4 * 10**9
 
 
 @dataclass
@@ -42,9 +39,9 @@ def capture_ffn_inputs(folder: Path, data: DataSpec, *, run: RunOptions = RunOpt
     record each layer's FFN input with a forward pre-hook on `model.layers[i].mlp`.
 
     `data.max_tokens` counts in total over the sources, an equal share from each (None:
-    `plan.UPCYCLE_TOKENS`). `run.dtype` auto: float32 below FLOAT32_LIMIT bytes, else the
-    checkpoint's (`_calibration_dtype`). Memory: the model (or its streaming budget) plus
-    T x H x 4 bytes per layer. Code shipped in the checkpoint runs only with
+    `plan.UPCYCLE_TOKENS`). `run.dtype` auto: float32 on a CPU, the checkpoint's on an
+    accelerator (`runtime.loading.load_dtype`). Memory: the model (or its streaming budget)
+    plus T x H x 4 bytes per layer. Code shipped in the checkpoint runs only with
     `run.trust_remote_code`; `data.tokenizer` replaces the model's.
     """
     import torch
@@ -58,9 +55,7 @@ def capture_ffn_inputs(folder: Path, data: DataSpec, *, run: RunOptions = RunOpt
         sources, tok, seq_len=data.seq_len,
         max_tokens=per_source(data.total(UPCYCLE_TOKENS), len(sources)), fraction=data.fraction,
         text_field=data.text_field)
-    dtype = _calibration_dtype(folder) if run.dtype == "auto" else run.dtype
-    model = moekit.runtime.engine.open_model(folder, **replace(run, dtype=dtype).engine(),
-                                             **engine)  # type: ignore[arg-type]
+    model = moekit.runtime.engine.open_model(folder, **run.engine(), **engine)  # type: ignore[arg-type]
     layers = find_stack(model.model).layers
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
     handles = [layer.mlp.register_forward_pre_hook(_recorder(captured[i]))
@@ -91,15 +86,6 @@ def _tokenizer(folder: Path, tokenizer: str | None, trust_remote_code: bool) -> 
         raise DataError(f"cannot load the dense model's tokenizer from {folder}: {err}",
                         "the checkpoint needs tokenizer files for --router data / cluster, "
                         "or pass --tokenizer") from err
-
-
-def _calibration_dtype(folder: Path) -> str:
-    """float32 when the model's float32 copy stays under FLOAT32_LIMIT bytes (faster on CPU
-    for small models, whose time goes to element-wise ops, and exact), else its own dtype."""
-
-    tensors = Checkpoint(folder).tensors.values()
-    float32_bytes = sum(t.nbytes * 4 // ITEM_SIZE[t.dtype] for t in tensors)
-    return "float32" if float32_bytes <= FLOAT32_LIMIT else "auto"
 
 
 def _recorder(store: list[torch.Tensor]):  # noqa: ANN202 - a torch hook

@@ -44,8 +44,8 @@ class UpcycleOptions:
     aux_loss_coef: float = 0.001
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     # calibration text of --router data / --split-order cluster (max_tokens None:
-    # UPCYCLE_TOKENS), and how its one forward pass runs (dtype auto: float32 below
-    # calib.FLOAT32_LIMIT bytes, else the checkpoint's)
+    # UPCYCLE_TOKENS), and how its one forward pass runs (dtype auto: float32 on a CPU,
+    # else the checkpoint's)
     data: DataSpec = DataSpec()
     run: RunOptions = RunOptions()
 
