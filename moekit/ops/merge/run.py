@@ -70,6 +70,9 @@ class Calibration:
     log: Any = None
     one_pass: bool = True  # group inside the fit-layer refit's run (`onepass.py`)
     shared: OnePass | None = None  # what that run gave: clusters, refits, sample
+    effort: str = "default"  # `effort.EFFORTS`: recorded in `describe()` unless "default"
+    stats_tokens: int | None = None  # the statistics pass's positions (None: max_tokens)
+    refit_tokens: int | None = None  # the down refit's streamed positions (None: max_tokens)
 
     def __call__(self, layer: int) -> LayerCalib | None:
         if self.layers is None:
@@ -87,7 +90,10 @@ class Calibration:
                             **self.refit_options())
 
     def refit_options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.options.items() if k in REFIT_DEFAULTS}
+        found = {k: v for k, v in self.options.items() if k in REFIT_DEFAULTS}
+        if self.refit_tokens is not None:
+            found["refit_tokens"] = self.refit_tokens
+        return found
 
     def shares_run(self, grouper: Grouper) -> bool:
         """Group inside the refit's run? Data-driven grouping with `--method fit-layer`, some
@@ -108,8 +114,12 @@ class Calibration:
         ran = self.layers or self.shared
         tokens = ran.tokens if ran else None
         runtime = ran.runtime if ran else None
+        effort = {} if self.effort == "default" else {
+            "effort": self.effort, "stats_tokens": self.stats_tokens,
+            "refit_tokens": self.refit_tokens}  # absent: the default, as before the levels
         return {"data": {s.name: str(s.path) for s in self.sources}, "tokens": tokens,
-                **{k: v for k, v in self.options.items() if k != "device"}, "runtime": runtime}
+                **{k: v for k, v in self.options.items() if k != "device"}, **effort,
+                "runtime": runtime}
 
 
 DATA_GROUPS = ("hc-smoe", "m-smoe")  # groupings that need calibration activations
