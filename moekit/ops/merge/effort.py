@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.errors import InvalidArgumentError
-from moekit.layerfit.tokens import MIN_TOKENS, REFIT_FACTOR, calibration_tokens, refit_sum_bytes
+from moekit.layerfit.tokens import REFIT_FACTOR, calibration_tokens, refit_sum_bytes
 from moekit.units import human
 
 EFFORTS = ("fast", "default", "best")  # the names of `prune --data --effort`
@@ -90,13 +90,12 @@ def check_effort(effort: str) -> None:
 def resolve_tokens(effort: str, positions: int, *, refit_tokens: int | None = None,
                    refit_fits: bool = True) -> MergeTokens:
     """The positions of each part for `effort` on the run's N = `positions` (`--max-tokens` or
-    the memory-aware default). `fast`'s measured run: a quarter of N, at least MIN_TOKENS
-    (or N when smaller). An explicit `refit_tokens` is used as given (all levels); `best`'s
-    own only when `refit_fits` (its sums fit beside the weights) and it exceeds N."""
+    the memory-aware default). `fast`'s measured run: the first quarter of N (rounded up).
+    An explicit `refit_tokens` is used as given (all levels); `best`'s own only when
+    `refit_fits` (its sums fit beside the weights). A streamed count not above the measured
+    run's positions streams nothing (None)."""
     found = effort_settings(effort)
-    measured = positions
-    if found.measured_share < 1:
-        measured = max(min(positions, MIN_TOKENS), math.ceil(positions * found.measured_share))
+    measured = math.ceil(positions * found.measured_share)
     refit = refit_tokens
     if refit is None and found.refit_factor > 1 and refit_fits:
         refit = found.refit_factor * measured
