@@ -12,8 +12,9 @@ plain forward (no hooks) through the same engine over the measured run's fit win
 to the statistics' N positions (the calibration tokens of every level; time is linear in the
 windows). Then `moekit eval OUT --data <texts> --data-range 0.5:1` gives the held-out loss.
 Rows: the work's wall and CPU time (from the model's first opening to the written folder, minus
-the unit's own forward) divided by the unit, per stage, peak RSS, the estimate printed before
-the work (when there is one) and the loss increase over the unmerged model.
+the unit's own forward) divided by the unit, per stage, peak RSS, the estimate printed as the
+measured run starts (`ops/merge/estimate.py`) against the wall time after it (the work less
+load, statistics and probe), and the loss increase over the unmerged model.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_merge_effort.py --efforts fast default best \\
         --ratio 0.5
@@ -34,20 +35,28 @@ from typing import Any
 
 from bench_effort import FIXTURES, Clock, _cli, _data_args, evaluate
 
-STAGES = ("load", "statistics", "capture", "grouping", "replay", "refit", "lanes", "write")
+STAGES = ("load", "statistics", "probe", "capture", "grouping", "replay", "refit", "lanes", "write")
 
 
 def _instrument(clock: Clock, found: dict[str, Any]) -> None:
     """Wrap the stages where the merge looks them up (module attributes)."""
     import moekit.ops.merge
     from moekit.layerfit import lanes, measured
-    from moekit.ops.merge import autostats, grouping, onepass, refit
+    from moekit.ops.merge import autostats, grouping, onepass, refit, run
 
     def load(*args: Any, **kwargs: Any) -> Any:
         cal = original_load(*args, **kwargs)
         found["unit"] = _plain_forward(cal, clock)
         return cal
 
+    def estimate(*args: Any, **kwargs: Any) -> Any:
+        result = original_estimate(*args, **kwargs)
+        found["estimate"] = {"seconds": result.seconds, "peak_bytes": result.peak_bytes,
+                             "stages": result.stages}
+        return result
+
+    original_estimate = run.estimate_refit
+    run.estimate_refit = clock.wrap("probe", estimate)
     original_load = refit.load_calibration
     refit.load_calibration = clock.wrap("load", load)
     autostats.profile_model = clock.wrap("statistics", autostats.profile_model)
@@ -99,7 +108,8 @@ def child(args: argparse.Namespace) -> None:
         "name": args.effort, "process_wall": wall, "process_cpu": cpu,
         "work_wall": sum(clock.wall.values()), "work_cpu": sum(clock.cpu.values()),
         "stages_wall": clock.wall, "stages_cpu": clock.cpu, "unit": unit,
-        "refit_tokens": calibration.get("refit_tokens"), "peak_rss": peak, "loss": loss,
+        "refit_tokens": calibration.get("refit_tokens"), "estimate": found.get("estimate"),
+        "peak_rss": peak, "loss": loss,
         "kl": _refit_kl(provenance)}), flush=True)
 
 
@@ -157,17 +167,22 @@ def _run_child(args: argparse.Namespace, effort: str) -> dict[str, Any]:
 def print_table(rows: list[dict[str, Any]], base: float) -> None:
     """Markdown: x forward (wall, CPU) of the work and per stage, RSS, loss."""
     print("\n| effort | positions (stats / measured / refit) | x forward wall / CPU | wall / CPU s "
-          "| peak RSS | loss (+ over unmerged) | stages, x forward (CPU) |")
-    print("|---|---|---|---|---|---|---|")
+          "| estimate / measured s | peak RSS (est.) | loss (+ over unmerged) "
+          "| stages, x forward (CPU) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         unit = r["unit"] or {"wall": float("nan"), "cpu": float("nan"), "positions": 0}
         stages = ", ".join(f"{k} {v / unit['cpu']:.1f}" for k, v in r["stages_cpu"].items()
                            if v > 0.05 * unit["cpu"])
         positions = f"{unit['positions']} / {unit.get('measured', unit['positions'])} / " \
             f"{r['refit_tokens'] or '-'}"
+        est = r.get("estimate") or {"seconds": float("nan"), "peak_bytes": float("nan")}
+        done = ("load", "statistics", "probe")
+        after = r["work_wall"] - sum(r["stages_wall"].get(k, 0.0) for k in done)
         print(f"| {r['name']} | {positions} | {r['work_wall'] / unit['wall']:.1f} / "
               f"{r['work_cpu'] / unit['cpu']:.1f} | {r['work_wall']:.0f} / {r['work_cpu']:.0f} "
-              f"| {r['peak_rss'] / 1e9:.2f} GB | {r['loss']:.4f} ({r['loss'] - base:+.4f}) "
+              f"| {est['seconds']:.0f} / {after:.0f} | {r['peak_rss'] / 1e9:.2f} GB "
+              f"({est['peak_bytes'] / 1e9:.2f}) | {r['loss']:.4f} ({r['loss'] - base:+.4f}) "
               f"| {stages} |")
 
 

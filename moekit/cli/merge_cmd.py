@@ -170,7 +170,8 @@ def merge(
                    fraction=spec.fraction)
     if run.trust_remote_code:  # recorded in the plan's calibration only when given
         options["trust_remote_code"] = True
-    levels = {"effort": effort, "stats_tokens": tokens.statistics, "refit_tokens": tokens.refit}
+    levels = {"effort": effort, "stats_tokens": tokens.statistics, "refit_tokens": tokens.refit,
+              "estimate": not as_json}
     calib = _calibration(source, group, method, router, plan_in, spec, options,
                          one_pass=not dry_run, levels=levels)
     recorded = calib or (_calibration(source, group, method, router, plan_in, spec, options,

@@ -22,6 +22,7 @@ from moekit.ops.merge.calib import (
     layer_record,
     sample_batches,
 )
+from moekit.ops.merge.estimate import estimate_refit
 from moekit.ops.merge.grouping import (
     Grouper,
     check_ratio,
@@ -73,6 +74,7 @@ class Calibration:
     effort: str = "default"  # `effort.EFFORTS`: recorded in `describe()` unless "default"
     stats_tokens: int | None = None  # the statistics pass's positions (None: max_tokens)
     refit_tokens: int | None = None  # the down refit's streamed positions (None: max_tokens)
+    estimate: bool = False  # log the measured run's predicted time first (`estimate.py`)
 
     def __call__(self, layer: int) -> LayerCalib | None:
         if self.layers is None:
@@ -221,6 +223,8 @@ def group_and_refit(calib: Calibration, checkpoint: Checkpoint, grouper: Grouper
     per_domain = domain_tokens(settings["max_tokens"], len(calib.sources))
     work = sample_batches(prefixes(cal.domains, per_domain, settings["seq_len"]),
                           calib.options.get("batch_size", BATCH_SIZE), per_domain)
+    if calib.estimate and calib.log is not None:
+        calib.log(estimate_refit(cal, source, n_drop, sum(take for _, take in work)).line())
     moe = {m.index: m for m in layout.moe_layers}
     blocks = {b.layer: b for b in cal.blocks}
     layers: list[MergeLayer] = []
