@@ -143,3 +143,30 @@ def test_effort_help_names_the_levels():
     text = " ".join(result.output.split())
     assert "--effort" in text and "--refit-tokens" in text
     assert all(level in text for level in EFFORTS)
+
+
+def test_estimate_counts_the_merge_lanes_by_hand():
+    """`layerfit.estimate.predict` with the merge's grouping sample, against the sum by hand."""
+    from moekit.layerfit.estimate import WRITE_RATE, Probe, RunShape, predict
+
+    found = Probe(forward=2e-4, capture=3e-5, select=5e-5, step=0.0, seconds=1.0)
+    n, extra, held, sample, layers = 4000, 12000, 1000, 4000, 4
+    shape = RunShape(n, extra, held, 2, 3, 2, 0, None, layers, 10**8, sample=sample)
+    stages = predict(found, shape)
+    assert stages["lanes"] == pytest.approx(2e-4 * (2 * (n + extra) + 3 * held + sample))
+    assert stages["capture"] == pytest.approx(layers * 3e-5 * (2 * n + 2 * extra + sample))
+    assert stages["search+refit"] == pytest.approx(layers * 5e-5 * (n + extra))
+    assert stages["reconstruction"] == 0 and stages["write"] == pytest.approx(1e8 / WRITE_RATE)
+    without = predict(found, RunShape(n, extra, held, 2, 3, 2, 0, None, layers, 10**8))
+    assert stages["lanes"] - without["lanes"] == pytest.approx(2e-4 * sample)
+
+
+def test_merge_prints_its_estimate_first(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("mixtral")
+    result = merge(source, "--stats", stats_for(tmp_path, source), *_common(corpus(tmp_path)),
+                   "--max-tokens", "1000", "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("estimate: about "))
+    assert not any(line.startswith("  layer ") for line in lines[:first])  # before the run
+    assert "peak memory" in lines[first] and "probe" in " ".join(lines[first:first + 2])
