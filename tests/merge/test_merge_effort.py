@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from merge_support import assert_same_folders, corpus, merge_with
 from support import merge, stats_for
-from test_merge_onepass import assert_same_folders, corpus, merge_with
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
