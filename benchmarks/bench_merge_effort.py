@@ -12,9 +12,10 @@ plain forward (no hooks) through the same engine over the measured run's fit win
 to the statistics' N positions (the calibration tokens of every level; time is linear in the
 windows). Then `moekit eval OUT --data <texts> --data-range 0.5:1` gives the held-out loss.
 Rows: the work's wall and CPU time (from the model's first opening to the written folder, minus
-the unit's own forward) divided by the unit, per stage, peak RSS, the estimate printed as the
-measured run starts (`ops/merge/estimate.py`) against the wall time after it (the work less
-load, statistics and probe), and the loss increase over the unmerged model.
+the unit's own forward; the imports are warmed first, start-up) divided by the unit, per stage,
+peak RSS, the estimate printed as the measured run starts (`ops/merge/estimate.py`) against the
+wall time after it (the work less load, statistics and probe), and the loss increase over the
+unmerged model.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_merge_effort.py --efforts fast default best \\
         --ratio 0.5
@@ -80,8 +81,21 @@ def _plain_forward(cal: Any, clock: Clock) -> dict[str, float]:
     return {"wall": wall, "cpu": cpu, "positions": sum(int(w.numel()) for w in cal.fit)}
 
 
+def _start_up(model: Path) -> None:
+    """Import what any run imports first (torch, the family's transformers module, pandas for
+    the profile): ~5 s CPU here, start-up rather than work (it would land in the first stage)."""
+    import importlib
+
+    import pandas  # noqa: F401
+    import torch  # noqa: F401
+
+    kind = json.loads((model / "config.json").read_text())["model_type"]
+    importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+
+
 def child(args: argparse.Namespace) -> None:
     """One merge at args.effort and its eval; prints JSON."""
+    _start_up(args.model)
     clock = Clock()
     clock.wall, clock.cpu = dict.fromkeys(STAGES, 0.0), dict.fromkeys(STAGES, 0.0)
     found: dict[str, Any] = {}
