@@ -81,10 +81,11 @@ def merge(
     max_tokens: MaxTokensOpt = None,
     effort: Annotated[str, typer.Option(
         "--effort", help="With calibration: fast (the statistics on the default's positions, "
-        "the grouping and the refit on a quarter of them: about 3 forward passes), default "
-        "(statistics, grouping and refit on --max-tokens positions: about 6 forward passes), "
+        "the grouping and the refit on a quarter of them: about 5 forward passes over them on "
+        "CPU), default (statistics, grouping and refit on --max-tokens positions: about 15), "
         "best (as default, the down refit on 4x the positions streamed when the memory "
-        "allows). Explicit --max-tokens/--refit-tokens override their part.")] = "default",
+        "allows: about 30). Explicit --max-tokens/--refit-tokens override their part.")
+    ] = "default",
     refit_tokens: Annotated[int | None, typer.Option(
         "--refit-tokens", help="Calibration positions per layer for fit-layer's down refit, "
         "streamed through the layer (more than the refit's --max-tokens: read further into "

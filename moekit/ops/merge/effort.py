@@ -6,20 +6,22 @@ The default merge (`m-smoe` grouping, `fit-layer`) makes, over its N calibration
     statistics   one `profile` pass over N (without `--stats`: usage, centres, super experts)
     measured run one layered run (`onepass.py`): the grouping sample (N positions through the
                  unmodified model, its router logits captured), the fit lanes `original` and
-                 `pruned` (0.8 N each, both captured for the refit), the held-out lanes
-                 `reference`, `centres`, `refitted` (0.2 N each), and each layer's down refit
+                 `pruned` (N each, both captured for the refit), the held-out lanes
+                 `reference`, `centres`, `refitted` (N/4 each: a fifth of the windows read),
+                 and each layer's down refit
 
-so about 1 + (1 + 2 x 0.8 + 3 x 0.2) = 4.2 plain forward passes over N plus the captures and
-the refit. An effort level changes only how many positions each part sees (same grouping,
+so about 1 + (1 + 2 + 3 / 4) = 4.75 plain forward passes over N plus the captures, the replay
+and the refit. An effort level changes only how many positions each part sees (same grouping,
 same method, same end-to-end check); an explicit `--max-tokens` / `--refit-tokens` sets its
 part. The numbers follow from what each part needs, not from one model:
 
 - `default`: today's merge, unchanged (the same written bytes and provenance).
-- `fast`: the anchors' cost, statistics plus one measured run that costs about one statistics
-  pass: the statistics on the default's N positions (the same centres as `default`, they come
-  from the same pass), the measured run on REFIT_SHARE = 1/4 of them. The measured run costs
-  about 4 forward passes of its own positions (above, with the captures), so over a quarter it
-  is ~1 pass over N, ~2-3 in all with the statistics pass.
+- `fast`: towards the anchors' cost, statistics plus one measured run on a share of the
+  positions: the statistics on the default's N positions (the same centres as `default`, they
+  come from the same pass), the measured run on REFIT_SHARE = 1/4 of them. Its lanes are ~3.75
+  forward passes of its own positions (above), so ~1 pass over N; on CPU its captures, replay
+  and refit add as much again and more (fixture: 4-5 plain forward passes over N in all, the
+  statistics pass ~1 of them; docs/benchmarks.md).
 - `best`: the refit's streamed positions raised to REFIT_FACTOR x N (as `prune --data
   --effort best` streams them, `layerfit.refit_stream`) when their sums fit beside the weights,
   the rest as `default`: the down refit of a merged layer has I parameters per output row of
