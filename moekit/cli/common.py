@@ -57,8 +57,8 @@ MaxTokensOpt = Annotated[int | None, typer.Option(
     "each. Default: the command's budget (docs/options.md).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str, typer.Option(
-    "--dtype", help="Dtype the model runs in: auto (the checkpoint's), float32, bfloat16, "
-    "float16.")]
+    "--dtype", help="Dtype the model runs in: auto (float32 on a CPU, the checkpoint's on "
+    "a GPU), float32, bfloat16, float16.")]
 MaxMemoryOpt = Annotated[str, typer.Option(
     "--max-memory", help="Weight memory the run may hold on its device, e.g. 700MB, 40GB: "
     "larger checkpoints are streamed layer by layer. auto: 80% of the free RAM/VRAM.")]

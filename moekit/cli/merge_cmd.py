@@ -93,7 +93,7 @@ def merge(
     seq_len: SeqLenOpt = 512,
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     max_memory: MaxMemoryOpt = "auto",
     tokenizer: TokenizerOpt = None,
     trust_remote_code: TrustRemoteCodeOpt = False,

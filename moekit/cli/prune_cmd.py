@@ -107,7 +107,7 @@ def prune(
     data_range: RangeOpt = None,
     text_field: TextFieldOpt = "text",
     tokenizer: TokenizerOpt = None,
-    seq_len: SeqLenOpt = 256,
+    seq_len: SeqLenOpt = 512,
     max_tokens: MaxTokensOpt = None,
     refit_tokens: Annotated[int | None, typer.Option(
         "--refit-tokens", help="Calibration positions per layer for the down refit and the "
@@ -171,7 +171,7 @@ def prune(
         data_range=data_range, text_field=text_field, tokenizer=tokenizer, seq_len=seq_len,
         max_tokens=max_tokens, min_tokens=MIN_CALIB_TOKENS)
     source = load_model_path(model, revision)
-    check_context(source, ("--seq-len", seq_len, 256), ("--eval-seq-len", eval_seq_len, 512))
+    check_context(source, ("--seq-len", seq_len, 512), ("--eval-seq-len", eval_seq_len, 512))
     shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     if not dry_run and out is None:
         from moekit.errors import InvalidArgumentError

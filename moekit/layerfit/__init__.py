@@ -3,6 +3,7 @@
     measured.py     calibration session (load_calibration), measure_layer: capture, search
                     (or fixed kept ids, kept=), fit
     lanes.py        the layered run: lanes of windows, each seeing a differently modified model
+    reference.py    the unmodified residuals after each MoE layer, recorded during another pass
     override.py     an in-memory model behaving like its pruned checkpoint, layer by layer
     replay.py       one MoE layer replayed on cached tokens with experts removed
     search.py       beam search over removal sets by measured damage

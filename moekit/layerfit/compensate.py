@@ -155,19 +155,20 @@ def refit_layer(layer: int, replay: LayerReplay, experts: Any, inputs: torch.Ten
     ids, gates, hid, target, base, bias, cut = layer_problem(replay, experts, inputs, keep,
                                                              shift).astuple()
     fit = LayerFit(layer)
-    fit.held_before = fit.held_after = _error(target[cut:], ids[cut:], gates[cut:], hid[cut:],
-                                              {}, base, bias)
+    held_pairs = _pair_outputs(ids[cut:], hid[cut:], {}, base, bias)
+    held = (target[cut:], ids[cut:], gates[cut:], hid[cut:], held_pairs)
+    fit.held_before = fit.held_after = _held_error(held, {}, bias)
     if width is not None:
         fit.neurons = neuron_subsets(ids[:cut], gates[:cut], hid[:cut], keep, base, width)
         fit.weights = {e: base[e] * _mask(base[e], cols) for e, cols in fit.neurons.items()}
-        fit.held_after = _error(target[cut:], ids[cut:], gates[cut:], hid[cut:], fit.weights,
-                                base, bias)
+        fit.held_after = _held_error(held, fit.weights, bias)
+    sweep = Sweep.prepare(target[:cut], ids[:cut], gates[:cut], hid[:cut], keep, base, bias,
+                          fit.neurons or None)
     for alpha in ALPHAS:
-        weights = _sweep(target[:cut], ids[:cut], gates[:cut], hid[:cut], keep, base, bias,
-                         alpha, fit.neurons or None)
-        held = _error(target[cut:], ids[cut:], gates[cut:], hid[cut:], weights, base, bias)
-        if held < fit.held_after:
-            fit.held_after, fit.alpha, fit.weights = held, alpha, weights
+        weights = sweep.run(alpha)
+        err = _held_error(held, weights, bias)
+        if err < fit.held_after:
+            fit.held_after, fit.alpha, fit.weights = err, alpha, weights
     fit.rel_change = {e: float((w - base[e]).norm() / base[e].norm().clamp(min=1e-30))
                       for e, w in fit.weights.items()}
     return fit
@@ -215,34 +216,137 @@ def _error(target: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, hid: to
     return float((target - pred).pow(2).sum(-1).mean())
 
 
+def _held_error(held: tuple[torch.Tensor, ...], weights: dict[int, torch.Tensor],
+                bias: list[torch.Tensor]) -> float:
+    """`_error` on held-out (target, ids, gates, hid, pair outputs at the original weights):
+    only the pairs of the experts in `weights` are recomputed."""
+    target, ids, gates, hid, pairs = held
+    if weights:
+        pairs = pairs.clone()
+        for e, weight in weights.items():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            if tok.numel():
+                pairs[tok, slot] = hid[tok, slot] @ weight.T + bias[e]
+    pred = (pairs * gates.unsqueeze(-1)).sum(1)
+    return float((target - pred).pow(2).sum(-1).mean())
+
+
+@dataclass
+class _Ridge:
+    """One kept expert's part of the sweep that no alpha changes: its routed pairs (`tok`,
+    `slot`), gates a [n, 1], activations h [n, I'] on its kept neurons `cols`, the pairs'
+    outputs at the original weights `old` [n, H], the trace of A = sum a^2 h h^T, and either A
+    [I', I'] (primal, n >= I') or the kernel K = G G^T and M = h G^T [n, n] of G = a h
+    (float64; dual, n < I')."""
+
+    expert: int
+    tok: torch.Tensor
+    slot: torch.Tensor
+    a: torch.Tensor
+    h: torch.Tensor
+    cols: Any
+    old: torch.Tensor
+    trace: float
+    gram: torch.Tensor | None = None
+    kernel: torch.Tensor | None = None
+    mixed: torch.Tensor | None = None
+
+
+@dataclass
+class Sweep:
+    """One Gauss-Seidel sweep of ridge refits over the kept experts (busiest first), run once
+    per alpha from the same prepared pieces (`_Ridge`). Expert e's step minimises
+    ||G W^T - R||^2 + lam ||W - W^0||^2 (G = a h, R = want - a b, module doc). With n routed
+    pairs and I' columns it is solved in whichever form is smaller:
+
+        primal (n >= I'):  W^T = (A + lam I)^-1 (G^T R + lam W^0 T)                [I', I']
+        dual   (n <  I'):  W^T = W^0 T + G^T (K + lam I)^-1 E,  E = R - G W^0 T    [n, n]
+
+    (the same solution: (A + lam I) G^T = G^T (K + lam I)). E is the expert's share of the
+    current residual, resid(t) + a (f_e^0(t) - b - h W^0 T) (the last term vanishes without
+    neuron trimming), and the step changes the residual by -a M (K + lam I)^-1 E. The experts
+    follow one another (each sees the residual the earlier ones left), so the steps are not
+    batched across experts; each is a few small dense products."""
+
+    resid: torch.Tensor
+    ridges: list[_Ridge]
+    base: list[torch.Tensor]
+    bias: list[torch.Tensor]
+    trimmed: bool
+
+    @staticmethod
+    def prepare(target: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
+                hid: torch.Tensor, keep: list[int], base: list[torch.Tensor],
+                bias: list[torch.Tensor], neurons: dict[int, torch.Tensor] | None) -> Sweep:
+        """The residual at the original weights and each kept expert's `_Ridge`."""
+        import torch
+
+        pairs = _pair_outputs(ids, hid, {}, base, bias)
+        resid = target - (pairs * gates.unsqueeze(-1)).sum(1)
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # each expert's pairs in (token, slot) order
+        counts = torch.bincount(flat, minlength=len(base)).tolist()
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        ridges = []
+        for e in sorted(keep, key=lambda e: -counts[e]):
+            if counts[e] == 0:
+                continue
+            rows = order[starts[e]:starts[e + 1]]
+            tok, slot = rows // ids.shape[1], rows % ids.shape[1]
+            cols = neurons[e] if neurons else slice(None)
+            a, h = gates[tok, slot].unsqueeze(1), hid[tok, slot][:, cols]
+            ridge = _Ridge(e, tok, slot, a, h, cols, pairs[tok, slot], 0.0)
+            if h.shape[0] >= h.shape[1]:
+                ridge.gram = (h * a.pow(2)).T @ h
+                ridge.trace = float(ridge.gram.diagonal().sum())
+            else:
+                g = (a * h).double()
+                ridge.kernel, ridge.mixed = g @ g.T, h.double() @ g.T
+                ridge.trace = float(ridge.kernel.diagonal().sum())
+            ridges.append(ridge)
+        return Sweep(resid, ridges, base, bias, neurons is not None)
+
+    def run(self, alpha: float) -> dict[int, torch.Tensor]:
+        """The refitted W [H, I] (float32, zero outside the kept neurons) of every expert with
+        routed pairs, for ridge strength lam = alpha tr(A) / I' per expert."""
+        import torch
+
+        resid = self.resid.clone()
+        weights: dict[int, torch.Tensor] = {}
+        for r in self.ridges:
+            e, a, h = r.expert, r.a, r.h
+            lam = alpha * r.trace / h.shape[1] + 1e-12
+            start = self.base[e][:, r.cols]
+            if r.gram is not None:
+                want = resid[r.tok] + a * r.old  # what e's weighted output should be
+                cross = (want * a - a.pow(2) * self.bias[e]).T @ h
+                eye = torch.eye(h.shape[1])
+                solved = torch.linalg.solve(r.gram + lam * eye, (cross + lam * start).T).T
+                change = a * (h @ solved.T + self.bias[e] - r.old)
+            else:
+                share, change = resid[r.tok], 0.0  # trimmed: a h W^0 T off the kept neurons
+                if self.trimmed:
+                    change = (a * h) @ start.T - a * (r.old - self.bias[e])
+                    share = share - change
+                eye = torch.eye(h.shape[0], dtype=torch.float64)
+                dual = torch.linalg.solve(r.kernel + lam * eye, share.double())
+                solved = start + dual.float().T @ (a * h)
+                change = change + a * (r.mixed @ dual).float()
+            resid.index_add_(0, r.tok, -change)
+            if self.trimmed:
+                weight = torch.zeros_like(self.base[e])
+                weight[:, r.cols] = solved
+            else:
+                weight = solved
+            weights[e] = weight
+        return weights
+
+
 def _sweep(target: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor, hid: torch.Tensor,
            keep: list[int], base: list[torch.Tensor], bias: list[torch.Tensor], alpha: float,
            neurons: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
-    """One Gauss-Seidel sweep of ridge refits over the kept experts (busiest first); with
-    `neurons`, each expert is refitted on its kept neurons only (zero columns elsewhere)."""
-    import torch
-
-    pairs = _pair_outputs(ids, hid, {}, base, bias)
-    resid = target - (pairs * gates.unsqueeze(-1)).sum(1)
-    weights: dict[int, torch.Tensor] = {}
-    order = sorted(keep, key=lambda e: -int((ids == e).sum()))
-    for e in order:
-        tok, slot = (ids == e).nonzero(as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        cols = neurons[e] if neurons else slice(None)
-        a, h = gates[tok, slot].unsqueeze(1), hid[tok, slot][:, cols]
-        old = pairs[tok, slot]
-        want = resid[tok] + a * old  # what e's weighted output should be
-        gram = (h * a.pow(2)).T @ h
-        lam = alpha * float(gram.diagonal().sum()) / h.shape[1] + 1e-12
-        cross = (want * a - a.pow(2) * bias[e]).T @ h
-        eye = torch.eye(h.shape[1])
-        solved = torch.linalg.solve(gram + lam * eye, (cross + lam * base[e][:, cols]).T).T
-        weight = torch.zeros_like(base[e])
-        weight[:, cols] = solved
-        new = h @ solved.T + bias[e]
-        resid.index_add_(0, tok, -a * (new - old))
-        pairs[tok, slot] = new
-        weights[e] = weight
-    return weights
+    """One sweep at one alpha (`Sweep`); with `neurons`, each expert is refitted on its kept
+    neurons only (zero columns elsewhere)."""
+    return Sweep.prepare(target, ids, gates, hid, keep, base, bias, neurons).run(alpha)

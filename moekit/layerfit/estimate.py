@@ -2,13 +2,14 @@
 
 The probe (`probe`) runs PROBE_POSITIONS calibration positions (whole windows, at least two)
 through the model once, layer by layer (streamed: only up to the first MoE layer, so the
-checkpoint is not read once more, its time scaled to all layers), with that layer captured on
-the way; on that
-capture it times the layer's measured selection (and down refit, when the run refits) and a few
-reconstruction steps. From these per-position and per-step times and the run's counts, `predict`
-adds up (seconds; N the selection's positions, N_e the streamed refit's extra positions, N_h the
-held-out positions, N_g the merge's grouping sample (one more lane through the unmodified
-model, captured up to the router: counted as a whole capture), L the MoE layers):
+checkpoint is not read once more, its time scaled to all layers; `--effort fast`:
+FAST_PROBE_POSITIONS, and only up to the first MoE layer in memory too), with that layer
+captured on the way; on that capture it times the layer's measured selection (and down
+refit, when the run refits) and a few reconstruction steps. From these per-position and
+per-step times and the run's counts, `predict` adds up (seconds; N the selection's positions,
+N_e the streamed refit's extra positions, N_h the held-out positions, N_g the merge's grouping
+sample (one more lane through the unmodified model, captured up to the router: counted as a
+whole capture), L the MoE layers):
 
     statistics pass   N_s x forward (N_s: the statistics' positions, N unless `--effort fast`)
     lanes             (fit lanes x (N + N_e) + held lanes x N_h + N_g) x forward
@@ -39,6 +40,7 @@ from moekit.layerfit.tokens import experts_call_bytes, per_token_bytes, reconstr
 from moekit.units import human
 
 PROBE_POSITIONS = 2048
+FAST_PROBE_POSITIONS = 1024  # `--effort fast`'s probe: its whole run is ~2-3 forward passes
 PROBE_STEPS = (2, 6)  # reconstruction steps timed: their difference is the per-step time
 WRITE_RATE = 200e6  # bytes per second of the writer (a lower bound of the measured copy rate)
 
@@ -87,9 +89,11 @@ def probe(cal: Any, *, n_drop: int, beam: int, refit: bool, reconstruct: bool,
     """Time the first PROBE_POSITIONS calibration positions through the model and one MoE
     layer's capture, selection (+ down refit) and reconstruction steps (module docstring);
     without `select` (a stats criterion) only the forward and the capture; with `fixed` the
-    layer keeps its first E - n_drop experts (no search: the refit of a stats plan)."""
+    layer keeps its first E - n_drop experts (no search: the refit of a stats plan) and the
+    probe is `fast`'s: FAST_PROBE_POSITIONS, the run stopped after that layer in memory too
+    (its forward time scaled to all layers, as streamed)."""
     began = time.perf_counter()
-    windows = _probe_windows(cal.fit)
+    windows = _probe_windows(cal.fit, FAST_PROBE_POSITIONS if fixed else PROBE_POSITIONS)
     positions = sum(int(w.numel()) for w in windows)
     first = cal.blocks[0]
     got: dict[str, float] = {}
@@ -104,17 +108,17 @@ def probe(cal: Any, *, n_drop: int, beam: int, refit: bool, reconstruct: bool,
         if select:
             got.update(_time_layer(cal, first, cap, n_drop, beam, refit, reconstruct, fixed))
 
-    streamed = cal.engine.mode == "stream"
+    stop = cal.engine.mode == "stream" or fixed
     start = time.perf_counter()
     try:
         for _ in cal.engine.run(windows, on_layer=on_layer,
-                                after_layer=_stop_after(first.layer) if streamed else None):
+                                after_layer=_stop_after(first.layer) if stop else None):
             pass
     except _ProbeDone:
         pass
     whole = time.perf_counter() - start
     spent = got.get("capture", 0.0) + got.get("select", 0.0) + got.get("rebuild", 0.0)
-    share = _layer_count(cal) / (first.layer + 1) if streamed else 1.0
+    share = _layer_count(cal) / (first.layer + 1) if stop else 1.0
     return Probe(max(whole - spent, 1e-9) * share / positions, got.get("capture", 0.0) / positions,
                  got.get("select", 0.0) / positions, got.get("step", 0.0),
                  time.perf_counter() - began)
@@ -140,11 +144,11 @@ def _layer_count(cal: Any) -> int:
     return len(find_stack(cal.model).layers)
 
 
-def _probe_windows(fit: list[Any]) -> list[Any]:
-    """The leading windows holding PROBE_POSITIONS positions (at least two windows)."""
+def _probe_windows(fit: list[Any], positions: int = PROBE_POSITIONS) -> list[Any]:
+    """The leading windows holding `positions` positions (at least two windows)."""
     out, seen = [], 0
     for window in fit:
-        if seen >= PROBE_POSITIONS and len(out) >= 2:
+        if seen >= positions and len(out) >= 2:
             break
         out.append(window)
         seen += int(window.numel())

@@ -3,7 +3,8 @@
 The run's batch list is made of *lanes*, copies of the calibration windows that each see a
 different model, all pushed through one materialised decoder layer after the other:
 
-    original   fit windows, the unmodified model (only with refits: the reference residuals)
+    original   fit windows, the unmodified model (only with refits: the reference residuals;
+               not with `reference`, residuals recorded by an earlier pass, `layerfit.reference`)
     reference  held-out windows, the unmodified model: the reference next-token distributions
     <cand>     held-out windows with candidate <cand>'s pruning (stats criteria, `measured`)
     pruned     fit windows with every earlier layer pruned (and refitted) as chosen
@@ -123,9 +124,15 @@ class LaneRun:
     """State of the pass (see the module docstring); `run()` executes it."""
 
     def __init__(self, cal: Calibration, lanes: list[Lane], search: Search | None,
-                 spill: TensorSpill | None, on_result: Callable[[MeasuredLayer], None]):
+                 spill: TensorSpill | None, on_result: Callable[[MeasuredLayer], None],
+                 reference: Callable[[int], torch.Tensor] | None = None):
+        """`reference(layer)`: the unmodified model's residual R_l [n, H] on the `pruned`
+        lane's windows (`layerfit.reference`), instead of an `original` lane's capture (not
+        with the router refit, which needs the original router logits too)."""
+        if reference is not None and search is not None and search.router:
+            raise ValueError("the router refit needs the original lane (internal error)")
         self.cal, self.lanes, self.search, self.spill = cal, lanes, search, spill
-        self.on_result = on_result
+        self.on_result, self.reference = on_result, reference
         self.results: list[MeasuredLayer] = []
         self.batches: list[torch.Tensor] = []
         self.lane_of: list[Lane] = []
@@ -195,11 +202,13 @@ class LaneRun:
         search, cal = self.search, self.cal
         refit = needs_refit(search.n_drop, search.compensate, search.width)
         reference = ref_logits = None
-        if refit:
+        if refit and self.reference is None:
             original = self._capture(step, block, "original", residual=True)
             reference, ref_logits = original.residual, original.logits
             del original
         cap = self._capture(step, block, "pruned", residual=refit)
+        if refit and self.reference is not None:
+            reference = self.reference(block.layer).to(cap.residual.device)
         budget = None if search.reconstruct_share is None else \
             search.reconstruct_share * (time.perf_counter() - start)
         result = measure_layer(cal, block, cap, search.n_drop, beam=search.beam,

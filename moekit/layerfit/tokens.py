@@ -37,6 +37,7 @@ from moekit.layerfit.refit_stats import PAIR_BYTES
 from moekit.layerfit.refit_stream import REFIT_BYTES
 from moekit.layerfit.replay import CHUNK_BYTES, EXPERT_BYTES, GRAM_MAX
 from moekit.runtime.budget import budget_bytes, header_sizes, held_weights
+from moekit.runtime.loading import held_itemsize
 from moekit.units import human
 
 DEFAULT_TOKENS = 16384
@@ -135,7 +136,7 @@ def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "
     `refit_sum_bytes`), and with `experts_call` the selection's `experts_call_bytes`, are taken
     from the memory first (`TokenBudget.fixed` holds their sum)."""
     checkpoint = Checkpoint(Path(source))
-    itemsize = _itemsize(checkpoint, dtype)
+    itemsize = held_itemsize(checkpoint, dtype, device)
     bias = bool(layout.moe_layers[0].selection_bias)
     per = per_token_bytes(layout, n_drop, itemsize, bias)
     allowance = _allowance(checkpoint, device, max_memory, itemsize)
@@ -145,14 +146,6 @@ def calibration_tokens(source: Path, layout: Any, *, n_drop: int, dtype: str = "
         return TokenBudget(int(requested or default), per, allowance, default, fixed)
     fits = (max(allowance - fixed, 0) // per) // 1024 * 1024
     return TokenBudget(int(min(default, max(MIN_TOKENS, fits))), per, allowance, default, fixed)
-
-
-def _itemsize(checkpoint: Any, dtype: str) -> int:
-    if dtype not in ("auto", None):
-        return 4 if dtype == "float32" else 2
-    found = next((t.dtype for t in checkpoint.tensors.values()
-                  if t.dtype in ("F32", "F16", "BF16")), "F32")
-    return 4 if found == "F32" else 2
 
 
 def _allowance(checkpoint: Any, device: str, max_memory: str | int | None,

@@ -23,13 +23,14 @@ import moekit.runtime.engine
 from moekit.calib.data import DataSource, batches
 from moekit.calib.spec import per_source
 from moekit.errors import InvalidArgumentError
+from moekit.io.dtypes import ITEM_SIZE
 from moekit.io.reader import Checkpoint, load_config
 from moekit.io.remote_code import check_remote_code
 from moekit.ops.heldout import calibration_overlap
 from moekit.runtime.budget import PAIR_FRACTION, free_memory
 from moekit.runtime.distributed import rank_device, reduce_eval_sums, shard_for_rank
 from moekit.runtime.hidden import no_room
-from moekit.runtime.loading import load_tokenizer, pick_device
+from moekit.runtime.loading import held_itemsize, load_tokenizer, pick_device
 
 if TYPE_CHECKING:
     import torch
@@ -222,10 +223,14 @@ def _has_tokenizer(path: Path) -> bool:
 def _fits_both(model_path: Path, ref: Path, options: dict[str, Any]) -> bool:
     """Both checkpoints (scaled to the load dtype) fit in PAIR_FRACTION of the free memory
     (`runtime.budget`)."""
-    dtype = options.get("dtype", "auto")
-    scale = {"float32": 2.0, "bfloat16": 1.0, "float16": 1.0}.get(dtype, 1.0)
-    need = scale * (Checkpoint(Path(model_path)).total_bytes + Checkpoint(Path(ref)).total_bytes)
-    return need < PAIR_FRACTION * free_memory(pick_device(options.get("device", "auto")))
+    device = pick_device(options.get("device", "auto"))
+    need = 0
+    for path in (model_path, ref):
+        checkpoint = Checkpoint(Path(path))
+        size = held_itemsize(checkpoint, options.get("dtype", "auto"), device)
+        need += size * sum(t.nbytes // ITEM_SIZE.get(t.dtype, 1) for t in
+                           checkpoint.tensors.values())
+    return need < PAIR_FRACTION * free_memory(device)
 
 
 def check_same_vocabulary(model_path: Path, ref: Path, tok: Any, tokenizer: str | None,

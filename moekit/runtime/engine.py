@@ -291,7 +291,7 @@ def open_model(path: Path, *, device: str = "auto", dtype: str = "auto",
     layout = describe(checkpoint)
     family = layout.family if layout.is_moe else None
     skeleton = build_skeleton(Path(path), load_dtype(_config(path, trust_remote_code), dtype,
-                                                     checkpoint), trust_remote_code)
+                                                     checkpoint, target), trust_remote_code)
     weights = WeightMap(checkpoint, skeleton)
     needs = sizes(weights, skeleton, family)
     plan = decide(needs, max_memory, target, stream)

@@ -2,7 +2,8 @@
 `run_data_options`) and passed down as is, never rewritten mid-run.
 
     device             auto (CUDA when present, else CPU), cpu, cuda, cuda:N, xpu, mps
-    dtype              auto (the checkpoint's), float32, bfloat16, float16
+    dtype              auto (float32 on a CPU, the checkpoint's on an accelerator:
+                       `runtime.loading.load_dtype`), float32, bfloat16, float16
     max_memory         weight memory the run may hold: "auto" (80% of the free RAM/VRAM,
                        `runtime.budget`), a size ("40GB") or bytes
     trust_remote_code  run Python code shipped inside the checkpoint (auto_map)

@@ -85,14 +85,16 @@ def test_every_command_takes_the_option_as_documented(option):
     assert len({tuple(p.opts) for p in params.values()}) == 1, option
     for command, param in params.items():
         assert param.default == defaults[command], (option, command)
+    assert len({repr(v) for v in defaults.values()}) == 1, f"{option}: defaults differ {defaults}"
 
 
 def test_the_budget_table_matches_the_code():
     budgets = {row[0]: _value(row[1].split()[0]) for row in _tables()[1]}
     assert budgets == {"profile": PROFILE_TOKENS, "eval": EVAL_TOKENS, "prune": PRUNE_TOKENS,
                        "merge": DEFAULT_TOKENS, "upcycle": UPCYCLE_TOKENS}
-    read = default_read(PRUNE_TOKENS, DataOptions.held_out, 256, 1)
-    assert f"{read} tokens read from one source at `--seq-len 256`" in DOC.read_text()
+    read = default_read(PRUNE_TOKENS, DataOptions.held_out, DataOptions.seq_len, 1)
+    assert f"{read} tokens read from one source at `--seq-len {DataOptions.seq_len}`" in \
+        DOC.read_text()
 
 
 # ---- --max-tokens N reads at most N tokens, in equal shares --------------------------------

@@ -57,7 +57,7 @@ def test_default_level_writes_what_the_library_wrote_before_levels(tiny_checkpoi
     source = tiny_checkpoint("mixtral")
     sources, stats = corpus(tmp_path), stats_for(tmp_path, source)
     options = dict(max_tokens=1000, seq_len=64, batch_size=4, device="cpu", tokenizer=None,
-                   dtype="float32", max_memory="auto", text_field="text", fraction=(0.0, 0.5))
+                   dtype="auto", max_memory="auto", text_field="text", fraction=(0.0, 0.5))
     before = merge_with(source, sources, stats, tmp_path / "lib", "m-smoe", "fit-layer",
                         one_pass=True, options=options)
     result = merge(source, "--stats", stats, *_common(sources), "--max-tokens", "1000",

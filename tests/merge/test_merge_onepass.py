@@ -115,7 +115,7 @@ def test_cli_default_merge_shares_the_run_and_dry_run_refits_nothing(tiny_checkp
     source = tiny_checkpoint("mixtral")
     sources, stats = corpus(tmp_path), stats_for(tmp_path, source)
     cli_options = dict(max_tokens=1000, seq_len=64, batch_size=4, device="cpu", tokenizer=None,
-                       dtype="float32", max_memory="auto", text_field="text",
+                       dtype="auto", max_memory="auto", text_field="text",
                        fraction=(0.0, 0.5))
     two = merge_with(source, sources, stats, tmp_path / "two", "m-smoe", "fit-layer",
                      one_pass=False, options=cli_options)

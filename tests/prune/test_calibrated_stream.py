@@ -83,6 +83,20 @@ def test_streamed_calibrated_prune_equals_in_memory(model_type, extra, tmp_path)
     assert_same_output(tmp_path / "memory", tmp_path / "streamed")
 
 
+def test_streamed_fast_prune_equals_in_memory(tmp_path):
+    """`--effort fast` records its reference residuals in the statistics pass: in memory the
+    whole model runs one window at a time, streamed one layer at a time over all windows; the
+    same plan and written tensors either way."""
+    source = saved_checkpoint("qwen2_moe", tmp_path / "src")
+    data = doc_corpus(tmp_path)
+    base = ["prune", source, "--data", f"doc={data.path}", "--ratio", "0.25", *CALIB,
+            "--effort", "fast"]
+    records = run_both(base, source, tmp_path)
+    assert [r["calibration"]["selection"] for r in records] == ["ean", "ean"]
+    assert records[0]["calibration"]["modified_tensors"], "expected refitted tensors"
+    assert_same_output(tmp_path / "memory", tmp_path / "streamed")
+
+
 @pytest.mark.parametrize("model_type,group,method", [
     ("mixtral", "hc-smoe", "fit"), ("qwen2_moe", "m-smoe", "fit-centre"),
     ("gpt_oss", "hc-smoe", "fit"), ("deepseek_v3", "hc-smoe", "aligned"),

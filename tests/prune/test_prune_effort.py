@@ -8,6 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
 from typer.testing import CliRunner
 
 from moekit.calib.data import DataSource
@@ -191,9 +192,12 @@ def test_best_equals_the_settings_before_the_levels(trained_checkpoint, sample_t
 def test_fast_refits_the_stats_plan_on_a_quarter_without_scoring_lanes(
         trained_checkpoint, sample_texts, monkeypatch):
     """`--effort fast`: the experts are those `ean` chooses on the run's own statistics (super
-    experts protected), the layered run has only the original and pruned lanes over the first
-    quarter of the positions, and the kept experts' down projections are refitted."""
+    experts protected), the layered run has only the pruned lane over the first quarter of the
+    positions (the reference residuals come from the statistics pass), and the kept experts'
+    down projections are refitted: to the same weights as with an original lane captured in
+    the layered run (the path before, an independent computation of the references)."""
     from moekit.layerfit import lanes
+    from moekit.ops.prune import calibrated
     from moekit.ops.prune.select import build_plan, merge_protect
     from moekit.stats.criteria import super_experts
 
@@ -218,7 +222,7 @@ def test_fast_refits_the_stats_plan_on_a_quarter_without_scoring_lanes(
                               log=lambda _: None)
     assert choice.chosen.name == "ean+compensate" and len(choice.candidates) == 1
     names, positions, held, kept = seen[0]
-    assert names == ["original", "pruned"] and held == 0
+    assert names == ["pruned"] and held == 0
     assert positions <= 4096 // 4 + 64 and choice.info["refit_positions"] == positions
     guard = merge_protect({}, super_experts(choice.stats))
     plan = build_plan(layout, fingerprint, criterion="ean", ratio=0.5, stats=choice.stats,
@@ -228,3 +232,82 @@ def test_fast_refits_the_stats_plan_on_a_quarter_without_scoring_lanes(
                                                                 for p in plan.layers]
     assert choice.chosen.weights and all(
         v > 0 for layer in choice.chosen.rel_change.values() for v in layer.values())
+
+    # the same run with the references captured from an original lane (no recorder)
+    monkeypatch.setattr(calibrated, "ReferenceResiduals", lambda *args, **kwargs: None)
+    before = choose_with_data(folder, layout, fingerprint, criterion="measured", ratio=0.5,
+                              protect={}, min_experts=None, options=options,
+                              log=lambda _: None)
+    assert seen[1][0] == ["original", "pruned"]
+    assert before.chosen.plan.to_dict()["layers"] == choice.chosen.plan.to_dict()["layers"]
+    assert before.chosen.weights.keys() == choice.chosen.weights.keys()
+    for layer, weights in choice.chosen.weights.items():
+        assert set(weights) == set(before.chosen.weights[layer])
+        for e in weights:
+            torch.testing.assert_close(weights[e], before.chosen.weights[layer][e],
+                                       rtol=1e-4, atol=1e-5)
+
+
+def _fast_calibration(trained_checkpoint, sample_texts, max_tokens=4096):
+    from moekit.layerfit.measured import load_calibration
+
+    folder = trained_checkpoint("moe")
+    layout = describe(Checkpoint(folder))
+    sources = [DataSource(name, path) for name, path in sample_texts.items()]
+    return load_calibration(folder, layout, sources, fraction=(0.0, 1.0), seq_len=64,
+                            max_tokens=max_tokens, held_out=0.0, device="cpu", dtype="float32")
+
+
+def test_statistics_pass_records_the_unmodified_residuals(trained_checkpoint, sample_texts,
+                                                          tmp_path):
+    """`ReferenceResiduals` during the statistics pass: layer l's rows equal the decoder-layer
+    outputs of the unmodified model on the first windows, captured independently by
+    `calib.capture.capture_layers`, in window order; later windows are not recorded."""
+    from moekit.calib.capture import capture_layers
+    from moekit.layerfit.reference import ReferenceResiduals
+    from moekit.ops.prune.quality import calibration_stats
+    from moekit.runtime.spill import TensorSpill
+
+    cal = _fast_calibration(trained_checkpoint, sample_texts)
+    lead = 3
+    residuals = ReferenceResiduals(cal.blocks, lead, TensorSpill(folder=str(tmp_path)))
+    stats = calibration_stats(cal, "fp", residuals)
+    plain = calibration_stats(cal, "fp")
+    assert stats.sha256 == plain.sha256  # recording changes no statistic
+    positions = sum(int(w.numel()) for w in cal.fit[:lead])
+    captured = capture_layers(cal.model, cal.family, cal.fit[:lead], max_tokens=positions,
+                              outputs=False, residual=True)
+    assert len(residuals.spill.names) == lead * len(cal.blocks)
+    for block in cal.blocks:
+        got = residuals.get(block.layer)
+        assert got.shape == (positions, cal.model.config.hidden_size)
+        torch.testing.assert_close(got, captured[block.layer].residual, rtol=1e-5, atol=1e-5)
+    residuals.close()
+
+
+def test_fast_probe_runs_one_moe_layer_on_fewer_positions(trained_checkpoint, sample_texts):
+    """`fast`'s probe (`fixed`): FAST_PROBE_POSITIONS (whole windows, at least two), the
+    run stopped after the first MoE layer; the default probe runs every layer on
+    PROBE_POSITIONS."""
+    from moekit.layerfit import estimate
+
+    cal = _fast_calibration(trained_checkpoint, sample_texts)
+    calls: dict[int, int] = {}
+    handles = [b.decoder_layer.register_forward_hook(
+        lambda m, a, o, layer=b.layer: calls.__setitem__(layer, calls.get(layer, 0) + 1))
+        for b in cal.blocks]
+    try:
+        fast = estimate.probe(cal, n_drop=2, beam=1, refit=True, reconstruct=False, fixed=True)
+        ran_fast = dict(calls)
+        calls.clear()
+        slow = estimate.probe(cal, n_drop=2, beam=1, refit=True, reconstruct=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    windows = estimate._probe_windows(cal.fit, estimate.FAST_PROBE_POSITIONS)
+    assert sum(int(w.numel()) for w in windows) < estimate.FAST_PROBE_POSITIONS + 64
+    first = cal.blocks[0].layer
+    # the first MoE layer: the lane run and the capture (twice), no later layer
+    assert set(ran_fast) == {first} and ran_fast[first] == 2 * len(windows)
+    assert set(calls) == {b.layer for b in cal.blocks}
+    assert fast.forward > 0 and fast.select > 0 and slow.forward > 0

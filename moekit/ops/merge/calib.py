@@ -102,7 +102,7 @@ def capture_calibration(source: Path, layout: ModelLayout, sources: list[DataSou
                         batch_size: int = BATCH_SIZE,
                         fraction: tuple[float, float] = (0.0, 1.0), text_field: str = "text",
                         device: str = "cpu", tokenizer: str | None = None,
-                        dtype: str = "float32", max_memory: str | int | None = "auto",
+                        dtype: str = "auto", max_memory: str | int | None = "auto",
                         stream: bool | None = None, hidden_ram: int | None = None,
                         trust_remote_code: bool = False, log: Any = None) -> CapturedLayers:
     """LayerCalib for every MoE layer on at most `max_tokens` tokens of `sources` (tokens are

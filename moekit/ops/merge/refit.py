@@ -77,7 +77,7 @@ class LayerRefits:
 # the refit's settings when not given (`load_calibration`'s keywords; the sample's defaults)
 REFIT_DEFAULTS: dict[str, Any] = {"fraction": (0.0, 1.0), "seq_len": SEQ_LEN,
                                   "max_tokens": MAX_TOKENS, "device": "cpu",
-                                  "dtype": "float32", "max_memory": "auto",
+                                  "dtype": "auto", "max_memory": "auto",
                                   "text_field": "text", "tokenizer": None,
                                   "trust_remote_code": False}
 

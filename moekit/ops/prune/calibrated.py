@@ -28,6 +28,7 @@ from moekit.layerfit.estimate import Estimate, RunShape, peak_memory, predict, p
 from moekit.layerfit.lanes import Lane, LaneRun, Search
 from moekit.layerfit.measured import grouping, load_calibration, needs_refit
 from moekit.layerfit.reconstruct import STEPS as RECONSTRUCT_STEPS
+from moekit.layerfit.reference import ReferenceResiduals
 from moekit.layerfit.tokens import (
     MIN_TOKENS,
     PRUNE_TOKENS,
@@ -84,7 +85,7 @@ class DataOptions:
 
     sources: list[DataSource]
     fraction: tuple[float, float] = (0.0, 1.0)
-    seq_len: int = 256
+    seq_len: int = 512
     max_tokens: int | None = None
     beam: int | None = 4
     compensate: bool | None = None
@@ -138,19 +139,12 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
     cal, _, options = _prepare(source, layout, fingerprint, criterion, ratio, protect,
                                min_experts, options, log)
     require_whole_layers(cal.engine, "a calibrated prune")
+    if options.selection is not None:
+        return _choose_fast(cal, fingerprint, ratio, protect, min_experts, options, log, start)
     stats = calibration_stats(cal, fingerprint)
     found = super_experts(stats) if options.protect_super else {}
     guard = merge_protect(protect, found)
-    refit = f", {len(cal.extra)} more for the refit ({cal.refit_tokens} positions)" \
-        if cal.streams_refit else ""
-    log(f"calibration: {len(cal.fit)} windows{refit}, held out {len(cal.held)}; super experts "
-        f"protected: {found or 'none'} ({time.perf_counter() - start:.0f} s)")
-    if options.selection is not None:
-        chosen = _refit_selection(cal, stats, fingerprint, ratio, guard, min_experts, options,
-                                  log)
-        for c in chosen:
-            c.plan.stats_sha256, c.plan.domain = stats.sha256, None
-        return DataChoice(chosen[0], chosen, _info(cal, options, found, start), stats)
+    _log_calibration(cal, found, start, log)
     stats_plans, search = _setup(cal, stats, fingerprint, criterion, ratio, guard, min_experts,
                                  options)
     lanes = _lanes(stats_plans, search, options)
@@ -168,6 +162,38 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
         c.plan.stats_sha256, c.plan.domain = stats.sha256, None
     info = _info(cal, options, found, start)
     return DataChoice(chosen, candidates, info, stats)
+
+
+def _log_calibration(cal: Any, found: dict[int, list[int]], start: float,
+                     log: Callable[[str], None]) -> None:
+    refit = f", {len(cal.extra)} more for the refit ({cal.refit_tokens} positions)" \
+        if cal.streams_refit else ""
+    log(f"calibration: {len(cal.fit)} windows{refit}, held out {len(cal.held)}; super experts "
+        f"protected: {found or 'none'} ({time.perf_counter() - start:.0f} s)")
+
+
+def _choose_fast(cal: Any, fingerprint: str, ratio: float, protect: dict[int, list[int]],
+                 min_experts: int | None, options: DataOptions, log: Callable[[str], None],
+                 start: float) -> DataChoice:
+    """`--effort fast` (`options.selection`): one statistics pass that also records the
+    unmodified residuals of the windows the refit uses (`layerfit.reference`; not when the
+    refit streams more windows, whose original lane is needed anyway), then
+    `_refit_selection`."""
+    lead = len(_first_share(cal.fit, options.refit_share))
+    residuals = None if cal.streams_refit else ReferenceResiduals(
+        cal.blocks, lead, TensorSpill("moekit-reference-", cal.engine.spill_dir))
+    try:
+        stats = calibration_stats(cal, fingerprint, residuals)
+        found = super_experts(stats) if options.protect_super else {}
+        _log_calibration(cal, found, start, log)
+        chosen = _refit_selection(cal, stats, fingerprint, ratio, merge_protect(protect, found),
+                                  min_experts, options, log, residuals)
+    finally:
+        if residuals is not None:
+            residuals.close()
+    for c in chosen:
+        c.plan.stats_sha256, c.plan.domain = stats.sha256, None
+    return DataChoice(chosen[0], chosen, _info(cal, options, found, start), stats)
 
 
 def estimate_run(source: Path, layout: Any, fingerprint: str, *, criterion: str,
@@ -230,13 +256,14 @@ def _estimate(source: Path, cal: Any, criterion: str, n_drop: int,
                   reconstruct=bool(steps), select=measured, fixed=fixed)
     positions = sum(int(w.numel()) for w in cal.fit)
     held = sum(lane.held for lane in lanes) + stats_lanes
-    if fixed:
-        lanes, held = lanes[:1] + lanes[-2:-1], 0  # `_refit_selection`'s original and pruned
+    captured = (2 if refit else 1) if measured else 0
+    if fixed:  # `_refit_selection`'s pruned lane (and original lane, when the refit streams)
+        lanes, held = (lanes[:1] if cal.streams_refit else []) + lanes[-2:-1], 0
+        captured = len(lanes)
     shape = RunShape(_leading(cal.fit, options.refit_share) if fixed else positions,
                      sum(int(w.numel()) for w in cal.extra),
                      sum(int(w.numel()) for w in cal.held), sum(not lane.held for lane in lanes),
-                     held,
-                     (2 if refit else 1) if measured else 0, steps, options.reconstruct_share,
+                     held, captured, steps, options.reconstruct_share,
                      len(cal.layout.moe_layers), _checkpoint_bytes(source), positions)
     itemsize = int(getattr(cal.model.dtype, "itemsize", 4))
     return Estimate(predict(found, shape), peak_memory(cal, shape, n_drop, itemsize), found)
@@ -262,14 +289,16 @@ def _first_share(windows: list[Any], share: float) -> list[Any]:
 
 def _refit_selection(cal: Any, stats: Any, fingerprint: str, ratio: float,
                      guard: dict[int, list[int]], min_experts: int | None, options: DataOptions,
-                     log: Callable[[str], None]) -> list[Candidate]:
+                     log: Callable[[str], None],
+                     residuals: ReferenceResiduals | None = None) -> list[Candidate]:
     """`--effort fast`: the plan of the stats criterion `options.selection` (with the guard's
     protection), then one layered run over the first `refit_share` of the positions with
-    that plan fixed (`Search(kept=...)`, merge's refit path): the original lane gives each
-    layer's reference residual, the pruned lane the inputs the refit sees; the kept experts'
-    down projections are refitted to the unpruned layer's output plus the drift
-    (`layerfit.compensate`, each layer's own held-out quarter decides). One candidate, so no
-    held-out scoring lanes (its KL is not measured: NaN)."""
+    that plan fixed (`Search(kept=...)`, merge's refit path): the statistics pass's
+    `residuals` (else an original lane) give each layer's reference residual, the pruned
+    lane the inputs the refit sees; the kept experts' down projections are refitted to the
+    unpruned layer's output plus the drift (`layerfit.compensate`, each layer's own held-out
+    quarter decides). One candidate, so no held-out scoring lanes (its KL is not measured:
+    NaN)."""
     layout = cal.layout
     plan = build_plan(layout, fingerprint, criterion=options.selection, ratio=ratio,
                       stats=stats, protect=guard, min_experts=min_experts)
@@ -278,10 +307,11 @@ def _refit_selection(cal: Any, stats: Any, fingerprint: str, ratio: float,
     search = Search(drop_count(ratio, layout.moe_layers[0].num_experts), beam=1,
                     compensate=True, protect=guard, router=False,
                     kept={p.layer: list(p.kept) for p in plan.layers})
-    lanes = [Lane("original", held=False),
-             Lane("pruned", held=False, measured=True, refitted=True)]
+    lanes = [] if residuals is not None else [Lane("original", held=False)]
+    lanes.append(Lane("pruned", held=False, measured=True, refitted=True))
     run = LaneRun(cal, lanes, search, TensorSpill("moekit-refits-", cal.engine.spill_dir),
-                  lambda r: _log_layer(r, log))
+                  lambda r: _log_layer(r, log),
+                  reference=residuals.get if residuals is not None else None)
     run.run()
     found = measured_plan(cal, fingerprint, run.results, compensate=True, protect=guard,
                           min_experts=min_experts)

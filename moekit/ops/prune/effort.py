@@ -21,13 +21,17 @@ each step needs, not from one model:
 - `fast`: the anchors' cost, one statistics pass plus one measured pass over a quarter of
   its positions: the statistics of `default`'s N positions choose the experts with
   STATS_CRITERION (`ean`, with super-expert protection: the stats-only default of `prune`), and
-  one layered run over the first REFIT_SHARE of those positions (the reference and pruned
-  lanes, no held-out scoring lanes: there is one candidate) refits the kept experts' down
+  one layered run over the first REFIT_SHARE of those positions refits the kept experts' down
   projections to absorb the removed ones (`layerfit.compensate`; a layer whose own held-out
   quarter no ridge weight improves keeps its weights). No search, no reconstruction. The
-  measured pass costs about 4 forward passes of its own positions (two lanes, two captures,
-  the replay of the 2k experts each token can use, the refit), so over a quarter it is ~1
-  forward pass of the statistics' positions, ~2-3 in all with the statistics pass.
+  unmodified model's residuals the refit aims at are recorded by the statistics pass, which
+  runs the unmodified model over those positions anyway (`layerfit.reference`, spilled to
+  disk), so the layered run has the pruned lane only (no original lane, no second capture,
+  no held-out scoring lanes: there is one candidate). It costs about 3 forward passes of its
+  own positions (the lane, the capture, the replay of the 2k experts each token can use, the
+  refit), ~0.75 of the statistics' positions; the probe behind the estimate runs
+  `estimate.FAST_PROBE_POSITIONS` through the first MoE layer only. In all ~2-2.5 forward
+  passes over the statistics' positions once the model is open.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from moekit.calib.hooks import RoutingHooks
 from moekit.calib.recorder import Recorder
 from moekit.layerfit.measured import Calibration, MeasuredLayer
+from moekit.layerfit.reference import ReferenceResiduals
 from moekit.ops.prune.select import build_plan
 from moekit.stats.expert_stats import VALUES, ExpertStats
 
@@ -83,18 +84,24 @@ def stats_candidates(cal: Calibration, stats: ExpertStats, fingerprint: str, rat
     return out
 
 
-def calibration_stats(cal: Calibration, fingerprint: str) -> ExpertStats:
+def calibration_stats(cal: Calibration, fingerprint: str,
+                      residuals: ReferenceResiduals | None = None) -> ExpertStats:
     """Routing statistics (tokens, weight/EAN/REAP sums, max_norm) of the unmodified model on
     the calibration windows, recorded by `calib.hooks.RoutingHooks` in one run of the engine
-    (in memory or streamed), as ExpertStats."""
+    (in memory or streamed), as ExpertStats. With `residuals`, the same run also records the
+    MoE layers' outputs on its first windows (`layerfit.reference`)."""
     import hashlib
+    from contextlib import nullcontext
 
     recorder = Recorder(num_domains=1)
 
     def before(index: int) -> None:
         recorder.set_batch(0, tuple(cal.fit[index].shape))
+        if residuals is not None:
+            residuals.before(index)
 
-    with RoutingHooks(cal.model, cal.family, recorder, device=cal.engine.device):
+    with RoutingHooks(cal.model, cal.family, recorder, device=cal.engine.device), \
+            residuals if residuals is not None else nullcontext():
         for _ in cal.engine.run(cal.fit, before=before):
             pass
     seen = sum(int(batch.numel()) for batch in cal.fit)

@@ -12,8 +12,6 @@ import moekit.runtime.engine
 from moekit.calib.data import DataSource, batches, parse_fraction
 from moekit.calib.spec import per_source
 from moekit.errors import DataError
-from moekit.io.dtypes import ITEM_SIZE
-from moekit.io.reader import Checkpoint
 from moekit.io.remote_code import check_remote_code
 from moekit.runtime.loading import load_tokenizer, quiet_transformers
 
@@ -21,7 +19,6 @@ if TYPE_CHECKING:
     import torch
 
 
-FLOAT32_LIMIT = 4 * 10**9
 
 
 @dataclass
@@ -43,7 +40,7 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
     pre-hook on `model.layers[i].mlp`.
 
     `max_tokens` counts in total over the sources, an equal share from each. `dtype` auto:
-    float32 below FLOAT32_LIMIT bytes, else the checkpoint's (`_calibration_dtype`). Memory:
+    float32 on a CPU, the checkpoint's on an accelerator (`runtime.loading.load_dtype`). Memory:
     the model (or its streaming budget) plus T x H x 4 bytes per layer. Code shipped in the
     checkpoint runs only with `trust_remote_code`; `tokenizer` replaces the model's.
     """
@@ -58,7 +55,6 @@ def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_le
                                              max_tokens=per_source(max_tokens, len(sources)),
                                              fraction=parse_fraction(data_range),
                                              text_field=text_field)
-    dtype = _calibration_dtype(folder) if dtype == "auto" else dtype
     model = moekit.runtime.engine.open_model(folder, device=device, dtype=dtype,
                                              max_memory=max_memory,
                                              trust_remote_code=trust_remote_code, **engine)  # type: ignore[arg-type]
@@ -92,15 +88,6 @@ def _tokenizer(folder: Path, tokenizer: str | None, trust_remote_code: bool) -> 
         raise DataError(f"cannot load the dense model's tokenizer from {folder}: {err}",
                         "the checkpoint needs tokenizer files for --router data / cluster, "
                         "or pass --tokenizer") from err
-
-
-def _calibration_dtype(folder: Path) -> str:
-    """float32 when the model's float32 copy stays under FLOAT32_LIMIT bytes (faster on CPU
-    for small models, whose time goes to element-wise ops, and exact), else its own dtype."""
-
-    tensors = Checkpoint(folder).tensors.values()
-    float32_bytes = sum(t.nbytes * 4 // ITEM_SIZE[t.dtype] for t in tensors)
-    return "float32" if float32_bytes <= FLOAT32_LIMIT else "auto"
 
 
 def _recorder(store: list[torch.Tensor]):  # noqa: ANN202 - a torch hook

@@ -48,7 +48,7 @@ class UpcycleOptions:
     trust_remote_code: bool = False
     max_memory: str = "auto"
     device: str = "auto"
-    dtype: str = "auto"  # auto: float32 below calib.FLOAT32_LIMIT bytes, else the checkpoint's
+    dtype: str = "auto"  # auto: float32 on a CPU, else the checkpoint's
     text_field: str = "text"
     tokenizer: str | None = None
 
