@@ -67,11 +67,13 @@ def profile(model: Path, texts: Path, out: Path, max_tokens: int) -> None:
 def losses(model: Path, texts: Path, max_tokens: int) -> dict[str, float]:
     """Mean loss per domain on the second half of every text (the evaluation split)."""
     from moekit.calib.data import DataSource
+    from moekit.calib.spec import DataSpec
     from moekit.ops.evaluate import evaluate
+    from moekit.runtime.options import RunOptions
 
-    sources = [DataSource(d, texts / f"{d}.txt") for d in DOMAINS]
-    result = evaluate(model, sources, seq_len=SEQ_LEN, max_tokens=max_tokens, batch_size=8,
-                      fraction=(0.5, 1.0), device="cpu")
+    sources = tuple(DataSource(d, texts / f"{d}.txt") for d in DOMAINS)
+    data = DataSpec(sources, (0.5, 1.0), seq_len=SEQ_LEN, max_tokens=max_tokens)
+    result = evaluate(model, data, run=RunOptions(device="cpu"), batch_size=8)
     return {row.name: row.loss for row in result.domains}
 
 

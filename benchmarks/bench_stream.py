@@ -99,13 +99,16 @@ def child(args: argparse.Namespace) -> None:
     import moekit.runtime.engine  # noqa: F401
     import moekit.stats.profile_io  # noqa: F401
     from moekit.calib.data import DataSource
+    from moekit.calib.spec import DataSpec
     from moekit.ops.profile import profile_model
+    from moekit.runtime.options import RunOptions
 
     baseline = _status("VmRSS")
     t0 = time.perf_counter()
-    profile = profile_model(Path(args.model), [DataSource.parse(v) for v in SAMPLE],
-                            seq_len=args.seq_len, max_tokens=args.tokens, batch_size=args.batch,
-                            device=args.device, max_memory=args.max_memory,
+    data = DataSpec(tuple(DataSource.parse(v) for v in SAMPLE), seq_len=args.seq_len,
+                    max_tokens=args.tokens)
+    run = RunOptions(device=args.device, max_memory=args.max_memory)
+    profile = profile_model(Path(args.model), data, run=run, batch_size=args.batch,
                             stream={"yes": True, "no": False}.get(args.stream))
     elapsed = time.perf_counter() - t0
     tokens = int(profile.layer_stats.query("domain == 'all'")["tokens"].iloc[0])

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from moekit.calib.capture import moe_blocks
 from moekit.calib.data import DataSource
 from moekit.calib.routing import Routing
+from moekit.calib.spec import DataSpec
 from moekit.cli.app import app
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
@@ -30,6 +31,7 @@ from moekit.layerfit.reconstruct import apply_gate_up, in_memory_interleaved
 from moekit.layerfit.router_fit import apply_router
 from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 from moekit.runtime.loading import load_model
+from moekit.runtime.options import RunOptions
 
 RUNNER = CliRunner()
 
@@ -124,9 +126,9 @@ def choose(folder, source: DataSource, ratio: float, *, width=None, stream=False
     """Calibrated choice on a tiny model (float32, CPU), in memory or streamed."""
     checkpoint = Checkpoint(folder)
     layout = describe(checkpoint)
-    options = DataOptions([source], seq_len=64, max_tokens=1024, beam=2, compensate=compensate,
-                          router=True, protect_super=False, width=width, device="cpu",
-                          dtype="float32",
+    options = DataOptions(DataSpec((source,), seq_len=64), max_tokens=1024, beam=2,
+                          compensate=compensate, router=True, protect_super=False, width=width,
+                          run=RunOptions(device="cpu", dtype="float32"),
                           stream=stream, hidden_ram=0 if stream else None)
     return choose_with_data(folder, layout, model_fingerprint(checkpoint, layout),
                             criterion=criterion, ratio=ratio, protect={}, min_experts=None,
@@ -152,7 +154,17 @@ def in_memory_logits(folder, candidate, batch: torch.Tensor) -> torch.Tensor:
 
 # ---- streamed vs in memory -------------------------------------------------------------------
 
-SETTINGS = dict(seq_len=24, max_tokens=150, batch_size=3, device="cpu", dtype="float32")
+SETTINGS = dict(batch_size=3, run=RunOptions(device="cpu", dtype="float32"))
+
+
+def budgeted(max_memory: str | int) -> dict:
+    """SETTINGS with the weight-memory budget `max_memory`."""
+    return dict(SETTINGS, run=RunOptions(device="cpu", dtype="float32", max_memory=max_memory))
+
+
+def spec(sources: list[DataSource]) -> DataSpec:
+    """The streamed-vs-in-memory tests' data: 150 tokens in total, windows of 24."""
+    return DataSpec(tuple(sources), seq_len=24, max_tokens=150)
 
 
 @pytest.fixture(scope="module")

@@ -21,32 +21,34 @@ EvalSeqLenOpt = Annotated[int, typer.Option("--eval-seq-len",
 
 def eval_options(values: list[str] | None, data_range: str | None, seq_len: int,
                  max_tokens: int, run: Any) -> dict[str, Any]:
-    """Parse --eval-data early so a typo fails before any work. `run`: the command's
-    `RunOptions`; the evaluation takes its device, memory budget and remote-code permission
-    and runs in the checkpoints' own dtype."""
+    """Parse --eval-data early so a typo fails before any work: {"data": DataSpec, "run":
+    RunOptions}. `run`: the command's `RunOptions`; the evaluation takes its device, memory
+    budget and remote-code permission and runs in the checkpoints' own dtype."""
+    from dataclasses import replace
+
     from moekit.calib.data import DataSource, parse_fraction
+    from moekit.calib.spec import DataSpec
     from moekit.errors import DataError
 
-    sources = [DataSource.parse(v) for v in values or []]
+    sources = tuple(DataSource.parse(v) for v in values or [])
     for source in sources:
         if not source.path.exists():
             raise DataError(f"--eval-data file {source.path} does not exist")
-    return dict(sources=sources, fraction=parse_fraction(data_range), seq_len=seq_len,
-                max_tokens=max_tokens, engine=dict(device=run.device, max_memory=run.max_memory,
-                                                   trust_remote_code=run.trust_remote_code))
+    return {"data": DataSpec(sources, parse_fraction(data_range), seq_len=seq_len,
+                             max_tokens=max_tokens),
+            "run": replace(run, dtype="auto")}
 
 
 def evaluate_output(folder: Path, source: Path, out: Path, options: dict[str, Any],
                     what: str) -> dict[str, Any] | None:
     """The staged output `folder` against `source` on the --eval-data (None without)."""
-    if not options["sources"]:
+    if not options["data"].sources:
         return None
     from moekit.cli.progress import token_progress
     from moekit.ops.evaluate import evaluate
 
     with token_progress(f"evaluating {what} vs source") as on_tokens:
-        evaluation = evaluate(folder, options["sources"], source, seq_len=options["seq_len"],
-                              max_tokens=options["max_tokens"], fraction=options["fraction"],
-                              on_tokens=on_tokens, **options["engine"]).to_dict()
+        evaluation = evaluate(folder, options["data"], source, run=options["run"],
+                              on_tokens=on_tokens).to_dict()
     evaluation["model"] = str(out)
     return evaluation

@@ -92,7 +92,7 @@ def eval_model(
     Data-parallel: torchrun --nproc-per-node N -m moekit eval ... (docs/scale-distributed.md).
     """
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
-    from moekit.ops.evaluate import EVAL_TOKENS, evaluate
+    from moekit.ops.evaluate import evaluate
 
     check_early(minimums=(("--batch-size", batch_size, 1),))
     run, spec = run_data_options(
@@ -116,21 +116,17 @@ def eval_model(
         from moekit.cli.tasks_view import run_task_table
 
         run_task_table(path, ref_path, tasks, tasks_out, limit=limit, include_path=include_path,
-                       batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
-                       trust_remote_code=trust_remote_code)
+                       batch_size=batch_size, run=run, tokenizer=tokenizer)
     if generate is not None:
         from moekit.cli.generate_view import run_generate
 
         run_generate(path, ref_path, generate, generate_out, max_new_tokens=max_new_tokens,
-                     device=device, dtype=dtype, tokenizer=tokenizer,
-                     trust_remote_code=trust_remote_code)
+                     run=run, tokenizer=tokenizer)
     if (generate is not None or tasks is not None) and not data:
         return
     with token_progress("evaluating") if is_writer() else nullcontext() as on_tokens:
-        result = evaluate(path, sources, ref_path, seq_len=spec.seq_len,
-                          max_tokens=spec.total(EVAL_TOKENS), batch_size=batch_size,
-                          fraction=spec.fraction, tokenizer=spec.tokenizer,
-                          text_field=spec.text_field, on_tokens=on_tokens, **run.engine())
+        result = evaluate(path, spec, ref_path, run=run, batch_size=batch_size,
+                          on_tokens=on_tokens)
     if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0
         return
     for warning in result.settings.get("warnings", []):

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moekit.cli.common import console, err_console
 from moekit.cli.heading import headed
 
+if TYPE_CHECKING:
+    from moekit.runtime.options import RunOptions
+
 
 def run_generate(path: Path, ref: Path | None, prompts: str, out: Path | None, *,
-                 max_new_tokens: int, device: str, dtype: str, tokenizer: str | None,
-                 trust_remote_code: bool) -> None:
+                 max_new_tokens: int, run: RunOptions, tokenizer: str | None) -> None:
     """Generate, print a table (model vs reference, divergence marked), write `out`."""
     from rich import box
     from rich.table import Table
 
     from moekit.ops.generate import generate, read_prompts, write_report
 
-    items = generate(path, read_prompts(prompts), ref, max_new_tokens=max_new_tokens,
-                     device=device, dtype=dtype, tokenizer=tokenizer,
-                     trust_remote_code=trust_remote_code)
+    items = generate(path, read_prompts(prompts), ref, max_new_tokens=max_new_tokens, run=run,
+                     tokenizer=tokenizer)
     table = Table(title=f"greedy continuations: {path}" + (f" vs {ref}" if ref else ""),
                   title_justify="left", box=box.SIMPLE_HEAD, show_lines=True,
                   caption="⟦ ⟧: from the first token that differs" if ref else None,

@@ -103,7 +103,7 @@ def profile(
     Data-parallel: torchrun --nproc-per-node N -m moekit profile ... (docs/scale-distributed.md).
     """
     from moekit.io.output import TABLE_SUFFIXES, check_outputs
-    from moekit.ops.profile import PROFILE_TOKENS, profile_model, write_output
+    from moekit.ops.profile import profile_model, write_output
     from moekit.stats.ablation import METHODS
 
     export = renamed(export, old_export, "--export-table")
@@ -119,11 +119,8 @@ def profile(
                   {"--export": (export, TABLE_SUFFIXES),
                    "--export-coldest": (export_coldest, TABLE_SUFFIXES)})
     with TokenProgress() if is_writer() else nullcontext() as progress:
-        result = profile_model(model, list(spec.sources) or None, tokenizer=spec.tokenizer,
-                               text_field=spec.text_field, fraction=spec.fraction,
-                               seq_len=spec.seq_len, max_tokens=spec.total(PROFILE_TOKENS),
-                               batch_size=batch_size, trace=trace, merge_with=merge_with,
-                               revision=revision, progress=progress, **run.engine(),
+        result = profile_model(model, spec, run=run, batch_size=batch_size, trace=trace,
+                               merge_with=merge_with, revision=revision, progress=progress,
                                ablation_tokens=ablation_tokens if ablation else None,
                                ablation_method=ablation_method)
     if not ready_to_write():  # under torchrun: every rank succeeded, and this is rank 0

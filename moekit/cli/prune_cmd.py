@@ -199,15 +199,12 @@ def prune(
         from moekit.ops.prune.calibrated import DataOptions
 
         held_out = DataOptions.held_out
-        data_opts = DataOptions(list(spec.sources), spec.fraction, spec.seq_len,
+        data_opts = DataOptions(spec,
                                 None if max_tokens is None else fit_tokens(max_tokens, held_out),
                                 beam, compensate, refit_router, protect_super=protect_super,
-                                device=run.device, dtype=run.dtype, max_memory=run.max_memory,
+                                run=run,
                                 refit_tokens=refit_tokens, reconstruct_steps=reconstruct_steps,
-                                refit_auto=refit_tokens is None, effort=effort,
-                                text_field=spec.text_field, tokenizer=spec.tokenizer,
-                                trust_remote_code=run.trust_remote_code,
-                                read_tokens=max_tokens)
+                                refit_auto=refit_tokens is None, effort=effort)
         if dry_run:
             estimate_data_run(source, data_opts, quiet=as_json, keep_params=keep_params,
                               **options)

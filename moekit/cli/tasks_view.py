@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moekit.cli.common import console, export_table
 from moekit.cli.heading import headed
 
+if TYPE_CHECKING:
+    from moekit.runtime.options import RunOptions
+
 
 def run_task_table(path: Path, ref: Path | None, tasks: str, out: Path | None, *,
-                   limit: int | None, include_path: Path | None, batch_size: int, device: str,
-                   dtype: str, tokenizer: str | None, trust_remote_code: bool) -> None:
+                   limit: int | None, include_path: Path | None, batch_size: int,
+                   run: RunOptions, tokenizer: str | None) -> None:
     """Scores per (task, metric): model, reference, Δ, stderr, retained %; `out` gets them."""
     import logging
 
@@ -21,8 +25,7 @@ def run_task_table(path: Path, ref: Path | None, tasks: str, out: Path | None, *
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     rows = run_tasks(path, tasks, ref, limit=limit, include_path=include_path,
-                     batch_size=batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
-                     trust_remote_code=trust_remote_code)
+                     batch_size=batch_size, run=run, tokenizer=tokenizer)
     title = f"lm-eval tasks: {path}" + (f" vs {ref}" if ref else "") + (
         f" (--limit {limit})" if limit else "")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD,

@@ -96,7 +96,6 @@ def upcycle(
     """
     from moekit.io.output import check_outputs
     from moekit.ops.upcycle import UpcycleOptions, output_tensors, plan_upcycle
-    from moekit.ops.upcycle.plan import UPCYCLE_TOKENS
 
     run, spec = run_data_options(
         ctx, device=device, dtype=dtype, max_memory=max_memory,
@@ -105,11 +104,9 @@ def upcycle(
     options = UpcycleOptions(
         experts=experts, top_k=top_k, method=method, arch=arch, router=router,
         router_std=router_std, seed=seed, split_order=split_order, drop_ratio=drop_ratio,
-        shared_expert=shared_expert, shared_neurons=shared_neurons, data=tuple(data or ()),
-        data_range=data_range, max_tokens=spec.total(UPCYCLE_TOKENS), seq_len=spec.seq_len,
+        shared_expert=shared_expert, shared_neurons=shared_neurons,
         norm_topk_prob=norm_topk_prob, aux_loss_coef=aux_loss_coef,
-        max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), **run.engine(),
-        text_field=spec.text_field, tokenizer=spec.tokenizer)
+        max_shard_bytes=parse_size(max_shard_size, "--max-shard-size"), data=spec, run=run)
     if out is None and not dry_run:
         from moekit.errors import InvalidArgumentError
 

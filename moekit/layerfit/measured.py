@@ -22,6 +22,7 @@ import moekit.calib.data
 import moekit.runtime.engine
 from moekit.calib.capture import LayerCapture, MoeBlock, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
+from moekit.calib.spec import DataSpec
 from moekit.layerfit.compensate import LayerFit, down_weight, refit_layer, set_down_weight
 from moekit.layerfit.incremental import IncrementalError, local_routing
 from moekit.layerfit.reconstruct import Rebuild, apply_rebuild, reconstruct_layer, restore_rebuild
@@ -29,12 +30,12 @@ from moekit.layerfit.replay import build_replay
 from moekit.layerfit.router_fit import RouterFit, refit_router
 from moekit.layerfit.search import SearchResult, search_drop
 from moekit.runtime.loading import load_tokenizer
+from moekit.runtime.options import RunOptions
 from moekit.surgery.plan import group_count, group_feasible
 
 if TYPE_CHECKING:
     import torch
 
-    from moekit.calib.data import DataSource
     from moekit.families.layout import ModelLayout
     from moekit.layerfit.replay import LayerReplay
 
@@ -89,21 +90,18 @@ class MeasuredLayer:
     gate_up: dict[int, Any] = field(default_factory=dict)  # {expert: GateUp}, for the writer
 
 
-def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource], *,
-                     fraction: tuple[float, float], seq_len: int, max_tokens: int,
-                     held_out: float = 0.2, device: str = "auto", dtype: str = "auto",
-                     max_memory: str | int | None = "auto", stream: bool | None = None,
-                     hidden_ram: int | None = None, text_field: str = "text",
-                     tokenizer: str | None = None, spread: int = 1,
-                     refit_tokens: int | None = None, read: int | None = None,
-                     trust_remote_code: bool = False) -> Calibration:
-    """Open the model (`runtime.engine.open_model`: memory or streamed by the budget; `stream`
-    forces it), tokenise the data, interleave the domains' windows, keep the last `held_out`
-    share of each domain's windows apart for scoring. `max_tokens` positions are fitted on.
-    Each source gives `read // len(sources)` tokens (the CLI's `--max-tokens`: `read` in total,
-    fitted and held out, `max_tokens` = `fit_tokens(read, held_out)`); without `read`, as many
-    as hold its share of `max_tokens` after the held-out one, plus a window (at least two
-    windows).
+def load_calibration(source: Path, layout: ModelLayout, data: DataSpec, *, max_tokens: int,
+                     held_out: float = 0.2, run: RunOptions = RunOptions(),
+                     stream: bool | None = None, hidden_ram: int | None = None, spread: int = 1,
+                     refit_tokens: int | None = None) -> Calibration:
+    """Open the model as `run` says (`runtime.engine.open_model`: memory or streamed by the
+    budget; `stream` forces it), tokenise `data` (`calib.spec.DataSpec`: its sources, range,
+    text field, tokenizer and windows of `data.seq_len`), interleave the domains' windows, keep
+    the last `held_out` share of each domain's windows apart for scoring. `max_tokens` positions
+    are fitted on. Each source gives `data.max_tokens // len(sources)` tokens (the CLI's
+    `--max-tokens`: read in total, fitted and held out, `max_tokens` =
+    `fit_tokens(data.max_tokens, held_out)`); with `data.max_tokens` None, as many as hold its
+    share of `max_tokens` after the held-out one, plus a window (at least two windows).
 
     With `spread` > 1, up to `spread` times the needed tokens of each source are read and the
     windows used are spaced evenly over them (`spread_windows`), so that a small sample covers
@@ -114,14 +112,16 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
     with the selection's), which only the streamed refit sees (`refit_stream`)."""
     import hashlib
 
-    tok = load_tokenizer(source, tokenizer, trust_remote_code)
+    sources, seq_len, read = list(data.sources), data.seq_len, data.max_tokens
+    tok = load_tokenizer(source, data.tokenizer, run.trust_remote_code)
     per_source = max(2 * seq_len, int(max_tokens / (1 - held_out) / len(sources)) + seq_len) \
         if read is None else read // len(sources)
     more = max(0, (refit_tokens or 0) - max_tokens)
     more_per_source = -(-more // len(sources)) + seq_len if more else 0
     domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len,
                                              max_tokens=per_source * spread + more_per_source,
-                                             fraction=fraction, text_field=text_field)
+                                             fraction=data.fraction,
+                                             text_field=data.text_field)
     fit, held, extra = [], [], []
     for domain in domains:
         first = -(-per_source * spread // seq_len) if more else len(domain.windows)
@@ -132,10 +132,8 @@ def load_calibration(source: Path, layout: ModelLayout, sources: list[DataSource
         fit.append(windows[:cut])
         held.append(windows[cut:])
         extra.append(domain.windows[first:])
-    engine = moekit.runtime.engine.open_model(source, device=device, dtype=dtype,
-                                              max_memory=max_memory, stream=stream,
-                                              hidden_ram=hidden_ram,
-                                              trust_remote_code=trust_remote_code)
+    engine = moekit.runtime.engine.open_model(source, **run.engine(), stream=stream,
+                                              hidden_ram=hidden_ram)
     family = layout.family
     digest = hashlib.sha256("".join(d.sha256 for d in domains).encode()).hexdigest()[:16]
     fit_windows = _needed(_interleave(fit), max_tokens)
@@ -154,7 +152,7 @@ def fit_tokens(total: int, held_out: float) -> int:
 
 
 def default_read(fit: int, held_out: float, seq_len: int, sources: int) -> int:
-    """The tokens `load_calibration` reads in total without `read`: per source
+    """The tokens `load_calibration` reads in total without `data.max_tokens`: per source
     max(2 seq_len, int(fit / (1 - held_out) / sources) + seq_len)."""
     return sources * max(2 * seq_len, int(fit / (1 - held_out) / sources) + seq_len)
 

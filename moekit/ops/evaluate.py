@@ -14,14 +14,14 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import moekit.calib.data
 import moekit.runtime.engine
-from moekit.calib.data import DataSource, batches
-from moekit.calib.spec import per_source
+from moekit.calib.data import batches
+from moekit.calib.spec import DataSpec, per_source
 from moekit.errors import InvalidArgumentError
 from moekit.io.dtypes import ITEM_SIZE
 from moekit.io.reader import Checkpoint, load_config
@@ -31,6 +31,7 @@ from moekit.runtime.budget import PAIR_FRACTION, free_memory
 from moekit.runtime.distributed import rank_device, reduce_eval_sums, shard_for_rank
 from moekit.runtime.hidden import no_room
 from moekit.runtime.loading import held_itemsize, load_tokenizer, pick_device
+from moekit.runtime.options import RunOptions
 
 if TYPE_CHECKING:
     import torch
@@ -81,55 +82,55 @@ class _Sums:
                           self.agree / n, ref_loss, math.exp(min(ref_loss, 700.0)))
 
 
-def evaluate(model_path: Path, sources: list[DataSource], ref: Path | None = None, *,
-             seq_len: int = 512, max_tokens: int = EVAL_TOKENS, batch_size: int = 4,
-             device: str = "auto", dtype: str = "auto",
-             fraction: tuple[float, float] = (0.0, 1.0), tokenizer: str | None = None,
-             text_field: str = "text", keep_both: bool | None = None,
+def evaluate(model_path: Path, data: DataSpec, ref: Path | None = None, *,
+             run: RunOptions = RunOptions(), batch_size: int = 4, keep_both: bool | None = None,
              on_tokens: Callable[[int, int], None] | None = None,
-             max_memory: str | int | None = "auto", trust_remote_code: bool = False,
              **engine: Any) -> EvalResult:
-    """Evaluate `model_path` on each source (and against `ref` when given), on at most
-    `max_tokens` tokens in total, an equal share from each source.
+    """Evaluate `model_path` on each source of `data` (`calib.spec.DataSpec`; no sources:
+    sample_data/), and against `ref` when given, on at most `data.max_tokens` tokens in total
+    (None: EVAL_TOKENS), an equal share from each source; `data.tokenizer` replaces the
+    models' own.
 
-    `on_tokens(advance, total)` reports progress in input tokens. Models run through
-    `moekit.runtime` (in memory or streamed under `max_memory`; `engine`: `open_model` options).
+    `on_tokens(advance, total)` reports progress in input tokens. Models run as `run` says
+    (`runtime.options.RunOptions`) through `moekit.runtime` (in memory or streamed under
+    `run.max_memory`; `engine`: further `open_model` options).
     `keep_both`: hold model and reference in memory together (None: when both fit in
     `runtime.budget.PAIR_FRACTION` of the free memory); otherwise the reference runs first and its
     log-probabilities are spilled to a temporary folder (float32, tokens x vocab x 4 bytes) and read
     back batch by batch.
-    Code shipped in a checkpoint runs only with `trust_remote_code`."""
+    Code shipped in a checkpoint runs only with `run.trust_remote_code`."""
+    tokenizer, trust_remote_code = data.tokenizer, run.trust_remote_code
     for folder in (model_path, ref, tokenizer):
         if folder is not None:
             check_remote_code(folder, trust_remote_code)
-    device = rank_device(device)
+    device = rank_device(run.device)  # this rank's device under torchrun
     tok = load_tokenizer(Path(ref if ref is not None and tokenizer is None
                               and not _has_tokenizer(model_path) else model_path), tokenizer,
                          trust_remote_code)
     if ref is not None:
         check_same_vocabulary(Path(model_path), Path(ref), tok, tokenizer, trust_remote_code)
-    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len,
+    sources, max_tokens = data.resolved_sources(), data.total(EVAL_TOKENS)
+    domains = moekit.calib.data.load_domains(sources, tok, seq_len=data.seq_len,
                                              max_tokens=per_source(max_tokens, len(sources)),
-                                             text_field=text_field, fraction=fraction)
+                                             text_field=data.text_field, fraction=data.fraction)
     # this rank's share of the (dataset, batch) pairs (all of them outside torchrun)
     work = shard_for_rank([(d.name, batch) for d in domains for batch in batches(d, batch_size)])
     sums = {d.name: _Sums() for d in domains}
     total_tokens = sum(int(batch.numel()) for _, batch in work)
     if on_tokens is not None:
         on_tokens(0, total_tokens)
-    options = dict(device=device, dtype=dtype, max_memory=max_memory,
-                   trust_remote_code=trust_remote_code, **engine)
+    options = {**replace(run, device=device).engine(), **engine}
     runtime = _run(model_path, ref, work, sums, options, keep_both, on_tokens, total_tokens)
     reduce_eval_sums(sums)
     results = [sums[d.name].result(d.name, ref is not None) for d in domains]
     total = _Sums(sum(s.loss for s in sums.values()), sum(s.kl for s in sums.values()),
                   sum(s.agree for s in sums.values()), sum(s.tokens for s in sums.values()),
                   sum(s.ref_loss for s in sums.values()))
-    settings = {"seq_len": seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
-                "device": device, "dtype": dtype, "data_range": list(fraction),
+    settings = {"seq_len": data.seq_len, "max_tokens": max_tokens, "batch_size": batch_size,
+                "device": device, "dtype": run.dtype, "data_range": list(data.fraction),
                 "data": {d.name: {"sha256": d.sha256, "files": d.files} for d in domains},
                 "runtime": runtime,
-                "warnings": calibration_overlap(Path(model_path), domains, fraction)}
+                "warnings": calibration_overlap(Path(model_path), domains, data.fraction)}
     return EvalResult(str(model_path), str(ref) if ref is not None else None, results,
                       total.result("overall", ref is not None), settings)
 

@@ -18,6 +18,7 @@ from typing import Any
 from moekit.errors import DataError, InvalidArgumentError, UnsupportedModelError
 from moekit.runtime import engine as runtime_engine
 from moekit.runtime.loading import load_tokenizer
+from moekit.runtime.options import RunOptions
 
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"
 
@@ -55,15 +56,16 @@ def read_prompts(source: str, stdin: Any = None) -> list[str]:
 
 
 def generate(model: Path, prompts: list[str], ref: Path | None = None, *,
-             max_new_tokens: int = 32, device: str = "auto", dtype: str = "auto",
-             tokenizer: str | None = None, trust_remote_code: bool = False) -> list[Continuation]:
-    """Greedy continuations of `prompts` by `model` (and `ref`), first divergence marked."""
+             max_new_tokens: int = 32, run: RunOptions = RunOptions(),
+             tokenizer: str | None = None) -> list[Continuation]:
+    """Greedy continuations of `prompts` by `model` (and `ref`), first divergence marked;
+    both loaded whole as `run` says (`in_memory`)."""
     if max_new_tokens < 1:
         raise InvalidArgumentError(f"--max-new-tokens {max_new_tokens} is below 1")
-    tok = load_tokenizer(model, tokenizer, trust_remote_code)
+    tok = load_tokenizer(model, tokenizer, run.trust_remote_code)
     encoded = [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
-    ours = _continue(model, encoded, max_new_tokens, device, dtype, trust_remote_code)
-    theirs = (_continue(ref, encoded, max_new_tokens, device, dtype, trust_remote_code)
+    ours = _continue(model, encoded, max_new_tokens, run)
+    theirs = (_continue(ref, encoded, max_new_tokens, run)
               if ref is not None else [None] * len(prompts))
     out = []
     for prompt, ids, ref_ids in zip(prompts, ours, theirs, strict=True):
@@ -86,11 +88,11 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def _continue(path: Path, encoded: list[Any], max_new_tokens: int, device: str, dtype: str,
-              trust_remote_code: bool) -> list[list[int]]:
+def _continue(path: Path, encoded: list[Any], max_new_tokens: int,
+              run: RunOptions) -> list[list[int]]:
     import torch
 
-    loaded = in_memory(path, device, dtype, trust_remote_code, "--generate")
+    loaded = in_memory(path, run, "--generate")
     model = loaded.model
     out = []
     with torch.inference_mode():
@@ -103,11 +105,12 @@ def _continue(path: Path, encoded: list[Any], max_new_tokens: int, device: str, 
     return out
 
 
-def in_memory(path: Path, device: str, dtype: str, trust_remote_code: bool, option: str) -> Any:
-    """The model loaded whole (`--max-memory auto`); one that would be streamed is refused:
-    generation and lm-eval run the whole model at once."""
-    loaded = runtime_engine.open_model(path, device=device, dtype=dtype,
-                                       trust_remote_code=trust_remote_code)
+def in_memory(path: Path, run: RunOptions, option: str) -> Any:
+    """The model loaded whole on `run.device` in `run.dtype` (under `--max-memory auto`, whatever
+    `run.max_memory` says); one that would be streamed is refused: generation and lm-eval run
+    the whole model at once."""
+    loaded = runtime_engine.open_model(path, device=run.device, dtype=run.dtype,
+                                       trust_remote_code=run.trust_remote_code)
     if loaded.mode != "memory":
         raise UnsupportedModelError(
             f"{option} needs {path} in memory, and it does not fit ({loaded.plan.reason})",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import moekit.calib.data
 import moekit.runtime.engine
 from moekit import __version__
-from moekit.calib.data import DataSource, Domain, batches, default_sources
+from moekit.calib.data import Domain, batches
 from moekit.calib.hooks import RoutingHooks
 from moekit.calib.recorder import Recorder
-from moekit.calib.spec import per_source
+from moekit.calib.spec import DataSpec, per_source
 from moekit.errors import InvalidArgumentError, StatsError, UnsupportedModelError
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import ModelLayout, describe
@@ -37,6 +38,7 @@ from moekit.runtime.distributed import (
 from moekit.runtime.engine import forward_routing as forward  # noqa: F401 - benchmarks
 from moekit.runtime.engine import mode_line
 from moekit.runtime.loading import DTYPES, load_tokenizer, pick_device
+from moekit.runtime.options import RunOptions
 from moekit.stats.ablation import PLOT_FILE, attach, has_ablation, scatter_plot
 from moekit.stats.plots import write_plots
 from moekit.stats.profile import Profile
@@ -57,35 +59,32 @@ PROFILE_TOKENS = 100_000  # the default --max-tokens, in total over the sources
 Progress = Callable[[str, int, str], None]  # (event "start" | "batch", tokens, domain name)
 
 
-def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
-                  tokenizer: str | None = None, text_field: str = "text",
-                  fraction: tuple[float, float] = (0.0, 1.0), seq_len: int = 512,
-                  max_tokens: int = PROFILE_TOKENS, batch_size: int = 8, device: str = "auto",
-                  dtype: str = "auto", trace: bool = False, merge_with: Path | None = None,
-                  revision: str | None = None, progress: Progress | None = None,
-                  max_memory: str | int | None = "auto", trust_remote_code: bool = False,
-                  ablation_tokens: int | None = None, ablation_method: str = "exact",
-                  **engine: Any) -> Profile:
-    """Profile `model` on `sources` (default: sample_data/), one domain per source.
+def profile_model(model: str | Path, data: DataSpec = DataSpec(), *,
+                  run: RunOptions = RunOptions(), batch_size: int = 8, trace: bool = False,
+                  merge_with: Path | None = None, revision: str | None = None,
+                  progress: Progress | None = None, ablation_tokens: int | None = None,
+                  ablation_method: str = "exact", **engine: Any) -> Profile:
+    """Profile `model` on `data` (`calib.spec.DataSpec`; no sources: sample_data/), one domain
+    per source, run as `run` says (`runtime.options.RunOptions`).
 
-    `max_tokens` counts in total over the sources, an equal share from each. With
-    `merge_with`, the result is that profile plus this run
+    `data.max_tokens` counts in total over the sources, an equal share from each (None:
+    PROFILE_TOKENS). With `merge_with`, the result is that profile plus this run
     (same model fingerprint required, checked before any forward pass). The model runs through
-    `moekit.runtime` (in memory or streamed under `max_memory`; `engine` options go to
+    `moekit.runtime` (in memory or streamed under `run.max_memory`; `engine` options go to
     `open_model`); metadata["runtime"] says which mode ran and why. Under torchrun each rank
     runs its share of the batches and the sums are reduced (`moekit.runtime.distributed`).
-    Code shipped in the checkpoint runs only with `trust_remote_code`. With `ablation_tokens`,
-    every expert is also ablated on that many tokens (`moekit.ops.ablation`, columns
-    `ablation_*` of expert_stats; in-memory runs only).
+    Code shipped in the checkpoint runs only with `run.trust_remote_code`. With
+    `ablation_tokens`, every expert is also ablated on that many tokens (`moekit.ops.ablation`,
+    columns `ablation_*` of expert_stats; in-memory runs only).
     """
     if batch_size < 1:
         raise InvalidArgumentError(f"--batch-size must be at least 1, got {batch_size}")
-    if dtype not in DTYPES:
-        raise InvalidArgumentError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
-    device = rank_device(device)
+    if run.dtype not in DTYPES:
+        raise InvalidArgumentError(f"--dtype {run.dtype} is not one of {', '.join(DTYPES)}")
+    device = rank_device(run.device)
     pick_device(device)
     path = resolve_source(model, revision)
-    check_remote_code(path, trust_remote_code)
+    check_remote_code(path, run.trust_remote_code)
     checkpoint = Checkpoint(path)
     layout = describe(checkpoint)
     if not layout.is_moe:
@@ -97,17 +96,17 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
         check_request(layout, ablation_method, ablation_tokens)
     fingerprint = model_fingerprint(checkpoint, layout)
     previous = _previous(merge_with, fingerprint) if merge_with else None
-    sources = sources or default_sources()
+    sources = data.resolved_sources()
     if any(s.name == ALL for s in sources):
         raise InvalidArgumentError(f"a data source is named '{ALL}', which is reserved for totals",
                                    "name it differently: --data NAME=PATH")
-    tok = load_tokenizer(path, tokenizer, trust_remote_code)
-    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len,
+    max_tokens = data.total(PROFILE_TOKENS)
+    tok = load_tokenizer(path, data.tokenizer, run.trust_remote_code)
+    domains = moekit.calib.data.load_domains(sources, tok, seq_len=data.seq_len,
                                              max_tokens=per_source(max_tokens, len(sources)),
-                                             text_field=text_field, fraction=fraction)
-    loaded = moekit.runtime.engine.open_model(path, device=device, dtype=dtype,
-                                              max_memory=max_memory,
-                                              trust_remote_code=trust_remote_code, **engine)
+                                             text_field=data.text_field, fraction=data.fraction)
+    loaded = moekit.runtime.engine.open_model(path, **replace(run, device=device).engine(),
+                                              **engine)
     if ablation_tokens is not None:
         from moekit.ops.ablation.run import check_engine
 
@@ -116,9 +115,9 @@ def profile_model(model: str | Path, sources: list[DataSource] | None = None, *,
         progress("mode", 0, mode_line(loaded))
     recorder, input_ids = _record(loaded, layout, domains, batch_size, trace, progress)
     reduce_recorder(recorder)
-    meta = _metadata(model, fingerprint, layout, domains, loaded, seq_len=seq_len,
-                     batch_size=batch_size, max_tokens=max_tokens, fraction=fraction,
-                     text_field=text_field, trace=trace, ranks=dist_context().world_size)
+    meta = _metadata(model, fingerprint, layout, domains, loaded, seq_len=data.seq_len,
+                     batch_size=batch_size, max_tokens=max_tokens, fraction=data.fraction,
+                     text_field=data.text_field, trace=trace, ranks=dist_context().world_size)
     profile = profile_from_raw(raw := recorder.finish(), [d.name for d in domains], meta)
     if trace and dist_context().is_writer:
         profile.trace = _trace_arrays(raw, domains, input_ids)

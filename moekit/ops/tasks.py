@@ -18,6 +18,7 @@ from typing import Any
 from moekit.errors import InvalidArgumentError, UnsupportedModelError
 from moekit.ops.generate import in_memory
 from moekit.runtime.loading import load_tokenizer
+from moekit.runtime.options import RunOptions
 
 
 @dataclass
@@ -75,10 +76,10 @@ def _yaml_task(path: Path) -> str:
 
 
 def run_tasks(model: Path, spec: str, ref: Path | None = None, *, limit: int | None = None,
-              include_path: Path | None = None, batch_size: int = 4, device: str = "auto",
-              dtype: str = "auto", tokenizer: str | None = None,
-              trust_remote_code: bool = False) -> list[TaskRow]:
-    """lm-eval's results for `model` (and `ref`) on the tasks of `spec`, one row per metric."""
+              include_path: Path | None = None, batch_size: int = 4,
+              run: RunOptions = RunOptions(), tokenizer: str | None = None) -> list[TaskRow]:
+    """lm-eval's results for `model` (and `ref`) on the tasks of `spec`, one row per metric;
+    both loaded whole as `run` says (`generate.in_memory`)."""
     names, folders = task_names(spec, include_path)
     lm_eval = _lm_eval()
     manager = lm_eval.tasks.TaskManager(include_path=folders or None)
@@ -86,10 +87,9 @@ def run_tasks(model: Path, spec: str, ref: Path | None = None, *, limit: int | N
     if unknown:
         raise InvalidArgumentError(f"lm-eval knows no task {unknown}",
                                    "check the name, or pass the task's .yaml / --include-path")
-    ours = _evaluate(lm_eval, manager, model, names, limit, batch_size, device, dtype,
-                     tokenizer, trust_remote_code)
-    theirs = (_evaluate(lm_eval, manager, ref, names, limit, batch_size, device, dtype,
-                        tokenizer, trust_remote_code) if ref is not None else None)
+    ours = _evaluate(lm_eval, manager, model, names, limit, batch_size, run, tokenizer)
+    theirs = (_evaluate(lm_eval, manager, ref, names, limit, batch_size, run, tokenizer)
+              if ref is not None else None)
     return rows(ours, theirs)
 
 
@@ -126,10 +126,10 @@ def _lm_eval() -> Any:
 
 
 def _evaluate(lm_eval: Any, manager: Any, path: Path, names: list[str], limit: int | None,
-              batch_size: int, device: str, dtype: str, tokenizer: str | None,
-              trust_remote_code: bool) -> dict[str, dict[str, Any]]:
-    loaded = in_memory(path, device, dtype, trust_remote_code, "--tasks")
-    tok = load_tokenizer(path, tokenizer, trust_remote_code)
+              batch_size: int, run: RunOptions, tokenizer: str | None
+              ) -> dict[str, dict[str, Any]]:
+    loaded = in_memory(path, run, "--tasks")
+    tok = load_tokenizer(path, tokenizer, run.trust_remote_code)
     model = lm_eval.models.huggingface.HFLM(pretrained=loaded.model, tokenizer=tok,
                                             batch_size=batch_size, device=str(loaded.device))
     result = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=manager,

@@ -92,8 +92,8 @@ def test_the_budget_table_matches_the_code():
     budgets = {row[0]: _value(row[1].split()[0]) for row in _tables()[1]}
     assert budgets == {"profile": PROFILE_TOKENS, "eval": EVAL_TOKENS, "prune": PRUNE_TOKENS,
                        "merge": DEFAULT_TOKENS, "upcycle": UPCYCLE_TOKENS}
-    read = default_read(PRUNE_TOKENS, DataOptions.held_out, DataOptions.seq_len, 1)
-    assert f"{read} tokens read from one source at `--seq-len {DataOptions.seq_len}`" in \
+    read = default_read(PRUNE_TOKENS, DataOptions.held_out, DataOptions.data.seq_len, 1)
+    assert f"{read} tokens read from one source at `--seq-len {DataOptions.data.seq_len}`" in \
         DOC.read_text()
 
 

@@ -107,15 +107,18 @@ def test_debug_is_accepted_after_the_command(tmp_path):
 
 def test_eval_ref_reports_the_reference_loss(tiny_checkpoint, tmp_path):
     from moekit.calib.data import DataSource
+    from moekit.calib.spec import DataSpec
     from moekit.ops.evaluate import evaluate
+    from moekit.runtime.options import RunOptions
 
     model, ref = tiny_checkpoint("mixtral"), tiny_checkpoint("mixtral", seed=1)
     text = tmp_path / "t.txt"
     text.write_text((ROOT / "sample_data" / "en_docs.txt").read_text()[:4000])
     sources = [DataSource("t", text)]
-    opts = dict(seq_len=32, max_tokens=256, batch_size=4, device="cpu", dtype="float32")
-    both = evaluate(model, sources, ref, keep_both=True, **opts).overall
-    alone = evaluate(ref, sources, **opts).overall  # independent: the reference on its own
+    data = DataSpec(tuple(sources), seq_len=32, max_tokens=256)
+    opts = dict(batch_size=4, run=RunOptions(device="cpu", dtype="float32"))
+    both = evaluate(model, data, ref, keep_both=True, **opts).overall
+    alone = evaluate(ref, data, **opts).overall  # independent: the reference on its own
     assert both.ref_loss == pytest.approx(alone.loss, rel=1e-6)
     assert both.ref_ppl == pytest.approx(alone.ppl, rel=1e-6)
     assert abs(both.loss - both.ref_loss) > 1e-3  # two different models: the test can fail

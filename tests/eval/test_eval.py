@@ -14,10 +14,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from moekit.calib.data import DataSource
+from moekit.calib.spec import DataSpec
 from moekit.cli.app import app
 from moekit.ops.evaluate import evaluate
+from moekit.runtime.options import RunOptions
 
 SEQ = 32
+CPU = RunOptions(device="cpu")
+
+
+def _data(sources: list[DataSource], max_tokens: int,
+          fraction: tuple[float, float] = (0.0, 1.0)) -> DataSpec:
+    """`max_tokens` in total over `sources`, windows of SEQ tokens."""
+    return DataSpec(tuple(sources), fraction, seq_len=SEQ, max_tokens=max_tokens)
 
 
 @pytest.fixture
@@ -42,8 +51,8 @@ def _windows(folder, path, max_tokens):
 def test_loss_and_kl_match_independent_computation(tiny_checkpoint, texts):
     model_dir, other_dir = tiny_checkpoint("qwen3_moe"), tiny_checkpoint("qwen3_moe", seed=3)
     sources = [DataSource(name, path) for name, path in texts.items()]
-    result = evaluate(model_dir, sources, other_dir, seq_len=SEQ, max_tokens=400, batch_size=3,
-                      keep_both=True, device="cpu")  # 200 from each; CPU forwards below
+    result = evaluate(model_dir, _data(sources, 400), other_dir, run=CPU, batch_size=3,
+                      keep_both=True)  # 200 from each; CPU forwards below
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ref = AutoModelForCausalLM.from_pretrained(other_dir).eval()
     totals = [0.0, 0.0, 0.0, 0]
@@ -72,16 +81,15 @@ def test_loss_and_kl_match_independent_computation(tiny_checkpoint, texts):
     assert result.overall.tokens == totals[3]
     assert result.overall.loss == pytest.approx(totals[0] / totals[3], rel=1e-5)
     assert result.overall.kl == pytest.approx(totals[1] / totals[3], rel=1e-4)
-    spilled = evaluate(model_dir, sources, other_dir, seq_len=SEQ, max_tokens=400,
-                       batch_size=3, keep_both=False, device="cpu")
+    spilled = evaluate(model_dir, _data(sources, 400), other_dir, run=CPU, batch_size=3,
+                       keep_both=False)
     assert spilled.overall.kl == pytest.approx(result.overall.kl, rel=1e-6)
     assert spilled.overall.top1 == result.overall.top1
 
 
 def test_a_model_against_itself(tiny_checkpoint, texts):
     folder = tiny_checkpoint("mixtral")
-    result = evaluate(folder, [DataSource("a", texts["a"])], folder, seq_len=SEQ,
-                      max_tokens=120, fraction=(0.5, 1.0))
+    result = evaluate(folder, _data([DataSource("a", texts["a"])], 120, (0.5, 1.0)), folder)
     assert result.overall.kl == pytest.approx(0.0, abs=1e-6) and result.overall.top1 == 1.0
     assert result.settings["data_range"] == [0.5, 1.0]
 
@@ -115,8 +123,8 @@ def test_prune_with_eval_data_records_numbers(tiny_checkpoint, texts, tmp_path):
     record = json.loads((out / "moekit_provenance.json").read_text())
     evaluation = record["evaluation"]
     assert evaluation["ref"] == str(folder) and evaluation["model"] == str(out)
-    direct = evaluate(out, [DataSource("a", texts["a"])], folder, seq_len=SEQ, max_tokens=100,
-                      device="cpu")  # the same device as the recorded numbers: equal to 1e-6
+    direct = evaluate(out, _data([DataSource("a", texts["a"])], 100), folder,
+                      run=CPU)  # the same device as the recorded numbers: equal to 1e-6
     assert evaluation["overall"]["kl"] == pytest.approx(direct.overall.kl, rel=1e-6)
     assert evaluation["overall"]["kl"] > 0
     card = (out / "README.md").read_text()
@@ -142,6 +150,6 @@ def test_expert_width_the_grouped_kernel_cannot_run(tmp_path, texts, stream):
             loss_sum += float(eager(input_ids=window[None], labels=window[None]).loss) * (
                 window.numel() - 1)
         count += window.numel() - 1
-    result = evaluate(folder, [DataSource("a", texts["a"])], seq_len=SEQ, max_tokens=100,
-                      batch_size=2, device="cpu", stream=stream)
+    result = evaluate(folder, _data([DataSource("a", texts["a"])], 100), run=CPU, batch_size=2,
+                      stream=stream)
     assert result.overall.loss == pytest.approx(loss_sum / count, rel=1e-5)

@@ -15,11 +15,17 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moekit.calib.data import DataSource
+from moekit.calib.spec import DataSpec
 from moekit.cli.app import app
 from moekit.ops.evaluate import evaluate
 from moekit.ops.profile import profile_model
+from moekit.runtime.options import RunOptions
 
-SETTINGS = dict(seq_len=24, max_tokens=150, batch_size=3, device="cpu", dtype="float32")
+SETTINGS = dict(batch_size=3, run=RunOptions(device="cpu", dtype="float32"))
+
+
+def _spec(sources: list[DataSource]) -> DataSpec:
+    return DataSpec(tuple(sources), seq_len=24, max_tokens=150)
 
 
 def convert(*args: object) -> str:
@@ -71,15 +77,15 @@ def test_moekit_profile_and_eval_equal_the_dequantized_copy(tiny_checkpoint, tmp
     q = tmp_path / "q"
     convert(tiny_checkpoint("deepseek_v3"), "--quantize", "fp8", "--out", q)
     deq = dequantize_fp8_block(q, tmp_path / "deq")
-    plain = profile_model(deq, sources, stream=False, **SETTINGS)
-    loss = evaluate(deq, sources, stream=False, **SETTINGS).overall.loss
+    plain = profile_model(deq, _spec(sources), stream=False, **SETTINGS)
+    loss = evaluate(deq, _spec(sources), stream=False, **SETTINGS).overall.loss
     for stream in (False, True):
-        ours = profile_model(q, sources, stream=stream, **SETTINGS)
+        ours = profile_model(q, _spec(sources), stream=stream, **SETTINGS)
         assert (ours.expert_stats["tokens"].to_numpy()
                 == plain.expert_stats["tokens"].to_numpy()).all()
         np.testing.assert_allclose(ours.expert_stats["weight_sum"],
                                    plain.expert_stats["weight_sum"], rtol=1e-5, atol=1e-6)
-        assert evaluate(q, sources, stream=stream, **SETTINGS).overall.loss == pytest.approx(
+        assert evaluate(q, _spec(sources), stream=stream, **SETTINGS).overall.loss == pytest.approx(
             loss, abs=1e-4)
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from moekit.calib.data import DataSource
+from moekit.calib.spec import DataSpec
 from moekit.cli.app import app
 from moekit.formats import Logical, compressed, decode, logical_tensors
 from moekit.formats import fp8_block as fp8
@@ -23,8 +24,13 @@ from moekit.io.reader import Checkpoint
 from moekit.ops.evaluate import evaluate
 from moekit.ops.inspect import inspect_checkpoint
 from moekit.ops.profile import profile_model
+from moekit.runtime.options import RunOptions
 
-SETTINGS = dict(seq_len=24, max_tokens=150, batch_size=3, device="cpu", dtype="float32")
+SETTINGS = dict(batch_size=3, run=RunOptions(device="cpu", dtype="float32"))
+
+
+def _spec(sources: list[DataSource]) -> DataSpec:
+    return DataSpec(tuple(sources), seq_len=24, max_tokens=150)
 METHOD = {"fp8": "fp8", "mxfp4": "mxfp4", "w4a16": "compressed-tensors",
           "nvfp4": "compressed-tensors"}
 FORMAT = {"fp8": fp8.NAME, "mxfp4": "mxfp4", "w4a16": "compressed-tensors/pack-quantized",
@@ -122,15 +128,15 @@ def test_logical_view_and_inspect_count_values_not_bytes(case, quantized):
 @pytest.mark.parametrize("case", list(CASES))
 def test_profile_and_eval_equal_the_dequantized_copy(case, stream, quantized, sources):
     q, deq = quantized(case)
-    ours = profile_model(q, sources, stream=stream, **SETTINGS)
-    plain = profile_model(deq, sources, stream=False, **SETTINGS)
+    ours = profile_model(q, _spec(sources), stream=stream, **SETTINGS)
+    plain = profile_model(deq, _spec(sources), stream=False, **SETTINGS)
     assert ours.metadata["runtime"]["mode"] == ("stream" if stream else "memory")
     assert (ours.expert_stats["tokens"].to_numpy() == plain.expert_stats["tokens"].to_numpy()).all()
     np.testing.assert_allclose(ours.expert_stats["weight_sum"], plain.expert_stats["weight_sum"],
                                rtol=1e-5, atol=1e-6)
-    loss = evaluate(q, sources, stream=stream, **SETTINGS).overall.loss
-    assert loss == pytest.approx(evaluate(deq, sources, stream=False, **SETTINGS).overall.loss,
-                                 abs=1e-4)
+    loss = evaluate(q, _spec(sources), stream=stream, **SETTINGS).overall.loss
+    plain_loss = evaluate(deq, _spec(sources), stream=False, **SETTINGS).overall.loss
+    assert loss == pytest.approx(plain_loss, abs=1e-4)
 
 
 @pytest.mark.parametrize("case", list(CASES))

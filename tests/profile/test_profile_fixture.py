@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from moekit.calib.data import DataSource
+from moekit.calib.spec import DataSpec
 from moekit.ops.profile import profile_model, write_output
+from moekit.runtime.options import RunOptions
 from moekit.stats.metrics import specialisation
 
 
@@ -18,8 +20,9 @@ def domain_spread(model: Path, texts: dict[str, Path]) -> tuple[float, object, o
     """Mean total-variation distance between the domains' expert shares in the last MoE layer
     (0 = every domain routes alike, 1 = disjoint experts), the specialisation table, profile."""
     sources = [DataSource(name, path) for name, path in texts.items()]
-    profile = profile_model(model, sources, seq_len=64, max_tokens=1024, batch_size=4,
-                            device="cpu", dtype="float32", fraction=(0.0, 0.5))
+    data = DataSpec(tuple(sources), (0.0, 0.5), seq_len=64, max_tokens=1024)
+    profile = profile_model(model, data, run=RunOptions(device="cpu", dtype="float32"),
+                            batch_size=4)
     spec = specialisation(profile)
     last = profile.moe_layers[-1]
     loads = {d: spec[(spec["layer"] == last) & (spec["domain"] == d)].sort_values("expert")[

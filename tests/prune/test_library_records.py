@@ -9,6 +9,7 @@ from pathlib import Path
 
 from support import doc_corpus, stats_for
 
+from moekit.calib.spec import DataSpec
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
@@ -37,7 +38,8 @@ def test_prune_checkpoint_writes_provenance_and_card(tiny_checkpoint, tmp_path):
     def evaluate(staging: Path) -> dict:
         assert (staging / "config.json").is_file()  # weights and config are written first
         seen.append(staging)
-        return evaluate_model(staging, [corpus], folder, seq_len=32, max_tokens=256).to_dict()
+        data = DataSpec((corpus,), seq_len=32, max_tokens=256)
+        return evaluate_model(staging, data, folder).to_dict()
 
     out = tmp_path / "out"
     result = prune_checkpoint(folder, plan, out, source_name="org/tiny-mixtral",

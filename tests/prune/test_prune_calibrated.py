@@ -6,6 +6,7 @@ with the refitted/trimmed tensors and loaded back by transformers."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from support import choose, doc_corpus, in_memory_logits, saved_checkpoint
 from tiny_models import _docstring_corpus
 
 from moekit.calib.data import DataSource
+from moekit.calib.spec import DataSpec
 from moekit.errors import DataError
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
@@ -22,6 +24,7 @@ from moekit.ops.prune.calibrated import DataOptions, choose_with_data
 from moekit.ops.prune.rewrite import modified_tensors
 from moekit.ops.prune.trim import budget_split, trimmed_tensors
 from moekit.runtime.loading import load_model
+from moekit.runtime.options import RunOptions
 
 
 @pytest.mark.parametrize("model_type,trim", [("mixtral", False), ("qwen2_moe", True),
@@ -106,12 +109,13 @@ def test_short_sources_still_hold_out_a_window_or_fail_in_one_line(tmp_path):
         path = tmp_path / f"t{n}.txt"
         path.write_text(" ".join(words[n * 400:(n + 1) * 400]))
         sources.append(DataSource(f"d{n}", path))
-    cal = load_calibration(folder, layout, sources, fraction=(0.0, 1.0), seq_len=16,
-                           max_tokens=16, device="cpu", dtype="float32")
+    cal = load_calibration(folder, layout, DataSpec(tuple(sources), seq_len=16), max_tokens=16,
+                           run=RunOptions(device="cpu", dtype="float32"))
     assert [int(w.numel()) for w in cal.held] == [16, 16, 16]  # one window of each source
     assert len(cal.fit) >= 1
-    options = DataOptions(sources, seq_len=16, max_tokens=16, beam=1, protect_super=False,
-                          device="cpu", dtype="float32", max_memory=None)
+    options = DataOptions(DataSpec(tuple(sources), seq_len=16), max_tokens=16, beam=1,
+                          protect_super=False,
+                          run=RunOptions(device="cpu", dtype="float32", max_memory=None))
     chosen = choose_with_data(folder, layout, "x", criterion="measured", ratio=0.25,
                               protect={}, min_experts=None, options=options, log=lambda _: None)
     assert len({round(c.kl, 12) for c in chosen.candidates}) > 1  # told apart, not all 0
@@ -120,7 +124,7 @@ def test_short_sources_still_hold_out_a_window_or_fail_in_one_line(tmp_path):
         path = tmp_path / f"s{n}.txt"
         path.write_text(" ".join(words[:3]))
         one_window.append(DataSource(f"s{n}", path))
-    options.sources = one_window
+    options = replace(options, data=DataSpec(tuple(one_window), seq_len=16))
     with pytest.raises(DataError, match="too short to hold out"):
         choose_with_data(folder, layout, "x", criterion="measured", ratio=0.25, protect={},
                          min_experts=None, options=options, log=lambda _: None)

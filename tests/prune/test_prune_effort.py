@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from moekit.calib.data import DataSource
+from moekit.calib.spec import DataSpec
 from moekit.cli.app import app
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
@@ -19,6 +20,7 @@ from moekit.io.reader import Checkpoint
 from moekit.ops.prune import effort as effort_mod
 from moekit.ops.prune.calibrated import DataOptions, choose_with_data, estimate_run
 from moekit.ops.prune.effort import EFFORTS, apply_effort, effort_settings
+from moekit.runtime.options import RunOptions
 
 RUNNER = CliRunner()
 
@@ -28,7 +30,7 @@ def _layout(tiny_checkpoint) -> object:
 
 
 def _options(**kw) -> DataOptions:
-    return DataOptions([DataSource("doc", Path("unused.txt"))], **kw)
+    return DataOptions(DataSpec((DataSource("doc", Path("unused.txt")),)), **kw)
 
 
 def test_levels_resolve_to_their_documented_settings(tiny_checkpoint):
@@ -145,8 +147,9 @@ def test_estimate_comes_from_a_probe_and_bounds_a_measured_run(trained_checkpoin
     sources = [DataSource(name, path) for name, path in sample_texts.items()]
 
     def options() -> DataOptions:
-        return DataOptions(sources, seq_len=64, max_tokens=2048, device="cpu",
-                           dtype="float32", effort="default", protect_super=False)
+        return DataOptions(DataSpec(tuple(sources), seq_len=64), max_tokens=2048,
+                           run=RunOptions(device="cpu", dtype="float32"), effort="default",
+                           protect_super=False)
 
     args = dict(criterion="measured", ratio=0.5, protect={}, min_experts=None,
                 log=lambda _: None)
@@ -215,8 +218,9 @@ def test_fast_refits_the_stats_plan_on_a_quarter_without_scoring_lanes(
     layout = describe(checkpoint)
     fingerprint = model_fingerprint(checkpoint, layout)
     sources = [DataSource(name, path) for name, path in sample_texts.items()]
-    options = DataOptions(sources, seq_len=64, max_tokens=4096, device="cpu", dtype="float32",
-                          effort="fast", beam=None, reconstruct_steps=None)
+    options = DataOptions(DataSpec(tuple(sources), seq_len=64), max_tokens=4096,
+                          run=RunOptions(device="cpu", dtype="float32"), effort="fast",
+                          beam=None, reconstruct_steps=None)
     choice = choose_with_data(folder, layout, fingerprint, criterion="measured", ratio=0.5,
                               protect={}, min_experts=None, options=options,
                               log=lambda _: None)

@@ -9,6 +9,7 @@ from support import doc_corpus, keep_for, measured_setup, random_tokens, saved_c
 
 from moekit.calib.capture import capture_layers, moe_blocks
 from moekit.calib.routing import Routing, selection_bias
+from moekit.calib.spec import DataSpec
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
@@ -30,6 +31,7 @@ from moekit.layerfit.refit_stats import (
 from moekit.layerfit.refit_stream import chunk_terms, fit_from_chunks, window_groups
 from moekit.layerfit.replay import build_replay
 from moekit.ops.prune.calibrated import DataOptions, choose_with_data
+from moekit.runtime.options import RunOptions
 
 
 def _layer(model_type: str, tmp_path, tokens: int = 1280):
@@ -150,9 +152,10 @@ def test_load_calibration_reads_refit_windows_after_the_selection_and_scoring(tm
     folder = saved_checkpoint("mixtral", tmp_path / "src")
     source = doc_corpus(tmp_path)
     layout = describe(Checkpoint(folder))
-    args = dict(fraction=(0.0, 1.0), seq_len=32, max_tokens=256, device="cpu", dtype="float32")
-    plain = load_calibration(folder, layout, [source], **args)
-    more = load_calibration(folder, layout, [source], refit_tokens=1024, **args)
+    args = dict(max_tokens=256, run=RunOptions(device="cpu", dtype="float32"))
+    plain = load_calibration(folder, layout, DataSpec((source,), seq_len=32), **args)
+    more = load_calibration(folder, layout, DataSpec((source,), seq_len=32), refit_tokens=1024,
+                            **args)
     assert not plain.extra and not plain.streams_refit
     assert [w.tolist() for w in more.fit] == [w.tolist() for w in plain.fit]
     assert [w.tolist() for w in more.held] == [w.tolist() for w in plain.held]
@@ -172,14 +175,15 @@ def test_prune_with_refit_tokens_refits_on_the_streamed_tokens(tmp_path):
     on the selection's positions alone."""
     folder, model, layout, fingerprint = measured_setup("mixtral", tmp_path)
     source = doc_corpus(tmp_path)
-    options = DataOptions([source], seq_len=64, max_tokens=512, beam=2, compensate=True,
-                          protect_super=False, device="cpu", dtype="float32",
+    options = DataOptions(DataSpec((source,), seq_len=64), max_tokens=512, beam=2,
+                          compensate=True, protect_super=False,
+                          run=RunOptions(device="cpu", dtype="float32"),
                           refit_tokens=2048, reconstruct_steps=0)
     choice = choose_with_data(folder, layout, fingerprint, criterion="measured", ratio=0.5,
                               protect={}, min_experts=None, options=options,
                               log=lambda _: None)
-    cal = load_calibration(folder, layout, [source], fraction=(0.0, 1.0), seq_len=64,
-                           max_tokens=512, device="cpu", dtype="float32", refit_tokens=2048)
+    cal = load_calibration(folder, layout, DataSpec((source,), seq_len=64), max_tokens=512,
+                           run=RunOptions(device="cpu", dtype="float32"), refit_tokens=2048)
     family, layer = layout.family, layout.moe_layers[0].index
     plan_layer = next(p for p in choice.chosen.plan.layers if p.layer == layer)
     block = next(b for b in moe_blocks(model, family) if b.layer == layer)
@@ -213,8 +217,9 @@ def test_refit_tokens_streamed_equals_in_memory(tmp_path):
     fingerprint = model_fingerprint(checkpoint, layout)
     got = []
     for stream in (False, True):
-        options = DataOptions([source], seq_len=64, max_tokens=512, beam=2, compensate=True,
-                              protect_super=False, device="cpu", dtype="float32",
+        options = DataOptions(DataSpec((source,), seq_len=64), max_tokens=512, beam=2,
+                              compensate=True, protect_super=False,
+                              run=RunOptions(device="cpu", dtype="float32"),
                               stream=stream, hidden_ram=0 if stream else None,
                               refit_tokens=1536)
         choice = choose_with_data(folder, layout, fingerprint, criterion="measured",
@@ -252,13 +257,14 @@ def test_reconstruction_uses_the_streamed_refit_positions(tmp_path, monkeypatch)
         return real(layer, experts, inputs, ids, gates, target, kept, steps, **limits)
 
     monkeypatch.setattr(measured, "reconstruct_layer", spy)
-    options = DataOptions([source], seq_len=64, max_tokens=512, beam=2, compensate=True,
-                          protect_super=False, device="cpu", dtype="float32",
+    options = DataOptions(DataSpec((source,), seq_len=64), max_tokens=512, beam=2,
+                          compensate=True, protect_super=False,
+                          run=RunOptions(device="cpu", dtype="float32"),
                           refit_tokens=2048, reconstruct_steps=20)
     choose_with_data(folder, layout, fingerprint, criterion="measured", ratio=0.5, protect={},
                      min_experts=None, options=options, log=lambda _: None)
-    cal = load_calibration(folder, layout, [source], fraction=(0.0, 1.0), seq_len=64,
-                           max_tokens=512, device="cpu", dtype="float32", refit_tokens=2048)
+    cal = load_calibration(folder, layout, DataSpec((source,), seq_len=64), max_tokens=512,
+                           run=RunOptions(device="cpu", dtype="float32"), refit_tokens=2048)
     layer = layout.moe_layers[0].index
     cap = capture_layers(model, layout.family, cal.fit + cal.extra, max_tokens=cal.refit_tokens,
                          layers=[layer])[layer]

@@ -8,12 +8,14 @@ import pytest
 import torch
 from support import choose, doc_corpus, in_memory_logits, saved_checkpoint
 
+from moekit.calib.spec import DataSpec
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
 from moekit.layerfit.lanes import held_out_kl
 from moekit.layerfit.measured import load_calibration
 from moekit.runtime.engine import open_model
 from moekit.runtime.loading import load_model
+from moekit.runtime.options import RunOptions
 
 
 def _full_vocab(ref_logits: torch.Tensor, logits: torch.Tensor,
@@ -59,8 +61,8 @@ def test_candidate_scores_equal_the_full_vocabulary_kl_of_the_pruned_model(tmp_p
     source = doc_corpus(tmp_path)
     choice = choose(folder, source, 0.25, stream=stream, compensate=None)
     layout = describe(Checkpoint(folder))
-    cal = load_calibration(folder, layout, [source], fraction=(0.0, 1.0), seq_len=64,
-                           max_tokens=1024, device="cpu", dtype="float32", max_memory=None)
+    cal = load_calibration(folder, layout, DataSpec((source,), seq_len=64), max_tokens=1024,
+                           run=RunOptions(device="cpu", dtype="float32", max_memory=None))
     assert cal.held
     model = load_model(folder, "cpu", "float32")
     assert len(choice.candidates) == 3  # with and without the refits, down refits only

@@ -11,9 +11,11 @@ from support import doc_corpus, saved_checkpoint
 from tiny_models import tokenizer
 
 from moekit.calib.data import load_domains
+from moekit.calib.spec import DataSpec
 from moekit.families.layout import describe
 from moekit.io.reader import Checkpoint
 from moekit.layerfit.measured import load_calibration, spread_windows
+from moekit.runtime.options import RunOptions
 
 
 @pytest.mark.parametrize(("total", "need"), [(10, 3), (100, 7), (64, 64), (5, 9), (33, 32)])
@@ -36,11 +38,9 @@ def test_load_calibration_spreads_fit_and_held_windows(tmp_path):
     source = doc_corpus(tmp_path)
     layout = describe(Checkpoint(folder))
     seq_len, max_tokens, spread = 32, 256, 4
-    cal = load_calibration(folder, layout, [source], fraction=(0.0, 1.0), seq_len=seq_len,
-                           max_tokens=max_tokens, device="cpu", dtype="float32",
-                           spread=spread)
-    plain = load_calibration(folder, layout, [source], fraction=(0.0, 1.0), seq_len=seq_len,
-                             max_tokens=max_tokens, device="cpu", dtype="float32")
+    data, run = DataSpec((source,), seq_len=seq_len), RunOptions(device="cpu", dtype="float32")
+    cal = load_calibration(folder, layout, data, max_tokens=max_tokens, run=run, spread=spread)
+    plain = load_calibration(folder, layout, data, max_tokens=max_tokens, run=run)
     per_source = max(2 * seq_len, int(max_tokens / 0.8) + seq_len)
     need = -(-per_source // seq_len)
     every = load_domains([source], tokenizer(), seq_len=seq_len,

@@ -18,6 +18,12 @@ from moekit.layerfit.tokens import (
     per_token_bytes,
     reconstruct_bytes,
 )
+from moekit.runtime.options import RunOptions
+
+
+def _cpu(max_memory: int) -> RunOptions:
+    """A float32 CPU run under `max_memory` bytes."""
+    return RunOptions(device="cpu", dtype="float32", max_memory=max_memory)
 
 
 def _call(layout) -> int:
@@ -87,8 +93,8 @@ def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
 
     def options(*args, **kwargs):
         kwargs.update(max_tokens=None,
-                      max_memory=_weights(folder) + _call(layout) + reconstruct_bytes(layout, 2)
-                      + 3 * 1024 * per + 1)
+                      run=_cpu(_weights(folder) + _call(layout) + reconstruct_bytes(layout, 2)
+                               + 3 * 1024 * per + 1))
         made = original(*args, **kwargs)
         seen["options"] = made
         return made
@@ -126,15 +132,14 @@ def test_prune_resolves_its_own_default(tmp_path):
     folder = saved_checkpoint("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     said: list[str] = []
-    roomy = DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40)
+    roomy = DataOptions(run=_cpu(1 << 40))
     roomy = _resolve_tokens(folder, layout, 0.5, roomy, said.append)
     assert roomy.max_tokens == PRUNE_TOKENS > DEFAULT_TOKENS and said == []
     from moekit.surgery.plan import drop_count
 
     per = per_token_bytes(layout, drop_count(0.5, layout.moe_layers[0].num_experts), 4, False)
-    tight = DataOptions([], dtype="float32", device="cpu",
-                        max_memory=_weights(folder) + _call(layout) + 20 * 1024 * per + per // 2
-                        + reconstruct_bytes(layout, drop_count(0.5, 8)))
+    tight = DataOptions(run=_cpu(_weights(folder) + _call(layout) + 20 * 1024 * per + per // 2
+                                 + reconstruct_bytes(layout, drop_count(0.5, 8))))
     tight = _resolve_tokens(folder, layout, 0.5, tight, said.append)
     assert tight.max_tokens == 20 * 1024
     assert len(said) == 1 and f"not the default {PRUNE_TOKENS}:" in said[0]
@@ -184,26 +189,24 @@ def test_refit_tokens_memory_comes_first_or_is_refused(tmp_path):
     fixed = sums + _call(layout)
     budget = _weights(folder) + fixed + 20 * 1024 * per + per // 2
     said: list[str] = []
-    plain = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu", max_memory=budget)
+    plain = DataOptions(reconstruct_steps=0, run=_cpu(budget))
     plain = _resolve_tokens(folder, layout, 0.5, plain, said.append)
-    refit = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu", max_memory=budget,
-                        refit_tokens=131072)
+    refit = DataOptions(reconstruct_steps=0, run=_cpu(budget), refit_tokens=131072)
     refit = _resolve_tokens(folder, layout, 0.5, refit, said.append)
     assert refit.max_tokens == 20 * 1024 < plain.max_tokens
     from moekit.units import human
 
     assert f"plus {human(fixed)} whatever the count" in said[-1]
-    short = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu", refit_tokens=131072,
-                        max_memory=_weights(folder) + fixed + MIN_TOKENS * per - 1)
+    short = DataOptions(reconstruct_steps=0, refit_tokens=131072,
+                        run=_cpu(_weights(folder) + fixed + MIN_TOKENS * per - 1))
     with pytest.raises(InvalidArgumentError, match="--refit-tokens 131072: its sums"):
         short = _resolve_tokens(folder, layout, 0.5, short, said.append)
-    explicit = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu",
-                           max_memory=short.max_memory, max_tokens=4096)
+    explicit = DataOptions(reconstruct_steps=0, run=short.run, max_tokens=4096)
     explicit = _resolve_tokens(folder, layout, 0.5, explicit, said.append)  # no refit: as given
     assert explicit.max_tokens == 4096
     heard = len(said)
-    with_refit = DataOptions([], reconstruct_steps=0, dtype="float32", device="cpu",
-                             max_memory=budget, max_tokens=4096, refit_tokens=131072)
+    with_refit = DataOptions(reconstruct_steps=0, run=_cpu(budget), max_tokens=4096,
+                             refit_tokens=131072)
     with_refit = _resolve_tokens(folder, layout, 0.5, with_refit,
                                  said.append)  # fits: as given, silent
     assert with_refit.max_tokens == 4096 and len(said) == heard
@@ -220,10 +223,10 @@ def test_default_refit_streams_more_positions_when_the_memory_allows(tmp_path):
     folder = saved_checkpoint("mixtral", tmp_path / "src")
     layout = describe(Checkpoint(folder))
     said: list[str] = []
-    given = DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40, refit_auto=True)
+    given = DataOptions(run=_cpu(1 << 40), refit_auto=True)
     roomy = _resolve_tokens(folder, layout, 0.5, given, said.append)
     assert roomy.refit_tokens == REFIT_FACTOR * PRUNE_TOKENS and roomy.max_tokens == PRUNE_TOKENS
-    assert given == DataOptions([], dtype="float32", device="cpu", max_memory=1 << 40,
+    assert given == DataOptions(run=_cpu(1 << 40),
                                 refit_auto=True)  # the resolved counts are a new record
     assert said == []
     n_drop = drop_count(0.5, layout.moe_layers[0].num_experts)
@@ -231,11 +234,10 @@ def test_default_refit_streams_more_positions_when_the_memory_allows(tmp_path):
     streamed = refit_sum_bytes(layout, n_drop) + reconstruct_bytes(
         layout, n_drop, REFIT_FACTOR * PRUNE_TOKENS)
     budget = _weights(folder) + _call(layout) + PRUNE_TOKENS * per + streamed
-    fits = DataOptions([], dtype="float32", device="cpu", max_memory=budget, refit_auto=True)
+    fits = DataOptions(run=_cpu(budget), refit_auto=True)
     fits = _resolve_tokens(folder, layout, 0.5, fits, said.append)
     assert fits.refit_tokens == REFIT_FACTOR * PRUNE_TOKENS and said == []
-    short = DataOptions([], dtype="float32", device="cpu", max_memory=budget - per,
-                        refit_auto=True)
+    short = DataOptions(run=_cpu(budget - per), refit_auto=True)
     short = _resolve_tokens(folder, layout, 0.5, short, said.append)
     assert short.refit_tokens is None and short.max_tokens == PRUNE_TOKENS
     assert len(said) == 1 and "selection's positions only" in said[0]

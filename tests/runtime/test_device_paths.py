@@ -100,18 +100,20 @@ def _choose(folder, device: str, width: int | None):
     from tiny_models import _docstring_corpus
 
     from moekit.calib.data import DataSource
+    from moekit.calib.spec import DataSpec
     from moekit.families.fingerprint import model_fingerprint
     from moekit.families.layout import describe
     from moekit.io.reader import Checkpoint
     from moekit.ops.prune.calibrated import DataOptions, choose_with_data
+    from moekit.runtime.options import RunOptions
 
     text = folder.parent / "text.txt"
     text.write_text("\n".join(_docstring_corpus()[:1200]))
     checkpoint = Checkpoint(folder)
     layout = describe(checkpoint)
-    options = DataOptions([DataSource("doc", text)], seq_len=64, max_tokens=1024, beam=2,
-                          router=True, protect_super=False, width=width, device=device,
-                          dtype="float32")
+    options = DataOptions(DataSpec((DataSource("doc", text),), seq_len=64), max_tokens=1024,
+                          beam=2, router=True, protect_super=False, width=width,
+                          run=RunOptions(device=device, dtype="float32"))
     return choose_with_data(folder, layout, model_fingerprint(checkpoint, layout),
                             criterion="measured", ratio=0.25, protect={}, min_experts=None,
                             options=options, log=lambda _: None)

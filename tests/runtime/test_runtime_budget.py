@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from support import SETTINGS, assert_same_profile, sources  # noqa: F401
+from support import SETTINGS, assert_same_profile, budgeted, sources, spec  # noqa: F401
 from typer.testing import CliRunner
 
 from moekit.cli.app import app
@@ -63,16 +63,16 @@ def test_decision_arithmetic():
 def test_expert_groups_give_the_same_profile_and_loss(model_type, tiny_checkpoint, sources):  # noqa: F811
     folder = tiny_checkpoint(model_type)
     budget = group_budget(folder, 3)
-    memory = profile_model(folder, sources, stream=False, **SETTINGS)
-    grouped = profile_model(folder, sources, max_memory=budget, **SETTINGS)
+    memory = profile_model(folder, spec(sources), stream=False, **SETTINGS)
+    grouped = profile_model(folder, spec(sources), **budgeted(budget))
     assert grouped.metadata["runtime"]["expert_group"] == 3
     assert_same_profile(grouped, memory)
     if model_type == "mixtral":  # hidden states, expert inputs and outputs spilled to a file
-        spilled = profile_model(folder, sources, max_memory=budget, hidden_ram=0, **SETTINGS)
+        spilled = profile_model(folder, spec(sources), hidden_ram=0, **budgeted(budget))
         assert spilled.metadata["runtime"]["hidden_states"].startswith("spilled")
         assert_same_profile(spilled, memory)
-    loss = evaluate(folder, sources, stream=False, **SETTINGS).overall.loss
-    assert evaluate(folder, sources, max_memory=budget, **SETTINGS).overall.loss == \
+    loss = evaluate(folder, spec(sources), stream=False, **SETTINGS).overall.loss
+    assert evaluate(folder, spec(sources), **budgeted(budget)).overall.loss == \
         pytest.approx(loss, abs=1e-4)
 
 
@@ -136,8 +136,8 @@ def test_without_room_for_two_layers_the_next_one_is_only_hinted(tiny_checkpoint
     original = weights.WeightMap.advise
     monkeypatch.setattr(weights.WeightMap, "advise",
                         lambda self, names: (advised.extend(names), original(self, names)))
-    memory = profile_model(folder, sources, stream=False, **SETTINGS)
-    hinted = profile_model(folder, sources, max_memory=budget, **SETTINGS)
+    memory = profile_model(folder, spec(sources), stream=False, **SETTINGS)
+    hinted = profile_model(folder, spec(sources), **budgeted(budget))
     assert hinted.metadata["runtime"]["prefetch"] is False
     assert_same_profile(hinted, memory)
     engine = open_model(folder, device="cpu", stream=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import SETTINGS, assert_same_profile, sources  # noqa: F401
+from support import SETTINGS, assert_same_profile, sources, spec  # noqa: F401
 from tiny_models import DENSE_TYPES, MOE_TYPES
 from transformers import AutoModelForCausalLM
 
@@ -17,8 +17,8 @@ from moekit.runtime.engine import open_model
 @pytest.mark.parametrize("model_type", MOE_TYPES)
 def test_streamed_profile_equals_in_memory(model_type, tiny_checkpoint, sources):  # noqa: F811
     folder = tiny_checkpoint(model_type)
-    memory = profile_model(folder, sources, stream=False, **SETTINGS)
-    streamed = profile_model(folder, sources, stream=True, **SETTINGS)
+    memory = profile_model(folder, spec(sources), stream=False, **SETTINGS)
+    streamed = profile_model(folder, spec(sources), stream=True, **SETTINGS)
     assert memory.metadata["runtime"]["mode"] == "memory"
     assert streamed.metadata["runtime"]["mode"] == "stream"
     assert int(memory.expert_stats["tokens"].sum()) > 0
@@ -28,8 +28,8 @@ def test_streamed_profile_equals_in_memory(model_type, tiny_checkpoint, sources)
 @pytest.mark.parametrize("model_type", MOE_TYPES)
 def test_streamed_eval_loss_equals_in_memory(model_type, tiny_checkpoint, sources):  # noqa: F811
     folder = tiny_checkpoint(model_type)
-    memory = evaluate(folder, sources, stream=False, **SETTINGS)
-    streamed = evaluate(folder, sources, stream=True, hidden_ram=0, **SETTINGS)
+    memory = evaluate(folder, spec(sources), stream=False, **SETTINGS)
+    streamed = evaluate(folder, spec(sources), stream=True, hidden_ram=0, **SETTINGS)
     assert streamed.settings["runtime"]["model"]["hidden_states"].startswith("spilled")
     assert streamed.overall.tokens == memory.overall.tokens
     assert streamed.overall.loss == pytest.approx(memory.overall.loss, abs=1e-4)
@@ -39,8 +39,8 @@ def test_streamed_eval_loss_equals_in_memory(model_type, tiny_checkpoint, source
 
 def test_streamed_kl_against_a_streamed_reference(tiny_checkpoint, sources):  # noqa: F811
     model, ref = tiny_checkpoint("mixtral"), tiny_checkpoint("mixtral", seed=5)
-    memory = evaluate(model, sources, ref, stream=False, **SETTINGS)
-    streamed = evaluate(model, sources, ref, stream=True, keep_both=False, **SETTINGS)
+    memory = evaluate(model, spec(sources), ref, stream=False, **SETTINGS)
+    streamed = evaluate(model, spec(sources), ref, stream=True, keep_both=False, **SETTINGS)
     assert streamed.settings["runtime"]["ref"]["mode"] == "stream"
     assert streamed.overall.kl > 0
     assert streamed.overall.kl == pytest.approx(memory.overall.kl, rel=1e-4)
@@ -108,12 +108,14 @@ def test_streamed_dense_logits_equal_in_memory(model_type, tiny_checkpoint):
 
 
 def test_upcycle_calibration_streamed_equals_in_memory(tiny_checkpoint, sources):  # noqa: F811
+    from moekit.calib.spec import DataSpec
     from moekit.ops.upcycle.calib import capture_ffn_inputs
+    from moekit.runtime.options import RunOptions
 
-    folder = tiny_checkpoint("llama")
-    data = [f"{s.name}={s.path}" for s in sources]
-    memory = capture_ffn_inputs(folder, data, max_tokens=100, seq_len=24, stream=False)
-    streamed = capture_ffn_inputs(folder, data, max_tokens=100, seq_len=24, stream=True)
+    folder, cpu = tiny_checkpoint("llama"), RunOptions(device="cpu")
+    data = DataSpec(tuple(sources), seq_len=24, max_tokens=100)
+    memory = capture_ffn_inputs(folder, data, run=cpu, stream=False)
+    streamed = capture_ffn_inputs(folder, data, run=cpu, stream=True)
     assert memory.tokens == streamed.tokens > 0
     for layer, inputs in memory.inputs.items():
         torch.testing.assert_close(streamed.inputs[layer], inputs, rtol=1e-5, atol=1e-5)
@@ -128,8 +130,8 @@ def test_mtp_layers_on_disk_are_left_out_as_the_model_does(tiny_checkpoint, sour
     engine = open_model(folder, device="cpu", stream=True)
     assert len(engine.model.model.layers) == 3
     assert any(k.startswith("model.layers.3.") for k in engine.weights.unused)
-    memory = evaluate(folder, sources, stream=False, **SETTINGS)
-    streamed = evaluate(folder, sources, stream=True, **SETTINGS)
+    memory = evaluate(folder, spec(sources), stream=False, **SETTINGS)
+    streamed = evaluate(folder, spec(sources), stream=True, **SETTINGS)
     assert streamed.overall.loss == pytest.approx(memory.overall.loss, abs=1e-4)
 
 

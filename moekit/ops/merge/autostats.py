@@ -14,8 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.spec import DataSpec
 from moekit.layerfit.tokens import DEFAULT_TOKENS
 from moekit.ops.profile import profile_model
+from moekit.runtime.options import RunOptions
 from moekit.stats.profile_io import save_profile
 
 if TYPE_CHECKING:
@@ -33,13 +35,12 @@ def stats_from_calibration(calib: Calibration,
     if log is not None:
         log(f"no --stats: recording routing statistics on the calibration data "
             f"({per_source} tokens per source, one forward pass)")
-    profile = profile_model(
-        calib.source, calib.sources, tokenizer=opts.get("tokenizer"),
-        text_field=opts.get("text_field", "text"), fraction=opts.get("fraction", (0.0, 1.0)),
-        seq_len=opts.get("seq_len", 512), max_tokens=total,
-        batch_size=opts.get("batch_size", 4), device=opts.get("device", "auto"),
-        dtype=opts.get("dtype", "auto"), max_memory=opts.get("max_memory", "auto"),
-        trust_remote_code=opts.get("trust_remote_code", False))
+    data = DataSpec(tuple(calib.sources), opts.get("fraction", (0.0, 1.0)),
+                    opts.get("text_field", "text"), opts.get("tokenizer"),
+                    opts.get("seq_len", 512), total)
+    run = RunOptions(opts.get("device", "auto"), opts.get("dtype", "auto"),
+                     opts.get("max_memory", "auto"), opts.get("trust_remote_code", False))
+    profile = profile_model(calib.source, data, run=run, batch_size=opts.get("batch_size", 4))
     with tempfile.TemporaryDirectory(prefix="moekit-merge-stats-") as folder:
         save_profile(profile, Path(folder))
         yield Path(folder)

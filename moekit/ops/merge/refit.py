@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moekit.calib.spec import DataSpec
 from moekit.errors import InvalidArgumentError
 from moekit.layerfit.lanes import Lane, LaneRun, Search
 from moekit.layerfit.measured import grouping, load_calibration
@@ -43,6 +44,7 @@ from moekit.ops.merge.calib import MAX_TOKENS, SEQ_LEN
 from moekit.ops.merge.plan import check_choices
 from moekit.runtime.engine import mode_line
 from moekit.runtime.groups import require_whole_layers
+from moekit.runtime.options import RunOptions
 from moekit.runtime.spill import TensorSpill
 
 if TYPE_CHECKING:
@@ -74,7 +76,7 @@ class LayerRefits:
                 "layers": {str(k): v for k, v in sorted(self.info.items())}}
 
 
-# the refit's settings when not given (`load_calibration`'s keywords; the sample's defaults)
+# the refit's settings when not given (`open_refit` makes the RunOptions and DataSpec of them)
 REFIT_DEFAULTS: dict[str, Any] = {"fraction": (0.0, 1.0), "seq_len": SEQ_LEN,
                                   "max_tokens": MAX_TOKENS, "device": "cpu",
                                   "dtype": "auto", "max_memory": "auto",
@@ -108,7 +110,12 @@ def check_refit_grouping(layout: ModelLayout, num_experts: int, n_drop: int,
 def open_refit(source: Path, layout: ModelLayout, sources: list[DataSource], *,
                log: Callable[[str], None] | None = None, **options: Any) -> Any:
     """`layerfit.measured.load_calibration` (tokenised data, the engine) for the refit."""
-    cal = load_calibration(source, layout, sources, **{**REFIT_DEFAULTS, **options})
+    settings = {**REFIT_DEFAULTS, **options}
+    run = RunOptions(*(settings.pop(k) for k in ("device", "dtype", "max_memory",
+                                                 "trust_remote_code")))
+    data = DataSpec(tuple(sources), *(settings.pop(k) for k in ("fraction", "text_field",
+                                                                "tokenizer", "seq_len")))
+    cal = load_calibration(source, layout, data, run=run, **settings)
     if log is not None:
         log(mode_line(cal.engine))
     require_whole_layers(cal.engine, "--method fit-layer")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from moekit.calib.data import DataSource
+from moekit.calib.spec import DataSpec
 from moekit.errors import DataError, InvalidArgumentError, UnsupportedModelError
 from moekit.io.reader import Checkpoint
 from moekit.layerfit.estimate import Estimate, RunShape, peak_memory, predict, probe
@@ -48,6 +48,7 @@ from moekit.ops.prune.quality import (
 from moekit.ops.prune.select import build_plan, merge_protect
 from moekit.runtime.engine import mode_line
 from moekit.runtime.groups import require_whole_layers
+from moekit.runtime.options import RunOptions
 from moekit.runtime.spill import TensorSpill
 from moekit.stats.criteria import CRITERIA, super_experts
 from moekit.surgery.experts import writable_format
@@ -60,10 +61,12 @@ DOWN_ONLY = "measured+compensate-router"  # the down refits without the router r
 
 @dataclass
 class DataOptions:
-    """Calibration settings. `max_tokens`: token positions per layer for selection/refit
-    (None: `tokens.calibration_tokens`, 32768 or fewer to fit the memory; the CLI's
-    `--max-tokens N` is `read_tokens`, the tokens read in total, `measured.fit_tokens(N,
-    held_out)` of them fitted; without it, `measured.default_read`); `held_out`: share
+    """Calibration settings. `data`: the calibration text (`calib.spec.DataSpec`: sources,
+    range, text field, tokenizer, window; its `max_tokens` is the CLI's `--max-tokens N`, the
+    tokens read in total, `measured.fit_tokens(N, held_out)` of them fitted; None:
+    `measured.default_read`); `run`: how the model runs (`runtime.options.RunOptions`).
+    `max_tokens`: token positions per layer for selection/refit (None:
+    `tokens.calibration_tokens`, 32768 or fewer to fit the memory); `held_out`: share
     of each source's windows kept apart for scoring candidates; `spread`: the windows are
     spaced evenly over up to `spread` times the needed tokens of each source
     (`measured.spread_windows`; 1: its first windows); `refit_tokens`: positions per layer
@@ -83,9 +86,7 @@ class DataOptions:
     positions refits their down projections (`_refit_selection`), with no search and no
     scoring lanes."""
 
-    sources: list[DataSource]
-    fraction: tuple[float, float] = (0.0, 1.0)
-    seq_len: int = 512
+    data: DataSpec = DataSpec()
     max_tokens: int | None = None
     beam: int | None = 4
     compensate: bool | None = None
@@ -94,9 +95,7 @@ class DataOptions:
     spread: int = 1
     protect_super: bool = True
     width: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_memory: str | int | None = "auto"
+    run: RunOptions = RunOptions()
     stream: bool | None = None
     hidden_ram: int | None = None
     refit_tokens: int | None = None
@@ -106,10 +105,6 @@ class DataOptions:
     token_default: int | None = None
     reconstruct_share: float | None = None
     reconstruct_progress: float = 0.0
-    text_field: str = "text"
-    tokenizer: str | None = None
-    trust_remote_code: bool = False
-    read_tokens: int | None = None
     selection: str | None = None
     refit_share: float = 1.0
 
@@ -224,16 +219,11 @@ def _prepare(source: Path, layout: Any, fingerprint: str, criterion: str, ratio:
     if options.beam is None or options.beam < 1:
         raise InvalidArgumentError(f"--beam must be at least 1, got {options.beam}")
     options = _resolve_tokens(source, layout, ratio, options, log)
-    cal = load_calibration(source, layout, options.sources, fraction=options.fraction,
-                           seq_len=options.seq_len, max_tokens=options.max_tokens,
+    cal = load_calibration(source, layout, options.data, max_tokens=options.max_tokens,
                            held_out=0.0 if options.selection else options.held_out,
-                           device=options.device,
-                           dtype=options.dtype, max_memory=options.max_memory,
+                           run=options.run,
                            stream=options.stream, hidden_ram=options.hidden_ram,
-                           spread=options.spread, refit_tokens=_refit_tokens(options),
-                           text_field=options.text_field, tokenizer=options.tokenizer,
-                           trust_remote_code=options.trust_remote_code,
-                           read=options.read_tokens)
+                           spread=options.spread, refit_tokens=_refit_tokens(options))
     found = _estimate(source, cal, criterion, n_drop, options)
     log(found.line())
     log(described(settings, options) if criterion in DATA_CRITERIA else
@@ -357,16 +347,16 @@ def _resolve_tokens(source: Path, layout: Any, ratio: float, options: DataOption
         return options
     rebuild = reconstruct_bytes(layout, n_drop, refit if sums else 0) \
         if _reconstruct_steps(layout, options, source) else 0
-    found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
-                               device=options.device, max_memory=options.max_memory,
+    found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.run.dtype,
+                               device=options.run.device, max_memory=options.run.max_memory,
                                requested=options.max_tokens, default=default,
                                fixed=sums + rebuild, experts_call=True)
     if rebuild and found.fixed + MIN_TOKENS * found.per_token > found.allowance:
         log(f"the experts' reconstruction ({human(rebuild)} per MoE layer) does not fit beside "
             "the weights: off (allow more with --max-memory)")
         options = replace(options, reconstruct_steps=0)
-        found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
-                                   device=options.device, max_memory=options.max_memory,
+        found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.run.dtype,
+                                   device=options.run.device, max_memory=options.run.max_memory,
                                    requested=options.max_tokens, default=default,
                                    fixed=sums, experts_call=True)
     need = found.fixed + MIN_TOKENS * found.per_token
@@ -390,8 +380,8 @@ def _auto_refit(source: Path, layout: Any, n_drop: int, options: DataOptions,
     selection = options.max_tokens or options.token_default or PRUNE_TOKENS
     refit = REFIT_FACTOR * selection
     fixed = refit_sum_bytes(layout, n_drop) + reconstruct_bytes(layout, n_drop, refit)
-    found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.dtype,
-                               device=options.device, max_memory=options.max_memory,
+    found = calibration_tokens(source, layout, n_drop=n_drop, dtype=options.run.dtype,
+                               device=options.run.device, max_memory=options.run.max_memory,
                                requested=selection, fixed=fixed, experts_call=True)
     if found.fixed + selection * found.per_token <= found.allowance:
         return refit
@@ -450,9 +440,9 @@ def _reconstruct_steps(layout: Any, options: DataOptions, source: Path) -> int:
 
 def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
           start: float) -> dict[str, Any]:
-    return {"sources": {s.name: str(s.path) for s in options.sources},
-            "data_hash": cal.data_hash, "fraction": list(options.fraction),
-            "seq_len": options.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
+    return {"sources": {s.name: str(s.path) for s in options.data.sources},
+            "data_hash": cal.data_hash, "fraction": list(options.data.fraction),
+            "seq_len": options.data.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
             "spread": options.spread, "refit_tokens": cal.refit_tokens or options.max_tokens,
             "refit_router": options.router, "reconstruct_steps": options.reconstruct_steps,
             "effort": options.effort, "reconstruct_share": options.reconstruct_share,

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING
 
 import moekit.calib.data
 import moekit.runtime.engine
-from moekit.calib.data import DataSource, batches, parse_fraction
-from moekit.calib.spec import per_source
+from moekit.calib.data import batches
+from moekit.calib.spec import DataSpec, per_source
 from moekit.errors import DataError
 from moekit.io.remote_code import check_remote_code
+from moekit.ops.upcycle.plan import UPCYCLE_TOKENS
 from moekit.runtime.loading import load_tokenizer, quiet_transformers
+from moekit.runtime.options import RunOptions
 
 if TYPE_CHECKING:
     import torch
@@ -30,34 +32,30 @@ class FfnInputs:
     sources: list[dict[str, object]]
 
 
-def capture_ffn_inputs(folder: Path, data: list[str], *, max_tokens: int, seq_len: int,
-                       data_range: str | None = None, batch_size: int = 8,
-                       max_memory: str | int | None = "auto", trust_remote_code: bool = False,
-                       device: str = "cpu", dtype: str = "auto", text_field: str = "text",
-                       tokenizer: str | None = None, **engine: object) -> FfnInputs:
-    """Run the dense model once over the calibration text through `moekit.runtime` (CPU, in
-    memory or streamed under `max_memory`) and record each layer's FFN input with a forward
-    pre-hook on `model.layers[i].mlp`.
+def capture_ffn_inputs(folder: Path, data: DataSpec, *, run: RunOptions = RunOptions(),
+                       batch_size: int = 8, **engine: object) -> FfnInputs:
+    """Run the dense model once over the calibration text `data` (`calib.spec.DataSpec`)
+    through `moekit.runtime` as `run` says (in memory or streamed under `run.max_memory`) and
+    record each layer's FFN input with a forward pre-hook on `model.layers[i].mlp`.
 
-    `max_tokens` counts in total over the sources, an equal share from each. `dtype` auto:
-    float32 on a CPU, the checkpoint's on an accelerator (`runtime.loading.load_dtype`). Memory:
-    the model (or its streaming budget) plus T x H x 4 bytes per layer. Code shipped in the
-    checkpoint runs only with `trust_remote_code`; `tokenizer` replaces the model's.
+    `data.max_tokens` counts in total over the sources, an equal share from each (None:
+    `plan.UPCYCLE_TOKENS`). `run.dtype` auto: float32 on a CPU, the checkpoint's on an
+    accelerator (`runtime.loading.load_dtype`). Memory: the model (or its streaming budget)
+    plus T x H x 4 bytes per layer. Code shipped in the checkpoint runs only with
+    `run.trust_remote_code`; `data.tokenizer` replaces the model's.
     """
     import torch
 
-    check_remote_code(folder, trust_remote_code)
+    check_remote_code(folder, run.trust_remote_code)
     from moekit.runtime.layers import find_stack
 
-    tok = _tokenizer(folder, tokenizer, trust_remote_code)
-    sources = [DataSource.parse(value) for value in data]
-    domains = moekit.calib.data.load_domains(sources, tok, seq_len=seq_len,
-                                             max_tokens=per_source(max_tokens, len(sources)),
-                                             fraction=parse_fraction(data_range),
-                                             text_field=text_field)
-    model = moekit.runtime.engine.open_model(folder, device=device, dtype=dtype,
-                                             max_memory=max_memory,
-                                             trust_remote_code=trust_remote_code, **engine)  # type: ignore[arg-type]
+    tok = _tokenizer(folder, data.tokenizer, run.trust_remote_code)
+    sources = data.resolved_sources()
+    domains = moekit.calib.data.load_domains(
+        sources, tok, seq_len=data.seq_len,
+        max_tokens=per_source(data.total(UPCYCLE_TOKENS), len(sources)), fraction=data.fraction,
+        text_field=data.text_field)
+    model = moekit.runtime.engine.open_model(folder, **run.engine(), **engine)  # type: ignore[arg-type]
     layers = find_stack(model.model).layers
     captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
     handles = [layer.mlp.register_forward_pre_hook(_recorder(captured[i]))

@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING, Any
 
 from moekit.families.fingerprint import model_fingerprint
 from moekit.families.layout import describe
+from moekit.ops.upcycle.plan import UPCYCLE_TOKENS, UpcyclePlan
 
 if TYPE_CHECKING:
-    from moekit.ops.upcycle.plan import UpcyclePlan
     from moekit.ops.upcycle.types import Prepared, UpcycleReport
 
 TRAINING_HINTS = """\
@@ -53,9 +53,12 @@ def provenance_details(plan: UpcyclePlan, prepared: Prepared,
         details["drop_ratio"] = opts.drop_ratio
         details["drop_init"] = "N(mean, std) of the dense matrix; one neuron set per expert"
     if prepared.calibration is not None:
+        start, end = opts.data.fraction
         details["calibration"] = {"tokens": prepared.calibration.tokens,
-                                  "max_tokens": opts.max_tokens,
-                                  "seq_len": opts.seq_len, "data_range": opts.data_range,
+                                  "max_tokens": opts.data.total(UPCYCLE_TOKENS),
+                                  "seq_len": opts.data.seq_len,
+                                  "data_range": None if (start, end) == (0.0, 1.0)
+                                  else f"{start:g}:{end:g}",
                                   "sources": prepared.calibration.sources}
     return {k: v for k, v in details.items() if v is not None}
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moekit.calib.spec import DataSpec
 from moekit.errors import CheckpointError, InvalidArgumentError, UnsupportedModelError
 from moekit.families.registry import MOE_FAMILIES, resolve
 from moekit.families.spec import DenseFamily, MoeFamily
@@ -15,6 +16,7 @@ from moekit.io.reader import Checkpoint
 from moekit.io.writer import DEFAULT_SHARD_BYTES
 from moekit.ops.upcycle.config import TARGETS, MoeShape, build_config, resolve_target
 from moekit.ops.upcycle.experts import ROLES
+from moekit.runtime.options import RunOptions
 
 METHODS = ("copy", "split", "drop")
 ROUTERS = ("random", "zero", "data")
@@ -38,19 +40,14 @@ class UpcycleOptions:
     drop_ratio: float = 0.5
     shared_expert: bool = False
     shared_neurons: int | None = None
-    data: tuple[str, ...] = ()
-    data_range: str | None = None
-    max_tokens: int = UPCYCLE_TOKENS  # in total over the --data sources, equal shares
-    seq_len: int = 512
     norm_topk_prob: bool = True
     aux_loss_coef: float = 0.001
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
-    trust_remote_code: bool = False
-    max_memory: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"  # auto: float32 on a CPU, else the checkpoint's
-    text_field: str = "text"
-    tokenizer: str | None = None
+    # calibration text of --router data / --split-order cluster (max_tokens None:
+    # UPCYCLE_TOKENS), and how its one forward pass runs (dtype auto: float32 on a CPU,
+    # else the checkpoint's)
+    data: DataSpec = DataSpec()
+    run: RunOptions = RunOptions()
 
 
 @dataclass
@@ -176,10 +173,10 @@ def _check_options(opts: UpcycleOptions, family: MoeFamily) -> None:
         raise InvalidArgumentError(f"{family.name} always renormalises its top-k weights",
                                    "drop --no-norm-topk-prob")
     needs_data = opts.router == "data" or (opts.method == "split" and opts.split_order == "cluster")
-    if needs_data and not opts.data:
+    if needs_data and not opts.data.sources:
         what = "--router data" if opts.router == "data" else "--split-order cluster"
         raise InvalidArgumentError(f"{what} needs calibration text", "pass --data FILE")
-    if opts.data and not needs_data:
+    if opts.data.sources and not needs_data:
         raise InvalidArgumentError("--data is only used by --router data and --split-order "
                                    "cluster", "drop --data or choose one of those")
 

@@ -101,12 +101,8 @@ def prepare(plan: UpcyclePlan) -> Prepared:
     needs_data = opts.router == "data" or (opts.method == "split" and
                                            opts.split_order == "cluster")
     if needs_data:
-        prepared.calibration = capture_ffn_inputs(
-            plan.checkpoint.folder, list(opts.data), max_tokens=opts.max_tokens,
-            seq_len=opts.seq_len, data_range=opts.data_range, max_memory=opts.max_memory,
-            device=opts.device, dtype=opts.dtype, text_field=opts.text_field,
-            tokenizer=opts.tokenizer,
-            trust_remote_code=opts.trust_remote_code)
+        prepared.calibration = capture_ffn_inputs(plan.checkpoint.folder, opts.data,
+                                                  run=opts.run)
     if opts.method == "split":
         prepared.groups, prepared.shared = {}, {}
     if opts.router == "data":
