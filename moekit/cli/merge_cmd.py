@@ -79,6 +79,17 @@ def merge(
     text_field: TextFieldOpt = "text",
     data_range: RangeOpt = None,
     max_tokens: MaxTokensOpt = None,
+    effort: Annotated[str, typer.Option(
+        "--effort", help="With calibration: fast (the statistics on the default's positions, "
+        "the grouping and the refit on a quarter of them: about 5 forward passes over them on "
+        "CPU), default (statistics, grouping and refit on --max-tokens positions: about 15), "
+        "best (as default, the down refit on 4x the positions streamed when the memory "
+        "allows: about 30). Explicit --max-tokens/--refit-tokens override their part.")
+    ] = "default",
+    refit_tokens: Annotated[int | None, typer.Option(
+        "--refit-tokens", help="Calibration positions per layer for fit-layer's down refit, "
+        "streamed through the layer (more than the refit's --max-tokens: read further into "
+        "each source; default: set by --effort).")] = None,
     seq_len: SeqLenOpt = 512,
     batch_size: BatchSizeOpt = 4,
     device: DeviceOpt = "auto",
@@ -121,12 +132,15 @@ def merge(
     from moekit.calib.data import DataSource
     from moekit.errors import InvalidArgumentError
     from moekit.io.output import check_outputs
+    from moekit.ops.merge.effort import EFFORTS
     from moekit.ops.merge.plan import check_choices
     from moekit.stats.criteria import CRITERIA
 
     check_early(minimums=(("--batch-size", batch_size, 1), ("--eval-seq-len", eval_seq_len, 2),
-                          ("--eval-max-tokens", eval_max_tokens, 2)),
-                choices=(("--criterion", criterion, tuple(CRITERIA)),))
+                          ("--eval-max-tokens", eval_max_tokens, 2),
+                          ("--refit-tokens", refit_tokens, 1)),
+                choices=(("--criterion", criterion, tuple(CRITERIA)),
+                         ("--effort", effort, EFFORTS)))
     run, spec = run_data_options(
         ctx, device=device, dtype=dtype, max_memory=max_memory,
         trust_remote_code=trust_remote_code, data=data, data_range=data_range,
@@ -149,18 +163,22 @@ def merge(
     check_outputs(local_inputs(source, stats, plan_in, tokenizer,
                                data=[*(data or ()), *(eval_data or ())]),
                   None if dry_run else out, overwrite, {"--plan-out": (plan_out, (".json",))})
-    max_tokens = _tokens(source, ratio, (group, method, router), bool(data), max_tokens,
-                         run)
-    options = dict(max_tokens=max_tokens, seq_len=spec.seq_len, batch_size=batch_size,
+    tokens = _tokens(source, ratio, (group, method, router), bool(data), max_tokens, run,
+                     effort, refit_tokens)
+    options = dict(max_tokens=tokens.measured, seq_len=spec.seq_len, batch_size=batch_size,
                    device=run.device, tokenizer=spec.tokenizer, dtype=run.dtype,
                    max_memory=run.max_memory, text_field=spec.text_field,
                    fraction=spec.fraction)
     if run.trust_remote_code:  # recorded in the plan's calibration only when given
         options["trust_remote_code"] = True
+    levels = {"effort": effort, "stats_tokens": tokens.statistics, "refit_tokens": tokens.refit,
+              "estimate": not as_json}
     calib = _calibration(source, group, method, router, plan_in, spec, options,
-                         one_pass=not dry_run)
+                         one_pass=not dry_run, levels=levels)
     recorded = calib or (_calibration(source, group, method, router, plan_in, spec, options,
-                                      required=True) if data else None)
+                                      required=True, levels=levels) if data else None)
+    if calib is not None and plan_in is None and not as_json:
+        err_console.print(f"effort {effort}: {tokens.describe()}", soft_wrap=True)
     with _stats_folder(stats, recorded, plan_in, criterion) as stats_used:
         plan = _choose(source, stats_used, ratio, group, method, router, criterion, plan_in,
                        domain, ignore_fingerprint, calib, protect_super, bf16_experts)
@@ -195,10 +213,11 @@ def _stats_folder(stats: Path | None, calib: Any, plan_in: Path | None, criterio
 
 def _calibration(source: Path, group: str, method: str, router: str, plan_in: Path | None,
                  spec: Any, options: dict[str, Any], one_pass: bool = True,
-                 required: bool = False) -> Any:
+                 required: bool = False, levels: dict[str, Any] | None = None) -> Any:
     """A lazy Calibration when the grouping or the method needs tokens, or when `required`
     (the data only records statistics); `one_pass`: with fit-layer, group inside the refit's
-    run (not for --dry-run: no refit)."""
+    run (not for --dry-run: no refit); `levels`: what --effort set (`effort`, `stats_tokens`,
+    `refit_tokens`)."""
     from moekit.families.layout import describe
     from moekit.io.reader import Checkpoint
     from moekit.ops.merge.run import Calibration, needs_calibration
@@ -212,7 +231,7 @@ def _calibration(source: Path, group: str, method: str, router: str, plan_in: Pa
         return None
     layout = describe(Checkpoint(source))
     return Calibration(source, layout, spec.resolved_sources(), options,
-                       log=err_console.print, one_pass=one_pass)
+                       log=err_console.print, one_pass=one_pass, **(levels or {}))
 
 
 def _choose(source: Path, stats: Path | None, ratio: float | None, group: str, method: str,
@@ -288,25 +307,39 @@ def _summary(result: Any, as_json: bool) -> None:
 
 
 def _tokens(source: Path, ratio: float | None, choices: tuple[str, str, str], data: bool,
-            requested: int | None, run: Any) -> int:
-    """--max-tokens, or when (group, method, router) calibrate, or --data records statistics,
-    the memory-aware default (`layerfit.tokens`)."""
+            requested: int | None, run: Any, effort: str, refit_tokens: int | None) -> Any:
+    """The positions of each part (`ops.merge.effort.MergeTokens`): N = --max-tokens, or when
+    (group, method, router) calibrate, or --data records statistics, the memory-aware default
+    (`layerfit.tokens`); then what --effort makes of N (`best` checks its streamed refit's
+    memory)."""
     from moekit.layerfit.tokens import DEFAULT_TOKENS, calibration_tokens
+    from moekit.ops.merge.effort import MergeTokens, refit_fits, resolve_tokens
     from moekit.ops.merge.run import needs_calibration
 
-    if requested is not None or not (data or needs_calibration(*choices)):
-        return requested or DEFAULT_TOKENS
+    positions = requested or DEFAULT_TOKENS
+    best = effort == "best" and refit_tokens is None
+    if not (data or needs_calibration(*choices)) or (requested is not None and not best):
+        return resolve_tokens(effort, positions, refit_tokens=refit_tokens)
     from moekit.families.layout import describe
     from moekit.io.reader import Checkpoint
     from moekit.surgery.plan import drop_count
 
     layout = describe(Checkpoint(source))
     if not layout.is_moe:
-        return DEFAULT_TOKENS
+        return MergeTokens(positions, positions)
     num = layout.moe_layers[0].num_experts
     n_drop = drop_count(ratio, num) if ratio is not None and 0 < ratio < 1 else num // 2
-    found = calibration_tokens(source, layout, n_drop=n_drop, dtype=run.dtype,
+    if requested is None:
+        found = calibration_tokens(source, layout, n_drop=n_drop, dtype=run.dtype,
+                                   device=run.device, max_memory=run.max_memory)
+        if found.note():
+            err_console.print(found.note(), soft_wrap=True)
+        positions = found.tokens
+    fits = True
+    if best:
+        measured = resolve_tokens(effort, positions, refit_fits=False).measured
+        fits, why = refit_fits(source, layout, n_drop, measured, dtype=run.dtype,
                                device=run.device, max_memory=run.max_memory)
-    if found.note():
-        err_console.print(found.note(), soft_wrap=True)
-    return found.tokens
+        if why:
+            err_console.print(why, soft_wrap=True)
+    return resolve_tokens(effort, positions, refit_tokens=refit_tokens, refit_fits=fits)

@@ -14,6 +14,7 @@
     reconstruct.py  all projections of the kept experts, fitted together
     router_fit.py   Gauss-Newton refit of the kept router rows
     tokens.py       the calibration token budget (positions that fit beside the weights)
+    estimate.py     a calibrated run's time and memory, predicted from a probe of one layer
 
 Imports `runtime/`, `calib/`, `families/`, `surgery/` and lower floors; see docs/architecture.md.
 """

@@ -18,7 +18,7 @@ from moekit.cli.app import app
 SAMPLE = Path(__file__).parents[2] / "sample_data" / "en_docs.txt"
 DATA = ("--data", f"d={SAMPLE}")
 OPTIONS = {
-    "merge": ("--criterion", "--group", "--method", "--router", "--dtype", "--domain",
+    "merge": ("--criterion", "--group", "--method", "--router", "--dtype", "--domain", "--effort",
               "--data-range", "--device", "--max-memory"),
     "prune-stats": ("--criterion", "--dtype", "--effort", "--device"),
     "prune-data": ("--criterion", "--dtype", "--effort", "--data-range", "--device"),

@@ -293,7 +293,7 @@ def test_fast_probe_runs_one_moe_layer_on_fewer_positions(trained_checkpoint, sa
     """`fast`'s probe (`fixed`): FAST_PROBE_POSITIONS (whole windows, at least two), the
     run stopped after the first MoE layer; the default probe runs every layer on
     PROBE_POSITIONS."""
-    from moekit.ops.prune import estimate
+    from moekit.layerfit import estimate
 
     cal = _fast_calibration(trained_checkpoint, sample_texts)
     calls: dict[int, int] = {}

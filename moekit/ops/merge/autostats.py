@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 def stats_from_calibration(calib: Calibration,
                            log: Callable[[str], Any] | None = None) -> Iterator[Path]:
     """Yield a stats folder recorded on `calib`'s sources (its token budget split evenly
-    over them, at most `max_tokens` in all); deleted on exit."""
+    over them, at most `stats_tokens`, else `max_tokens`, in all); deleted on exit."""
     opts = calib.options
-    total = opts.get("max_tokens") or DEFAULT_TOKENS
+    total = calib.stats_tokens or opts.get("max_tokens") or DEFAULT_TOKENS
     per_source = total // max(len(calib.sources), 1)
     if log is not None:
         log(f"no --stats: recording routing statistics on the calibration data "

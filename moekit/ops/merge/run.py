@@ -22,6 +22,7 @@ from moekit.ops.merge.calib import (
     layer_record,
     sample_batches,
 )
+from moekit.ops.merge.estimate import estimate_refit
 from moekit.ops.merge.grouping import (
     Grouper,
     check_ratio,
@@ -70,6 +71,10 @@ class Calibration:
     log: Any = None
     one_pass: bool = True  # group inside the fit-layer refit's run (`onepass.py`)
     shared: OnePass | None = None  # what that run gave: clusters, refits, sample
+    effort: str = "default"  # `effort.EFFORTS`: recorded in `describe()` unless "default"
+    stats_tokens: int | None = None  # the statistics pass's positions (None: max_tokens)
+    refit_tokens: int | None = None  # the down refit's streamed positions (None: max_tokens)
+    estimate: bool = False  # log the measured run's predicted time first (`estimate.py`)
 
     def __call__(self, layer: int) -> LayerCalib | None:
         if self.layers is None:
@@ -87,7 +92,10 @@ class Calibration:
                             **self.refit_options())
 
     def refit_options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.options.items() if k in REFIT_DEFAULTS}
+        found = {k: v for k, v in self.options.items() if k in REFIT_DEFAULTS}
+        if self.refit_tokens is not None:
+            found["refit_tokens"] = self.refit_tokens
+        return found
 
     def shares_run(self, grouper: Grouper) -> bool:
         """Group inside the refit's run? Data-driven grouping with `--method fit-layer`, some
@@ -108,8 +116,12 @@ class Calibration:
         ran = self.layers or self.shared
         tokens = ran.tokens if ran else None
         runtime = ran.runtime if ran else None
+        effort = {} if self.effort == "default" else {
+            "effort": self.effort, "stats_tokens": self.stats_tokens,
+            "refit_tokens": self.refit_tokens}  # absent: the default, as before the levels
         return {"data": {s.name: str(s.path) for s in self.sources}, "tokens": tokens,
-                **{k: v for k, v in self.options.items() if k != "device"}, "runtime": runtime}
+                **{k: v for k, v in self.options.items() if k != "device"}, **effort,
+                "runtime": runtime}
 
 
 DATA_GROUPS = ("hc-smoe", "m-smoe")  # groupings that need calibration activations
@@ -211,6 +223,8 @@ def group_and_refit(calib: Calibration, checkpoint: Checkpoint, grouper: Grouper
     per_domain = domain_tokens(settings["max_tokens"], len(calib.sources))
     work = sample_batches(prefixes(cal.domains, per_domain, settings["seq_len"]),
                           calib.options.get("batch_size", BATCH_SIZE), per_domain)
+    if calib.estimate and calib.log is not None:
+        calib.log(estimate_refit(cal, source, n_drop, sum(take for _, take in work)).line())
     moe = {m.index: m for m in layout.moe_layers}
     blocks = {b.layer: b for b in cal.blocks}
     layers: list[MergeLayer] = []

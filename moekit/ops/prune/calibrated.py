@@ -24,6 +24,7 @@ from typing import Any
 from moekit.calib.spec import DataSpec
 from moekit.errors import DataError, InvalidArgumentError, UnsupportedModelError
 from moekit.io.reader import Checkpoint
+from moekit.layerfit.estimate import Estimate, RunShape, peak_memory, predict, probe
 from moekit.layerfit.lanes import Lane, LaneRun, Search
 from moekit.layerfit.measured import grouping, load_calibration, needs_refit
 from moekit.layerfit.reconstruct import STEPS as RECONSTRUCT_STEPS
@@ -37,7 +38,6 @@ from moekit.layerfit.tokens import (
     refit_sum_bytes,
 )
 from moekit.ops.prune.effort import apply_effort, described
-from moekit.ops.prune.estimate import Estimate, RunShape, peak_memory, predict, probe
 from moekit.ops.prune.quality import (
     AUTO_CRITERIA,
     Candidate,

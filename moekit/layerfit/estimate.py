@@ -1,4 +1,4 @@
-"""The time and memory of a calibrated prune, predicted before the work from a measured probe.
+"""The time and memory of a calibrated prune or merge, predicted before the work from a probe.
 
 The probe (`probe`) runs PROBE_POSITIONS calibration positions (whole windows, at least two)
 through the model once, layer by layer (streamed: only up to the first MoE layer, so the
@@ -7,11 +7,13 @@ FAST_PROBE_POSITIONS, and only up to the first MoE layer in memory too), with th
 captured on the way; on that capture it times the layer's measured selection (and down
 refit, when the run refits) and a few reconstruction steps. From these per-position and
 per-step times and the run's counts, `predict` adds up (seconds; N the selection's positions,
-N_e the streamed refit's extra positions, N_h the held-out positions, L the MoE layers):
+N_e the streamed refit's extra positions, N_h the held-out positions, N_g the merge's grouping
+sample (one more lane through the unmodified model, captured up to the router: counted as a
+whole capture), L the MoE layers):
 
     statistics pass   N_s x forward (N_s: the statistics' positions, N unless `--effort fast`)
-    lanes             (fit lanes x (N + N_e) + held lanes x N_h) x forward
-    captures          L x (captured lanes x N + 2 N_e) x one layer's capture
+    lanes             (fit lanes x (N + N_e) + held lanes x N_h + N_g) x forward
+    captures          L x (captured lanes x N + 2 N_e + N_g) x one layer's capture
     search, refit     L x (N + N_e) x the probe's per-position selection (+ refit) time
     reconstruction    L x min(steps x step time + checks, share x the layer's capture time)
     write             checkpoint bytes / WRITE_RATE
@@ -189,7 +191,8 @@ def _time_layer(cal: Any, block: Any, cap: Any, n_drop: int, beam: int, refit: b
 class RunShape:
     """What the run will do: positions (selection N, extra streamed N_e, held out N_h), lanes
     (fit lanes, held lanes, lanes captured per MoE layer), reconstruction (step cap, time
-    share or None), MoE layers, checkpoint bytes, the statistics pass's positions (0: N)."""
+    share or None), MoE layers, checkpoint bytes, the statistics pass's positions (0: N), the
+    merge's grouping sample N_g (0: none)."""
 
     positions: int
     extra: int
@@ -202,6 +205,7 @@ class RunShape:
     moe_layers: int
     checkpoint_bytes: int
     stats_positions: int = 0
+    sample: int = 0
 
 
 def predict(found: Probe, shape: RunShape) -> dict[str, float]:
@@ -216,8 +220,8 @@ def predict(found: Probe, shape: RunShape) -> dict[str, float]:
             rebuild = min(rebuild, shape.share * capture_layer + found.step)
     return {"statistics": found.forward * (shape.stats_positions or n),
             "lanes": found.forward * (shape.fit_lanes * (n + extra) + shape.held_lanes *
-                                      shape.held),
-            "capture": layers * (capture_layer + 2 * found.capture * extra),
+                                      shape.held + shape.sample),
+            "capture": layers * (capture_layer + found.capture * (2 * extra + shape.sample)),
             "search+refit": layers * found.select * (n + extra) * bool(shape.captured),
             "reconstruction": layers * rebuild,
             "write": shape.checkpoint_bytes / WRITE_RATE}
