@@ -253,13 +253,16 @@ def test_fast_refits_the_stats_plan_on_a_quarter_without_scoring_lanes(
 
 
 def _fast_calibration(trained_checkpoint, sample_texts, max_tokens=4096):
+    from moekit.calib.spec import DataSpec
     from moekit.layerfit.measured import load_calibration
+    from moekit.runtime.options import RunOptions
 
     folder = trained_checkpoint("moe")
     layout = describe(Checkpoint(folder))
     sources = [DataSource(name, path) for name, path in sample_texts.items()]
-    return load_calibration(folder, layout, sources, fraction=(0.0, 1.0), seq_len=64,
-                            max_tokens=max_tokens, held_out=0.0, device="cpu", dtype="float32")
+    return load_calibration(folder, layout, DataSpec(tuple(sources), seq_len=64),
+                            max_tokens=max_tokens, held_out=0.0,
+                            run=RunOptions(device="cpu", dtype="float32"))
 
 
 def test_statistics_pass_records_the_unmodified_residuals(trained_checkpoint, sample_texts,
