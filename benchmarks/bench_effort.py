@@ -194,16 +194,22 @@ def main() -> None:
 
 
 def _run_child(args: argparse.Namespace, flag: str, value: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--model", str(args.model), "--text", str(args.text),
+    return run_child(Path(__file__), args, [flag, value], value)
+
+
+def run_child(script: Path, args: argparse.Namespace, extra: list[str],
+              label: str) -> dict[str, Any]:
+    """Run `script` as a child with the shared options and `extra`; its RESULT row."""
+    cmd = [sys.executable, str(script), "--model", str(args.model), "--text", str(args.text),
            "--ratio", str(args.ratio), "--seq-len", str(args.seq_len), "--eval-tokens",
            str(args.eval_tokens), "--args=" + args.args, "--eval" if args.eval else "--no-eval",
-           flag, value]
+           *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     sys.stderr.write(proc.stderr[-3000:])
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
-        raise SystemExit(f"{value}: no result ({proc.returncode})\n{proc.stdout[-2000:]}")
+        raise SystemExit(f"{label}: no result ({proc.returncode})\n{proc.stdout[-2000:]}")
     row = json.loads(line[7:])
     print(json.dumps(row), flush=True)
     return row

@@ -27,14 +27,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_effort import FIXTURES, Clock, _cli, _data_args, evaluate
+from bench_effort import FIXTURES, Clock, _cli, _data_args, _plain_forward, evaluate, run_child
 
 STAGES = ("load", "statistics", "probe", "capture", "grouping", "replay", "refit", "lanes", "write")
 
@@ -69,16 +67,6 @@ def _instrument(clock: Clock, found: dict[str, Any]) -> None:
     lanes.fit_from_chunks = clock.wrap("refit", lanes.fit_from_chunks)
     lanes.LaneRun.run = clock.wrap("lanes", lanes.LaneRun.run)
     moekit.ops.merge.merge_checkpoint = clock.wrap("write", moekit.ops.merge.merge_checkpoint)
-
-
-def _plain_forward(cal: Any, clock: Clock) -> dict[str, float]:
-    """One forward of the fit windows through the engine, no hooks (the unit, unscaled)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in cal.engine.run(cal.fit):
-        pass
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    clock.exclude(wall, cpu)
-    return {"wall": wall, "cpu": cpu, "positions": sum(int(w.numel()) for w in cal.fit)}
 
 
 def _start_up(model: Path) -> None:
@@ -163,19 +151,7 @@ def main() -> None:
 
 
 def _run_child(args: argparse.Namespace, effort: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--model", str(args.model), "--text", str(args.text),
-           "--ratio", str(args.ratio), "--seq-len", str(args.seq_len), "--eval-tokens",
-           str(args.eval_tokens), "--args=" + args.args, "--eval" if args.eval else "--no-eval",
-           "--effort", effort]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    sys.stderr.write(proc.stderr[-3000:])
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise SystemExit(f"{effort}: no result ({proc.returncode})\n{proc.stdout[-2000:]}")
-    row = json.loads(line[7:])
-    print(json.dumps(row), flush=True)
-    return row
+    return run_child(Path(__file__), args, ["--effort", effort], effort)
 
 
 def print_table(rows: list[dict[str, Any]], base: float) -> None:
