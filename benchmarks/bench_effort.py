@@ -7,8 +7,9 @@ wall and CPU seconds: load, probe, statistics, capture, search, refit, reconstru
 of the layered run, write), and measures in the same process, on the same engine and device, one
 plain forward (no hooks) over the run's own selection windows: the unit. Then
 `moekit eval OUT --data <texts> --data-range 0.5:1 --seq-len SEQ --max-tokens EVT` gives the
-held-out loss. Rows: wall and CPU time of the prune (start-up excluded: from the model's
-opening to the written folder, minus the unit's own forward) divided by the unit, per stage,
+held-out loss. Rows: wall and CPU time of the prune (start-up excluded: torch, pandas and
+the family's transformers module are imported first; from the model's opening to the written
+folder, minus the unit's own forward) divided by the unit, per stage,
 peak RSS of the process, the estimate printed before the work, and the loss increase over the
 unpruned model. `--stats ean` adds the stats-only row (`--criterion ean` on statistics of the
 same tokens).
@@ -129,8 +130,21 @@ def _cli(argv: list[str]) -> None:
             raise
 
 
+def _start_up(model: Path) -> None:
+    """Import what any run imports first (torch, the family's transformers module, pandas for
+    the profile): ~5 s CPU here, start-up rather than work (it would land in the first stage)."""
+    import importlib
+
+    import pandas  # noqa: F401
+    import torch  # noqa: F401
+
+    kind = json.loads((model / "config.json").read_text())["model_type"]
+    importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
+
+
 def child(args: argparse.Namespace) -> None:
     """One prune (args.effort, or the stats criterion args.criterion) and its eval; prints JSON."""
+    _start_up(args.model)
     clock, found = Clock(), {}
     _instrument(clock, found)
     extra = ["--criterion", args.criterion] if args.criterion else ["--effort", args.effort]

@@ -32,7 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_effort import FIXTURES, Clock, _cli, _data_args, _plain_forward, evaluate, run_child
+from bench_effort import (
+    FIXTURES,
+    Clock,
+    _cli,
+    _data_args,
+    _plain_forward,
+    _start_up,
+    evaluate,
+    run_child,
+)
 
 STAGES = ("load", "statistics", "probe", "capture", "grouping", "replay", "refit", "lanes", "write")
 
@@ -67,18 +76,6 @@ def _instrument(clock: Clock, found: dict[str, Any]) -> None:
     lanes.fit_from_chunks = clock.wrap("refit", lanes.fit_from_chunks)
     lanes.LaneRun.run = clock.wrap("lanes", lanes.LaneRun.run)
     moekit.ops.merge.merge_checkpoint = clock.wrap("write", moekit.ops.merge.merge_checkpoint)
-
-
-def _start_up(model: Path) -> None:
-    """Import what any run imports first (torch, the family's transformers module, pandas for
-    the profile): ~5 s CPU here, start-up rather than work (it would land in the first stage)."""
-    import importlib
-
-    import pandas  # noqa: F401
-    import torch  # noqa: F401
-
-    kind = json.loads((model / "config.json").read_text())["model_type"]
-    importlib.import_module(f"transformers.models.{kind}.modeling_{kind}")
 
 
 def child(args: argparse.Namespace) -> None:
