@@ -178,7 +178,10 @@ def merge(
     recorded = calib or (_calibration(source, group, method, router, plan_in, spec, options,
                                       required=True, levels=levels) if data else None)
     if calib is not None and plan_in is None and not as_json:
-        err_console.print(f"effort {effort}: {tokens.describe()}", soft_wrap=True)
+        from moekit.io.remote_code import check_remote_code
+
+        check_remote_code(source, run.trust_remote_code)  # a model transformers cannot build:
+        err_console.print(f"effort {effort}: {tokens.describe()}", soft_wrap=True)  # one line
     with _stats_folder(stats, recorded, plan_in, criterion) as stats_used:
         plan = _choose(source, stats_used, ratio, group, method, router, criterion, plan_in,
                        domain, ignore_fingerprint, calib, protect_super, bf16_experts)
