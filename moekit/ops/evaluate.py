@@ -23,11 +23,10 @@ import moekit.runtime.engine
 from moekit.calib.data import batches
 from moekit.calib.spec import DataSpec, per_source
 from moekit.errors import InvalidArgumentError
-from moekit.io.dtypes import ITEM_SIZE
 from moekit.io.reader import Checkpoint, load_config
 from moekit.io.remote_code import check_remote_code
 from moekit.ops.heldout import calibration_overlap
-from moekit.runtime.budget import PAIR_FRACTION, free_memory
+from moekit.runtime.budget import PAIR_FRACTION, free_memory, header_sizes
 from moekit.runtime.distributed import rank_device, reduce_eval_sums, shard_for_rank
 from moekit.runtime.hidden import no_room
 from moekit.runtime.loading import held_itemsize, load_tokenizer, pick_device
@@ -225,12 +224,9 @@ def _fits_both(model_path: Path, ref: Path, options: dict[str, Any]) -> bool:
     """Both checkpoints (scaled to the load dtype) fit in PAIR_FRACTION of the free memory
     (`runtime.budget`)."""
     device = pick_device(options.get("device", "auto"))
-    need = 0
-    for path in (model_path, ref):
-        checkpoint = Checkpoint(Path(path))
-        size = held_itemsize(checkpoint, options.get("dtype", "auto"), device)
-        need += size * sum(t.nbytes // ITEM_SIZE.get(t.dtype, 1) for t in
-                           checkpoint.tensors.values())
+    checkpoints = [Checkpoint(Path(path)) for path in (model_path, ref)]
+    need = sum(header_sizes(c, held_itemsize(c, options.get("dtype", "auto"), device)).total
+               for c in checkpoints)
     return need < PAIR_FRACTION * free_memory(device)
 
 

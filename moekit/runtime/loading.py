@@ -111,9 +111,13 @@ def held_itemsize(checkpoint: Any, dtype: str | None, device: Any) -> int:
         return 4 if dtype == "float32" else 2
     if pick_device(device if isinstance(device, str) else str(device)).type == "cpu":
         return 4
-    found = next((t.dtype for t in checkpoint.tensors.values()
-                  if t.dtype in ("F32", "F16", "BF16")), "F32")
-    return 4 if found == "F32" else 2
+    return 4 if _first_floating(checkpoint) == "F32" else 2
+
+
+def _first_floating(checkpoint: Any) -> str:
+    """The safetensors dtype of the checkpoint's first floating tensor (F32 when none)."""
+    return next((t.dtype for t in checkpoint.tensors.values()
+                 if t.dtype in ("F32", "F16", "BF16")), "F32")
 
 
 def stored_dtype(config: Any, checkpoint: Any) -> Any:
@@ -126,10 +130,7 @@ def stored_dtype(config: Any, checkpoint: Any) -> Any:
         declared = getattr(torch, declared, None)
     if isinstance(declared, torch.dtype):
         return declared
-    for info in checkpoint.tensors.values():
-        if info.dtype in ("F32", "F16", "BF16"):
-            return to_torch(info.dtype)
-    return torch.float32
+    return to_torch(_first_floating(checkpoint))
 
 
 def build_skeleton(path: Path, dtype: Any, trust_remote_code: bool = False) -> Any:
