@@ -15,6 +15,7 @@
     router_fit.py   Gauss-Newton refit of the kept router rows
     tokens.py       the calibration token budget (positions that fit beside the weights)
     estimate.py     a calibrated run's time and memory, predicted from a probe of one layer
+    compute.py      multiply-adds of a forward and of a reconstruction step (its step budget)
 
 Imports `runtime/`, `calib/`, `families/`, `surgery/` and lower floors; see docs/architecture.md.
 """

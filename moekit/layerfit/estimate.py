@@ -15,11 +15,11 @@ whole capture), L the MoE layers):
     lanes             (fit lanes x (N + N_e) + held lanes x N_h + N_g) x forward
     captures          L x (captured lanes x N + 2 N_e + N_g) x one layer's capture
     search, refit     L x (N + N_e) x the probe's per-position selection (+ refit) time
-    reconstruction    L x min(steps x step time + checks, share x the layer's capture time)
+    reconstruction    L x (steps x step time + checks)
     write             checkpoint bytes / WRITE_RATE
 
 Everything but the reconstruction's early stop scales linearly with the positions; the
-reconstruction is counted at its step cap or time share (an early stop shortens the run). On
+reconstruction is counted at its step cap (an early stop shortens the run). On
 the fixture the estimate was 1.3-1.5x low (docs/benchmarks.md). Peak
 memory: the resident set after the probe plus one MoE layer's working set at N positions
 (`layerfit.tokens`) and the lanes' hidden states (N·H values per lane and layer boundary).
@@ -190,9 +190,9 @@ def _time_layer(cal: Any, block: Any, cap: Any, n_drop: int, beam: int, refit: b
 @dataclass(frozen=True)
 class RunShape:
     """What the run will do: positions (selection N, extra streamed N_e, held out N_h), lanes
-    (fit lanes, held lanes, lanes captured per MoE layer), reconstruction (step cap, time
-    share or None), MoE layers, checkpoint bytes, the statistics pass's positions (0: N), the
-    merge's grouping sample N_g (0: none)."""
+    (fit lanes, held lanes, lanes captured per MoE layer), reconstruction step cap, MoE
+    layers, checkpoint bytes, the statistics pass's positions (0: N), the merge's grouping
+    sample N_g (0: none)."""
 
     positions: int
     extra: int
@@ -201,7 +201,6 @@ class RunShape:
     held_lanes: int
     captured: int
     steps: int
-    share: float | None
     moe_layers: int
     checkpoint_bytes: int
     stats_positions: int = 0
@@ -216,8 +215,6 @@ def predict(found: Probe, shape: RunShape) -> dict[str, float]:
     if shape.steps and found.step:
         checks = (shape.steps // CHECK_EVERY + 1) * found.step * 0.25 * (n + extra) / (3 * BATCH)
         rebuild = shape.steps * found.step + checks
-        if shape.share is not None:
-            rebuild = min(rebuild, shape.share * capture_layer + found.step)
     return {"statistics": found.forward * (shape.stats_positions or n),
             "lanes": found.forward * (shape.fit_lanes * (n + extra) + shape.held_lanes *
                                       shape.held + shape.sample),

@@ -102,7 +102,6 @@ class Search:
     protect: dict[int, list[int]] = field(default_factory=dict)
     router: bool = True
     reconstruct: int = 0
-    reconstruct_share: float | None = None  # reconstruction seconds per capture second
     reconstruct_progress: float = 0.0  # `reconstruct.reconstruct_layer`'s `progress`
     kept: dict[int, list[int]] | None = None
 
@@ -209,8 +208,6 @@ class LaneRun:
         cap = self._capture(step, block, "pruned", residual=refit)
         if refit and self.reference is not None:
             reference = self.reference(block.layer).to(cap.residual.device)
-        budget = None if search.reconstruct_share is None else \
-            search.reconstruct_share * (time.perf_counter() - start)
         result = measure_layer(cal, block, cap, search.n_drop, beam=search.beam,
                                compensate=search.compensate, width=search.width,
                                protected=frozenset(search.protect.get(block.layer, ())),
@@ -218,7 +215,7 @@ class LaneRun:
                                reference_logits=ref_logits,
                                refit=self._streamed(step, block) if refit and cal.streams_refit
                                else None, reconstruct=search.reconstruct,
-                               reconstruct_limit=(budget, search.reconstruct_progress),
+                               reconstruct_progress=search.reconstruct_progress,
                                kept=None if search.kept is None else search.kept[block.layer])
         del cap, reference, ref_logits
         result.seconds = time.perf_counter() - start

@@ -203,7 +203,7 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
                   reference_logits: torch.Tensor | None = None,
                   refit: Callable[[LayerReplay, list[int]], LayerFit] | None = None,
                   reconstruct: int = 0,
-                  reconstruct_limit: tuple[float | None, float] = (None, 0.0),
+                  reconstruct_progress: float = 0.0,
                   kept: list[int] | None = None) -> MeasuredLayer:
     """Search (and refit) one layer whose weights are materialised, from its capture `cap`
     (inputs, logits; with a refit also the layer's output residual) and `reference`, the
@@ -213,7 +213,7 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
     (`router_fit`). `refit(replay, kept)`, when given, replaces the down refit on the capture
     (the streamed refit on more tokens, `refit_stream`; not with `width`). With `reconstruct`
     > 0 the kept experts are then fitted whole for at most that many steps (`reconstruct`),
-    and at most `reconstruct_limit` = (seconds or None, progress) (`reconstruct_layer`).
+    stopped early at `reconstruct_progress` (`reconstruct_layer`'s `progress`).
 
     With `kept` (the ids to keep, `num_experts - n_drop` of them; merge's centres) there is no
     search: the layer is measured and refitted keeping exactly those (`error` is D(kept),
@@ -238,7 +238,7 @@ def measure_layer(cal: Calibration, block: MoeBlock, cap: LayerCapture, n_drop: 
             refit_layer(block.layer, replay, block.experts, cap.inputs, kept, width, drift)
         if reconstruct > 0 and width is None:
             rebuild = _reconstruct(block, replay, cap.inputs, kept, drift, fit, reconstruct,
-                                   reconstruct_limit)
+                                   reconstruct_progress)
         if router and width is None:
             saved = apply_fit(block, fit.weights)
             rows = apply_rebuild(block.experts, rebuild)
@@ -263,7 +263,7 @@ def fixed_drop(replay: LayerReplay, num: int, n_drop: int, kept: list[int]) -> S
 
 def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kept: list[int],
                  drift: torch.Tensor, fit: LayerFit, steps: int,
-                 limit: tuple[float | None, float] = (None, 0.0)) -> Rebuild | None:
+                 progress: float = 0.0) -> Rebuild | None:
     """Fit the kept experts whole, starting from the down refit, on the streamed refit's
     positions when there are (`fit.sample`), else the selection's; when it helps on the held-out
     tokens, its down rows replace the refit's in `fit` (weights, relative changes)."""
@@ -276,7 +276,7 @@ def _reconstruct(block: MoeBlock, replay: LayerReplay, inputs: torch.Tensor, kep
             ids, gates = replay.routed(kept)
             target = replay.target + drift.float().cpu()
         rebuild = reconstruct_layer(block.layer, block.experts, inputs, ids, gates, target,
-                                    kept, steps, seconds=limit[0], progress=limit[1])
+                                    kept, steps, progress=progress)
     finally:
         restore_weights(block, saved)
     if not rebuild.changed:

@@ -16,11 +16,12 @@ whatever the sample size (more positions cost memory and longer held-out checks,
 steps). The last HELD_OUT share of the tokens is never fitted; it is evaluated every
 CHECK_EVERY steps, the weights with the lowest held-out error are kept, the fit stops after
 PATIENCE checks without a new best or after `steps`, and the layer keeps its down refit alone
-when no step beat it. Effort levels (`ops/prune/effort.py`) also stop it after `seconds` of
-wall clock (checked after every step; the held-out error is checked then too) and when a check
-gains less than `progress` times what the fit has gained so far (diminishing returns); neither
-is on by default. The step size is relative: LEARNING_RATE times the RMS of each tensor's
-kept rows (scale-free across models). Runs on the experts module's own device.
+when no step beat it. Effort levels (`ops/prune/effort.py`) set `steps` from a budget in
+forward passes (`layerfit.compute`: a count, so the output does not depend on the machine's
+load) and also stop it when a check gains less than `progress` times what the fit has gained
+so far (diminishing returns; off by default). The step size is relative: LEARNING_RATE times
+the RMS of each tensor's kept rows (scale-free across models). Runs on the experts module's
+own device.
 """
 
 from __future__ import annotations
@@ -80,24 +81,21 @@ def can_reconstruct(experts: Any) -> bool:
 
 def reconstruct_layer(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
                       gates: torch.Tensor, target: torch.Tensor, kept: list[int],
-                      steps: int = STEPS, *, seconds: float | None = None,
-                      progress: float = 0.0) -> Rebuild:
+                      steps: int = STEPS, *, progress: float = 0.0) -> Rebuild:
     """Fit the kept experts' `gate_up_proj`/`down_proj` rows (module doc) on the first
     (1 - HELD_OUT) of the tokens `inputs` [N, H] routed as (`ids`, `gates`) [N, k] among `kept`,
     towards `target` [N, H]; the module's current weights are the start and stay untouched.
-    `seconds` (None: no limit) and `progress` (0: off) stop it earlier (module doc)."""
+    `progress` (0: off) stops it earlier (module doc)."""
     import torch
 
     with torch.inference_mode(False), torch.enable_grad():  # the engine runs without autograd
         return _fit(layer, experts, inputs.clone(), ids.clone(), gates.clone(), target.clone(),
-                    kept, steps, (seconds, progress))
+                    kept, steps, progress)
 
 
 def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
          gates: torch.Tensor, target: torch.Tensor, kept: list[int], steps: int,
-         limit: tuple[float | None, float] = (None, 0.0)) -> Rebuild:
-    import time
-
+         progress: float = 0.0) -> Rebuild:
     import torch
 
     num = int(inputs.shape[0])
@@ -136,7 +134,6 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
             weights = current()
             return sum(float(error(weights, rows)) for rows in held) / (num - cut)
 
-    began = time.perf_counter()
     best = result.held_before = result.held_after = held_error()
     kept_best = {n: d.detach().clone() for n, d in delta.items()}
     shuffle = torch.Generator().manual_seed(layer)
@@ -153,18 +150,15 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
         del weights
         optimizer.step()
         result.steps = step
-        late = limit[0] is not None and time.perf_counter() - began > limit[0]
-        if step % CHECK_EVERY and step != steps and not late:
+        if step % CHECK_EVERY and step != steps:
             continue
         now = held_error()
         if now < best:
-            small = now > best - limit[1] * (result.held_before - now)
+            small = now > best - progress * (result.held_before - now)
             best, stale, result.best_step = now, 0, step
             kept_best = {n: d.detach().clone() for n, d in delta.items()}
-            if late or (limit[1] > 0 and small):
+            if progress > 0 and small:
                 break
-        elif late:
-            break
         else:
             stale += 1
             if stale >= PATIENCE:

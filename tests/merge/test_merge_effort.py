@@ -151,13 +151,13 @@ def test_estimate_counts_the_merge_lanes_by_hand():
 
     found = Probe(forward=2e-4, capture=3e-5, select=5e-5, step=0.0, seconds=1.0)
     n, extra, held, sample, layers = 4000, 12000, 1000, 4000, 4
-    shape = RunShape(n, extra, held, 2, 3, 2, 0, None, layers, 10**8, sample=sample)
+    shape = RunShape(n, extra, held, 2, 3, 2, 0, layers, 10**8, sample=sample)
     stages = predict(found, shape)
     assert stages["lanes"] == pytest.approx(2e-4 * (2 * (n + extra) + 3 * held + sample))
     assert stages["capture"] == pytest.approx(layers * 3e-5 * (2 * n + 2 * extra + sample))
     assert stages["search+refit"] == pytest.approx(layers * 5e-5 * (n + extra))
     assert stages["reconstruction"] == 0 and stages["write"] == pytest.approx(1e8 / WRITE_RATE)
-    without = predict(found, RunShape(n, extra, held, 2, 3, 2, 0, None, layers, 10**8))
+    without = predict(found, RunShape(n, extra, held, 2, 3, 2, 0, layers, 10**8))
     assert stages["lanes"] - without["lanes"] == pytest.approx(2e-4 * sample)
 
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -37,17 +38,17 @@ def test_levels_resolve_to_their_documented_settings(tiny_checkpoint):
     layout = _layout(tiny_checkpoint)
     best = effort_settings("best", layout, 2)
     assert (best.max_tokens, best.beam, best.refit_auto, best.compensate,
-            best.reconstruct_steps, best.reconstruct_share, best.reconstruct_progress) == \
+            best.reconstruct_steps, best.reconstruct_forwards, best.reconstruct_progress) == \
         (None, 4, True, None, 1000, None, 0.0)
     default = effort_settings("default", layout, 2)
     assert default.beam == 2 and not default.refit_auto and default.compensate is None
-    assert default.reconstruct_share == effort_mod.RECONSTRUCT_SHARE
+    assert default.reconstruct_forwards == effort_mod.RECONSTRUCT_FORWARDS
     assert default.reconstruct_progress == effort_mod.PROGRESS
-    assert default.max_tokens == effort_mod.refit_positions(layout, 2)
+    assert default.max_tokens == effort_mod.search_positions(layout, 2)
     fast = effort_settings("fast", layout, 2)
     assert (fast.beam, fast.refit_auto, fast.compensate, fast.reconstruct_steps,
             fast.selection, fast.refit_share) == (1, False, True, 0, "ean", 0.25)
-    assert fast.max_tokens == default.max_tokens  # statistics of default's positions
+    assert fast.max_tokens == effort_mod.refit_positions(layout, 2)
     for name in EFFORTS:
         found = effort_settings(name, layout, 2).max_tokens
         assert found is None or (2048 <= found <= 32768 and found % 1024 == 0)
@@ -70,6 +71,13 @@ def test_refit_positions_follow_the_rule():
     Layout.moe_layers = [type("L", (), {"num_experts": 16})()]
     Layout.top_k = lambda self: 2
     assert effort_mod.refit_positions(Layout(), 8) == 14336
+    # the search: 4096 routed pairs per expert on average, 4096 * 16 / 2 = 32768
+    assert effort_mod.search_positions(Layout(), 8) == 32768
+    Layout.moe_layers = [type("L", (), {"num_experts": 8})()]  # Mixtral-8x7B's 8 of width
+    Layout.config = {"hidden_size": 4096, "moe_intermediate_size": 14336}  # 14336: the refit
+    assert effort_mod.search_positions(Layout(), 4) == 32768
+    Layout.config = {"hidden_size": 256, "moe_intermediate_size": 32}  # narrow: the search
+    assert effort_mod.search_positions(Layout(), 4) == 4096 * 8 // 2
 
 
 def test_explicit_options_override_the_level(tiny_checkpoint):
@@ -79,7 +87,7 @@ def test_explicit_options_override_the_level(tiny_checkpoint):
     _, options = apply_effort(options, layout, 2)
     assert (options.beam, options.max_tokens, options.compensate,
             options.reconstruct_steps) == (3, 4096, True, 50)
-    assert options.reconstruct_share is None and options.reconstruct_progress == 0.0
+    assert options.reconstruct_forwards is None and options.reconstruct_progress == 0.0
     assert options.refit_auto is False  # fast streams nothing unless --refit-tokens is given
     assert options.selection is None  # a beam or reconstruction asked for: the search runs
     options = _options(effort="fast", beam=None, reconstruct_steps=None)  # as the CLI does
@@ -89,7 +97,7 @@ def test_explicit_options_override_the_level(tiny_checkpoint):
                        reconstruct_steps=None)  # as the CLI passes options not given
     _, options = apply_effort(options, layout, 2)
     assert options.refit_tokens == 8192 and options.token_default is not None
-    assert options.reconstruct_steps == 1000 and options.reconstruct_share is not None
+    assert options.reconstruct_steps == 1000 and options.reconstruct_forwards is not None
     assert options.beam == 2
 
 
@@ -97,7 +105,7 @@ def test_library_default_is_best(tiny_checkpoint):
     options = _options(refit_auto=True)
     _, options = apply_effort(options, _layout(tiny_checkpoint), 2)
     assert (options.beam, options.reconstruct_steps, options.token_default, options.refit_auto,
-            options.compensate, options.reconstruct_share) == (4, 1000, None, True, None, None)
+            options.compensate, options.reconstruct_forwards) == (4, 1000, None, True, None, None)
 
 
 def test_unknown_effort_is_refused_before_any_work(tiny_checkpoint, tmp_path):
@@ -250,6 +258,52 @@ def test_fast_refits_the_stats_plan_on_a_quarter_without_scoring_lanes(
         for e in weights:
             torch.testing.assert_close(weights[e], before.chosen.weights[layer][e],
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_default_search_takes_its_references_from_the_statistics_pass(
+        trained_checkpoint, sample_texts, monkeypatch):
+    """The measured search with a refit (`default`, no streamed refit, no router refit) has no
+    `original` lane: the statistics pass records the unmodified residuals. The plan, the
+    refitted and reconstructed weights and the held-out scores equal those of the same run with
+    an original lane captured in the layered run (the path before)."""
+    from moekit.layerfit import lanes
+    from moekit.ops.prune import calibrated
+
+    seen = []
+    original = lanes.LaneRun.__init__
+
+    def spy(self, cal, run_lanes, *args, **kwargs):
+        seen.append([lane.name for lane in run_lanes])
+        original(self, cal, run_lanes, *args, **kwargs)
+
+    monkeypatch.setattr(lanes.LaneRun, "__init__", spy)
+    folder = trained_checkpoint("moe")
+    checkpoint = Checkpoint(folder)
+    layout = describe(checkpoint)
+    fingerprint = model_fingerprint(checkpoint, layout)
+    sources = [DataSource(name, path) for name, path in sample_texts.items()]
+    options = DataOptions(DataSpec(tuple(sources), seq_len=64), max_tokens=2560,
+                          run=RunOptions(device="cpu", dtype="float32"), effort="default",
+                          beam=None, reconstruct_steps=60)
+    choices = []
+    for records in (True, False):
+        monkeypatch.setattr(calibrated, "_records_reference",
+                            lambda *args, records=records: records)
+        choices.append(choose_with_data(folder, layout, fingerprint, criterion="measured",
+                                        ratio=0.5, protect={}, min_experts=None,
+                                        options=options, log=lambda _: None))
+    assert "original" not in seen[0] and seen[1][0] == "original"
+    new, before = choices
+    assert [c.name for c in new.candidates] == [c.name for c in before.candidates]
+    assert new.chosen.plan.to_dict()["layers"] == before.chosen.plan.to_dict()["layers"]
+    assert new.chosen.gate_up.keys() == before.chosen.gate_up.keys() and new.chosen.gate_up
+    for mine, theirs in zip(new.candidates, before.candidates, strict=True):
+        assert mine.kl == pytest.approx(theirs.kl, rel=1e-4, abs=1e-7)
+        assert mine.weights.keys() == theirs.weights.keys()
+        for layer, weights in mine.weights.items():
+            for e in weights:
+                torch.testing.assert_close(weights[e], theirs.weights[layer][e],
+                                           rtol=1e-4, atol=1e-5)
 
 
 def _fast_calibration(trained_checkpoint, sample_texts, max_tokens=4096):

@@ -35,7 +35,7 @@ def estimate_refit(cal: Any, source: Path, n_drop: int, sample: int) -> Estimate
         cal.engine.info.update(saved)
     shape = RunShape(sum(int(w.numel()) for w in cal.fit), sum(int(w.numel()) for w in cal.extra),
                      sum(int(w.numel()) for w in cal.held), FIT_LANES, HELD_LANES, CAPTURED, 0,
-                     None, len(cal.layout.moe_layers),
+                     len(cal.layout.moe_layers),
                      sum(p.stat().st_size for p in Path(source).glob("*.safetensors")),
                      sample=sample)
     stages = predict(found, shape)

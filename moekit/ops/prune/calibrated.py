@@ -24,6 +24,7 @@ from typing import Any
 from moekit.calib.spec import DataSpec
 from moekit.errors import DataError, InvalidArgumentError, UnsupportedModelError
 from moekit.io.reader import Checkpoint
+from moekit.layerfit.compute import forward_macs, reconstruct_step_cap
 from moekit.layerfit.estimate import Estimate, RunShape, peak_memory, predict, probe
 from moekit.layerfit.lanes import Lane, LaneRun, Search
 from moekit.layerfit.measured import grouping, load_calibration, needs_refit
@@ -78,8 +79,9 @@ class DataOptions:
     (`effort.EFFORTS`) fills the fields set to None (`beam`, `reconstruct_steps`: the CLI
     passes None when the option is not given; the library defaults are `best`'s values;
     `compensate` when unset; `token_default`: the default count instead of 32768, still
-    lowered to fit the memory) and the reconstruction's `reconstruct_share` (at most that
-    many times the layer's capture time; None: no limit) and `reconstruct_progress`
+    lowered to fit the memory) and the reconstruction's `reconstruct_forwards` (its steps
+    capped at that many forward passes' multiply-adds over the positions, `_step_cap`; None:
+    no cap) and `reconstruct_progress`
     (`effort.apply_effort`, a new record); the library default `best` is the settings before
     the levels. `selection` (a stats criterion, set by `--effort fast` for `measured`): the
     statistics choose the experts and one layered run over the first `refit_share` of the
@@ -103,7 +105,7 @@ class DataOptions:
     refit_auto: bool = False
     effort: str = "best"
     token_default: int | None = None
-    reconstruct_share: float | None = None
+    reconstruct_forwards: float | None = None
     reconstruct_progress: float = 0.0
     selection: str | None = None
     refit_share: float = 1.0
@@ -136,17 +138,26 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
     require_whole_layers(cal.engine, "a calibrated prune")
     if options.selection is not None:
         return _choose_fast(cal, fingerprint, ratio, protect, min_experts, options, log, start)
-    stats = calibration_stats(cal, fingerprint)
-    found = super_experts(stats) if options.protect_super else {}
-    guard = merge_protect(protect, found)
-    _log_calibration(cal, found, start, log)
-    stats_plans, search = _setup(cal, stats, fingerprint, criterion, ratio, guard, min_experts,
-                                 options)
-    lanes = _lanes(stats_plans, search, options)
-    _check_held(cal, lanes)
-    run = LaneRun(cal, lanes, search, TensorSpill("moekit-refits-", cal.engine.spill_dir),
-                  lambda r: _log_layer(r, log))
-    scores = run.run()
+    residuals = ReferenceResiduals(cal.blocks, len(cal.fit), TensorSpill(
+        "moekit-reference-", cal.engine.spill_dir)) \
+        if _records_reference(cal, criterion, drop_count(
+            ratio, layout.moe_layers[0].num_experts), options) else None
+    try:
+        stats = calibration_stats(cal, fingerprint, residuals)
+        found = super_experts(stats) if options.protect_super else {}
+        guard = merge_protect(protect, found)
+        _log_calibration(cal, found, start, log)
+        stats_plans, search = _setup(cal, stats, fingerprint, criterion, ratio, guard,
+                                     min_experts, options)
+        lanes = _lanes(stats_plans, search, options, original=residuals is None)
+        _check_held(cal, lanes)
+        run = LaneRun(cal, lanes, search, TensorSpill("moekit-refits-", cal.engine.spill_dir),
+                      lambda r: _log_layer(r, log),
+                      reference=residuals.get if residuals is not None else None)
+        scores = run.run()
+    finally:
+        if residuals is not None:
+            residuals.close()
     candidates = stats_plans + (_measured(cal, fingerprint, run, search, options, min_experts)
                                 if search is not None else [])
     for candidate in candidates:
@@ -157,6 +168,15 @@ def choose_with_data(source: Path, layout: Any, fingerprint: str, *, criterion: 
         c.plan.stats_sha256, c.plan.domain = stats.sha256, None
     info = _info(cal, options, found, start)
     return DataChoice(chosen, candidates, info, stats)
+
+
+def _records_reference(cal: Any, criterion: str, n_drop: int, options: DataOptions) -> bool:
+    """Whether the statistics pass records the unmodified residuals the refit aims at
+    (`layerfit.reference`), so the layered run needs no `original` lane: a measured search
+    with a refit, unless the refit streams more windows than the statistics see or the
+    router refit needs the original router logits too."""
+    return criterion in DATA_CRITERIA and not options.router and not cal.streams_refit and \
+        needs_refit(n_drop, options.compensate is not False, options.width)
 
 
 def _log_calibration(cal: Any, found: dict[int, list[int]], start: float,
@@ -224,6 +244,7 @@ def _prepare(source: Path, layout: Any, fingerprint: str, criterion: str, ratio:
                            run=options.run,
                            stream=options.stream, hidden_ram=options.hidden_ram,
                            spread=options.spread, refit_tokens=_refit_tokens(options))
+    options = _step_cap(cal, options)
     found = _estimate(source, cal, criterion, n_drop, options)
     log(found.line())
     log(described(settings, options) if criterion in DATA_CRITERIA else
@@ -237,7 +258,8 @@ def _estimate(source: Path, cal: Any, criterion: str, n_drop: int,
     """Probe the model on a few positions and predict the run (`estimate`)."""
     measured = criterion in DATA_CRITERIA
     search = _search(cal.layout, n_drop, {}, options, source) if measured else None
-    lanes = _lanes([], search, options)
+    recorded = _records_reference(cal, criterion, n_drop, options)
+    lanes = _lanes([], search, options, original=not recorded)
     stats_lanes = len(AUTO_CRITERIA) if criterion == "auto" else 0 if measured else 1
     refit = search is not None and needs_refit(n_drop, search.compensate, search.width)
     steps = search.reconstruct if search is not None and refit else 0
@@ -246,17 +268,32 @@ def _estimate(source: Path, cal: Any, criterion: str, n_drop: int,
                   reconstruct=bool(steps), select=measured, fixed=fixed)
     positions = sum(int(w.numel()) for w in cal.fit)
     held = sum(lane.held for lane in lanes) + stats_lanes
-    captured = (2 if refit else 1) if measured else 0
+    captured = (2 if refit and not recorded else 1) if measured else 0
     if fixed:  # `_refit_selection`'s pruned lane (and original lane, when the refit streams)
         lanes, held = (lanes[:1] if cal.streams_refit else []) + lanes[-2:-1], 0
         captured = len(lanes)
     shape = RunShape(_leading(cal.fit, options.refit_share) if fixed else positions,
                      sum(int(w.numel()) for w in cal.extra),
                      sum(int(w.numel()) for w in cal.held), sum(not lane.held for lane in lanes),
-                     held, captured, steps, options.reconstruct_share,
-                     len(cal.layout.moe_layers), _checkpoint_bytes(source), positions)
+                     held, captured, steps, len(cal.layout.moe_layers),
+                     _checkpoint_bytes(source), positions)
     itemsize = int(getattr(cal.model.dtype, "itemsize", 4))
     return Estimate(predict(found, shape), peak_memory(cal, shape, n_drop, itemsize), found)
+
+
+def _step_cap(cal: Any, options: DataOptions) -> DataOptions:
+    """`options` with `reconstruct_steps` capped at `reconstruct_forwards` forward passes'
+    multiply-adds over the selection's positions (`layerfit.compute`; a new record)."""
+    if not options.reconstruct_forwards or not options.reconstruct_steps:
+        return options
+    positions = sum(int(w.numel()) for w in cal.fit)
+    k = int(cal.layout.top_k())
+    per_position = forward_macs(cal.model, cal.blocks, k, cal.layout.config,
+                                options.data.seq_len)
+    cap = reconstruct_step_cap(options.reconstruct_forwards, positions, per_position,
+                               cal.blocks, k, options.reconstruct_steps,
+                               positions + sum(int(w.numel()) for w in cal.extra))
+    return replace(options, reconstruct_steps=cap)
 
 
 def _leading(windows: list[Any], share: float) -> int:
@@ -419,7 +456,7 @@ def _search(layout: Any, n_drop: int, guard: dict[int, list[int]],
     """The measured search's settings from the options."""
     return Search(n_drop, options.beam or 1, options.compensate is not False, options.width,
                   guard, options.router, _reconstruct_steps(layout, options, source),
-                  options.reconstruct_share, options.reconstruct_progress)
+                  options.reconstruct_progress)
 
 
 def _reconstruct_steps(layout: Any, options: DataOptions, source: Path) -> int:
@@ -445,7 +482,7 @@ def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
             "seq_len": options.data.seq_len, "max_tokens": options.max_tokens, "beam": options.beam,
             "spread": options.spread, "refit_tokens": cal.refit_tokens or options.max_tokens,
             "refit_router": options.router, "reconstruct_steps": options.reconstruct_steps,
-            "effort": options.effort, "reconstruct_share": options.reconstruct_share,
+            "effort": options.effort, "reconstruct_forwards": options.reconstruct_forwards,
             "selection": options.selection, "refit_positions": cal.max_tokens
             if options.selection else None,
             "held_out_windows": len(cal.held),
@@ -453,9 +490,11 @@ def _info(cal: Any, options: DataOptions, found: dict[int, list[int]],
             "runtime": cal.engine.describe(), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def _lanes(stats_plans: list[Candidate], search: Search | None,
-           options: DataOptions) -> list[Lane]:
-    """The run's lanes, unmodified and unrefitted ones first (see `lanes`)."""
+def _lanes(stats_plans: list[Candidate], search: Search | None, options: DataOptions,
+           original: bool = True) -> list[Lane]:
+    """The run's lanes, unmodified and unrefitted ones first (see `lanes`); without
+    `original` the refit's reference residuals come from the statistics pass
+    (`_records_reference`)."""
     lanes = [Lane("reference", held=True)]
     lanes += [Lane(c.name, held=True, keep={p.layer: p.kept for p in c.plan.layers})
               for c in stats_plans]
@@ -463,7 +502,7 @@ def _lanes(stats_plans: list[Candidate], search: Search | None,
         return lanes
     refit = needs_refit(search.n_drop, search.compensate, search.width)
     fitted = search.compensate or search.width is not None
-    if refit:
+    if refit and original:
         lanes.insert(0, Lane("original", held=False))
     if fitted and options.compensate is None and options.width is None:
         lanes.append(Lane("measured", held=True, measured=True))
