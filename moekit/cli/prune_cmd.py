@@ -117,10 +117,10 @@ def prune(
     effort: Annotated[str, typer.Option(
         "--effort", help="With --data: fast (ean on the statistics, then the kept experts' down "
         "refit on a quarter of the positions: about 3 forward passes), "
-        "default (the down refit's positions, beam 2, a reconstruction limited in time: about "
-        "30 forward passes), best (32768 positions, beam 4, 4x streamed refit, 1000 "
-        "reconstruction steps). Explicit --max-tokens/--beam/--refit-tokens/"
-        "--reconstruct-steps/--compensate override it.")] = "default",
+        "default (the positions the search needs, beam 2, a reconstruction of 12 forward "
+        "passes' multiply-adds: about 30 forward passes in all), best (32768 positions, "
+        "beam 4, 4x streamed refit, 1000 reconstruction steps). Explicit --max-tokens/"
+        "--beam/--refit-tokens/--reconstruct-steps/--compensate override it.")] = "default",
     beam: Annotated[int | None, typer.Option(
         "--beam", help="Beam width of the measured search (default: set by --effort).")] = None,
     compensate: Annotated[bool | None, typer.Option(

@@ -15,13 +15,14 @@ softmax without a selection bias), else all E. The damage of removing the comple
     D(K) = (1/N) sum_t || y_E(x_t) - y_K(x_t) ||^2     (shared experts cancel).
 
 D is evaluated without forming y_K: with the per-token Gram matrix G_t[m, m'] = <f_m, f_m'> and
-c_t[m] = <y_E, f_m> of the cached outputs (float64, when M <= GRAM_MAX),
+c_t[m] = <y_E, f_m> of the cached outputs (float64, when `gram_fits`: M <= GRAM_MAX, or the
+Gram is smaller than the outputs it stands for, 2 M <= H, as at every real width),
 ||y_E - y_K||^2 = ||y_E||^2 - 2 sum_s w_s c[m_s] + sum_{s,s'} w_s w_s' G[m_s, m_s'].
 
 Memory: the outputs f are computed in token chunks (EXPERT_BYTES of float32 per call of the
 experts module: a call has a large fixed cost, so chunks are not made smaller) and reduced to
 y_E, G, c, ||y_E||^2 (float64 copies of CHUNK_BYTES at a time), so the N x M x H outputs exist
-only when needed (M > GRAM_MAX, or `keep_outputs` for `output(keep)`), then in the experts' own
+only when needed (not `gram_fits`, or `keep_outputs` for `output(keep)`), then in the experts' own
 dtype (exact: the float32 values are those upcast).
 """
 
@@ -140,6 +141,13 @@ def torch_einsum(w: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
 TIE_TOLERANCE = 1e-5  # relative score gap treated as a tie when choosing what to cache
 
 
+def gram_fits(m: int, hidden: int) -> bool:
+    """Whether D uses Gram terms for M cached outputs per token of width `hidden`: M <=
+    GRAM_MAX, or the Gram [M, M] (float64) takes less memory than the outputs [M, H] (float32)
+    it replaces, 2 M <= H (Qwen3-30B-A3B at 50 %: M = 72, H = 2048)."""
+    return m <= GRAM_MAX or 2 * m <= hidden
+
+
 def cached_candidates(logits: torch.Tensor, routing: Routing, bias: torch.Tensor | None,
                       n_drop: int) -> torch.Tensor:
     """Ids [N, M] of the experts whose outputs must be cached (see module docstring)."""
@@ -210,8 +218,8 @@ def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
                  n_drop: int, keep_outputs: bool = False,
                  keep: list[int] | None = None) -> LayerReplay:
     """Cache what `LayerReplay` needs for tokens `inputs` [N, H] with router `logits` [N, E]:
-    chunk by chunk, the outputs f [n, M, H] give y_E and (M <= GRAM_MAX) G, c, ||y_E||^2; f
-    itself is kept only when M > GRAM_MAX or with `keep_outputs` (module docstring). With
+    chunk by chunk, the outputs f [n, M, H] give y_E and (`gram_fits`) G, c, ||y_E||^2; f
+    itself is kept only without them or with `keep_outputs` (module docstring). With
     `keep` (a fixed kept set, no search) only the 2k experts each token can use are cached:
     its unpruned top-k and its top-k among `keep` (`kept_candidates`); the replay then
     answers for `keep` and the unpruned layer only."""
@@ -227,7 +235,7 @@ def build_replay(experts: Any, inputs: torch.Tensor, logits: torch.Tensor,
     replay = LayerReplay(logits, bias, routing, pruned_routing, cand, None, slot,
                          torch.empty((num, int(inputs.shape[-1]))))
     ids, weights = replay.routed(None)
-    gram = m <= GRAM_MAX
+    gram = gram_fits(m, int(inputs.shape[-1]))
     if gram:
         replay.gram = torch.empty((num, m, m), dtype=torch.float64)
         replay.cross = torch.empty((num, m), dtype=torch.float64)

@@ -35,7 +35,7 @@ from moekit.io.reader import Checkpoint
 from moekit.layerfit.reconstruct import CHUNK_BYTES as RECONSTRUCT_CHUNK
 from moekit.layerfit.refit_stats import PAIR_BYTES
 from moekit.layerfit.refit_stream import REFIT_BYTES
-from moekit.layerfit.replay import CHUNK_BYTES, EXPERT_BYTES, GRAM_MAX
+from moekit.layerfit.replay import CHUNK_BYTES, EXPERT_BYTES, gram_fits
 from moekit.runtime.budget import budget_bytes, header_sizes, held_weights
 from moekit.runtime.loading import held_itemsize
 from moekit.units import human
@@ -89,7 +89,7 @@ def per_token_bytes(layout: Any, n_drop: int, itemsize: int, selection_bias: boo
     stable = routing.n_group <= 1 and (routing.scoring == "sigmoid" or not selection_bias)
     m = min(experts, k + n_drop) if stable else experts
     captures = 3 * hidden * itemsize + 8 * experts
-    cached = 8 * m * m + 16 * m if m <= GRAM_MAX else m * hidden * itemsize
+    cached = 8 * m * m + 16 * m if gram_fits(m, hidden) else m * hidden * itemsize
     replay = 4 * hidden + 16 * experts + cached
     refit = k * hidden * itemsize + 4 * k * width + 4 * hidden + 11 * k * hidden + 3 * hidden
     return int(captures + replay + refit)

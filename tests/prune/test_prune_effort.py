@@ -200,6 +200,23 @@ def test_best_equals_the_settings_before_the_levels(trained_checkpoint, sample_t
     assert [p["layers"] for p in plans] == [plans[0]["layers"]] * 2
 
 
+def _chooser(trained_checkpoint, sample_texts, **fields):
+    """(layout, run(log) -> DataChoice) of `choose_with_data` at 50 % on the trained tiny MoE
+    with these `DataOptions` fields (float32 on the CPU, 64-token windows)."""
+    folder = trained_checkpoint("moe")
+    checkpoint = Checkpoint(folder)
+    layout = describe(checkpoint)
+    fingerprint = model_fingerprint(checkpoint, layout)
+    sources = [DataSource(name, path) for name, path in sample_texts.items()]
+    options = DataOptions(DataSpec(tuple(sources), seq_len=64),
+                          run=RunOptions(device="cpu", dtype="float32"), **fields)
+
+    def run(log=lambda _: None):
+        return choose_with_data(folder, layout, fingerprint, criterion="measured", ratio=0.5,
+                                protect={}, min_experts=None, options=options, log=log)
+    return layout, fingerprint, run
+
+
 def test_fast_refits_the_stats_plan_on_a_quarter_without_scoring_lanes(
         trained_checkpoint, sample_texts, monkeypatch):
     """`--effort fast`: the experts are those `ean` chooses on the run's own statistics (super
@@ -221,17 +238,9 @@ def test_fast_refits_the_stats_plan_on_a_quarter_without_scoring_lanes(
         original(self, cal, run_lanes, search, *args, **kwargs)
 
     monkeypatch.setattr(lanes.LaneRun, "__init__", spy)
-    folder = trained_checkpoint("moe")
-    checkpoint = Checkpoint(folder)
-    layout = describe(checkpoint)
-    fingerprint = model_fingerprint(checkpoint, layout)
-    sources = [DataSource(name, path) for name, path in sample_texts.items()]
-    options = DataOptions(DataSpec(tuple(sources), seq_len=64), max_tokens=4096,
-                          run=RunOptions(device="cpu", dtype="float32"), effort="fast",
-                          beam=None, reconstruct_steps=None)
-    choice = choose_with_data(folder, layout, fingerprint, criterion="measured", ratio=0.5,
-                              protect={}, min_experts=None, options=options,
-                              log=lambda _: None)
+    layout, fingerprint, run = _chooser(trained_checkpoint, sample_texts, max_tokens=4096,
+                                        effort="fast", beam=None, reconstruct_steps=None)
+    choice = run()
     assert choice.chosen.name == "ean+compensate" and len(choice.candidates) == 1
     names, positions, held, kept = seen[0]
     assert names == ["pruned"] and held == 0
@@ -247,9 +256,7 @@ def test_fast_refits_the_stats_plan_on_a_quarter_without_scoring_lanes(
 
     # the same run with the references captured from an original lane (no recorder)
     monkeypatch.setattr(calibrated, "ReferenceResiduals", lambda *args, **kwargs: None)
-    before = choose_with_data(folder, layout, fingerprint, criterion="measured", ratio=0.5,
-                              protect={}, min_experts=None, options=options,
-                              log=lambda _: None)
+    before = run()
     assert seen[1][0] == ["original", "pruned"]
     assert before.chosen.plan.to_dict()["layers"] == choice.chosen.plan.to_dict()["layers"]
     assert before.chosen.weights.keys() == choice.chosen.weights.keys()
@@ -277,21 +284,13 @@ def test_default_search_takes_its_references_from_the_statistics_pass(
         original(self, cal, run_lanes, *args, **kwargs)
 
     monkeypatch.setattr(lanes.LaneRun, "__init__", spy)
-    folder = trained_checkpoint("moe")
-    checkpoint = Checkpoint(folder)
-    layout = describe(checkpoint)
-    fingerprint = model_fingerprint(checkpoint, layout)
-    sources = [DataSource(name, path) for name, path in sample_texts.items()]
-    options = DataOptions(DataSpec(tuple(sources), seq_len=64), max_tokens=2560,
-                          run=RunOptions(device="cpu", dtype="float32"), effort="default",
-                          beam=None, reconstruct_steps=60)
+    _, _, run = _chooser(trained_checkpoint, sample_texts, max_tokens=2560, effort="default",
+                         beam=None, reconstruct_steps=60)
     choices = []
     for records in (True, False):
         monkeypatch.setattr(calibrated, "_records_reference",
                             lambda *args, records=records: records)
-        choices.append(choose_with_data(folder, layout, fingerprint, criterion="measured",
-                                        ratio=0.5, protect={}, min_experts=None,
-                                        options=options, log=lambda _: None))
+        choices.append(run())
     assert "original" not in seen[0] and seen[1][0] == "original"
     new, before = choices
     assert [c.name for c in new.candidates] == [c.name for c in before.candidates]
@@ -304,6 +303,35 @@ def test_default_search_takes_its_references_from_the_statistics_pass(
             for e in weights:
                 torch.testing.assert_close(weights[e], theirs.weights[layer][e],
                                            rtol=1e-4, atol=1e-5)
+
+
+def test_default_output_does_not_depend_on_the_machine_speed(trained_checkpoint, sample_texts,
+                                                           monkeypatch):
+    """`default`'s reconstruction limit is a step count from multiply-adds (`layerfit.compute`),
+    not a share of measured time: with a clock that runs 10^4 times faster (a machine that
+    looks slow or loaded) the run takes the same steps and writes the same weights."""
+    import itertools
+    import re
+    import time
+
+    _, _, run = _chooser(trained_checkpoint, sample_texts, max_tokens=2560, effort="default",
+                         beam=None, reconstruct_steps=None)
+    lines: list[list[str]] = [[], []]
+    choices = []
+    ticks = itertools.count()
+    for slow in (False, True):
+        if slow:
+            monkeypatch.setattr(time, "perf_counter", lambda: 1e4 * next(ticks))
+        choices.append(run(lines[slow].append))
+    steps = [re.findall(r"reconstructed -> \S+ \(\d+ steps\)", "\n".join(found))
+             for found in lines]
+    assert steps[0] and steps[0] == steps[1]
+    assert any("reconstruction up to" in line for line in lines[0])
+    new, before = choices
+    assert new.chosen.plan.to_dict()["layers"] == before.chosen.plan.to_dict()["layers"]
+    for layer, weights in new.chosen.weights.items():
+        for e in weights:
+            assert torch.equal(weights[e], before.chosen.weights[layer][e])
 
 
 def _fast_calibration(trained_checkpoint, sample_texts, max_tokens=4096):

@@ -72,8 +72,34 @@ def test_chunked_replay_equals_the_former_whole_one(model_type, dtype, tmp_path,
     num = routing.top_k + 2
     keep = [e for e in range(int(block.experts.num_experts)) if e not in (0, num)]
     assert lean.error(keep) == pytest.approx(got.error(keep), rel=1e-6)
-    monkeypatch.setattr(replay_mod, "GRAM_MAX", 0)  # the other path: outputs held, no Gram
+    monkeypatch.setattr(replay_mod, "gram_fits", lambda m, hidden: False)  # outputs, no Gram
     plain = build_replay(block.experts, cap.inputs, cap.logits, selection_bias(block.block),
                          routing, routing, 2)
     assert plain.gram is None and plain.outs is not None
     assert plain.error(keep) == pytest.approx(got.error(keep), rel=1e-4)
+
+
+def test_many_cached_outputs_use_gram_terms_at_real_widths(monkeypatch):
+    """M = k + n_drop = 68 > GRAM_MAX cached outputs per token at H = 256: the Gram [M, M]
+    is smaller than the outputs [M, H], so D comes from Gram terms (no N x M x H outputs held;
+    Qwen3-30B-A3B at 50 %: M = 72, H = 2048), and equals D from the outputs themselves."""
+    from tiny_models import build_model
+
+    from moekit.families.registry import resolve
+
+    model = build_model("qwen3_moe", hidden_size=256, num_experts=96, num_experts_per_tok=4,
+                        moe_intermediate_size=16, num_hidden_layers=1).eval()
+    family = resolve(model.config.to_dict()).family
+    routing = Routing.of(family, model.config.to_dict())
+    block = moe_blocks(model, family)[0]
+    cap = capture_layers(model, family, random_tokens(3), max_tokens=96,
+                         layers=[block.layer])[block.layer]
+    lean = build_replay(block.experts, cap.inputs, cap.logits, None, routing, routing, 64)
+    assert lean.cand.shape[1] == 68 > replay_mod.GRAM_MAX
+    assert lean.gram is not None and lean.outs is None
+    monkeypatch.setattr(replay_mod, "gram_fits", lambda m, hidden: False)
+    plain = build_replay(block.experts, cap.inputs, cap.logits, None, routing, routing, 64)
+    assert plain.gram is None and plain.outs is not None
+    for shift in (0, 17, 40):
+        keep = [e for e in range(96) if (e + shift) % 3]  # 64 kept of 96
+        assert lean.error(keep) == pytest.approx(plain.error(keep), rel=1e-5)

@@ -71,12 +71,13 @@ def test_estimate_follows_the_cached_experts(tmp_path):
     import moekit.layerfit.tokens as tokens
 
     wide = per_token_bytes(mixtral, 2, 2, False)
-    tokens.GRAM_MAX = 0
+    found = tokens.gram_fits
+    tokens.gram_fits = lambda m, hidden: False
     try:
         m = mixtral.top_k() + 2
         assert per_token_bytes(mixtral, 2, 2, False) - wide == m * hidden * 2 - 8 * m * m - 16 * m
     finally:
-        tokens.GRAM_MAX = 64
+        tokens.gram_fits = found
 
 
 def test_calibrated_prune_uses_the_lowered_default(tmp_path, monkeypatch):
