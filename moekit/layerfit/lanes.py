@@ -206,8 +206,8 @@ class LaneRun:
             reference, ref_logits = original.residual, original.logits
             del original
         cap = self._capture(step, block, "pruned", residual=refit)
-        if refit and self.reference is not None:
-            reference = self.reference(block.layer).to(cap.residual.device)
+        if refit and self.reference is not None:  # whole windows; the capture stops at max_tokens
+            reference = self.reference(block.layer)[:cap.residual.shape[0]].to(cap.residual.device)
         result = measure_layer(cal, block, cap, search.n_drop, beam=search.beam,
                                compensate=search.compensate, width=search.width,
                                protected=frozenset(search.protect.get(block.layer, ())),
