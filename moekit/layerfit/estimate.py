@@ -15,7 +15,8 @@ whole capture), L the MoE layers):
     lanes             (fit lanes x (N + N_e) + held lanes x N_h + N_g) x forward
     captures          L x (captured lanes x N + 2 N_e + N_g) x one layer's capture
     search, refit     L x (N + N_e) x the probe's per-position selection (+ refit) time
-    reconstruction    L x (steps x step time + checks)
+    reconstruction    L x (steps x step time + checks), a step of min(BATCH, 3/4 (N + N_e))
+                      positions
     write             checkpoint bytes / WRITE_RATE
 
 Everything but the reconstruction's early stop scales linearly with the positions; the
@@ -213,8 +214,9 @@ def predict(found: Probe, shape: RunShape) -> dict[str, float]:
     capture_layer = found.capture * shape.captured * n
     rebuild = 0.0
     if shape.steps and found.step:
+        fitted = max(1.0, 0.75 * (n + extra))  # a step draws min(BATCH, fitted) positions
         checks = (shape.steps // CHECK_EVERY + 1) * found.step * 0.25 * (n + extra) / (3 * BATCH)
-        rebuild = shape.steps * found.step + checks
+        rebuild = shape.steps * found.step * min(BATCH, fitted) / BATCH + checks
     return {"statistics": found.forward * (shape.stats_positions or n),
             "lanes": found.forward * (shape.fit_lanes * (n + extra) + shape.held_lanes *
                                       shape.held + shape.sample),

@@ -62,3 +62,19 @@ def test_step_cap_is_the_largest_count_within_the_budget():
     assert reconstruct_step_cap(20.0, positions, per_position, blocks, 2, 100) == 100  # the cap
     # never below one held-out check, whatever the budget
     assert reconstruct_step_cap(1e-6, positions, per_position, blocks, 2, 10**6) == CHECK_EVERY
+
+
+def test_estimate_scales_a_reconstruction_step_to_the_run_positions():
+    """The probe times steps of BATCH positions; a run with fewer fitted positions takes
+    smaller steps (a real-width run of 1280 positions was estimated 3x too long before)."""
+    from moekit.layerfit.estimate import Probe, RunShape, predict
+
+    found = Probe(forward=1e-4, capture=1e-5, select=1e-5, step=2.0, seconds=1.0)
+
+    def rebuild(positions: int) -> float:
+        shape = RunShape(positions, 0, positions // 4, 1, 1, 1, 10, 2, 10**6)
+        return predict(found, shape)["reconstruction"]
+
+    checks = 2 * 2.0 * 0.25 / (3 * BATCH)  # one held-out check per layer, per position
+    assert rebuild(1280) == pytest.approx(2 * 10 * 2.0 * 960 / BATCH + checks * 1280)
+    assert rebuild(65536) == pytest.approx(2 * 10 * 2.0 + checks * 65536)
