@@ -112,21 +112,28 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
     rates = [{"params": [delta[n]], "lr": LEARNING_RATE * float(start[n].pow(2).mean().sqrt())}
              for n in FITTED]
     optimizer = torch.optim.Adam(rates)
-    base = {n: p.float() for n, p in params.items()}  # never written: index_add copies
     hidden = int(inputs.shape[1])
     width = int(experts.gate_up_proj[0].numel()) // hidden * 3 // 2 + hidden  # floats per pair
     per_chunk = _chunks(0, BATCH, ids.shape[1], width)[0].stop
     held = _chunks(cut, num, ids.shape[1], width)
+    view = _kept_only(experts, params, kept, inputs, ids, gates)
+    if view is not None:  # the kept experts alone: no copy of all E experts' weights per step
+        base, ids, count = view
+    else:
+        base, count = {n: p.float() for n, p in params.items()}, None  # index_add copies
 
     def current() -> dict[str, torch.Tensor]:
         """The module's weights with the kept rows moved by delta (one copy per step)."""
+        if view is not None:
+            return {n: base[n] + delta[n] if n in delta else base[n] for n in base}
         return {n: base[n].index_add(0, index, delta[n]) if n in delta else base[n]
                 for n in base}
 
     def error(weights: dict[str, torch.Tensor], rows: slice | torch.Tensor) -> torch.Tensor:
-        got = torch.func.functional_call(experts, weights, (
-            inputs[rows].to(device, torch.float32), ids[rows].to(device),
-            gates[rows].to(device, torch.float32)))
+        with _holding(experts, count):
+            got = torch.func.functional_call(experts, weights, (
+                inputs[rows].to(device, torch.float32), ids[rows].to(device),
+                gates[rows].to(device, torch.float32)))
         return (got - target[rows].to(device)).pow(2).sum()
 
     def held_error() -> float:
@@ -168,6 +175,61 @@ def _fit(layer: int, experts: Any, inputs: torch.Tensor, ids: torch.Tensor,
         result.rows = {n: {e: (start[n][i] + kept_best[n][i]).cpu() for i, e in enumerate(kept)}
                        for n in FITTED}
     return result
+
+
+VIEW_CHECK = 64  # positions on which the kept-only module must match the whole one
+
+
+def _kept_only(experts: Any, params: dict[str, torch.Tensor], kept: list[int],
+               inputs: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor
+               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, int] | None:
+    """The experts module restricted to `kept`: (every per-expert parameter's kept rows and
+    the other parameters, float32; `ids` renumbered 0..E'-1; E'), when the module, told it
+    holds E' experts, computes the same outputs on the first VIEW_CHECK positions as with all
+    E (the family's experts code may depend on E otherwise); else None."""
+    import torch
+
+    num = int(experts.num_experts)
+    device = next(iter(params.values())).device
+    index = torch.as_tensor(kept, device=device)
+    local = torch.full((num,), -1, dtype=torch.long)
+    local[torch.as_tensor(kept)] = torch.arange(len(kept))
+    renumbered = local[ids.long().cpu()].to(ids.dtype)
+    if bool((renumbered < 0).any()):
+        return None
+    sub = {n: (p[index] if p.shape[:1] == (num,) else p).float() for n, p in params.items()}
+    rows = slice(0, min(VIEW_CHECK, int(inputs.shape[0])))
+    args = (inputs[rows].to(device, torch.float32), gates[rows].to(device, torch.float32))
+    try:
+        with torch.no_grad():
+            whole = torch.func.functional_call(
+                experts, {n: p.float() for n, p in params.items()},
+                (args[0], ids[rows].to(device), args[1]))
+            with _holding(experts, len(kept)):
+                mine = torch.func.functional_call(experts, sub,
+                                                  (args[0], renumbered[rows].to(device), args[1]))
+    except (RuntimeError, IndexError, TypeError, ValueError):  # not this module's shape
+        return None
+    scale = float(whole.abs().max()) or 1.0
+    if mine.shape != whole.shape or float((mine - whole).abs().max()) > 1e-4 * scale:
+        return None
+    return sub, renumbered, len(kept)
+
+
+class _holding:
+    """Tell the experts module it holds `count` experts (None: leave it), restored on exit."""
+
+    def __init__(self, experts: Any, count: int | None):
+        self.experts, self.count, self.saved = experts, count, None
+
+    def __enter__(self) -> None:
+        if self.count is not None:
+            self.saved = self.experts.num_experts
+            self.experts.num_experts = self.count
+
+    def __exit__(self, *exc: object) -> None:
+        if self.count is not None:
+            self.experts.num_experts = self.saved
 
 
 def _chunks(begin: int, end: int, k: int, width: int) -> list[slice]:

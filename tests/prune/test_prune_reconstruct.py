@@ -35,6 +35,22 @@ def _routing(num: int, kept: list[int], k: int, tokens: int):
     return ids, gates
 
 
+def _perturbed_target(experts, kept, x, ids, gates, seed: int):
+    """The output of the kept experts with gate/up and down perturbed (the module is restored):
+    a target whose weights the fit can recover."""
+    before = {n: getattr(experts, n).detach().clone() for n in ("gate_up_proj", "down_proj")}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in before:
+            param = getattr(experts, name)
+            param.data[kept] += 0.3 * param.data[kept].std() * torch.randn(
+                param.data[kept].shape, generator=gen)
+        target = experts(x, ids, gates).clone()
+        for name, value in before.items():
+            getattr(experts, name).data.copy_(value)
+    return target
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
 def test_reconstruction_recovers_known_weights_on_unseen_tokens(model_type):
     experts, _ = _experts(model_type)
@@ -44,15 +60,8 @@ def test_reconstruction_recovers_known_weights_on_unseen_tokens(model_type):
     x = torch.randn(1200, hidden, generator=torch.Generator().manual_seed(1))
     ids, gates = _routing(num, kept, 2, x.shape[0])
     before = {n: getattr(experts, n).detach().clone() for n in ("gate_up_proj", "down_proj")}
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():  # the target: the kept experts with perturbed gate/up and down
-        for name in ("gate_up_proj", "down_proj"):
-            param = getattr(experts, name)
-            param.data[kept] += 0.3 * param.data[kept].std() * torch.randn(
-                param.data[kept].shape, generator=gen)
-        target = experts(x, ids, gates).clone()
-        for name, value in before.items():
-            getattr(experts, name).data.copy_(value)
+    target = _perturbed_target(experts, kept, x, ids, gates, 2)
+    with torch.no_grad():
         start = float((experts(x, ids, gates) - target).pow(2).sum(-1).mean())
     rebuild = reconstruct_layer(0, experts, x, ids, gates, target, kept, steps=200)
     for name, value in before.items():  # the module is not modified
@@ -111,3 +120,30 @@ def test_canonical_gate_up_round_trips_through_the_module(model_type):
         torch.testing.assert_close(back[e][1], u)
     restore_rebuild(experts, saved)
     torch.testing.assert_close(experts.gate_up_proj.data[0], rows[0])
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "deepseek_v3"])
+def test_kept_only_fit_equals_the_fit_through_all_experts(model_type, monkeypatch):
+    """The fit runs the kept experts alone (their rows, ids renumbered, the module told E');
+    it takes the same steps to the same weights as the fit through all E experts' weights
+    (the path before; the module's `num_experts` is restored)."""
+    from moekit.layerfit import reconstruct
+
+    experts, _ = _experts(model_type)
+    num, kept = int(experts.num_experts), [1, 2, 4, 7]
+    hidden = experts.gate_up_proj.shape[1 if getattr(experts, "is_transposed", False) else 2]
+    x = torch.randn(600, hidden, generator=torch.Generator().manual_seed(3))
+    ids, gates = _routing(num, kept, 2, x.shape[0])
+    target = _perturbed_target(experts, kept, x, ids, gates, 4)
+    assert reconstruct._kept_only(
+        experts, {n: p.detach() for n, p in experts.named_parameters(recurse=False)}, kept, x,
+        ids, gates) is not None
+    mine = reconstruct_layer(0, experts, x, ids, gates, target, kept, steps=60)
+    assert int(experts.num_experts) == num
+    monkeypatch.setattr(reconstruct, "_kept_only", lambda *args: None)
+    theirs = reconstruct_layer(0, experts, x, ids, gates, target, kept, steps=60)
+    assert mine.changed and (mine.steps, mine.best_step) == (theirs.steps, theirs.best_step)
+    assert mine.held_after == pytest.approx(theirs.held_after, rel=1e-4)
+    for name, rows in mine.rows.items():
+        for e, row in rows.items():
+            torch.testing.assert_close(row, theirs.rows[name][e], rtol=1e-4, atol=1e-6)
